@@ -1,0 +1,77 @@
+"""Building torchvision classification models by name, and loading initial weights into them."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cmtkd_graph.errors import UserError, closest
+
+
+@functools.cache
+def classification_models() -> tuple[str, ...]:
+    """Names of torchvision's classification builders (``list_models(module=torchvision.models)``)."""
+    import torchvision
+
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+def check_arch(name: str) -> str:
+    """Return ``name`` if it is a torchvision classification model, else raise with close names."""
+    names = classification_models()
+    if name not in names:
+        near = closest(name, names, n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(near)}?" if near else ""
+        raise ValueError(
+            f"unknown torchvision classification model {name!r}{hint} "
+            "(see torchvision.models.list_models(module=torchvision.models))"
+        )
+    return name
+
+
+def build_model(arch: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """Build an untrained torchvision model (weights are loaded later, into the rewritten graph)."""
+    import torchvision
+
+    check_arch(arch)
+    try:
+        return torchvision.models.get_model(arch, weights=None, **(kwargs or {}))
+    except TypeError as err:
+        raise UserError(f"{arch}: bad builder kwargs {kwargs}: {err}") from None
+
+
+def read_state_dict(source: str) -> dict[str, torch.Tensor]:
+    """A state dict from a local checkpoint file or a torchvision weights name (``ResNet18_Weights.DEFAULT``).
+
+    Files may hold a plain state_dict, ``{"state_dict": ...}`` / ``{"model": ...}``, or safetensors.
+    Torchvision weights are read from the local torch hub cache or downloaded (users with internet).
+    """
+    path = Path(source).expanduser()
+    if path.suffix in {".pt", ".pth", ".bin", ".safetensors", ".ckpt"} or path.exists():
+        if not path.exists():
+            raise UserError(f"weights: checkpoint file {str(path)!r} does not exist")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "student"):
+            if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+        if not isinstance(obj, dict):
+            raise UserError(f"weights: {str(path)!r} does not hold a state_dict")
+        return obj
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_weight(source)
+    except (ValueError, KeyError, AttributeError):
+        raise UserError(
+            f"weights: {source!r} is neither an existing checkpoint file nor a torchvision weights name "
+            "such as ResNet18_Weights.IMAGENET1K_V1"
+        ) from None
+    return weights.get_state_dict(progress=False)

@@ -1,0 +1,375 @@
+"""The experiment spec: one YAML file = one experiment, validated by these pydantic models.
+
+Every model forbids unknown keys, so a typo is an error (with the closest valid key) rather than a
+silently ignored setting. `load_spec` (in `cmtkd_graph.spec_io`) reads a file, applies ``--set``
+overrides and turns validation errors into one line per problem.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    model_validator,
+)
+
+FULL_PRECISION = 32
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_bits(value: int) -> int:
+    if not (1 <= value <= 8 or value == FULL_PRECISION):
+        raise ValueError(f"must be 1..8 or 32, got {value}")
+    return value
+
+
+Bits = Annotated[int, AfterValidator(_check_bits)]
+"""A bit-width: 1..8, or 32 meaning full precision (no quantizer)."""
+
+
+def _check_arch(name: str) -> str:
+    from cmtkd_graph.models import check_arch
+
+    return check_arch(name)
+
+
+Arch = Annotated[str, AfterValidator(_check_arch)]
+
+
+def _check_quantizer(name: str) -> str:
+    from cmtkd_graph.errors import did_you_mean
+    from cmtkd_graph.quantizers import QUANTIZERS
+
+    if name not in QUANTIZERS:
+        raise ValueError(
+            f"unknown quantizer {name!r}{did_you_mean(name, QUANTIZERS.names())}; "
+            f"known: {', '.join(QUANTIZERS.names())}"
+        )
+    return name
+
+
+def _check_surgery(name: str) -> str:
+    from cmtkd_graph.errors import did_you_mean
+    from cmtkd_graph.passes.surgery import SURGERIES
+
+    if name not in SURGERIES:
+        raise ValueError(
+            f"unknown surgery pass {name!r}{did_you_mean(name, SURGERIES.names())}; "
+            f"known: {', '.join(SURGERIES.names())}"
+        )
+    return name
+
+
+class SurgerySpec(Strict):
+    """A model-surgery pass run on the traced float model before quantization."""
+
+    name: Annotated[str, AfterValidator(_check_surgery)] = Field(
+        description="registered surgery pass: bn_after_every_layer, cifar_stem, grey_input"
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the pass")
+
+
+def _surgery_list(value: Any) -> Any:
+    # `surgery: [cifar_stem]` is shorthand for `surgery: [{name: cifar_stem}]`.
+    if isinstance(value, list):
+        return [{"name": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+class ModelSpec(Strict):
+    """One network (the student or a teacher)."""
+
+    arch: Arch | None = Field(
+        None, description="torchvision classification builder, e.g. resnet18 (teachers: default = student's)"
+    )
+    kwargs: dict[str, Any] | None = Field(
+        None, description="builder keyword arguments, e.g. {num_classes: 100} (teachers: default = student's)"
+    )
+    weights: str | None = Field(
+        None,
+        description="initial weights: a local checkpoint (.pt/.pth/.safetensors, a state_dict or a run's "
+        "student.safetensors) or a torchvision weights name such as ResNet18_Weights.IMAGENET1K_V1",
+    )
+    weight_bits: Bits = Field(description="weight bit-width: 1..8, or 32 = full precision")
+    act_bits: Bits = Field(description="activation bit-width: 1..8, or 32 = full precision")
+    trainable: bool = Field(True, description="false: frozen (eval mode, no gradient), e.g. a loaded teacher")
+    surgery: list[SurgerySpec] | None = Field(None, description="overrides the top-level surgery list")
+
+    _normalise_surgery = model_validator(mode="before")(
+        lambda data: (
+            {**data, "surgery": _surgery_list(data["surgery"])}
+            if isinstance(data, dict) and "surgery" in data
+            else data
+        )
+    )
+
+    @property
+    def bits_label(self) -> str:
+        return f"W{_b(self.weight_bits)}A{_b(self.act_bits)}"
+
+
+def _b(bits: int) -> str:
+    return "fp" if bits == FULL_PRECISION else str(bits)
+
+
+class QuantizerSpec(Strict):
+    """Which quantizer family quantizes weights and activations, and the first/last layer rule."""
+
+    name: Annotated[str, AfterValidator(_check_quantizer)] = Field(
+        "hwgq", description="hwgq, lsq, dorefa, pact"
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="family options, e.g. {caffe_rounding: true}"
+    )
+    first_layer_bits: Bits = Field(
+        32,
+        description="weight and input bits of the first conv/linear (by graph position); 32 keeps it float",
+    )
+    last_layer_bits: Bits = Field(
+        32, description="weight and input bits of the last layer(s) (the classifier); 32 keeps it float"
+    )
+
+
+def _check_taps(value: Any) -> Any:
+    if value == "auto" or value is None:
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return value
+    raise ValueError(f"must be 'auto' or a non-empty list of node names / module prefixes, got {value!r}")
+
+
+TapList = Annotated[
+    Literal["auto"] | list[str],
+    PlainValidator(_check_taps, json_schema_input_type=Literal["auto"] | list[str]),
+]
+
+
+class TapSpec(Strict):
+    """Where shared knowledge is formed (teachers) and distilled into (student)."""
+
+    teachers: TapList = Field(
+        "auto",
+        description="node names (layer1.0.relu_1), module prefixes (layer1) or auto (end of every stage)",
+    )
+    student: TapList | None = Field(None, description="same forms; default: the teachers' list")
+
+
+class DistillSpec(Strict):
+    """The objective (METHOD.md §4-6): L = alpha (CE_T + CE_S) + beta (KL_T + KL_S) + gamma L_KD."""
+
+    feature_loss: Literal["attention", "fitnet", "none"] = Field(
+        "attention", description="distance between shared knowledge and student taps"
+    )
+    mutual_learning: bool = Field(True, description="KDCL-MinLogit mutual learning (KL terms)")
+    alpha: float = Field(1.0, ge=0, description="weight of the cross-entropy terms")
+    beta: float = Field(0.5, ge=0, description="weight of the KL terms")
+    gamma: float | None = Field(
+        None, ge=0, description="weight of L_KD; default 100 (attention) or 1 (fitnet)"
+    )
+    tau: float = Field(2.0, gt=0, description="softmax temperature of the KL terms")
+    combine: Literal["importance", "mean"] = Field(
+        "importance", description="combined-teacher logits: learned importance fusion or plain mean"
+    )
+    detach_shared: bool = Field(
+        False, description="true: L_KD gives no gradient to the teachers and importance logits"
+    )
+
+    @property
+    def feature_weight(self) -> float:
+        if self.gamma is not None:
+            return self.gamma
+        return {"attention": 100.0, "fitnet": 1.0, "none": 0.0}[self.feature_loss]
+
+
+class AugmentSpec(Strict):
+    """Training augmentation; `null` fields take the dataset's default (METHOD.md §7)."""
+
+    crop: Literal["random_crop", "random_resized_crop", "none"] | None = Field(
+        None, description="random_crop (with padding) for small images, random_resized_crop for ImageNet-like"
+    )
+    padding: int = Field(4, ge=0, description="padding of random_crop")
+    hflip: bool | None = Field(
+        None, description="random horizontal flip (default: true except fashion_mnist)"
+    )
+
+
+class DataSpec(Strict):
+    """The dataset and its loaders."""
+
+    dataset: Literal["cifar10", "cifar100", "imagefolder", "fashion_mnist"] = Field(
+        description="cifar10/cifar100 (torchvision format), imagefolder (train/ + val|test/), fashion_mnist"
+    )
+    root: str | None = Field(
+        None, description="data directory (fashion_mnist default: /usr/share/datasets/fashion-mnist)"
+    )
+    download: bool = Field(False, description="cifar only: download if missing (needs internet)")
+    eval_split: str | None = Field(
+        None, description="imagefolder: evaluation folder (default: val, else test)"
+    )
+    batch_size: int = Field(256, ge=1, description="total batch size per optimizer step, over all processes")
+    eval_batch_size: int | None = Field(
+        None, ge=1, description="per-process evaluation batch (default: batch_size)"
+    )
+    num_workers: int = Field(2, ge=0, description="data-loading worker processes per training process")
+    image_size: int | None = Field(
+        None, ge=8, description="model input size (default: the dataset's native size)"
+    )
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    normalize: bool = Field(True, description="normalise images with mean/std")
+    mean: list[float] | None = Field(None, description="per-channel mean in [0, 1] (default: the dataset's)")
+    std: list[float] | None = Field(None, description="per-channel std in [0, 1] (default: the dataset's)")
+    grey_to_rgb: Literal["repeat", "none"] = Field(
+        "repeat",
+        description="fashion_mnist: repeat the grey channel 3x, or none (use the grey_input surgery)",
+    )
+    corrupt_images: Literal["error", "skip"] = Field(
+        "error", description="imagefolder: unreadable image handling"
+    )
+    train_subset: int | None = Field(
+        None, ge=1, description="use only the first N training samples (quick runs)"
+    )
+    eval_subset: int | None = Field(None, ge=1, description="use only the first N evaluation samples")
+
+
+class ScheduleSpec(Strict):
+    name: Literal["multistep", "cosine", "constant"] = Field(
+        "multistep", description="learning-rate schedule"
+    )
+    milestones: list[float] = Field(
+        default_factory=list, description="multistep: epochs at which lr *= gamma"
+    )
+    gamma: float = Field(0.1, gt=0, description="multistep decay factor")
+    min_lr: float = Field(0.0, ge=0, description="cosine: final learning rate")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up length in epochs (fractions allowed)")
+    warmup_start_factor: float = Field(0.1, gt=0, le=1, description="lr factor at the start of warm-up")
+    step_every: Literal["epoch", "iteration"] = Field(
+        "iteration", description="update the lr once per epoch or after every optimizer step"
+    )
+
+
+class OptimSpec(Strict):
+    """One optimizer, parameter groups by role (METHOD.md §7)."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0, description="model weights' learning rate")
+    momentum: float = Field(0.9, ge=0, description="sgd momentum (adamw: beta1)")
+    nesterov: bool = False
+    weight_decay_low_bits: float = Field(
+        25e-6, ge=0, description="weight decay of models with weight bits <= low_bits"
+    )
+    weight_decay: float = Field(1e-4, ge=0, description="weight decay of higher-precision models")
+    low_bits: int = Field(2, ge=1, le=8, description="bit-width up to which weight_decay_low_bits applies")
+    importance_lr: float | None = Field(None, gt=0, description="lr of the importance logits (default lr/10)")
+    quantizer_lr: float | None = Field(None, gt=0, description="lr of learned quantizer steps (default lr)")
+    adapter_lr: float | None = Field(None, gt=0, description="lr of FitNet adapters (default lr)")
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+
+
+def _yaml_no(value: Any) -> Any:
+    # YAML 1.1 reads a bare `no` as false; `mixed_precision: no` means the string.
+    return "no" if value is False else value
+
+
+class TrainSpec(Strict):
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (quick runs)")
+    seed: int = 0
+    output_dir: str = Field("runs/{name}", description="run directory; {name} is the spec's name")
+    mixed_precision: Annotated[Literal["no", "fp16", "bf16"] | None, BeforeValidator(_yaml_no)] = Field(
+        None, description="no, fp16 or bf16; default: the accelerate config's choice"
+    )
+    grad_accum_steps: int = Field(1, ge=1)
+    checkpoint_every: int = Field(1, ge=1, description="save a checkpoint every N epochs")
+    keep_checkpoints: int = Field(2, ge=1, description="how many checkpoints to keep")
+    log_every: int = Field(20, ge=1, description="write a metrics.jsonl line every N optimizer steps")
+    eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and always after the last)")
+    channels_last: bool = False
+    compile: bool = False
+    tensorboard: bool = False
+    progress_bar: bool = True
+
+
+Method = Literal["cmtkd", "single", "kd", "average_teacher"]
+
+
+class Spec(Strict):
+    """A CMT-KD experiment."""
+
+    name: str = Field(description="experiment name (used in the run directory)")
+    method: Method = Field(
+        "cmtkd",
+        description="cmtkd (the paper), single (student alone), kd (Hinton KD from one teacher), "
+        "average_teacher (KD from the averaged softmax of frozen teachers)",
+    )
+    student: ModelSpec
+    teachers: list[ModelSpec] = Field(default_factory=list)
+    quantizer: QuantizerSpec = Field(default_factory=QuantizerSpec)
+    surgery: list[SurgerySpec] = Field(
+        default_factory=list, description="passes run on every model before quantization"
+    )
+    taps: TapSpec = Field(default_factory=TapSpec)
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    data: DataSpec
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+    _normalise_surgery = model_validator(mode="before")(
+        lambda data: (
+            {**data, "surgery": _surgery_list(data["surgery"])}
+            if isinstance(data, dict) and "surgery" in data
+            else data
+        )
+    )
+
+    @model_validator(mode="after")
+    def _check_method(self) -> Spec:
+        if self.student.arch is None:
+            raise ValueError("student.arch: required (a torchvision classification model such as resnet18)")
+        k = len(self.teachers)
+        need = {
+            "cmtkd": (k >= 1, "cmtkd needs at least one teacher (got an empty list)"),
+            "single": (k == 0, f"method single trains the student alone; remove the {k} teacher(s)"),
+            "kd": (k == 1, f"method kd distils from exactly one teacher, got {k}"),
+            "average_teacher": (k >= 1, "average_teacher needs at least one teacher (got an empty list)"),
+        }[self.method]
+        if not need[0]:
+            raise ValueError(f"teachers: {need[1]}")
+        if self.method == "average_teacher":
+            for i, t in enumerate(self.teachers):
+                if t.weights is None or t.trainable:
+                    raise ValueError(
+                        f"teachers[{i}]: average_teacher distils from separately trained teachers; "
+                        "give `weights:` (a checkpoint) and `trainable: false`"
+                    )
+        return self
+
+    def resolved_teachers(self) -> list[ModelSpec]:
+        """Teachers with the student's arch/kwargs/surgery filled in where they give none."""
+        out = []
+        for t in self.teachers:
+            out.append(
+                t.model_copy(
+                    update={
+                        "arch": t.arch or self.student.arch,
+                        "kwargs": t.kwargs if t.kwargs is not None else self.student.kwargs,
+                    }
+                )
+            )
+        return out
+
+    def surgery_for(self, model: ModelSpec) -> list[SurgerySpec]:
+        return model.surgery if model.surgery is not None else self.surgery
+
+    @property
+    def run_dir(self) -> str:
+        return self.train.output_dir.replace("{name}", self.name)

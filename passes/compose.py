@@ -1,0 +1,164 @@
+"""The composition pass: K quantized teachers become one GraphModule with fusion nodes (METHOD.md §2).
+
+In the composed graph
+
+* teacher k's nodes and modules are kept under the prefix ``teacher{k}.`` (parameters keep their
+  names below it: ``teacher0.layer1.0.conv1.weight``);
+* at every tap l a fusion node computes the shared knowledge F^l = sum_k softmax(a^l)_k F_k^l, and
+  **every** later use of F_k^l in teacher k (main path, skip and downsample branches alike) consumes
+  F^l instead, so the shared knowledge is the input of every teacher's next layers;
+* the output is ``{"logits": z_T, "each_logits": (z_1..z_K), "shared": {tap: F^l}}`` where z_T is the
+  combined-teacher logits (importance fusion at the output, or the plain mean).
+
+Teachers are copied segment by segment in lockstep: all teachers up to tap 1, the fusion of tap 1,
+all teachers up to tap 2, and so on, which keeps the node order topological.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from cmtkd_graph.passes.quantize import META
+from cmtkd_graph.passes.taps import Tap
+from cmtkd_graph.passes.tracer import qualname
+from torch import fx, nn
+
+from cmtkd_graph.errors import UserError
+from cmtkd_graph.fusion import Fusion, ImportanceFusion, MeanFusion
+
+EACH_LOGITS = "each_logits"
+SHARED = "shared"
+OUTPUT_FUSION = "output"
+
+
+def fusion_key(tap_name: str) -> str:
+    """Module name of a tap's fusion (``layer1.0.relu_1`` -> ``layer1_0_relu_1``)."""
+    return re.sub(r"\W", "_", tap_name)
+
+
+def check_tap_shapes(taps_per_teacher: Sequence[Sequence[Tap]], teacher_names: Sequence[str]) -> None:
+    """All teachers must have the same number of taps and the same shape at each tap."""
+    counts = {len(t) for t in taps_per_teacher}
+    if len(counts) != 1:
+        raise UserError(
+            "taps: teachers resolve to different numbers of taps: "
+            + ", ".join(f"{n}: {len(t)}" for n, t in zip(teacher_names, taps_per_teacher, strict=True))
+        )
+    for level in zip(*taps_per_teacher, strict=True):
+        shapes = {t.shape for t in level}
+        if len(shapes) > 1:
+            detail = ", ".join(
+                f"{name} {t.node} {list(t.shape) if t.shape else '?'}"
+                for name, t in zip(teacher_names, level, strict=True)
+            )
+            raise UserError(
+                f"tap {level[0].name!r}: teachers disagree on the feature shape ({detail}); "
+                "shared knowledge needs identical shapes — choose other taps or matching architectures"
+            )
+
+
+def compose_teachers(
+    teachers: Sequence[fx.GraphModule],
+    taps: Sequence[Sequence[Tap]],
+    *,
+    combine: str = "importance",
+) -> fx.GraphModule:
+    """Build the composed teacher graph (see module docstring).
+
+    ``teachers[k]`` must return its logits tensor (see ``keep_main_output``); ``taps[k][l]`` is
+    teacher k's node for tap l. ``combine`` is ``"importance"`` or ``"mean"``.
+    """
+    k_count = len(teachers)
+    if k_count == 0:
+        raise UserError("teachers: at least one teacher is needed to compose")
+    if len(taps) != k_count:
+        raise ValueError("one tap list per teacher is required")
+    check_tap_shapes(taps, [f"teacher{k}" for k in range(k_count)])
+    tap_names = [t.name for t in taps[0]] if taps and taps[0] else []
+
+    root = nn.Module()
+    fusions = nn.Module()
+    for k, t in enumerate(teachers):
+        root.add_module(f"teacher{k}", t)
+    root.add_module("fusion", fusions)
+
+    graph = fx.Graph()
+    image = graph.placeholder("x")
+    image.meta = {"qualname": "x", META: {"role": "input"}}
+    node_lists = [list(t.graph.nodes) for t in teachers]
+    envs: list[dict[fx.Node, fx.Node]] = [{} for _ in teachers]
+    cursors = [0] * k_count
+    shared: dict[str, fx.Node] = {}
+
+    def copy_until(k: int, stop: fx.Node | None) -> fx.Node | None:
+        """Copy teacher k's nodes up to and including ``stop`` (None: to the end); return its logits."""
+        logits = None
+        nodes = node_lists[k]
+        while cursors[k] < len(nodes):
+            node = nodes[cursors[k]]
+            cursors[k] += 1
+            if node.op == "placeholder":
+                envs[k][node] = image
+            elif node.op == "output":
+                logits = envs[k][node.args[0]]
+            else:
+                envs[k][node] = _copy_node(graph, node, envs[k], k)
+            if node is stop:
+                break
+        return logits
+
+    for level, name in enumerate(tap_names):
+        tap_nodes = []
+        for k in range(k_count):
+            stop = _find(teachers[k], taps[k][level].node)
+            copy_until(k, stop)
+            tap_nodes.append(stop)
+        key = fusion_key(name)
+        fusions.add_module(key, ImportanceFusion(k_count, name))
+        fused = graph.call_module(f"fusion.{key}", tuple(envs[k][tap_nodes[k]] for k in range(k_count)))
+        fused.meta = {
+            "qualname": f"fusion.{key}",
+            META: {"role": "fusion", "tap": name, "inputs": [f"teacher{k}" for k in range(k_count)]},
+        }
+        for k in range(k_count):
+            envs[k][tap_nodes[k]] = fused  # every later use of F_k^l now reads the shared knowledge
+        shared[name] = fused
+
+    each_logits = [copy_until(k, None) for k in range(k_count)]
+    out_fusion: Fusion = (
+        ImportanceFusion(k_count, OUTPUT_FUSION)
+        if combine == "importance"
+        else MeanFusion(k_count, OUTPUT_FUSION)
+    )
+    fusions.add_module(OUTPUT_FUSION, out_fusion)
+    combined = graph.call_module(f"fusion.{OUTPUT_FUSION}", tuple(each_logits))
+    combined.meta = {
+        "qualname": f"fusion.{OUTPUT_FUSION}",
+        META: {"role": "fusion", "tap": OUTPUT_FUSION, "combine": combine},
+    }
+    out = graph.output({"logits": combined, EACH_LOGITS: tuple(each_logits), SHARED: shared})
+    out.meta = {"qualname": "output", META: {"role": "output"}}
+    graph.lint()
+    gm = fx.GraphModule(root, graph, "ComposedTeachers")
+    gm.train(teachers[0].training)
+    return gm
+
+
+def _find(gm: fx.GraphModule, name: str) -> fx.Node:
+    for node in gm.graph.nodes:
+        if qualname(node) == name:
+            return node
+    raise KeyError(name)
+
+
+def _copy_node(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node], k: int) -> fx.Node:
+    args = fx.map_arg(node.args, env.__getitem__)
+    kwargs = fx.map_arg(node.kwargs, env.__getitem__)
+    target = f"teacher{k}.{node.target}" if node.op in ("call_module", "get_attr") else node.target
+    new = graph.create_node(node.op, target, args, kwargs, name=f"teacher{k}_{node.name}")
+    new.meta = dict(node.meta)
+    new.meta["qualname"] = f"teacher{k}.{qualname(node)}"
+    new.meta[META] = {**node.meta.get(META, {}), "teacher": k}
+    new.meta[META].setdefault("role", "teacher")
+    return new

@@ -1,0 +1,245 @@
+"""The pass that quantizes a traced model: quantized conv/linear layers + input quantizers.
+
+For one model and its bit-widths (METHOD.md §3):
+
+* every ``nn.Conv2d`` / ``nn.Linear`` call becomes a ``QuantConv2d`` / ``QuantLinear`` whose
+  ``weight``/``bias`` keep their names (``layer1.0.conv1.weight``), so float checkpoints still load;
+* an activation quantizer node is inserted on the input edge of each quantized layer, stored as the
+  layer's child ``input_quantizer`` (state dict ``layer1.0.conv1.input_quantizer.*``), unsigned when
+  the producer is non-negative (ReLU-like, possibly through pooling/reshaping), signed otherwise;
+* the first layer(s) (no conv/linear upstream) and the last layer(s) (no conv/linear downstream) are
+  found by graph position, not by name, and get ``first_layer_bits`` / ``last_layer_bits``
+  (32 = stay float, the paper's rule);
+* BatchNorm stays unfolded, residual adds and concatenations stay float.
+
+Each layer node records its decision in ``node.meta["cmtkd"]`` and each quantizer node its bits
+and signedness, for ``cmtkd-graph inspect``.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from cmtkd_graph.passes.tracer import copy_graph_module, qualname, replace_submodule, unique_target
+from torch import fx, nn
+
+from cmtkd_graph.quantizers import FULL_PRECISION, QuantizerFamily
+from cmtkd_graph.quantizers.layers import QuantConv2d, QuantLinear
+
+META = "cmtkd"
+"""``node.meta`` key holding what our passes decided about a node (role, bits, signedness...)."""
+
+
+@dataclass(frozen=True)
+class LayerBits:
+    weight: int
+    act: int
+
+
+def quantizable_layer_types() -> tuple[type[nn.Module], ...]:
+    return (nn.Conv2d, nn.Linear)
+
+
+def quantize(
+    gm: fx.GraphModule,
+    family: QuantizerFamily,
+    *,
+    weight_bits: int,
+    act_bits: int,
+    first_layer_bits: int = FULL_PRECISION,
+    last_layer_bits: int = FULL_PRECISION,
+) -> fx.GraphModule:
+    """Return a copy of ``gm`` with quantized layers and input quantizers (see module docstring)."""
+    gm = copy_graph_module(gm)
+    layers = find_layers(gm)
+    first, last = first_and_last_layers(gm, layers)
+    nonneg = nonnegative_nodes(gm)
+    quantized_targets: dict[str, nn.Module] = {}
+    for node in layers:
+        position = "first" if node in first else "last" if node in last else "inner"
+        if position == "first":
+            bits = LayerBits(first_layer_bits, first_layer_bits)
+        elif position == "last":
+            bits = LayerBits(last_layer_bits, last_layer_bits)
+        else:
+            bits = LayerBits(weight_bits, act_bits)
+        module = gm.get_submodule(node.target)
+        already = isinstance(module, QuantConv2d | QuantLinear) or node.target in quantized_targets
+        if bits.weight != FULL_PRECISION and not already:  # a layer called at several sites is swapped once
+            quantized_targets[node.target] = _quantized_layer(module, family.weight(bits.weight))
+            replace_submodule(gm, node.target, quantized_targets[node.target])
+        node.meta[META] = {
+            "role": "layer",
+            "position": position,
+            "weight_bits": bits.weight,
+            "act_bits": bits.act,
+            "reason": _reason(position, bits),
+        }
+        if bits.act != FULL_PRECISION:
+            _insert_input_quantizer(gm, node, family, bits.act, signed=node.args[0] not in nonneg)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _reason(position: str, bits: LayerBits) -> str:
+    if bits.weight == FULL_PRECISION and bits.act == FULL_PRECISION:
+        return f"{position} layer kept full precision" if position != "inner" else "32-bit model"
+    return f"{position} layer quantized"
+
+
+def _quantized_layer(module: nn.Module, weight_quantizer: nn.Module) -> nn.Module:
+    if isinstance(module, nn.Conv2d):
+        return QuantConv2d.from_float(module, weight_quantizer)
+    return QuantLinear.from_float(module, weight_quantizer)
+
+
+def _insert_input_quantizer(
+    gm: fx.GraphModule, layer: fx.Node, family: QuantizerFamily, bits: int, *, signed: bool
+) -> None:
+    source = layer.args[0]
+    target = unique_target(gm, f"{layer.target}.input_quantizer")
+    gm.add_submodule(target, family.activation(bits, signed))
+    with gm.graph.inserting_before(layer):
+        quant = gm.graph.call_module(target, (source,))
+    quant.meta = {
+        "qualname": target,
+        "nn_module_stack": layer.meta.get("nn_module_stack", {}),
+        META: {
+            "role": "quantizer",
+            "kind": "activation",
+            "bits": bits,
+            "signed": signed,
+            "quantizer": family.name,
+            "consumer": qualname(layer),
+            "producer": qualname(source) if isinstance(source, fx.Node) else None,
+        },
+    }
+    layer.args = (quant, *layer.args[1:])
+
+
+def find_layers(gm: fx.GraphModule) -> list[fx.Node]:
+    """Call sites of conv/linear modules, in execution order."""
+    types = quantizable_layer_types()
+    return [
+        n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), types)
+    ]
+
+
+def first_and_last_layers(gm: fx.GraphModule, layers: list[fx.Node]) -> tuple[set[fx.Node], set[fx.Node]]:
+    """Layers with no layer upstream (first) and with no layer downstream (last), by graph position."""
+    layer_set = set(layers)
+    upstream: dict[fx.Node, bool] = {}
+    for node in gm.graph.nodes:
+        upstream[node] = any(p in layer_set or upstream[p] for p in node.all_input_nodes)
+    downstream: dict[fx.Node, bool] = {}
+    for node in reversed(gm.graph.nodes):
+        downstream[node] = any(u in layer_set or downstream[u] for u in node.users)
+    first = {n for n in layers if not upstream[n]}
+    last = {n for n in layers if not downstream[n]}
+    return first, last
+
+
+# Outputs that are >= 0 whatever the input.
+_NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
+_NONNEG_FUNCTIONS = {
+    F.relu,
+    torch.relu,
+    F.relu6,
+    torch.sigmoid,
+    F.sigmoid,
+    F.softmax,
+    torch.softmax,
+    F.hardsigmoid,
+}
+# Outputs that are >= 0 when every tensor input is (pooling, reshaping, selecting, joining, scaling).
+_PRESERVING_MODULES = (
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Dropout,
+    nn.Identity,
+    nn.Flatten,
+    nn.ChannelShuffle,
+    nn.Upsample,
+)
+_PRESERVING_FUNCTIONS = {
+    torch.flatten,
+    torch.cat,
+    torch.stack,
+    torch.reshape,
+    torch.transpose,
+    torch.permute,
+    torch.squeeze,
+    torch.unsqueeze,
+    operator.getitem,
+    operator.add,
+    operator.mul,
+    torch.add,
+    torch.mul,
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.dropout,
+    torch.mean,
+    torch.narrow,
+    torch.chunk,
+    torch.split,
+    F.interpolate,
+}
+_PRESERVING_METHODS = {
+    "view",
+    "reshape",
+    "flatten",
+    "permute",
+    "transpose",
+    "contiguous",
+    "squeeze",
+    "unsqueeze",
+    "mean",
+    "chunk",
+    "split",
+    "expand",
+    "add",
+    "mul",
+    "__getitem__",
+}
+
+
+def nonnegative_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose output is provably >= 0 (so an unsigned quantizer loses nothing)."""
+    nonneg: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        inputs = node.all_input_nodes
+        inputs_nonneg = bool(inputs) and all(i in nonneg for i in inputs)
+        if _always_nonnegative(gm, node) or (inputs_nonneg and _preserves_sign(gm, node)):
+            nonneg.add(node)
+    return nonneg
+
+
+def _always_nonnegative(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return isinstance(module, _NONNEG_MODULES) or (
+            isinstance(module, nn.Hardtanh) and module.min_val >= 0
+        )
+    return node.op == "call_function" and node.target in _NONNEG_FUNCTIONS
+
+
+def _preserves_sign(gm: fx.GraphModule, node: fx.Node) -> bool:
+    from cmtkd_graph.quantizers import Quantizer
+
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return isinstance(module, _PRESERVING_MODULES) or (
+            isinstance(module, Quantizer) and not module.signed
+        )
+    if node.op == "call_function":
+        negative_constant = any(isinstance(a, int | float) and a < 0 for a in node.args)
+        return node.target in _PRESERVING_FUNCTIONS and not negative_constant
+    return node.op == "call_method" and node.target in _PRESERVING_METHODS

@@ -1,0 +1,197 @@
+"""Taps: the nodes whose features are fused across teachers and distilled into the student.
+
+A tap name is resolved against a traced graph as, in this order:
+
+1. an exact node name (``layer1.0.relu_1``, torchvision feature-extraction naming) or FX node name;
+2. a module prefix (``layer1``): the last node inside that module in execution order, as
+   ``torchvision.models.feature_extraction.create_feature_extractor`` does;
+3. otherwise an error listing the closest valid names.
+
+``auto`` is the paper's "end of every convolution block / stage":
+
+* ResNet / ResNeXt / Wide-ResNet: ``layer1`` .. ``layer4`` (the paper's ResNet18 taps);
+* ViT: the encoder blocks at 1/4, 1/2, 3/4 and full depth;
+* Swin: the four stages ``features.1, .3, .5, .7`` (their NHWC maps are exposed as NCHW);
+* every other model (AlexNet, VGG, MobileNet, EfficientNet, ConvNeXt, DenseNet, RegNet, ...): the last
+  node at each spatial resolution (larger than 1x1), among the nodes every input-to-output path
+  passes through (so nothing inside a residual block), in stages that contain a conv layer.
+  For AlexNet that is the end of its three conv blocks, for VGG the five blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cmtkd_graph.passes.quantize import META, find_layers
+from cmtkd_graph.passes.shapes import shape_of
+from cmtkd_graph.passes.tracer import qualname
+from torch import fx
+
+from cmtkd_graph.errors import UserError, closest
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class Tap:
+    """A resolved tap: the user-facing ``name``, the graph ``node`` and its output ``shape`` (no batch)."""
+
+    name: str
+    node: str
+    shape: tuple[int, ...] | None
+    channels_last: bool = False
+
+
+def tappable_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Nodes that may be taps: computed tensors, excluding quantizers and fusion nodes."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        if node.meta.get(META, {}).get("role") in ("quantizer", "fusion"):
+            continue
+        out.append(node)
+    return out
+
+
+def resolve_tap(gm: fx.GraphModule, name: str, *, model: str = "model") -> fx.Node:
+    """The node a tap name refers to (see the module docstring), or a UserError with close names."""
+    nodes = tappable_nodes(gm)
+    for node in nodes:
+        if qualname(node) == name or node.name == name:
+            return node
+    inside = [n for n in nodes if qualname(n).startswith(name + ".")]
+    if inside:
+        return inside[-1]
+    candidates = [qualname(n) for n in nodes] + sorted(module_prefixes(gm))
+    near = closest(name, candidates, n=5, cutoff=0.5)
+    hint = f"; closest: {', '.join(near)}" if near else ""
+    raise UserError(
+        f"taps: {name!r} is neither a node nor a module of {model}{hint} "
+        f"(list them with `cmtkd-graph taps ARCH`)"
+    )
+
+
+def module_prefixes(gm: fx.GraphModule) -> set[str]:
+    """Every module path that contains at least one tappable node (``layer1``, ``layer1.0``...)."""
+    out: set[str] = set()
+    for node in tappable_nodes(gm):
+        parts = qualname(node).split(".")
+        out.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return out
+
+
+def auto_tap_names(gm: fx.GraphModule, arch: str) -> list[str]:
+    """The ``auto`` tap names for ``arch`` (shapes must have been propagated for the generic rule)."""
+    if arch.startswith(("resnet", "resnext", "wide_resnet")):
+        return ["layer1", "layer2", "layer3", "layer4"]
+    if arch.startswith("vit_"):
+        depth = len(
+            {
+                qualname(n).split(".")[2]
+                for n in tappable_nodes(gm)
+                if qualname(n).startswith("encoder.layers.")
+            }
+        )
+        picks = sorted({max(0, round(depth * f) - 1) for f in (0.25, 0.5, 0.75, 1.0)})
+        return [f"encoder.layers.encoder_layer_{i}" for i in picks]
+    if arch.startswith("swin_"):
+        return ["features.1", "features.3", "features.5", "features.7"]
+    return _stage_ends(gm)
+
+
+def _stage_ends(gm: fx.GraphModule) -> list[str]:
+    """The output of every stage: for each point where the main path's resolution drops, the end of the
+    module that runs just before the downsampling module starts (see :func:`_boundary_before`)."""
+    nodes = list(gm.graph.nodes)
+    cut = [n for n in nodes if n in _cut_nodes(gm) and n.op != "placeholder" and shape_of(n) is not None]
+    layer_sizes = {shape_of(n)[2:] for n in find_layers(gm) if len(shape_of(n) or ()) == 4}
+    ends: list[fx.Node] = []
+    size: tuple[int, ...] | None = None
+    for node in cut:
+        shape = shape_of(node)
+        here = shape[2:] if len(shape) == 4 else None
+        if size is None:
+            size = here if here is not None and here[0] * here[1] > 1 else None
+            continue
+        shrinks = here is None or (here != size and here[0] <= size[0] and here[1] <= size[1])
+        if not shrinks:
+            continue  # same size, or a reshaped/channels-last view (e.g. ConvNeXt's LayerNorm2d)
+        end = _boundary_before(node, cut, nodes, size)
+        if end is not None and size in layer_sizes and end not in ends:
+            ends.append(end)
+        size = here if here is not None and here[0] * here[1] > 1 else None
+    return [qualname(n) for n in ends]
+
+
+def _resolution(node: fx.Node) -> tuple[int, ...] | None:
+    shape = shape_of(node)
+    return shape[2:] if shape is not None and len(shape) == 4 else None
+
+
+def _boundary_before(
+    down: fx.Node, cut: list[fx.Node], nodes: list[fx.Node], size: tuple[int, ...]
+) -> fx.Node | None:
+    """The last main-path node before the outermost module that contains the downsampling node ``down``
+    and starts at resolution ``size`` (e.g. before ``layer2`` in a ResNet, before ``features.2`` in a
+    MobileNet whose stride-2 conv sits inside ``features.2``)."""
+    order = {n: i for i, n in enumerate(nodes)}
+    parts = qualname(down).split(".")
+    for depth in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:depth])
+        start = next(n for n in nodes if qualname(n) == prefix or qualname(n).startswith(prefix + "."))
+        before = [c for c in cut if order[c] < order[start]]
+        if before and _resolution(before[-1]) == size:
+            return before[-1]
+    same = [c for c in cut if order[c] < order[down] and _resolution(c) == size]
+    return same[-1] if same else None
+
+
+def _cut_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes on every path from the input to the output (no data edge jumps over them).
+
+    In a topological order, a path can avoid node v only through an edge from before v to after v;
+    edges from parameters/constants (not reachable from the input) do not count.
+    """
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    from_input: set[fx.Node] = set()
+    for n in nodes:
+        if n.op == "placeholder" or any(i in from_input for i in n.all_input_nodes):
+            from_input.add(n)
+    cut, reach = set(), -1
+    for i, n in enumerate(nodes):
+        if n in from_input and reach <= i:
+            cut.add(n)
+        if n in from_input and n.users:
+            reach = max(reach, max(pos[u] for u in n.users))
+    return cut
+
+
+def resolve_taps(
+    gm: fx.GraphModule, names: Sequence[str] | str, *, arch: str, model: str = "model"
+) -> list[Tap]:
+    """Resolve tap names (or ``auto``) into :class:`Tap` records, in execution order of the graph."""
+    if names == AUTO:
+        names = auto_tap_names(gm, arch)
+        if not names:
+            raise UserError(
+                f"taps: the auto rule found no stage ends in {model} ({arch}); list taps explicitly"
+            )
+    taps = []
+    channels_last = arch.startswith("swin_")
+    for name in names:
+        node = resolve_tap(gm, name, model=model)
+        shape = shape_of(node)
+        if shape is not None and channels_last and len(shape) == 4:
+            shape = (shape[0], shape[3], shape[1], shape[2])
+        taps.append(Tap(name, qualname(node), shape[1:] if shape else None, channels_last))
+    order = {qualname(n): i for i, n in enumerate(gm.graph.nodes)}
+    positions = [order[t.node] for t in taps]
+    if positions != sorted(positions) or len(set(positions)) != len(positions):
+        raise UserError(
+            f"taps of {model} must be distinct and in execution order; got "
+            + ", ".join(f"{t.name} (node {t.node})" for t in taps)
+        )
+    return taps

@@ -1,0 +1,159 @@
+"""Tracing any torchvision model into a GraphModule whose nodes carry torchvision-style names.
+
+Every node gets ``node.meta["qualname"]`` following ``torchvision.models.feature_extraction``:
+module calls are named by their module path (``layer1.0.conv1``; a second call of the same module is
+``layer1.0.relu_1``), functions by the module they run in plus the function name (``layer1.0.add``,
+``flatten``). Those are the names users write in specs (taps) and see in inspection dumps.
+
+Unlike ``create_feature_extractor`` we never stop at torchvision's composite blocks
+(``Conv2dNormActivation``, ``BasicBlock``...): only ``torch.nn`` leaf layers, our quantizers and
+fusion modules, and torchvision's mode-dependent ``StochasticDepth`` are leaves, so every real
+conv/linear is a node of its own.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from torch import fx, nn
+
+QUALNAME = "qualname"
+"""``node.meta`` key of a node's torchvision-style name."""
+
+_FX_SUFFIX = re.compile(r"_\d+$")
+
+
+def _extra_leaf_types() -> tuple[type, ...]:
+    """Module types that must stay leaves although they are not in ``torch.nn``."""
+    from torchvision.ops import StochasticDepth
+
+    from cmtkd_graph.fusion import Fusion
+    from cmtkd_graph.quantizers import Quantizer
+    from cmtkd_graph.quantizers.layers import QuantConv2d, QuantLinear
+
+    # StochasticDepth decides train/eval behaviour with a Python `if`, which tracing would freeze.
+    return (Quantizer, QuantConv2d, QuantLinear, Fusion, StochasticDepth)
+
+
+class GraphTracer(fx.Tracer):
+    """FX tracer that goes through composite blocks and keeps mode-dependent layers as leaves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._leaf_types = _extra_leaf_types()
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self._leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module, *, train: bool = True) -> fx.GraphModule:
+    """Trace ``model`` in the mode it will run in (train or eval) and name every node.
+
+    The GraphModule shares parameters with ``model``; passes that modify modules copy first.
+    """
+    model.train(train)
+    tracer = GraphTracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:  # FX raises many types; the user needs the model and the reason
+        from cmtkd_graph.errors import UserError
+
+        raise UserError(f"torch.fx cannot trace {type(model).__name__}: {type(err).__name__}: {err}") from err
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.train(train)
+    assign_qualnames(gm)
+    return gm
+
+
+def assign_qualnames(gm: fx.GraphModule) -> None:
+    """Give every node without one a torchvision-style ``qualname`` (unique within the graph)."""
+    seen: Counter[str] = Counter(n.meta[QUALNAME] for n in gm.graph.nodes if QUALNAME in n.meta)
+    for node in gm.graph.nodes:
+        if QUALNAME in node.meta:
+            continue
+        base = _base_name(node)
+        count = seen[base]
+        seen[base] += 1
+        node.meta[QUALNAME] = base if count == 0 else f"{base}_{count}"
+
+
+def _base_name(node: fx.Node) -> str:
+    if node.op == "output":
+        return "output"
+    if node.op == "placeholder":
+        return node.name
+    if node.op in ("call_module", "get_attr"):
+        return str(node.target)
+    scope = _scope(node)
+    op_name = _FX_SUFFIX.sub("", node.name)
+    return f"{scope}.{op_name}" if scope else op_name
+
+
+def _scope(node: fx.Node) -> str:
+    """Path of the module whose forward created ``node`` ('' at the root)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    return path
+
+
+def qualname(node: fx.Node) -> str:
+    """A node's torchvision-style name (falls back to the FX name)."""
+    return node.meta.get(QUALNAME, node.name)
+
+
+def nodes_by_qualname(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    return {qualname(n): n for n in gm.graph.nodes}
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy that keeps node metadata (passes are pure: they work on a copy)."""
+    import copy
+
+    new = copy.deepcopy(gm)
+    for old_node, new_node in zip(gm.graph.nodes, new.graph.nodes, strict=True):
+        new_node.meta = copy.copy(old_node.meta)
+    new.train(gm.training)
+    return new
+
+
+def replace_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    """Install ``module`` at dotted path ``target`` (replacing what is there)."""
+    parent_path, _, name = target.rpartition(".")
+    parent = gm.get_submodule(parent_path) if parent_path else gm
+    setattr(parent, name, module)
+
+
+def unique_target(gm: fx.GraphModule, target: str) -> str:
+    """``target`` or ``target_1``, ``target_2``... whichever is not yet an attribute path."""
+    candidate, i = target, 0
+    while _exists(gm, candidate):
+        i += 1
+        candidate = f"{target}_{i}"
+    return candidate
+
+
+def _exists(gm: fx.GraphModule, target: str) -> bool:
+    obj: object = gm
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+__all__ = [
+    "QUALNAME",
+    "GraphTracer",
+    "assign_qualnames",
+    "copy_graph_module",
+    "nodes_by_qualname",
+    "qualname",
+    "replace_submodule",
+    "trace",
+    "unique_target",
+]
