@@ -166,10 +166,14 @@ class TapSpec(Strict):
 class DistillSpec(Strict):
     """The objective (METHOD.md §4-6): L = alpha (CE_T + CE_S) + beta (KL_T + KL_S) + gamma L_KD."""
 
-    feature_loss: Literal["attention", "fitnet", "none"] = Field(
-        "attention", description="distance between shared knowledge and student taps"
+    feature_loss: Literal["attention", "fitnet", "none"] | None = Field(
+        None,
+        description="distance between shared knowledge and student taps; default attention for cmtkd, "
+        "none for the baselines",
     )
-    mutual_learning: bool = Field(True, description="KDCL-MinLogit mutual learning (KL terms)")
+    mutual_learning: bool | None = Field(
+        None, description="cmtkd only: KDCL-MinLogit mutual learning (KL terms); default true"
+    )
     alpha: float = Field(1.0, ge=0, description="weight of the cross-entropy terms")
     beta: float = Field(0.5, ge=0, description="weight of the KL terms")
     gamma: float | None = Field(
@@ -185,9 +189,10 @@ class DistillSpec(Strict):
 
     @property
     def feature_weight(self) -> float:
+        """gamma, defaulting by loss kind (METHOD.md §6)."""
         if self.gamma is not None:
             return self.gamma
-        return {"attention": 100.0, "fitnet": 1.0, "none": 0.0}[self.feature_loss]
+        return {"attention": 100.0, "fitnet": 1.0, "none": 0.0}[self.feature_loss or "none"]
 
 
 class AugmentSpec(Strict):
@@ -200,6 +205,9 @@ class AugmentSpec(Strict):
     hflip: bool | None = Field(
         None, description="random horizontal flip (default: true except fashion_mnist)"
     )
+
+
+NATIVE_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "fashion_mnist": 28, "imagefolder": 224}
 
 
 class DataSpec(Strict):
@@ -238,6 +246,19 @@ class DataSpec(Strict):
         None, ge=1, description="use only the first N training samples (quick runs)"
     )
     eval_subset: int | None = Field(None, ge=1, description="use only the first N evaluation samples")
+
+    @property
+    def input_size(self) -> int:
+        """The model input size: ``image_size`` or the dataset's native size (224 for image folders)."""
+        return self.image_size or NATIVE_IMAGE_SIZE[self.dataset]
+
+    @property
+    def in_channels(self) -> int:
+        return 1 if self.dataset == "fashion_mnist" and self.grey_to_rgb == "none" else 3
+
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one model input."""
+        return (self.in_channels, self.input_size, self.input_size)
 
 
 class ScheduleSpec(Strict):
@@ -344,6 +365,7 @@ class Spec(Strict):
         }[self.method]
         if not need[0]:
             raise ValueError(f"teachers: {need[1]}")
+        self._resolve_distill_defaults()
         if self.method == "average_teacher":
             for i, t in enumerate(self.teachers):
                 if t.weights is None or t.trainable:
@@ -352,6 +374,24 @@ class Spec(Strict):
                         "give `weights:` (a checkpoint) and `trainable: false`"
                     )
         return self
+
+    def _resolve_distill_defaults(self) -> None:
+        """Fill method-dependent defaults, so the saved spec says exactly what ran."""
+        d = self.distill
+        if self.method == "cmtkd":
+            d.feature_loss = d.feature_loss or "attention"
+            d.mutual_learning = True if d.mutual_learning is None else d.mutual_learning
+            return
+        if d.mutual_learning:
+            raise ValueError(
+                f"distill.mutual_learning: KDCL mutual learning is part of cmtkd, not of {self.method}"
+            )
+        d.mutual_learning = False
+        d.feature_loss = d.feature_loss or "none"
+        if self.method in ("single", "average_teacher") and d.feature_loss != "none":
+            raise ValueError(
+                f"distill.feature_loss: method {self.method} has no feature distillation; use none"
+            )
 
     def resolved_teachers(self) -> list[ModelSpec]:
         """Teachers with the student's arch/kwargs/surgery filled in where they give none."""

@@ -2,55 +2,54 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
-from cmtkd_graph.passes.tracer import qualname
+from cmtkd_graph.passes.tracer import copy_graph_module, qualname
 from torch import fx
 
 from cmtkd_graph.errors import UserError
 
 
 def propagate_shapes(gm: fx.GraphModule, input_shape: Sequence[int]) -> dict[fx.Node, torch.Size]:
-    """Run ``gm`` on a fake input of ``input_shape`` and return each tensor node's output shape.
+    """Run ``gm`` on a meta-device input of ``input_shape`` and return each tensor node's output shape.
 
-    Also stores ``node.meta["val"]`` (a fake tensor: shape and dtype). Runs in eval mode, so no state
-    changes (BatchNorm statistics, LSQ step initialisation), then restores the module's mode.
+    Runs on a structural copy of ``gm`` whose weights are meta tensors, in eval mode: nothing is
+    computed or allocated and no state of ``gm`` changes (BatchNorm statistics, LSQ initialisation).
+    Also stores ``node.meta["val"]`` (a meta tensor: shape and dtype) on ``gm``'s nodes.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    class _Prop(FakeTensorProp):
-        current: fx.Node | None = None
-
-        def run_node(self, n: fx.Node):
-            self.current = n
-            return super().run_node(n)
-
-    training = gm.training
-    gm.eval()
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    prop = _Prop(gm, mode)
-    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
-    level = fake_log.level
-    fake_log.setLevel(logging.CRITICAL)  # it logs a traceback before raising; ours is the message
+    shadow = copy_graph_module(gm, tensors="meta").eval()
+    interpreter = _Recorder(shadow)
     try:
-        fake = mode.from_tensor(
-            torch.empty(tuple(input_shape), device="meta" if device.type == "meta" else "cpu")
-        )
-        prop.propagate(fake)
+        interpreter.run(torch.empty(tuple(input_shape), device="meta"))
     except Exception as err:
-        where = f" at node {qualname(prop.current)}" if prop.current is not None else ""
+        where = f" at node {qualname(interpreter.current)}" if interpreter.current is not None else ""
         raise UserError(
             f"the model does not run on inputs of shape {list(input_shape)}{where}: {_first_line(err)} "
             "(check data.image_size and the model's minimum input size)"
         ) from None
-    finally:
-        fake_log.setLevel(level)
-        gm.train(training)
-    return {n: n.meta["val"].shape for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)}
+    shapes = {}
+    for node, twin in zip(gm.graph.nodes, shadow.graph.nodes, strict=True):
+        value = interpreter.values.get(twin)
+        if isinstance(value, torch.Tensor):
+            node.meta["val"] = value
+            shapes[node] = value.shape
+    return shapes
+
+
+class _Recorder(fx.Interpreter):
+    """Interpreter that keeps every node's value and knows which node is running."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[fx.Node, object] = {}
+        self.current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node):
+        self.current = n
+        result = super().run_node(n)
+        self.values[n] = result
+        return result
 
 
 def _first_line(err: Exception) -> str:

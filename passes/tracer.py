@@ -13,9 +13,11 @@ conv/linear is a node of its own.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import Counter
 
+import torch
 from torch import fx, nn
 
 QUALNAME = "qualname"
@@ -110,11 +112,23 @@ def nodes_by_qualname(gm: fx.GraphModule) -> dict[str, fx.Node]:
     return {qualname(n): n for n in gm.graph.nodes}
 
 
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A deep copy that keeps node metadata (passes are pure: they work on a copy)."""
+def copy_graph_module(gm: fx.GraphModule, *, tensors: str = "share") -> fx.GraphModule:
+    """A copy of ``gm``'s modules and graph (with node metadata) for a pass to rewrite.
+
+    ``tensors="share"``: parameters and buffers are the same tensor objects as in ``gm`` (passes
+    restructure modules, they never write into weights, and copying weights on every pass is slow).
+    ``tensors="meta"``: parameters and buffers are replaced by meta tensors (for shape propagation).
+    """
     import copy
 
-    new = copy.deepcopy(gm)
+    memo: dict[int, object] = {}
+    for t in itertools.chain(gm.parameters(), gm.buffers()):
+        if tensors == "share":
+            memo[id(t)] = t
+        else:
+            meta = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    new = copy.deepcopy(gm, memo)
     for old_node, new_node in zip(gm.graph.nodes, new.graph.nodes, strict=True):
         new_node.meta = copy.copy(old_node.meta)
     new.train(gm.training)

@@ -1,0 +1,44 @@
+"""`build_loaders`: seeded, shuffled training batches and ordered evaluation batches."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+
+from cmtkd_graph.data.bundle import DataBundle
+from cmtkd_graph.data.imagefolder import DropSkipped
+from cmtkd_graph.errors import UserError
+from cmtkd_graph.spec import DataSpec
+
+
+def build_loaders(
+    bundle: DataBundle, spec: DataSpec, *, train_batch_size: int, eval_batch_size: int, seed: int
+) -> tuple[DataLoader, DataLoader]:
+    """(train, eval) loaders. Train: reshuffled every epoch from ``seed``, incomplete last batch dropped.
+
+    Both collate with `DropSkipped`, so a batch is smaller (possibly empty) when unreadable images
+    were skipped (``corrupt_images: skip``). The seeded generator also seeds the random augmentation
+    in worker processes; with ``num_workers: 0`` it runs on the caller's global torch RNG.
+    """
+    if len(bundle.train) < train_batch_size:
+        raise UserError(
+            f"the training set has {len(bundle.train)} samples, fewer than one batch of "
+            f"{train_batch_size} (the last incomplete batch is dropped); lower data.batch_size "
+            "or use more samples (data.train_subset)"
+        )
+    common = dict(
+        num_workers=spec.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=spec.num_workers > 0,
+        collate_fn=DropSkipped((bundle.in_channels, bundle.image_size, bundle.image_size)),
+    )
+    train = DataLoader(
+        bundle.train,
+        batch_size=train_batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+        **common,
+    )
+    evaluation = DataLoader(bundle.eval, batch_size=eval_batch_size, shuffle=False, drop_last=False, **common)
+    return train, evaluation

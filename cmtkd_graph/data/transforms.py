@@ -1,0 +1,124 @@
+"""Per-dataset train/eval transforms: the paper's augmentations and mean/std normalisation.
+
+Small images (CIFAR, Fashion-MNIST, image folders under 64 px): RandomCrop(size, padding) +
+horizontal flip, evaluated as is (resized first when image_size is not the native size; folders are
+resized and centre-cropped to a square). ImageNet-like folders: RandomResizedCrop(size) + flip, evaluated
+as Resize(size / 0.875) + CenterCrop(size). In-memory datasets are transformed as uint8 tensors
+(fast); image folders as PIL images, converted to a tensor after the crop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torchvision.transforms import v2
+
+from cmtkd_graph.errors import UserError
+from cmtkd_graph.spec import DataSpec
+
+# Per-channel mean and std of each training set, in [0, 1] units.
+MEAN_STD: dict[str, tuple[list[float], list[float]]] = {
+    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+    "cifar100": ([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
+    "fashion_mnist": ([0.2860], [0.3530]),
+    "imagefolder": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),  # ImageNet's
+}
+IMAGENET_LIKE_MIN_SIZE = 64
+"""Image folders at least this large get ImageNet-style augmentation."""
+EVAL_CROP_FRACTION = 0.875
+"""ImageNet-like evaluation: resize to size / 0.875 (256 for 224), then centre-crop size."""
+
+
+class ScaleNormalize(torch.nn.Module):
+    """uint8 (C, H, W) -> float (x / 255 - mean) / std in one multiply-add.
+
+    v2's ToDtype + Normalize + ToPureTensor cost about 4x more, and dominate the per-sample time of
+    in-memory datasets. Without mean/std it only scales to [0, 1].
+    """
+
+    def __init__(self, mean: list[float] | None = None, std: list[float] | None = None):
+        super().__init__()
+        mean_ = torch.tensor(mean if mean is not None else [0.0]).view(-1, 1, 1)
+        std_ = torch.tensor(std if std is not None else [1.0]).view(-1, 1, 1)
+        self.scale = 1 / (255 * std_)
+        self.shift = -mean_ / std_
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image.as_subclass(torch.Tensor).float().mul_(self.scale).add_(self.shift)
+
+
+class RepeatChannels(torch.nn.Module):
+    """Grey (1, H, W) -> (channels, H, W) by repetition, for RGB models."""
+
+    def __init__(self, channels: int = 3):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image.expand(self.channels, -1, -1)
+
+
+def build_transforms(
+    spec: DataSpec, *, size: int, native_size: int | None, in_channels: int, grey_source: bool = False
+) -> tuple[Callable, Callable]:
+    """(train, eval) transforms producing float (in_channels, size, size) tensors.
+
+    ``native_size`` is the side of a dataset's square images, or None for image folders (any size,
+    decoded by PIL); ``grey_source`` repeats a 1-channel image up to ``in_channels``.
+    """
+    train_geometry, eval_geometry = _geometry(spec, size, native_size)
+    tail = [v2.PILToTensor()] if native_size is None else []
+    if grey_source and in_channels > 1:
+        tail.append(RepeatChannels(in_channels))
+    tail.append(ScaleNormalize(*_mean_std(spec, in_channels)))
+    return v2.Compose([*train_geometry, *tail]), v2.Compose([*eval_geometry, *tail])
+
+
+def _geometry(spec: DataSpec, size: int, native_size: int | None) -> tuple[list, list]:
+    augment = spec.augment
+    imagenet_like = native_size is None and size >= IMAGENET_LIKE_MIN_SIZE
+    crop = augment.crop or ("random_resized_crop" if imagenet_like else "random_crop")
+    hflip = augment.hflip if augment.hflip is not None else spec.dataset != "fashion_mnist"
+
+    if native_size is None:  # any size and aspect: resize the short side, then make it square
+        fit = [v2.Resize(size), v2.CenterCrop(size)]
+        resized = [v2.Resize(round(size / EVAL_CROP_FRACTION)), v2.CenterCrop(size)]
+        evaluation = resized if imagenet_like else fit
+    else:  # square images: only a resize when the model wants another size
+        fit = [] if native_size == size else [v2.Resize(size)]
+        evaluation = fit
+    train = {
+        "random_crop": [*fit, v2.RandomCrop(size, padding=augment.padding)],
+        "random_resized_crop": [v2.RandomResizedCrop(size)],
+        "none": fit,
+    }[crop]
+    if hflip:
+        train = [*train, v2.RandomHorizontalFlip()]
+    return train, evaluation
+
+
+def _mean_std(spec: DataSpec, channels: int) -> tuple[list[float] | None, list[float] | None]:
+    if not spec.normalize:
+        if spec.mean is not None or spec.std is not None:
+            raise UserError("data.mean/std are given but data.normalize is false: drop them or normalize")
+        return None, None
+    default_mean, default_std = MEAN_STD[spec.dataset]
+    mean = _per_channel("mean", spec.mean if spec.mean is not None else default_mean, channels)
+    std = _per_channel("std", spec.std if spec.std is not None else default_std, channels)
+    if min(std) <= 0:
+        raise UserError(f"data.std: every value must be > 0, got {std}")
+    return mean, std
+
+
+def _per_channel(name: str, values: list[float], channels: int) -> list[float]:
+    if any(not 0 <= v <= 1 for v in values):
+        raise UserError(f"data.{name}: values must be in [0, 1] units, got {values} (divide 0..255 by 255)")
+    if len(values) == 1:
+        return values * channels
+    if len(values) != channels:
+        raise UserError(
+            f"data.{name}: expected 1 or {channels} values (one per input channel, in [0, 1] "
+            f"units), got {len(values)}: {values}"
+        )
+    return list(values)

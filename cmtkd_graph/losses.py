@@ -1,0 +1,224 @@
+"""The CMT-KD loss terms (METHOD.md §4-5, paper eq. 4-9), as pure functions of tensors.
+
+Two kinds of tap feature are supported:
+
+- convolutional maps ``[B, C, H, W]`` (channels first);
+- token features ``[B, N, D]`` (transformers), where ``D`` plays the role of the channel axis.
+
+Every loss is computed in at least float32: under autocast the taps and logits may arrive in
+bfloat16, and squaring, normalising and log-softmax in bfloat16 lose most of the signal.
+Nothing here decides whether gradients reach the teachers; callers detach the shared knowledge
+themselves when the spec switches that off (METHOD.md §4 default: gradients do flow).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CONV_RANK = 4  # [B, C, H, W]
+TOKEN_RANK = 3  # [B, N, D]
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    """Upcast half/bfloat16 (and integer) tensors to float32; float32 and float64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _check_feature_rank(x: Tensor, name: str) -> None:
+    if x.dim() not in (CONV_RANK, TOKEN_RANK):
+        raise ValueError(
+            f"{name} must be a conv map [B, C, H, W] or token features [B, N, D], got shape {tuple(x.shape)}"
+        )
+
+
+def match_sizes(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Bring two tap features to the same spatial size / token count, keeping their channels.
+
+    METHOD.md §4: when the teacher and student taps differ in size, the larger one is
+    adaptive-average-pooled to the smaller one.
+
+    - Conv maps ``[B, C, H, W]``: each spatial axis is pooled to the smaller of the two sizes
+      (so ``4x2`` against ``2x4`` gives ``2x2`` for both).
+    - Token features ``[B, N, D]``: the token axis is treated as a 1-D sequence and pooled with
+      ``adaptive_avg_pool1d`` to the shorter length, i.e. windows of consecutive tokens are
+      averaged in order. A class token, if present, is averaged into the first window; a tap
+      that must keep it separate should strip it before calling this.
+    - Equal sizes: both tensors are returned unchanged (the same objects).
+
+    Channel counts may differ (the attention loss does not need them equal; FitNet adapts them).
+    """
+    _check_feature_rank(a, "first feature")
+    _check_feature_rank(b, "second feature")
+    if a.dim() != b.dim() or a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"cannot match feature sizes {tuple(a.shape)} and {tuple(b.shape)}: "
+            "both must have the same rank and batch size"
+        )
+    if a.dim() == CONV_RANK:
+        target_hw = (min(a.shape[2], b.shape[2]), min(a.shape[3], b.shape[3]))
+        a = a if tuple(a.shape[2:]) == target_hw else F.adaptive_avg_pool2d(a, target_hw)
+        b = b if tuple(b.shape[2:]) == target_hw else F.adaptive_avg_pool2d(b, target_hw)
+        return a, b
+    tokens = min(a.shape[1], b.shape[1])
+    a = a if a.shape[1] == tokens else _pool_tokens(a, tokens)
+    b = b if b.shape[1] == tokens else _pool_tokens(b, tokens)
+    return a, b
+
+
+def _pool_tokens(x: Tensor, tokens: int) -> Tensor:
+    """Average ``[B, N, D]`` down to ``[B, tokens, D]`` over windows of consecutive tokens."""
+    return F.adaptive_avg_pool1d(x.transpose(1, 2), tokens).transpose(1, 2)
+
+
+def attention_map(feature: Tensor) -> Tensor:
+    """Spatial attention q(F) of Zagoruyko & Komodakis (METHOD.md §4, paper eq. 5).
+
+    As in their reference code: the mean over channels of ``F**2``, flattened per sample and
+    L2-normalised over positions. Conv maps give ``[B, H*W]``; token features ``[B, N, D]``
+    (``D`` is the channel axis) give ``[B, N]``. Normalising makes the map independent of the
+    feature scale, which differs between bit-widths.
+    """
+    _check_feature_rank(feature, "feature")
+    feature = _at_least_float32(feature)
+    channel_axis = 1 if feature.dim() == CONV_RANK else 2
+    energy = feature.pow(2).mean(dim=channel_axis).flatten(start_dim=1)
+    return F.normalize(energy, p=2, dim=1)
+
+
+def attention_loss(shared: Tensor, student: Tensor) -> Tensor:
+    """Attention-transfer distance d(F^l, F_S^l) (METHOD.md §4, eq. 4-5).
+
+    Mean over batch and positions of ``(q(shared) - q(student))**2``. The raw features are
+    size-matched first (:func:`match_sizes`), then turned into attention maps, so channel counts
+    may differ. ``shared`` is not detached: by default L_KD also trains the teachers and the
+    importance factors.
+    """
+    shared, student = match_sizes(_at_least_float32(shared), _at_least_float32(student))
+    return (attention_map(shared) - attention_map(student)).pow(2).mean()
+
+
+def fitnet_loss(shared: Tensor, adapted_student: Tensor) -> Tensor:
+    """FitNet distance d(F^l, r(F_S^l)) = mean((F^l - r(F_S^l))**2) (METHOD.md §4, eq. 6).
+
+    ``adapted_student`` is the output of a :class:`FitNetAdapter`, so after size matching its
+    channels must equal the teacher's.
+    """
+    shared, adapted_student = match_sizes(_at_least_float32(shared), _at_least_float32(adapted_student))
+    if shared.shape != adapted_student.shape:
+        raise ValueError(
+            f"FitNet loss needs equal channels after size matching, got shared {tuple(shared.shape)} "
+            f"and adapted student {tuple(adapted_student.shape)}; is the FitNetAdapter built for this tap?"
+        )
+    return (shared - adapted_student).pow(2).mean()
+
+
+class FitNetAdapter(nn.Module):
+    """The trainable regressor r of the FitNet loss (METHOD.md §4): student channels -> teacher channels.
+
+    Built from the per-sample tap shapes (no batch axis):
+
+    - conv maps ``(C, H, W)``: 1x1 ``Conv2d(Cs -> Ct, bias=False)`` + ``BatchNorm2d(Ct)``; the
+      spatial size is kept (:func:`fitnet_loss` pools it to the teacher's);
+    - token features ``(N, D)``: ``Linear(Ds -> Dt)``.
+
+    Used only during training; it is not part of the exported student.
+    """
+
+    def __init__(self, student_shape: Sequence[int], teacher_shape: Sequence[int]):
+        super().__init__()
+        student_shape, teacher_shape = tuple(student_shape), tuple(teacher_shape)
+        if len(student_shape) != len(teacher_shape) or len(student_shape) not in (
+            CONV_RANK - 1,
+            TOKEN_RANK - 1,
+        ):
+            raise ValueError(
+                f"FitNetAdapter supports conv taps (C, H, W) or token taps (N, D) of the same kind for "
+                f"student and teacher, got student {student_shape} and teacher {teacher_shape}"
+            )
+        self.student_shape = student_shape
+        self.teacher_shape = teacher_shape
+        if len(student_shape) == CONV_RANK - 1:  # (C, H, W): channels first
+            self.regressor: nn.Module = nn.Sequential(
+                nn.Conv2d(student_shape[0], teacher_shape[0], kernel_size=1, bias=False),
+                nn.BatchNorm2d(teacher_shape[0]),
+            )
+        else:  # (N, D): channels last
+            self.regressor = nn.Linear(student_shape[1], teacher_shape[1])
+
+    def forward(self, student_feature: Tensor) -> Tensor:
+        return self.regressor(student_feature)
+
+    def extra_repr(self) -> str:
+        return f"student_shape={self.student_shape}, teacher_shape={self.teacher_shape}"
+
+
+def kdcl_min_logit(teacher_logits: Tensor, student_logits: Tensor, target: Tensor) -> Tensor:
+    """The KDCL-MinLogit ensemble target z (METHOD.md §5, paper eq. 7).
+
+    Each network's logits are shifted so that its target-class logit is 0, then the class-wise
+    minimum is taken: ``z_i = min(zT_i - zT_c, zS_i - zS_c)``. Taking the minimum keeps, for
+    every wrong class, the network that is most confident against it. ``z`` is returned
+    detached: it is a target for both networks (eq. 8-9), not something they should move
+    towards each other through.
+
+    ``teacher_logits`` is the combined teacher z_T and ``student_logits`` the student's, both
+    ``[B, classes]``; ``target`` holds class indices ``[B]``.
+    """
+    if teacher_logits.dim() != 2 or teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"KDCL-MinLogit needs teacher and student logits of the same shape [B, classes], got "
+            f"{tuple(teacher_logits.shape)} and {tuple(student_logits.shape)}"
+        )
+    if target.shape != teacher_logits.shape[:1] or target.is_floating_point():
+        raise ValueError(
+            f"KDCL-MinLogit needs integer class indices of shape [{teacher_logits.shape[0]}], got "
+            f"{target.dtype} of shape {tuple(target.shape)}"
+        )
+    with torch.no_grad():
+        index = target.long().unsqueeze(1)
+        teacher = _at_least_float32(teacher_logits)
+        student = _at_least_float32(student_logits)
+        shifted_teacher = teacher - teacher.gather(1, index)
+        shifted_student = student - student.gather(1, index)
+        return torch.minimum(shifted_teacher, shifted_student)
+
+
+def _check_soft_kl_inputs(target: Tensor, logits: Tensor, tau: float) -> None:
+    if logits.dim() != 2 or target.shape != logits.shape:
+        raise ValueError(
+            f"soft KL needs target and logits of the same shape [B, classes], got "
+            f"{tuple(target.shape)} and {tuple(logits.shape)}"
+        )
+    if not tau > 0:
+        raise ValueError(f"temperature tau must be positive, got {tau}")
+
+
+def soft_kl(target_logits: Tensor, logits: Tensor, tau: float) -> Tensor:
+    """``tau**2 * KL(softmax(target/tau) || softmax(logits/tau))``, batch-mean (METHOD.md §5, eq. 8-9).
+
+    ``target_logits`` is detached here: it is the distillation target (z of eq. 7), so only
+    ``logits`` is trained by this term. The ``tau**2`` factor keeps the gradient scale comparable
+    to the cross-entropy term as tau changes (Hinton et al.).
+    """
+    _check_soft_kl_inputs(target_logits, logits, tau)
+    target_log_probs = F.log_softmax(_at_least_float32(target_logits.detach()) / tau, dim=1)
+    log_probs = F.log_softmax(_at_least_float32(logits) / tau, dim=1)
+    kl = F.kl_div(log_probs, target_log_probs, reduction="batchmean", log_target=True)
+    return tau**2 * kl
+
+
+def soft_kl_from_probs(target_probs: Tensor, logits: Tensor, tau: float) -> Tensor:
+    """:func:`soft_kl` with a target that is already a (softened) probability distribution.
+
+    Used by the 'average of teachers' baseline, whose target is the mean of the teachers'
+    ``softmax(z_k / tau)``; the target is *not* softened again. Zero target probabilities are
+    allowed (they contribute 0). The target is detached, as in :func:`soft_kl`.
+    """
+    _check_soft_kl_inputs(target_probs, logits, tau)
+    log_probs = F.log_softmax(_at_least_float32(logits) / tau, dim=1)
+    kl = F.kl_div(log_probs, _at_least_float32(target_probs.detach()), reduction="batchmean")
+    return tau**2 * kl

@@ -1,0 +1,132 @@
+"""One optimizer with parameter groups by role, and the learning-rate schedules (METHOD.md §7).
+
+Groups (each has a ``name`` used in logs):
+
+* ``student`` / ``teacher{k}`` — model weights, weight decay by that model's weight bit-width
+  (``weight_decay_low_bits`` up to ``low_bits`` bits, else ``weight_decay``);
+* ``importance`` — the fusion logits, their own lr (default lr / 10), no weight decay;
+* ``quantizers`` — learned quantizer parameters (LSQ steps, PACT clipping), no weight decay;
+* ``adapters`` — FitNet adapters.
+
+Frozen parameters (loaded teachers) are in no group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from cmtkd_graph.fusion import Fusion
+from cmtkd_graph.quantizers import Quantizer
+from cmtkd_graph.spec import FULL_PRECISION, OptimSpec, ScheduleSpec, Spec
+
+
+def _role_of_parameters(
+    module: nn.Module,
+) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+    """Split ``module``'s trainable parameters into (weights, quantizer params, fusion logits)."""
+    special: dict[int, str] = {}
+    for sub in module.modules():
+        if isinstance(sub, Quantizer):
+            special.update({id(p): "quantizer" for p in sub.parameters()})
+        elif isinstance(sub, Fusion):
+            special.update({id(p): "fusion" for p in sub.parameters()})
+    weights, quant, fusion = [], [], []
+    for p in module.parameters():
+        if not p.requires_grad:
+            continue
+        {"quantizer": quant, "fusion": fusion}.get(special.get(id(p)), weights).append(p)
+    return weights, quant, fusion
+
+
+def weight_decay_for(bits: int, optim: OptimSpec) -> float:
+    """The paper's rule: 25e-6 for 1- or 2-bit models, 1e-4 above (both configurable)."""
+    return (
+        optim.weight_decay_low_bits
+        if bits != FULL_PRECISION and bits <= optim.low_bits
+        else optim.weight_decay
+    )
+
+
+def parameter_groups(system: nn.Module, spec: Spec) -> list[dict]:
+    """The optimizer's parameter groups for a :class:`~cmtkd_graph.system.CMTKDSystem`."""
+    o = spec.optim
+    groups: list[dict] = []
+    quantizer_params: list[nn.Parameter] = []
+    fusion_params: list[nn.Parameter] = []
+
+    def add_model(name: str, module: nn.Module, bits: int) -> None:
+        weights, quant, fusion = _role_of_parameters(module)
+        quantizer_params.extend(quant)
+        fusion_params.extend(fusion)
+        if weights:
+            groups.append(
+                {"name": name, "params": weights, "lr": o.lr, "weight_decay": weight_decay_for(bits, o)}
+            )
+
+    add_model("student", system.student, spec.student.weight_bits)
+    if system.teachers is not None:
+        for k, teacher in enumerate(spec.teachers):
+            add_model(f"teacher{k}", system.teachers.get_submodule(f"teacher{k}"), teacher.weight_bits)
+        _, _, fusion = _role_of_parameters(system.teachers.get_submodule("fusion"))
+        fusion_params.extend(fusion)
+    if fusion_params:
+        lr = o.importance_lr if o.importance_lr is not None else o.lr / 10
+        groups.append({"name": "importance", "params": fusion_params, "lr": lr, "weight_decay": 0.0})
+    if quantizer_params:
+        lr = o.quantizer_lr if o.quantizer_lr is not None else o.lr
+        groups.append({"name": "quantizers", "params": quantizer_params, "lr": lr, "weight_decay": 0.0})
+    adapter_params = [p for p in system.adapters.parameters() if p.requires_grad]
+    if adapter_params:
+        lr = o.adapter_lr if o.adapter_lr is not None else o.lr
+        groups.append(
+            {"name": "adapters", "params": adapter_params, "lr": lr, "weight_decay": o.weight_decay}
+        )
+    _check_disjoint(system, groups)
+    return groups
+
+
+def _check_disjoint(system: nn.Module, groups: list[dict]) -> None:
+    seen = [id(p) for g in groups for p in g["params"]]
+    trainable = {id(p) for p in system.parameters() if p.requires_grad}
+    if len(seen) != len(set(seen)) or set(seen) != trainable:
+        raise RuntimeError("parameter groups must cover every trainable parameter exactly once")
+
+
+def build_optimizer(system: nn.Module, spec: Spec) -> torch.optim.Optimizer:
+    o = spec.optim
+    groups = parameter_groups(system, spec)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.momentum, 0.999))
+
+
+def lr_factor(epoch: float, schedule: ScheduleSpec, total_epochs: int, base_lr: float) -> float:
+    """Multiplier of every group's base lr at (fractional) ``epoch``: warm-up, then the schedule."""
+    if schedule.warmup_epochs and epoch < schedule.warmup_epochs:
+        start = schedule.warmup_start_factor
+        return start + (1 - start) * epoch / schedule.warmup_epochs
+    if schedule.name == "multistep":
+        return schedule.gamma ** sum(epoch >= m for m in schedule.milestones)
+    if schedule.name == "cosine":
+        span = max(total_epochs - schedule.warmup_epochs, 1e-9)
+        t = min(max(epoch - schedule.warmup_epochs, 0.0) / span, 1.0)
+        floor = schedule.min_lr / base_lr
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+    return 1.0
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, spec: Spec, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepped once per optimizer step (``step_every: iteration``) or per epoch."""
+    sched = spec.optim.schedule
+    per_iteration = sched.step_every == "iteration"
+
+    def factor(count: int) -> float:
+        epoch = count / steps_per_epoch if per_iteration else float(count)
+        return lr_factor(epoch, sched, spec.train.epochs, spec.optim.lr)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,159 @@
+"""HWGQ: half-wave Gaussian quantization (Cai et al., CVPR 2017), the paper's main quantizer.
+
+Activations after BN+ReLU are roughly a unit Gaussian cut at zero, so a *fixed* uniform step that
+is MSE-optimal for that distribution works without any learned parameter. Weights are quantized
+with a symmetric mid-rise grid scaled by the layer's standard deviation (2^b levels, no zero).
+The formulas and constants are METHOD.md §3.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from cmtkd_graph.quantizers.base import Quantizer, QuantizerFamily, register_quantizer
+
+HALF_WAVE_STEP: dict[int, float] = {
+    1: 0.7979,
+    2: 0.5388,
+    3: 0.3217,
+    4: 0.1842,
+    5: 0.1030,
+    6: 0.0566,
+    7: 0.0307,
+    8: 0.0165,
+}
+"""Activation step h_b: the uniform step s minimising E[(Q(x) - x)^2 | x > 0] for x ~ N(0, 1), where Q
+maps every positive x to the nearest of the 2^b - 1 NON-zero levels {s, 2s, ..., (2^b - 1)s} (the
+original Caffe mapping; negatives go to 0 exactly and add no error). Hence h_1 = E[x | x > 0] =
+sqrt(2/pi). Found by numerical minimisation with scipy (re-derived in tests/test_quantizers.py) and
+rounded to 4 decimals. Note: for the round-to-nearest mapping that includes the zero level, the
+MSE-optimal steps would be larger (e.g. 1.224 at 1 bit, 0.651 at 2 bits); the table is the Caffe one.
+"""
+
+MID_RISE_STEP: dict[int, float] = {
+    1: 1.5958,
+    2: 0.9957,
+    3: 0.5860,
+    4: 0.3352,
+    5: 0.1881,
+    6: 0.1041,
+    7: 0.0569,
+    8: 0.0308,
+}
+"""Weight step g_b: the uniform step g minimising E[(Q(x) - x)^2] for x ~ N(0, 1), where Q maps x to the
+nearest of the 2^b symmetric mid-rise levels {+-(k - 1/2) g : k = 1..2^(b-1)} (Max's optimal uniform
+quantizer; g_1 = 2 E|x| = 2 sqrt(2/pi)). Found by numerical minimisation with scipy (re-derived in
+tests/test_quantizers.py) and rounded to 4 decimals.
+"""
+
+
+def gradient_window(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Zero in forward; gradient 1 where low <= x <= high (bounds included), 0 elsewhere.
+
+    Added to the quantized levels it gives the clipped STE. (torch.clamp's gradient is 0 *at* the
+    bounds, which would drop the inputs sitting exactly at 0 or at the top level.)
+    """
+    return torch.where((x >= low) & (x <= high), x - x.detach(), 0.0)
+
+
+def mid_rise(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Nearest of the 2^b unit-step mid-rise levels (k - 1/2), k = -2^(b-1)+1 .. 2^(b-1), no gradient."""
+    top = 2 ** (bits - 1) - 0.5
+    return torch.round(u.clamp(-top, top) + 0.5) - 0.5
+
+
+class HalfWaveQuantizer(Quantizer):
+    """Unsigned activations: levels {0, s, ..., (2^b - 1)s} with s = h_b; clipped-ReLU STE.
+
+    ``caffe_rounding``: every x > 0 goes to the nearest non-zero level (the mapping h_b is optimal
+    for); otherwise plain round-to-nearest, so small positive x go to 0.
+    """
+
+    def __init__(self, bits: int, caffe_rounding: bool = False):
+        super().__init__(bits, signed=False)
+        self.step = HALF_WAVE_STEP[bits]
+        self.caffe_rounding = caffe_rounding
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        top = (2**self.bits - 1) * self.step
+        clipped = x.detach().clamp(0.0, top)
+        k = torch.round(clipped / self.step)
+        if self.caffe_rounding:
+            k = torch.where(clipped > 0, k.clamp(min=1), k)
+        return k * self.step + gradient_window(x, 0.0, top)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, step={self.step}, caffe_rounding={self.caffe_rounding}"
+
+
+class SignedMidRiseQuantizer(Quantizer):
+    """Signed activations (producer can be negative): 2^b mid-rise levels with step g_b at unit scale.
+
+    Gradient 1 inside the clip range +-(2^(b-1) - 1/2) g_b, 0 outside.
+    """
+
+    def __init__(self, bits: int):
+        super().__init__(bits, signed=True)
+        self.step = MID_RISE_STEP[bits]
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        limit = (2 ** (self.bits - 1) - 0.5) * self.step
+        return mid_rise(x.detach() / self.step, self.bits) * self.step + gradient_window(x, -limit, limit)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, step={self.step}"
+
+
+class MidRiseWeightQuantizer(Quantizer):
+    """Weights: 2^b mid-rise levels with step t = g_b * std(W) (a constant); identity STE."""
+
+    def __init__(self, bits: int):
+        super().__init__(bits, signed=True)
+        self.step = MID_RISE_STEP[bits]
+
+    def quantize(self, w: torch.Tensor) -> torch.Tensor:
+        # The tiny floor keeps a constant (std 0) weight finite instead of 0/0 = NaN.
+        t = (self.step * w.detach().std()).clamp(min=torch.finfo(torch.float32).tiny)
+        return mid_rise(w.detach() / t, self.bits) * t + (w - w.detach())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, step={self.step}*std(W)"
+
+
+class ChannelBinaryWeightQuantizer(Quantizer):
+    """1-bit weights: alpha_c * sign(W), alpha_c = mean|W| of output channel c; identity STE.
+
+    sign(0) is +1, so every channel has exactly the two levels +-alpha_c.
+    """
+
+    def __init__(self):
+        super().__init__(1, signed=True)
+
+    def quantize(self, w: torch.Tensor) -> torch.Tensor:
+        w0 = w.detach()
+        alpha = w0.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True) if w.dim() > 1 else w0.abs()
+        sign = torch.where(w0 >= 0, 1.0, -1.0)
+        return alpha * sign + (w - w0)
+
+
+class HWGQOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    caffe_rounding: bool = False
+    """Map every positive activation to the nearest non-zero level, as the original Caffe code does."""
+
+
+@register_quantizer("hwgq")
+class HWGQ(QuantizerFamily):
+    """Fixed-step HWGQ quantizers: no learned parameters."""
+
+    Options = HWGQOptions
+
+    def activation(self, bits: int, signed: bool) -> Quantizer:
+        if signed:
+            return SignedMidRiseQuantizer(bits)
+        return HalfWaveQuantizer(bits, caffe_rounding=self.options.caffe_rounding)
+
+    def weight(self, bits: int) -> Quantizer:
+        return ChannelBinaryWeightQuantizer() if bits == 1 else MidRiseWeightQuantizer(bits)

@@ -1,0 +1,86 @@
+"""Conv2d and Linear layers whose weight goes through a weight quantizer in forward.
+
+The parameters keep their names (``weight``, ``bias``), so ``layer1.0.conv1.weight`` of a torchvision
+checkpoint loads into the quantized model unchanged; the quantizer's own state (e.g. an LSQ step)
+sits under ``<layer>.weight_quantizer.``. The *activation* quantizer is not part of these layers:
+the graph pass inserts it as a separate node on the layer's input edge, so that one producer
+feeding several layers gets one activation quantizer per edge.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmtkd_graph.quantizers.base import Quantizer
+
+
+class QuantConv2d(nn.Conv2d):
+    """``nn.Conv2d`` computing with ``weight_quantizer(weight)``."""
+
+    def __init__(self, *args: Any, weight_quantizer: Quantizer, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.weight_quantizer = weight_quantizer
+
+    @classmethod
+    def from_float(cls, layer: nn.Conv2d, weight_quantizer: Quantizer) -> QuantConv2d:
+        """The quantized twin of ``layer``, sharing its very Parameter objects and hyperparameters."""
+        new = cls(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+            bias=layer.bias is not None,
+            padding_mode=layer.padding_mode,
+            device="meta",  # placeholders only: replaced by the shared parameters below
+            weight_quantizer=weight_quantizer,
+        )
+        _share_parameters(new, layer)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight_bits={self.weight_quantizer.bits}"
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` computing with ``weight_quantizer(weight)``."""
+
+    def __init__(self, *args: Any, weight_quantizer: Quantizer, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.weight_quantizer = weight_quantizer
+
+    @classmethod
+    def from_float(cls, layer: nn.Linear, weight_quantizer: Quantizer) -> QuantLinear:
+        """The quantized twin of ``layer``, sharing its very Parameter objects."""
+        new = cls(
+            layer.in_features,
+            layer.out_features,
+            bias=layer.bias is not None,
+            device="meta",  # placeholders only: replaced by the shared parameters below
+            weight_quantizer=weight_quantizer,
+        )
+        _share_parameters(new, layer)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_quantizer(self.weight), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight_bits={self.weight_quantizer.bits}"
+
+
+def _share_parameters(new: nn.Module, layer: nn.Module) -> None:
+    """Put ``layer``'s weight/bias objects into ``new``; quantizer state goes to the weight's device."""
+    new.weight = layer.weight
+    new.bias = layer.bias
+    new.train(layer.training)
+    new.weight_quantizer.to(device=layer.weight.device)

@@ -1,0 +1,99 @@
+"""LSQ: learned step size quantization (Esser et al., ICLR 2020), the paper's second quantizer.
+
+One learned step ``step`` per quantizer. Its gradient is scaled by g = 1/sqrt(N * Qp) so the step
+learns at a rate comparable to the weights. The step is initialised from the first training batch;
+the buffer ``initialized`` records that, so a quantizer loaded from a checkpoint keeps its step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cmtkd_graph.quantizers.base import Quantizer, QuantizerFamily, register_quantizer
+
+
+def round_pass(x: torch.Tensor) -> torch.Tensor:
+    """Forward: round(x). Backward: identity."""
+    return torch.round(x.detach()) + (x - x.detach())
+
+
+def sign_pass(x: torch.Tensor) -> torch.Tensor:
+    """Forward: sign(x) with sign(0) = +1 (two levels, never 0). Backward: identity."""
+    return torch.where(x.detach() >= 0, 1.0, -1.0) + (x - x.detach())
+
+
+def grad_scale(s: torch.Tensor, g: float) -> torch.Tensor:
+    """Forward: s (exactly). Backward: gradient times g."""
+    scaled = s * g
+    return s.detach() + (scaled - scaled.detach())
+
+
+class LSQQuantizer(Quantizer):
+    """y = round_pass(clamp(x / s', Qn, Qp)) * s' with s' = grad_scale(step, 1/sqrt(N * Qp)).
+
+    Ranges: signed Qn = -2^(b-1), Qp = 2^(b-1) - 1; unsigned Qn = 0, Qp = 2^b - 1.
+    Signed 1-bit is the binary case (the signed formula would give only {-s, 0}): levels {-s, +s},
+    y = sign_pass(clamp(x / s', -1, 1)) * s', with Qn = -1, Qp = 1 for the clip and gradient scale.
+
+    ``per_sample``: N counts the features of one sample (activations, x[0].numel()); otherwise all
+    elements (weights).
+    """
+
+    def __init__(self, bits: int, signed: bool, per_sample: bool):
+        super().__init__(bits, signed)
+        self.per_sample = per_sample
+        self.binary = signed and bits == 1
+        if self.binary:
+            self.qn, self.qp = -1, 1
+        elif signed:
+            self.qn, self.qp = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        else:
+            self.qn, self.qp = 0, 2**bits - 1
+        self.step = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("initialized", torch.tensor(False))
+        # Python mirror of `initialized`, so training steps do not sync on the buffer; reset on load.
+        self._init_checked = False
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not self._init_checked and x.device.type != "meta":
+            self._initialize_once(x)
+        n = x[0].numel() if self.per_sample else x.numel()
+        s = grad_scale(self.step, 1.0 / math.sqrt(max(n, 1) * self.qp))
+        u = (x / s).clamp(self.qn, self.qp)
+        return (sign_pass(u) if self.binary else round_pass(u)) * s
+
+    @torch.no_grad()
+    def _initialize_once(self, x: torch.Tensor) -> None:
+        """s = 2 mean|x| / sqrt(Qp) on the first training batch (averaged over data-parallel ranks)."""
+        if not bool(self.initialized):
+            init = 2 * x.detach().abs().mean() / math.sqrt(self.qp)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(init, op=dist.ReduceOp.SUM)
+                init /= dist.get_world_size()
+            # An all-zero first batch would give step 0 and 0/0 = NaN.
+            self.step.copy_(init.clamp(min=torch.finfo(torch.float32).eps))
+            self.initialized.fill_(True)
+        self._init_checked = True
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._init_checked = False  # look at the loaded `initialized` on the next training step
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, Qn={self.qn}, Qp={self.qp}"
+
+
+@register_quantizer("lsq")
+class LSQ(QuantizerFamily):
+    """Learned-step quantizers: one step per weight tensor and per activation input edge."""
+
+    def activation(self, bits: int, signed: bool) -> Quantizer:
+        return LSQQuantizer(bits, signed, per_sample=True)
+
+    def weight(self, bits: int) -> Quantizer:
+        return LSQQuantizer(bits, signed=True, per_sample=False)

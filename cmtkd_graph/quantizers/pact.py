@@ -1,0 +1,58 @@
+"""PACT (Choi et al., 2018), a baseline: activations clipped at a learned alpha, then quantized uniformly.
+
+Weights use DoReFa's weight quantizer, as in the PACT paper.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from cmtkd_graph.quantizers.base import Quantizer, QuantizerFamily, register_quantizer
+from cmtkd_graph.quantizers.dorefa import DoReFaWeightQuantizer
+
+
+class PACTQuantizer(Quantizer):
+    """Unsigned: y = clamp(x, 0, alpha) on 2^k levels {0, alpha/n, ..., alpha}, n = 2^k - 1.
+
+    Signed: y = clamp(x, -alpha, alpha) on 2^k levels evenly spaced over [-alpha, alpha] (ends
+    included, zero is not a level).
+    Gradients (PACT's STE): d y / d x = 1 for 0 (signed: -alpha) <= x < alpha, 0 outside;
+    d y / d alpha = 1 where x >= alpha (signed: also -1 where x < -alpha), 0 elsewhere, i.e. the
+    rounding error is ignored.
+    """
+
+    def __init__(self, bits: int, signed: bool, init_alpha: float):
+        super().__init__(bits, signed)
+        self.alpha = nn.Parameter(torch.tensor(float(init_alpha)))
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        alpha = self.alpha.float()
+        low = -alpha if self.signed else torch.zeros_like(alpha)
+        # where() sends the gradient of a clipped element to alpha and of the others to x.
+        y = torch.where(x >= alpha, alpha, torch.where(x < low, low, x))
+        n = 2**self.bits - 1
+        width = (alpha - low).detach()
+        levels = torch.round((y.detach() - low.detach()) * n / width) * width / n + low.detach()
+        return levels + (y - y.detach())
+
+
+class PACTOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    init_alpha: float = Field(10.0, gt=0)
+    """Initial clipping level alpha of every activation quantizer."""
+
+
+@register_quantizer("pact")
+class PACT(QuantizerFamily):
+    """Learned-clip activations, DoReFa weights."""
+
+    Options = PACTOptions
+
+    def activation(self, bits: int, signed: bool) -> Quantizer:
+        return PACTQuantizer(bits, signed, init_alpha=self.options.init_alpha)
+
+    def weight(self, bits: int) -> Quantizer:
+        return DoReFaWeightQuantizer(bits)

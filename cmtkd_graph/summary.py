@@ -1,0 +1,141 @@
+"""Short human-readable summaries: of a spec (``validate``) and of a model's tap-able nodes (``taps``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from cmtkd_graph.spec import Spec
+
+if TYPE_CHECKING:
+    from cmtkd_graph.system import CMTKDSystem
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def spec_summary(spec: Spec, system: CMTKDSystem | None = None, *, source: str = "spec") -> str:
+    o, t, data = spec.optim, spec.train, spec.data
+    rows = [("experiment", f"{spec.name} (method {spec.method})")]
+    s = spec.student
+    surgery = ", ".join(x.name for x in spec.surgery_for(s)) or "none"
+    rows.append(("student", f"{s.arch} {s.bits_label}, quantizer {spec.quantizer.name}, surgery {surgery}"))
+    if spec.teachers:
+        teachers = ", ".join(
+            f"{t.arch} {t.bits_label}{'' if t.trainable else ' (frozen)'}" for t in spec.resolved_teachers()
+        )
+        rows.append(("teachers", f"{len(spec.teachers)}: {teachers}"))
+    if system is not None:
+        for info in system.networks:
+            if info.taps and info.label in ("student", "teacher0"):
+                taps = ", ".join(f"{tap.name} {list(tap.shape or ())}" for tap in info.taps)
+                rows.append((f"taps {info.label}", taps))
+    rows.append(("objective", _objective(spec)))
+    rows.append(
+        (
+            "data",
+            f"{data.dataset} at {data.root or 'the default location'}, "
+            f"input {'x'.join(map(str, data.input_shape()))}, "
+            f"batch {data.batch_size}",
+        )
+    )
+    importance_lr = o.importance_lr if o.importance_lr is not None else o.lr / 10
+    rows.append(
+        (
+            "optimizer",
+            f"{o.name} lr {o.lr:g} momentum {o.momentum:g}, importance lr {importance_lr:g}, weight decay "
+            f"{o.weight_decay_low_bits:g} (<= {o.low_bits} bits) / {o.weight_decay:g}",
+        )
+    )
+    sched = o.schedule
+    detail = f" at {sched.milestones} x{sched.gamma:g}" if sched.name == "multistep" else ""
+    warm = f", warm-up {sched.warmup_epochs:g} epochs" if sched.warmup_epochs else ""
+    rows.append(("schedule", f"{sched.name}{detail}{warm}, stepped per {sched.step_every}"))
+    rows.append(
+        (
+            "training",
+            f"{t.epochs} epochs{f' (max {t.max_steps} steps)' if t.max_steps else ''}, seed {t.seed}, "
+            f"mixed precision {t.mixed_precision or 'from accelerate config'}, run dir {spec.run_dir}",
+        )
+    )
+    if system is not None:
+        student = sum(p.numel() for p in system.student.parameters())
+        teachers = sum(p.numel() for p in system.teachers.parameters()) if system.teachers is not None else 0
+        rows.append(("parameters", f"student {_millions(student)}, teachers {_millions(teachers)}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([f"{source}: valid"] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+def _objective(spec: Spec) -> str:
+    d = spec.distill
+    if spec.method == "single":
+        return f"{d.alpha:g} CE_S"
+    if spec.method in ("kd", "average_teacher"):
+        target = "averaged teacher softmax" if spec.method == "average_teacher" else "teacher"
+        text = f"{d.alpha:g} CE_S + {d.beta:g} KD_S (from the {target}, tau {d.tau:g})"
+    else:
+        text = f"{d.alpha:g} (CE_T + CE_S)"
+        if d.mutual_learning:
+            text += f" + {d.beta:g} (KL_T + KL_S) [KDCL-MinLogit, tau {d.tau:g}]"
+    if d.feature_loss != "none":
+        text += f" + {d.feature_weight:g} {d.feature_loss} loss"
+        text += " (no gradient to teachers)" if d.detach_shared else ""
+    if spec.method == "cmtkd":
+        text += f"; combined teacher: {d.combine}"
+    return text
+
+
+def taps_table(
+    arch: str,
+    *,
+    input_size: int = 224,
+    in_channels: int = 3,
+    num_classes: int | None = None,
+    surgery: list[str] = (),
+    everything: bool = False,
+) -> str:
+    """The tap-able nodes of a float ``arch`` with output shapes; ``*`` marks the ``auto`` taps."""
+    from cmtkd_graph.models import check_arch
+    from cmtkd_graph.passes.activations import explicit_activations
+    from cmtkd_graph.passes.outputs import keep_main_output
+    from cmtkd_graph.passes.shapes import propagate_shapes, shape_of
+    from cmtkd_graph.passes.surgery import run_surgery
+    from cmtkd_graph.passes.taps import auto_tap_names, resolve_tap, tappable_nodes
+    from cmtkd_graph.passes.tracer import qualname, trace
+    from cmtkd_graph.spec import ModelSpec
+    from cmtkd_graph.system import _instantiate
+
+    try:
+        check_arch(arch)
+    except ValueError as err:
+        from cmtkd_graph.errors import UserError
+
+        raise UserError(str(err)) from None
+    kwargs = {"num_classes": num_classes} if num_classes else {}
+    model = ModelSpec(arch=arch, kwargs=kwargs, weight_bits=32, act_bits=32)
+    gm = explicit_activations(keep_main_output(trace(_instantiate(model, "meta"))))
+    for name in surgery:
+        gm = run_surgery(gm, name)
+    propagate_shapes(gm, (1, in_channels, input_size, input_size))
+    auto = {resolve_tap(gm, name) for name in auto_tap_names(gm, arch)}
+    rows = []
+    for node in tappable_nodes(gm):
+        shape = shape_of(node)
+        if not everything and (shape is None or len(shape) not in (3, 4)):
+            continue
+        kind = (
+            type(gm.get_submodule(node.target)).__name__
+            if node.op == "call_module"
+            else str(getattr(node.target, "__name__", node.target))
+        )
+        rows.append(("*" if node in auto else " ", qualname(node), kind, list(shape[1:]) if shape else "-"))
+    width = max(len(r[1]) for r in rows)
+    kind_width = max(len(r[2]) for r in rows)
+    header = f"{arch} at {in_channels}x{input_size}x{input_size}: {len(rows)} nodes, * = auto taps"
+    lines = [header] + [f"{m} {n:<{width}}  {k:<{kind_width}}  {s}" for m, n, k, s in rows]
+    auto_names = ", ".join(auto_tap_names(gm, arch))
+    lines.append(f"auto: {auto_names}")
+    return "\n".join(lines)
+
+
+__all__ = ["spec_summary", "taps_table"]

@@ -1,0 +1,270 @@
+"""``build_system(spec)``: the student, the composed teachers and the adapters as one module.
+
+Each network goes through the same pipeline of graph passes:
+
+    torchvision builder -> trace -> keep_main_output -> explicit_activations -> surgery
+    -> quantize -> (weights) -> taps
+
+then the teachers are composed into one graph with fusion nodes (``passes.compose``), the student
+exposes its tap features as outputs (``passes.outputs.expose_taps``), and tap shapes are checked
+before anything trains.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, fx, nn
+
+from cmtkd_graph.errors import UserError
+from cmtkd_graph.fusion import Fusion, ImportanceFusion
+from cmtkd_graph.losses import FitNetAdapter
+from cmtkd_graph.models import build_model, read_state_dict
+from cmtkd_graph.objective import Objective, SystemOutput, combined_from_probabilities
+from cmtkd_graph.passes.activations import explicit_activations
+from cmtkd_graph.passes.compose import EACH_LOGITS, SHARED, check_tap_shapes, compose_teachers, fusion_key
+from cmtkd_graph.passes.outputs import FEATURES, LOGITS, expose_taps, keep_main_output
+from cmtkd_graph.passes.quantize import quantize
+from cmtkd_graph.passes.shapes import propagate_shapes
+from cmtkd_graph.passes.surgery import run_surgery
+from cmtkd_graph.passes.taps import AUTO, Tap, resolve_taps
+from cmtkd_graph.passes.tracer import trace
+from cmtkd_graph.quantizers import build_quantizer_family
+from cmtkd_graph.spec import ModelSpec, Spec
+
+log = logging.getLogger("cmtkd_graph")
+
+
+@dataclass
+class NetworkInfo:
+    """What was built for one network (for summaries and inspection)."""
+
+    label: str  # "student" or "teacher{k}"
+    spec: ModelSpec
+    taps: list[Tap] = field(default_factory=list)
+    weights_report: str = ""
+
+
+def build_network(model: ModelSpec, spec: Spec, *, device: str | torch.device = "cpu") -> fx.GraphModule:
+    """One network through the pass pipeline (no taps yet). ``device="meta"`` allocates nothing."""
+    module = _instantiate(model, device)
+    gm = explicit_activations(keep_main_output(trace(module, train=True)))
+    for surgery in spec.surgery_for(model):
+        gm = run_surgery(gm, surgery.name, surgery.options)
+    q = spec.quantizer
+    family = build_quantizer_family(q.name, q.options)
+    return quantize(
+        gm,
+        family,
+        weight_bits=model.weight_bits,
+        act_bits=model.act_bits,
+        first_layer_bits=q.first_layer_bits,
+        last_layer_bits=q.last_layer_bits,
+    )
+
+
+def _instantiate(model: ModelSpec, device: str | torch.device) -> nn.Module:
+    if torch.device(device).type != "meta":
+        return build_model(model.arch, model.kwargs).to(device)
+    from accelerate import init_empty_weights
+
+    # Parameters only (tensor-valued builder arithmetic, e.g. RegNet's widths, must stay real).
+    with init_empty_weights(include_buffers=False):
+        module = build_model(model.arch, model.kwargs)
+    return module.to("meta")
+
+
+def load_weights(gm: fx.GraphModule, source: str, *, label: str) -> str:
+    """Load a checkpoint / torchvision weights into a built network; return a one-line report.
+
+    Keys whose shapes differ (a new classifier, a CIFAR stem) are skipped and reported; missing
+    quantizer state (steps initialised from data) is expected.
+    """
+    state = read_state_dict(source)
+    own = gm.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    mismatched = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+    result = gm.load_state_dict(usable, strict=False)
+    missing = [k for k in result.missing_keys if "quantizer" not in k and k not in mismatched]
+    unexpected = sorted(k for k in state if k not in own)
+    report = f"{label}: loaded {len(usable)} tensors from {source}"
+    if mismatched:
+        report += f"; skipped {len(mismatched)} with other shapes ({', '.join(mismatched[:4])}...)"
+    if missing:
+        report += f"; {len(missing)} not in the checkpoint ({', '.join(missing[:4])}...)"
+    if unexpected:
+        report += f"; {len(unexpected)} unused ({', '.join(unexpected[:4])}...)"
+    if not usable:
+        raise UserError(f"{label}.weights: nothing in {source} matches the model (wrong architecture?)")
+    return report
+
+
+class CMTKDSystem(nn.Module):
+    """The student, the composed teachers and the FitNet adapters, trained by one objective.
+
+    ``system(images)`` returns a :class:`SystemOutput`; ``system.losses(out, labels)`` the loss terms.
+    """
+
+    def __init__(
+        self,
+        spec: Spec,
+        student: fx.GraphModule,
+        teachers: fx.GraphModule | None,
+        adapters: nn.ModuleDict,
+        networks: list[NetworkInfo],
+    ):
+        super().__init__()
+        self.spec = spec
+        self.student = student
+        self.teachers = teachers
+        self.adapters = adapters
+        self.networks = networks
+        self.frozen_teachers = [k for k, t in enumerate(spec.teachers) if not t.trainable]
+        trainable_teachers = len(self.frozen_teachers) < len(spec.teachers)
+        self.objective = Objective(
+            spec.method, spec.distill, teacher_trains=trainable_teachers, adapters=adapters
+        )
+        self._freeze()
+
+    @property
+    def num_teachers(self) -> int:
+        return len(self.spec.teachers)
+
+    def _freeze(self) -> None:
+        for k in self.frozen_teachers:
+            teacher = self.teachers.get_submodule(f"teacher{k}")
+            teacher.eval()
+            teacher.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> CMTKDSystem:
+        super().train(mode)
+        if self.teachers is not None:
+            self._freeze()  # loaded, frozen teachers always run in eval mode
+        return self
+
+    def forward(self, images: Tensor) -> SystemOutput:
+        s = self.student(images)
+        out = SystemOutput(student_logits=s[LOGITS], student_features=s[FEATURES])
+        if self.teachers is None:
+            return out
+        if len(self.frozen_teachers) == self.num_teachers:
+            with torch.no_grad():
+                t = self.teachers(images)
+        else:
+            t = self.teachers(images)
+        out.each_teacher_logits = tuple(t[EACH_LOGITS])
+        out.shared_features = dict(t[SHARED])
+        out.teacher_logits = (
+            combined_from_probabilities(out.each_teacher_logits)
+            if self.spec.method == "average_teacher"
+            else t[LOGITS]
+        )
+        return out
+
+    def losses(self, out: SystemOutput, labels: Tensor) -> dict[str, Tensor]:
+        """Every term of the method's objective, plus ``total`` (see ``cmtkd_graph.objective``)."""
+        return self.objective(out, labels)
+
+    def importance(self) -> dict[str, Tensor]:
+        """Softmax importance weights per tap (and ``output``), each a Tensor[K] (detached)."""
+        if self.teachers is None:
+            return {}
+        fusions = self.teachers.get_submodule("fusion")
+        return {
+            m.tap: m.weights().detach().cpu()
+            for m in fusions.children()
+            if isinstance(m, Fusion) and isinstance(m, ImportanceFusion)
+        }
+
+
+def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool = True) -> CMTKDSystem:
+    """Build the whole system described by ``spec`` (see module docstring).
+
+    ``device="meta"`` builds the structure without allocating weights (large models, inspection);
+    ``load=False`` skips the ``weights:`` of every network.
+    """
+    input_shape = (2, *spec.data.input_shape())
+    meta = torch.device(device).type == "meta"
+    networks: list[NetworkInfo] = []
+
+    def make(model: ModelSpec, label: str) -> fx.GraphModule:
+        gm = build_network(model, spec, device=device)
+        info = NetworkInfo(label, model)
+        if load and model.weights and not meta:
+            info.weights_report = load_weights(gm, model.weights, label=label)
+            log.info(info.weights_report)
+        propagate_shapes(gm, input_shape)
+        networks.append(info)
+        return gm
+
+    student = make(spec.student, "student")
+    teacher_specs = spec.resolved_teachers()
+    teachers = [make(t, f"teacher{k}") for k, t in enumerate(teacher_specs)]
+
+    feature_loss = spec.distill.feature_loss not in (None, "none")
+    fuse = spec.method == "cmtkd" or (spec.method == "kd" and feature_loss)
+    teacher_taps: list[list[Tap]] = []
+    if fuse:
+        for k, (gm, t) in enumerate(zip(teachers, teacher_specs, strict=True)):
+            teacher_taps.append(
+                resolve_taps(gm, spec.taps.teachers, arch=t.arch, model=f"teacher{k} ({t.arch})")
+            )
+            networks[k + 1].taps = teacher_taps[-1]
+        check_tap_shapes(
+            teacher_taps, [f"teacher{k} ({t.arch} {t.bits_label})" for k, t in enumerate(teacher_specs)]
+        )
+    else:
+        teacher_taps = [[] for _ in teachers]
+
+    student_taps: list[Tap] = []
+    if feature_loss and teacher_taps and teacher_taps[0]:
+        student_taps = _student_taps(student, spec, teacher_taps[0])
+        networks[0].taps = student_taps
+
+    composed = None
+    if teachers:
+        combine = "mean" if spec.method == "average_teacher" else spec.distill.combine
+        composed = compose_teachers(teachers, teacher_taps, combine=combine)
+    student_gm = expose_taps(student, student_taps)
+    adapters = nn.ModuleDict()
+    if spec.distill.feature_loss == "fitnet":
+        for s_tap, t_tap in zip(student_taps, teacher_taps[0], strict=True):
+            adapters[fusion_key(t_tap.name)] = FitNetAdapter(s_tap.shape, t_tap.shape)
+        if meta:
+            adapters.to("meta")
+    return CMTKDSystem(spec, student_gm, composed, adapters, networks)
+
+
+def _student_taps(student: fx.GraphModule, spec: Spec, teacher_taps: list[Tap]) -> list[Tap]:
+    """The student's taps, keyed by the teachers' tap names so the pairs line up."""
+    names = spec.taps.student
+    if names is None:
+        names = spec.taps.teachers
+    label = f"student ({spec.student.arch})"
+    resolved = resolve_taps(student, names, arch=spec.student.arch, model=label)
+    if len(resolved) != len(teacher_taps):
+        raise UserError(
+            f"taps: the student has {len(resolved)} taps ({', '.join(t.name for t in resolved)}) but the "
+            f"teachers have {len(teacher_taps)} ({', '.join(t.name for t in teacher_taps)}); set taps.student"
+        )
+    out = []
+    for s, t in zip(resolved, teacher_taps, strict=True):
+        if spec.distill.feature_loss == "attention" and s.shape and t.shape and len(s.shape) != len(t.shape):
+            raise UserError(
+                f"tap {t.name!r}: student {list(s.shape)} and teachers {list(t.shape)} differ in rank"
+            )
+        out.append(Tap(t.name, s.node, s.shape, s.channels_last))
+    return out
+
+
+__all__ = [
+    "AUTO",
+    "CMTKDSystem",
+    "NetworkInfo",
+    "SystemOutput",
+    "build_network",
+    "build_system",
+    "load_weights",
+]

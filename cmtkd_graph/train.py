@@ -1,0 +1,409 @@
+"""Joint training: ``accelerate launch -m cmtkd_graph.train SPEC [--set k=v ...] [--resume RUN_DIR]``.
+
+Also ``python -m cmtkd_graph.train ...`` and ``cmtkd-graph train ...``. One CPU, one GPU, several
+GPUs, or several CPU processes: without CUDA the accelerator is created with ``cpu=True``, so
+processes started by ``accelerate launch --multi_gpu --num_processes N`` or ``torchrun`` form one gloo
+group (``DistributedType.MULTI_CPU``) and really train data-parallel.
+
+A run writes ``RUN_DIR/``: ``spec.yaml`` (resolved), ``metrics.jsonl``, ``train.log``,
+``importance.png``, ``checkpoints/`` (crash-safe, ``--resume`` continues from the last one),
+``student.safetensors`` (the final student, torchvision parameter names) and ``final.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from cmtkd_graph.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoint
+from cmtkd_graph.errors import UserError
+from cmtkd_graph.metrics import MetricsLog, plot_importance, read_metrics, topk_correct
+from cmtkd_graph.spec import Spec
+from cmtkd_graph.spec_io import dump_spec, load_spec
+
+log = logging.getLogger("cmtkd_graph")
+
+
+def make_accelerator(spec: Spec, run_dir: Path):
+    """An Accelerator that is data-parallel on CPU-only machines too (see module docstring)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    cpu = not torch.cuda.is_available()
+    mixed = spec.train.mixed_precision
+    if mixed == "fp16" and cpu:
+        raise UserError("train.mixed_precision: fp16 needs a GPU; use bf16 on CPU")
+    kwargs: dict = {
+        "cpu": cpu,
+        "gradient_accumulation_steps": spec.train.grad_accum_steps,
+        "project_config": ProjectConfiguration(
+            project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")
+        ),
+        "dataloader_config": DataLoaderConfiguration(use_seedable_sampler=True),
+        "log_with": "tensorboard" if spec.train.tensorboard else None,
+    }
+    if mixed is not None:
+        kwargs["mixed_precision"] = mixed
+    accelerator = Accelerator(**kwargs)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise UserError(
+            f"{launched} processes were launched but the accelerator sees {accelerator.num_processes}; "
+            "they would train independently (check the launcher's distributed settings)"
+        )
+    return accelerator
+
+
+def _new_run_dir(spec: Spec) -> Path:
+    """``spec.run_dir``, or ``<run_dir>-1``, ``-2``... if it is taken: a new run never overwrites another."""
+    base = Path(spec.run_dir)
+    candidate, i = base, 0
+    while candidate.exists() and any(candidate.iterdir()):
+        i += 1
+        candidate = base.with_name(f"{base.name}-{i}")
+    return candidate
+
+
+def _setup_logging(run_dir: Path, main: bool) -> None:
+    log.setLevel(logging.INFO if main else logging.WARNING)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(console)
+    if main:
+        file = logging.FileHandler(run_dir / "train.log")
+        file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(file)
+
+
+def run(spec_path: str | None, overrides: Sequence[str] = (), *, resume: str | None = None) -> Path:
+    """Train as the spec says; returns the run directory."""
+    from accelerate.utils import broadcast_object_list, set_seed
+
+    if resume is not None:
+        resume_dir = Path(resume)
+        saved = resume_dir / "spec.yaml"
+        if spec_path is None and not saved.is_file():
+            raise UserError(f"--resume: {saved} not found (is {resume_dir} a run directory?)")
+        spec = load_spec(spec_path or saved, overrides)
+        checkpoint = latest_checkpoint(resume_dir)
+    else:
+        if spec_path is None:
+            raise UserError("a spec is required (a YAML file or a packaged example such as quickstart)")
+        spec = load_spec(spec_path, overrides)
+        checkpoint = None
+
+    accelerator = make_accelerator(spec, Path(spec.run_dir))
+    run_dir = [Path(resume) if resume else (_new_run_dir(spec) if accelerator.is_main_process else None)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(run_dir)
+    run_dir = run_dir[0]
+    accelerator.project_configuration.project_dir = str(run_dir)
+    main = accelerator.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "spec.yaml").write_text(dump_spec(spec))
+    accelerator.wait_for_everyone()
+    _setup_logging(run_dir, main)
+    log.info(
+        f"run {run_dir}: {accelerator.num_processes} process(es), {accelerator.distributed_type}, "
+        f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}"
+    )
+    set_seed(spec.train.seed)
+    return Trainer(spec, accelerator, run_dir, checkpoint).fit()
+
+
+class Trainer:
+    """The training loop; one instance per process."""
+
+    def __init__(self, spec: Spec, accelerator, run_dir: Path, checkpoint: Path | None):
+        from cmtkd_graph.data import build_datasets, build_loaders
+        from cmtkd_graph.optim import build_optimizer, build_scheduler
+        from cmtkd_graph.system import build_system
+
+        self.spec, self.acc, self.run_dir = spec, accelerator, run_dir
+        t = spec.train
+        world, accum = accelerator.num_processes, t.grad_accum_steps
+        if spec.data.batch_size % (world * accum):
+            raise UserError(
+                f"data.batch_size: {spec.data.batch_size} is not divisible by {world} process(es) x "
+                f"{accum} accumulation step(s)"
+            )
+        per_process = spec.data.batch_size // (world * accum)
+        with accelerator.main_process_first():
+            self.bundle = build_datasets(spec.data)
+        train_loader, eval_loader = build_loaders(
+            self.bundle,
+            spec.data,
+            train_batch_size=per_process,
+            eval_batch_size=spec.data.eval_batch_size or per_process,
+            seed=t.seed,
+        )
+        system = build_system(spec)
+        self._check_classes(system, self.bundle.num_classes)
+        if t.channels_last:
+            system = system.to(memory_format=torch.channels_last)
+        if t.compile:
+            system.compile()
+        optimizer = build_optimizer(system, spec)
+        self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(
+            system, optimizer, train_loader, eval_loader
+        )
+        self.system = accelerator.unwrap_model(self.model)
+        self.steps_per_epoch = max(len(self.train_loader) // accum, 1)
+        self.scheduler = build_scheduler(optimizer, spec, self.steps_per_epoch)
+        accelerator.register_for_checkpointing(self.scheduler)
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+        self.state = {"epoch": 0, "batches_in_epoch": 0, "step": 0}
+        self.last_checkpoint: Path | None = None
+        if checkpoint is not None:
+            accelerator.load_state(str(checkpoint))
+            self.state = read_trainer_state(checkpoint)
+            self.last_checkpoint = checkpoint
+            self.metrics.truncate_after(self.state["step"])
+            log.info(
+                f"resumed from {checkpoint} at step {self.state['step']}, epoch {self.state['epoch'] + 1}"
+            )
+        if accelerator.is_main_process and spec.train.tensorboard:
+            accelerator.init_trackers("tensorboard")
+        self.teacher_labels = [t.bits_label for t in spec.teachers]
+
+    def _check_classes(self, system, num_classes: int) -> None:
+        """The student's logits (known from shape propagation) must match the dataset's classes."""
+        for node in system.student.graph.nodes:
+            if node.op == "output":
+                val = node.args[0]["logits"].meta.get("val")
+                if val is not None and val.shape[-1] != num_classes:
+                    raise UserError(
+                        f"student.kwargs: the model outputs {val.shape[-1]} classes but "
+                        f"{self.spec.data.dataset} has {num_classes}; "
+                        f"set student.kwargs.num_classes: {num_classes}"
+                    )
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> Path:
+        t = self.spec.train
+        stop = False
+        final_eval: dict = {}
+        while self.state["epoch"] < t.epochs and not stop:
+            epoch = self.state["epoch"]
+            stop = self._train_epoch(epoch)
+            epoch_done = self.state["batches_in_epoch"] == 0
+            last = (epoch_done and self.state["epoch"] >= t.epochs) or stop
+            if last or (epoch_done and self.state["epoch"] % t.eval_every == 0):
+                final_eval = self.evaluate()
+            if last or (epoch_done and self.state["epoch"] % t.checkpoint_every == 0):
+                self.last_checkpoint = save_checkpoint(
+                    self.acc, self.run_dir, dict(self.state), t.keep_checkpoints
+                )
+            if self.spec.optim.schedule.step_every == "epoch" and epoch_done:
+                self.scheduler.step()
+        if not final_eval:
+            final_eval = self.evaluate()
+        self._finish(final_eval)
+        return self.run_dir
+
+    def _train_epoch(self, epoch: int) -> bool:
+        """Train (the rest of) one epoch; True when ``max_steps`` was reached."""
+        from tqdm.auto import tqdm
+
+        acc, t = self.acc, self.spec.train
+        self.model.train()
+        self.train_loader.set_epoch(epoch)
+        loader = self.train_loader
+        done = self.state["batches_in_epoch"]
+        if done:
+            loader = acc.skip_first_batches(self.train_loader, done)
+        bar = tqdm(
+            total=len(self.train_loader),
+            initial=done,
+            desc=f"epoch {epoch + 1}/{t.epochs}",
+            disable=not (acc.is_main_process and t.progress_bar),
+            dynamic_ncols=True,
+            leave=False,
+        )
+        window: dict[str, torch.Tensor] = {}
+        window_batches, window_images, window_start = 0, 0, time.perf_counter()
+        for images, labels in loader:
+            if t.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with acc.accumulate(self.model):
+                out = self.model(images)
+                terms = self.system.losses(out, labels)
+                self._check_finite(terms)
+                acc.backward(terms["total"])
+                if acc.sync_gradients and self.spec.optim.grad_clip:
+                    acc.clip_grad_norm_(self.model.parameters(), self.spec.optim.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for name, value in terms.items():
+                window[name] = window.get(name, 0.0) + value.detach().float()
+            window_batches += 1
+            window_images += images.shape[0] * acc.num_processes
+            self.state["batches_in_epoch"] += 1
+            bar.update(1)
+            if not acc.sync_gradients:
+                continue
+            self.state["step"] += 1
+            if self.spec.optim.schedule.step_every == "iteration":
+                self.scheduler.step()
+            step = self.state["step"]
+            reached_max = t.max_steps is not None and step >= t.max_steps
+            if step % t.log_every == 0 or reached_max:
+                elapsed = time.perf_counter() - window_start
+                record = self._train_record(window, window_batches, window_images / max(elapsed, 1e-9))
+                bar.set_postfix(loss=f"{record['loss/total']:.3f}", img_s=f"{record['images_per_s']:.0f}")
+                window, window_batches, window_images, window_start = {}, 0, 0, time.perf_counter()
+            if reached_max:
+                bar.close()
+                return True
+        bar.close()
+        self.state["epoch"] += 1
+        self.state["batches_in_epoch"] = 0
+        return False
+
+    def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
+        bad = (~torch.isfinite(terms["total"].detach())).float()
+        if self.acc.num_processes > 1:
+            bad = self.acc.reduce(bad, reduction="sum")  # every rank stops together, none hangs
+        if bad.item() > 0:
+            values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items() if "/" not in k)
+            where = self.last_checkpoint or "none was written yet"
+            raise UserError(
+                f"step {self.state['step'] + 1}: the loss is not finite ({values}) on at least one process; "
+                f"training stopped. Last good checkpoint: {where}"
+            )
+
+    def _train_record(self, window: dict, batches: int, images_per_s: float) -> dict:
+        acc = self.acc
+        names = sorted(window)
+        stacked = torch.stack([window[n] / batches for n in names])
+        stacked = acc.reduce(stacked, reduction="mean") if acc.num_processes > 1 else stacked
+        record = {
+            "kind": "train",
+            "step": self.state["step"],
+            "epoch": self.state["epoch"] + 1,
+            "epoch_float": self.state["step"] / self.steps_per_epoch,
+            **{f"loss/{n}": float(v) for n, v in zip(names, stacked.tolist(), strict=True)},
+            **{f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups},
+            **{f"importance/{tap}": w.tolist() for tap, w in self.system.importance().items()},
+            "images_per_s": images_per_s,
+        }
+        self.metrics.write(record)
+        if self.spec.train.tensorboard:
+            acc.log({k: v for k, v in record.items() if isinstance(v, float)}, step=record["step"])
+        return record
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Top-1/top-5 of the student, each teacher and the combined teacher on the evaluation split."""
+        acc = self.acc
+        self.model.eval()
+        correct: dict[str, dict[int, int]] = {}
+        seen = 0
+        for images, labels in self.eval_loader:
+            if self.spec.train.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            out = self.model(images)
+            named = {"student": out.student_logits}
+            if out.teacher_logits is not None:
+                named["combined"] = out.teacher_logits
+                named.update({f"teacher{k}": z for k, z in enumerate(out.each_teacher_logits)})
+            gathered = acc.gather_for_metrics((labels, *[z.float() for z in named.values()]))
+            labels_all, logits_all = gathered[0], gathered[1:]
+            seen += labels_all.shape[0]
+            for name, z in zip(named, logits_all, strict=True):
+                counts = topk_correct(z, labels_all)
+                for k, c in counts.items():
+                    correct.setdefault(name, {}).setdefault(k, 0)
+                    correct[name][k] += c
+        self.model.train()
+        record = {"kind": "eval", "step": self.state["step"], "epoch": self.state["epoch"], "samples": seen}
+        for name, counts in correct.items():
+            for k, c in counts.items():
+                record[f"acc{k}/{name}"] = 100.0 * c / max(seen, 1)
+        self.metrics.write(record)
+        if self.spec.train.tensorboard:
+            acc.log({k: v for k, v in record.items() if k.startswith("acc")}, step=record["step"])
+        if acc.is_main_process:
+            log.info(_eval_line(record))
+            if self.system.teachers is not None:
+                plot_importance(
+                    read_metrics(self.run_dir / "metrics.jsonl"),
+                    self.run_dir / "importance.png",
+                    self.teacher_labels,
+                )
+        return record
+
+    def _finish(self, final_eval: dict) -> None:
+        from safetensors.torch import save_file
+
+        acc = self.acc
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            student = {k: v.detach().cpu().contiguous() for k, v in self.system.student.state_dict().items()}
+            save_file(student, str(self.run_dir / "student.safetensors"))
+            summary = {
+                "run_dir": str(self.run_dir),
+                "steps": self.state["step"],
+                "processes": acc.num_processes,
+                "accuracy": {k: v for k, v in final_eval.items() if k.startswith("acc")},
+                "importance": {tap: w.tolist() for tap, w in self.system.importance().items()},
+                "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            }
+            (self.run_dir / "final.json").write_text(json.dumps(summary, indent=1))
+            plot = self.run_dir / "importance.png"
+            log.info(f"done: {self.run_dir}")
+            log.info("  " + _eval_line(final_eval))
+            log.info(f"  final student: {self.run_dir / 'student.safetensors'}")
+            if plot.exists():
+                log.info(f"  importance plot: {plot}")
+            log.info(f"  metrics: {self.run_dir / 'metrics.jsonl'}")
+        if self.spec.train.tensorboard:
+            acc.end_training()
+
+
+def _eval_line(record: dict) -> str:
+    parts = []
+    teachers = sorted(k.split("/")[1] for k in record if k.startswith("acc1/teacher"))
+    for name in ["student", "combined", *teachers]:
+        if f"acc1/{name}" in record:
+            parts.append(f"{name} {record[f'acc1/{name}']:.2f}/{record.get(f'acc5/{name}', 0):.2f}")
+    return f"eval (top-1/top-5 %, {record['samples']} images): " + ", ".join(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cmtkd_graph.train", description=__doc__.splitlines()[0])
+    p.add_argument("spec", nargs="?", help="spec YAML (or a packaged example); optional with --resume")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from cmtkd_graph.cli import EXIT_USER_ERROR, _problems
+
+    args = build_parser().parse_args(argv)
+    try:
+        run(args.spec, args.overrides, resume=args.resume)
+    except UserError as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            for line in _problems(err):
+                print(f"error: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
