@@ -13,6 +13,7 @@ A run writes ``RUN_DIR/``: ``spec.yaml`` (resolved), ``metrics.jsonl``, ``train.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -351,6 +352,7 @@ class Trainer:
 
         acc = self.acc
         acc.wait_for_everyone()
+        self._write_rank_report()
         if acc.is_main_process:
             student = {k: v.detach().cpu().contiguous() for k, v in self.system.student.state_dict().items()}
             save_file(student, str(self.run_dir / "student.safetensors"))
@@ -372,6 +374,24 @@ class Trainer:
             log.info(f"  metrics: {self.run_dir / 'metrics.jsonl'}")
         if self.spec.train.tensorboard:
             acc.end_training()
+
+    def _write_rank_report(self) -> None:
+        """``RUN_DIR/ranks/rank-<i>.json``: what each process saw (world size, a checksum of its weights),
+        so a data-parallel run can be checked to be one training, not N independent ones."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.system.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        report = {
+            "rank": self.acc.process_index,
+            "world_size": self.acc.num_processes,
+            "distributed_type": str(self.acc.distributed_type),
+            "steps": self.state["step"],
+            "state_sha256": digest.hexdigest(),
+        }
+        ranks = self.run_dir / "ranks"
+        ranks.mkdir(exist_ok=True)
+        (ranks / f"rank-{self.acc.process_index}.json").write_text(json.dumps(report, indent=1))
 
 
 def _eval_line(record: dict) -> str:

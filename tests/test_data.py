@@ -57,8 +57,12 @@ def write_cifar10(root: Path, per_batch: int = 2, test: int = 3) -> dict:
         n = test if name == "test_batch" else per_batch
         images = random_images(n, 3, 32, seed=i)
         labels = [(i + j) % 10 for j in range(n)]
-        entry = {"batch_label": name, "labels": labels, "data": images.reshape(n, -1),
-                 "filenames": [f"{name}_{j}.png" for j in range(n)]}
+        entry = {
+            "batch_label": name,
+            "labels": labels,
+            "data": images.reshape(n, -1),
+            "filenames": [f"{name}_{j}.png" for j in range(n)],
+        }
         (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
         written[name] = (images, labels)
     meta = {"num_cases_per_batch": per_batch, "label_names": names, "num_vis": 3072}
@@ -74,12 +78,19 @@ def write_cifar100(root: Path, train: int = 7, test: int = 4) -> dict:
     for seed, (name, n) in enumerate([("train", train), ("test", test)]):
         images = random_images(n, 3, 32, seed=10 + seed)
         fine = [(7 * j + seed) % 100 for j in range(n)]
-        entry = {"filenames": [f"{name}_{j}.png" for j in range(n)], "batch_label": name,
-                 "fine_labels": fine, "coarse_labels": [f // 5 for f in fine], "data": images.reshape(n, -1)}
+        entry = {
+            "filenames": [f"{name}_{j}.png" for j in range(n)],
+            "batch_label": name,
+            "fine_labels": fine,
+            "coarse_labels": [f // 5 for f in fine],
+            "data": images.reshape(n, -1),
+        }
         (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
         written[name] = (images, fine)
-    meta = {"fine_label_names": [f"fine{i:02d}" for i in range(100)],
-            "coarse_label_names": [f"coarse{i:02d}" for i in range(20)]}
+    meta = {
+        "fine_label_names": [f"fine{i:02d}" for i in range(100)],
+        "coarse_label_names": [f"coarse{i:02d}" for i in range(20)],
+    }
     (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
     return written
 
@@ -192,11 +203,14 @@ def test_cifar_damaged_batch_names_the_file(tmp_path):
 
 
 def test_image_folder_classes_pixels_and_eval_split(tmp_path):
-    written = write_folder(tmp_path, {
-        "train": {"cat": ["b.png", "a.png"], "dog": ["x.jpg", "y.JPEG"], ".cache": ["z.png"]},
-        "val": {"cat": ["v.png"], "dog": ["w.png"]},
-        "test": {"cat": ["t.png"], "dog": []},
-    })
+    written = write_folder(
+        tmp_path,
+        {
+            "train": {"cat": ["b.png", "a.png"], "dog": ["x.jpg", "y.JPEG"], ".cache": ["z.png"]},
+            "val": {"cat": ["v.png"], "dog": ["w.png"]},
+            "test": {"cat": ["t.png"], "dog": []},
+        },
+    )
     (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image: ignored")
     (tmp_path / "train" / "stray.png").write_bytes(b"outside any class folder: ignored")
     bundle = build_datasets(spec("imagefolder", tmp_path, image_size=16, **RAW))
@@ -223,16 +237,22 @@ def test_image_folder_classes_pixels_and_eval_split(tmp_path):
 
 
 def test_image_folder_class_mismatch_is_explained(tmp_path):
-    write_folder(tmp_path, {"train": {"cat": ["a.png"], "dog": ["b.png"]},
-                            "val": {"cat": ["c.png"], "cow": ["d.png"]}})
+    write_folder(
+        tmp_path, {"train": {"cat": ["a.png"], "dog": ["b.png"]}, "val": {"cat": ["c.png"], "cow": ["d.png"]}}
+    )
     with pytest.raises(UserError) as error:
         build_datasets(spec("imagefolder", tmp_path))
     assert "only in train: dog" in str(error.value) and "only in val: cow" in str(error.value)
 
 
 def test_image_folder_subset_takes_classes_in_turn(tmp_path):
-    write_folder(tmp_path, {"train": {"a": ["0.png", "1.png", "2.png", "3.png"], "b": ["0.png", "1.png"]},
-                            "test": {"a": ["0.png"], "b": ["0.png"]}})
+    write_folder(
+        tmp_path,
+        {
+            "train": {"a": ["0.png", "1.png", "2.png", "3.png"], "b": ["0.png", "1.png"]},
+            "test": {"a": ["0.png"], "b": ["0.png"]},
+        },
+    )
     bundle = build_datasets(spec("imagefolder", tmp_path, train_subset=3, eval_subset=1))
     chosen = [(Path(p).name, label) for p, label in bundle.train.samples]
     assert chosen == [("0.png", 0), ("1.png", 0), ("0.png", 1)]
@@ -241,8 +261,13 @@ def test_image_folder_subset_takes_classes_in_turn(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_corrupt_image_error_reaches_the_main_process_naming_the_file(tmp_path):
-    write_folder(tmp_path, {"train": {"a": ["0.jpg", "1.jpg"], "b": ["2.jpg", "3.jpg"]},
-                            "val": {"a": ["4.jpg"], "b": ["5.jpg", "6.jpg", "7.jpg"]}})
+    write_folder(
+        tmp_path,
+        {
+            "train": {"a": ["0.jpg", "1.jpg"], "b": ["2.jpg", "3.jpg"]},
+            "val": {"a": ["4.jpg"], "b": ["5.jpg", "6.jpg", "7.jpg"]},
+        },
+    )
     broken = tmp_path / "val" / "b" / "6.jpg"
     truncate(broken)
     data = spec("imagefolder", tmp_path, image_size=16).model_copy(update={"num_workers": 2})
@@ -268,8 +293,13 @@ def first_error(loader) -> Exception:
 
 @pytest.mark.timeout(60)
 def test_corrupt_image_skipped_warned_and_counted(tmp_path):
-    write_folder(tmp_path, {"train": {"a": ["0.jpg", "1.jpg"], "b": ["2.jpg", "3.jpg"]},
-                            "val": {"a": ["4.jpg", "5.jpg"], "b": ["6.jpg", "7.jpg"]}})
+    write_folder(
+        tmp_path,
+        {
+            "train": {"a": ["0.jpg", "1.jpg"], "b": ["2.jpg", "3.jpg"]},
+            "val": {"a": ["4.jpg", "5.jpg"], "b": ["6.jpg", "7.jpg"]},
+        },
+    )
     broken = tmp_path / "val" / "b" / "6.jpg"
     truncate(broken)
     data = spec("imagefolder", tmp_path, image_size=16, corrupt_images="skip")
@@ -376,8 +406,11 @@ def test_transforms_give_the_declared_size_and_channels(tmp_path, dataset, field
     elif dataset == "fashion_mnist":
         write_fashion(tmp_path)
     else:  # not square, so that the resize and crop matter
-        write_folder(tmp_path, {"train": {"a": ["0.png"], "b": ["1.jpg"]}, "val": {"a": ["2.png"], "b": []}},
-                     size=(50, 30))
+        write_folder(
+            tmp_path,
+            {"train": {"a": ["0.png"], "b": ["1.jpg"]}, "val": {"a": ["2.png"], "b": []}},
+            size=(50, 30),
+        )
     bundle = build_datasets(spec(dataset, tmp_path, **fields))
     assert (bundle.in_channels, bundle.image_size) == (channels, size)
     for dataset_ in (bundle.train, bundle.eval):

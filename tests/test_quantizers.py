@@ -80,8 +80,9 @@ def optimal_step(mse, bits: int) -> float:
     grid = np.linspace(1e-3, 3.0, 3000)
     best = int(np.argmin([mse(s, bits) for s in grid]))
     lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
-    return optimize.minimize_scalar(lambda s: mse(s, bits), bounds=(lo, hi), method="bounded",
-                                    options={"xatol": 1e-9}).x
+    return optimize.minimize_scalar(
+        lambda s: mse(s, bits), bounds=(lo, hi), method="bounded", options={"xatol": 1e-9}
+    ).x
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -257,8 +258,12 @@ def test_hwgq_signed_activation_clip_mask(bits):
 
 @pytest.mark.parametrize(
     "q",
-    [MidRiseWeightQuantizer(2), MidRiseWeightQuantizer(8), ChannelBinaryWeightQuantizer(),
-     DoReFaWeightQuantizer(1)],
+    [
+        MidRiseWeightQuantizer(2),
+        MidRiseWeightQuantizer(8),
+        ChannelBinaryWeightQuantizer(),
+        DoReFaWeightQuantizer(1),
+    ],
     ids=["hwgq2", "hwgq8", "binary", "dorefa1"],
 )
 def test_weight_ste_is_identity(q):
@@ -267,8 +272,9 @@ def test_weight_ste_is_identity(q):
     assert torch.equal(_grad(q, w, upstream), upstream)
 
 
-def lsq_step_grad(x: torch.Tensor, upstream: torch.Tensor, s: float, qn: int, qp: int, g: float,
-                  binary: bool = False) -> float:
+def lsq_step_grad(
+    x: torch.Tensor, upstream: torch.Tensor, s: float, qn: int, qp: int, g: float, binary: bool = False
+) -> float:
     """LSQ's d y / d s, summed against the upstream gradient and scaled by g:
     x/s inside [Qn, Qp]: round(x/s) - x/s (binary: sign(x/s) - x/s); below: Qn; above: Qp."""
     u = x / s
@@ -279,8 +285,14 @@ def lsq_step_grad(x: torch.Tensor, upstream: torch.Tensor, s: float, qn: int, qp
 
 @pytest.mark.parametrize(
     ("bits", "signed", "per_sample"),
-    [(2, False, True), (4, True, False), (8, False, True), (3, True, True), (1, True, False),
-     (1, False, True)],
+    [
+        (2, False, True),
+        (4, True, False),
+        (8, False, True),
+        (3, True, True),
+        (1, True, False),
+        (1, False, True),
+    ],
 )
 def test_lsq_gradients(bits, signed, per_sample):
     torch.manual_seed(bits)
@@ -430,7 +442,7 @@ def test_every_quantizer_runs_forward_backward(device):
         assert x.grad is not None and x.grad.shape == x.shape, (name, kind)
         if device == "cpu":
             assert torch.isfinite(y).all() and torch.isfinite(x.grad).all(), (name, kind)
-            assert len(levels(y)) <= 2 ** q.bits * (x.shape[0] if kind.startswith("w") else 1), (name, kind)
+            assert len(levels(y)) <= 2**q.bits * (x.shape[0] if kind.startswith("w") else 1), (name, kind)
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
@@ -461,8 +473,17 @@ def test_quant_conv_from_float_shares_parameters_and_matches_f_conv2d():
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2, bias=True)
     q = QuantConv2d.from_float(conv, build_quantizer_family("lsq").weight(2))
     assert q.weight is conv.weight and q.bias is conv.bias
-    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                 "padding_mode", "training"):
+    for attr in (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+        "training",
+    ):
         assert getattr(q, attr) == getattr(conv, attr), attr
     quantizer_state = {"weight_quantizer.step", "weight_quantizer.initialized"}
     assert set(q.state_dict()) == set(conv.state_dict()) | quantizer_state

@@ -40,5 +40,14 @@ def build_loaders(
         generator=torch.Generator().manual_seed(seed),
         **common,
     )
-    evaluation = DataLoader(bundle.eval, batch_size=eval_batch_size, shuffle=False, drop_last=False, **common)
+    # Its own generator: creating an iterator draws a seed, and evaluation must not move the global RNG
+    # (training's random augmentation), or a run resumed after an evaluation would diverge.
+    evaluation = DataLoader(
+        bundle.eval,
+        batch_size=eval_batch_size,
+        shuffle=False,
+        drop_last=False,
+        generator=torch.Generator().manual_seed(seed),
+        **common,
+    )
     return train, evaluation

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from cmtkd_graph.quantizers.base import Quantizer, QuantizerFamily, register_quantizer
-from cmtkd_graph.quantizers.hwgq import gradient_window
+from cmtkd_graph.quantizers.ste import clipped_ste
 
 
 def quantize_unit(r: torch.Tensor, bits: int) -> torch.Tensor:
@@ -45,12 +45,12 @@ class DoReFaActivationQuantizer(Quantizer):
     """
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        x0 = x.detach()
+        return clipped_ste(x, -1.0 if self.signed else 0.0, 1.0, self._levels)
+
+    def _levels(self, clipped: torch.Tensor) -> torch.Tensor:
         if self.signed:
-            levels = 2 * quantize_unit((x0.clamp(-1.0, 1.0) + 1) / 2, self.bits) - 1
-        else:
-            levels = quantize_unit(x0.clamp(0.0, 1.0), self.bits)
-        return levels + gradient_window(x, -1.0 if self.signed else 0.0, 1.0)
+            return 2 * quantize_unit((clipped + 1) / 2, self.bits) - 1
+        return quantize_unit(clipped, self.bits)
 
 
 @register_quantizer("dorefa")

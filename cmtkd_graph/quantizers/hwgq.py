@@ -12,6 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from cmtkd_graph.quantizers.base import Quantizer, QuantizerFamily, register_quantizer
+from cmtkd_graph.quantizers.ste import clipped_ste
 
 HALF_WAVE_STEP: dict[int, float] = {
     1: 0.7979,
@@ -48,15 +49,6 @@ tests/test_quantizers.py) and rounded to 4 decimals.
 """
 
 
-def gradient_window(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    """Zero in forward; gradient 1 where low <= x <= high (bounds included), 0 elsewhere.
-
-    Added to the quantized levels it gives the clipped STE. (torch.clamp's gradient is 0 *at* the
-    bounds, which would drop the inputs sitting exactly at 0 or at the top level.)
-    """
-    return torch.where((x >= low) & (x <= high), x - x.detach(), 0.0)
-
-
 def mid_rise(u: torch.Tensor, bits: int) -> torch.Tensor:
     """Nearest of the 2^b unit-step mid-rise levels (k - 1/2), k = -2^(b-1)+1 .. 2^(b-1), no gradient."""
     top = 2 ** (bits - 1) - 0.5
@@ -76,12 +68,13 @@ class HalfWaveQuantizer(Quantizer):
         self.caffe_rounding = caffe_rounding
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        top = (2**self.bits - 1) * self.step
-        clipped = x.detach().clamp(0.0, top)
-        k = torch.round(clipped / self.step)
+        return clipped_ste(x, 0.0, (2**self.bits - 1) * self.step, self._levels)
+
+    def _levels(self, clipped: torch.Tensor) -> torch.Tensor:
+        k = clipped.div(self.step).round_()
         if self.caffe_rounding:
-            k = torch.where(clipped > 0, k.clamp(min=1), k)
-        return k * self.step + gradient_window(x, 0.0, top)
+            k = torch.maximum(k, (clipped > 0).to(k.dtype))  # positive inputs never map to 0
+        return k.mul_(self.step)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, step={self.step}, caffe_rounding={self.caffe_rounding}"
@@ -99,7 +92,10 @@ class SignedMidRiseQuantizer(Quantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         limit = (2 ** (self.bits - 1) - 0.5) * self.step
-        return mid_rise(x.detach() / self.step, self.bits) * self.step + gradient_window(x, -limit, limit)
+        return clipped_ste(x, -limit, limit, self._levels)
+
+    def _levels(self, clipped: torch.Tensor) -> torch.Tensor:
+        return mid_rise(clipped.div_(self.step), self.bits).mul_(self.step)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, step={self.step}"

@@ -1,0 +1,286 @@
+"""The tracer and the graph passes that rewrite one model: activations, quantization, surgery."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from cmtkd_graph.passes.activations import explicit_activations, functional_to_modules
+from cmtkd_graph.passes.outputs import keep_main_output
+from cmtkd_graph.passes.quantize import META, nonnegative_nodes, quantize
+from cmtkd_graph.passes.surgery import run_surgery
+from cmtkd_graph.passes.tracer import qualname, trace
+from torch import nn
+
+from cmtkd_graph.quantizers import QuantConv2d, QuantLinear, build_quantizer_family
+from cmtkd_graph.quantizers.hwgq import HalfWaveQuantizer
+
+HWGQ = build_quantizer_family("hwgq")
+LSQ = build_quantizer_family("lsq")
+
+
+def rewritten(model: nn.Module, train: bool = True) -> torch.fx.GraphModule:
+    return explicit_activations(keep_main_output(trace(model, train=train)))
+
+
+def quantizer_nodes(gm):
+    return [n for n in gm.graph.nodes if n.meta.get(META, {}).get("role") == "quantizer"]
+
+
+# ---------------------------------------------------------------- tracing and naming
+
+
+def test_node_names_follow_torchvision_feature_extraction():
+    gm = trace(torchvision.models.resnet18())
+    names = [qualname(n) for n in gm.graph.nodes]
+    for expected in [
+        "conv1",
+        "layer1.0.relu",
+        "layer1.0.add",
+        "layer1.0.relu_1",
+        "layer4.1.relu_1",
+        "flatten",
+        "fc",
+    ]:
+        assert expected in names
+    assert len(names) == len(set(names))
+    # torchvision's own naming, for comparison
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    _, tv_names = get_graph_node_names(torchvision.models.resnet18())
+    assert set(tv_names) == set(names) - {"output"}
+
+
+def test_composite_blocks_are_traced_through():
+    gm = trace(torchvision.models.mobilenet_v3_small())
+    modules = [type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"]
+    assert "Conv2dNormActivation" not in modules and "InvertedResidual" not in modules
+    assert modules.count("Conv2d") == 52  # every real conv is its own node
+
+
+# ---------------------------------------------------------------- activations
+
+
+def test_each_relu_call_site_gets_its_own_module():
+    gm = rewritten(torchvision.models.resnet18())
+    relus = [
+        n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.ReLU)
+    ]
+    assert len(relus) == 17  # stem + 2 per BasicBlock
+    assert len({n.target for n in relus}) == 17
+    assert "layer1.0.relu_1" in {n.target for n in relus}
+    assert not any(getattr(m, "inplace", False) for m in gm.modules())
+
+
+def test_functional_relus_become_modules_named_after_the_node():
+    model = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False)
+    before = trace(model)
+    assert any(n.op == "call_function" and n.target is torch.nn.functional.relu for n in before.graph.nodes)
+    after = functional_to_modules(before)
+    assert not any(
+        n.op == "call_function" and n.target is torch.nn.functional.relu for n in after.graph.nodes
+    )
+    assert isinstance(after.get_submodule("inception3a.branch1.relu"), nn.ReLU)
+
+
+def test_functional_dropout_follows_the_mode_at_run_time():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return nn.functional.dropout(self.fc(x), p=0.5, training=self.training)
+
+    gm = explicit_activations(trace(Net(), train=True))
+    x = torch.ones(4, 8)
+    gm.eval()
+    assert torch.equal(gm(x), gm.fc(x))  # traced in train mode, yet no dropout in eval
+    gm.train()
+    assert (gm(x) == 0).any()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "googlenet", "densenet121", "efficientnet_b0"])
+def test_explicit_activations_keep_outputs_bit_identical(arch):
+    kwargs = {"aux_logits": False, "init_weights": False} if arch == "googlenet" else {}
+    model = torchvision.models.get_model(arch, **kwargs).eval()
+    gm = rewritten(model, train=False).eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(model(x), gm(x))
+
+
+# ---------------------------------------------------------------- quantization
+
+
+def test_resnet18_quantized_layers_and_input_quantizers():
+    gm = quantize(rewritten(torchvision.models.resnet18()), HWGQ, weight_bits=2, act_bits=2)
+    quant_convs = [name for name, m in gm.named_modules() if isinstance(m, QuantConv2d)]
+    assert len(quant_convs) == 19  # 20 convs minus the first
+    assert not any(isinstance(m, QuantLinear) for m in gm.modules())
+    assert type(gm.conv1) is nn.Conv2d and type(gm.fc) is nn.Linear
+    quants = quantizer_nodes(gm)
+    assert len(quants) == 19  # one per input edge of a quantized layer
+    assert {n.meta[META]["consumer"] for n in quants} == {
+        qualname(gm.graph.find_nodes(op="call_module", target=t)[0]) for t in quant_convs
+    }
+    assert all(
+        not n.meta[META]["signed"] for n in quants
+    )  # every input comes from a ReLU (or max-pool of one)
+    assert all(isinstance(gm.get_submodule(n.target), HalfWaveQuantizer) for n in quants)
+    producers = [n.meta[META]["producer"] for n in quants]
+    # the 8 first-ReLU call sites each feed one quantizer (conv2), the stem max-pool feeds layer1.0.conv1,
+    # the ReLU at the end of blocks 1,3,5 feeds conv1 and the downsample conv of the next stage
+    assert sorted(p for p in producers if p.endswith(".relu")) == [
+        f"layer{s}.{b}.relu" for s in range(1, 5) for b in range(2)
+    ]
+    assert producers.count("maxpool") == 1
+    assert producers.count("layer1.1.relu_1") == 2 and producers.count("layer2.1.relu_1") == 2
+    positions = {
+        n.meta[META]["position"] for n in gm.graph.nodes if n.meta.get(META, {}).get("role") == "layer"
+    }
+    assert positions == {"first", "inner", "last"}
+
+
+def test_first_and_last_layers_are_found_by_position_not_name():
+    # squeezenet's classifier is a conv; alexnet's first layer is features.0
+    sq = quantize(rewritten(torchvision.models.squeezenet1_1()), HWGQ, weight_bits=2, act_bits=2)
+    assert (
+        type(sq.get_submodule("classifier.1")) is nn.Conv2d
+        and type(sq.get_submodule("features.0")) is nn.Conv2d
+    )
+    assert isinstance(sq.get_submodule("features.3.squeeze"), QuantConv2d)
+    vit = quantize(rewritten(torchvision.models.vit_b_16(image_size=32)), HWGQ, weight_bits=2, act_bits=2)
+    assert type(vit.conv_proj) is nn.Conv2d and type(vit.get_submodule("heads.head")) is nn.Linear
+    assert isinstance(vit.get_submodule("encoder.layers.encoder_layer_0.mlp.0"), QuantLinear)
+
+
+def test_first_and_last_layer_bits_can_quantize_them():
+    gm = quantize(
+        rewritten(torchvision.models.resnet18()),
+        HWGQ,
+        weight_bits=2,
+        act_bits=2,
+        first_layer_bits=8,
+        last_layer_bits=8,
+    )
+    assert isinstance(gm.conv1, QuantConv2d) and isinstance(gm.fc, QuantLinear)
+    first = next(n for n in quantizer_nodes(gm) if n.meta[META]["consumer"] == "conv1")
+    assert first.meta[META]["bits"] == 8 and first.meta[META]["signed"]  # the normalised image is signed
+
+
+def test_signedness_follows_the_producer():
+    # mobilenet_v2: inputs of the projection convs come after ReLU6 (unsigned); the blocks' outputs
+    # (no activation after the projection BN, residual adds) feed the next expansion conv signed
+    gm = quantize(rewritten(torchvision.models.mobilenet_v2()), HWGQ, weight_bits=4, act_bits=4)
+    by_consumer = {n.meta[META]["consumer"]: n.meta[META]["signed"] for n in quantizer_nodes(gm)}
+    assert by_consumer["features.2.conv.0.0"] is True  # after features.1's projection BN
+    assert by_consumer["features.2.conv.1.0"] is False  # after ReLU6
+    assert by_consumer["features.4.conv.0.0"] is True  # after a residual add
+    nonneg = {qualname(n) for n in nonnegative_nodes(gm)}
+    assert "features.1.conv.0.2" in nonneg and "features.3.add" not in nonneg
+
+
+def test_torchvision_state_dict_loads_with_no_missing_torchvision_keys():
+    reference = torchvision.models.resnet18()
+    for family in (HWGQ, LSQ):
+        gm = quantize(rewritten(torchvision.models.resnet18()), family, weight_bits=2, act_bits=2)
+        result = gm.load_state_dict(reference.state_dict(), strict=False)
+        assert result.unexpected_keys == []
+        assert all("quantizer" in k for k in result.missing_keys)
+        for key, value in reference.state_dict().items():
+            assert torch.equal(gm.state_dict()[key], value)
+    lsq = quantize(rewritten(torchvision.models.resnet18()), LSQ, weight_bits=2, act_bits=2)
+    keys = set(lsq.state_dict())
+    assert {
+        "layer1.0.conv1.weight",
+        "layer1.0.conv1.weight_quantizer.step",
+        "layer1.0.conv1.input_quantizer.step",
+        "layer1.0.conv1.input_quantizer.initialized",
+    } <= keys
+
+
+def _same_run(model, gm, x, train: bool):
+    model.train(train)
+    gm.train(train)
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(0)
+    b = gm(x)
+    return a, b
+
+
+@pytest.mark.parametrize(
+    "arch, kwargs, size",
+    [
+        ("resnet18", {}, 64),
+        ("mobilenet_v3_small", {}, 64),
+        ("efficientnet_b0", {}, 64),
+        ("vit_b_16", {"image_size": 32}, 32),
+    ],
+)
+@pytest.mark.parametrize("train", [True, False])
+def test_all_32_bit_rewrite_is_bit_identical(arch, kwargs, size, train):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, **kwargs)
+    gm = quantize(rewritten(model, train=True), HWGQ, weight_bits=32, act_bits=32)
+    assert not quantizer_nodes(gm)
+    x = torch.randn(2, 3, size, size)
+    a, b = _same_run(model, gm, x, train)
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- surgery
+
+
+def test_cifar_stem_keeps_resolution_and_removes_the_maxpool():
+    gm = run_surgery(rewritten(torchvision.models.resnet18()), "cifar_stem")
+    assert gm.conv1.kernel_size == (3, 3) and gm.conv1.stride == (1, 1)
+    assert not any(isinstance(m, nn.MaxPool2d) for m in gm.modules())
+    from cmtkd_graph.passes.shapes import propagate_shapes
+
+    shapes = {qualname(n): tuple(s) for n, s in propagate_shapes(gm, (1, 3, 32, 32)).items()}
+    assert shapes["layer1.1.relu_1"] == (1, 64, 32, 32) and shapes["layer4.1.relu_1"] == (1, 512, 4, 4)
+
+
+def test_bn_after_every_layer_builds_alexnet_bn():
+    gm = run_surgery(rewritten(torchvision.models.alexnet()), "bn_after_every_layer")
+    bns = {
+        n.target: gm.get_submodule(n.target)
+        for n in gm.graph.nodes
+        if n.op == "call_module" and "_bn" in n.target
+    }
+    assert sorted(bns) == [
+        "classifier.1_bn",
+        "classifier.4_bn",
+        "features.0_bn",
+        "features.10_bn",
+        "features.3_bn",
+        "features.6_bn",
+        "features.8_bn",
+    ]  # 5 convs + 2 hidden FCs; not the classifier output
+    assert isinstance(bns["features.0_bn"], nn.BatchNorm2d) and bns["features.0_bn"].num_features == 64
+    assert isinstance(bns["classifier.1_bn"], nn.BatchNorm1d) and bns["classifier.1_bn"].num_features == 4096
+    order = [qualname(n) for n in gm.graph.nodes]
+    assert order.index("features.0") + 1 == order.index("features.0_bn") == order.index("features.1") - 1
+    assert gm(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
+    with_last = run_surgery(
+        rewritten(torchvision.models.alexnet()), "bn_after_every_layer", {"include_last": True}
+    )
+    assert isinstance(with_last.get_submodule("classifier.6_bn"), nn.BatchNorm1d)
+
+
+def test_grey_input_sums_the_rgb_filters():
+    model = torchvision.models.resnet18().eval()
+    gm = run_surgery(rewritten(model, train=False), "grey_input").eval()
+    assert gm.conv1.in_channels == 1
+    grey = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(gm(grey), model(grey.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_surgery_options_are_user_errors():
+    from cmtkd_graph.errors import UserError
+
+    with pytest.raises(UserError, match="surgery cifar_stem: bad options"):
+        run_surgery(rewritten(torchvision.models.resnet18()), "cifar_stem", {"kernel": 3})
+    with pytest.raises(UserError, match="no max-pool"):
+        run_surgery(rewritten(torchvision.models.mobilenet_v2()), "cifar_stem")

@@ -1,0 +1,215 @@
+"""Joint training with Accelerate: real runs on real images (Debian's Fashion-MNIST), in real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cmtkd_graph.metrics import read_metrics
+
+from .conftest import run_module
+
+# resnet18 (ImageNet stem, so 28x28 inputs stay cheap), W2A2 student, 4- and 8-bit teachers
+SMALL = [
+    "surgery=[]",
+    "data.train_subset=256",
+    "data.eval_subset=128",
+    "data.batch_size=32",
+    "data.num_workers=0",
+    "train.mixed_precision=no",
+    "train.channels_last=false",
+    "train.progress_bar=false",
+    "train.log_every=2",
+    "optim.lr=0.01",
+    "optim.schedule={name: constant}",
+]
+
+
+def sets(*items: str) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def train(tmp_path: Path, *extra: str, run: str = "run", resume: Path | None = None, env=None):
+    args = ["quickstart", *sets(*SMALL, f"train.output_dir={tmp_path / run}", *extra)]
+    if resume is not None:
+        args += ["--resume", str(resume)]
+    result = run_module(args, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path / run, result
+
+
+def test_short_run_learns_and_writes_every_artefact(tmp_path, fashion_mnist):
+    run_dir, result = train(tmp_path, "train.epochs=3", "train.tensorboard=true")
+    records = read_metrics(run_dir / "metrics.jsonl")
+    steps = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert len(steps) == 3 * 8 // 2 and len(evals) == 3
+    terms = {
+        "loss/total",
+        "loss/ce_student",
+        "loss/ce_teacher",
+        "loss/kl_student",
+        "loss/kl_teacher",
+        "loss/feature",
+        "loss/feature/layer1",
+        "loss/feature/layer4",
+    }
+    assert terms <= set(steps[0])
+    assert {"lr/student", "lr/teacher0", "lr/teacher1", "lr/importance"} <= set(steps[0])
+    assert steps[0]["lr/importance"] == pytest.approx(0.001) and steps[0]["lr/student"] == 0.01
+    assert len(steps[0]["importance/layer1"]) == 2 and steps[0]["images_per_s"] > 0
+    first = sum(r["loss/ce_student"] for r in steps[:2]) / 2
+    last = sum(r["loss/ce_student"] for r in steps[-2:]) / 2
+    assert last < 0.8 * first, (first, last)
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["accuracy"]["acc1/student"] > 30 and final["accuracy"]["acc1/combined"] > 30  # chance is 10
+    assert {"acc1/teacher0", "acc5/teacher1", "acc5/student", "acc5/combined"} <= set(final["accuracy"])
+    assert (run_dir / "spec.yaml").read_text().startswith("name: quickstart")
+    assert (run_dir / "importance.png").stat().st_size > 10_000
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    latest = json.loads((run_dir / "checkpoints" / "latest").read_text())
+    checkpoint = run_dir / "checkpoints" / latest["checkpoint"]
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "optimizer.bin").is_file()
+    assert latest["step"] == 24
+    student = load_file(run_dir / "student.safetensors")
+    assert "layer1.0.conv1.weight" in student and "fc.weight" in student  # torchvision names
+    assert not any(k.startswith("teachers.") for k in student)
+    assert "done: " in result.stderr and "final student" in result.stderr
+
+
+def test_resume_gives_bit_identical_weights(tmp_path, fashion_mnist):
+    straight, _ = train(tmp_path, "train.epochs=2", "train.max_steps=12", run="straight")
+    half, _ = train(tmp_path, "train.epochs=2", "train.max_steps=6", run="half")
+    train(tmp_path, "train.epochs=2", "train.max_steps=12", run="half", resume=half)
+
+    def final_model(run_dir):
+        latest = json.loads((run_dir / "checkpoints" / "latest").read_text())
+        return load_file(run_dir / "checkpoints" / latest["checkpoint"] / "model.safetensors")
+
+    a, b = final_model(straight), final_model(half)
+    assert a.keys() == b.keys() and len(a) > 500
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert different == []
+    midway = load_file(half / "checkpoints" / "step-00000006" / "model.safetensors")
+    assert any(not torch.equal(a[k], midway[k]) for k in a)  # the second half did train
+    steps_a = [r["step"] for r in read_metrics(straight / "metrics.jsonl") if r["kind"] == "train"]
+    steps_b = [r["step"] for r in read_metrics(half / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps_a == steps_b == [2, 4, 6, 8, 10, 12]
+
+
+def test_two_cpu_processes_train_one_model(tmp_path, fashion_mnist):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine is one gloo data-parallel job."""
+    run_dir = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+        "-m",
+        "cmtkd_graph.train",
+        "quickstart",
+        *sets(*SMALL, "train.epochs=1", f"train.output_dir={run_dir}"),
+    ]
+    result = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((run_dir / "ranks" / f"rank-{i}.json").read_text()) for i in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert all(r["distributed_type"] == "DistributedType.MULTI_CPU" for r in ranks)
+    assert ranks[0]["state_sha256"] == ranks[1]["state_sha256"]  # identical parameters and buffers
+    records = read_metrics(run_dir / "metrics.jsonl")
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert len(evals) == 1 and evals[0]["samples"] == 128  # gathered once, no padded duplicates
+    train_lines = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_lines] == [2, 4]  # 256 images / (2 processes x 16) = 8 batches... of 32
+    assert "MULTI_CPU" in result.stderr
+
+
+def test_a_non_finite_loss_stops_with_a_clear_message(tmp_path, fashion_mnist):
+    result = run_module(
+        [
+            "quickstart",
+            *sets(*SMALL, "optim.lr=1e30", "train.epochs=2", f"train.output_dir={tmp_path / 'nan'}"),
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: step ") and "the loss is not finite (total=" in line
+    assert "ce_student=" in line and "Last good checkpoint: " in line and "Traceback" not in result.stderr
+
+
+KILLER = """
+import os, signal, sys
+import accelerate
+original = accelerate.Accelerator.save_state
+calls = {"n": 0}
+def save_state(self, output_dir=None, **kw):
+    calls["n"] += 1
+    result = original(self, output_dir, **kw)
+    if calls["n"] == 2:  # the second checkpoint: its files are written, the directory is not yet renamed
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+accelerate.Accelerator.save_state = save_state
+from cmtkd_graph.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_killing_the_process_while_it_writes_a_checkpoint_keeps_the_last_one(tmp_path, fashion_mnist):
+    run_dir = tmp_path / "killed"
+    args = ["quickstart", *sets(*SMALL, "train.epochs=3", f"train.output_dir={run_dir}")]
+    result = subprocess.run(
+        [sys.executable, "-c", KILLER, *args], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == -signal.SIGKILL
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".tmp-step-00000016", "latest", "step-00000008"]
+    assert json.loads((checkpoints / "latest").read_text())["checkpoint"] == "step-00000008"
+    # the run resumes from the previous checkpoint and finishes
+    resumed, result = train(tmp_path, "train.epochs=3", run="killed", resume=run_dir)
+    assert "resumed from" in result.stderr and "step 8" in result.stderr
+    assert json.loads((checkpoints / "latest").read_text())["step"] == 24
+    assert not (checkpoints / ".tmp-step-00000016").exists()
+
+
+def test_resume_errors_are_clear(tmp_path):
+    result = run_module(["--resume", str(tmp_path / "nothing")], cwd=tmp_path)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip() == f"error: --resume: {tmp_path / 'nothing' / 'spec.yaml'} not found (is "
+        f"{tmp_path / 'nothing'} a run directory?)"
+    )
+
+
+def test_train_entry_points_agree(tmp_path):
+    for module, prefix in (("cmtkd_graph.train", []), ("cmtkd_graph", ["train"])):
+        result = run_module([*prefix, "--help"], cwd=tmp_path, module=module)
+        assert result.returncode == 0 and "--resume" in result.stdout
+    script = Path(sys.executable).with_name("cmtkd-graph")
+    result = subprocess.run([str(script), "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--resume" in result.stdout
