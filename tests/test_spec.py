@@ -83,13 +83,15 @@ MALFORMED = [
     (
         lambda d: d["student"].update(arch="resnet81"),
         None,
-        "student.arch: unknown torchvision classification model 'resnet81'; did you mean resnet18, resnet152, "
+        "student.arch: unknown torchvision classification model 'resnet81'; "
+        "did you mean resnet18, resnet152, "
         "resnet101, resnet50, resnet34? (see torchvision.models.list_models(module=torchvision.models))",
     ),
     (
         lambda d: d["teachers"][0].update(arch="vit_b_61"),
         None,
-        "teachers[0].arch: unknown torchvision classification model 'vit_b_61'; did you mean vit_b_16, vit_l_16, "
+        "teachers[0].arch: unknown torchvision classification model 'vit_b_61'; "
+        "did you mean vit_b_16, vit_l_16, "
         "vit_h_14, vit_b_32, vit_l_32? (see torchvision.models.list_models(module=torchvision.models))",
     ),
     (
@@ -142,7 +144,8 @@ MALFORMED = [
     (
         lambda d: d.update(method="average_teacher"),
         None,
-        "teachers[0]: average_teacher distils from separately trained teachers; give `weights:` (a checkpoint) "
+        "teachers[0]: average_teacher distils from separately trained teachers; "
+        "give `weights:` (a checkpoint) "
         "and `trainable: false`",
     ),
     (
@@ -155,7 +158,8 @@ MALFORMED = [
     (
         lambda d: d["data"].update(dataset="imagenet"),
         None,
-        "data.dataset: Input should be 'cifar10', 'cifar100', 'imagefolder' or 'fashion_mnist', got 'imagenet'",
+        "data.dataset: Input should be 'cifar10', 'cifar100', 'imagefolder' or 'fashion_mnist', "
+        "got 'imagenet'",
     ),
     (
         lambda d: d["data"].update(batch_size=0),

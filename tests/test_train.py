@@ -106,7 +106,7 @@ def test_resume_gives_bit_identical_weights(tmp_path, fashion_mnist):
 
 
 def test_two_cpu_processes_train_one_model(tmp_path, fashion_mnist):
-    """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine is one gloo data-parallel job."""
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine: one gloo data-parallel job."""
     run_dir = tmp_path / "ddp"
     cmd = [
         sys.executable,
@@ -191,7 +191,7 @@ def test_killing_the_process_while_it_writes_a_checkpoint_keeps_the_last_one(tmp
     assert sorted(p.name for p in checkpoints.iterdir()) == [".tmp-step-00000016", "latest", "step-00000008"]
     assert json.loads((checkpoints / "latest").read_text())["checkpoint"] == "step-00000008"
     # the run resumes from the previous checkpoint and finishes
-    resumed, result = train(tmp_path, "train.epochs=3", run="killed", resume=run_dir)
+    _, result = train(tmp_path, "train.epochs=3", run="killed", resume=run_dir)
     assert "resumed from" in result.stderr and "step 8" in result.stderr
     assert json.loads((checkpoints / "latest").read_text())["step"] == 24
     assert not (checkpoints / ".tmp-step-00000016").exists()
