@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(p)
     p.add_argument("--no-build", action="store_true", help="only validate the YAML, do not build the graphs")
 
-    sub.add_parser("schema", help="print the spec's JSON Schema (for editor completion)")
+    p = sub.add_parser("schema", help="print the spec's JSON Schema (for editor completion)")
+    p.add_argument(
+        "--markdown", action="store_true", help="print the spec reference table of the README instead"
+    )
 
     p = sub.add_parser("taps", help="list the tap-able nodes of a torchvision model and the auto choice")
     p.add_argument("arch", help="torchvision classification model, e.g. resnet18")
@@ -67,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
+    except BrokenPipeError:  # `cmtkd-graph taps resnet50 | head`
+        sys.stderr.close()
+        return 0
     except UserError as err:
         for line in _problems(err):
             print(f"error: {line}", file=sys.stderr)
@@ -104,8 +110,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_schema(args: argparse.Namespace) -> int:
     from cmtkd_graph.spec import Spec
+    from cmtkd_graph.summary import spec_reference
 
-    print(json.dumps(Spec.model_json_schema(), indent=2))
+    print(spec_reference() if args.markdown else json.dumps(Spec.model_json_schema(), indent=2))
     return 0
 
 

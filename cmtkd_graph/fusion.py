@@ -51,4 +51,4 @@ class MeanFusion(Fusion):
     """Plain average (the ``combine: mean`` rule for the combined-teacher logits)."""
 
     def weights(self) -> torch.Tensor:
-        return torch.full((self.num_inputs,), 1.0 / self.num_inputs)
+        return torch.full((self.num_inputs,), 1.0 / self.num_inputs)  # a constant: device-agnostic 0-dim use

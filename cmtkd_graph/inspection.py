@@ -214,33 +214,35 @@ def _get_attr(gm: fx.GraphModule, target: str) -> Any:
 def _add_weight_quantizer(
     graph: nx.DiGraph, gm: fx.GraphModule, node: fx.Node, node_id: str, attrs: dict[str, Any], family: str
 ) -> None:
-    """The quantizer inside a quantized layer, as its own node with an edge into the layer."""
-    quantizer = getattr(gm.get_submodule(node.target), "weight_quantizer", None)
-    if not isinstance(quantizer, Quantizer):
-        return
+    """The quantizers inside a quantized layer (its weight quantizers; for attention modules also the
+    output projection's input quantizer), each as its own node with an edge into the layer."""
+    layer = gm.get_submodule(node.target)
     network = attrs.get("network")
     module_path = node.target.removeprefix(f"{network}.") if network else node.target
     prefix = node_id.partition("/")[0]
-    quant_id = f"{prefix}/{module_path}.weight_quantizer"
-    if quant_id not in graph:
-        extra = {"network": network, "teacher": attrs.get("teacher")}
-        graph.add_node(
-            quant_id,
-            label=f"{module_path}.weight_quantizer",
-            op="call_module",
-            target=f"{node.target}.weight_quantizer",
-            module_type=type(quantizer).__name__,
-            role="quantizer",
-            kind="weight",
-            bits=quantizer.bits,
-            signed=quantizer.signed,
-            quantizer=family,
-            consumer=attrs["label"],
-            params=sum(p.numel() for p in quantizer.parameters()),
-            block=attrs["block"],
-            **{k: v for k, v in extra.items() if v is not None},
-        )
-    graph.add_edge(quant_id, node_id, kind="weight")
+    for name, quantizer in layer.named_modules():
+        if not name or name == "input_quantizer" or not isinstance(quantizer, Quantizer):  # those are nodes
+            continue
+        quant_id = f"{prefix}/{module_path}.{name}"
+        if quant_id not in graph:
+            extra = {"network": network, "teacher": attrs.get("teacher")}
+            graph.add_node(
+                quant_id,
+                label=f"{module_path}.{name}",
+                op="call_module",
+                target=f"{node.target}.{name}",
+                module_type=type(quantizer).__name__,
+                role="quantizer",
+                kind="weight" if name.endswith("weight_quantizer") else "activation",
+                bits=quantizer.bits,
+                signed=quantizer.signed,
+                quantizer=family,
+                consumer=attrs["label"],
+                params=sum(p.numel() for p in quantizer.parameters()),
+                block=attrs["block"],
+                **{k: v for k, v in extra.items() if v is not None},
+            )
+        graph.add_edge(quant_id, node_id, kind="weight" if name.endswith("weight_quantizer") else "internal")
 
 
 def _scope_sizes(gm: fx.GraphModule) -> Counter[str]:

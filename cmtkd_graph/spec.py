@@ -262,6 +262,8 @@ class DataSpec(Strict):
 
 
 class ScheduleSpec(Strict):
+    """The learning-rate schedule, a factor on every group's lr."""
+
     name: Literal["multistep", "cosine", "constant"] = Field(
         "multistep", description="learning-rate schedule"
     )
@@ -302,6 +304,8 @@ def _yaml_no(value: Any) -> Any:
 
 
 class TrainSpec(Strict):
+    """The training run: length, seed, output, precision, checkpoints, logging."""
+
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (quick runs)")
     seed: int = 0
@@ -309,13 +313,23 @@ class TrainSpec(Strict):
     mixed_precision: Annotated[Literal["no", "fp16", "bf16"] | None, BeforeValidator(_yaml_no)] = Field(
         None, description="no, fp16 or bf16; default: the accelerate config's choice"
     )
-    grad_accum_steps: int = Field(1, ge=1)
-    checkpoint_every: int = Field(1, ge=1, description="save a checkpoint every N epochs")
+    grad_accum_steps: int | None = Field(
+        None, ge=1, description="gradient accumulation steps; default: the accelerate config's (1)"
+    )
+    checkpoints: bool = Field(
+        True, description="false: write no checkpoints (quick experiments; no --resume)"
+    )
+    checkpoint_every: int = Field(1, ge=1, description="save a checkpoint every N epochs (and at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="how many checkpoints to keep")
     log_every: int = Field(20, ge=1, description="write a metrics.jsonl line every N optimizer steps")
     eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and always after the last)")
     channels_last: bool = False
     compile: bool = False
+    cpu_threads: Literal["auto", "env"] | int = Field(
+        "auto",
+        description="CPU threads per process: auto = available cores / processes on this machine "
+        "(accelerate launch would otherwise set 1), env = keep OMP_NUM_THREADS, or a number",
+    )
     tensorboard: bool = False
     progress_bar: bool = True
 

@@ -139,3 +139,64 @@ def taps_table(
 
 
 __all__ = ["spec_summary", "taps_table"]
+
+
+def spec_reference() -> str:
+    """The spec reference as a Markdown table (``cmtkd-graph schema --markdown``, pasted into the README)."""
+    from cmtkd_graph.spec import Spec
+
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    _reference_rows(Spec, "", rows)
+    return "\n".join(rows)
+
+
+def _reference_rows(model, prefix: str, rows: list[str]) -> None:
+    from pydantic import BaseModel
+    from pydantic_core import PydanticUndefined
+
+    from cmtkd_graph.spec_io import _model_in
+
+    for name, field in model.model_fields.items():
+        inner = _model_in(field.annotation)
+        many = "[]" if _is_list(field.annotation) and inner is not None else ""
+        key = f"{prefix}{name}{many}"
+        if inner is not None and issubclass(inner, BaseModel) and inner is not model:
+            meaning = field.description or (inner.__doc__ or "").strip().split("\n")[0]
+            rows.append(f"| `{key}` | {'list of mappings' if many else 'mapping'} | | {meaning} |")
+            _reference_rows(inner, f"{key}.", rows)
+            continue
+        if field.default is PydanticUndefined and field.default_factory is None:
+            default = "**required**"
+        elif field.default_factory is not None:
+            default = f"`{field.default_factory()}`"
+        else:
+            default = f"`{field.default}`" if field.default is not None else "—"
+        rows.append(f"| `{key}` | {_type_name(field.annotation)} | {default} | {field.description or ''} |")
+
+
+def _is_list(annotation) -> bool:
+    import typing
+
+    if typing.get_origin(annotation) is list:
+        return True
+    return any(_is_list(a) for a in typing.get_args(annotation) if a is not type(None))
+
+
+def _type_name(annotation) -> str:
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _type_name(typing.get_args(annotation)[0])
+    if origin is typing.Literal:
+        return " \\| ".join(f"`{a}`" for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " \\| ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(annotation)[0])}"
+    if origin is dict:
+        return "mapping"
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))

@@ -12,6 +12,7 @@ before anything trains.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -19,15 +20,16 @@ import torch
 from torch import Tensor, fx, nn
 
 from cmtkd_graph.errors import UserError
-from cmtkd_graph.fusion import Fusion, ImportanceFusion
+from cmtkd_graph.fusion import ImportanceFusion
 from cmtkd_graph.losses import FitNetAdapter
 from cmtkd_graph.models import build_model, read_state_dict
 from cmtkd_graph.objective import Objective, SystemOutput, combined_from_probabilities
 from cmtkd_graph.passes.activations import explicit_activations
 from cmtkd_graph.passes.compose import EACH_LOGITS, SHARED, check_tap_shapes, compose_teachers, fusion_key
+from cmtkd_graph.passes.graph_pass import finish
 from cmtkd_graph.passes.outputs import FEATURES, LOGITS, expose_taps, keep_main_output
 from cmtkd_graph.passes.quantize import quantize
-from cmtkd_graph.passes.shapes import propagate_shapes
+from cmtkd_graph.passes.shapes import copy_shapes, propagate_shapes
 from cmtkd_graph.passes.surgery import run_surgery
 from cmtkd_graph.passes.taps import AUTO, Tap, resolve_taps
 from cmtkd_graph.passes.tracer import trace
@@ -48,14 +50,19 @@ class NetworkInfo:
 
 
 def build_network(model: ModelSpec, spec: Spec, *, device: str | torch.device = "cpu") -> fx.GraphModule:
-    """One network through the pass pipeline (no taps yet). ``device="meta"`` allocates nothing."""
-    module = _instantiate(model, device)
-    gm = explicit_activations(keep_main_output(trace(module, train=True)))
-    for surgery in spec.surgery_for(model):
-        gm = run_surgery(gm, surgery.name, surgery.options)
+    """One network through the pass pipeline (no taps yet). ``device="meta"`` allocates nothing.
+
+    The traced graph belongs to this function alone, so the passes run in place (one code generation
+    at the end instead of a copy per pass).
+    """
     q = spec.quantizer
     family = build_quantizer_family(q.name, q.options)
-    return quantize(
+    gm = trace(_instantiate(model, device), train=True)
+    keep_main_output.in_place(gm)
+    explicit_activations.in_place(gm)
+    for surgery in spec.surgery_for(model):
+        run_surgery(gm, surgery.name, surgery.options, in_place=True)
+    quantize.in_place(
         gm,
         family,
         weight_bits=model.weight_bits,
@@ -63,6 +70,7 @@ def build_network(model: ModelSpec, spec: Spec, *, device: str | torch.device = 
         first_layer_bits=q.first_layer_bits,
         last_layer_bits=q.last_layer_bits,
     )
+    return finish(gm)
 
 
 def _instantiate(model: ModelSpec, device: str | torch.device) -> nn.Module:
@@ -172,11 +180,8 @@ class CMTKDSystem(nn.Module):
         if self.teachers is None:
             return {}
         fusions = self.teachers.get_submodule("fusion")
-        return {
-            m.tap: m.weights().detach().cpu()
-            for m in fusions.children()
-            if isinstance(m, Fusion) and isinstance(m, ImportanceFusion)
-        }
+        weights = {m.tap: m.weights().detach() for m in fusions.children() if isinstance(m, ImportanceFusion)}
+        return {tap: w if w.is_meta else w.cpu() for tap, w in weights.items()}
 
 
 def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool = True) -> CMTKDSystem:
@@ -189,13 +194,18 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
     meta = torch.device(device).type == "meta"
     networks: list[NetworkInfo] = []
 
+    built: dict[str, fx.GraphModule] = {}  # architecture+kwargs+surgery -> first network built
+
     def make(model: ModelSpec, label: str) -> fx.GraphModule:
         gm = build_network(model, spec, device=device)
         info = NetworkInfo(label, model)
         if load and model.weights and not meta:
             info.weights_report = load_weights(gm, model.weights, label=label)
             log.info(info.weights_report)
-        propagate_shapes(gm, input_shape)
+        same_graph = json.dumps([model.arch, model.kwargs, [s.model_dump() for s in spec.surgery_for(model)]])
+        if same_graph not in built or not copy_shapes(built[same_graph], gm):
+            propagate_shapes(gm, input_shape)
+            built.setdefault(same_graph, gm)
         networks.append(info)
         return gm
 
@@ -222,12 +232,14 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
     if feature_loss and teacher_taps and teacher_taps[0]:
         student_taps = _student_taps(student, spec, teacher_taps[0])
         networks[0].taps = student_taps
+        _warn_constant_attention(spec, student_taps)
 
     composed = None
     if teachers:
         combine = "mean" if spec.method == "average_teacher" else spec.distill.combine
         composed = compose_teachers(teachers, teacher_taps, combine=combine)
-    student_gm = expose_taps(student, student_taps)
+    expose_taps.in_place(student, student_taps)
+    student_gm = finish(student)
     adapters = nn.ModuleDict()
     if spec.distill.feature_loss == "fitnet":
         for s_tap, t_tap in zip(student_taps, teacher_taps[0], strict=True):
@@ -235,6 +247,19 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
         if meta:
             adapters.to("meta")
     return CMTKDSystem(spec, student_gm, composed, adapters, networks)
+
+
+def _warn_constant_attention(spec: Spec, taps: list[Tap]) -> None:
+    """The attention map of a 1x1 feature map is always 1: such a tap gives no signal."""
+    if spec.distill.feature_loss != "attention":
+        return
+    flat = [t.name for t in taps if t.shape and len(t.shape) == 3 and t.shape[1] * t.shape[2] == 1]
+    if flat:
+        log.warning(
+            f"taps {', '.join(flat)}: the student's feature map is 1x1 at input size {spec.data.input_size}, "
+            "so its attention map is constant and the attention loss there is always 0 "
+            "(use larger inputs, a cifar_stem surgery, or other taps)"
+        )
 
 
 def _student_taps(student: fx.GraphModule, spec: Spec, teacher_taps: list[Tap]) -> list[Tap]:

@@ -44,7 +44,6 @@ def make_accelerator(spec: Spec, run_dir: Path):
         raise UserError("train.mixed_precision: fp16 needs a GPU; use bf16 on CPU")
     kwargs: dict = {
         "cpu": cpu,
-        "gradient_accumulation_steps": spec.train.grad_accum_steps,
         "project_config": ProjectConfiguration(
             project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")
         ),
@@ -53,6 +52,8 @@ def make_accelerator(spec: Spec, run_dir: Path):
     }
     if mixed is not None:
         kwargs["mixed_precision"] = mixed
+    if spec.train.grad_accum_steps is not None:
+        kwargs["gradient_accumulation_steps"] = spec.train.grad_accum_steps
     accelerator = Accelerator(**kwargs)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
@@ -120,8 +121,23 @@ def run(spec_path: str | None, overrides: Sequence[str] = (), *, resume: str | N
         f"run {run_dir}: {accelerator.num_processes} process(es), {accelerator.distributed_type}, "
         f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}"
     )
+    _set_cpu_threads(spec, accelerator)
     set_seed(spec.train.seed)
     return Trainer(spec, accelerator, run_dir, checkpoint).fit()
+
+
+def _set_cpu_threads(spec: Spec, accelerator) -> None:
+    """Use the machine's cores: ``accelerate launch`` sets OMP_NUM_THREADS=1 for CPU processes."""
+    choice = spec.train.cpu_threads
+    if choice == "env" or accelerator.device.type != "cpu":
+        return
+    if choice == "auto":
+        local = int(
+            os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes if accelerator.num_processes else 1)
+        )
+        choice = max(1, len(os.sched_getaffinity(0)) // max(local, 1))
+    torch.set_num_threads(choice)
+    log.info(f"{torch.get_num_threads()} CPU thread(s) per process (train.cpu_threads)")
 
 
 class Trainer:
@@ -134,7 +150,7 @@ class Trainer:
 
         self.spec, self.acc, self.run_dir = spec, accelerator, run_dir
         t = spec.train
-        world, accum = accelerator.num_processes, t.grad_accum_steps
+        world, accum = accelerator.num_processes, accelerator.gradient_accumulation_steps
         if spec.data.batch_size % (world * accum):
             raise UserError(
                 f"data.batch_size: {spec.data.batch_size} is not divisible by {world} process(es) x "
@@ -203,7 +219,7 @@ class Trainer:
             last = (epoch_done and self.state["epoch"] >= t.epochs) or stop
             if last or (epoch_done and self.state["epoch"] % t.eval_every == 0):
                 final_eval = self.evaluate()
-            if last or (epoch_done and self.state["epoch"] % t.checkpoint_every == 0):
+            if t.checkpoints and (last or (epoch_done and self.state["epoch"] % t.checkpoint_every == 0)):
                 self.last_checkpoint = save_checkpoint(
                     self.acc, self.run_dir, dict(self.state), t.keep_checkpoints
                 )

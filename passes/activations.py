@@ -21,7 +21,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from cmtkd_graph.passes.tracer import copy_graph_module, qualname, unique_target
+from cmtkd_graph.passes.graph_pass import graph_pass
+from cmtkd_graph.passes.tracer import qualname, unique_target
 from torch import fx, nn
 
 
@@ -92,9 +93,9 @@ _INPLACE_METHODS = {
 }
 
 
-def functional_to_modules(gm: fx.GraphModule) -> fx.GraphModule:
+@graph_pass
+def functional_to_modules(gm: fx.GraphModule) -> None:
     """Replace functional activation / dropout calls by calls of new modules named after the node."""
-    gm = copy_graph_module(gm)
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _FUNCTIONAL:
             make = _FUNCTIONAL[node.target]
@@ -111,17 +112,14 @@ def functional_to_modules(gm: fx.GraphModule) -> fx.GraphModule:
         new.meta["qualname"] = target
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
 
 
-def unshare_modules(gm: fx.GraphModule) -> fx.GraphModule:
+@graph_pass
+def unshare_modules(gm: fx.GraphModule) -> None:
     """Give every call site of a parameter-free, buffer-free module its own copy.
 
     Modules with parameters or buffers called several times (weight sharing) stay shared.
     """
-    gm = copy_graph_module(gm)
     calls: dict[str, list[fx.Node]] = defaultdict(list)
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -135,18 +133,16 @@ def unshare_modules(gm: fx.GraphModule) -> fx.GraphModule:
             gm.add_submodule(new_target, copy.deepcopy(module))
             node.target = new_target
             node.meta["qualname"] = new_target
-    gm.recompile()
-    return gm
 
 
-def remove_inplace(gm: fx.GraphModule) -> fx.GraphModule:
+@graph_pass
+def remove_inplace(gm: fx.GraphModule) -> None:
     """Turn in-place modules, functions and methods into their out-of-place forms (same values)."""
-    gm = copy_graph_module(gm)
     for node in gm.graph.nodes:
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             if getattr(module, "inplace", False) is True:
-                module.inplace = False  # our own copy (copy_graph_module), not the caller's
+                module.inplace = False
         elif node.op == "call_function":
             if node.target in _INPLACE_FUNCTIONS:
                 node.target = _INPLACE_FUNCTIONS[node.target]
@@ -154,10 +150,11 @@ def remove_inplace(gm: fx.GraphModule) -> fx.GraphModule:
                 node.kwargs = {**node.kwargs, "inplace": False}
         elif node.op == "call_method" and node.target in _INPLACE_METHODS:
             node.target = _INPLACE_METHODS[node.target]
-    gm.recompile()
-    return gm
 
 
-def explicit_activations(gm: fx.GraphModule) -> fx.GraphModule:
+@graph_pass
+def explicit_activations(gm: fx.GraphModule) -> None:
     """All three rewrites: functional -> modules, unshared call sites, no in-place ops."""
-    return remove_inplace(unshare_modules(functional_to_modules(gm)))
+    functional_to_modules.in_place(gm)
+    unshare_modules.in_place(gm)
+    remove_inplace.in_place(gm)

@@ -77,6 +77,7 @@ def compose_teachers(
     check_tap_shapes(taps, [f"teacher{k}" for k in range(k_count)])
     tap_names = [t.name for t in taps[0]] if taps and taps[0] else []
 
+    device = next((p.device for p in teachers[0].parameters()), None)
     root = nn.Module()
     fusions = nn.Module()
     for k, t in enumerate(teachers):
@@ -115,7 +116,7 @@ def compose_teachers(
             copy_until(k, stop)
             tap_nodes.append(stop)
         key = fusion_key(name)
-        fusions.add_module(key, ImportanceFusion(k_count, name))
+        fusions.add_module(key, ImportanceFusion(k_count, name).to(device))
         fused = graph.call_module(f"fusion.{key}", tuple(envs[k][tap_nodes[k]] for k in range(k_count)))
         fused.meta = {
             "qualname": f"fusion.{key}",
@@ -131,7 +132,7 @@ def compose_teachers(
         if combine == "importance"
         else MeanFusion(k_count, OUTPUT_FUSION)
     )
-    fusions.add_module(OUTPUT_FUSION, out_fusion)
+    fusions.add_module(OUTPUT_FUSION, out_fusion.to(device))
     combined = graph.call_module(f"fusion.{OUTPUT_FUSION}", tuple(each_logits))
     combined.meta = {
         "qualname": f"fusion.{OUTPUT_FUSION}",

@@ -9,48 +9,60 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from cmtkd_graph.passes.graph_pass import graph_pass
 from cmtkd_graph.passes.taps import Tap
-from cmtkd_graph.passes.tracer import copy_graph_module, nodes_by_qualname
+from cmtkd_graph.passes.tracer import nodes_by_qualname
 from torch import fx
 
 LOGITS = "logits"
 FEATURES = "features"
 
 
-def keep_main_output(gm: fx.GraphModule) -> fx.GraphModule:
+@graph_pass
+def keep_main_output(gm: fx.GraphModule) -> None:
     """Make the graph return only the main logits tensor.
 
     GoogLeNet / Inception v3 traced in training mode return ``(logits, aux...)``; the auxiliary heads
     are not part of CMT-KD, so they are removed with their modules (a torchvision checkpoint then
     reports their keys as unexpected, never a torchvision key as missing).
     """
-    gm = copy_graph_module(gm)
     out = _output_node(gm)
     value = out.args[0]
-    if isinstance(value, fx.Node):
-        return gm
+    if _is_tuple_construction(value):  # FX records `return GoogLeNetOutputs(logits, ...)` as a call
+        fields = getattr(value.target, "_fields", ())
+        value = value.args[fields.index(LOGITS) if LOGITS in fields else 0]
     if isinstance(value, tuple | list) and value and isinstance(value[0], fx.Node):
-        out.args = (value[0],)
+        value = value[0]
     elif isinstance(value, dict) and isinstance(value.get(LOGITS), fx.Node):
-        out.args = (value[LOGITS],)
-    else:
+        value = value[LOGITS]
+    if not isinstance(value, fx.Node):
         raise ValueError(f"cannot find the logits among the model outputs {value!r}")
+    if value is out.args[0]:
+        return
+    out.args = (value,)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
-    gm.recompile()
-    return gm
+
+
+def _is_tuple_construction(value: object) -> bool:
+    return (
+        isinstance(value, fx.Node)
+        and value.op == "call_function"
+        and isinstance(value.target, type)
+        and issubclass(value.target, tuple)
+    )
 
 
 def _output_node(gm: fx.GraphModule) -> fx.Node:
     return next(n for n in reversed(gm.graph.nodes) if n.op == "output")
 
 
-def expose_taps(gm: fx.GraphModule, taps: Sequence[Tap]) -> fx.GraphModule:
+@graph_pass
+def expose_taps(gm: fx.GraphModule, taps: Sequence[Tap]) -> None:
     """Return ``{"logits": logits, "features": {tap.name: feature}}`` instead of the logits alone.
 
     Channels-last taps (Swin stages, NHWC) are permuted to NCHW so every loss sees [B, C, H, W].
     """
-    gm = copy_graph_module(gm)
     by_name = nodes_by_qualname(gm)
     out = _output_node(gm)
     logits = out.args[0]
@@ -63,6 +75,3 @@ def expose_taps(gm: fx.GraphModule, taps: Sequence[Tap]) -> fx.GraphModule:
             node.meta["qualname"] = f"{tap.node}.to_nchw"
         features[tap.name] = node
     out.args = ({LOGITS: logits, FEATURES: features},)
-    gm.graph.lint()
-    gm.recompile()
-    return gm

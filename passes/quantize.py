@@ -4,6 +4,10 @@ For one model and its bit-widths (METHOD.md §3):
 
 * every ``nn.Conv2d`` / ``nn.Linear`` call becomes a ``QuantConv2d`` / ``QuantLinear`` whose
   ``weight``/``bias`` keep their names (``layer1.0.conv1.weight``), so float checkpoints still load;
+* attention modules whose projections torchvision runs functionally (``nn.MultiheadAttention`` in ViT,
+  ``ShiftedWindowAttention(V2)`` in Swin) are layers too: each call becomes a quantized twin
+  (``cmtkd_graph.quantizers.attention``) that quantizes the projection weights and the input of the
+  output projection inside; its input is quantized by a node like any layer's;
 * an activation quantizer node is inserted on the input edge of each quantized layer, stored as the
   layer's child ``input_quantizer`` (state dict ``layer1.0.conv1.input_quantizer.*``), unsigned when
   the producer is non-negative (ReLU-like, possibly through pooling/reshaping), signed otherwise;
@@ -23,10 +27,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from cmtkd_graph.passes.tracer import copy_graph_module, qualname, replace_submodule, unique_target
+from cmtkd_graph.passes.graph_pass import graph_pass
+from cmtkd_graph.passes.tracer import qualname, replace_submodule, unique_target
 from torch import fx, nn
 
 from cmtkd_graph.quantizers import FULL_PRECISION, QuantizerFamily
+from cmtkd_graph.quantizers.attention import ATTENTION_TYPES, QUANTIZED_ATTENTION_TYPES, quantize_attention
 from cmtkd_graph.quantizers.layers import QuantConv2d, QuantLinear
 
 META = "cmtkd"
@@ -40,9 +46,10 @@ class LayerBits:
 
 
 def quantizable_layer_types() -> tuple[type[nn.Module], ...]:
-    return (nn.Conv2d, nn.Linear)
+    return (nn.Conv2d, nn.Linear, *ATTENTION_TYPES)
 
 
+@graph_pass
 def quantize(
     gm: fx.GraphModule,
     family: QuantizerFamily,
@@ -51,13 +58,11 @@ def quantize(
     act_bits: int,
     first_layer_bits: int = FULL_PRECISION,
     last_layer_bits: int = FULL_PRECISION,
-) -> fx.GraphModule:
-    """Return a copy of ``gm`` with quantized layers and input quantizers (see module docstring)."""
-    gm = copy_graph_module(gm)
+) -> None:
+    """Quantized layers and input quantizers (see module docstring); ``quantize(gm)`` returns a copy."""
     layers = find_layers(gm)
     first, last = first_and_last_layers(gm, layers)
     nonneg = nonnegative_nodes(gm)
-    quantized_targets: dict[str, nn.Module] = {}
     for node in layers:
         position = "first" if node in first else "last" if node in last else "inner"
         if position == "first":
@@ -66,11 +71,9 @@ def quantize(
             bits = LayerBits(last_layer_bits, last_layer_bits)
         else:
             bits = LayerBits(weight_bits, act_bits)
-        module = gm.get_submodule(node.target)
-        already = isinstance(module, QuantConv2d | QuantLinear) or node.target in quantized_targets
-        if bits.weight != FULL_PRECISION and not already:  # a layer called at several sites is swapped once
-            quantized_targets[node.target] = _quantized_layer(module, family.weight(bits.weight))
-            replace_submodule(gm, node.target, quantized_targets[node.target])
+        quantized = _quantized_layer(gm.get_submodule(node.target), family, bits)
+        if quantized is not None:
+            replace_submodule(gm, node.target, quantized)
         node.meta[META] = {
             "role": "layer",
             "position": position,
@@ -80,9 +83,6 @@ def quantize(
         }
         if bits.act != FULL_PRECISION:
             _insert_input_quantizer(gm, node, family, bits.act, signed=node.args[0] not in nonneg)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
 
 
 def _reason(position: str, bits: LayerBits) -> str:
@@ -91,10 +91,20 @@ def _reason(position: str, bits: LayerBits) -> str:
     return f"{position} layer quantized"
 
 
-def _quantized_layer(module: nn.Module, weight_quantizer: nn.Module) -> nn.Module:
+def _quantized_layer(module: nn.Module, family: QuantizerFamily, bits: LayerBits) -> nn.Module | None:
+    """The quantized twin of a float layer, or None when it stays as it is."""
+    if isinstance(module, (QuantConv2d, QuantLinear, *QUANTIZED_ATTENTION_TYPES)):
+        return None  # a layer called at several sites is swapped once
+    if isinstance(module, ATTENTION_TYPES):
+        # it quantizes an activation inside (the output projection's input), so W32Ab swaps it too
+        if bits.weight == bits.act == FULL_PRECISION:
+            return None
+        return quantize_attention(module, family, weight_bits=bits.weight, act_bits=bits.act)
+    if bits.weight == FULL_PRECISION:
+        return None
     if isinstance(module, nn.Conv2d):
-        return QuantConv2d.from_float(module, weight_quantizer)
-    return QuantLinear.from_float(module, weight_quantizer)
+        return QuantConv2d.from_float(module, family.weight(bits.weight))
+    return QuantLinear.from_float(module, family.weight(bits.weight))
 
 
 def _insert_input_quantizer(
@@ -118,11 +128,11 @@ def _insert_input_quantizer(
             "producer": qualname(source) if isinstance(source, fx.Node) else None,
         },
     }
-    layer.args = (quant, *layer.args[1:])
+    layer.replace_input_with(source, quant)  # every use: self-attention takes it as query, key and value
 
 
 def find_layers(gm: fx.GraphModule) -> list[fx.Node]:
-    """Call sites of conv/linear modules, in execution order."""
+    """Call sites of conv/linear/attention modules, in execution order."""
     types = quantizable_layer_types()
     return [
         n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), types)

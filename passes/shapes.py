@@ -1,4 +1,4 @@
-"""Output shapes of every node without computing anything (fake tensors), for tap checks and inspection."""
+"""Output shapes of every node without computing anything (meta tensors), for tap checks and inspection."""
 
 from __future__ import annotations
 
@@ -34,7 +34,32 @@ def propagate_shapes(gm: fx.GraphModule, input_shape: Sequence[int]) -> dict[fx.
         if isinstance(value, torch.Tensor):
             node.meta["val"] = value
             shapes[node] = value.shape
+        else:
+            node.meta.pop("val", None)  # e.g. an output that became a dict since an earlier propagation
     return shapes
+
+
+def copy_shapes(source: fx.GraphModule, target: fx.GraphModule) -> bool:
+    """Give ``target`` the propagated shapes of ``source`` when their graphs have the same nodes.
+
+    For networks built from the same architecture, builder arguments and surgery (teachers that differ
+    only in bit-widths): same nodes means same shapes, without running anything. Returns False (and
+    copies nothing) when the node lists differ.
+    """
+    pairs = list(zip(source.graph.nodes, target.graph.nodes, strict=False))
+    propagated = any(isinstance(a.meta.get("val"), torch.Tensor) for a, _ in pairs)
+    same = (
+        propagated
+        and len(source.graph.nodes) == len(target.graph.nodes)
+        and all(
+            qualname(a) == qualname(b) and a.op == b.op and str(a.target) == str(b.target) for a, b in pairs
+        )
+    )
+    if same:
+        for a, b in pairs:
+            if isinstance(a.meta.get("val"), torch.Tensor):
+                b.meta["val"] = a.meta["val"]
+    return same
 
 
 class _Recorder(fx.Interpreter):

@@ -1,6 +1,7 @@
 """Model-surgery passes, run on the traced float model before quantization (spec: ``surgery:``).
 
-Each pass is ``(gm, **options) -> GraphModule`` and registered by name in ``SURGERIES``:
+Each pass is ``(gm, **options) -> GraphModule`` (pure; ``.in_place`` rewrites ``gm`` itself) and is
+registered by name in ``SURGERIES``:
 
 * ``bn_after_every_layer`` — the paper's AlexNet-BN: a BatchNorm after every conv and fully-connected
   layer (HWGQ / DoReFa practice), by default not after the classifier output layer;
@@ -15,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from cmtkd_graph.passes.graph_pass import graph_pass
 from cmtkd_graph.passes.quantize import find_layers, first_and_last_layers
-from cmtkd_graph.passes.tracer import copy_graph_module, qualname, replace_submodule, unique_target
+from cmtkd_graph.passes.tracer import qualname, replace_submodule, unique_target
 from torch import fx, nn
 
 from cmtkd_graph.errors import UserError
@@ -26,28 +28,33 @@ SurgeryPass = Callable[..., fx.GraphModule]
 SURGERIES: Registry[SurgeryPass] = Registry("surgery pass")
 
 
-def run_surgery(gm: fx.GraphModule, name: str, options: dict | None = None) -> fx.GraphModule:
-    """Run a registered pass by name, turning bad options into a clear error."""
+def run_surgery(
+    gm: fx.GraphModule, name: str, options: dict | None = None, *, in_place: bool = False
+) -> fx.GraphModule:
+    """Run a registered pass by name (on a copy, or ``in_place``), turning bad options into a clear error."""
     fn = SURGERIES.get(name)
     try:
-        return fn(gm, **(options or {}))
+        result = fn.in_place(gm, **(options or {})) if in_place else fn(gm, **(options or {}))
     except TypeError as err:
         raise UserError(f"surgery {name}: bad options {options}: {err}") from None
+    return gm if in_place else result
 
 
 @SURGERIES.register("bn_after_every_layer")
-def bn_after_every_layer(gm: fx.GraphModule, include_last: bool = False) -> fx.GraphModule:
+@graph_pass
+def bn_after_every_layer(gm: fx.GraphModule, include_last: bool = False) -> None:
     """Insert ``BatchNorm2d``/``BatchNorm1d`` after every conv/linear that is not already followed by one.
 
     The new module sits beside its layer as ``<layer>_bn`` (``features.0`` -> ``features.0_bn``), so the
     original torchvision parameter names are untouched.
     """
-    gm = copy_graph_module(gm)
     layers = find_layers(gm)
     _, last = first_and_last_layers(gm, layers)
     for node in layers:
         if node in last and not include_last:
             continue
+        if not isinstance(gm.get_submodule(node.target), nn.Conv2d | nn.Linear):
+            continue  # an attention module: its linears are inside it
         users = list(node.users)
         if (
             len(users) == 1
@@ -69,9 +76,6 @@ def bn_after_every_layer(gm: fx.GraphModule, include_last: bool = False) -> fx.G
         for user in list(node.users):
             if user is not bn_node:
                 user.replace_input_with(node, bn_node)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
 
 
 def _first_conv(gm: fx.GraphModule, surgery: str) -> fx.Node:
@@ -84,11 +88,11 @@ def _first_conv(gm: fx.GraphModule, surgery: str) -> fx.Node:
 
 
 @SURGERIES.register("cifar_stem")
+@graph_pass
 def cifar_stem(
     gm: fx.GraphModule, kernel_size: int = 3, stride: int = 1, remove_maxpool: bool = True
-) -> fx.GraphModule:
+) -> None:
     """Replace the first conv by a small-image stem and drop the max-pool that follows it."""
-    gm = copy_graph_module(gm)
     node = _first_conv(gm, "cifar_stem")
     old: nn.Conv2d = gm.get_submodule(node.target)
     new = nn.Conv2d(
@@ -112,9 +116,6 @@ def cifar_stem(
         pool.replace_all_uses_with(pool.args[0])
         gm.graph.erase_node(pool)
         gm.delete_all_unused_submodules()
-    gm.graph.lint()
-    gm.recompile()
-    return gm
 
 
 def _next_maxpool(gm: fx.GraphModule, start: fx.Node) -> fx.Node | None:
@@ -133,9 +134,9 @@ def _next_maxpool(gm: fx.GraphModule, start: fx.Node) -> fx.Node | None:
 
 
 @SURGERIES.register("grey_input")
-def grey_input(gm: fx.GraphModule) -> fx.GraphModule:
+@graph_pass
+def grey_input(gm: fx.GraphModule) -> None:
     """Make the first conv take one input channel (weights: sum over the RGB filters)."""
-    gm = copy_graph_module(gm)
     node = _first_conv(gm, "grey_input")
     old: nn.Conv2d = gm.get_submodule(node.target)
     if old.groups != 1:
@@ -157,5 +158,3 @@ def grey_input(gm: fx.GraphModule) -> fx.GraphModule:
         if old.bias is not None:
             new.bias.copy_(old.bias)
     replace_submodule(gm, node.target, new)
-    gm.recompile()
-    return gm

@@ -105,7 +105,8 @@ def _stage_ends(gm: fx.GraphModule) -> list[str]:
     """The output of every stage: for each point where the main path's resolution drops, the end of the
     module that runs just before the downsampling module starts (see :func:`_boundary_before`)."""
     nodes = list(gm.graph.nodes)
-    cut = [n for n in nodes if n in _cut_nodes(gm) and n.op != "placeholder" and shape_of(n) is not None]
+    on_every_path = _cut_nodes(gm)
+    cut = [n for n in nodes if n in on_every_path and n.op != "placeholder" and shape_of(n) is not None]
     layer_sizes = {shape_of(n)[2:] for n in find_layers(gm) if len(shape_of(n) or ()) == 4}
     ends: list[fx.Node] = []
     size: tuple[int, ...] | None = None

@@ -7,8 +7,9 @@ module calls are named by their module path (``layer1.0.conv1``; a second call o
 
 Unlike ``create_feature_extractor`` we never stop at torchvision's composite blocks
 (``Conv2dNormActivation``, ``BasicBlock``...): only ``torch.nn`` leaf layers, our quantizers and
-fusion modules, and torchvision's mode-dependent ``StochasticDepth`` are leaves, so every real
-conv/linear is a node of its own.
+fusion modules, torchvision's mode-dependent ``StochasticDepth`` and the attention modules whose
+projections run functionally (``nn.MultiheadAttention``, Swin's ``ShiftedWindowAttention(V2)``, and
+their quantized twins) are leaves, so every real conv/linear/attention is a node of its own.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ def _extra_leaf_types() -> tuple[type, ...]:
 
     from cmtkd_graph.fusion import Fusion
     from cmtkd_graph.quantizers import Quantizer
+    from cmtkd_graph.quantizers.attention import ATTENTION_TYPES
     from cmtkd_graph.quantizers.layers import QuantConv2d, QuantLinear
 
     # StochasticDepth decides train/eval behaviour with a Python `if`, which tracing would freeze.
-    return (Quantizer, QuantConv2d, QuantLinear, Fusion, StochasticDepth)
+    # Attention modules are swapped whole by the quantization pass (their subclasses are the twins).
+    return (Quantizer, QuantConv2d, QuantLinear, Fusion, StochasticDepth, *ATTENTION_TYPES)
 
 
 class GraphTracer(fx.Tracer):

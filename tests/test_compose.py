@@ -227,7 +227,7 @@ def test_composed_state_dict_names():
 def test_mean_combination_and_importance_report():
     system = cg.build_system(spec_for(2, [4, 8], distill={"combine": "mean"}), device="meta")
     assert set(system.importance()) == set(STAGES)  # the output mean has no learned weights
-    system = cg.build_system(spec_for(2, [4, 8]), device="meta")
+    system = cg.build_system(spec_for(2, [4, 8]))
     assert set(system.importance()) == {*STAGES, "output"}
     assert system.importance()["layer1"].tolist() == [0.5, 0.5]
 
@@ -297,3 +297,21 @@ def test_build_does_not_touch_the_passes_inputs():
     before = copy.deepcopy(str(gm.graph)), {n: type(m) for n, m in gm.named_modules()}
     quantize(gm, build_quantizer_family("hwgq"), weight_bits=2, act_bits=2)
     assert (str(gm.graph), {n: type(m) for n, m in gm.named_modules()}) == before
+
+
+def test_taps_command_lists_nodes_with_shapes_and_marks_auto(capsys):
+    from cmtkd_graph.cli import main
+
+    assert main(["taps", "resnet18", "--input-size", "32", "--surgery", "cifar_stem"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "resnet18 at 3x32x32: 66 nodes, * = auto taps"  # 4-D maps (incl. avgpool) and fc
+    rows = {line[2:].split()[0]: (line[0], line[2:].split()[1:]) for line in lines[1:-1]}
+    marked = [name for name, (mark, _) in rows.items() if mark == "*"]
+    assert marked == ["layer1.1.relu_1", "layer2.1.relu_1", "layer3.1.relu_1", "layer4.1.relu_1"]
+    assert rows["layer2.0.conv1"][1] == ["Conv2d", "[128,", "16,", "16]"]
+    assert lines[-1] == "auto: layer1, layer2, layer3, layer4"
+    assert main(["taps", "alexnet"]) == 0
+    out = capsys.readouterr().out
+    assert "auto: features.1, features.4, features.11" in out
+    assert main(["taps", "resnt18"]) == 2
+    assert "did you mean resnet18" in capsys.readouterr().err

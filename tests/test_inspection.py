@@ -24,17 +24,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pydot")  # p
 TEACHER_BITS = (4, 6, 8)
 STUDENT_BITS = 2
 TAPS = ("layer1", "layer2", "layer3", "layer4")
-THREE_TEACHERS = [
-    "teachers=[{weight_bits: 4, act_bits: 4}, {weight_bits: 6, act_bits: 6}, {weight_bits: 8, act_bits: 8}]",
-    "quantizer.name=hwgq",
-    "taps.teachers=[layer1, layer2, layer3, layer4]",
-]
+PAPER = "resnet18"  # specs/resnet18.yaml: CIFAR-100 ResNet18 (3x3 stem), W2A2 student, 4/6/8-bit teachers
 
 
 @pytest.fixture(scope="module")
 def system() -> cg.CMTKDSystem:
-    """The quickstart resnet18 (W2A2 student) with three teachers at 4/6/8 bits, on the meta device."""
-    return cg.build_system(cg.load_spec("quickstart", THREE_TEACHERS), device="meta", load=False)
+    """The paper's resnet18 system (W2A2 student, teachers at 4/6/8 bits, layer1..4), on the meta device."""
+    return cg.build_system(cg.load_spec(PAPER), device="meta", load=False)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +138,7 @@ def test_every_quantized_conv_has_one_weight_and_one_input_quantizer(
 
 def test_shapes_dtypes_and_roles(read_back: dict[str, nx.DiGraph]) -> None:
     graph = read_back["graphml"]  # lists are JSON strings in GraphML
-    assert json.loads(graph.nodes["fusion/layer1"]["output_shape"]) == [2, 64, 28, 28]
+    assert json.loads(graph.nodes["fusion/layer1"]["output_shape"]) == [2, 64, 32, 32]
     assert json.loads(graph.nodes["teacher2/layer4.1.relu_1"]["output_shape"]) == [2, 512, 4, 4]
     assert graph.nodes["student/fc"]["dtype"] == "float32"
     assert nodes_where(graph, role="input") == ["input"]
@@ -185,7 +181,7 @@ def test_which_selects_one_graph(system: cg.CMTKDSystem) -> None:
     assert {a.get("network") for _, a in student.nodes(data=True)} == {"student", None}
     assert "input" in student and "input" in teachers
     single = cg.build_system(
-        cg.load_spec("quickstart", ["method=single", "teachers=[]", "distill.feature_loss=none"]),
+        cg.load_spec(PAPER, ["method=single", "teachers=[]", "distill={}"]),
         device="meta",
     )
     assert len(system_graph(single)) == len(system_graph(single, which="student"))
@@ -194,7 +190,7 @@ def test_which_selects_one_graph(system: cg.CMTKDSystem) -> None:
 
 
 def test_fitnet_adapters_sit_between_student_taps_and_losses() -> None:
-    spec = cg.load_spec("quickstart", ["distill.feature_loss=fitnet"])
+    spec = cg.load_spec(PAPER, ["distill.feature_loss=fitnet"])
     graph = system_graph(cg.build_system(spec, device="meta", load=False))
     adapters = nodes_where(graph, role="adapter")
     assert sorted(adapters) == [f"adapter/{t}" for t in TAPS]
@@ -216,7 +212,7 @@ def test_without_graphviz_the_cli_writes_the_dot_file_and_says_so(
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # what graphviz_dot() searches
     out = tmp_path / "blocks.png"
-    assert main(["inspect", "quickstart", "--view", "blocks", "--out", str(out)]) == 2
+    assert main(["inspect", PAPER, "--view", "blocks", "--out", str(out)]) == 2
     error = capsys.readouterr().err
     assert "Graphviz `dot` is not installed" in error and str(tmp_path / "blocks.dot") in error
     assert not out.exists()
@@ -225,19 +221,19 @@ def test_without_graphviz_the_cli_writes_the_dot_file_and_says_so(
 
 def test_cli_writes_the_file_named_by_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "teachers.graphml"
-    assert main(["inspect", "quickstart", "--out", str(out), "--which", "teachers", "--view", "blocks"]) == 0
+    assert main(["inspect", PAPER, "--out", str(out), "--which", "teachers", "--view", "blocks"]) == 0
     graph = nx.read_graphml(out)
     assert len(nodes_where(graph, role="fusion")) == len(TAPS) + 1
     assert not nodes_where(graph, network="student")
     assert f"wrote {out}" in capsys.readouterr().out
-    assert main(["inspect", "quickstart", "--out", str(tmp_path / "graph.txt")]) == 2
+    assert main(["inspect", PAPER, "--out", str(tmp_path / "graph.txt")]) == 2
     assert "cannot tell the format" in capsys.readouterr().err
 
 
 def test_cli_summary_counts_layers_taps_and_parameters(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["inspect", "quickstart"]) == 0
+    assert main(["inspect", PAPER]) == 0
     text = capsys.readouterr().out
-    student = cg.build_system(cg.load_spec("quickstart"), device="meta", load=False).student
+    student = cg.build_system(cg.load_spec(PAPER), device="meta", load=False).student
     params = sum(p.numel() for p in student.parameters())
     section = text.split("\nteacher0")[0]
     assert f"student (resnet18 W2A2): {params:,} parameters" in section
@@ -248,8 +244,8 @@ def test_cli_summary_counts_layers_taps_and_parameters(capsys: pytest.CaptureFix
     ) in section
     assert "  input quantizers   19 (19 unsigned, 0 signed)\n" in section
     assert "layer4 = layer4.1.relu_1 [2, 512, 4, 4]" in section
-    assert "teacher1 (resnet18 W8A8)" in text and "W8A8: 19 QuantConv2d" in text
-    assert "fusion: 5 nodes, 10 parameters" in text
+    assert "teacher2 (resnet18 W8A8)" in text and "W8A8: 19 QuantConv2d" in text
+    assert "fusion: 5 nodes, 15 parameters" in text
 
 
 def write_run(run_dir: Path, logits: dict[str, list[float]]) -> None:
@@ -265,26 +261,29 @@ def write_run(run_dir: Path, logits: dict[str, list[float]]) -> None:
 def test_cli_checkpoint_puts_softmax_importance_on_fusion_nodes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    logits = {t: [0.0, 0.0] for t in TAPS} | {"layer1": [0.0, math.log(3)], "output": [math.log(4), 0.0]}
+    logits = {t: [0.0, 0.0, 0.0] for t in TAPS} | {
+        "layer1": [0.0, math.log(3), 0.0],
+        "output": [math.log(4), 0.0, 0.0],
+    }
     write_run(tmp_path / "run", logits)
     out = tmp_path / "system.json"
-    assert main(["inspect", "quickstart", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert main(["inspect", PAPER, "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
     graph = nx.node_link_graph(json.loads(out.read_text()), edges="edges")
-    assert graph.nodes["fusion/layer1"]["importance"] == pytest.approx([0.25, 0.75])
-    assert graph.nodes["fusion/output"]["importance"] == pytest.approx([0.8, 0.2])
-    assert graph.nodes["fusion/layer2"]["importance"] == pytest.approx([0.5, 0.5])
+    assert graph.nodes["fusion/layer1"]["importance"] == pytest.approx([0.2, 0.6, 0.2])
+    assert graph.nodes["fusion/output"]["importance"] == pytest.approx([4 / 6, 1 / 6, 1 / 6], abs=1e-6)
+    assert graph.nodes["fusion/layer2"]["importance"] == pytest.approx([1 / 3, 1 / 3, 1 / 3], abs=1e-6)
     capsys.readouterr()
-    assert main(["inspect", "quickstart", "--checkpoint", str(tmp_path / "run")]) == 0
-    assert "; importance 0.250, 0.750" in capsys.readouterr().out
+    assert main(["inspect", PAPER, "--checkpoint", str(tmp_path / "run")]) == 0
+    assert "; importance 0.200, 0.600, 0.200" in capsys.readouterr().out
 
 
 def test_cli_checkpoint_errors_name_the_missing_piece(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["inspect", "quickstart", "--checkpoint", str(tmp_path)]) == 2
+    assert main(["inspect", PAPER, "--checkpoint", str(tmp_path)]) == 2
     assert "checkpoints/latest is missing" in capsys.readouterr().err
-    write_run(tmp_path / "run", {"layer1": [0.0, 1.0]})
-    assert main(["inspect", "quickstart", "--checkpoint", str(tmp_path / "run")]) == 2
+    write_run(tmp_path / "run", {"layer1": [0.0, 1.0, 2.0]})
+    assert main(["inspect", PAPER, "--checkpoint", str(tmp_path / "run")]) == 2
     assert "has no teachers.fusion.layer2.logits" in capsys.readouterr().err
 
 

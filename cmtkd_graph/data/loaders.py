@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader
 
 from cmtkd_graph.data.bundle import DataBundle
 from cmtkd_graph.data.imagefolder import DropSkipped
+from cmtkd_graph.data.seeding import SeededSamples
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.spec import DataSpec
 
@@ -17,8 +18,8 @@ def build_loaders(
     """(train, eval) loaders. Train: reshuffled every epoch from ``seed``, incomplete last batch dropped.
 
     Both collate with `DropSkipped`, so a batch is smaller (possibly empty) when unreadable images
-    were skipped (``corrupt_images: skip``). The seeded generator also seeds the random augmentation
-    in worker processes; with ``num_workers: 0`` it runs on the caller's global torch RNG.
+    were skipped (``corrupt_images: skip``). Training samples are `SeededSamples`: their random
+    augmentation depends only on (seed, epoch, index), whichever process or worker produces them.
     """
     if len(bundle.train) < train_batch_size:
         raise UserError(
@@ -33,7 +34,7 @@ def build_loaders(
         collate_fn=DropSkipped((bundle.in_channels, bundle.image_size, bundle.image_size)),
     )
     train = DataLoader(
-        bundle.train,
+        SeededSamples(bundle.train, seed),
         batch_size=train_batch_size,
         shuffle=True,
         drop_last=True,

@@ -25,7 +25,7 @@ class Quantizer(nn.Module):
 
     Subclasses implement :meth:`quantize` on a float32 tensor; :meth:`forward` upcasts the input
     (mixed precision would otherwise round the levels) and returns the input's dtype.
-    Quantizers must also run on the meta device (no ``.item()``, no data-dependent Python).
+    On the meta device a quantizer passes its input through (shape and dtype are what matter there).
     """
 
     def __init__(self, bits: int, signed: bool):
@@ -39,6 +39,10 @@ class Quantizer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_meta:
+            # Nothing is computed on the meta device (structure and shape checks of whole systems),
+            # and levels have the input's shape and dtype: skip the elementwise work, which is slow there.
+            return x
         dtype = x.dtype
         return self.quantize(x.float()).to(dtype)
 

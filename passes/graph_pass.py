@@ -1,0 +1,39 @@
+"""How passes are written: in place on a GraphModule, made pure by ``@graph_pass``.
+
+``@graph_pass`` turns ``fn(gm, **options) -> None`` (rewrites ``gm`` in place) into the public pure
+pass ``fn(gm, **options) -> GraphModule`` that works on a copy (weights shared, modules and graph
+copied), checks the graph and regenerates its code. ``fn.in_place`` is the in-place version, so a
+pipeline that owns its graph (``cmtkd_graph.system.build_network``) skips the copies and recompiles
+once at the end: copying and code generation dominated build times for large models.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from cmtkd_graph.passes.tracer import copy_graph_module
+from torch import fx
+
+InPlacePass = Callable[..., None]
+
+
+def graph_pass(fn: InPlacePass) -> Callable[..., fx.GraphModule]:
+    """Decorator: the pure version of an in-place pass, with the original as ``.in_place``."""
+
+    @functools.wraps(fn)
+    def pure(gm: fx.GraphModule, *args: Any, **kwargs: Any) -> fx.GraphModule:
+        new = copy_graph_module(gm)
+        fn(new, *args, **kwargs)
+        return finish(new)
+
+    pure.in_place = fn  # type: ignore[attr-defined]
+    return pure
+
+
+def finish(gm: fx.GraphModule) -> fx.GraphModule:
+    """Check the graph and regenerate ``gm.forward`` after in-place passes."""
+    gm.graph.lint()
+    gm.recompile()
+    return gm

@@ -1,0 +1,80 @@
+"""The wheel: `passes/` ships as `cmtkd_graph.passes` (no top-level `passes`), specs are package data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+from .conftest import REPO
+
+
+def test_wheel_contains_the_passes_as_a_subpackage(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(REPO),
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = tmp_path.glob("cmtkd_graph-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in ("tracer", "activations", "quantize", "surgery", "taps", "outputs", "compose", "shapes"):
+        assert f"cmtkd_graph/passes/{module}.py" in names
+    assert not any(n.startswith("passes/") for n in names)  # no generic top-level module
+    assert "cmtkd_graph/specs/quickstart.yaml" in names and "cmtkd_graph/specs/resnet18.yaml" in names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "cmtkd-graph = cmtkd_graph.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_installed_wheel_imports_passes_outside_the_repository(tmp_path):
+    """Install the wheel into a fresh target directory and import from somewhere else."""
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(REPO),
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheel_dir),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    (wheel,) = wheel_dir.glob("*.whl")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    code = (
+        "import cmtkd_graph, cmtkd_graph.passes.compose as c, cmtkd_graph.spec_io as s; "
+        "print(c.__file__); print(s.load_spec('quickstart').name)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    path, name = result.stdout.split()
+    assert path.startswith(str(target)) and name == "quickstart"

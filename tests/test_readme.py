@@ -1,0 +1,44 @@
+"""The README stays true: its commands are what CI runs, its spec reference is the spec."""
+
+from __future__ import annotations
+
+import re
+
+from cmtkd_graph.summary import spec_reference
+
+from .conftest import REPO
+
+README = (REPO / "README.md").read_text()
+
+
+def _bash_blocks() -> list[str]:
+    return re.findall(r"```bash\n(.*?)\n```", README, flags=re.S)
+
+
+def test_ci_runs_the_readme_test_command():
+    test_command = next(b for b in _bash_blocks() if "pytest" in b)
+    ci = (REPO / ".ci" / "run").read_text()
+    assert test_command.strip() in ci.splitlines()
+
+
+def test_quickstart_command_launches_the_quickstart_spec():
+    quickstart = _bash_blocks()[0]
+    assert "accelerate launch -m cmtkd_graph.train specs/quickstart.yaml" in quickstart
+    assert "dataset-fashion-mnist" in quickstart and "pip install" in quickstart
+    assert (REPO / "specs" / "quickstart.yaml").is_file()
+
+
+def test_spec_reference_is_generated_from_the_spec():
+    block = README.split("<!-- spec-reference:start -->")[1].split("<!-- spec-reference:end -->")[0]
+    assert block.strip() == spec_reference().strip(), "regenerate with `cmtkd-graph schema --markdown`"
+
+
+def test_every_example_spec_is_listed():
+    for path in sorted((REPO / "specs").glob("*.yaml")):
+        assert f"`{path.name}`" in README or path.stem in README, path.name
+
+
+def test_no_placeholders_left():
+    assert not re.search(
+        r"\b(QUICKSTART_TIME|QUICKSTART_RESULT|TEST_TIME|MODEL_SUPPORT|PERFORMANCE)\b", README
+    )
