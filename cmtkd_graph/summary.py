@@ -95,29 +95,28 @@ def taps_table(
     everything: bool = False,
 ) -> str:
     """The tap-able nodes of a float ``arch`` with output shapes; ``*`` marks the ``auto`` taps."""
+    from cmtkd_graph.errors import UserError
     from cmtkd_graph.models import check_arch
-    from cmtkd_graph.passes.activations import explicit_activations
-    from cmtkd_graph.passes.outputs import keep_main_output
     from cmtkd_graph.passes.shapes import propagate_shapes, shape_of
-    from cmtkd_graph.passes.surgery import run_surgery
     from cmtkd_graph.passes.taps import auto_tap_names, resolve_tap, tappable_nodes
-    from cmtkd_graph.passes.tracer import qualname, trace
-    from cmtkd_graph.spec import ModelSpec
-    from cmtkd_graph.system import _instantiate
+    from cmtkd_graph.passes.tracer import qualname
+    from cmtkd_graph.spec import ModelSpec, SurgerySpec
+    from cmtkd_graph.system import float_network
 
     try:
         check_arch(arch)
     except ValueError as err:
-        from cmtkd_graph.errors import UserError
-
         raise UserError(str(err)) from None
     kwargs = {"num_classes": num_classes} if num_classes else {}
     model = ModelSpec(arch=arch, kwargs=kwargs, weight_bits=32, act_bits=32)
-    gm = explicit_activations(keep_main_output(trace(_instantiate(model, "meta"))))
-    for name in surgery:
-        gm = run_surgery(gm, name)
+    try:
+        steps = [SurgerySpec(name=name) for name in surgery]
+    except ValueError as err:
+        raise UserError(f"--surgery: {err}") from None
+    gm = float_network(model, steps, device="meta")
     propagate_shapes(gm, (1, in_channels, input_size, input_size))
-    auto = {resolve_tap(gm, name) for name in auto_tap_names(gm, arch)}
+    auto_names = auto_tap_names(gm, arch)
+    auto = {resolve_tap(gm, name) for name in auto_names}
     rows = []
     for node in tappable_nodes(gm):
         shape = shape_of(node)
@@ -133,12 +132,8 @@ def taps_table(
     kind_width = max(len(r[2]) for r in rows)
     header = f"{arch} at {in_channels}x{input_size}x{input_size}: {len(rows)} nodes, * = auto taps"
     lines = [header] + [f"{m} {n:<{width}}  {k:<{kind_width}}  {s}" for m, n, k, s in rows]
-    auto_names = ", ".join(auto_tap_names(gm, arch))
-    lines.append(f"auto: {auto_names}")
+    lines.append(f"auto: {', '.join(auto_names)}")
     return "\n".join(lines)
-
-
-__all__ = ["spec_summary", "taps_table"]
 
 
 def spec_reference() -> str:
@@ -200,3 +195,6 @@ def _type_name(annotation) -> str:
     if annotation is type(None):
         return "null"
     return getattr(annotation, "__name__", str(annotation))
+
+
+__all__ = ["spec_reference", "spec_summary", "taps_table"]

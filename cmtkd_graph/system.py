@@ -34,7 +34,7 @@ from cmtkd_graph.passes.surgery import run_surgery
 from cmtkd_graph.passes.taps import AUTO, Tap, resolve_taps
 from cmtkd_graph.passes.tracer import trace
 from cmtkd_graph.quantizers import build_quantizer_family
-from cmtkd_graph.spec import ModelSpec, Spec
+from cmtkd_graph.spec import ModelSpec, Spec, SurgerySpec
 
 log = logging.getLogger("cmtkd_graph")
 
@@ -49,22 +49,29 @@ class NetworkInfo:
     weights_report: str = ""
 
 
-def build_network(model: ModelSpec, spec: Spec, *, device: str | torch.device = "cpu") -> fx.GraphModule:
-    """One network through the pass pipeline (no taps yet). ``device="meta"`` allocates nothing.
+def float_network(
+    model: ModelSpec, surgery: list[SurgerySpec], *, device: str | torch.device = "cpu"
+) -> fx.GraphModule:
+    """The traced float network: main output only, explicit activations, surgery applied.
 
     The traced graph belongs to this function alone, so the passes run in place (one code generation
     at the end instead of a copy per pass).
     """
-    q = spec.quantizer
-    family = build_quantizer_family(q.name, q.options)
     gm = trace(_instantiate(model, device), train=True)
     keep_main_output.in_place(gm)
     explicit_activations.in_place(gm)
-    for surgery in spec.surgery_for(model):
-        run_surgery(gm, surgery.name, surgery.options, in_place=True)
+    for step in surgery:
+        run_surgery(gm, step.name, step.options, in_place=True)
+    return finish(gm)
+
+
+def build_network(model: ModelSpec, spec: Spec, *, device: str | torch.device = "cpu") -> fx.GraphModule:
+    """One network through the pass pipeline (no taps yet). ``device="meta"`` allocates nothing."""
+    q = spec.quantizer
+    gm = float_network(model, spec.surgery_for(model), device=device)
     quantize.in_place(
         gm,
-        family,
+        build_quantizer_family(q.name, q.options),
         weight_bits=model.weight_bits,
         act_bits=model.act_bits,
         first_layer_bits=q.first_layer_bits,

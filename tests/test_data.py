@@ -100,12 +100,12 @@ def idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:
     return struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
 
 
-def write_fashion(root: Path, train: int = 5, test: int = 3) -> dict:
+def write_fashion(root: Path, train: int = 5, test: int = 3, size: int = 28) -> dict:
     """The four gzipped idx files of Fashion-MNIST."""
     root.mkdir(parents=True, exist_ok=True)
     written = {}
     for prefix, n, seed in [("train", train, 0), ("t10k", test, 1)]:
-        images = random_images(n, 1, 28, seed)[:, 0]
+        images = random_images(n, 1, size, seed)[:, 0]
         labels = np.arange(seed, seed + n, dtype=np.uint8) % 10
         (root / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images)))
         (root / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
@@ -517,3 +517,17 @@ def test_subsets_take_the_first_samples(tmp_path):
     assert (len(part.train), len(part.eval)) == (3, 2)
     assert torch.equal(part.train.images, full.train.images[:3])
     assert part.eval.labels.tolist() == full.eval.labels[:2].tolist()
+
+
+def test_bundle_sizes_are_the_specs_and_other_native_sizes_are_explained(tmp_path):
+    """The graphs are built for `DataSpec.input_shape()` before any data is read: the data must agree."""
+    write_fashion(tmp_path / "f")
+    for fields in ({}, {"image_size": 32}, {"grey_to_rgb": "none"}):
+        data = spec("fashion_mnist", tmp_path / "f", **fields)
+        bundle = build_datasets(data)
+        assert (bundle.in_channels, bundle.image_size, bundle.image_size) == data.input_shape()
+        assert tuple(bundle.train[0][0].shape) == data.input_shape()
+    write_fashion(tmp_path / "small", size=20)
+    with pytest.raises(UserError, match=r"are 20x20, not 28x28; set data.image_size: 20"):
+        build_datasets(spec("fashion_mnist", tmp_path / "small"))
+    assert build_datasets(spec("fashion_mnist", tmp_path / "small", image_size=20)).image_size == 20

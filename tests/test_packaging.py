@@ -5,11 +5,17 @@ from __future__ import annotations
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
+
+import pytest
 
 from .conftest import REPO
 
 
-def test_wheel_contains_the_passes_as_a_subpackage(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """`pip wheel . --no-deps`, built once for this module."""
+    out = tmp_path_factory.mktemp("wheel")
     result = subprocess.run(
         [
             sys.executable,
@@ -20,16 +26,30 @@ def test_wheel_contains_the_passes_as_a_subpackage(tmp_path):
             "--no-deps",
             "--no-build-isolation",
             "-w",
-            str(tmp_path),
+            str(out),
         ],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    (wheel,) = tmp_path.glob("cmtkd_graph-*.whl")
+    (path,) = out.glob("cmtkd_graph-*.whl")
+    return path
+
+
+def test_wheel_contains_the_passes_as_a_subpackage(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for module in ("tracer", "activations", "quantize", "surgery", "taps", "outputs", "compose", "shapes"):
+    for module in (
+        "tracer",
+        "graph_pass",
+        "activations",
+        "quantize",
+        "surgery",
+        "taps",
+        "outputs",
+        "compose",
+        "shapes",
+    ):
         assert f"cmtkd_graph/passes/{module}.py" in names
     assert not any(n.startswith("passes/") for n in names)  # no generic top-level module
     assert "cmtkd_graph/specs/quickstart.yaml" in names and "cmtkd_graph/specs/resnet18.yaml" in names
@@ -37,26 +57,9 @@ def test_wheel_contains_the_passes_as_a_subpackage(tmp_path):
     assert "cmtkd-graph = cmtkd_graph.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
-def test_installed_wheel_imports_passes_outside_the_repository(tmp_path):
+def test_installed_wheel_imports_passes_outside_the_repository(wheel, tmp_path):
     """Install the wheel into a fresh target directory and import from somewhere else."""
-    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            str(REPO),
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(wheel_dir),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    (wheel,) = wheel_dir.glob("*.whl")
+    target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
         check=True,

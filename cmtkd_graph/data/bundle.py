@@ -20,9 +20,6 @@ from cmtkd_graph.data.transforms import build_transforms
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.spec import DataSpec
 
-IMAGEFOLDER_SIZE = 224
-"""Default model input size of image folders (ImageNet's)."""
-
 
 @dataclass(frozen=True)
 class DataBundle:
@@ -74,12 +71,21 @@ def _check_options(spec: DataSpec) -> None:
         raise UserError(problems)
 
 
+def _root_of(spec: DataSpec) -> str:
+    return spec.root or "the default location"
+
+
 def _in_memory(spec: DataSpec, splits: Splits) -> DataBundle:
     (train_x, train_y), (eval_x, eval_y) = splits.train, splits.eval
     grey = train_x.shape[1] == 1
-    in_channels = 1 if grey and spec.grey_to_rgb == "none" else 3
+    in_channels = spec.in_channels  # 1 only for fashion_mnist with grey_to_rgb: none
     native = train_x.shape[-1]
-    size = spec.image_size or native
+    size = spec.input_size  # image_size, or the dataset's native size (the spec's table, checked below)
+    if spec.image_size is None and native != size:
+        raise UserError(
+            f"{spec.dataset} images at {_root_of(spec)} are {native}x{native}, not {size}x{size}; "
+            f"set data.image_size: {native} to use them as they are"
+        )
     train_tf, eval_tf = build_transforms(
         spec, size=size, native_size=native, in_channels=in_channels, grey_source=grey
     )
@@ -106,7 +112,7 @@ def _image_folder(spec: DataSpec) -> DataBundle:
     eval_dir = root / pick_eval_split(root, spec.eval_split)
     classes = find_classes(train_dir)
     check_same_classes(classes, find_classes(eval_dir), eval_dir)
-    size = spec.image_size or IMAGEFOLDER_SIZE
+    size = spec.input_size
     train_tf, eval_tf = build_transforms(spec, size=size, native_size=None, in_channels=3)
     train = balanced_first(list_samples(train_dir, classes), spec.train_subset)
     evaluation = balanced_first(list_samples(eval_dir, classes), spec.eval_subset)
