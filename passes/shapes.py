@@ -23,6 +23,9 @@ def propagate_shapes(gm: fx.GraphModule, input_shape: Sequence[int]) -> dict[fx.
     try:
         interpreter.run(torch.empty(tuple(input_shape), device="meta"))
     except Exception as err:
+        channels = _channel_mismatch(shadow, interpreter)
+        if channels is not None:
+            raise UserError(channels) from None
         where = f" at node {qualname(interpreter.current)}" if interpreter.current is not None else ""
         raise UserError(
             f"the model does not run on inputs of shape {list(input_shape)}{where}: {_first_line(err)} "
@@ -75,6 +78,25 @@ class _Recorder(fx.Interpreter):
         result = super().run_node(n)
         self.values[n] = result
         return result
+
+
+def _channel_mismatch(gm: fx.GraphModule, interpreter: _Recorder) -> str | None:
+    """A clear message when a conv failed because its input has the wrong number of channels."""
+    node = interpreter.current
+    if node is None or node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    module = gm.get_submodule(str(node.target))
+    value = interpreter.values.get(node.args[0])
+    if not isinstance(module, torch.nn.modules.conv._ConvNd) or not isinstance(value, torch.Tensor):
+        return None
+    if value.dim() < 2 or value.shape[1] == module.in_channels:
+        return None
+    return (
+        f"node {qualname(node)} expects {module.in_channels} input channels but gets {value.shape[1]} "
+        f"(input shape {list(value.shape)}); for grey images either repeat them to RGB "
+        "(data.grey_to_rgb: repeat) or give the model a 1-channel stem (data.grey_to_rgb: none together "
+        "with surgery: [grey_input])"
+    )
 
 
 def _first_line(err: Exception) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import cmtkd_graph as cg
 from cmtkd_graph.metrics import read_metrics
@@ -104,3 +104,25 @@ def test_the_quickstart_trains_a_handful_of_steps(tmp_path, fashion_mnist, fresh
     assert set(final["importance"]) == {"layer1", "layer2", "layer3", "output"}
     assert final["accuracy"].keys() >= {"acc1/student", "acc1/combined", "acc1/teacher0", "acc1/teacher1"}
     assert (run_dir / "importance.png").is_file() and (run_dir / "student.safetensors").is_file()
+
+
+def test_the_quickstart_trains_on_one_channel_images_with_the_grey_input_stem(
+    tmp_path, fashion_mnist, fresh_accelerate
+):
+    """Fashion-MNIST fed as 1-channel images: the grey_input surgery gives every network a 1-channel stem."""
+    run_dir = run(
+        "quickstart",
+        [
+            "data.grey_to_rgb=none",
+            "surgery=[grey_input]",
+            "train.max_steps=2",
+            "data.eval_subset=64",
+            "train.checkpoints=false",
+            f"train.output_dir={tmp_path / 'grey'}",
+            "train.progress_bar=false",
+        ],
+    )
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["steps"] == 2 and "acc1/student" in final["accuracy"]
+    student = load_file(str(run_dir / "student.safetensors"))
+    assert student["conv1.weight"].shape[1] == 1

@@ -53,6 +53,33 @@ def test_validate_builds_the_graphs_and_reports_taps(tmp_path, capsys):
     assert "parameters" in out and "student 11.18M" in out
 
 
+# (what the user set, the line they get, the other half that fixes it)
+GREY_MISMATCH = [
+    (
+        "data.grey_to_rgb=none",
+        "node conv1 expects 3 input channels but gets 1 (input shape [2, 1, 28, 28])",
+        "surgery=[grey_input]",
+    ),
+    (
+        "surgery=[grey_input]",
+        "node conv1 expects 1 input channels but gets 3 (input shape [2, 3, 28, 28])",
+        "data.grey_to_rgb=none",
+    ),
+]
+
+
+@pytest.mark.parametrize("override, problem, fix", GREY_MISMATCH)
+def test_grey_images_and_the_stem_must_agree(tmp_path, capsys, override, problem, fix):
+    data = json.loads(json.dumps(GOOD)) | {"data": {"dataset": "fashion_mnist", "root": "/nonexistent"}}
+    args = ["validate", str(write(tmp_path, data)), "--set", override]
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {problem}; for grey images either repeat them to RGB (data.grey_to_rgb: repeat) or give "
+        "the model a 1-channel stem (data.grey_to_rgb: none together with surgery: [grey_input])"
+    ]
+    assert main([*args, "--set", fix]) == 0
+
+
 MALFORMED = [
     # (modification, override, expected exact error line)
     (
