@@ -19,6 +19,9 @@ from pydantic import (
     model_validator,
 )
 
+from cmtkd_graph.errors import UserError
+from cmtkd_graph.registry import Registry
+
 FULL_PRECISION = 32
 
 
@@ -45,28 +48,25 @@ def _check_arch(name: str) -> str:
 Arch = Annotated[str, AfterValidator(_check_arch)]
 
 
+def _known(registry: Registry, name: str) -> str:
+    """``name`` if ``registry`` has it; otherwise the registry's own "unknown ...; known: ..." message."""
+    try:
+        registry.get(name)
+    except UserError as err:
+        raise ValueError(str(err)) from None
+    return name
+
+
 def _check_quantizer(name: str) -> str:
-    from cmtkd_graph.errors import did_you_mean
     from cmtkd_graph.quantizers import QUANTIZERS
 
-    if name not in QUANTIZERS:
-        raise ValueError(
-            f"unknown quantizer {name!r}{did_you_mean(name, QUANTIZERS.names())}; "
-            f"known: {', '.join(QUANTIZERS.names())}"
-        )
-    return name
+    return _known(QUANTIZERS, name)
 
 
 def _check_surgery(name: str) -> str:
-    from cmtkd_graph.errors import did_you_mean
     from cmtkd_graph.passes.surgery import SURGERIES
 
-    if name not in SURGERIES:
-        raise ValueError(
-            f"unknown surgery pass {name!r}{did_you_mean(name, SURGERIES.names())}; "
-            f"known: {', '.join(SURGERIES.names())}"
-        )
-    return name
+    return _known(SURGERIES, name)
 
 
 class SurgerySpec(Strict):

@@ -18,12 +18,21 @@ from torch import nn
 from cmtkd_graph.quantizers.base import Quantizer
 
 
-class QuantConv2d(nn.Conv2d):
-    """``nn.Conv2d`` computing with ``weight_quantizer(weight)``."""
+class _WeightQuantized:
+    """What both quantized layers add to their float base class: the weight quantizer beside ``weight``."""
+
+    weight_quantizer: Quantizer
 
     def __init__(self, *args: Any, weight_quantizer: Quantizer, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.weight_quantizer = weight_quantizer
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight_bits={self.weight_quantizer.bits}"
+
+
+class QuantConv2d(_WeightQuantized, nn.Conv2d):
+    """``nn.Conv2d`` computing with ``weight_quantizer(weight)``."""
 
     @classmethod
     def from_float(cls, layer: nn.Conv2d, weight_quantizer: Quantizer) -> QuantConv2d:
@@ -47,16 +56,9 @@ class QuantConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, weight_bits={self.weight_quantizer.bits}"
 
-
-class QuantLinear(nn.Linear):
+class QuantLinear(_WeightQuantized, nn.Linear):
     """``nn.Linear`` computing with ``weight_quantizer(weight)``."""
-
-    def __init__(self, *args: Any, weight_quantizer: Quantizer, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.weight_quantizer = weight_quantizer
 
     @classmethod
     def from_float(cls, layer: nn.Linear, weight_quantizer: Quantizer) -> QuantLinear:
@@ -73,9 +75,6 @@ class QuantLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_quantizer(self.weight), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, weight_bits={self.weight_quantizer.bits}"
 
 
 def _share_parameters(new: nn.Module, layer: nn.Module) -> None:
