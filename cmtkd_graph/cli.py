@@ -16,8 +16,12 @@ from cmtkd_graph.errors import UserError
 EXIT_USER_ERROR = 2
 
 
-def _add_spec_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", help="spec YAML file, or the name of a packaged example (quickstart, resnet18...)")
+def _add_spec_args(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    help = "spec YAML file, or the name of a packaged example (quickstart, resnet18...)"
+    if optional:
+        p.add_argument("spec", nargs="?", help=f"{help}; optional with --resume")
+    else:
+        p.add_argument("spec", help=help)
     p.add_argument(
         "--set",
         dest="overrides",
@@ -26,6 +30,12 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a spec value, e.g. --set train.epochs=1 --set teachers[0].weight_bits=4",
     )
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """The arguments of training, the same for ``cmtkd-graph train`` and ``python -m cmtkd_graph.train``."""
+    _add_spec_args(p, optional=True)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--surgery", action="append", default=[], help="surgery pass to run first (repeatable)")
     p.add_argument("--all", action="store_true", help="list every node, not only 4-D/3-D feature maps")
 
-    p = sub.add_parser("train", help="train (same as `accelerate launch -m cmtkd_graph.train SPEC`)")
-    _add_spec_args(p)
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p = sub.add_parser(
+        "train", help="train in this process, as `python -m cmtkd_graph.train` (several: accelerate launch)"
+    )
+    add_train_args(p)
 
     p = sub.add_parser("inspect", help="dump or summarise the rewritten graphs")
     _add_spec_args(p)

@@ -420,10 +420,10 @@ def _eval_line(record: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cmtkd_graph.cli import add_train_args
+
     p = argparse.ArgumentParser(prog="python -m cmtkd_graph.train", description=__doc__.splitlines()[0])
-    p.add_argument("spec", nargs="?", help="spec YAML (or a packaged example); optional with --resume")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    add_train_args(p)
     return p
 
 

@@ -219,9 +219,12 @@ def test_resume_errors_are_clear(tmp_path):
 
 
 def test_train_entry_points_agree(tmp_path):
+    arguments = []
     for module, prefix in (("cmtkd_graph.train", []), ("cmtkd_graph", ["train"])):
         result = run_module([*prefix, "--help"], cwd=tmp_path, module=module)
         assert result.returncode == 0 and "--resume" in result.stdout
+        arguments.append(result.stdout.split("positional arguments:", 1)[1])
+    assert arguments[0] == arguments[1]  # same arguments, same help: one definition serves both
     script = Path(sys.executable).with_name("cmtkd-graph")
     result = subprocess.run([str(script), "train", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--resume" in result.stdout
