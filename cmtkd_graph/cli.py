@@ -11,31 +11,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from cmtkd_graph.cli_common import EXIT_USER_ERROR, add_spec_args, add_train_args, user_error_lines
 from cmtkd_graph.errors import UserError
-
-EXIT_USER_ERROR = 2
-
-
-def _add_spec_args(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
-    help = "spec YAML file, or the name of a packaged example (quickstart, resnet18...)"
-    if optional:
-        p.add_argument("spec", nargs="?", help=f"{help}; optional with --resume")
-    else:
-        p.add_argument("spec", help=help)
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a spec value, e.g. --set train.epochs=1 --set teachers[0].weight_bits=4",
-    )
-
-
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    """The arguments of training, the same for ``cmtkd-graph train`` and ``python -m cmtkd_graph.train``."""
-    _add_spec_args(p, optional=True)
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("validate", help="check a spec (and build its graphs on the meta device)")
-    _add_spec_args(p)
+    add_spec_args(p)
     p.add_argument("--no-build", action="store_true", help="only validate the YAML, do not build the graphs")
 
     p = sub.add_parser("schema", help="print the spec's JSON Schema (for editor completion)")
@@ -68,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p)
 
     p = sub.add_parser("inspect", help="dump or summarise the rewritten graphs")
-    _add_spec_args(p)
+    add_spec_args(p)
     p.add_argument("--out", help="output file; without it a summary table is printed")
     p.add_argument("--format", choices=["graphml", "json", "dot", "svg", "png"], help="default: from --out")
     p.add_argument("--view", choices=["full", "blocks"], default="full")
@@ -85,24 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except UserError as err:
-        for line in _problems(err):
+        for line in user_error_lines(err):
             print(f"error: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-def _problems(err: UserError) -> list[str]:
-    # A UserError raised in a DataLoader worker is re-raised with the worker's traceback as its text;
-    # the user needs only its last line.
-    lines = []
-    for problem in err.problems:
-        if "Original Traceback" in problem:
-            tail = [line for line in problem.strip().splitlines() if line.strip()][-1]
-            problem = tail.split(": ", 1)[1] if ": " in tail else tail
-        lines.append(problem)
-    return lines
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -151,9 +116,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from cmtkd_graph.inspection import inspect_command
+    """Write the graph to ``--out``, or print the summary table."""
+    from cmtkd_graph.inspection import read_importance, system_graph
+    from cmtkd_graph.inspection_output import summary_table, write_graph
+    from cmtkd_graph.spec_io import load_spec
+    from cmtkd_graph.system import build_system
 
-    return inspect_command(args)
+    spec = load_spec(args.spec, args.overrides)
+    system = build_system(spec, device="meta", load=False)
+    importance = read_importance(args.checkpoint, system) if args.checkpoint else None
+    if not args.out:
+        print(summary_table(system, importance))
+        return 0
+    graph = system_graph(system, which=args.which, view=args.view, importance=importance)
+    path = write_graph(graph, args.out, args.format)
+    print(
+        f"wrote {path}: {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges ({args.view} view)"
+    )
+    return 0
 
 
 _COMMANDS = {

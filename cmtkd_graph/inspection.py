@@ -8,25 +8,28 @@ outside them, so that structural facts can be checked by eye or by code:
   ``loss/logits``, ``student/output``, ``teachers/output``;
 * **roles**: ``input``, ``student``, ``teacher`` (with ``teacher=k``), ``quantizer`` (``kind``
   activation or weight, ``bits``, ``signed``), ``tap`` (with ``tap`` and ``network``), ``fusion``
-  (``tap``, ``combine``, and ``importance`` weights from ``--checkpoint``), ``adapter``, ``output`` and
-  ``loss``; every node of a network also says ``network`` (``student``, ``teacher0``...; the fusion
-  nodes belong to ``teachers``, the composed graph);
+  (``tap``, ``combine``, and ``importance`` weights from ``--checkpoint``), ``adapter``, ``method`` (a
+  module of the method, e.g. AMTML-KD's ``method/weighting``), ``output`` and ``loss``;
+  every node of a network also says ``network`` (``student``, ``teacher0``...; the fusion nodes belong
+  to ``teachers``, the composed graph);
 * weight quantizers run inside their layer's forward, so they are no FX node: each is added as its own
   node (``<layer>.weight_quantizer``) with an edge of ``kind="weight"`` into every call of its layer;
 * every node has ``op``, ``target``, ``module_type``, ``output_shape`` / ``dtype`` (shape propagation on
   ``(2, *input_shape)`` on the meta device), ``params`` (counted at a module's first call site only, so
   they add up to the network's total) and ``block`` (what ``view="blocks"`` collapses it into);
-* distillation is drawn as edges of ``kind="distill"`` *into* loss nodes: the shared knowledge (fusion
-  node) and the student tap (through its FitNet adapter, if any) meet at ``loss/<tap>``; the combined
-  teacher logits and the student logits meet at ``loss/logits``. Loss nodes have no successors, so
-  the picture keeps the data flow's direction: nothing flows from the student into a teacher.
+* distillation is drawn as edges of ``kind="distill"`` *into* loss nodes: the teacher feature a student
+  tap learns from (CMT-KD's fusion node, or a side-by-side teacher's tap: AMTML-KD's teacher j mod K,
+  CTKD's expert) and the student tap (through its FitNet adapter, if any) meet at ``loss/<tap>``; the
+  method's logits target (``Method.logits_loss``) and the student logits meet at ``loss/logits``.
+  Loss nodes have no successors, so the picture keeps the data flow's direction: nothing flows from
+  the student into a teacher.
 
-Writers, rendering and the summary table are in :mod:`cmtkd_graph.inspection_output`.
+Writers, rendering and the summary table are in :mod:`cmtkd_graph.inspection_output`, the command in
+:mod:`cmtkd_graph.cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from collections import Counter, defaultdict
@@ -40,13 +43,20 @@ from torch import fx, nn
 
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.fusion import Fusion, ImportanceFusion
+from cmtkd_graph.passes.common import (
+    EACH_LOGITS,
+    EXTRAS,
+    FEATURES,
+    LOGITS,
+    META,
+    SHARED,
+    fusion_key,
+    output_value,
+)
 from cmtkd_graph.passes.compose import OUTPUT_FUSION
-from cmtkd_graph.passes.outputs import FEATURES, LOGITS
-from cmtkd_graph.passes.quantize import META
 from cmtkd_graph.passes.shapes import propagate_shapes
 from cmtkd_graph.passes.tracer import qualname
 from cmtkd_graph.quantizers import FULL_PRECISION, Quantizer
-from cmtkd_graph.spec import Spec
 from cmtkd_graph.system import CMTKDSystem
 
 Which = Literal["system", "teachers", "student"]
@@ -275,22 +285,22 @@ def _add_importance(graph: nx.DiGraph, importance: Mapping[str, Sequence[float]]
 
 
 def _add_distillation(graph: nx.DiGraph, system: CMTKDSystem) -> None:
-    """Adapters, loss nodes and ``distill`` edges between the student and the composed teachers."""
+    """Adapters, loss nodes, the method's modules and ``distill`` edges between student and teachers."""
     spec = system.spec
     student_out = _output_args(system.student)
     teachers_out = _output_args(system.teachers)
-    fusion_of = {attrs["tap"]: n for n, attrs in graph.nodes(data=True) if attrs["role"] == "fusion"}
+    hints = teachers_out.get(SHARED) or teachers_out.get(FEATURES) or {}
     feature_loss = spec.distill.feature_loss
     for tap, feature in student_out[FEATURES].items():
-        if tap not in fusion_of:
+        if tap not in hints:
             continue
         source = f"student/{qualname(feature)}"
         loss_id = f"loss/{tap}"
         graph.add_node(
             loss_id, **_loss_attrs(loss_id, f"{feature_loss} loss at {tap}", feature_loss), tap=tap
         )
-        graph.add_edge(fusion_of[tap], loss_id, kind="distill")
-        key = fusion_of[tap].partition("/")[2]
+        graph.add_edge(_node_id(hints[tap], "teachers"), loss_id, kind="distill")
+        key = fusion_key(tap)
         if key in system.adapters:
             adapter_id = f"adapter/{key}"
             graph.add_node(adapter_id, **_adapter_attrs(system.adapters[key], key, tap, graph.nodes[source]))
@@ -298,16 +308,37 @@ def _add_distillation(graph: nx.DiGraph, system: CMTKDSystem) -> None:
             graph.add_edge(adapter_id, loss_id, kind="distill")
         else:
             graph.add_edge(source, loss_id, kind="distill")
-    logits_loss = _logits_loss(spec)
+    logits_loss = system.method.logits_loss()
     if logits_loss is None:
         return
-    graph.add_node("loss/logits", **_loss_attrs("loss/logits", logits_loss, logits_loss))
+    graph.add_node("loss/logits", **_loss_attrs("loss/logits", logits_loss.label, logits_loss.label))
     graph.add_edge(f"student/{qualname(student_out[LOGITS])}", "loss/logits", kind="distill")
-    if spec.method == "average_teacher":  # the target averages each teacher's softmax
-        for logits in teachers_out["each_logits"]:
-            graph.add_edge(_node_id(logits, "teachers"), "loss/logits", kind="distill")
+    each = teachers_out[EACH_LOGITS]
+    if logits_loss.teachers == "combined":
+        sources = [f"fusion/{OUTPUT_FUSION}"]
     else:
-        graph.add_edge(f"fusion/{OUTPUT_FUSION}", "loss/logits", kind="distill")
+        chosen = range(len(each)) if logits_loss.teachers == "each" else logits_loss.teachers
+        sources = [_node_id(each[k], "teachers") for k in chosen]
+    for source in sources:
+        graph.add_edge(source, "loss/logits", kind="distill")
+    if logits_loss.via is not None:
+        module = system.method_modules[logits_loss.via]
+        via_id = f"method/{logits_loss.via}"
+        graph.add_node(
+            via_id,
+            label=f"method_modules.{logits_loss.via}",
+            op="call_module",
+            target=f"method_modules.{logits_loss.via}",
+            module_type=type(module).__name__,
+            role="method",
+            network="method",
+            params=sum(p.numel() for p in module.parameters()),
+            block=via_id,
+        )
+        if logits_loss.student_extra is not None:
+            extra = student_out[EXTRAS][logits_loss.student_extra]
+            graph.add_edge(f"student/{qualname(extra)}", via_id, kind="distill")
+        graph.add_edge(via_id, "loss/logits", kind="distill")
 
 
 def _loss_attrs(loss_id: str, label: str, loss: str) -> dict[str, Any]:
@@ -315,13 +346,7 @@ def _loss_attrs(loss_id: str, label: str, loss: str) -> dict[str, Any]:
 
 
 def _output_args(gm: fx.GraphModule) -> dict[str, Any]:
-    return next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
-
-
-def _logits_loss(spec: Spec) -> str | None:
-    if spec.method == "cmtkd":
-        return "KDCL-MinLogit KL (mutual)" if spec.distill.mutual_learning else None
-    return {"kd": "KD", "average_teacher": "KD from averaged teachers"}.get(spec.method)
+    return output_value(gm)
 
 
 def _adapter_attrs(adapter: nn.Module, key: str, tap: str, student_tap: Mapping[str, Any]) -> dict[str, Any]:
@@ -438,32 +463,11 @@ def read_importance(run_dir: str | Path, system: CMTKDSystem) -> dict[str, list[
     return out
 
 
-def inspect_command(args: argparse.Namespace) -> int:
-    """``cmtkd-graph inspect``: write the graph to ``--out``, or print the summary table."""
-    from cmtkd_graph.inspection_output import summary_table, write_graph
-    from cmtkd_graph.spec_io import load_spec
-    from cmtkd_graph.system import build_system
-
-    spec = load_spec(args.spec, args.overrides)
-    system = build_system(spec, device="meta", load=False)
-    importance = read_importance(args.checkpoint, system) if args.checkpoint else None
-    if not args.out:
-        print(summary_table(system, importance))
-        return 0
-    graph = system_graph(system, which=args.which, view=args.view, importance=importance)
-    path = write_graph(graph, args.out, args.format)
-    print(
-        f"wrote {path}: {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges ({args.view} view)"
-    )
-    return 0
-
-
 __all__ = [
     "BLOCK_LIMIT",
     "INPUT",
     "bits_label",
     "block_view",
-    "inspect_command",
     "read_importance",
     "system_graph",
 ]

@@ -211,14 +211,18 @@ def soft_kl(target_logits: Tensor, logits: Tensor, tau: float) -> Tensor:
     return tau**2 * kl
 
 
-def soft_kl_from_probs(target_probs: Tensor, logits: Tensor, tau: float) -> Tensor:
+def soft_kl_from_probs(
+    target_probs: Tensor, logits: Tensor, tau: float, *, detach_target: bool = True
+) -> Tensor:
     """:func:`soft_kl` with a target that is already a (softened) probability distribution.
 
     Used by the 'average of teachers' baseline, whose target is the mean of the teachers'
     ``softmax(z_k / tau)``; the target is *not* softened again. Zero target probabilities are
-    allowed (they contribute 0). The target is detached, as in :func:`soft_kl`.
+    allowed (they contribute 0). The target is detached, as in :func:`soft_kl`, unless
+    ``detach_target=False``: AMTML-KD's learned teacher weights are trained through their target.
     """
     _check_soft_kl_inputs(target_probs, logits, tau)
     log_probs = F.log_softmax(_at_least_float32(logits) / tau, dim=1)
-    kl = F.kl_div(log_probs, _at_least_float32(target_probs.detach()), reduction="batchmean")
+    target = target_probs.detach() if detach_target else target_probs
+    kl = F.kl_div(log_probs, _at_least_float32(target), reduction="batchmean")
     return tau**2 * kl

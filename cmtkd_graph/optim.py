@@ -6,9 +6,11 @@ Groups (each has a ``name`` used in logs):
   (``weight_decay_low_bits`` up to ``low_bits`` bits, else ``weight_decay``);
 * ``importance`` — the fusion logits, their own lr (default lr / 10), no weight decay;
 * ``quantizers`` — learned quantizer parameters (LSQ steps, PACT clipping), no weight decay;
-* ``adapters`` — FitNet adapters.
+* ``adapters`` — FitNet adapters;
+* the method's own groups (e.g. AMTML-KD's ``weighting``), from ``system.method.parameter_groups``.
 
-Frozen parameters (loaded teachers) are in no group.
+Frozen parameters (loaded teachers) are in no group. A group with ``until_epoch`` gets lr 0 from that
+epoch on (AMTML-KD's two-phase schedule).
 """
 
 from __future__ import annotations
@@ -70,20 +72,23 @@ def parameter_groups(system: nn.Module, spec: Spec) -> list[dict]:
     if system.teachers is not None:
         for k, teacher in enumerate(spec.teachers):
             add_model(f"teacher{k}", system.teachers.get_submodule(f"teacher{k}"), teacher.weight_bits)
-        _, _, fusion = _role_of_parameters(system.teachers.get_submodule("fusion"))
-        fusion_params.extend(fusion)
+        if hasattr(system.teachers, "fusion"):  # composed teachers
+            _, _, fusion = _role_of_parameters(system.teachers.get_submodule("fusion"))
+            fusion_params.extend(fusion)
     if fusion_params:
-        lr = o.importance_lr if o.importance_lr is not None else o.lr / 10
-        groups.append({"name": "importance", "params": fusion_params, "lr": lr, "weight_decay": 0.0})
+        groups.append(
+            {"name": "importance", "params": fusion_params, "lr": o.importance_lr, "weight_decay": 0.0}
+        )
     if quantizer_params:
-        lr = o.quantizer_lr if o.quantizer_lr is not None else o.lr
-        groups.append({"name": "quantizers", "params": quantizer_params, "lr": lr, "weight_decay": 0.0})
+        groups.append(
+            {"name": "quantizers", "params": quantizer_params, "lr": o.quantizer_lr, "weight_decay": 0.0}
+        )
     adapter_params = [p for p in system.adapters.parameters() if p.requires_grad]
     if adapter_params:
-        lr = o.adapter_lr if o.adapter_lr is not None else o.lr
         groups.append(
-            {"name": "adapters", "params": adapter_params, "lr": lr, "weight_decay": o.weight_decay}
+            {"name": "adapters", "params": adapter_params, "lr": o.adapter_lr, "weight_decay": o.weight_decay}
         )
+    groups.extend(system.method.parameter_groups(system))
     _check_disjoint(system, groups)
     return groups
 
@@ -121,12 +126,19 @@ def lr_factor(epoch: float, schedule: ScheduleSpec, total_epochs: int, base_lr: 
 def build_scheduler(
     optimizer: torch.optim.Optimizer, spec: Spec, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR stepped once per optimizer step (``step_every: iteration``) or per epoch."""
+    """A LambdaLR stepped once per optimizer step (``step_every: iteration``) or per epoch; a group with
+    ``until_epoch`` has lr 0 from that epoch on."""
     sched = spec.optim.schedule
     per_iteration = sched.step_every == "iteration"
 
-    def factor(count: int) -> float:
-        epoch = count / steps_per_epoch if per_iteration else float(count)
-        return lr_factor(epoch, sched, spec.train.epochs, spec.optim.lr)
+    def factor_until(until_epoch: int | None):
+        def factor(count: int) -> float:
+            epoch = count / steps_per_epoch if per_iteration else float(count)
+            if until_epoch is not None and epoch >= until_epoch:
+                return 0.0
+            return lr_factor(epoch, sched, spec.train.epochs, spec.optim.lr)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return factor
+
+    factors = [factor_until(g.get("until_epoch")) for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)

@@ -164,35 +164,45 @@ class TapSpec(Strict):
 
 
 class DistillSpec(Strict):
-    """The objective (METHOD.md §4-6): L = alpha (CE_T + CE_S) + beta (KL_T + KL_S) + gamma L_KD."""
+    """The objective's weights; what each weighs is the method's (see the methods below the table).
+
+    Fields left null are filled with the method's defaults when the spec is read, so the saved
+    ``spec.yaml`` says exactly what ran.
+    """
 
     feature_loss: Literal["attention", "fitnet", "none"] | None = Field(
         None,
-        description="distance between shared knowledge and student taps; default attention for cmtkd, "
-        "none for the baselines",
+        description="distance between the teachers' and the student's tap features; default: the method's "
+        "(attention for cmtkd, amtml_kd and ctkd, none for the baselines)",
     )
     mutual_learning: bool | None = Field(
         None, description="cmtkd only: KDCL-MinLogit mutual learning (KL terms); default true"
     )
-    alpha: float = Field(1.0, ge=0, description="weight of the cross-entropy terms")
-    beta: float = Field(0.5, ge=0, description="weight of the KL terms")
-    gamma: float | None = Field(
-        None, ge=0, description="weight of L_KD; default 100 (attention) or 1 (fitnet)"
+    alpha: float | None = Field(
+        None, ge=0, description="weight of the cross-entropy terms; default: the method's"
     )
-    tau: float = Field(2.0, gt=0, description="softmax temperature of the KL terms")
+    beta: float | None = Field(None, ge=0, description="weight of the KL / KD terms; default: the method's")
+    gamma: float | None = Field(
+        None, ge=0, description="weight of the feature loss; default: the method's for that loss"
+    )
+    tau: float | None = Field(
+        None, gt=0, description="softmax temperature of the KL terms; default: the method's"
+    )
     combine: Literal["importance", "mean"] = Field(
-        "importance", description="combined-teacher logits: learned importance fusion or plain mean"
+        "importance",
+        description="composed teachers: combined-teacher logits by learned importance or plain mean",
     )
     detach_shared: bool = Field(
-        False, description="true: L_KD gives no gradient to the teachers and importance logits"
+        False, description="true: the feature loss gives no gradient to the teachers (and importance logits)"
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="the method's own settings (see its section below the table)"
     )
 
     @property
     def feature_weight(self) -> float:
-        """gamma, defaulting by loss kind (METHOD.md §6)."""
-        if self.gamma is not None:
-            return self.gamma
-        return {"attention": 100.0, "fitnet": 1.0, "none": 0.0}[self.feature_loss or "none"]
+        """gamma (filled with the method's default for the feature loss when the spec is read)."""
+        return self.gamma if self.gamma is not None else 0.0
 
 
 class AugmentSpec(Strict):
@@ -246,6 +256,31 @@ class DataSpec(Strict):
         None, ge=1, description="use only the first N training samples (quick runs)"
     )
     eval_subset: int | None = Field(None, ge=1, description="use only the first N evaluation samples")
+
+    @model_validator(mode="after")
+    def _check_dataset_options(self) -> DataSpec:
+        """Options that only some datasets have (checked here, so `validate` catches them too)."""
+        problems = []
+        if self.download and self.dataset not in ("cifar10", "cifar100"):
+            how = (
+                "install it with `apt-get install dataset-fashion-mnist`"
+                if self.dataset == "fashion_mnist"
+                else "the images must already be in data.root"
+            )
+            problems.append(f"data.download: only cifar10/cifar100 can be downloaded; {self.dataset}: {how}")
+        if self.eval_split is not None and self.dataset != "imagefolder":
+            problems.append(f"data.eval_split: only for imagefolder; {self.dataset} has a fixed test split")
+        if self.corrupt_images == "skip" and self.dataset != "imagefolder":
+            problems.append(
+                f"data.corrupt_images: skip is for imagefolder only; {self.dataset} is read up front"
+            )
+        if self.grey_to_rgb == "none" and self.dataset != "fashion_mnist":
+            problems.append(
+                f"data.grey_to_rgb: none is for fashion_mnist only; {self.dataset} images are RGB"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
     @property
     def input_size(self) -> int:
@@ -334,17 +369,20 @@ class TrainSpec(Strict):
     progress_bar: bool = True
 
 
-Method = Literal["cmtkd", "single", "kd", "average_teacher"]
+def _check_method(name: str) -> str:
+    from cmtkd_graph.methods import METHODS
+
+    return _known(METHODS, name)
 
 
 class Spec(Strict):
-    """A CMT-KD experiment."""
+    """A distillation experiment."""
 
     name: str = Field(description="experiment name (used in the run directory)")
-    method: Method = Field(
+    method: Annotated[str, AfterValidator(_check_method)] = Field(
         "cmtkd",
-        description="cmtkd (the paper), single (student alone), kd (Hinton KD from one teacher), "
-        "average_teacher (KD from the averaged softmax of frozen teachers)",
+        description="registered method: cmtkd (the paper), single (student alone), kd (Hinton KD from one "
+        "teacher), average_teacher, amtml_kd, ctkd (see the methods below the table)",
     )
     student: ModelSpec
     teachers: list[ModelSpec] = Field(default_factory=list)
@@ -367,45 +405,20 @@ class Spec(Strict):
     )
 
     @model_validator(mode="after")
-    def _check_method(self) -> Spec:
+    def _resolve(self) -> Spec:
+        """The method's checks and defaults, then every other default that depends on another field."""
+        from cmtkd_graph.methods import METHODS
+
         if self.student.arch is None:
             raise ValueError("student.arch: required (a torchvision classification model such as resnet18)")
-        k = len(self.teachers)
-        need = {
-            "cmtkd": (k >= 1, "cmtkd needs at least one teacher (got an empty list)"),
-            "single": (k == 0, f"method single trains the student alone; remove the {k} teacher(s)"),
-            "kd": (k == 1, f"method kd distils from exactly one teacher, got {k}"),
-            "average_teacher": (k >= 1, "average_teacher needs at least one teacher (got an empty list)"),
-        }[self.method]
-        if not need[0]:
-            raise ValueError(f"teachers: {need[1]}")
-        self._resolve_distill_defaults()
-        if self.method == "average_teacher":
-            for i, t in enumerate(self.teachers):
-                if t.weights is None or t.trainable:
-                    raise ValueError(
-                        f"teachers[{i}]: average_teacher distils from separately trained teachers; "
-                        "give `weights:` (a checkpoint) and `trainable: false`"
-                    )
+        METHODS.get(self.method).resolve(self)
+        o = self.optim
+        o.importance_lr = o.importance_lr if o.importance_lr is not None else o.lr / 10
+        o.quantizer_lr = o.quantizer_lr if o.quantizer_lr is not None else o.lr
+        o.adapter_lr = o.adapter_lr if o.adapter_lr is not None else o.lr
+        if self.data.eval_batch_size is None:
+            self.data.eval_batch_size = self.data.batch_size
         return self
-
-    def _resolve_distill_defaults(self) -> None:
-        """Fill method-dependent defaults, so the saved spec says exactly what ran."""
-        d = self.distill
-        if self.method == "cmtkd":
-            d.feature_loss = d.feature_loss or "attention"
-            d.mutual_learning = True if d.mutual_learning is None else d.mutual_learning
-            return
-        if d.mutual_learning:
-            raise ValueError(
-                f"distill.mutual_learning: KDCL mutual learning is part of cmtkd, not of {self.method}"
-            )
-        d.mutual_learning = False
-        d.feature_loss = d.feature_loss or "none"
-        if self.method in ("single", "average_teacher") and d.feature_loss != "none":
-            raise ValueError(
-                f"distill.feature_loss: method {self.method} has no feature distillation; use none"
-            )
 
     def resolved_teachers(self) -> list[ModelSpec]:
         """Teachers with the student's arch/kwargs/surgery filled in where they give none."""

@@ -141,10 +141,13 @@ def format_errors(err: ValidationError) -> list[str]:
             msg = "required"
         elif e["type"] not in {"value_error", "assertion_error"} and "input" in e:
             msg = f"{msg}, got {e['input']!r}"
-        if not loc and re.match(r"^[\w\[\].]+: ", msg):
-            lines.append(msg)  # model-level checks already name their key path
-        else:
-            lines.append(f"{format_loc(loc) or 'spec'}: {msg}")
+        where = format_loc(loc)
+        for problem in msg.split("\n"):
+            named = re.match(r"^([\w\[\].]+): ", problem)
+            if named and named.group(1).startswith(where):
+                lines.append(problem)  # model-level checks already name their full key path
+            else:
+                lines.append(f"{where or 'spec'}: {problem}")
     return list(dict.fromkeys(lines))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from cmtkd_graph.methods import METHODS
 from cmtkd_graph.spec import Spec
 
 if TYPE_CHECKING:
@@ -21,16 +22,20 @@ def spec_summary(spec: Spec, system: CMTKDSystem | None = None, *, source: str =
     surgery = ", ".join(x.name for x in spec.surgery_for(s)) or "none"
     rows.append(("student", f"{s.arch} {s.bits_label}, quantizer {spec.quantizer.name}, surgery {surgery}"))
     if spec.teachers:
+        roles = METHODS.get(spec.method).teacher_roles
         teachers = ", ".join(
-            f"{t.arch} {t.bits_label}{'' if t.trainable else ' (frozen)'}" for t in spec.resolved_teachers()
+            f"{t.arch} {t.bits_label}{_teacher_notes(t.trainable, roles[k] if k < len(roles) else None)}"
+            for k, t in enumerate(spec.resolved_teachers())
         )
         rows.append(("teachers", f"{len(spec.teachers)}: {teachers}"))
     if system is not None:
+        shown: list[str] = []
         for info in system.networks:
-            if info.taps and info.label in ("student", "teacher0"):
-                taps = ", ".join(f"{tap.name} {list(tap.shape or ())}" for tap in info.taps)
+            taps = ", ".join(f"{tap.name} {list(tap.shape or ())}" for tap in info.taps)
+            if taps and (info.label == "student" or taps not in shown):  # identical teachers: once
                 rows.append((f"taps {info.label}", taps))
-    rows.append(("objective", _objective(spec)))
+                shown.append(taps)
+    rows.append(("objective", METHODS.get(spec.method).describe(spec)))
     rows.append(
         (
             "data",
@@ -39,11 +44,12 @@ def spec_summary(spec: Spec, system: CMTKDSystem | None = None, *, source: str =
             f"batch {data.batch_size}",
         )
     )
-    importance_lr = o.importance_lr if o.importance_lr is not None else o.lr / 10
     rows.append(
         (
             "optimizer",
-            f"{o.name} lr {o.lr:g} momentum {o.momentum:g}, importance lr {importance_lr:g}, weight decay "
+            f"{o.name} lr {o.lr:g} momentum {o.momentum:g}, "
+            + (f"importance lr {o.importance_lr:g}, " if _composed(spec) else "")
+            + "weight decay "
             f"{o.weight_decay_low_bits:g} (<= {o.low_bits} bits) / {o.weight_decay:g}",
         )
     )
@@ -61,28 +67,21 @@ def spec_summary(spec: Spec, system: CMTKDSystem | None = None, *, source: str =
     if system is not None:
         student = sum(p.numel() for p in system.student.parameters())
         teachers = sum(p.numel() for p in system.teachers.parameters()) if system.teachers is not None else 0
-        rows.append(("parameters", f"student {_millions(student)}, teachers {_millions(teachers)}"))
+        text = f"student {_millions(student)}, teachers {_millions(teachers)}"
+        for name, module in system.method_modules.items():
+            text += f", {name} {sum(p.numel() for p in module.parameters()):,}"
+        rows.append(("parameters", text))
     width = max(len(k) for k, _ in rows)
     return "\n".join([f"{source}: valid"] + [f"  {k:<{width}}  {v}" for k, v in rows])
 
 
-def _objective(spec: Spec) -> str:
-    d = spec.distill
-    if spec.method == "single":
-        return f"{d.alpha:g} CE_S"
-    if spec.method in ("kd", "average_teacher"):
-        target = "averaged teacher softmax" if spec.method == "average_teacher" else "teacher"
-        text = f"{d.alpha:g} CE_S + {d.beta:g} KD_S (from the {target}, tau {d.tau:g})"
-    else:
-        text = f"{d.alpha:g} (CE_T + CE_S)"
-        if d.mutual_learning:
-            text += f" + {d.beta:g} (KL_T + KL_S) [KDCL-MinLogit, tau {d.tau:g}]"
-    if d.feature_loss != "none":
-        text += f" + {d.feature_weight:g} {d.feature_loss} loss"
-        text += " (no gradient to teachers)" if d.detach_shared else ""
-    if spec.method == "cmtkd":
-        text += f"; combined teacher: {d.combine}"
-    return text
+def _composed(spec: Spec) -> bool:
+    return METHODS.get(spec.method).arrangement == "composed"
+
+
+def _teacher_notes(trainable: bool, role: str | None) -> str:
+    notes = [n for n in (role, None if trainable else "frozen") if n]
+    return f" ({', '.join(notes)})" if notes else ""
 
 
 def taps_table(
@@ -142,7 +141,47 @@ def spec_reference() -> str:
 
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     _reference_rows(Spec, "", rows)
-    return "\n".join(rows)
+    return "\n".join(rows) + "\n\n" + methods_reference()
+
+
+def methods_reference() -> str:
+    """One section per registered method: objective, teachers, defaults, options, source."""
+    parts = ["### Methods (`method:`)", ""]
+    for name in METHODS:
+        m = METHODS.get(name)
+        parts.append(f"#### `{name}` — {m.summary}")
+        parts.append("")
+        parts.append(f"- objective: `L = {m.formula}`")
+        parts.append(f"- teachers: {_teacher_rule(m)}")
+        defaults = {**m.defaults, "feature_loss": m.feature_losses[0]}
+        if m.mutual_learning is not None:
+            defaults["mutual_learning"] = m.mutual_learning
+        gammas = ", ".join(f"{k} {v:g}" for k, v in m.gamma_defaults.items() if k in m.feature_losses and v)
+        text = ", ".join(f"`{k}: {v}`" for k, v in defaults.items())
+        parts.append(f"- defaults: {text}" + (f"; gamma by feature loss: {gammas}" if gammas else ""))
+        if m.feature_losses != ("none",):
+            parts.append(f"- feature losses: {', '.join(m.feature_losses)}")
+        for key, field in m.Options.model_fields.items():
+            default = field.default if field.default is not None else "—"
+            parts.append(f"- `distill.options.{key}` (default `{default}`): {field.description}")
+        if m.source:
+            parts.append(f"- source: {m.source}")
+        parts.append("")
+    return "\n".join(parts).rstrip()
+
+
+def _teacher_rule(m) -> str:
+    low, high = m.min_teachers, m.max_teachers
+    if high == 0:
+        return "none"
+    count = f"exactly {low}" if low == high else f"{low} or more" if high is None else f"{low} to {high}"
+    how = "composed into one graph with fusion nodes" if m.arrangement == "composed" else "run side by side"
+    text = f"{count}, {how}"
+    if m.teacher_roles:
+        text += "; " + ", ".join(f"`teachers[{i}]` = {r}" for i, r in enumerate(m.teacher_roles))
+    if m.frozen_teachers_only:
+        text += "; every teacher loaded (`weights:`) and frozen (`trainable: false`)"
+    return text
 
 
 def _reference_rows(model, prefix: str, rows: list[str]) -> None:

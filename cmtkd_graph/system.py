@@ -1,13 +1,13 @@
-"""``build_system(spec)``: the student, the composed teachers and the adapters as one module.
+"""``build_system(spec)``: the student, the teachers, the adapters and the method's modules as one module.
 
 Each network goes through the same pipeline of graph passes:
 
     torchvision builder -> trace -> keep_main_output -> explicit_activations -> surgery
     -> quantize -> (weights) -> taps
 
-then the teachers are composed into one graph with fusion nodes (``passes.compose``), the student
-exposes its tap features as outputs (``passes.outputs.expose_taps``), and tap shapes are checked
-before anything trains.
+then the teachers are arranged as the method says (``cmtkd_graph.methods``): composed into one graph
+with fusion nodes (``passes.compose``) or side by side (``passes.stack``); the student exposes its tap
+features as outputs (``passes.outputs.expose_taps``), and tap shapes are checked before anything trains.
 """
 
 from __future__ import annotations
@@ -22,14 +22,17 @@ from torch import Tensor, fx, nn
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.fusion import ImportanceFusion
 from cmtkd_graph.losses import FitNetAdapter
+from cmtkd_graph.methods import BuildContext, Method, method_for
 from cmtkd_graph.models import build_model, read_state_dict
-from cmtkd_graph.objective import Objective, SystemOutput, combined_from_probabilities
+from cmtkd_graph.objective import SystemOutput
 from cmtkd_graph.passes.activations import explicit_activations
-from cmtkd_graph.passes.compose import EACH_LOGITS, SHARED, check_tap_shapes, compose_teachers, fusion_key
+from cmtkd_graph.passes.common import EACH_LOGITS, EXTRAS, FEATURES, LOGITS, SHARED, fusion_key
+from cmtkd_graph.passes.compose import check_tap_shapes, compose_teachers
 from cmtkd_graph.passes.graph_pass import finish
-from cmtkd_graph.passes.outputs import FEATURES, LOGITS, expose_taps, keep_main_output
+from cmtkd_graph.passes.outputs import expose_taps, keep_main_output
 from cmtkd_graph.passes.quantize import quantize
 from cmtkd_graph.passes.shapes import copy_shapes, propagate_shapes
+from cmtkd_graph.passes.stack import stack_teachers
 from cmtkd_graph.passes.surgery import run_surgery
 from cmtkd_graph.passes.taps import AUTO, Tap, resolve_taps
 from cmtkd_graph.passes.tracer import trace
@@ -117,9 +120,10 @@ def load_weights(gm: fx.GraphModule, source: str, *, label: str) -> str:
 
 
 class CMTKDSystem(nn.Module):
-    """The student, the composed teachers and the FitNet adapters, trained by one objective.
+    """The student, the teachers, the FitNet adapters and the method's modules, trained by one objective.
 
-    ``system(images)`` returns a :class:`SystemOutput`; ``system.losses(out, labels)`` the loss terms.
+    ``system(images)`` returns a :class:`SystemOutput`; ``system.losses(out, labels)`` the loss terms of
+    the spec's method (``system.method``, see ``cmtkd_graph.methods``).
     """
 
     def __init__(
@@ -129,23 +133,28 @@ class CMTKDSystem(nn.Module):
         teachers: fx.GraphModule | None,
         adapters: nn.ModuleDict,
         networks: list[NetworkInfo],
+        method: Method | None = None,
+        method_modules: nn.ModuleDict | None = None,
     ):
         super().__init__()
         self.spec = spec
         self.student = student
         self.teachers = teachers
         self.adapters = adapters
+        self.method_modules = method_modules if method_modules is not None else nn.ModuleDict()
         self.networks = networks
+        self.method = method if method is not None else method_for(spec)
         self.frozen_teachers = [k for k, t in enumerate(spec.teachers) if not t.trainable]
-        trainable_teachers = len(self.frozen_teachers) < len(spec.teachers)
-        self.objective = Objective(
-            spec.method, spec.distill, teacher_trains=trainable_teachers, adapters=adapters
-        )
         self._freeze()
 
     @property
     def num_teachers(self) -> int:
         return len(self.spec.teachers)
+
+    @property
+    def teacher_trains(self) -> bool:
+        """At least one teacher is trained (its cross-entropy is a loss term)."""
+        return len(self.frozen_teachers) < self.num_teachers
 
     def _freeze(self) -> None:
         for k in self.frozen_teachers:
@@ -161,30 +170,29 @@ class CMTKDSystem(nn.Module):
 
     def forward(self, images: Tensor) -> SystemOutput:
         s = self.student(images)
-        out = SystemOutput(student_logits=s[LOGITS], student_features=s[FEATURES])
-        if self.teachers is None:
-            return out
-        if len(self.frozen_teachers) == self.num_teachers:
-            with torch.no_grad():
-                t = self.teachers(images)
-        else:
-            t = self.teachers(images)
-        out.each_teacher_logits = tuple(t[EACH_LOGITS])
-        out.shared_features = dict(t[SHARED])
-        out.teacher_logits = (
-            combined_from_probabilities(out.each_teacher_logits)
-            if self.spec.method == "average_teacher"
-            else t[LOGITS]
+        out = SystemOutput(
+            student_logits=s[LOGITS], student_features=s[FEATURES], extras=dict(s.get(EXTRAS, {}))
         )
+        if self.teachers is not None:
+            if self.teacher_trains:
+                t = self.teachers(images)
+            else:
+                with torch.no_grad():
+                    t = self.teachers(images)
+            out.each_teacher_logits = tuple(t[EACH_LOGITS])
+            out.teacher_logits = t.get(LOGITS)
+            out.shared_features = dict(t.get(SHARED, {}))
+            out.hints = dict(t[SHARED]) if SHARED in t else dict(t.get(FEATURES, {}))
+        self.method.complete(self, out)
         return out
 
     def losses(self, out: SystemOutput, labels: Tensor) -> dict[str, Tensor]:
-        """Every term of the method's objective, plus ``total`` (see ``cmtkd_graph.objective``)."""
-        return self.objective(out, labels)
+        """Every term of the method's objective, plus ``total`` (see ``cmtkd_graph.methods``)."""
+        return self.method.losses(self, out, labels)
 
     def importance(self) -> dict[str, Tensor]:
         """Softmax importance weights per tap (and ``output``), each a Tensor[K] (detached)."""
-        if self.teachers is None:
+        if self.teachers is None or not hasattr(self.teachers, "fusion"):
             return {}
         fusions = self.teachers.get_submodule("fusion")
         weights = {m.tap: m.weights().detach() for m in fusions.children() if isinstance(m, ImportanceFusion)}
@@ -197,6 +205,7 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
     ``device="meta"`` builds the structure without allocating weights (large models, inspection);
     ``load=False`` skips the ``weights:`` of every network.
     """
+    method = method_for(spec)
     input_shape = (2, *spec.data.input_shape())
     meta = torch.device(device).type == "meta"
     networks: list[NetworkInfo] = []
@@ -220,40 +229,93 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
     teacher_specs = spec.resolved_teachers()
     teachers = [make(t, f"teacher{k}") for k, t in enumerate(teacher_specs)]
 
-    feature_loss = spec.distill.feature_loss not in (None, "none")
-    fuse = spec.method == "cmtkd" or (spec.method == "kd" and feature_loss)
-    teacher_taps: list[list[Tap]] = []
-    if fuse:
-        for k, (gm, t) in enumerate(zip(teachers, teacher_specs, strict=True)):
-            teacher_taps.append(
-                resolve_taps(gm, spec.taps.teachers, arch=t.arch, model=f"teacher{k} ({t.arch})")
-            )
-            networks[k + 1].taps = teacher_taps[-1]
-        check_tap_shapes(
-            teacher_taps, [f"teacher{k} ({t.arch} {t.bits_label})" for k, t in enumerate(teacher_specs)]
-        )
-    else:
-        teacher_taps = [[] for _ in teachers]
-
+    feature_loss = spec.distill.feature_loss != "none"
     student_taps: list[Tap] = []
-    if feature_loss and teacher_taps and teacher_taps[0]:
-        student_taps = _student_taps(student, spec, teacher_taps[0])
+    hint_taps: list[Tap] = []  # the teacher tap each student tap learns from (for the adapters)
+    composed = None
+    if method.arrangement == "composed":
+        teacher_taps: list[list[Tap]] = [[] for _ in teachers]
+        if method.fuses_at_taps():
+            teacher_taps = [
+                resolve_taps(gm, spec.taps.teachers, arch=t.arch, model=f"teacher{k} ({t.arch})")
+                for k, (gm, t) in enumerate(zip(teachers, teacher_specs, strict=True))
+            ]
+            for k, taps in enumerate(teacher_taps):
+                networks[k + 1].taps = taps
+            check_tap_shapes(
+                teacher_taps, [f"teacher{k} ({t.arch} {t.bits_label})" for k, t in enumerate(teacher_specs)]
+            )
+        if feature_loss and teacher_taps and teacher_taps[0]:
+            student_taps = _student_taps(student, spec, teacher_taps[0])
+            hint_taps = teacher_taps[0]
+        composed = compose_teachers(teachers, teacher_taps, combine=method.combine())
+    elif method.arrangement == "side_by_side":
+        exposed: list[dict[str, str]] = [{} for _ in teachers]
+        if feature_loss:
+            student_taps, hint_taps = _hint_pairs(method, student, teachers, teacher_specs, spec, networks)
+            for j, (s_tap, t_tap) in enumerate(zip(student_taps, hint_taps, strict=True)):
+                exposed[method.hint_teacher(j, len(teachers))][s_tap.name] = t_tap.node
+        composed = stack_teachers(teachers, exposed)
+    if student_taps:
         networks[0].taps = student_taps
         _warn_constant_attention(spec, student_taps)
 
-    composed = None
-    if teachers:
-        combine = "mean" if spec.method == "average_teacher" else spec.distill.combine
-        composed = compose_teachers(teachers, teacher_taps, combine=combine)
-    expose_taps.in_place(student, student_taps)
+    extras = method.student_extras(student)
+    method_modules = method.build_modules(BuildContext(spec, student, teachers, student_taps, extras))
+    expose_taps.in_place(student, student_taps, extras)
     student_gm = finish(student)
     adapters = nn.ModuleDict()
     if spec.distill.feature_loss == "fitnet":
-        for s_tap, t_tap in zip(student_taps, teacher_taps[0], strict=True):
-            adapters[fusion_key(t_tap.name)] = FitNetAdapter(s_tap.shape, t_tap.shape)
-        if meta:
-            adapters.to("meta")
-    return CMTKDSystem(spec, student_gm, composed, adapters, networks)
+        for s_tap, t_tap in zip(student_taps, hint_taps, strict=True):
+            adapters[fusion_key(s_tap.name)] = FitNetAdapter(s_tap.shape, t_tap.shape)
+    if meta:
+        adapters.to("meta")
+    method_modules.to(device)
+    return CMTKDSystem(spec, student_gm, composed, adapters, networks, method, method_modules)
+
+
+def _hint_pairs(
+    method: Method,
+    student: fx.GraphModule,
+    teachers: list[fx.GraphModule],
+    teacher_specs: list[ModelSpec],
+    spec: Spec,
+    networks: list[NetworkInfo],
+) -> tuple[list[Tap], list[Tap]]:
+    """Side-by-side teachers: the student's taps and, for each, the tap of the teacher it learns from
+    (``method.hint_teacher``), at the same position in that teacher's own tap list."""
+    names = spec.taps.student if spec.taps.student is not None else spec.taps.teachers
+    s_label = f"student ({spec.student.arch})"
+    student_taps = resolve_taps(student, names, arch=spec.student.arch, model=s_label)
+    resolved: dict[int, list[Tap]] = {}
+    hints = []
+    for j, s_tap in enumerate(student_taps):
+        k = method.hint_teacher(j, len(teachers))
+        t = teacher_specs[k]
+        if k not in resolved:
+            label = f"teacher{k} ({t.arch})"
+            resolved[k] = resolve_taps(teachers[k], spec.taps.teachers, arch=t.arch, model=label)
+            if len(resolved[k]) != len(student_taps):
+                raise UserError(
+                    f"taps: the student has {len(student_taps)} taps "
+                    f"({', '.join(x.name for x in student_taps)}) but {label} has {len(resolved[k])} "
+                    f"({', '.join(x.name for x in resolved[k])}); list taps.teachers and taps.student"
+                )
+        t_tap = resolved[k][j]
+        if (
+            spec.distill.feature_loss == "attention"
+            and s_tap.shape
+            and t_tap.shape
+            and len(s_tap.shape) != len(t_tap.shape)
+        ):
+            raise UserError(
+                f"tap {s_tap.name!r}: student {list(s_tap.shape)} and teacher{k} {list(t_tap.shape)} "
+                "differ in rank"
+            )
+        hints.append(Tap(s_tap.name, t_tap.node, t_tap.shape, t_tap.channels_last))
+    for k in resolved:
+        networks[k + 1].taps = [h for j, h in enumerate(hints) if method.hint_teacher(j, len(teachers)) == k]
+    return student_taps, hints
 
 
 def _warn_constant_attention(spec: Spec, taps: list[Tap]) -> None:

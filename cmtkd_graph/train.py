@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from cmtkd_graph.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoint
+from cmtkd_graph.cli_common import EXIT_USER_ERROR, add_train_args, user_error_lines
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.metrics import MetricsLog, plot_importance, read_metrics, topk_correct
 from cmtkd_graph.spec import Spec
@@ -123,7 +124,26 @@ def run(spec_path: str | None, overrides: Sequence[str] = (), *, resume: str | N
     )
     _set_cpu_threads(spec, accelerator)
     set_seed(spec.train.seed)
-    return Trainer(spec, accelerator, run_dir, checkpoint).fit()
+    trainer = None
+    try:
+        trainer = Trainer(spec, accelerator, run_dir, checkpoint)
+        return trainer.fit()
+    except BaseException:
+        if resume is None and main and (trainer is None or trainer.state["step"] == 0):
+            _remove_failed_run(run_dir)
+        raise
+
+
+def _remove_failed_run(run_dir: Path) -> None:
+    """A new run that failed before its first optimizer step (missing data, a bad weights path) leaves
+    nothing behind: its directory holds only the spec and the log of the failure."""
+    import shutil
+
+    for handler in list(log.handlers):
+        if isinstance(handler, logging.FileHandler):
+            handler.close()
+            log.removeHandler(handler)
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _set_cpu_threads(spec: Spec, accelerator) -> None:
@@ -193,7 +213,11 @@ class Trainer:
             )
         if accelerator.is_main_process and spec.train.tensorboard:
             accelerator.init_trackers("tensorboard")
-        self.teacher_labels = [t.bits_label for t in spec.teachers]
+        teachers = spec.resolved_teachers()
+        several_archs = any(t.arch != spec.student.arch for t in teachers)
+        self.teacher_labels = [
+            f"{t.arch} {t.bits_label}" if several_archs else t.bits_label for t in teachers
+        ]
 
     def _check_classes(self, system, num_classes: int) -> None:
         """The student's logits (known from shape propagation) must match the dataset's classes."""
@@ -250,6 +274,7 @@ class Trainer:
             leave=False,
         )
         window: dict[str, torch.Tensor] = {}
+        stats: dict[str, torch.Tensor] = {}
         window_batches, window_images, window_start = 0, 0, time.perf_counter()
         for images, labels in loader:
             if t.channels_last:
@@ -265,6 +290,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             for name, value in terms.items():
                 window[name] = window.get(name, 0.0) + value.detach().float()
+            for name, value in out.stats.items():
+                stats[name] = stats.get(name, 0.0) + value.detach().float()
             window_batches += 1
             window_images += images.shape[0] * acc.num_processes
             self.state["batches_in_epoch"] += 1
@@ -278,9 +305,10 @@ class Trainer:
             reached_max = t.max_steps is not None and step >= t.max_steps
             if step % t.log_every == 0 or reached_max:
                 elapsed = time.perf_counter() - window_start
-                record = self._train_record(window, window_batches, window_images / max(elapsed, 1e-9))
+                record = self._train_record(window, stats, window_batches, window_images / max(elapsed, 1e-9))
                 bar.set_postfix(loss=f"{record['loss/total']:.3f}", img_s=f"{record['images_per_s']:.0f}")
-                window, window_batches, window_images, window_start = {}, 0, 0, time.perf_counter()
+                window, stats, window_batches, window_images = {}, {}, 0, 0
+                window_start = time.perf_counter()
             if reached_max:
                 bar.close()
                 return True
@@ -301,11 +329,16 @@ class Trainer:
                 f"training stopped. Last good checkpoint: {where}"
             )
 
-    def _train_record(self, window: dict, batches: int, images_per_s: float) -> dict:
+    def _train_record(self, window: dict, stats: dict, batches: int, images_per_s: float) -> dict:
+        """One ``metrics.jsonl`` line: the window's mean loss terms and method statistics (e.g. AMTML-KD's
+        mean instance weights, as ``importance/instance``), averaged over processes."""
         acc = self.acc
         names = sorted(window)
         stacked = torch.stack([window[n] / batches for n in names])
         stacked = acc.reduce(stacked, reduction="mean") if acc.num_processes > 1 else stacked
+        method_stats = {n: v / batches for n, v in sorted(stats.items())}
+        if acc.num_processes > 1:
+            method_stats = {n: acc.reduce(v, reduction="mean") for n, v in method_stats.items()}
         record = {
             "kind": "train",
             "step": self.state["step"],
@@ -314,6 +347,7 @@ class Trainer:
             **{f"loss/{n}": float(v) for n, v in zip(names, stacked.tolist(), strict=True)},
             **{f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups},
             **{f"importance/{tap}": w.tolist() for tap, w in self.system.importance().items()},
+            **{f"importance/{n}": v.tolist() for n, v in method_stats.items()},
             "images_per_s": images_per_s,
         }
         self.metrics.write(record)
@@ -328,7 +362,8 @@ class Trainer:
         acc = self.acc
         self.model.eval()
         correct: dict[str, dict[int, int]] = {}
-        seen = 0
+        stats: dict[str, torch.Tensor] = {}
+        seen, stats_seen = 0, 0
         for images, labels in self.eval_loader:
             if self.spec.train.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -336,7 +371,10 @@ class Trainer:
             named = {"student": out.student_logits}
             if out.teacher_logits is not None:
                 named["combined"] = out.teacher_logits
-                named.update({f"teacher{k}": z for k, z in enumerate(out.each_teacher_logits)})
+            named.update({f"teacher{k}": z for k, z in enumerate(out.each_teacher_logits)})
+            for name, value in out.stats.items():  # batch means, weighted by the batch size
+                stats[name] = stats.get(name, 0.0) + value.float() * labels.shape[0]
+            stats_seen += labels.shape[0] if out.stats else 0
             gathered = acc.gather_for_metrics((labels, *[z.float() for z in named.values()]))
             labels_all, logits_all = gathered[0], gathered[1:]
             seen += labels_all.shape[0]
@@ -350,12 +388,16 @@ class Trainer:
         for name, counts in correct.items():
             for k, c in counts.items():
                 record[f"acc{k}/{name}"] = 100.0 * c / max(seen, 1)
+        for name, total in sorted(stats.items()):
+            pair = torch.cat([total.flatten(), total.new_tensor([stats_seen])])  # one reduce: sum and count
+            pair = acc.reduce(pair, reduction="sum") if acc.num_processes > 1 else pair
+            record[f"importance/{name}"] = (pair[:-1] / pair[-1]).tolist()
         self.metrics.write(record)
         if self.spec.train.tensorboard:
             acc.log({k: v for k, v in record.items() if k.startswith("acc")}, step=record["step"])
         if acc.is_main_process:
             log.info(_eval_line(record))
-            if self.system.teachers is not None:
+            if self.system.teachers is not None:  # fusion importance, or a method's instance weights
                 plot_importance(
                     read_metrics(self.run_dir / "metrics.jsonl"),
                     self.run_dir / "importance.png",
@@ -377,7 +419,10 @@ class Trainer:
                 "steps": self.state["step"],
                 "processes": acc.num_processes,
                 "accuracy": {k: v for k, v in final_eval.items() if k.startswith("acc")},
-                "importance": {tap: w.tolist() for tap, w in self.system.importance().items()},
+                "importance": {
+                    **{tap: w.tolist() for tap, w in self.system.importance().items()},
+                    **{k.split("/", 1)[1]: v for k, v in final_eval.items() if k.startswith("importance/")},
+                },
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             }
             (self.run_dir / "final.json").write_text(json.dumps(summary, indent=1))
@@ -420,22 +465,18 @@ def _eval_line(record: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cmtkd_graph.cli import add_train_args
-
     p = argparse.ArgumentParser(prog="python -m cmtkd_graph.train", description=__doc__.splitlines()[0])
     add_train_args(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from cmtkd_graph.cli import EXIT_USER_ERROR, _problems
-
     args = build_parser().parse_args(argv)
     try:
         run(args.spec, args.overrides, resume=args.resume)
     except UserError as err:
         if int(os.environ.get("RANK", "0")) == 0:
-            for line in _problems(err):
+            for line in user_error_lines(err):
                 print(f"error: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0

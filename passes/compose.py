@@ -16,25 +16,24 @@ all teachers up to tap 2, and so on, which keeps the node order topological.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
-from cmtkd_graph.passes.quantize import META
+from cmtkd_graph.passes.common import (
+    EACH_LOGITS,
+    LOGITS,
+    META,
+    SHARED,
+    copy_teacher_node,
+    find_node,
+    fusion_key,
+)
 from cmtkd_graph.passes.taps import Tap
-from cmtkd_graph.passes.tracer import qualname
 from torch import fx, nn
 
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.fusion import Fusion, ImportanceFusion, MeanFusion
 
-EACH_LOGITS = "each_logits"
-SHARED = "shared"
 OUTPUT_FUSION = "output"
-
-
-def fusion_key(tap_name: str) -> str:
-    """Module name of a tap's fusion (``layer1.0.relu_1`` -> ``layer1_0_relu_1``)."""
-    return re.sub(r"\W", "_", tap_name)
 
 
 def check_tap_shapes(taps_per_teacher: Sequence[Sequence[Tap]], teacher_names: Sequence[str]) -> None:
@@ -104,7 +103,7 @@ def compose_teachers(
             elif node.op == "output":
                 logits = envs[k][node.args[0]]
             else:
-                envs[k][node] = _copy_node(graph, node, envs[k], k)
+                envs[k][node] = copy_teacher_node(graph, node, envs[k], k)
             if node is stop:
                 break
         return logits
@@ -112,7 +111,7 @@ def compose_teachers(
     for level, name in enumerate(tap_names):
         tap_nodes = []
         for k in range(k_count):
-            stop = _find(teachers[k], taps[k][level].node)
+            stop = find_node(teachers[k], taps[k][level].node)
             copy_until(k, stop)
             tap_nodes.append(stop)
         key = fusion_key(name)
@@ -138,28 +137,9 @@ def compose_teachers(
         "qualname": f"fusion.{OUTPUT_FUSION}",
         META: {"role": "fusion", "tap": OUTPUT_FUSION, "combine": combine},
     }
-    out = graph.output({"logits": combined, EACH_LOGITS: tuple(each_logits), SHARED: shared})
+    out = graph.output({LOGITS: combined, EACH_LOGITS: tuple(each_logits), SHARED: shared})
     out.meta = {"qualname": "output", META: {"role": "output"}}
     graph.lint()
     gm = fx.GraphModule(root, graph, "ComposedTeachers")
     gm.train(teachers[0].training)
     return gm
-
-
-def _find(gm: fx.GraphModule, name: str) -> fx.Node:
-    for node in gm.graph.nodes:
-        if qualname(node) == name:
-            return node
-    raise KeyError(name)
-
-
-def _copy_node(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node], k: int) -> fx.Node:
-    args = fx.map_arg(node.args, env.__getitem__)
-    kwargs = fx.map_arg(node.kwargs, env.__getitem__)
-    target = f"teacher{k}.{node.target}" if node.op in ("call_module", "get_attr") else node.target
-    new = graph.create_node(node.op, target, args, kwargs, name=f"teacher{k}_{node.name}")
-    new.meta = dict(node.meta)
-    new.meta["qualname"] = f"teacher{k}.{qualname(node)}"
-    new.meta[META] = {**node.meta.get(META, {}), "teacher": k}
-    new.meta[META].setdefault("role", "teacher")
-    return new

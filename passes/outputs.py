@@ -6,16 +6,14 @@ firing once FX has inlined them, while an output is part of the graph itself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
+from cmtkd_graph.passes.common import EXTRAS, FEATURES, LOGITS, output_node
 from cmtkd_graph.passes.graph_pass import graph_pass
 from cmtkd_graph.passes.taps import Tap
 from cmtkd_graph.passes.tracer import nodes_by_qualname
 from torch import fx
-
-LOGITS = "logits"
-FEATURES = "features"
 
 
 @graph_pass
@@ -26,7 +24,7 @@ def keep_main_output(gm: fx.GraphModule) -> None:
     are not part of CMT-KD, so they are removed with their modules (a torchvision checkpoint then
     reports their keys as unexpected, never a torchvision key as missing).
     """
-    out = _output_node(gm)
+    out = output_node(gm)
     value = out.args[0]
     if _is_tuple_construction(value):  # FX records `return GoogLeNetOutputs(logits, ...)` as a call
         fields = getattr(value.target, "_fields", ())
@@ -53,18 +51,15 @@ def _is_tuple_construction(value: object) -> bool:
     )
 
 
-def _output_node(gm: fx.GraphModule) -> fx.Node:
-    return next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-
-
 @graph_pass
-def expose_taps(gm: fx.GraphModule, taps: Sequence[Tap]) -> None:
+def expose_taps(gm: fx.GraphModule, taps: Sequence[Tap], extras: Mapping[str, str] | None = None) -> None:
     """Return ``{"logits": logits, "features": {tap.name: feature}}`` instead of the logits alone.
 
     Channels-last taps (Swin stages, NHWC) are permuted to NCHW so every loss sees [B, C, H, W].
+    ``extras`` (output key -> node name) adds ``"extras": {key: node}``: other nodes a method reads.
     """
     by_name = nodes_by_qualname(gm)
-    out = _output_node(gm)
+    out = output_node(gm)
     logits = out.args[0]
     features = {}
     for tap in taps:
@@ -74,4 +69,7 @@ def expose_taps(gm: fx.GraphModule, taps: Sequence[Tap]) -> None:
                 node = gm.graph.call_function(torch.permute, (node, (0, 3, 1, 2)))
             node.meta["qualname"] = f"{tap.node}.to_nchw"
         features[tap.name] = node
-    out.args = ({LOGITS: logits, FEATURES: features},)
+    value = {LOGITS: logits, FEATURES: features}
+    if extras:
+        value[EXTRAS] = {key: by_name[name] for key, name in extras.items()}
+    out.args = (value,)

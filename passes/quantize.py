@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from cmtkd_graph.passes.common import META, find_layers, first_and_last_layers
 from cmtkd_graph.passes.graph_pass import graph_pass
 from cmtkd_graph.passes.tracer import qualname, replace_submodule, unique_target
 from torch import fx, nn
@@ -35,18 +36,11 @@ from cmtkd_graph.quantizers import FULL_PRECISION, QuantizerFamily
 from cmtkd_graph.quantizers.attention import ATTENTION_TYPES, QUANTIZED_ATTENTION_TYPES, quantize_attention
 from cmtkd_graph.quantizers.layers import QuantConv2d, QuantLinear
 
-META = "cmtkd"
-"""``node.meta`` key holding what our passes decided about a node (role, bits, signedness...)."""
-
 
 @dataclass(frozen=True)
 class LayerBits:
     weight: int
     act: int
-
-
-def quantizable_layer_types() -> tuple[type[nn.Module], ...]:
-    return (nn.Conv2d, nn.Linear, *ATTENTION_TYPES)
 
 
 @graph_pass
@@ -129,28 +123,6 @@ def _insert_input_quantizer(
         },
     }
     layer.replace_input_with(source, quant)  # every use: self-attention takes it as query, key and value
-
-
-def find_layers(gm: fx.GraphModule) -> list[fx.Node]:
-    """Call sites of conv/linear/attention modules, in execution order."""
-    types = quantizable_layer_types()
-    return [
-        n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), types)
-    ]
-
-
-def first_and_last_layers(gm: fx.GraphModule, layers: list[fx.Node]) -> tuple[set[fx.Node], set[fx.Node]]:
-    """Layers with no layer upstream (first) and with no layer downstream (last), by graph position."""
-    layer_set = set(layers)
-    upstream: dict[fx.Node, bool] = {}
-    for node in gm.graph.nodes:
-        upstream[node] = any(p in layer_set or upstream[p] for p in node.all_input_nodes)
-    downstream: dict[fx.Node, bool] = {}
-    for node in reversed(gm.graph.nodes):
-        downstream[node] = any(u in layer_set or downstream[u] for u in node.users)
-    first = {n for n in layers if not upstream[n]}
-    last = {n for n in layers if not downstream[n]}
-    return first, last
 
 
 # Outputs that are >= 0 whatever the input.

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from cmtkd_graph.passes.common import find_layers, first_and_last_layers
 from cmtkd_graph.passes.graph_pass import graph_pass
-from cmtkd_graph.passes.quantize import find_layers, first_and_last_layers
 from cmtkd_graph.passes.tracer import qualname, replace_submodule, unique_target
 from torch import fx, nn
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cmtkd_graph.passes.quantize import META, find_layers
+from cmtkd_graph.passes.common import META, find_layers, output_value
 from cmtkd_graph.passes.shapes import shape_of
 from cmtkd_graph.passes.tracer import qualname
 from torch import fx
@@ -196,3 +196,44 @@ def resolve_taps(
             + ", ".join(f"{t.name} (node {t.node})" for t in taps)
         )
     return taps
+
+
+def last_feature_map(gm: fx.GraphModule) -> str:
+    """The last feature map before the classifier head (shapes must have been propagated).
+
+    Walks back from the logits through vector-valued nodes (linear layers, flatten, dropout) and the
+    global pooling that turned the map into a vector: ResNet's ``layer4`` output, EfficientNet's
+    ``features`` output, ViT's final token features. AMTML-KD reads the student's instance features
+    there.
+    """
+    node = output_value(gm)
+    while True:
+        inputs = [i for i in node.all_input_nodes if shape_of(i) is not None and i.op != "get_attr"]
+        shape = shape_of(node)
+        if shape is not None and len(shape) >= 3 and not _is_global_pool(node, inputs):
+            return qualname(node)
+        if not inputs:
+            raise UserError(f"no feature map found before the logits (stopped at {qualname(node)})")
+        node = inputs[0]
+
+
+def _is_global_pool(node: fx.Node, inputs: list[fx.Node]) -> bool:
+    """Adaptive pooling before a classifier (VGG's 7x7), or a 1x1 map made from a larger map with the
+    same channels (global average / max pooling)."""
+    if _is_adaptive_pool(node):
+        return True
+    shape = shape_of(node)
+    if len(shape) != 4 or shape[2] * shape[3] != 1 or len(inputs) != 1:
+        return False
+    before = shape_of(inputs[0])
+    return len(before) == 4 and before[1] == shape[1] and before[2] * before[3] > 1
+
+
+def _is_adaptive_pool(node: fx.Node) -> bool:
+    import torch.nn.functional as F
+    from torch import nn
+
+    if node.op == "call_module":
+        module = node.graph.owning_module.get_submodule(node.target)
+        return isinstance(module, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d)
+    return node.op == "call_function" and node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d)

@@ -13,6 +13,7 @@ import pytest
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 REPO = Path(__file__).resolve().parents[1]
+CIFAR10_JPEG = Path(os.environ.get("CMTKD_CIFAR10_TAR", REPO.parent / "shared/data/cifar10-jpeg.tar.gz"))
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +43,46 @@ def tiny_cifar100(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def cifar10_jpeg(tmp_path_factory) -> Path:
+    """Real CIFAR-10 images (the JPEG copy in ../shared/data): the first 20 training and 10 test
+    images of every class, extracted into an image-folder root (train/<class>/, test/<class>/)."""
+    import tarfile
+
+    if not CIFAR10_JPEG.is_file():
+        pytest.fail(
+            f"{CIFAR10_JPEG} is missing (the CIFAR-10 JPEG archive; set CMTKD_CIFAR10_TAR to its path)"
+        )
+    root = tmp_path_factory.mktemp("cifar10")
+    wanted = {"train": 20, "test": 10}
+    taken: dict[tuple[str, str], int] = {}
+    with tarfile.open(CIFAR10_JPEG, "r:gz") as archive:
+        for member in archive:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) < 3 or parts[-3] not in wanted:
+                continue
+            split, label = parts[-3], parts[-2]
+            if taken.get((split, label), 0) >= wanted[split]:
+                continue
+            taken[(split, label)] = taken.get((split, label), 0) + 1
+            target = root / split / label / parts[-1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(archive.extractfile(member).read())
+    return root
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Each in-process training run starts with a fresh accelerate state (as a new process would)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 def run_module(
     args: list[str],
     *,
@@ -60,3 +101,29 @@ def run_module(
         text=True,
         timeout=timeout,
     )
+
+
+def launch_two_processes(
+    module_args: list[str], *, cwd: Path, port: int, timeout: float = 900
+) -> subprocess.CompletedProcess:
+    """``accelerate launch --multi_gpu --num_processes 2 -m <module_args>`` on this CPU-only machine."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        "-m",
+        *module_args,
+    ]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)

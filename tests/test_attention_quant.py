@@ -8,8 +8,9 @@ import pytest
 import torch
 import torchvision
 from cmtkd_graph.passes.activations import explicit_activations
+from cmtkd_graph.passes.common import META
 from cmtkd_graph.passes.outputs import keep_main_output
-from cmtkd_graph.passes.quantize import META, quantize
+from cmtkd_graph.passes.quantize import quantize
 from cmtkd_graph.passes.shapes import propagate_shapes
 from cmtkd_graph.passes.taps import resolve_taps
 from cmtkd_graph.passes.tracer import trace

@@ -19,18 +19,6 @@ SPECS = sorted((REPO / "specs").glob("*.yaml"))
 CIFAR100_SPECS = [p for p in SPECS if "cifar100" in p.read_text() and "dataset: cifar100" in p.read_text()]
 
 
-@pytest.fixture
-def fresh_accelerate():
-    """Each in-process training run starts with a fresh accelerate state (as a new process would)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
 def test_every_spec_builds_its_system_on_the_meta_device(path):
     spec = cg.load_spec(path)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from cmtkd_graph.passes.quantize import META
+from cmtkd_graph.passes.common import META
 
 import cmtkd_graph as cg
 from cmtkd_graph.spec_io import validate_spec
@@ -66,7 +66,7 @@ def test_every_model_quantizes_and_composes_with_auto_taps(arch):
     assert set(out.shared_features) == {t.name for t in taps} == set(out.student_features)
     losses = system.losses(out, torch.zeros(2, dtype=torch.long, device="meta"))
     losses["total"].backward()
-    fusion = system.teachers.get_submodule(f"fusion.{cg.passes.compose.fusion_key(taps[0].name)}")
+    fusion = system.teachers.get_submodule(f"fusion.{cg.passes.common.fusion_key(taps[0].name)}")
     assert fusion.logits.grad is not None and fusion.logits.grad.shape == (3,)
     # LSQ on the same model (meta: structure and shapes; its data initialisation is skipped there)
     lsq = cg.system.build_network(spec_for(arch, "lsq").student, spec_for(arch, "lsq"), device="meta")

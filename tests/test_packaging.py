@@ -48,11 +48,15 @@ def test_wheel_contains_the_passes_as_a_subpackage(wheel):
         "taps",
         "outputs",
         "compose",
+        "stack",
+        "common",
         "shapes",
     ):
         assert f"cmtkd_graph/passes/{module}.py" in names
+    for method in ("base", "cmtkd", "single", "kd", "average_teacher", "amtml_kd", "ctkd"):
+        assert f"cmtkd_graph/methods/{method}.py" in names
     assert not any(n.startswith("passes/") for n in names)  # no generic top-level module
-    assert "cmtkd_graph/specs/quickstart.yaml" in names and "cmtkd_graph/specs/resnet18.yaml" in names
+    assert "cmtkd_graph/specs/quickstart.yaml" in names and "cmtkd_graph/specs/amtml_kd.yaml" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "cmtkd-graph = cmtkd_graph.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

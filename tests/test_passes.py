@@ -6,8 +6,9 @@ import pytest
 import torch
 import torchvision
 from cmtkd_graph.passes.activations import explicit_activations, functional_to_modules
+from cmtkd_graph.passes.common import META
 from cmtkd_graph.passes.outputs import keep_main_output
-from cmtkd_graph.passes.quantize import META, nonnegative_nodes, quantize
+from cmtkd_graph.passes.quantize import nonnegative_nodes, quantize
 from cmtkd_graph.passes.surgery import run_surgery
 from cmtkd_graph.passes.tracer import qualname, trace
 from torch import nn
@@ -284,3 +285,35 @@ def test_bad_surgery_options_are_user_errors():
         run_surgery(rewritten(torchvision.models.resnet18()), "cifar_stem", {"kernel": 3})
     with pytest.raises(UserError, match="no max-pool"):
         run_surgery(rewritten(torchvision.models.mobilenet_v2()), "cifar_stem")
+
+
+def test_stack_teachers_runs_each_teacher_unchanged_and_exposes_the_asked_nodes():
+    from cmtkd_graph.passes.stack import stack_teachers
+
+    torch.manual_seed(0)
+    teachers = [rewritten(torchvision.models.resnet18(num_classes=10)).eval() for _ in range(2)]
+    for t in teachers:
+        keep_main_output.in_place(t)
+        t.recompile()
+    stacked = stack_teachers(teachers, [{"a": "layer1.1.relu_1"}, {"b": "layer2.1.relu_1"}]).eval()
+    assert sorted(n for n, _ in stacked.named_children()) == ["teacher0", "teacher1"]
+    assert "teacher1.layer1.0.conv1.weight" in stacked.state_dict()
+    x = torch.randn(2, 3, 64, 64)
+    out = stacked(x)
+    for k, t in enumerate(teachers):
+        assert torch.equal(out["each_logits"][k], t(x))
+    assert out["features"]["a"].shape == (2, 64, 16, 16) and out["features"]["b"].shape == (2, 128, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "arch, expected",
+    [("resnet18", "layer4.1.relu_1"), ("mobilenet_v2", "features.18.2"), ("vgg11", "features.20")],
+)
+def test_last_feature_map_is_the_map_before_global_pooling(arch, expected):
+    from cmtkd_graph.passes.shapes import propagate_shapes
+    from cmtkd_graph.passes.taps import last_feature_map
+
+    gm = rewritten(getattr(torchvision.models, arch)(num_classes=10))
+    keep_main_output.in_place(gm)
+    propagate_shapes(gm, (2, 3, 64, 64))
+    assert last_feature_map(gm) == expected

@@ -154,9 +154,10 @@ MALFORMED = [
         "taps.teachers: must be 'auto' or a non-empty list of node names / module prefixes, got 5",
     ),
     (
-        lambda d: d.update(method="distill"),
+        lambda d: d.update(method="cmtdk"),
         None,
-        "method: Input should be 'cmtkd', 'single', 'kd' or 'average_teacher', got 'distill'",
+        "method: unknown method 'cmtdk' (did you mean cmtkd, ctkd?); "
+        "known: amtml_kd, average_teacher, cmtkd, ctkd, kd, single",
     ),
     (lambda d: d.pop("data"), None, "data: required"),
     (lambda d: d.pop("student"), None, "student: required"),

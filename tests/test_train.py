@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 
 from cmtkd_graph.metrics import read_metrics
 
-from .conftest import run_module
+from .conftest import launch_two_processes, run_module
 
 # the quickstart pinned down: resnet18 (ImageNet stem, so 28x28 inputs stay cheap), W2A2 student,
 # 4- and 8-bit teachers, taps layer1..3 (layer4 is 1x1 here), constant lr
@@ -120,34 +119,8 @@ def test_resume_gives_bit_identical_weights(tmp_path, fashion_mnist):
 def test_two_cpu_processes_train_one_model(tmp_path, fashion_mnist):
     """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine: one gloo data-parallel job."""
     run_dir = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29517",
-        "-m",
-        "cmtkd_graph.train",
-        "quickstart",
-        *sets(*SMALL, "train.epochs=1", f"train.output_dir={run_dir}"),
-    ]
-    result = subprocess.run(
-        cmd,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-    )
+    args = ["cmtkd_graph.train", "quickstart", *sets(*SMALL, "train.epochs=1", f"train.output_dir={run_dir}")]
+    result = launch_two_processes(args, cwd=tmp_path, port=29517)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((run_dir / "ranks" / f"rank-{i}.json").read_text()) for i in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
@@ -245,3 +218,43 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path, fashion_mnist):
     lrs = [r["lr/student"] for r in lines]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(0.0, abs=1e-12)  # cosine ends at 0
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_run_directory(tmp_path):
+    """Missing data, twice: no runs/NAME, runs/NAME-1... left behind, one clear line each time."""
+    out = tmp_path / "runs" / "quickstart"
+    for _ in range(2):
+        result = run_module(
+            ["quickstart", *sets(f"data.root={tmp_path / 'no-data'}", f"train.output_dir={out}")],
+            cwd=tmp_path,
+        )
+        assert result.returncode == 2 and "data.root" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
+
+
+def test_validate_runs_the_dataset_checks_that_training_runs(tmp_path):
+    result = run_module(
+        ["validate", "quickstart", "--set", "data.dataset=cifar10", "--set", "data.grey_to_rgb=none"],
+        cwd=tmp_path,
+        module="cmtkd_graph",
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: data.grey_to_rgb: none is for fashion_mnist only; cifar10 images are RGB"
+    )
+
+
+def test_no_import_cycles_between_the_command_line_training_and_inspection_modules():
+    """cli -> train and inspection_output -> inspection only (one direction each), checked in a fresh
+    interpreter by what each module imports at its top level and inside its functions."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "cmtkd_graph"
+
+    def imports(module: str) -> set[str]:
+        tree = ast.parse((root / f"{module}.py").read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+    assert "cmtkd_graph.cli" not in imports("train")
+    assert "cmtkd_graph.inspection_output" not in imports("inspection")
+    assert "cmtkd_graph.train" in imports("cli") and "cmtkd_graph.inspection" in imports("inspection_output")

@@ -39,7 +39,6 @@ class DataBundle:
 
 def build_datasets(spec: DataSpec) -> DataBundle:
     """Read the dataset ``spec`` names (raising UserError on missing or malformed data)."""
-    _check_options(spec)
     if spec.dataset == "imagefolder":
         return _image_folder(spec)
     if spec.dataset == "fashion_mnist":
@@ -50,25 +49,6 @@ def build_datasets(spec: DataSpec) -> DataBundle:
             "with `download: true`, torchvision's cifar-10-batches-py / cifar-100-python folder)"
         )
     return _in_memory(spec, read_cifar(spec.dataset, spec.root, download=spec.download))
-
-
-def _check_options(spec: DataSpec) -> None:
-    problems = []
-    if spec.download and spec.dataset not in ("cifar10", "cifar100"):
-        how = (
-            "install it with `apt-get install dataset-fashion-mnist`"
-            if spec.dataset == "fashion_mnist"
-            else "the images must already be in data.root"
-        )
-        problems.append(f"data.download: only cifar10/cifar100 can be downloaded; {spec.dataset}: {how}")
-    if spec.eval_split is not None and spec.dataset != "imagefolder":
-        problems.append(f"data.eval_split: only for imagefolder; {spec.dataset} has a fixed test split")
-    if spec.corrupt_images == "skip" and spec.dataset != "imagefolder":
-        problems.append(f"data.corrupt_images: skip is for imagefolder only; {spec.dataset} is read up front")
-    if spec.grey_to_rgb == "none" and spec.dataset != "fashion_mnist":
-        problems.append(f"data.grey_to_rgb: none is for fashion_mnist only; {spec.dataset} images are RGB")
-    if problems:
-        raise UserError(problems)
 
 
 def _root_of(spec: DataSpec) -> str:

@@ -1,0 +1,45 @@
+"""What the ``cmtkd-graph`` command and ``python -m cmtkd_graph.train`` share: spec and training
+arguments, the exit status of user errors and how those errors are printed."""
+
+from __future__ import annotations
+
+import argparse
+
+from cmtkd_graph.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def add_spec_args(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    help = "spec YAML file, or the name of a packaged example (quickstart, resnet18...)"
+    if optional:
+        p.add_argument("spec", nargs="?", help=f"{help}; optional with --resume")
+    else:
+        p.add_argument("spec", help=help)
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec value, e.g. --set train.epochs=1 --set teachers[0].weight_bits=4",
+    )
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """The arguments of training, the same for ``cmtkd-graph train`` and ``python -m cmtkd_graph.train``."""
+    add_spec_args(p, optional=True)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+
+
+def user_error_lines(err: UserError) -> list[str]:
+    """The lines to print for a user error (one per problem)."""
+    # A UserError raised in a DataLoader worker is re-raised with the worker's traceback as its text;
+    # the user needs only its last line.
+    lines = []
+    for problem in err.problems:
+        if "Original Traceback" in problem:
+            tail = [line for line in problem.strip().splitlines() if line.strip()][-1]
+            problem = tail.split(": ", 1)[1] if ": " in tail else tail
+        lines.append(problem)
+    return lines

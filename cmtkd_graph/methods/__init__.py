@@ -1,0 +1,28 @@
+"""Distillation methods, one module each, registered by name (see ``base.py`` for the record).
+
+To add one: subclass :class:`Method` in your own module, decorate it with ``@register_method("name")``
+and import that module before loading the spec (``method: name``). The built-in methods:
+"""
+
+from cmtkd_graph.methods import amtml_kd, average_teacher, cmtkd, ctkd, kd, single  # noqa: F401  (register)
+from cmtkd_graph.methods.base import (
+    METHODS,
+    BuildContext,
+    LogitsLoss,
+    Method,
+    MethodOptions,
+    feature_terms,
+    method_for,
+    register_method,
+)
+
+__all__ = [
+    "METHODS",
+    "BuildContext",
+    "LogitsLoss",
+    "Method",
+    "MethodOptions",
+    "feature_terms",
+    "method_for",
+    "register_method",
+]

@@ -1,0 +1,60 @@
+"""``method: cmtkd`` — the paper (Pham, Hoang, Do, WACV 2023; METHOD.md §2-6).
+
+Quantized teachers composed into one graph: at every tap an importance-weighted fusion forms the
+shared knowledge F^l, which feeds every teacher's next layers and is distilled into the student;
+the combined teacher z_T (output fusion) and the student learn from each other (KDCL-MinLogit).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from cmtkd_graph import losses
+from cmtkd_graph.methods.base import FEATURE_LOSSES, LogitsLoss, Method, register_method
+
+
+@register_method("cmtkd")
+class CMTKD(Method):
+    summary = (
+        "collaborative multi-teacher KD (the paper): teachers composed with shared knowledge at the "
+        "taps, KDCL-MinLogit mutual learning"
+    )
+    formula = "alpha (CE_T + CE_S) + beta (KL_T + KL_S) + gamma sum_l d(F^l, F_S^l)"
+    source = "Pham, Hoang, Do, WACV 2023 (METHOD.md §2-6)"
+    arrangement = "composed"
+    min_teachers = 1
+    feature_losses = FEATURE_LOSSES
+    mutual_learning = True
+
+    def fuses_at_taps(self) -> bool:
+        return True  # the shared knowledge feeds the teachers even without a feature loss
+
+    def losses(self, system, out, labels: Tensor) -> dict[str, Tensor]:
+        d = self.distill
+        terms, total = self.cross_entropy_terms(system, out, labels)
+        if d.mutual_learning:
+            z = losses.kdcl_min_logit(out.teacher_logits, out.student_logits, labels)
+            terms["kl_student"] = losses.soft_kl(z, out.student_logits, d.tau)
+            terms["kl_teacher"] = losses.soft_kl(z, out.teacher_logits, d.tau)
+            total = total + d.beta * (terms["kl_student"] + terms["kl_teacher"])
+        terms["total"] = self.add_feature_terms(system, out, terms, total)
+        return terms
+
+    def logits_loss(self) -> LogitsLoss | None:
+        return LogitsLoss("KDCL-MinLogit KL (mutual)", "combined") if self.distill.mutual_learning else None
+
+    @classmethod
+    def describe(cls, spec) -> str:
+        d = spec.distill
+        text = f"{d.alpha:g} (CE_T + CE_S)"
+        if d.mutual_learning:
+            text += f" + {d.beta:g} (KL_T + KL_S) [KDCL-MinLogit, tau {d.tau:g}]"
+        return text + feature_text(spec) + f"; combined teacher: {d.combine}"
+
+
+def feature_text(spec) -> str:
+    """`` + gamma <loss> loss`` for the objective lines ('' without a feature loss)."""
+    d = spec.distill
+    if d.feature_loss == "none":
+        return ""
+    return f" + {d.gamma:g} {d.feature_loss} loss" + (" (no gradient to teachers)" if d.detach_shared else "")

@@ -1,0 +1,24 @@
+"""``method: single`` — the student alone, trained with cross-entropy (the paper's baselines)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from cmtkd_graph.methods.base import Method, register_method
+
+
+@register_method("single")
+class Single(Method):
+    summary = "the student alone (baselines, and the way to train teachers for the other methods)"
+    formula = "alpha CE_S"
+    arrangement = "none"
+    max_teachers = 0
+
+    def losses(self, system, out, labels: Tensor) -> dict[str, Tensor]:
+        terms = self.student_ce(out, labels)
+        terms["total"] = self.distill.alpha * terms["ce_student"]
+        return terms
+
+    @classmethod
+    def describe(cls, spec) -> str:
+        return f"{spec.distill.alpha:g} CE_S"

@@ -1,0 +1,87 @@
+"""Facts several passes share: the node-meta key, finding layers and the output node, copying a
+teacher's node into a combined graph, and the module names derived from tap names.
+
+Kept here, in one place, so that no pass imports another pass only for a constant or a helper.
+"""
+
+from __future__ import annotations
+
+import re
+
+from cmtkd_graph.passes.tracer import qualname
+from torch import fx, nn
+
+META = "cmtkd"
+"""``node.meta`` key holding what our passes decided about a node (role, bits, signedness...)."""
+
+# Keys of the dicts our graphs return.
+LOGITS = "logits"  # a network's (or the combined teacher's) logits
+FEATURES = "features"  # tap features by tap name
+EXTRAS = "extras"  # other named nodes a method asked for (e.g. AMTML-KD's last feature map)
+EACH_LOGITS = "each_logits"  # every teacher's logits, in teacher order
+SHARED = "shared"  # CMT-KD's shared knowledge by tap name
+
+
+def quantizable_layer_types() -> tuple[type[nn.Module], ...]:
+    """Conv, linear and the attention modules torchvision runs functionally: the layers we quantize."""
+    from cmtkd_graph.quantizers.attention import ATTENTION_TYPES
+
+    return (nn.Conv2d, nn.Linear, *ATTENTION_TYPES)
+
+
+def find_layers(gm: fx.GraphModule) -> list[fx.Node]:
+    """Call sites of conv/linear/attention modules, in execution order."""
+    types = quantizable_layer_types()
+    return [
+        n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), types)
+    ]
+
+
+def first_and_last_layers(gm: fx.GraphModule, layers: list[fx.Node]) -> tuple[set[fx.Node], set[fx.Node]]:
+    """Layers with no layer upstream (first) and with no layer downstream (last), by graph position."""
+    layer_set = set(layers)
+    upstream: dict[fx.Node, bool] = {}
+    for node in gm.graph.nodes:
+        upstream[node] = any(p in layer_set or upstream[p] for p in node.all_input_nodes)
+    downstream: dict[fx.Node, bool] = {}
+    for node in reversed(gm.graph.nodes):
+        downstream[node] = any(u in layer_set or downstream[u] for u in node.users)
+    first = {n for n in layers if not upstream[n]}
+    last = {n for n in layers if not downstream[n]}
+    return first, last
+
+
+def output_node(gm: fx.GraphModule) -> fx.Node:
+    """The graph's ``output`` node (always the last one)."""
+    return next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+
+
+def output_value(gm: fx.GraphModule):
+    """What the graph returns: a node, or a dict / tuple of nodes."""
+    return output_node(gm).args[0]
+
+
+def fusion_key(tap_name: str) -> str:
+    """Module name derived from a tap name (``layer1.0.relu_1`` -> ``layer1_0_relu_1``)."""
+    return re.sub(r"\W", "_", tap_name)
+
+
+def find_node(gm: fx.GraphModule, name: str) -> fx.Node:
+    """The node whose qualified name is ``name``."""
+    for node in gm.graph.nodes:
+        if qualname(node) == name:
+            return node
+    raise KeyError(name)
+
+
+def copy_teacher_node(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node], k: int) -> fx.Node:
+    """Copy one node of teacher ``k`` into ``graph``, its modules and attributes under ``teacher{k}.``."""
+    args = fx.map_arg(node.args, env.__getitem__)
+    kwargs = fx.map_arg(node.kwargs, env.__getitem__)
+    target = f"teacher{k}.{node.target}" if node.op in ("call_module", "get_attr") else node.target
+    new = graph.create_node(node.op, target, args, kwargs, name=f"teacher{k}_{node.name}")
+    new.meta = dict(node.meta)
+    new.meta["qualname"] = f"teacher{k}.{qualname(node)}"
+    new.meta[META] = {**node.meta.get(META, {}), "teacher": k}
+    new.meta[META].setdefault("role", "teacher")
+    return new

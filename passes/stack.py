@@ -1,0 +1,62 @@
+"""The side-by-side pass: K teachers in one GraphModule that run independently (no fusion).
+
+For methods whose teachers do not exchange features (average teacher, AMTML-KD, CTKD): teacher k's
+nodes and modules keep their names under ``teacher{k}.`` as in the composition pass, so checkpoints,
+freezing and inspection treat both arrangements alike. The output is
+
+    {"each_logits": (z_1..z_K), "features": {key: F}}
+
+where ``features`` holds the tap nodes each teacher was asked to expose (``exposed[k]`` maps an
+output key, usually the student tap it teaches, to a node of teacher k).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from cmtkd_graph.passes.common import EACH_LOGITS, FEATURES, META, copy_teacher_node, find_node
+from torch import fx, nn
+
+from cmtkd_graph.errors import UserError
+
+
+def stack_teachers(
+    teachers: Sequence[fx.GraphModule], exposed: Sequence[Mapping[str, str]] = ()
+) -> fx.GraphModule:
+    """One graph running every teacher on the shared input (see module docstring).
+
+    ``teachers[k]`` returns its logits (``keep_main_output``); ``exposed[k]`` maps output keys to
+    qualified node names of teacher k (default: nothing exposed).
+    """
+    if not teachers:
+        raise UserError("teachers: at least one teacher is needed")
+    exposed = list(exposed) or [{} for _ in teachers]
+    if len(exposed) != len(teachers):
+        raise ValueError("one mapping of exposed nodes per teacher is required")
+    root = nn.Module()
+    for k, t in enumerate(teachers):
+        root.add_module(f"teacher{k}", t)
+    graph = fx.Graph()
+    image = graph.placeholder("x")
+    image.meta = {"qualname": "x", META: {"role": "input"}}
+    each_logits = []
+    features: dict[str, fx.Node] = {}
+    for k, teacher in enumerate(teachers):
+        env: dict[fx.Node, fx.Node] = {}
+        for node in teacher.graph.nodes:
+            if node.op == "placeholder":
+                env[node] = image
+            elif node.op == "output":
+                each_logits.append(env[node.args[0]])
+            else:
+                env[node] = copy_teacher_node(graph, node, env, k)
+        for key, name in exposed[k].items():
+            if key in features:
+                raise ValueError(f"output key {key!r} is exposed by two teachers")
+            features[key] = env[find_node(teacher, name)]
+    out = graph.output({EACH_LOGITS: tuple(each_logits), FEATURES: features})
+    out.meta = {"qualname": "output", META: {"role": "output"}}
+    graph.lint()
+    gm = fx.GraphModule(root, graph, "StackedTeachers")
+    gm.train(teachers[0].training)
+    return gm

@@ -1,0 +1,535 @@
+"""The method registry and the two other multi-teacher systems (AMTML-KD, CTKD), each against an eager
+implementation written here with plain torchvision models; a plug-in method trained end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from safetensors.torch import save_file
+from torch import nn
+
+import cmtkd_graph as cg
+from cmtkd_graph.inspection import system_graph
+from cmtkd_graph.methods import METHODS, LogitsLoss, Method, MethodOptions, register_method
+from cmtkd_graph.metrics import read_metrics
+from cmtkd_graph.optim import build_optimizer, build_scheduler
+from cmtkd_graph.spec_io import validate_spec
+
+from .conftest import launch_two_processes
+
+STAGES = ["layer1", "layer2", "layer3", "layer4"]
+
+
+# ---------------------------------------------------------------------------- eager references
+def eager_resnet(arch: str, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain torchvision ResNet with the CIFAR stem (3x3 stride-1 conv1, no max-pool)."""
+    model = getattr(torchvision.models, arch)(num_classes=10)
+    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    model.load_state_dict(state)
+    return model
+
+
+def eager_forward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits and the four stage outputs."""
+    feats = []
+    h = model.relu(model.bn1(model.conv1(x)))
+    for stage in STAGES:
+        h = getattr(model, stage)(h)
+        feats.append(h)
+    return model.fc(torch.flatten(model.avgpool(h), 1)), feats
+
+
+def at(f: torch.Tensor) -> torch.Tensor:
+    return F.normalize(f.pow(2).mean(1).flatten(1), dim=1)
+
+
+def at_loss(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return (at(t) - at(s)).pow(2).mean()
+
+
+def kl(target_probs: torch.Tensor, logits: torch.Tensor, tau: float) -> torch.Tensor:
+    return tau**2 * (target_probs * (target_probs.log() - F.log_softmax(logits / tau, 1))).sum(1).mean()
+
+
+def checkpoint(tmp_path: Path, arch: str, seed: int) -> Path:
+    """A real checkpoint file of a full-precision CIFAR-stem network (what a `single` run leaves)."""
+    spec = validate_spec(
+        {
+            "name": "t",
+            "method": "single",
+            "student": {"arch": arch, "kwargs": {"num_classes": 10}, "weight_bits": 32, "act_bits": 32},
+            "surgery": ["cifar_stem"],
+            "data": {"dataset": "cifar10"},
+        }
+    )
+    torch.manual_seed(seed)
+    state = cg.system.build_network(spec.student, spec).state_dict()
+    path = tmp_path / f"{arch}-{seed}.safetensors"
+    save_file({n: v.contiguous() for n, v in state.items()}, str(path))
+    return path
+
+
+def spec_for(method: str, teachers: list[dict], distill: dict, student_bits: int = 32) -> cg.Spec:
+    return validate_spec(
+        {
+            "name": "t",
+            "method": method,
+            "student": {
+                "arch": "resnet18",
+                "kwargs": {"num_classes": 10},
+                "weight_bits": student_bits,
+                "act_bits": student_bits,
+            },
+            "teachers": teachers,
+            "taps": {"teachers": STAGES},
+            "surgery": ["cifar_stem"],
+            "distill": distill,
+            "data": {"dataset": "cifar10"},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(4, 3, 32, 32, generator=g), torch.tensor([0, 3, 7, 9])
+
+
+def bn_stats(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items() if "running" in k}
+
+
+def student_grads_match(system, eager_student) -> None:
+    eager = dict(eager_student.named_parameters())
+    for name, p in system.student.named_parameters():
+        torch.testing.assert_close(p.grad, eager[name].grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------------------- AMTML-KD
+def test_amtml_kd_matches_an_eager_implementation(tmp_path, batch):
+    x, y = batch
+    paths = [checkpoint(tmp_path, "resnet18", 1), checkpoint(tmp_path, "resnet34", 2)]
+    teachers = [
+        {"arch": arch, "weight_bits": 32, "act_bits": 32, "trainable": False, "weights": str(p)}
+        for arch, p in zip(("resnet18", "resnet34"), paths, strict=True)
+    ]
+    spec = spec_for("amtml_kd", teachers, {"options": {"weighting_decay": 0.1}})
+    d = spec.distill
+    assert (d.alpha, d.beta, d.tau, d.gamma, d.feature_loss) == (0.3, 1.4, 5.0, 1.0, "attention")
+    torch.manual_seed(0)
+    system = cg.build_system(spec)
+    system.train()
+    weighting = system.method_modules["weighting"]
+    assert weighting.theta.shape == (2, 512) and weighting.w.shape == (512,)
+
+    # eager: the same weights in plain torchvision modules, the same theta and W as leaf tensors
+    student = eager_resnet("resnet18", system.student.state_dict()).train()
+    t_models = [
+        eager_resnet(a, system.teachers.get_submodule(f"teacher{k}").state_dict()).eval()
+        for k, a in enumerate(("resnet18", "resnet34"))
+    ]
+    theta = weighting.theta.detach().clone().requires_grad_()
+    w = weighting.w.detach().clone().requires_grad_()
+    teacher_bn = [bn_stats(system.teachers.get_submodule(f"teacher{k}")) for k in range(2)]
+
+    out = system(x)
+    terms = system.losses(out, y)
+    terms["total"].backward()
+
+    zs, fs = eager_forward(student, x)
+    with torch.no_grad():
+        teacher_out = [eager_forward(t, x) for t in t_models]
+    beta = fs[-1].amax(dim=(2, 3))  # global max-pool of the last feature map
+    weights = torch.softmax((beta[:, None, :] * theta[None]) @ w, dim=1)  # [B, K]
+    p_t = sum(weights[:, k : k + 1] * F.softmax(teacher_out[k][0] / 5.0, 1) for k in range(2))
+    ce = F.cross_entropy(zs, y)
+    kd = kl(p_t, zs, 5.0)
+    hints = sum(at_loss(teacher_out[j % 2][1][j], fs[j]) for j in range(4))  # tap j from teacher j mod K
+    penalty = w.pow(2).sum() + theta.pow(2).sum()
+    total = 0.3 * ce + 1.4 * kd + 1.0 * hints + 0.1 * penalty
+    total.backward()
+
+    for name, value in [
+        ("ce_student", ce),
+        ("kd_student", kd),
+        ("feature", hints),
+        ("weighting_penalty", penalty),
+    ]:
+        torch.testing.assert_close(terms[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    torch.testing.assert_close(terms["total"], total, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.stats["instance"], weights.detach().mean(0), rtol=1e-5, atol=1e-6)
+    student_grads_match(system, student)
+    torch.testing.assert_close(weighting.theta.grad, theta.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weighting.w.grad, w.grad, rtol=1e-5, atol=1e-5)
+    # frozen teachers: no gradient, BatchNorm statistics unchanged, even after an optimizer step
+    assert all(p.grad is None and not p.requires_grad for p in system.teachers.parameters())
+    build_optimizer(system, spec).step()
+    for k in range(2):
+        after = bn_stats(system.teachers.get_submodule(f"teacher{k}"))
+        assert all(torch.equal(after[n], teacher_bn[k][n]) for n in after)
+
+
+def test_amtml_two_phase_schedule_freezes_the_weighting_module_after_its_epochs(tmp_path):
+    teachers = [
+        {
+            "weight_bits": 32,
+            "act_bits": 32,
+            "trainable": False,
+            "weights": str(checkpoint(tmp_path, "resnet18", 1)),
+        }
+    ]
+    spec = spec_for("amtml_kd", teachers, {"options": {"weighting_epochs": 1, "weighting_lr": 0.05}})
+    spec.train.epochs = 2
+    system = cg.build_system(spec, device="meta", load=False)
+    optimizer = build_optimizer(system, spec)
+    group = next(g for g in optimizer.param_groups if g["name"] == "weighting")
+    assert group["lr"] == 0.05 and group["weight_decay"] == 0.0
+    scheduler = build_scheduler(optimizer, spec, steps_per_epoch=3)
+    lrs = []
+    for _ in range(6):
+        lrs.append((group["lr"], optimizer.param_groups[0]["lr"]))
+        optimizer.step()
+        scheduler.step()
+    assert lrs == [(0.05, 0.1)] * 3 + [(0.0, 0.1)] * 3  # phase 2: the student alone
+
+
+# ---------------------------------------------------------------------------- CTKD
+def test_ctkd_matches_an_eager_implementation(tmp_path, batch):
+    x, y = batch
+    teachers = [
+        {"weight_bits": 32, "act_bits": 32},  # scratch teacher
+        {
+            "arch": "resnet34",
+            "weight_bits": 32,
+            "act_bits": 32,
+            "trainable": False,
+            "weights": str(checkpoint(tmp_path, "resnet34", 3)),
+        },
+    ]
+    spec = spec_for("ctkd", teachers, {})
+    d = spec.distill
+    assert (d.alpha, d.beta, d.tau, d.gamma, d.feature_loss) == (1.0, 1.0, 2.0, 100.0, "attention")
+    torch.manual_seed(0)
+    system = cg.build_system(spec)
+    system.train()
+    scratch_graph = system.teachers.get_submodule("teacher0")
+    student = eager_resnet("resnet18", system.student.state_dict()).train()
+    scratch = eager_resnet("resnet18", scratch_graph.state_dict()).train()
+    expert = eager_resnet("resnet34", system.teachers.get_submodule("teacher1").state_dict()).eval()
+    expert_bn = bn_stats(system.teachers.get_submodule("teacher1"))
+    scratch_bn = bn_stats(scratch_graph)
+
+    out = system(x)
+    assert out.teacher_logits is None  # no combined teacher
+    terms = system.losses(out, y)
+    terms["total"].backward()
+
+    zs, fs = eager_forward(student, x)
+    z_scratch, _ = eager_forward(scratch, x)
+    with torch.no_grad():
+        _, f_expert = eager_forward(expert, x)
+    ce_s, ce_scratch = F.cross_entropy(zs, y), F.cross_entropy(z_scratch, y)
+    kd = kl(F.softmax(z_scratch.detach() / 2.0, 1), zs, 2.0)
+    hints = sum(at_loss(f_expert[j], fs[j]) for j in range(4))
+    total = ce_s + ce_scratch + kd + 100.0 * hints
+    total.backward()
+
+    expected = {
+        "ce_student": ce_s,
+        "ce_scratch": ce_scratch,
+        "kd_student": kd,
+        "feature": hints,
+        "total": total,
+    }
+    for name, value in expected.items():
+        torch.testing.assert_close(terms[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    student_grads_match(system, student)
+    eager_scratch = dict(scratch.named_parameters())
+    for name, p in scratch_graph.named_parameters():
+        torch.testing.assert_close(p.grad, eager_scratch[name].grad, rtol=1e-5, atol=1e-5, msg=name)
+    expert_graph = system.teachers.get_submodule("teacher1")
+    assert all(p.grad is None and not p.requires_grad for p in expert_graph.parameters())
+    assert all(torch.equal(v, expert_bn[n]) for n, v in bn_stats(expert_graph).items())
+    assert any(not torch.equal(v, scratch_bn[n]) for n, v in bn_stats(scratch_graph).items())  # it trains
+
+
+@pytest.mark.parametrize(
+    "teachers, message",
+    [
+        ([{"weight_bits": 4, "act_bits": 4}], "teachers: method ctkd distils from exactly two teachers"),
+        (
+            [
+                {"weight_bits": 4, "act_bits": 4, "trainable": False, "weights": "x"},
+                {"weight_bits": 8, "act_bits": 8},
+            ],
+            "teachers[0]: the scratch teacher trains together with the student",
+        ),
+        (
+            [{"weight_bits": 4, "act_bits": 4}, {"weight_bits": 8, "act_bits": 8}],
+            "teachers[1]: the expert teacher is pretrained and frozen",
+        ),
+    ],
+)
+def test_ctkd_teacher_roles_are_checked(teachers, message):
+    with pytest.raises(cg.SpecError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        spec_for("ctkd", teachers, {})
+
+
+def test_method_options_are_validated_with_their_key_path():
+    teachers = [{"weight_bits": 32, "act_bits": 32, "trainable": False, "weights": "x"}]
+    with pytest.raises(cg.SpecError) as err:
+        spec_for("amtml_kd", teachers, {"options": {"weighting_decy": 0.1}})
+    assert err.value.problems == [
+        "distill.options.weighting_decy: unknown option of amtml_kd (did you mean weighting_decay?)"
+    ]
+    with pytest.raises(cg.SpecError, match=r"distill.options.weighting_decay: Input should be greater than"):
+        spec_for("amtml_kd", teachers, {"options": {"weighting_decay": -1}})
+    with pytest.raises(cg.SpecError, match=r"distill\.options\.x: unknown option of ctkd"):
+        spec_for("ctkd", [{"weight_bits": 8, "act_bits": 8}, teachers[0]], {"options": {"x": 1}})
+
+
+# ---------------------------------------------------------------------------- a plug-in method
+class LogitMatchingOptions(MethodOptions):
+    scale: float = 1.0
+
+
+class LogitMatching(Method):
+    """Ba & Caruana's logit regression from the mean of side-by-side, frozen teachers: L = CE_S + beta MSE."""
+
+    summary = "regress the mean teacher logits"
+    formula = "alpha CE_S + beta scale mean((z_S - mean_k z_k)^2)"
+    arrangement = "side_by_side"
+    min_teachers = 1
+    frozen_teachers_only = True
+    Options = LogitMatchingOptions
+
+    def losses(self, system, out, labels):
+        target = torch.stack([z.detach() for z in out.each_teacher_logits]).mean(0)
+        terms = self.student_ce(out, labels)
+        terms["logit_mse"] = self.options.scale * F.mse_loss(out.student_logits.float(), target.float())
+        terms["total"] = self.distill.alpha * terms["ce_student"] + self.distill.beta * terms["logit_mse"]
+        return terms
+
+    def logits_loss(self):
+        return LogitsLoss("logit regression", "each")
+
+
+@pytest.fixture
+def plug_in_method():
+    register_method("logit_matching_test")(LogitMatching)
+    yield "logit_matching_test"
+    METHODS.unregister("logit_matching_test")  # the spec reference lists the built-in methods only
+
+
+def test_a_plug_in_method_registered_outside_the_package_trains_end_to_end(
+    plug_in_method, tmp_path, cifar10_jpeg, fresh_accelerate
+):
+    from cmtkd_graph.train import run
+
+    teacher = checkpoint(tmp_path, "resnet18", 5)
+    spec_file = tmp_path / "plugin.yaml"
+    spec_file.write_text(
+        f"""
+name: plugin
+method: logit_matching_test
+student: {{arch: resnet18, kwargs: {{num_classes: 10}}, weight_bits: 2, act_bits: 2}}
+teachers: [{{weight_bits: 32, act_bits: 32, trainable: false, weights: {teacher}}}]
+surgery: [cifar_stem]
+distill: {{beta: 0.5, options: {{scale: 2.0}}}}
+data: {{dataset: imagefolder, root: {cifar10_jpeg}, image_size: 32, batch_size: 16, num_workers: 0,
+       eval_subset: 20}}
+train: {{max_steps: 3, log_every: 1, output_dir: {tmp_path / "run"}, progress_bar: false,
+        mixed_precision: "no"}}
+"""
+    )
+    run_dir = run(str(spec_file))
+    saved = cg.load_spec(run_dir / "spec.yaml")
+    assert saved.distill.options == {"scale": 2.0} and saved.distill.alpha == 1.0 and saved.distill.tau == 2.0
+    lines = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    assert all(r["loss/logit_mse"] > 0 and r["loss/total"] > r["loss/ce_student"] for r in lines)
+    final = json.loads((run_dir / "final.json").read_text())
+    assert {"acc1/student", "acc1/teacher0"} <= set(final["accuracy"]) and "acc1/combined" not in final[
+        "accuracy"
+    ]
+    system = cg.build_system(saved, device="meta", load=False)
+    graph = system_graph(system)
+    assert (
+        graph.has_edge("teacher0/fc", "loss/logits")
+        and graph.nodes["loss/logits"]["label"] == "logit regression"
+    )
+
+
+# ---------------------------------------------------------------------------- the example specs
+def teacher_overrides(spec: cg.Spec, tmp_path: Path) -> list[str]:
+    """Real checkpoint files for the frozen teachers (what `single` runs of those networks leave)."""
+    out = []
+    for k, t in enumerate(spec.resolved_teachers()):
+        if not t.trainable:
+            out.append(f"teachers[{k}].weights={checkpoint(tmp_path, t.arch, 10 + k)}")
+    return out
+
+
+@pytest.mark.parametrize("name", ["amtml_kd", "ctkd"])
+def test_example_specs_train_on_real_cifar10(name, tmp_path, cifar10_jpeg, fresh_accelerate):
+    from cmtkd_graph.train import run
+
+    spec = cg.load_spec(name)
+    assert spec.student.bits_label == "W2A2" and spec.data.root == "data/cifar10"
+    overrides = [
+        *teacher_overrides(spec, tmp_path),
+        f"data.root={cifar10_jpeg}",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "data.eval_subset=20",
+        "train.max_steps=2",
+        "train.log_every=1",
+        f"train.output_dir={tmp_path / 'run'}",
+        "train.progress_bar=false",
+        "train.mixed_precision=no",
+        "train.checkpoints=false",
+    ]
+    run_dir = run(name, overrides)
+    lines = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in lines] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in lines)
+    assert {f"loss/feature/{s}" for s in STAGES} <= set(lines[0])
+    final = json.loads((run_dir / "final.json").read_text())
+    assert {"acc1/student", "acc1/teacher0", "acc1/teacher1"} <= set(final["accuracy"])
+    assert read_metrics(run_dir / "metrics.jsonl")[-1]["samples"] == 20
+    if name == "amtml_kd":  # each teacher's mean instance weight, logged, plotted and summarised
+        assert all(len(r["importance/instance"]) == 2 for r in lines)
+        assert sum(final["importance"]["instance"]) == pytest.approx(1.0, abs=1e-5)
+        assert (run_dir / "importance.png").is_file() and "acc1/combined" in final["accuracy"]
+        assert lines[0]["lr/weighting"] == 0.1
+    else:
+        assert "acc1/combined" not in final["accuracy"] and "loss/ce_scratch" in lines[0]
+
+
+def test_amtml_kd_trains_data_parallel_in_two_processes(tmp_path, cifar10_jpeg):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPUs: one model, the weighting module included."""
+    spec = cg.load_spec("amtml_kd")
+    overrides = [
+        *teacher_overrides(spec, tmp_path),
+        "surgery=[]",  # the ImageNet stem keeps 32x32 steps cheap; layer4 is 1x1 there, so tap layer1..3
+        "taps={teachers: [layer1, layer2, layer3]}",
+        f"data.root={cifar10_jpeg}",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "train.epochs=1",
+        "train.log_every=2",
+        f"train.output_dir={tmp_path / 'ddp'}",
+        "train.progress_bar=false",
+        "train.mixed_precision=no",
+    ]
+    args = ["cmtkd_graph.train", "amtml_kd", *[arg for item in overrides for arg in ("--set", item)]]
+    result = launch_two_processes(args, cwd=tmp_path, port=29527)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "ddp"
+    ranks = [json.loads((run_dir / "ranks" / f"rank-{i}.json").read_text()) for i in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["state_sha256"] == ranks[1]["state_sha256"]  # student, weighting module: one model
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train_lines = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_lines] == [2, 4, 6, 8, 10, 12]  # 200 images / batch 16 = 12 steps
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert len(evals) == 1 and evals[0]["samples"] == 100 and len(evals[0]["importance/instance"]) == 2
+
+
+# ---------------------------------------------------------------------------- what the spec fills in
+def test_the_saved_spec_says_what_ran():
+    spec = cg.load_spec("quickstart")
+    dumped = cg.dump_spec(spec)
+    again = cg.load_spec("quickstart")
+    assert cg.dump_spec(again) == dumped
+    import yaml
+
+    data = yaml.safe_load(dumped)
+    for section, key in [
+        ("distill", "gamma"),
+        ("distill", "alpha"),
+        ("distill", "tau"),
+        ("optim", "importance_lr"),
+        ("optim", "quantizer_lr"),
+        ("optim", "adapter_lr"),
+        ("data", "eval_batch_size"),
+    ]:
+        assert data[section][key] is not None, f"{section}.{key}"
+    assert data["optim"]["importance_lr"] == pytest.approx(data["optim"]["lr"] / 10)
+    assert validate_spec(data) == spec  # the saved spec reads back as the same experiment
+
+
+def test_inspect_draws_the_weighting_module_and_the_experts_attention_edges():
+    amtml = cg.build_system(cg.load_spec("amtml_kd"), device="meta", load=False)
+    graph = system_graph(amtml)
+    assert graph.nodes["method/weighting"]["role"] == "method"
+    assert graph.nodes["method/weighting"]["params"] == 3 * 512
+    assert graph.has_edge("student/layer4.1.relu_1", "method/weighting")  # beta(x): the last feature map
+    assert {u for u, _ in graph.in_edges("loss/logits")} == {
+        "student/fc",
+        "teacher0/fc",
+        "teacher1/fc",
+        "method/weighting",
+    }
+    # tap j from teacher j mod 2: resnet18 teaches layer1 and layer3, resnet34 layer2 and layer4
+    assert graph.has_edge("teacher0/layer1.1.relu_1", "loss/layer1")
+    assert graph.has_edge("teacher1/layer2.3.relu_1", "loss/layer2")
+    assert graph.has_edge("teacher1/layer4.2.relu_1", "loss/layer4")
+
+    ctkd = system_graph(cg.build_system(cg.load_spec("ctkd"), device="meta", load=False))
+    sources = {u for s in STAGES for u, _ in ctkd.in_edges(f"loss/{s}")}
+    assert {u.split("/")[0] for u in sources} == {"student", "teacher1"}  # the expert's attention edges
+    assert {u for u, _ in ctkd.in_edges("loss/logits")} == {"student/fc", "teacher0/fc"}  # scratch logits
+
+
+def test_amtml_kd_resumes_exactly(tmp_path, cifar10_jpeg):
+    """4 steps straight = 2 steps, stop, resume, 2 more: the same student, weighting module and lr state."""
+    from accelerate.state import AcceleratorState, GradientState
+    from safetensors.torch import load_file
+
+    from cmtkd_graph.train import run
+
+    spec = cg.load_spec("amtml_kd")
+    base = [
+        *teacher_overrides(spec, tmp_path),
+        "surgery=[]",
+        "taps={teachers: [layer1, layer2, layer3]}",
+        f"data.root={cifar10_jpeg}",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "data.eval_subset=16",
+        "train.epochs=2",
+        "train.progress_bar=false",
+        "train.mixed_precision=no",
+        "distill.options.weighting_epochs=1",
+    ]
+
+    def fresh_run(*extra: str, resume: Path | None = None) -> Path:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        return run(
+            "amtml_kd" if resume is None else None, [*base, *extra], resume=str(resume) if resume else None
+        )
+
+    straight = fresh_run("train.max_steps=14", f"train.output_dir={tmp_path / 'a'}")
+    half = fresh_run("train.max_steps=7", f"train.output_dir={tmp_path / 'b'}")
+    fresh_run("train.max_steps=14", resume=half)
+
+    def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+        latest = json.loads((run_dir / "checkpoints" / "latest").read_text())
+        return load_file(run_dir / "checkpoints" / latest["checkpoint"] / "model.safetensors")
+
+    a, b = final_state(straight), final_state(half)
+    assert a.keys() == b.keys() and "method_modules.weighting.theta" in a
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    lines = [r for r in read_metrics(half / "metrics.jsonl") if r["kind"] == "train"]
+    # 12 steps per epoch: the weighting module trains in epoch 1 and is frozen from epoch 2 on
+    assert [(r["step"], r["lr/weighting"], r["lr/student"]) for r in lines] == [(7, 0.1, 0.1), (14, 0.0, 0.1)]
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
