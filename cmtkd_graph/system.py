@@ -255,7 +255,8 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
             student_taps, hint_taps = _hint_pairs(method, student, teachers, teacher_specs, spec, networks)
             for j, (s_tap, t_tap) in enumerate(zip(student_taps, hint_taps, strict=True)):
                 exposed[method.hint_teacher(j, len(teachers))][s_tap.name] = t_tap.node
-        composed = stack_teachers(teachers, exposed)
+        nhwc = [t.arch.startswith("swin_") for t in teacher_specs]  # as resolve_taps decides
+        composed = stack_teachers(teachers, exposed, nhwc)
     if student_taps:
         networks[0].taps = student_taps
         _warn_constant_attention(spec, student_taps)

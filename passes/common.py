@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from cmtkd_graph.passes.tracer import qualname
 from torch import fx, nn
 
@@ -85,3 +86,12 @@ def copy_teacher_node(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node
     new.meta[META] = {**node.meta.get(META, {}), "teacher": k}
     new.meta[META].setdefault("role", "teacher")
     return new
+
+
+def to_nchw(graph: fx.Graph, node: fx.Node) -> fx.Node:
+    """A node permuting a channels-last map (Swin's NHWC stages) to NCHW, as every loss expects.
+
+    Inserted at the graph's current insertion point; the original node is left as it is."""
+    permuted = graph.call_function(torch.permute, (node, (0, 3, 1, 2)))
+    permuted.meta["qualname"] = f"{node.meta.get('qualname', node.name)}.to_nchw"
+    return permuted

@@ -26,6 +26,7 @@ from cmtkd_graph.passes.common import (
     copy_teacher_node,
     find_node,
     fusion_key,
+    to_nchw,
 )
 from cmtkd_graph.passes.taps import Tap
 from torch import fx, nn
@@ -136,6 +137,11 @@ def compose_teachers(
     combined.meta = {
         "qualname": f"fusion.{OUTPUT_FUSION}",
         META: {"role": "fusion", "tap": OUTPUT_FUSION, "combine": combine},
+    }
+    # the losses see NCHW maps; the teachers go on with the fused map in their own layout
+    shared = {
+        name: to_nchw(graph, node) if taps[0][level].channels_last else node
+        for level, (name, node) in enumerate(shared.items())
     }
     out = graph.output({LOGITS: combined, EACH_LOGITS: tuple(each_logits), SHARED: shared})
     out.meta = {"qualname": "output", META: {"role": "output"}}

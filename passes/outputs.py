@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import torch
-from cmtkd_graph.passes.common import EXTRAS, FEATURES, LOGITS, output_node
+from cmtkd_graph.passes.common import EXTRAS, FEATURES, LOGITS, output_node, to_nchw
 from cmtkd_graph.passes.graph_pass import graph_pass
 from cmtkd_graph.passes.taps import Tap
 from cmtkd_graph.passes.tracer import nodes_by_qualname
@@ -66,8 +65,7 @@ def expose_taps(gm: fx.GraphModule, taps: Sequence[Tap], extras: Mapping[str, st
         node = by_name[tap.node]
         if tap.channels_last:
             with gm.graph.inserting_before(out):
-                node = gm.graph.call_function(torch.permute, (node, (0, 3, 1, 2)))
-            node.meta["qualname"] = f"{tap.node}.to_nchw"
+                node = to_nchw(gm.graph, node)
         features[tap.name] = node
     value = {LOGITS: logits, FEATURES: features}
     if extras:

@@ -14,19 +14,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from cmtkd_graph.passes.common import EACH_LOGITS, FEATURES, META, copy_teacher_node, find_node
+from cmtkd_graph.passes.common import EACH_LOGITS, FEATURES, META, copy_teacher_node, find_node, to_nchw
 from torch import fx, nn
 
 from cmtkd_graph.errors import UserError
 
 
 def stack_teachers(
-    teachers: Sequence[fx.GraphModule], exposed: Sequence[Mapping[str, str]] = ()
+    teachers: Sequence[fx.GraphModule],
+    exposed: Sequence[Mapping[str, str]] = (),
+    channels_last: Sequence[bool] = (),
 ) -> fx.GraphModule:
     """One graph running every teacher on the shared input (see module docstring).
 
     ``teachers[k]`` returns its logits (``keep_main_output``); ``exposed[k]`` maps output keys to
-    qualified node names of teacher k (default: nothing exposed).
+    qualified node names of teacher k (default: nothing exposed). ``channels_last[k]``: teacher k's
+    maps are NHWC (Swin) and are exposed permuted to NCHW, as every loss expects.
     """
     if not teachers:
         raise UserError("teachers: at least one teacher is needed")
@@ -53,7 +56,8 @@ def stack_teachers(
         for key, name in exposed[k].items():
             if key in features:
                 raise ValueError(f"output key {key!r} is exposed by two teachers")
-            features[key] = env[find_node(teacher, name)]
+            node = env[find_node(teacher, name)]
+            features[key] = to_nchw(graph, node) if k < len(channels_last) and channels_last[k] else node
     out = graph.output({EACH_LOGITS: tuple(each_logits), FEATURES: features})
     out.meta = {"qualname": "output", META: {"role": "output"}}
     graph.lint()

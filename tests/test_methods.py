@@ -533,3 +533,28 @@ def test_amtml_kd_resumes_exactly(tmp_path, cifar10_jpeg):
     assert [(r["step"], r["lr/weighting"], r["lr/student"]) for r in lines] == [(7, 0.1, 0.1), (14, 0.0, 0.1)]
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+@pytest.mark.parametrize("method", ["cmtkd", "ctkd"])
+def test_channels_last_teacher_maps_reach_the_losses_as_nchw(method):
+    """Swin's stages are NHWC: composed (shared knowledge) and side-by-side (hints) teachers alike hand
+    the losses NCHW maps, the student's layout."""
+    teachers = [{"weight_bits": 8, "act_bits": 8}, {"weight_bits": 32, "act_bits": 32}]
+    if method == "ctkd":
+        teachers[1].update(trainable=False, weights="unused.safetensors")
+    spec = validate_spec(
+        {
+            "name": "swin",
+            "method": method,
+            "student": {"arch": "swin_t", "kwargs": {"num_classes": 10}, "weight_bits": 4, "act_bits": 4},
+            "teachers": teachers,
+            "taps": {"teachers": ["features.1", "features.3"]},
+            "data": {"dataset": "cifar10", "image_size": 64},
+        }
+    )
+    torch.manual_seed(0)
+    system = cg.build_system(spec, load=False)
+    out = system(torch.randn(2, 3, 64, 64))
+    shapes = {name: tuple(f.shape) for name, f in out.hints.items()}
+    assert shapes == {name: tuple(f.shape) for name, f in out.student_features.items()}
+    assert shapes == {"features.1": (2, 96, 16, 16), "features.3": (2, 192, 8, 8)}
