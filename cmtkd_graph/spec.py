@@ -199,11 +199,6 @@ class DistillSpec(Strict):
         default_factory=dict, description="the method's own settings (see its section below the table)"
     )
 
-    @property
-    def feature_weight(self) -> float:
-        """gamma (filled with the method's default for the feature loss when the spec is read)."""
-        return self.gamma if self.gamma is not None else 0.0
-
 
 class AugmentSpec(Strict):
     """Training augmentation; `null` fields take the dataset's default (METHOD.md §7)."""
