@@ -287,8 +287,8 @@ def _add_importance(graph: nx.DiGraph, importance: Mapping[str, Sequence[float]]
 def _add_distillation(graph: nx.DiGraph, system: CMTKDSystem) -> None:
     """Adapters, loss nodes, the method's modules and ``distill`` edges between student and teachers."""
     spec = system.spec
-    student_out = _output_args(system.student)
-    teachers_out = _output_args(system.teachers)
+    student_out = output_value(system.student)
+    teachers_out = output_value(system.teachers)
     hints = teachers_out.get(SHARED) or teachers_out.get(FEATURES) or {}
     feature_loss = spec.distill.feature_loss
     for tap, feature in student_out[FEATURES].items():
@@ -343,10 +343,6 @@ def _add_distillation(graph: nx.DiGraph, system: CMTKDSystem) -> None:
 
 def _loss_attrs(loss_id: str, label: str, loss: str) -> dict[str, Any]:
     return {"label": label, "op": "loss", "role": "loss", "loss": loss, "params": 0, "block": loss_id}
-
-
-def _output_args(gm: fx.GraphModule) -> dict[str, Any]:
-    return output_value(gm)
 
 
 def _adapter_attrs(adapter: nn.Module, key: str, tap: str, student_tap: Mapping[str, Any]) -> dict[str, Any]:

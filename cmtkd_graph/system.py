@@ -250,13 +250,12 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
             hint_taps = teacher_taps[0]
         composed = compose_teachers(teachers, teacher_taps, combine=method.combine())
     elif method.arrangement == "side_by_side":
-        exposed: list[dict[str, str]] = [{} for _ in teachers]
+        exposed: list[dict[str, Tap]] = [{} for _ in teachers]
         if feature_loss:
             student_taps, hint_taps = _hint_pairs(method, student, teachers, teacher_specs, spec, networks)
             for j, (s_tap, t_tap) in enumerate(zip(student_taps, hint_taps, strict=True)):
-                exposed[method.hint_teacher(j, len(teachers))][s_tap.name] = t_tap.node
-        nhwc = [t.arch.startswith("swin_") for t in teacher_specs]  # as resolve_taps decides
-        composed = stack_teachers(teachers, exposed, nhwc)
+                exposed[method.hint_teacher(j, len(teachers))][s_tap.name] = t_tap
+        composed = stack_teachers(teachers, exposed)
     if student_taps:
         networks[0].taps = student_taps
         _warn_constant_attention(spec, student_taps)

@@ -6,8 +6,8 @@ freezing and inspection treat both arrangements alike. The output is
 
     {"each_logits": (z_1..z_K), "features": {key: F}}
 
-where ``features`` holds the tap nodes each teacher was asked to expose (``exposed[k]`` maps an
-output key, usually the student tap it teaches, to a node of teacher k).
+where ``features`` holds the taps each teacher was asked to expose (``exposed[k]`` maps an output
+key, usually the student tap it teaches, to a tap of teacher k).
 """
 
 from __future__ import annotations
@@ -15,21 +15,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from cmtkd_graph.passes.common import EACH_LOGITS, FEATURES, META, copy_teacher_node, find_node, to_nchw
+from cmtkd_graph.passes.taps import Tap
 from torch import fx, nn
 
 from cmtkd_graph.errors import UserError
 
 
 def stack_teachers(
-    teachers: Sequence[fx.GraphModule],
-    exposed: Sequence[Mapping[str, str]] = (),
-    channels_last: Sequence[bool] = (),
+    teachers: Sequence[fx.GraphModule], exposed: Sequence[Mapping[str, Tap]] = ()
 ) -> fx.GraphModule:
     """One graph running every teacher on the shared input (see module docstring).
 
-    ``teachers[k]`` returns its logits (``keep_main_output``); ``exposed[k]`` maps output keys to
-    qualified node names of teacher k (default: nothing exposed). ``channels_last[k]``: teacher k's
-    maps are NHWC (Swin) and are exposed permuted to NCHW, as every loss expects.
+    ``teachers[k]`` returns its logits (``keep_main_output``); ``exposed[k]`` maps output keys to taps of
+    teacher k (default: nothing exposed). Channels-last taps (Swin's NHWC stages) are exposed permuted
+    to NCHW, as every loss expects.
     """
     if not teachers:
         raise UserError("teachers: at least one teacher is needed")
@@ -53,11 +52,11 @@ def stack_teachers(
                 each_logits.append(env[node.args[0]])
             else:
                 env[node] = copy_teacher_node(graph, node, env, k)
-        for key, name in exposed[k].items():
+        for key, tap in exposed[k].items():
             if key in features:
                 raise ValueError(f"output key {key!r} is exposed by two teachers")
-            node = env[find_node(teacher, name)]
-            features[key] = to_nchw(graph, node) if k < len(channels_last) and channels_last[k] else node
+            node = env[find_node(teacher, tap.node)]
+            features[key] = to_nchw(graph, node) if tap.channels_last else node
     out = graph.output({EACH_LOGITS: tuple(each_logits), FEATURES: features})
     out.meta = {"qualname": "output", META: {"role": "output"}}
     graph.lint()

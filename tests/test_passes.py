@@ -289,13 +289,15 @@ def test_bad_surgery_options_are_user_errors():
 
 def test_stack_teachers_runs_each_teacher_unchanged_and_exposes_the_asked_nodes():
     from cmtkd_graph.passes.stack import stack_teachers
+    from cmtkd_graph.passes.taps import Tap
 
     torch.manual_seed(0)
     teachers = [rewritten(torchvision.models.resnet18(num_classes=10)).eval() for _ in range(2)]
     for t in teachers:
         keep_main_output.in_place(t)
         t.recompile()
-    stacked = stack_teachers(teachers, [{"a": "layer1.1.relu_1"}, {"b": "layer2.1.relu_1"}]).eval()
+    exposed = [{"a": Tap("a", "layer1.1.relu_1", None)}, {"b": Tap("b", "layer2.1.relu_1", None)}]
+    stacked = stack_teachers(teachers, exposed).eval()
     assert sorted(n for n, _ in stacked.named_children()) == ["teacher0", "teacher1"]
     assert "teacher1.layer1.0.conv1.weight" in stacked.state_dict()
     x = torch.randn(2, 3, 64, 64)

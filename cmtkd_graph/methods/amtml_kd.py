@@ -35,9 +35,9 @@ from cmtkd_graph.methods.base import (
     LogitsLoss,
     Method,
     MethodOptions,
+    feature_text,
     register_method,
 )
-from cmtkd_graph.methods.cmtkd import feature_text
 from cmtkd_graph.objective import combined_from_probabilities
 
 LAST_FEATURE_MAP = "last_feature_map"

@@ -273,6 +273,14 @@ def feature_terms(
     return result
 
 
+def feature_text(spec) -> str:
+    """`` + gamma <loss> loss`` for the objective lines ('' without a feature loss)."""
+    d = spec.distill
+    if d.feature_loss == "none":
+        return ""
+    return f" + {d.gamma:g} {d.feature_loss} loss" + (" (no gradient to teachers)" if d.detach_shared else "")
+
+
 def _count(n: int) -> str:
     return {1: "one", 2: "two", 3: "three", 4: "four"}.get(n, str(n))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from cmtkd_graph import losses
-from cmtkd_graph.methods.base import FEATURE_LOSSES, LogitsLoss, Method, register_method
+from cmtkd_graph.methods.base import FEATURE_LOSSES, LogitsLoss, Method, feature_text, register_method
 
 
 @register_method("cmtkd")
@@ -50,11 +50,3 @@ class CMTKD(Method):
         if d.mutual_learning:
             text += f" + {d.beta:g} (KL_T + KL_S) [KDCL-MinLogit, tau {d.tau:g}]"
         return text + feature_text(spec) + f"; combined teacher: {d.combine}"
-
-
-def feature_text(spec) -> str:
-    """`` + gamma <loss> loss`` for the objective lines ('' without a feature loss)."""
-    d = spec.distill
-    if d.feature_loss == "none":
-        return ""
-    return f" + {d.gamma:g} {d.feature_loss} loss" + (" (no gradient to teachers)" if d.detach_shared else "")

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cmtkd_graph import losses
-from cmtkd_graph.methods.base import LogitsLoss, Method, register_method
-from cmtkd_graph.methods.cmtkd import feature_text
+from cmtkd_graph.methods.base import LogitsLoss, Method, feature_text, register_method
 
 SCRATCH, EXPERT = 0, 1
 

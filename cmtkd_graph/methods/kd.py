@@ -9,8 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from cmtkd_graph import losses
-from cmtkd_graph.methods.base import LogitsLoss, Method, register_method
-from cmtkd_graph.methods.cmtkd import feature_text
+from cmtkd_graph.methods.base import LogitsLoss, Method, feature_text, register_method
 
 
 @register_method("kd")
