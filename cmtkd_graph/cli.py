@@ -51,6 +51,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--view", choices=["full", "blocks"], default="full")
     p.add_argument("--which", choices=["system", "teachers", "student"], default="system")
     p.add_argument("--checkpoint", metavar="RUN_DIR", help="show the importance weights of a run")
+
+    p = sub.add_parser(
+        "eval", help="evaluate a run again: student, each teacher, combined teacher (accelerate launch too)"
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument(
+        "--checkpoint",
+        help="latest (default when the run kept checkpoints), a checkpoint directory, or a tensor file",
+    )
+    p.add_argument(
+        "--split", default="test", help="test (the evaluation split: test/ or val/ for folders) or train"
+    )
+    p.add_argument("--out", help="JSON file to write (default RUN_DIR/eval/<checkpoint>-<split>.json)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the run's spec, e.g. --set data.root=/data/cifar10",
+    )
+
+    p = sub.add_parser("export", help="export the student: safetensors, packed integer codes, ONNX")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run, one of its checkpoints, or an export")
+    p.add_argument("--out", required=True, help="directory to write the export into")
+    p.add_argument("--format", choices=["all", "torch", "codes", "onnx"], default="all")
+    p.add_argument("--checkpoint", help="latest or a checkpoint path (default: the run's final student)")
+
+    p = sub.add_parser("predict", help="class and probability per image, from an exported student")
+    p.add_argument("directory", metavar="DIR", help="an export (or run) directory")
+    p.add_argument("images", metavar="IMAGE", nargs="+")
+    p.add_argument("--top", type=int, default=1, help="classes to show per image (default 1)")
+    p.add_argument("--backend", choices=["torch", "integer", "onnx"], default="torch")
+    p.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
     return parser
 
 
@@ -136,12 +170,48 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from cmtkd_graph.run_eval import evaluate_run, recorded_accuracy, table
+
+    record = evaluate_run(
+        args.run_dir, checkpoint=args.checkpoint, split=args.split, overrides=args.overrides, out=args.out
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(table(record, recorded_accuracy(Path(args.run_dir), record)))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cmtkd_graph.deploy.export import FORMATS, export, summary
+
+    formats = FORMATS if args.format == "all" else ("torch", args.format)
+    manifest = export(args.run_dir, args.out, formats=formats, checkpoint=args.checkpoint)
+    print(summary(manifest, Path(args.out)))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cmtkd_graph.deploy.predict import format_predictions, predict
+
+    results = predict(args.directory, args.images, top=args.top, backend=args.backend)
+    print(json.dumps(results, indent=1) if args.json else format_predictions(results))
+    return 0
+
+
 _COMMANDS = {
     "validate": cmd_validate,
     "schema": cmd_schema,
     "taps": cmd_taps,
     "train": cmd_train,
     "inspect": cmd_inspect,
+    "eval": cmd_eval,
+    "export": cmd_export,
+    "predict": cmd_predict,
 }
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cmtkd_graph.errors import UserError, closest
+from cmtkd_graph.safe_files import TORCH_SUFFIXES, read_tensors
 
 
 @functools.cache
@@ -51,18 +52,12 @@ def read_state_dict(source: str) -> dict[str, torch.Tensor]:
     Torchvision weights are read from the local torch hub cache or downloaded (users with internet).
     """
     path = Path(source).expanduser()
-    if path.suffix in {".pt", ".pth", ".bin", ".safetensors", ".ckpt"} or path.exists():
-        if not path.exists():
-            raise UserError(f"weights: checkpoint file {str(path)!r} does not exist")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    if path.suffix in {".safetensors", *TORCH_SUFFIXES} or path.exists():
+        obj = read_tensors(path, what="weights")
         for key in ("state_dict", "model", "student"):
-            if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            if key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
-        if not isinstance(obj, dict):
+        if not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise UserError(f"weights: {str(path)!r} does not hold a state_dict")
         return obj
     import torchvision

@@ -27,7 +27,9 @@ import torch
 from cmtkd_graph.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoint
 from cmtkd_graph.cli_common import EXIT_USER_ERROR, add_train_args, user_error_lines
 from cmtkd_graph.errors import UserError
-from cmtkd_graph.metrics import MetricsLog, plot_importance, read_metrics, topk_correct
+from cmtkd_graph.evaluation import eval_line, evaluate
+from cmtkd_graph.metrics import MetricsLog, plot_importance, read_metrics
+from cmtkd_graph.safe_files import refused_global
 from cmtkd_graph.spec import Spec
 from cmtkd_graph.spec_io import dump_spec, load_spec
 
@@ -122,7 +124,7 @@ def run(spec_path: str | None, overrides: Sequence[str] = (), *, resume: str | N
         f"run {run_dir}: {accelerator.num_processes} process(es), {accelerator.distributed_type}, "
         f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}"
     )
-    _set_cpu_threads(spec, accelerator)
+    set_cpu_threads(spec, accelerator)
     set_seed(spec.train.seed)
     trainer = None
     try:
@@ -146,7 +148,7 @@ def _remove_failed_run(run_dir: Path) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _set_cpu_threads(spec: Spec, accelerator) -> None:
+def set_cpu_threads(spec: Spec, accelerator) -> None:
     """Use the machine's cores: ``accelerate launch`` sets OMP_NUM_THREADS=1 for CPU processes."""
     choice = spec.train.cpu_threads
     if choice == "env" or accelerator.device.type != "cpu":
@@ -198,14 +200,16 @@ class Trainer:
         )
         self.system = accelerator.unwrap_model(self.model)
         self.steps_per_epoch = max(len(self.train_loader) // accum, 1)
+        # The scheduler's state goes into trainer_state.json, not into accelerate's custom-object pickle,
+        # which `load_state` would unpickle without restriction.
         self.scheduler = build_scheduler(optimizer, spec, self.steps_per_epoch)
-        accelerator.register_for_checkpointing(self.scheduler)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
         self.state = {"epoch": 0, "batches_in_epoch": 0, "step": 0}
         self.last_checkpoint: Path | None = None
         if checkpoint is not None:
-            accelerator.load_state(str(checkpoint))
+            _load_state(accelerator, checkpoint)
             self.state = read_trainer_state(checkpoint)
+            self._restore_scheduler(self.state.pop("scheduler", None))
             self.last_checkpoint = checkpoint
             self.metrics.truncate_after(self.state["step"])
             log.info(
@@ -218,6 +222,15 @@ class Trainer:
         self.teacher_labels = [
             f"{t.arch} {t.bits_label}" if several_archs else t.bits_label for t in teachers
         ]
+
+    def _restore_scheduler(self, saved: dict | None) -> None:
+        if saved is not None:
+            self.scheduler.load_state_dict(saved)
+            return
+        # A checkpoint from before the scheduler state was saved here: LambdaLR depends only on its count.
+        per_iteration = self.spec.optim.schedule.step_every == "iteration"
+        for _ in range(self.state["step"] if per_iteration else self.state["epoch"]):
+            self.scheduler.step()
 
     def _check_classes(self, system, num_classes: int) -> None:
         """The student's logits (known from shape propagation) must match the dataset's classes."""
@@ -243,12 +256,11 @@ class Trainer:
             last = (epoch_done and self.state["epoch"] >= t.epochs) or stop
             if last or (epoch_done and self.state["epoch"] % t.eval_every == 0):
                 final_eval = self.evaluate()
-            if t.checkpoints and (last or (epoch_done and self.state["epoch"] % t.checkpoint_every == 0)):
-                self.last_checkpoint = save_checkpoint(
-                    self.acc, self.run_dir, dict(self.state), t.keep_checkpoints
-                )
             if self.spec.optim.schedule.step_every == "epoch" and epoch_done:
-                self.scheduler.step()
+                self.scheduler.step()  # before the checkpoint, so a resumed run starts at the next lr
+            if t.checkpoints and (last or (epoch_done and self.state["epoch"] % t.checkpoint_every == 0)):
+                state = {**self.state, "scheduler": self.scheduler.state_dict()}
+                self.last_checkpoint = save_checkpoint(self.acc, self.run_dir, state, t.keep_checkpoints)
         if not final_eval:
             final_eval = self.evaluate()
         self._finish(final_eval)
@@ -356,47 +368,21 @@ class Trainer:
         return record
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self) -> dict:
         """Top-1/top-5 of the student, each teacher and the combined teacher on the evaluation split."""
         acc = self.acc
-        self.model.eval()
-        correct: dict[str, dict[int, int]] = {}
-        stats: dict[str, torch.Tensor] = {}
-        seen, stats_seen = 0, 0
-        for images, labels in self.eval_loader:
-            if self.spec.train.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            out = self.model(images)
-            named = {"student": out.student_logits}
-            if out.teacher_logits is not None:
-                named["combined"] = out.teacher_logits
-            named.update({f"teacher{k}": z for k, z in enumerate(out.each_teacher_logits)})
-            for name, value in out.stats.items():  # batch means, weighted by the batch size
-                stats[name] = stats.get(name, 0.0) + value.float() * labels.shape[0]
-            stats_seen += labels.shape[0] if out.stats else 0
-            gathered = acc.gather_for_metrics((labels, *[z.float() for z in named.values()]))
-            labels_all, logits_all = gathered[0], gathered[1:]
-            seen += labels_all.shape[0]
-            for name, z in zip(named, logits_all, strict=True):
-                counts = topk_correct(z, labels_all)
-                for k, c in counts.items():
-                    correct.setdefault(name, {}).setdefault(k, 0)
-                    correct[name][k] += c
+        record = {
+            "kind": "eval",
+            "step": self.state["step"],
+            "epoch": self.state["epoch"],
+            **evaluate(self.model, self.eval_loader, acc, channels_last=self.spec.train.channels_last),
+        }
         self.model.train()
-        record = {"kind": "eval", "step": self.state["step"], "epoch": self.state["epoch"], "samples": seen}
-        for name, counts in correct.items():
-            for k, c in counts.items():
-                record[f"acc{k}/{name}"] = 100.0 * c / max(seen, 1)
-        for name, total in sorted(stats.items()):
-            pair = torch.cat([total.flatten(), total.new_tensor([stats_seen])])  # one reduce: sum and count
-            pair = acc.reduce(pair, reduction="sum") if acc.num_processes > 1 else pair
-            record[f"importance/{name}"] = (pair[:-1] / pair[-1]).tolist()
         self.metrics.write(record)
         if self.spec.train.tensorboard:
             acc.log({k: v for k, v in record.items() if k.startswith("acc")}, step=record["step"])
         if acc.is_main_process:
-            log.info(_eval_line(record))
+            log.info(eval_line(record))
             if self.system.teachers is not None:  # fusion importance, or a method's instance weights
                 plot_importance(
                     read_metrics(self.run_dir / "metrics.jsonl"),
@@ -424,11 +410,12 @@ class Trainer:
                     **{k.split("/", 1)[1]: v for k, v in final_eval.items() if k.startswith("importance/")},
                 },
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                "classes": self.bundle.classes,
             }
             (self.run_dir / "final.json").write_text(json.dumps(summary, indent=1))
             plot = self.run_dir / "importance.png"
             log.info(f"done: {self.run_dir}")
-            log.info("  " + _eval_line(final_eval))
+            log.info("  " + eval_line(final_eval))
             log.info(f"  final student: {self.run_dir / 'student.safetensors'}")
             if plot.exists():
                 log.info(f"  importance plot: {plot}")
@@ -455,13 +442,21 @@ class Trainer:
         (ranks / f"rank-{self.acc.process_index}.json").write_text(json.dumps(report, indent=1))
 
 
-def _eval_line(record: dict) -> str:
-    parts = []
-    teachers = sorted(k.split("/")[1] for k in record if k.startswith("acc1/teacher"))
-    for name in ["student", "combined", *teachers]:
-        if f"acc1/{name}" in record:
-            parts.append(f"{name} {record[f'acc1/{name}']:.2f}/{record.get(f'acc5/{name}', 0):.2f}")
-    return f"eval (top-1/top-5 %, {record['samples']} images): " + ", ".join(parts)
+def _load_state(accelerator, checkpoint: Path) -> None:
+    """``accelerator.load_state`` (tensors via safetensors or ``weights_only`` loads), with a refused or
+    damaged file reported in one line."""
+    import pickle
+
+    try:
+        accelerator.load_state(str(checkpoint))
+    except pickle.UnpicklingError as err:
+        raise UserError(
+            f"--resume: {checkpoint} holds a file with objects other than tensors, which could run code "
+            f"when loaded; refused ({refused_global(err)})"
+        ) from None
+    except (OSError, RuntimeError, ValueError) as err:
+        problem = str(err).strip().splitlines()[0]
+        raise UserError(f"--resume: {checkpoint} could not be loaded ({problem})") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,6 +55,8 @@ def test_wheel_contains_the_passes_as_a_subpackage(wheel):
         assert f"cmtkd_graph/passes/{module}.py" in names
     for method in ("base", "cmtkd", "single", "kd", "average_teacher", "amtml_kd", "ctkd"):
         assert f"cmtkd_graph/methods/{method}.py" in names
+    for module in ("student", "codes", "packing", "cost", "integer", "onnx_export", "export", "predict"):
+        assert f"cmtkd_graph/deploy/{module}.py" in names
     assert not any(n.startswith("passes/") for n in names)  # no generic top-level module
     assert "cmtkd_graph/specs/quickstart.yaml" in names and "cmtkd_graph/specs/amtml_kd.yaml" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

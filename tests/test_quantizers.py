@@ -202,14 +202,21 @@ def test_lsq_levels(bits, signed):
 def test_dorefa_levels(bits):
     n = 2**bits - 1
     x = torch.linspace(-3, 3, DENSE)
-    unit = torch.arange(n + 1, dtype=torch.float32) / n
-    assert torch.equal(levels(DoReFaActivationQuantizer(bits, signed=False)(x)), unit)
-    assert torch.equal(levels(DoReFaActivationQuantizer(bits, signed=True)(x)), 2 * unit - 1)
+    m = torch.arange(n + 1, dtype=torch.float32)
+    unit = m / n
+    # the levels are integers times 1/n exactly (what exported codes decode to), q_k's values up to rounding
+    unsigned = levels(DoReFaActivationQuantizer(bits, signed=False)(x))
+    signed = levels(DoReFaActivationQuantizer(bits, signed=True)(x))
+    assert torch.equal(unsigned, m * (1.0 / n))
+    assert torch.equal(signed, (2 * m - n) * (1.0 / n))
+    torch.testing.assert_close(unsigned, unit, rtol=0, atol=1e-7)
+    torch.testing.assert_close(signed, 2 * unit - 1, rtol=0, atol=1e-7)
     w_levels = levels(DoReFaWeightQuantizer(bits)(x))
     if bits == 1:
-        m = x.abs().mean()
-        assert torch.equal(w_levels, torch.stack([-m, m]))
+        mean = x.abs().mean()
+        assert torch.equal(w_levels, torch.stack([-mean, mean]))
     else:
+        assert torch.equal(w_levels, (2 * m - n) * (1.0 / n))
         torch.testing.assert_close(w_levels, 2 * unit - 1)
         assert len(w_levels) == 2**bits
 

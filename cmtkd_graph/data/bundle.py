@@ -31,6 +31,7 @@ class DataBundle:
     classes: list[str]
     in_channels: int  # 3, or 1 for fashion_mnist with grey_to_rgb: none
     image_size: int  # the model input size
+    train_eval: torch.utils.data.Dataset  # the training samples with the evaluation transform
 
     def skipped_images(self) -> int:
         """Distinct unreadable images skipped so far in both splits (``corrupt_images: skip``; else 0)."""
@@ -76,6 +77,7 @@ def _in_memory(spec: DataSpec, splits: Splits) -> DataBundle:
         classes=splits.classes,
         in_channels=in_channels,
         image_size=size,
+        train_eval=TensorImages(train_x[: spec.train_subset], train_y[: spec.train_subset], eval_tf),
     )
 
 
@@ -103,4 +105,5 @@ def _image_folder(spec: DataSpec) -> DataBundle:
         classes=classes,
         in_channels=3,
         image_size=size,
+        train_eval=ImageFiles(train, classes, eval_tf, spec.corrupt_images),
     )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import pickle
 import struct
 import zlib
 from collections.abc import Callable
@@ -20,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cmtkd_graph.errors import UserError
+from cmtkd_graph.safe_files import read_cifar_pickle
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -148,14 +148,7 @@ def _download_cifar(name: str, root: str) -> None:
 
 
 def _unpickle(path: Path, *required: str) -> dict:
-    try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")  # the archives hold Python 2 pickles
-    except Exception as e:  # a damaged pickle can fail in many ways
-        raise UserError(
-            f"{path}: not a readable CIFAR python batch ({type(e).__name__}: {e}); "
-            "re-extract the archive or re-download it"
-        ) from e
+    entry = read_cifar_pickle(path)
     absent = [k for k in required if not isinstance(entry, dict) or k not in entry]
     if absent:
         raise UserError(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from cmtkd_graph.data.bundle import DataBundle
 from cmtkd_graph.data.imagefolder import DropSkipped
@@ -27,28 +27,37 @@ def build_loaders(
             f"{train_batch_size} (the last incomplete batch is dropped); lower data.batch_size "
             "or use more samples (data.train_subset)"
         )
-    common = dict(
-        num_workers=spec.num_workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=spec.num_workers > 0,
-        collate_fn=DropSkipped((bundle.in_channels, bundle.image_size, bundle.image_size)),
-    )
     train = DataLoader(
         SeededSamples(bundle.train, seed),
         batch_size=train_batch_size,
         shuffle=True,
         drop_last=True,
         generator=torch.Generator().manual_seed(seed),
-        **common,
+        **_common(bundle, spec),
     )
+    return train, build_eval_loader(bundle, spec, bundle.eval, batch_size=eval_batch_size, seed=seed)
+
+
+def build_eval_loader(
+    bundle: DataBundle, spec: DataSpec, dataset: Dataset, *, batch_size: int, seed: int
+) -> DataLoader:
+    """Every sample of ``dataset`` once, in order (the evaluation split, or ``bundle.train_eval``)."""
     # Its own generator: creating an iterator draws a seed, and evaluation must not move the global RNG
     # (training's random augmentation), or a run resumed after an evaluation would diverge.
-    evaluation = DataLoader(
-        bundle.eval,
-        batch_size=eval_batch_size,
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
         shuffle=False,
         drop_last=False,
         generator=torch.Generator().manual_seed(seed),
-        **common,
+        **_common(bundle, spec),
     )
-    return train, evaluation
+
+
+def _common(bundle: DataBundle, spec: DataSpec) -> dict:
+    return dict(
+        num_workers=spec.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=spec.num_workers > 0,
+        collate_fn=DropSkipped((bundle.in_channels, bundle.image_size, bundle.image_size)),
+    )

@@ -4,10 +4,15 @@ A *quantizer* is an ``nn.Module`` mapping a tensor to a finite set of levels (fo
 straight-through estimate of the gradient (backward). A *quantizer family* (HWGQ, LSQ, ...)
 is registered by name in ``QUANTIZERS`` and builds the quantizers the FX pass inserts:
 one activation quantizer per input edge of a quantized layer and one weight quantizer per layer.
+
+Every quantizer's levels are integers times a scale (:class:`IntegerGrid`): ``to_integers`` gives
+them, and the fake-quantized forward is computed as exactly ``q * scale``, so exported integer codes
+decode to the trained model's values bit for bit (``cmtkd_graph.deploy``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +23,79 @@ from cmtkd_graph.errors import SpecError
 from cmtkd_graph.registry import Registry
 
 FULL_PRECISION = 32
+
+
+@dataclass(frozen=True)
+class IntegerGrid:
+    """A quantizer's integers: level = scale * q with q = step * code + offset, code = 0 .. 2^bits - 1.
+
+    ``code`` is what is stored (unsigned, ``bits`` wide, packed); ``q`` is the integer the arithmetic
+    uses. ``step`` is 1 for grids with a zero level and 2 for mid-rise grids, whose levels are the odd
+    multiples of scale (HWGQ weights, DoReFa/PACT signed, binary): they have no zero level.
+    """
+
+    bits: int
+    step: int
+    offset: int
+
+    @property
+    def qmin(self) -> int:
+        return self.offset
+
+    @property
+    def qmax(self) -> int:
+        return self.step * (2**self.bits - 1) + self.offset
+
+    def codes(self, q: torch.Tensor) -> torch.Tensor:
+        """uint8 codes of the integers ``q`` (which must lie on this grid)."""
+        return ((q.to(torch.int32) - self.offset) // self.step).to(torch.uint8)
+
+    def integers(self, codes: torch.Tensor) -> torch.Tensor:
+        """int32 integers of ``codes``."""
+        return codes.to(torch.int32) * self.step + self.offset
+
+
+@dataclass(frozen=True)
+class IntegerTensor:
+    """A quantized tensor as integers: ``q`` (float32 holding integers) times ``scale``.
+
+    ``scale`` is a 0-dim tensor, or per output channel with shape (C, 1, ...) for weights.
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    grid: IntegerGrid
+
+    def dequantize(self) -> torch.Tensor:
+        """The fake-quantized values, bit for bit what the quantizer's forward returns."""
+        return self.q * self.scale
+
+    def codes(self) -> torch.Tensor:
+        return self.grid.codes(self.q)
+
+
+def odd_integers(x: torch.Tensor, half: torch.Tensor | float) -> torch.Tensor:
+    """The odd integer nearest to x / half (x clipped to the grid): 2 round((x - half) / (2 half)) + 1.
+
+    Written as the ONNX export computes a mid-rise grid (Sub, then QuantizeLinear with scale 2 half), so
+    exported models round exactly as the fake-quantized ones.
+    """
+    return torch.round((x - half) / (2 * half)).mul_(2).add_(1)
+
+
+def unsigned_grid(bits: int) -> IntegerGrid:
+    """Levels 0, s, ..., (2^b - 1) s."""
+    return IntegerGrid(bits, 1, 0)
+
+
+def twos_complement_grid(bits: int) -> IntegerGrid:
+    """Levels -2^(b-1) s, ..., (2^(b-1) - 1) s."""
+    return IntegerGrid(bits, 1, -(2 ** (bits - 1)))
+
+
+def mid_rise_grid(bits: int) -> IntegerGrid:
+    """Levels +-s, +-3s, ..., +-(2^b - 1) s: 2^b odd integers, no zero level."""
+    return IntegerGrid(bits, 2, -(2**bits - 1))
 
 
 class Quantizer(nn.Module):
@@ -36,7 +114,28 @@ class Quantizer(nn.Module):
         self.signed = signed
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantized float32 ``x`` with the straight-through gradient; its values are
+        ``to_integers(x).dequantize()`` exactly."""
         raise NotImplementedError
+
+    @property
+    def grid(self) -> IntegerGrid:
+        """How this quantizer's levels map to integers and stored codes."""
+        raise NotImplementedError
+
+    def integers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, scale) of float32 ``x``, without gradient: q holds integers on ``grid``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def to_integers(self, x: torch.Tensor) -> IntegerTensor:
+        """``x`` quantized, as integers and a scale (export, integer inference)."""
+        q, scale = self.integers(x.detach().float())
+        return IntegerTensor(q, scale, self.grid)
+
+    def input_scale(self) -> torch.Tensor:
+        """The scale of an activation quantizer, which does not depend on its input."""
+        return self.integers(torch.zeros((), device=_device_of(self)))[1].reshape(())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_meta:
@@ -48,6 +147,11 @@ class Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}"
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(iter(module.parameters()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 class NoOptions(BaseModel):

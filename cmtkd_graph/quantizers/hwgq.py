@@ -11,7 +11,15 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from cmtkd_graph.quantizers.base import Quantizer, QuantizerFamily, register_quantizer
+from cmtkd_graph.quantizers.base import (
+    IntegerGrid,
+    Quantizer,
+    QuantizerFamily,
+    mid_rise_grid,
+    odd_integers,
+    register_quantizer,
+    unsigned_grid,
+)
 from cmtkd_graph.quantizers.ste import clipped_ste
 
 HALF_WAVE_STEP: dict[int, float] = {
@@ -49,12 +57,6 @@ tests/test_quantizers.py) and rounded to 4 decimals.
 """
 
 
-def mid_rise(u: torch.Tensor, bits: int) -> torch.Tensor:
-    """Nearest of the 2^b unit-step mid-rise levels (k - 1/2), k = -2^(b-1)+1 .. 2^(b-1), no gradient."""
-    top = 2 ** (bits - 1) - 0.5
-    return torch.round(u.clamp(-top, top) + 0.5) - 0.5
-
-
 class HalfWaveQuantizer(Quantizer):
     """Unsigned activations: levels {0, s, ..., (2^b - 1)s} with s = h_b; clipped-ReLU STE.
 
@@ -67,14 +69,24 @@ class HalfWaveQuantizer(Quantizer):
         self.step = HALF_WAVE_STEP[bits]
         self.caffe_rounding = caffe_rounding
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return clipped_ste(x, 0.0, (2**self.bits - 1) * self.step, self._levels)
+    @property
+    def grid(self) -> IntegerGrid:
+        return unsigned_grid(self.bits)
 
-    def _levels(self, clipped: torch.Tensor) -> torch.Tensor:
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return clipped_ste(x, 0.0, self._top(), lambda c: self._codes(c).mul_(self.step))
+
+    def integers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._codes(x.clamp(0.0, self._top())), x.new_tensor(self.step)
+
+    def _top(self) -> float:
+        return (2**self.bits - 1) * self.step
+
+    def _codes(self, clipped: torch.Tensor) -> torch.Tensor:
         k = clipped.div(self.step).round_()
         if self.caffe_rounding:
             k = torch.maximum(k, (clipped > 0).to(k.dtype))  # positive inputs never map to 0
-        return k.mul_(self.step)
+        return k
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, step={self.step}, caffe_rounding={self.caffe_rounding}"
@@ -90,12 +102,20 @@ class SignedMidRiseQuantizer(Quantizer):
         super().__init__(bits, signed=True)
         self.step = MID_RISE_STEP[bits]
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        limit = (2 ** (self.bits - 1) - 0.5) * self.step
-        return clipped_ste(x, -limit, limit, self._levels)
+    @property
+    def grid(self) -> IntegerGrid:
+        return mid_rise_grid(self.bits)
 
-    def _levels(self, clipped: torch.Tensor) -> torch.Tensor:
-        return mid_rise(clipped.div_(self.step), self.bits).mul_(self.step)
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        limit = self._limit()
+        return clipped_ste(x, -limit, limit, lambda c: odd_integers(c, self.step / 2).mul_(self.step / 2))
+
+    def integers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        limit = self._limit()
+        return odd_integers(x.clamp(-limit, limit), self.step / 2), x.new_tensor(self.step / 2)
+
+    def _limit(self) -> float:
+        return (2 ** (self.bits - 1) - 0.5) * self.step
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, step={self.step}"
@@ -108,10 +128,19 @@ class MidRiseWeightQuantizer(Quantizer):
         super().__init__(bits, signed=True)
         self.step = MID_RISE_STEP[bits]
 
+    @property
+    def grid(self) -> IntegerGrid:
+        return mid_rise_grid(self.bits)
+
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
+        q, half_step = self.integers(w.detach())
+        return q * half_step + (w - w.detach())
+
+    def integers(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The tiny floor keeps a constant (std 0) weight finite instead of 0/0 = NaN.
-        t = (self.step * w.detach().std()).clamp(min=torch.finfo(torch.float32).tiny)
-        return mid_rise(w.detach() / t, self.bits) * t + (w - w.detach())
+        t = (self.step * w.std()).clamp(min=torch.finfo(torch.float32).tiny)
+        limit = (2 ** (self.bits - 1) - 0.5) * t
+        return odd_integers(torch.maximum(torch.minimum(w, limit), -limit), t / 2), t / 2
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, step={self.step}*std(W)"
@@ -126,11 +155,17 @@ class ChannelBinaryWeightQuantizer(Quantizer):
     def __init__(self):
         super().__init__(1, signed=True)
 
+    @property
+    def grid(self) -> IntegerGrid:
+        return mid_rise_grid(1)
+
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
-        w0 = w.detach()
-        alpha = w0.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True) if w.dim() > 1 else w0.abs()
-        sign = torch.where(w0 >= 0, 1.0, -1.0)
-        return alpha * sign + (w - w0)
+        sign, alpha = self.integers(w.detach())
+        return alpha * sign + (w - w.detach())
+
+    def integers(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha = w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True) if w.dim() > 1 else w.abs()
+        return torch.where(w >= 0, 1.0, -1.0), alpha
 
 
 class HWGQOptions(BaseModel):

@@ -28,7 +28,8 @@ class _WeightQuantized:
         self.weight_quantizer = weight_quantizer
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, weight_bits={self.weight_quantizer.bits}"
+        bits = getattr(self.weight_quantizer, "bits", None)  # export and the integer reference swap it
+        return f"{super().extra_repr()}, weight_bits={bits}" if bits is not None else super().extra_repr()
 
 
 class QuantConv2d(_WeightQuantized, nn.Conv2d):

@@ -14,7 +14,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cmtkd_graph.quantizers.base import Quantizer, QuantizerFamily, register_quantizer
+from cmtkd_graph.quantizers.base import (
+    IntegerGrid,
+    Quantizer,
+    QuantizerFamily,
+    mid_rise_grid,
+    register_quantizer,
+    twos_complement_grid,
+    unsigned_grid,
+)
 
 
 def round_pass(x: torch.Tensor) -> torch.Tensor:
@@ -59,6 +67,12 @@ class LSQQuantizer(Quantizer):
         # Python mirror of `initialized`, so training steps do not sync on the buffer; reset on load.
         self._init_checked = False
 
+    @property
+    def grid(self) -> IntegerGrid:
+        if self.binary:
+            return mid_rise_grid(1)
+        return twos_complement_grid(self.bits) if self.signed else unsigned_grid(self.bits)
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and not self._init_checked and x.device.type != "meta":
             self._initialize_once(x)
@@ -66,6 +80,11 @@ class LSQQuantizer(Quantizer):
         s = grad_scale(self.step, 1.0 / math.sqrt(max(n, 1) * self.qp))
         u = (x / s).clamp(self.qn, self.qp)
         return (sign_pass(u) if self.binary else round_pass(u)) * s
+
+    def integers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.step.detach().float()
+        u = (x / s).clamp(self.qn, self.qp)
+        return (torch.where(u >= 0, 1.0, -1.0) if self.binary else torch.round(u)), s
 
     @torch.no_grad()
     def _initialize_once(self, x: torch.Tensor) -> None:

@@ -9,7 +9,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from cmtkd_graph.quantizers.base import Quantizer, QuantizerFamily, register_quantizer
+from cmtkd_graph.quantizers.base import (
+    IntegerGrid,
+    Quantizer,
+    QuantizerFamily,
+    mid_rise_grid,
+    odd_integers,
+    register_quantizer,
+    unsigned_grid,
+)
 from cmtkd_graph.quantizers.dorefa import DoReFaWeightQuantizer
 
 
@@ -27,15 +35,30 @@ class PACTQuantizer(Quantizer):
         super().__init__(bits, signed)
         self.alpha = nn.Parameter(torch.tensor(float(init_alpha)))
 
+    @property
+    def grid(self) -> IntegerGrid:
+        return mid_rise_grid(self.bits) if self.signed else unsigned_grid(self.bits)
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.alpha.float()
         low = -alpha if self.signed else torch.zeros_like(alpha)
         # where() sends the gradient of a clipped element to alpha and of the others to x.
         y = torch.where(x >= alpha, alpha, torch.where(x < low, low, x))
+        q, scale = self._integers(y.detach(), alpha.detach())
+        return q * scale + (y - y.detach())
+
+    def integers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha = self.alpha.detach().float()
+        low = -alpha if self.signed else torch.zeros_like(alpha)
+        return self._integers(torch.minimum(torch.maximum(x, low), alpha), alpha)
+
+    def _integers(self, clipped: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unsigned: m = round(n y / alpha), level m alpha / n. Signed: m = round(n (y + alpha) / (2 alpha)),
+        level (2m - n) alpha / n (odd integers). n = 2^k - 1."""
         n = 2**self.bits - 1
-        width = (alpha - low).detach()
-        levels = torch.round((y.detach() - low.detach()) * n / width) * width / n + low.detach()
-        return levels + (y - y.detach())
+        scale = alpha / n
+        # divisions by the float32 scale, as ONNX's QuantizeLinear computes them (see deploy.onnx_export)
+        return (odd_integers(clipped, scale) if self.signed else torch.round(clipped / scale)), scale
 
 
 class PACTOptions(BaseModel):

@@ -1,0 +1,256 @@
+"""``cmtkd-graph export RUN_DIR --out DIR``: the student alone, in the formats a user takes further.
+
+* ``torch``: ``student.safetensors`` + ``spec.yaml``; ``cmtkd_graph.load_student(DIR)`` rebuilds it.
+* ``codes``: ``codes.safetensors``, the integer codes of every quantized layer packed to their
+  bit-width with their scales (``deploy.codes``); ``deploy.integer`` runs them on integers.
+* ``onnx``: ``student.onnx`` with QuantizeLinear/DequantizeLinear pairs (``deploy.onnx_export``).
+
+``manifest.json`` describes them all: per layer the bits, codes used, packed size, MACs and BOPs, how
+the integer reference and the ONNX graph compute it; for the model the packed against the float size
+and the BOPs against the float network's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import fx
+
+from cmtkd_graph.deploy import cost
+from cmtkd_graph.deploy.codes import CODES_FILE, QuantizedLayer, codes_tensors, quantized_layers
+from cmtkd_graph.deploy.integer import IntegerLayer, integer_arithmetic
+from cmtkd_graph.deploy.student import (
+    MANIFEST_FILE,
+    SPEC_FILE,
+    STUDENT_FILE,
+    build_student,
+    find_student,
+    load_state,
+)
+from cmtkd_graph.errors import UserError
+from cmtkd_graph.passes.shapes import propagate_shapes
+from cmtkd_graph.spec_io import dump_spec
+
+log = logging.getLogger("cmtkd_graph")
+
+FORMATS = ("torch", "codes", "onnx")
+ONNX_FILE = "student.onnx"
+MANIFEST_VERSION = 1
+
+
+def export(
+    source: str | Path,
+    out: str | Path,
+    *,
+    formats: tuple[str, ...] = FORMATS,
+    checkpoint: str | None = None,
+) -> dict:
+    """Write the student of ``source`` (a run, checkpoint or export directory) into ``out``; return the
+    manifest. Formats whose optional packages are missing (ONNX) are skipped with a note in it."""
+    found = find_student(source, checkpoint=checkpoint)
+    out = Path(out).expanduser()
+    if out.resolve() == Path(source).expanduser().resolve():
+        raise UserError(f"--out: {out} is the source directory; export into a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    student = build_student(found.spec)
+    load_state(student, found.state, origin=found.origin)
+    propagate_shapes(student, (1, *found.spec.data.input_shape()))
+    layers = quantized_layers(student)
+    manifest = _manifest(found, student, layers)
+
+    (out / SPEC_FILE).write_text(dump_spec(found.spec))
+    # torch: the state dict as training saved it; codes: a complete integer description
+    state = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
+    save_file(state, str(out / STUDENT_FILE))
+    manifest["files"]["torch"] = STUDENT_FILE
+    if "codes" in formats:
+        save_file(codes_tensors(student, layers), str(out / CODES_FILE))
+        manifest["files"]["codes"] = CODES_FILE
+    if "onnx" in formats:
+        manifest["onnx"] = _onnx(student, layers, manifest, out / ONNX_FILE, found.spec)
+        if manifest["onnx"].get("file"):
+            manifest["files"]["onnx"] = ONNX_FILE
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+    if found.run_dir is not None and (found.run_dir / "importance.png").is_file():
+        shutil.copy(found.run_dir / "importance.png", out / "importance.png")
+    return manifest
+
+
+def _onnx(student: fx.GraphModule, layers, manifest: dict, path: Path, spec) -> dict:
+    try:
+        from cmtkd_graph.deploy.onnx_export import export_onnx
+    except ImportError as err:
+        missing = getattr(err, "name", None) or "onnx"
+        return {
+            "file": None,
+            "skipped": f"{missing} is not installed; `pip install 'cmtkd-graph[export]'` "
+            "(onnx, onnxscript, onnxruntime) adds the ONNX export",
+        }
+    return export_onnx(student, layers, manifest["layers"], path, input_shape=spec.data.input_shape())
+
+
+def _manifest(found, student: fx.GraphModule, layers: list[QuantizedLayer]) -> dict:
+    spec = found.spec
+    records = [_layer_record(student, layer) for layer in layers]
+    float_bytes, packed_bytes = _sizes(student, layers)
+    macs = sum(r["macs"] for r in records)
+    student_bops = sum(r["bops"] for r in records)
+    float_bops = sum(cost.bops(r["macs"], cost.FLOAT_BITS, cost.FLOAT_BITS) for r in records)
+    classes = _classes(found.run_dir)
+    return {
+        "format": "cmtkd_graph export",
+        "version": MANIFEST_VERSION,
+        "source": str(found.origin),
+        "model": {
+            "arch": spec.student.arch,
+            "weight_bits": spec.student.weight_bits,
+            "act_bits": spec.student.act_bits,
+            "quantizer": spec.quantizer.name,
+            "first_layer_bits": spec.quantizer.first_layer_bits,
+            "last_layer_bits": spec.quantizer.last_layer_bits,
+            "input_shape": list(spec.data.input_shape()),
+            "classes": classes,
+        },
+        "files": {},
+        "size": {
+            "float_bytes": float_bytes,
+            "packed_bytes": packed_bytes,
+            "float_mib": round(cost.megabytes(float_bytes), 3),
+            "packed_mib": round(cost.megabytes(packed_bytes), 3),
+            "compression": round(float_bytes / packed_bytes, 2),
+        },
+        "cost": {
+            "macs": macs,
+            "bops": student_bops,
+            "float_bops": float_bops,
+            "bops_reduction": round(float_bops / max(student_bops, 1), 2),
+            "note": "per image; conv/linear/attention-projection MACs x weight bits x activation bits",
+        },
+        "layers": records,
+    }
+
+
+def _layer_record(student: fx.GraphModule, layer: QuantizedLayer) -> dict:
+    macs = sum(cost.node_macs(student, node) for node in layer.nodes)
+    record = {
+        "name": layer.name,
+        "type": type(layer.module).__name__,
+        "position": layer.position,
+        "calls": len(layer.nodes),
+        "weight_bits": layer.weight_bits,
+        "act_bits": layer.act_bits,
+        "macs": macs,
+        "bops": cost.bops(macs, layer.weight_bits, layer.act_bits),
+        "weights": [
+            {
+                "tensor": w.tensor,
+                "quantizer": w.quantizer,
+                "family": w.family,
+                "shape": list(w.shape),
+                "bits": w.grid.bits,
+                "grid": _grid(w.grid),
+                "scale": "per-channel" if w.scale.dim() > 0 else "per-tensor",
+                "distinct_codes": w.distinct_codes,
+                "packed_bytes": w.packed_bytes,
+                "float_bytes": cost.float_bytes(w.codes.numel()),
+            }
+            for w in layer.weights
+        ],
+        "inputs": [
+            {
+                "quantizer": a.quantizer,
+                "family": a.family,
+                "bits": a.grid.bits,
+                "signed": a.signed,
+                "grid": _grid(a.grid),
+                "scale": float(a.scale),
+            }
+            for a in layer.inputs
+        ],
+    }
+    record["integer"] = _integer_note(layer, record)
+    return record
+
+
+def _grid(grid) -> dict:
+    return {"step": grid.step, "offset": grid.offset, "qmin": grid.qmin, "qmax": grid.qmax}
+
+
+def _integer_note(layer: QuantizedLayer, record: dict) -> str:
+    """How the integer reference computes this layer."""
+    if integer_arithmetic(layer.module, record):
+        (weight,) = layer.weights
+        probe = IntegerLayer(layer.module, layer.module.input_quantizer, weight.integers(), weight.scale)
+        a = layer.module.input_quantizer.grid
+        bits = probe.accumulator_bits(max(abs(a.qmin), abs(a.qmax)))
+        w = weight.grid
+        return (
+            f"integer: weights {w.qmin}..{w.qmax} x activations {a.qmin}..{a.qmax}, "
+            f"int64 accumulation ({bits} bits needed), scales applied once"
+        )
+    if layer.weights:
+        return (
+            "float with decoded weights (its input is not quantized, or it is not a single conv/linear call)"
+        )
+    return "float (full precision)"
+
+
+def _sizes(student: fx.GraphModule, layers: list[QuantizedLayer]) -> tuple[int, int]:
+    """(float32 bytes of the model, bytes with packed codes): tensors inference needs."""
+    quantizer_state = tuple(
+        f"{q}."
+        for layer in layers
+        for q in [w.quantizer for w in layer.weights] + [a.quantizer for a in layer.inputs]
+    )
+    needed = {
+        k: v
+        for k, v in student.state_dict().items()
+        if not k.endswith("num_batches_tracked") and not k.startswith(quantizer_state)
+    }
+    float_total = sum(cost.float_bytes(v.numel()) for v in needed.values())
+    packed = float_total
+    for layer in layers:
+        for w in layer.weights:
+            packed += w.packed_bytes + cost.float_bytes(w.scale.numel()) - cost.float_bytes(w.codes.numel())
+        packed += sum(cost.float_bytes(1) for _ in layer.inputs)
+    return float_total, packed
+
+
+def _classes(run_dir: Path | None) -> list[str] | None:
+    final = run_dir / "final.json" if run_dir is not None else None
+    if final is None or not final.is_file():
+        return None
+    return json.loads(final.read_text()).get("classes")
+
+
+def summary(manifest: dict, out: Path) -> str:
+    """What ``cmtkd-graph export`` prints."""
+    m, size, c = manifest["model"], manifest["size"], manifest["cost"]
+    lines = [
+        f"exported {m['arch']} W{m['weight_bits']}A{m['act_bits']} ({m['quantizer']}) to {out}",
+        f"  size: {size['packed_mib']:.2f} MiB packed vs {size['float_mib']:.2f} MiB float32 "
+        f"({size['compression']:.1f}x smaller)",
+        f"  cost per image: {cost.human_bops(c['bops'])}BOPs vs {cost.human_bops(c['float_bops'])}BOPs float "
+        f"({c['bops_reduction']:.1f}x fewer), {cost.human_bops(c['macs'])}MACs",
+    ]
+    quantized = [layer for layer in manifest["layers"] if layer["weights"]]
+    lines.append(f"  {len(quantized)} of {len(manifest['layers'])} layers quantized; files:")
+    for fmt, name in manifest["files"].items():
+        lines.append(f"    {fmt:6s} {out / name}")
+    onnx = manifest.get("onnx")
+    if onnx and onnx.get("skipped"):
+        lines.append(f"  onnx skipped: {onnx['skipped']}")
+    elif onnx:
+        lines.append(
+            f"  onnx: opset {onnx['opset']}, onnxruntime {onnx['runtime']}: "
+            f"{onnx['images_within_tolerance']}/{onnx['check_images']} check images within "
+            f"{onnx['tolerance']:.2g} of PyTorch's logits, "
+            f"top-1 agreement {100 * onnx['top1_agreement']:.0f}%, "
+            f"largest difference {onnx['max_abs_diff']:.2g}"
+        )
+    lines.append(f"  manifest: {out / MANIFEST_FILE}")
+    return "\n".join(lines)

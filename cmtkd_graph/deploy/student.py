@@ -1,0 +1,150 @@
+"""The trained student alone: found in a run, a checkpoint or an export, loaded as a plain ``nn.Module``.
+
+The student is rebuilt from the run's resolved spec by the same passes that built it for training
+(``build_network``: trace, surgery, quantize), so its graph and parameter names are those of training
+and its outputs are bit-identical to the trained system's student on the same device. It returns the
+logits alone: no taps, teachers, adapters or importance logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, fx
+
+from cmtkd_graph.errors import UserError
+from cmtkd_graph.safe_files import read_tensors
+from cmtkd_graph.spec import Spec
+
+SPEC_FILE = "spec.yaml"
+STUDENT_FILE = "student.safetensors"
+MANIFEST_FILE = "manifest.json"
+SYSTEM_FILE = "model.safetensors"  # what accelerate's save_state writes into a checkpoint
+STUDENT_PREFIX = "student."
+
+
+@dataclass
+class StudentSource:
+    """Where a student was found: its resolved spec and its state dict (torchvision names)."""
+
+    spec: Spec
+    state: dict[str, Tensor]
+    origin: Path
+    run_dir: Path | None  # the training run, when the source is one or lies inside one
+
+
+def find_student(path: str | Path, *, checkpoint: str | None = None, overrides=()) -> StudentSource:
+    """The student of an export directory, a run directory (its final ``student.safetensors``, or
+    ``checkpoint``: ``latest`` or a path) or one of a run's checkpoint directories."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        raise UserError(
+            f"{path}: give the directory (an export, a run or a checkpoint), not a file: the student's "
+            "architecture comes from the spec.yaml beside it"
+        )
+    if not path.is_dir():
+        raise UserError(f"{path} does not exist (expected an export, run or checkpoint directory)")
+    if (path / SYSTEM_FILE).is_file() and not (path / SPEC_FILE).is_file():  # RUN/checkpoints/step-N
+        run_dir = path.parent.parent
+        return StudentSource(_spec(run_dir, overrides), _checkpoint_student(path), path, run_dir)
+    if not (path / SPEC_FILE).is_file():
+        raise UserError(f"{path} has no {SPEC_FILE}: it is not a run, checkpoint or export directory")
+    spec = _spec(path, overrides)
+    run_dir = None if (path / MANIFEST_FILE).is_file() else path
+    if checkpoint is not None and run_dir is not None:
+        origin = resolve_checkpoint(run_dir, checkpoint)
+        if origin.is_dir():
+            return StudentSource(spec, _checkpoint_student(origin), origin, run_dir)
+        return StudentSource(spec, _student_keys(read_tensors(origin, what="--checkpoint")), origin, run_dir)
+    if (path / STUDENT_FILE).is_file():
+        return StudentSource(spec, read_tensors(path / STUDENT_FILE, what="student"), path, run_dir)
+    if run_dir is not None:  # an unfinished run: its last checkpoint
+        origin = resolve_checkpoint(run_dir, "latest")
+        return StudentSource(spec, _checkpoint_student(origin), origin, run_dir)
+    raise UserError(f"{path} has no {STUDENT_FILE}")
+
+
+def resolve_checkpoint(run_dir: Path, checkpoint: str) -> Path:
+    """``latest`` (the run's last complete checkpoint) or a checkpoint directory / tensor file path."""
+    if checkpoint == "latest":
+        from cmtkd_graph.checkpoint import checkpoints_dir, latest_checkpoint
+
+        if not (checkpoints_dir(run_dir) / "latest").is_file():
+            raise UserError(
+                f"--checkpoint latest: {run_dir} has no checkpoint (train.checkpoints was off, or the run "
+                "stopped before its first one); its final student.safetensors holds the student only"
+            )
+        return latest_checkpoint(run_dir)
+    path = Path(checkpoint).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = run_dir / checkpoint
+    if path.is_dir() and not (path / SYSTEM_FILE).is_file():
+        raise UserError(f"--checkpoint: {path} has no {SYSTEM_FILE} (not a checkpoint directory)")
+    if not path.exists():
+        raise UserError(f"--checkpoint: {checkpoint} does not exist (in {run_dir} or as a path)")
+    return path
+
+
+def read_system_state(checkpoint: Path) -> dict[str, Tensor]:
+    """The whole system's state dict saved in a checkpoint directory or tensor file."""
+    file = checkpoint / SYSTEM_FILE if checkpoint.is_dir() else checkpoint
+    state = read_tensors(file, what="--checkpoint")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def build_student(spec: Spec) -> fx.GraphModule:
+    """The spec's student network (float weights random), as training built it, in eval mode."""
+    from cmtkd_graph.system import build_network
+
+    return build_network(spec.student, spec).eval()
+
+
+def load_student(path: str | Path, *, checkpoint: str | None = None) -> fx.GraphModule:
+    """The trained student of an export, run or checkpoint directory, in eval mode, on the CPU.
+
+    ``student(images)`` returns the logits, bit-identical on CPU to the trained system's student.
+    """
+    source = find_student(path, checkpoint=checkpoint)
+    student = build_student(source.spec)
+    load_state(student, source.state, origin=source.origin)
+    return student
+
+
+def load_state(module: torch.nn.Module, state: dict[str, Tensor], *, origin: Path) -> None:
+    """Load ``state`` strictly, reporting a mismatch (another architecture, a damaged file) in one line."""
+    result = module.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        parts = []
+        if result.missing_keys:
+            parts.append(f"missing {_few(result.missing_keys)}")
+        if result.unexpected_keys:
+            parts.append(f"unexpected {_few(result.unexpected_keys)}")
+        raise UserError(f"{origin}: the weights do not fit the spec's student ({'; '.join(parts)})")
+
+
+def _spec(directory: Path, overrides=()) -> Spec:
+    from cmtkd_graph.spec_io import load_spec
+
+    file = directory / SPEC_FILE
+    if not file.is_file():
+        raise UserError(f"{directory} has no {SPEC_FILE} (is it a run directory?)")
+    return load_spec(file, overrides)
+
+
+def _checkpoint_student(checkpoint: Path) -> dict[str, Tensor]:
+    return _student_keys(read_system_state(checkpoint))
+
+
+def _student_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The student's entries of a system state dict (or the state as it is, if it is a student's)."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not any(k.startswith(STUDENT_PREFIX) for k in state):
+        return state
+    return {k.removeprefix(STUDENT_PREFIX): v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
+
+
+def _few(keys: list[str], limit: int = 4) -> str:
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more

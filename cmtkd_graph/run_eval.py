@@ -1,0 +1,144 @@
+"""``cmtkd-graph eval RUN_DIR``: evaluate a run again, from its last checkpoint or any other.
+
+The run's own spec (``RUN_DIR/spec.yaml``, with ``--set`` overrides such as ``data.root=...``) builds the
+system and the data exactly as training did, so on the run's own data the numbers equal those in its
+``final.json``. A checkpoint holds the whole system (student, teachers, fusion): every network is
+evaluated. A run without checkpoints has only its final ``student.safetensors``: the student alone is.
+Works under ``accelerate launch`` (each image counted once).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cmtkd_graph.deploy.student import (
+    SPEC_FILE,
+    STUDENT_FILE,
+    load_state,
+    read_system_state,
+    resolve_checkpoint,
+)
+from cmtkd_graph.errors import UserError
+from cmtkd_graph.evaluation import evaluate
+from cmtkd_graph.objective import SystemOutput
+from cmtkd_graph.safe_files import read_tensors
+
+log = logging.getLogger("cmtkd_graph")
+SPLITS = ("test", "train")
+
+
+class _StudentOnly(nn.Module):
+    """The system's student alone, answering like the system (for runs saved without checkpoints)."""
+
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+
+    def forward(self, images: torch.Tensor) -> SystemOutput:
+        return SystemOutput(student_logits=self.student(images)["logits"])
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    checkpoint: str | None = None,
+    split: str = "test",
+    overrides: Sequence[str] = (),
+    out: str | Path | None = None,
+) -> dict:
+    """Evaluate ``run_dir``; write the result as JSON (main process) and return it."""
+    from cmtkd_graph.data import build_datasets
+    from cmtkd_graph.data.loaders import build_eval_loader
+    from cmtkd_graph.spec_io import load_spec
+    from cmtkd_graph.system import build_system
+    from cmtkd_graph.train import make_accelerator, set_cpu_threads
+
+    run_dir = Path(run_dir).expanduser()
+    if not (run_dir / SPEC_FILE).is_file():
+        raise UserError(f"{run_dir} is not a run directory (no {SPEC_FILE})")
+    if split not in SPLITS:
+        raise UserError(f"--split: {split!r} is not one of {', '.join(SPLITS)}")
+    spec = load_spec(run_dir / SPEC_FILE, overrides)
+    source = _state_source(run_dir, checkpoint)
+    accelerator = make_accelerator(spec, run_dir)
+    set_cpu_threads(spec, accelerator)
+    system = build_system(spec, load=False)
+    if source.name == STUDENT_FILE:
+        load_state(system.student, read_tensors(source, what="student"), origin=source)
+        model: nn.Module = _StudentOnly(system.student)
+    else:
+        load_state(system, read_system_state(source), origin=source)
+        model = system
+    if spec.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    with accelerator.main_process_first():
+        bundle = build_datasets(spec.data)
+    dataset = bundle.eval if split == "test" else bundle.train_eval
+    batch = spec.data.eval_batch_size or spec.data.batch_size // accelerator.num_processes
+    loader = build_eval_loader(bundle, spec.data, dataset, batch_size=batch, seed=spec.train.seed)
+    model, loader = accelerator.prepare(model, loader)
+    record = {
+        "run_dir": str(run_dir),
+        "state": str(source),
+        "split": split,
+        "processes": accelerator.num_processes,
+        **evaluate(model, loader, accelerator, channels_last=spec.train.channels_last),
+    }
+    if accelerator.is_main_process:
+        path = Path(out) if out else run_dir / "eval" / f"{_label(source)}-{split}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1))
+        record["written"] = str(path)
+    return record
+
+
+def _state_source(run_dir: Path, checkpoint: str | None) -> Path:
+    """The checkpoint (or final student file) to evaluate: by default the last checkpoint if the run
+    kept any, else its final student."""
+    if checkpoint is not None:
+        return resolve_checkpoint(run_dir, checkpoint)
+    if (run_dir / "checkpoints" / "latest").is_file():
+        return resolve_checkpoint(run_dir, "latest")
+    if (run_dir / STUDENT_FILE).is_file():
+        return run_dir / STUDENT_FILE
+    raise UserError(f"{run_dir} has neither a checkpoint nor a final {STUDENT_FILE}: nothing to evaluate")
+
+
+def _label(source: Path) -> str:
+    return "student" if source.name == STUDENT_FILE else source.stem
+
+
+def table(record: dict, recorded: dict | None = None) -> str:
+    """The networks' accuracies; with ``recorded`` (final.json's), those beside them."""
+    names = [k.split("/", 1)[1] for k in record if k.startswith("acc1/")]
+    header = f"{'network':10s} {'top-1 %':>8s} {'top-5 %':>8s}"
+    if recorded:
+        header += f" {'final.json top-1':>17s}"
+    lines = [
+        f"{record['split']} split, {record['samples']} images, state {record['state']}",
+        header,
+    ]
+    for name in names:
+        line = f"{name:10s} {record[f'acc1/{name}']:8.2f} {record.get(f'acc5/{name}', float('nan')):8.2f}"
+        if recorded and f"acc1/{name}" in recorded:
+            line += f" {recorded[f'acc1/{name}']:17.2f}"
+        lines.append(line)
+    if "written" in record:
+        lines.append(f"written to {record['written']}")
+    return "\n".join(lines)
+
+
+def recorded_accuracy(run_dir: Path, record: dict) -> dict | None:
+    """The accuracies ``final.json`` recorded, when ``record`` evaluated the same state and split."""
+    final = run_dir / "final.json"
+    if record["split"] != "test" or not final.is_file():
+        return None
+    summary = json.loads(final.read_text())
+    same_state = summary.get("checkpoint") == record["state"] or record["state"].endswith(STUDENT_FILE)
+    return summary.get("accuracy") if same_state else None

@@ -1,0 +1,410 @@
+"""After training: eval, export (torch / packed codes / ONNX), the integer reference, predict, load_student.
+
+One real CMT-KD run on real CIFAR-10 JPEGs (W2A2 resnet18 student, 4- and 8-bit teachers, FitNet
+adapters so that there is something to leave out of the export) is trained once for the module.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import cmtkd_graph as cg
+from cmtkd_graph.data import build_datasets
+from cmtkd_graph.deploy.codes import CODES_FILE, decode_weight, quantized_layers
+from cmtkd_graph.deploy.export import export
+from cmtkd_graph.deploy.integer import integer_conv2d, integer_student
+from cmtkd_graph.deploy.packing import pack_codes, packed_bytes, unpack_codes
+from cmtkd_graph.deploy.student import build_student
+
+from .conftest import launch_two_processes, run_module
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return run_module(list(args), cwd=cwd, module="cmtkd_graph")
+
+
+def spec_text(
+    root: Path, out: Path, *, student: str = "resnet18", quantizer: str = "hwgq", bits: int = 2
+) -> str:
+    return f"""
+name: deploy
+method: cmtkd
+student: {{arch: resnet18, kwargs: {{num_classes: 10}}, weight_bits: 2, act_bits: 2}}
+teachers: [{{weight_bits: 4, act_bits: 4}}, {{weight_bits: 8, act_bits: 8}}]
+quantizer: {{name: hwgq}}
+surgery: [cifar_stem]
+taps: {{teachers: [layer2, layer3]}}
+distill: {{feature_loss: fitnet}}
+data: {{dataset: imagefolder, root: {root}, image_size: 32, batch_size: 16, num_workers: 0,
+       eval_batch_size: 16}}
+train: {{max_steps: 3, log_every: 1, output_dir: {out}, progress_bar: false, mixed_precision: "no"}}
+"""
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, cifar10_jpeg) -> Path:
+    tmp = tmp_path_factory.mktemp("deploy")
+    spec = tmp / "spec.yaml"
+    spec.write_text(spec_text(cifar10_jpeg, tmp / "run"))
+    result = run_module([str(spec)], cwd=tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "student"
+    result = cli("export", str(trained_run), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MiB packed vs" in result.stdout and "BOPs" in result.stdout
+    return out
+
+
+def real_images(spec: cg.Spec, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    bundle = build_datasets(spec.data)
+    images, labels = zip(*(bundle.eval[i] for i in range(n)), strict=True)
+    return torch.stack(images), torch.tensor(labels)
+
+
+def trained_system(run_dir: Path) -> cg.CMTKDSystem:
+    """The system exactly as training left it (from its last checkpoint), in eval mode."""
+    spec = cg.load_spec(run_dir / "spec.yaml")
+    system = cg.build_system(spec, load=False)
+    checkpoint = json.loads((run_dir / "checkpoints" / "latest").read_text())["checkpoint"]
+    system.load_state_dict(load_file(str(run_dir / "checkpoints" / checkpoint / "model.safetensors")))
+    return system.eval()
+
+
+# ------------------------------------------------------------------------------------ export + reload
+def test_exported_student_reproduces_the_trained_student_bit_exactly(trained_run, exported):
+    system = trained_system(trained_run)
+    images, _ = real_images(system.spec)
+    student = cg.load_student(exported)
+    with torch.no_grad():
+        expected = system.student(images)["logits"]
+        got = student(images)
+    assert torch.equal(got, expected)
+    # the run directory and its checkpoint load to the same student
+    for source in (trained_run, sorted((trained_run / "checkpoints").glob("step-*"))[-1]):
+        with torch.no_grad():
+            assert torch.equal(cg.load_student(source)(images), expected)
+    # the student alone: no teachers, adapters, fusion/importance logits, in the module or the files
+    names = [n for n, _ in student.named_modules()] + list(student.state_dict())
+    assert not [n for n in names if n.split(".")[0] in {"teachers", "adapters", "fusion", "method_modules"}]
+    assert any(k.startswith("adapters.") for k in system.state_dict())  # ... which the run had
+    for file in ("student.safetensors", CODES_FILE):
+        with safe_open(str(exported / file), "pt") as f:
+            keys = list(f.keys())
+        assert not [k for k in keys if "teacher" in k or "adapter" in k or "importance" in k or "fusion" in k]
+
+
+def test_codes_decode_to_the_trained_fake_quantized_weights(trained_run, exported):
+    manifest = json.loads((exported / "manifest.json").read_text())
+    tensors = load_file(str(exported / CODES_FILE))
+    student = trained_system(trained_run).student
+    quantized = [layer for layer in manifest["layers"] if layer["weights"]]
+    assert len(quantized) == 19  # resnet18: all convolutions but the first, no fc (first/last stay float)
+    for layer in quantized:
+        (record,) = layer["weights"]
+        q, scale = decode_weight(tensors, record)
+        module = student.get_submodule(layer["name"])
+        assert torch.equal(q.float() * scale, module.weight_quantizer(module.weight).detach())
+        assert (
+            record["distinct_codes"] <= 2 ** record["bits"] and q.unique().numel() == record["distinct_codes"]
+        )
+        assert tensors[f"codes/{record['tensor']}"].numel() == record["packed_bytes"]
+        assert record["packed_bytes"] == packed_bytes(int(np.prod(record["shape"])), 2)
+        assert sorted(set(q.unique().tolist())) <= [-3, -1, 1, 3]  # HWGQ 2-bit mid-rise: odd integers
+
+
+def test_manifest_reports_size_and_bops_hand_computed(exported):
+    manifest = json.loads((exported / "manifest.json").read_text())
+    student = build_student(cg.load_spec(exported / "spec.yaml"))
+    state = student.state_dict()
+    params = sum(v.numel() for k, v in state.items() if "quantizer" not in k and "num_batches" not in k)
+    assert manifest["size"]["float_bytes"] == 4 * params
+    codes = sum(w["packed_bytes"] for layer in manifest["layers"] for w in layer["weights"])
+    latent = sum(int(np.prod(w["shape"])) for layer in manifest["layers"] for w in layer["weights"])
+    inputs = sum(len(layer["inputs"]) for layer in manifest["layers"])
+    assert manifest["size"]["packed_bytes"] == 4 * (params - latent) + codes + 4 * (19 + inputs)
+    # layer1.0.conv1 at 32x32 with the CIFAR stem: 64 x 32 x 32 outputs, 64 x 3 x 3 MACs each, W2A2
+    layer = next(r for r in manifest["layers"] if r["name"] == "layer1.0.conv1")
+    assert layer["macs"] == 64 * 32 * 32 * 64 * 9 and layer["bops"] == layer["macs"] * 2 * 2
+    first = manifest["layers"][0]
+    assert first["name"] == "conv1" and first["bops"] == first["macs"] * 32 * 32 == 64 * 32 * 32 * 27 * 1024
+    assert manifest["cost"]["bops"] == sum(r["bops"] for r in manifest["layers"])
+    assert manifest["cost"]["float_bops"] == 1024 * manifest["cost"]["macs"]
+
+
+def test_integer_reference_equals_the_fake_quantized_student(trained_run, exported):
+    spec = cg.load_spec(exported / "spec.yaml")
+    images, _ = real_images(spec)
+    integer = integer_student(exported)
+    fake = cg.load_student(exported)
+    assert sum(type(m).__name__ == "IntegerLayer" for m in integer.modules()) == 19
+    with torch.no_grad():
+        expected = fake(images)
+        got = integer(images)
+    assert_agrees_but_at_boundaries(got.numpy(), expected.numpy())
+    assert_layers_equal_within_float_rounding(integer, fake, images)
+    manifest = json.loads((exported / "manifest.json").read_text())
+    assert "int64 accumulation" in manifest["layers"][1]["integer"]
+
+
+def assert_layers_equal_within_float_rounding(integer, fake, images: torch.Tensor) -> None:
+    """Each integer layer, given what the fake-quantized layer's input quantizer received, computes the
+    fake-quantized layer's output within float rounding."""
+    inputs = {}
+    for name, module in fake.named_modules():
+        if name.endswith(".input_quantizer"):
+            layer = name.removesuffix(".input_quantizer")
+            module.register_forward_hook(lambda m, a, out, layer=layer: inputs.__setitem__(layer, a[0]))
+    with torch.no_grad():
+        fake(images)
+        checked = 0
+        for name, module in integer.named_modules():
+            if type(module).__name__ == "IntegerLayer":
+                x = inputs[name]
+                reference = fake.get_submodule(name)
+                expected = reference(reference.input_quantizer(x))
+                torch.testing.assert_close(
+                    module(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item()
+                )
+                checked += 1
+    assert checked > 0
+
+
+def test_onnx_matches_pytorch_on_real_images_with_low_bit_qdq(exported):
+    import onnx
+    import onnxruntime as ort
+
+    manifest = json.loads((exported / "manifest.json").read_text())
+    spec = cg.load_spec(exported / "spec.yaml")
+    images, _ = real_images(spec)
+    session = ort.InferenceSession(str(exported / "student.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        expected = cg.load_student(exported)(images).numpy()
+    assert_agrees_but_at_boundaries(got, expected)
+    model = onnx.load(str(exported / "student.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("DequantizeLinear") >= 19 and ops.count("QuantizeLinear") >= 1
+    inner = next(r for r in manifest["layers"] if r["name"] == "layer1.0.conv1")["onnx"]
+    # 2-bit activations 0..3 fit UINT2 (opset 25); 2-bit mid-rise weights -3..3 need INT4
+    assert inner["inputs"][0]["type"] in {"UINT2", "UINT4", "UINT8"} and inner["inputs"][0]["why"]
+    assert (
+        inner["weights"][0]["type"] in {"INT4", "INT8"} and "odd integers -3..3" in inner["weights"][0]["why"]
+    )
+    assert manifest["onnx"]["top1_agreement"] >= 0.75 and manifest["onnx"]["images_within_tolerance"] >= 6
+
+
+def assert_agrees_but_at_boundaries(got: np.ndarray, expected: np.ndarray) -> None:
+    """onnxruntime (or the integer reference) against PyTorch, as the README states it: logits within
+    1e-3 x max |logit| for the images where no activation sits within float rounding of a level
+    boundary. Such an activation can take the neighbouring level (the two sum convolutions in different
+    orders), so a few images may differ more; most must not, and their predicted classes must agree."""
+    tolerance = 1e-3 * max(1.0, np.abs(expected).max())
+    within = (np.abs(got - expected).max(axis=1) <= tolerance).mean()
+    assert within >= 0.75, f"only {within:.0%} of the images within {tolerance:.3g}"
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("quantizer", ["hwgq", "lsq", "dorefa", "pact"])
+def test_codes_are_exact_for_every_family_at_1_2_4_8_bits(quantizer, tmp_path):
+    torch.manual_seed(0)
+    for bits in (1, 2, 4, 8):
+        spec = cg.load_spec(
+            "quickstart",
+            [f"quantizer.name={quantizer}", f"student.weight_bits={bits}", f"student.act_bits={bits}"],
+        )
+        student = build_student(spec)
+        student.train()(torch.randn(4, 3, 28, 28))  # LSQ steps start from data
+        student.eval()
+        for layer in quantized_layers(student):
+            for w in layer.weights:
+                module = student.get_submodule(w.quantizer.rpartition(".")[0])
+                expected = module.get_submodule(w.quantizer.rpartition(".")[2])(w_latent(module, w.tensor))
+                assert torch.equal(w.decode(), expected.detach()), (quantizer, bits, w.tensor)
+                assert w.distinct_codes <= 2**bits
+                packed = pack_codes(w.codes, bits)
+                assert packed.numel() == w.packed_bytes == packed_bytes(w.codes.numel(), bits)
+                assert torch.equal(unpack_codes(packed, bits, w.codes.numel()), w.codes.reshape(-1))
+
+
+def w_latent(module: torch.nn.Module, tensor: str) -> torch.Tensor:
+    return module.get_parameter(tensor.rpartition(".")[2])
+
+
+@pytest.mark.parametrize("quantizer", ["lsq", "dorefa", "pact"])
+def test_integer_reference_and_onnx_for_the_other_families(quantizer, trained_run, tmp_path):
+    """The run's weights with another family's quantizers (its checkpoint loads: same parameter names)."""
+    pytest.importorskip("onnxruntime")
+    spec = cg.load_spec(trained_run / "spec.yaml", [f"quantizer.name={quantizer}"])
+    student = build_student(spec)
+    state = load_file(str(trained_run / "student.safetensors"))
+    student.load_state_dict({k: v for k, v in state.items() if "quantizer" not in k}, strict=False)
+    student.train()(real_images(spec, 8)[0])  # LSQ: steps from real data; BN statistics move a little
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "spec.yaml").write_text(cg.dump_spec(spec))
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(run / "student.safetensors"))
+    manifest = export(run, tmp_path / "out")
+    images, _ = real_images(spec)
+    fake, integer = cg.load_student(tmp_path / "out"), integer_student(tmp_path / "out")
+    with torch.no_grad():
+        expected, got = fake(images), integer(images)
+    assert_agrees_but_at_boundaries(got.numpy(), expected.numpy())
+    assert_layers_equal_within_float_rounding(integer, fake, images)
+    assert manifest["onnx"]["images_within_tolerance"] >= 6
+
+
+def test_onnx_export_of_mobilenet_v2(tmp_path, cifar10_jpeg):
+    """Another family: depthwise convolutions, ReLU6, a 4-bit LSQ student (signed and unsigned grids)."""
+    pytest.importorskip("onnxruntime")
+    spec = cg.load_spec(
+        "quickstart",
+        [
+            "student.arch=mobilenet_v2",
+            "quantizer.name=lsq",
+            "student.weight_bits=4",
+            "student.act_bits=4",
+            "data.dataset=imagefolder",
+            f"data.root={cifar10_jpeg}",
+            "data.image_size=32",
+            "taps.teachers=auto",
+        ],
+    )
+    student = build_student(spec)
+    images, _ = real_images(spec)
+    student.train()(images)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "spec.yaml").write_text(cg.dump_spec(spec))
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(run / "student.safetensors"))
+    manifest = export(run, tmp_path / "out")
+    assert manifest["onnx"]["images_within_tolerance"] >= 6
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "out" / "student.onnx"), providers=["CPUExecutionProvider"])
+    fake, integer = cg.load_student(tmp_path / "out"), integer_student(tmp_path / "out")
+    with torch.no_grad():
+        expected = fake(images).numpy()
+        got_int = integer(images).numpy()
+    (got,) = session.run(None, {"images": images.numpy()})
+    assert_agrees_but_at_boundaries(got, expected)
+    assert_agrees_but_at_boundaries(got_int, expected)
+    assert_layers_equal_within_float_rounding(integer, fake, images)
+
+
+# ------------------------------------------------------------------------------------ eval and predict
+def test_eval_reproduces_final_json(trained_run, tmp_path):
+    result = cli("eval", str(trained_run), "--out", str(tmp_path / "eval.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "eval.json").read_text())
+    final = json.loads((trained_run / "final.json").read_text())
+    assert {k: v for k, v in record.items() if k.startswith("acc")} == final["accuracy"]
+    assert {"acc1/student", "acc1/combined", "acc1/teacher0", "acc1/teacher1"} <= set(record)
+    assert record["samples"] == 100 and "final.json top-1" in result.stdout
+    train = cli("eval", str(trained_run), "--split", "train", "--out", str(tmp_path / "train.json"))
+    assert train.returncode == 0 and json.loads((tmp_path / "train.json").read_text())["samples"] == 200
+
+
+def test_eval_under_accelerate_launch_counts_each_image_once(trained_run, tmp_path):
+    out = tmp_path / "eval2.json"
+    result = launch_two_processes(
+        ["cmtkd_graph", "eval", str(trained_run), "--out", str(out), "--set", "data.eval_batch_size=7"],
+        cwd=tmp_path,
+        port=29561,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(out.read_text())
+    final = json.loads((trained_run / "final.json").read_text())
+    assert record["processes"] == 2 and record["samples"] == 100
+    assert {k: v for k, v in record.items() if k.startswith("acc")} == final["accuracy"]
+
+
+def test_predict_names_classes_with_every_backend(exported, cifar10_jpeg):
+    images = sorted((cifar10_jpeg / "test").glob("*/*.jpg"))[:3]
+    outputs = []
+    for backend in ("torch", "integer", "onnx"):
+        result = cli(
+            "predict", str(exported), *map(str, images), "--top", "2", "--backend", backend, "--json"
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        outputs.append(json.loads(result.stdout))
+    classes = sorted(p.name for p in (cifar10_jpeg / "test").iterdir())
+    for r in outputs[0]:
+        assert len(r["predictions"]) == 2 and r["predictions"][0]["class"] in classes
+        assert 0 < r["predictions"][1]["probability"] <= r["predictions"][0]["probability"] <= 1
+    assert [r["predictions"][0]["class"] for r in outputs[0]] == [
+        r["predictions"][0]["class"] for r in outputs[1]
+    ]
+    assert [r["predictions"][0]["index"] for r in outputs[0]] == [
+        r["predictions"][0]["index"] for r in outputs[2]
+    ]
+    text = cli("predict", str(exported), str(images[0]))
+    assert text.returncode == 0 and text.stdout.startswith(f"{images[0]}: ") and "%" in text.stdout
+    missing = cli("predict", str(exported), "no-such-image.jpg")
+    assert (
+        missing.returncode == 2 and missing.stderr.strip() == "error: no-such-image.jpg: no such image file"
+    )
+
+
+def test_export_without_onnx_writes_the_other_formats_and_says_what_to_install(trained_run, tmp_path):
+    code = (
+        "import sys; sys.modules['onnx'] = None\n"  # `import onnx` now raises ImportError
+        "from cmtkd_graph.cli import main\n"
+        f"sys.exit(main(['export', {str(trained_run)!r}, '--out', {str(tmp_path / 'out')!r}]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    skipped = [line for line in result.stdout.splitlines() if "onnx skipped" in line]
+    assert len(skipped) == 1 and "pip install 'cmtkd-graph[export]'" in skipped[0]
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {
+        "student.safetensors",
+        CODES_FILE,
+        "manifest.json",
+    }
+    assert not (tmp_path / "out" / "student.onnx").exists()
+
+
+def test_integer_conv_matches_float_conv_hand_checked():
+    q_a = torch.tensor([[[[0.0, 1.0, 2.0], [3.0, 0.0, 1.0], [2.0, 3.0, 0.0]]]])  # 1x1x3x3 codes
+    q_w = torch.tensor([[[[1, -1], [-3, 3]]]], dtype=torch.int64)
+    got = integer_conv2d(q_a, q_w, (2, 2), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1)
+    # top-left window: 0*1 + 1*(-1) + 3*(-3) + 0*3 = -10
+    assert got.dtype == torch.int64 and got[0, 0, 0, 0].item() == -10
+    assert torch.equal(got.float(), torch.nn.functional.conv2d(q_a, q_w.float()))
+    depthwise = torch.randint(-3, 4, (4, 1, 3, 3))
+    x = torch.randint(0, 4, (2, 4, 5, 5)).float()
+    got = integer_conv2d(x, depthwise, (3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1), groups=4)
+    assert torch.equal(
+        got.float(), torch.nn.functional.conv2d(x, depthwise.float(), stride=2, padding=1, groups=4)
+    )
+
+
+def test_packing_is_little_endian_four_two_bit_codes_to_a_byte():
+    packed = pack_codes(torch.tensor([1, 0, 3, 2, 3], dtype=torch.uint8), 2)
+    assert packed.tolist() == [0b10110001, 0b00000011]
+    for bits in range(1, 9):
+        codes = torch.randint(0, 2**bits, (1001,), dtype=torch.uint8)
+        packed = pack_codes(codes, bits)
+        assert packed.numel() == (1001 * bits + 7) // 8
+        assert torch.equal(unpack_codes(packed, bits, 1001), codes)

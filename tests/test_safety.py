@@ -1,0 +1,168 @@
+"""Loading never runs code hidden in a file: malicious pickles are refused with one line and exit 2.
+
+The payload of every pickle below creates a marker file when unpickled; each test checks the marker
+was never written.
+"""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cmtkd_graph as cg
+from cmtkd_graph.errors import UserError
+
+from .conftest import run_module
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Payload:
+    """Unpickling this opens (creates) ``marker`` for writing: code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture
+def marker(tmp_path) -> Path:
+    return tmp_path / "code-ran"
+
+
+def evil_torch_file(path: Path, marker: Path) -> Path:
+    torch.save({"conv1.weight": torch.zeros(1), "payload": Payload(marker)}, path)
+    assert not marker.exists()
+    return path
+
+
+def one_error_line(result) -> str:
+    """The one ``error:`` line of a command that exited 2 (training's progress lines may precede it)."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return errors[0]
+
+
+def test_a_malicious_checkpoint_is_refused_by_eval_export_and_load_student(tmp_path, marker):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "spec.yaml").write_text(cg.dump_spec(cg.load_spec("quickstart")))
+    evil = evil_torch_file(tmp_path / "evil.pt", marker)
+    line = one_error_line(
+        run_module(["eval", str(run), "--checkpoint", str(evil)], cwd=tmp_path, module="cmtkd_graph")
+    )
+    assert "refused" in line and "evil.pt" in line
+    line = one_error_line(
+        run_module(
+            ["export", str(run), "--out", str(tmp_path / "x"), "--checkpoint", str(evil)],
+            cwd=tmp_path,
+            module="cmtkd_graph",
+        )
+    )
+    assert "refused" in line
+    # a pickle posing as the final student (safetensors) is not a safetensors file
+    shutil.copy(evil, run / "student.safetensors")
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        cg.load_student(run)
+    assert not marker.exists()
+
+
+def test_malicious_initial_weights_are_refused(tmp_path, marker, fashion_mnist):
+    evil = evil_torch_file(tmp_path / "evil.pt", marker)
+    result = run_module(
+        [
+            "quickstart",
+            "--set",
+            f"student.weights={evil}",
+            "--set",
+            f"train.output_dir={tmp_path / 'run'}",
+            "--set",
+            "data.train_subset=64",
+            "--set",
+            "data.eval_subset=16",
+            "--set",
+            "data.batch_size=32",
+        ],
+        cwd=tmp_path,
+    )
+    line = one_error_line(result)
+    assert "weights" in line and "refused" in line and ".open" in line
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_malicious_cifar_batch_is_refused(tmp_path, marker):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    good = {
+        "data": np.zeros((2, 3072), np.uint8),
+        "labels": [0, 1],
+        "batch_label": "x",
+        "filenames": ["a", "b"],
+    }
+    for name in ("data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"):
+        (folder / name).write_bytes(pickle.dumps(good, protocol=2))
+    (folder / "batches.meta").write_bytes(
+        pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}, protocol=2)
+    )
+    (folder / "data_batch_1").write_bytes(pickle.dumps({**good, "data": Payload(marker)}, protocol=2))
+    result = run_module(
+        [
+            "quickstart",
+            "--set",
+            "data.dataset=cifar10",
+            "--set",
+            f"data.root={tmp_path}",
+            "--set",
+            "data.image_size=32",
+            "--set",
+            f"train.output_dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+    )
+    line = one_error_line(result)
+    assert "data_batch_1" in line and "refused" in line and ".open" in line
+    assert not marker.exists()
+    # the same files without the payload load (the restricted unpickler admits what CIFAR batches hold)
+    (folder / "data_batch_1").write_bytes(pickle.dumps(good, protocol=2))
+    from cmtkd_graph.data.datasets import read_cifar
+
+    splits = read_cifar("cifar10", str(tmp_path), download=False)
+    assert splits.train[0].shape == (10, 3, 32, 32) and splits.classes[3] == "c3"
+
+
+def test_resume_refuses_a_malicious_optimizer_state_and_checkpoints_hold_no_custom_pickle(
+    tmp_path, marker, fashion_mnist
+):
+    args = [
+        "quickstart",
+        "--set",
+        f"train.output_dir={tmp_path / 'run'}",
+        "--set",
+        "data.train_subset=64",
+        "--set",
+        "data.eval_subset=16",
+        "--set",
+        "data.batch_size=32",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.progress_bar=false",
+    ]
+    assert run_module(args, cwd=tmp_path).returncode == 0
+    (checkpoint,) = (tmp_path / "run" / "checkpoints").glob("step-*")
+    assert not list(checkpoint.glob("custom_checkpoint_*"))  # the scheduler state is JSON now
+    assert "scheduler" in (checkpoint / "trainer_state.json").read_text()
+    evil_torch_file(checkpoint / "optimizer.bin", marker)
+    line = one_error_line(
+        run_module(["--resume", str(tmp_path / "run"), "--set", "train.epochs=2"], cwd=tmp_path)
+    )
+    assert "--resume" in line and "refused" in line and ".open" in line
+    assert not marker.exists()
