@@ -557,3 +557,58 @@ def test_fx_traces_quantizers_as_leaves(name):
     graph = fx.GraphModule(model, _LeafQuantizers().trace(model))
     assert [n.op for n in graph.graph.nodes].count("call_module") == 4
     torch.testing.assert_close(graph(x), reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# Integers: every quantizer's levels are integers times a scale, bit for bit (what export stores).
+# ---------------------------------------------------------------------------------------------
+def _all_quantizers(bits: int):
+    """(label, quantizer) for every registered family: weights, unsigned and signed activations."""
+    from cmtkd_graph.quantizers import QUANTIZERS, build_quantizer_family
+
+    for name in QUANTIZERS.names():
+        family = build_quantizer_family(name)
+        yield f"{name} weight", family.weight(bits)
+        yield f"{name} unsigned", family.activation(bits, signed=False)
+        yield f"{name} signed", family.activation(bits, signed=True)
+    caffe = build_quantizer_family("hwgq", {"caffe_rounding": True})
+    yield "hwgq caffe", caffe.activation(bits, signed=False)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_levels_are_integers_on_the_grid_times_the_scale_exactly(bits):
+    torch.manual_seed(bits)
+    x = torch.cat([torch.randn(4000) * 3, torch.linspace(-4, 4, 4001)]).reshape(1, 8001)
+    w = torch.randn(16, 8, 3, 3)
+    for label, q in _all_quantizers(bits):
+        if isinstance(q, LSQQuantizer):
+            with torch.no_grad():
+                q.step.fill_(0.37 if bits < 8 else 0.0123)
+        q.eval()
+        for tensor in (w,) if "weight" in label else (x, x * 0.1):
+            integers = q.to_integers(tensor)
+            assert torch.equal(integers.dequantize(), q(tensor)), label
+            assert torch.equal(integers.q, integers.q.round()), label
+            grid = q.grid
+            assert grid.qmin <= integers.q.min() and integers.q.max() <= grid.qmax, label
+            assert ((integers.q - grid.offset) % grid.step == 0).all(), label  # on the grid
+            codes = integers.codes()
+            assert codes.dtype == torch.uint8 and int(codes.max()) < 2**bits, label
+            assert torch.equal(grid.integers(codes).float(), integers.q), label
+            assert codes.unique().numel() <= 2**bits, label
+        if "weight" not in label:
+            assert torch.equal(q.input_scale(), q.to_integers(x).scale.reshape(())), label
+
+
+def test_integer_grids_hand_checked():
+    # HWGQ 2-bit: weights are the odd integers -3..3 times t/2, activations 0..3 times h_2
+    assert (MidRiseWeightQuantizer(2).grid.qmin, MidRiseWeightQuantizer(2).grid.qmax) == (-3, 3)
+    assert HalfWaveQuantizer(2).grid == type(HalfWaveQuantizer(2).grid)(2, 1, 0)
+    w = torch.tensor([[-2.0, -0.1, 0.1, 2.0]])
+    integers = MidRiseWeightQuantizer(2).to_integers(w)
+    assert integers.q.tolist() == [[-3.0, -1.0, 1.0, 3.0]]
+    torch.testing.assert_close(integers.scale, MID_RISE_STEP[2] * w.std() / 2)
+    # LSQ signed 4-bit: two's complement -8..7
+    q = _lsq(4, True, 0.5)
+    assert q.to_integers(torch.tensor([-9.0, -0.74, 0.26, 9.0])).q.tolist() == [-8.0, -1.0, 1.0, 7.0]
+    assert q.to_integers(torch.tensor([-9.0, 9.0])).codes().tolist() == [0, 15]

@@ -116,6 +116,24 @@ def test_resume_gives_bit_identical_weights(tmp_path, fashion_mnist):
     assert steps_a == steps_b == [2, 4, 6, 8, 10, 12]
 
 
+def test_resume_at_an_epoch_boundary_keeps_an_epoch_stepped_schedule(tmp_path, fashion_mnist):
+    """The lr drop of a per-epoch schedule is in the checkpoint: 1 epoch + resume = 2 epochs straight."""
+    schedule = "optim.schedule={name: multistep, milestones: [1], gamma: 0.1, step_every: epoch}"
+    straight, _ = train(tmp_path, "train.epochs=2", schedule, run="straight")
+    first, _ = train(tmp_path, "train.epochs=1", schedule, run="first")
+    train(tmp_path, "train.epochs=2", schedule, run="first", resume=first)
+
+    def last_checkpoint(run_dir: Path) -> dict:
+        latest = json.loads((run_dir / "checkpoints" / "latest").read_text())
+        return load_file(run_dir / "checkpoints" / latest["checkpoint"] / "model.safetensors")
+
+    a, b = last_checkpoint(straight), last_checkpoint(first)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    for run_dir in (straight, first):
+        lrs = [r["lr/student"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+        assert lrs[:4] == [0.01] * 4 and lrs[4:] == [pytest.approx(0.001)] * 4
+
+
 def test_two_cpu_processes_train_one_model(tmp_path, fashion_mnist):
     """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine: one gloo data-parallel job."""
     run_dir = tmp_path / "ddp"
