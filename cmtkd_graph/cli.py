@@ -11,7 +11,13 @@ import json
 import sys
 from collections.abc import Sequence
 
-from cmtkd_graph.cli_common import EXIT_USER_ERROR, add_spec_args, add_train_args, user_error_lines
+from cmtkd_graph.cli_common import (
+    EXIT_USER_ERROR,
+    add_overrides_arg,
+    add_spec_args,
+    add_train_args,
+    user_error_lines,
+)
 from cmtkd_graph.errors import UserError
 
 
@@ -61,17 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="latest (default when the run kept checkpoints), a checkpoint directory, or a tensor file",
     )
     p.add_argument(
-        "--split", default="test", help="test (the evaluation split: test/ or val/ for folders) or train"
+        "--split",
+        default="test",
+        choices=["test", "train"],
+        help="test (the evaluation split: test/ or val/ for folders) or train",
     )
     p.add_argument("--out", help="JSON file to write (default RUN_DIR/eval/<checkpoint>-<split>.json)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override the run's spec, e.g. --set data.root=/data/cifar10",
-    )
+    add_overrides_arg(p, "override the run's spec, e.g. --set data.root=/data/cifar10")
 
     p = sub.add_parser("export", help="export the student: safetensors, packed integer codes, ONNX")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run, one of its checkpoints, or an export")

@@ -16,14 +16,12 @@ def add_spec_args(p: argparse.ArgumentParser, *, optional: bool = False) -> None
         p.add_argument("spec", nargs="?", help=f"{help}; optional with --resume")
     else:
         p.add_argument("spec", help=help)
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a spec value, e.g. --set train.epochs=1 --set teachers[0].weight_bits=4",
-    )
+    add_overrides_arg(p, "override a spec value, e.g. --set train.epochs=1 --set teachers[0].weight_bits=4")
+
+
+def add_overrides_arg(p: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable), collected in ``args.overrides``."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:

@@ -27,6 +27,7 @@ from cmtkd_graph.deploy.student import (
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.evaluation import evaluate
 from cmtkd_graph.objective import SystemOutput
+from cmtkd_graph.passes.common import LOGITS
 from cmtkd_graph.safe_files import read_tensors
 
 log = logging.getLogger("cmtkd_graph")
@@ -41,7 +42,7 @@ class _StudentOnly(nn.Module):
         self.student = student
 
     def forward(self, images: torch.Tensor) -> SystemOutput:
-        return SystemOutput(student_logits=self.student(images)["logits"])
+        return SystemOutput(student_logits=self.student(images)[LOGITS])
 
 
 def evaluate_run(

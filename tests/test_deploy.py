@@ -23,7 +23,9 @@ from cmtkd_graph.deploy.codes import CODES_FILE, decode_weight, quantized_layers
 from cmtkd_graph.deploy.export import export
 from cmtkd_graph.deploy.integer import integer_conv2d, integer_student
 from cmtkd_graph.deploy.packing import pack_codes, packed_bytes, unpack_codes
+from cmtkd_graph.deploy.predict import format_predictions, predict
 from cmtkd_graph.deploy.student import build_student
+from cmtkd_graph.run_eval import evaluate_run
 
 from .conftest import launch_two_processes, run_module
 
@@ -312,7 +314,7 @@ def test_onnx_export_of_mobilenet_v2(tmp_path, cifar10_jpeg):
 
 
 # ------------------------------------------------------------------------------------ eval and predict
-def test_eval_reproduces_final_json(trained_run, tmp_path):
+def test_eval_reproduces_final_json(trained_run, tmp_path, fresh_accelerate):
     result = cli("eval", str(trained_run), "--out", str(tmp_path / "eval.json"))
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "eval.json").read_text())
@@ -320,8 +322,8 @@ def test_eval_reproduces_final_json(trained_run, tmp_path):
     assert {k: v for k, v in record.items() if k.startswith("acc")} == final["accuracy"]
     assert {"acc1/student", "acc1/combined", "acc1/teacher0", "acc1/teacher1"} <= set(record)
     assert record["samples"] == 100 and "final.json top-1" in result.stdout
-    train = cli("eval", str(trained_run), "--split", "train", "--out", str(tmp_path / "train.json"))
-    assert train.returncode == 0 and json.loads((tmp_path / "train.json").read_text())["samples"] == 200
+    train = evaluate_run(trained_run, split="train", out=tmp_path / "train.json")
+    assert train["samples"] == 200 and train["split"] == "train"
 
 
 def test_eval_under_accelerate_launch_counts_each_image_once(trained_run, tmp_path):
@@ -340,13 +342,10 @@ def test_eval_under_accelerate_launch_counts_each_image_once(trained_run, tmp_pa
 
 def test_predict_names_classes_with_every_backend(exported, cifar10_jpeg):
     images = sorted((cifar10_jpeg / "test").glob("*/*.jpg"))[:3]
-    outputs = []
-    for backend in ("torch", "integer", "onnx"):
-        result = cli(
-            "predict", str(exported), *map(str, images), "--top", "2", "--backend", backend, "--json"
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
-        outputs.append(json.loads(result.stdout))
+    outputs = [predict(exported, images, top=2, backend=b) for b in ("torch", "integer", "onnx")]
+    result = cli("predict", str(exported), *map(str, images), "--top", "2", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout) == json.loads(json.dumps(outputs[0], default=str))
     classes = sorted(p.name for p in (cifar10_jpeg / "test").iterdir())
     for r in outputs[0]:
         assert len(r["predictions"]) == 2 and r["predictions"][0]["class"] in classes
@@ -357,8 +356,7 @@ def test_predict_names_classes_with_every_backend(exported, cifar10_jpeg):
     assert [r["predictions"][0]["index"] for r in outputs[0]] == [
         r["predictions"][0]["index"] for r in outputs[2]
     ]
-    text = cli("predict", str(exported), str(images[0]))
-    assert text.returncode == 0 and text.stdout.startswith(f"{images[0]}: ") and "%" in text.stdout
+    assert format_predictions(outputs[0]).startswith(f"{images[0]}: ")
     missing = cli("predict", str(exported), "no-such-image.jpg")
     assert (
         missing.returncode == 2 and missing.stderr.strip() == "error: no-such-image.jpg: no such image file"

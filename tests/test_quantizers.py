@@ -562,7 +562,7 @@ def test_fx_traces_quantizers_as_leaves(name):
 # ---------------------------------------------------------------------------------------------
 # Integers: every quantizer's levels are integers times a scale, bit for bit (what export stores).
 # ---------------------------------------------------------------------------------------------
-def _all_quantizers(bits: int):
+def _quantizers_of_every_family(bits: int):
     """(label, quantizer) for every registered family: weights, unsigned and signed activations."""
     from cmtkd_graph.quantizers import QUANTIZERS, build_quantizer_family
 
@@ -580,7 +580,7 @@ def test_levels_are_integers_on_the_grid_times_the_scale_exactly(bits):
     torch.manual_seed(bits)
     x = torch.cat([torch.randn(4000) * 3, torch.linspace(-4, 4, 4001)]).reshape(1, 8001)
     w = torch.randn(16, 8, 3, 3)
-    for label, q in _all_quantizers(bits):
+    for label, q in _quantizers_of_every_family(bits):
         if isinstance(q, LSQQuantizer):
             with torch.no_grad():
                 q.step.fill_(0.37 if bits < 8 else 0.0123)

@@ -33,6 +33,7 @@ from cmtkd_graph.deploy.student import (
 )
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.passes.shapes import propagate_shapes
+from cmtkd_graph.spec import Spec
 from cmtkd_graph.spec_io import dump_spec
 
 log = logging.getLogger("cmtkd_graph")
@@ -80,7 +81,9 @@ def export(
     return manifest
 
 
-def _onnx(student: fx.GraphModule, layers, manifest: dict, path: Path, spec) -> dict:
+def _onnx(
+    student: fx.GraphModule, layers: list[QuantizedLayer], manifest: dict, path: Path, spec: Spec
+) -> dict:
     try:
         from cmtkd_graph.deploy.onnx_export import export_onnx
     except ImportError as err:

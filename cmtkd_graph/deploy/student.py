@@ -8,6 +8,7 @@ logits alone: no taps, teachers, adapters or importance logits.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,9 @@ class StudentSource:
     run_dir: Path | None  # the training run, when the source is one or lies inside one
 
 
-def find_student(path: str | Path, *, checkpoint: str | None = None, overrides=()) -> StudentSource:
+def find_student(
+    path: str | Path, *, checkpoint: str | None = None, overrides: Sequence[str] = ()
+) -> StudentSource:
     """The student of an export directory, a run directory (its final ``student.safetensors``, or
     ``checkpoint``: ``latest`` or a path) or one of a run's checkpoint directories."""
     path = Path(path).expanduser()
@@ -124,7 +127,7 @@ def load_state(module: torch.nn.Module, state: dict[str, Tensor], *, origin: Pat
         raise UserError(f"{origin}: the weights do not fit the spec's student ({'; '.join(parts)})")
 
 
-def _spec(directory: Path, overrides=()) -> Spec:
+def _spec(directory: Path, overrides: Sequence[str] = ()) -> Spec:
     from cmtkd_graph.spec_io import load_spec
 
     file = directory / SPEC_FILE
