@@ -22,7 +22,7 @@ from torch import fx
 
 from cmtkd_graph.deploy import cost
 from cmtkd_graph.deploy.codes import CODES_FILE, QuantizedLayer, codes_tensors, quantized_layers
-from cmtkd_graph.deploy.integer import IntegerLayer, integer_arithmetic
+from cmtkd_graph.deploy.integer import accumulator_bits, integer_arithmetic
 from cmtkd_graph.deploy.student import (
     MANIFEST_FILE,
     SPEC_FILE,
@@ -187,9 +187,8 @@ def _integer_note(layer: QuantizedLayer, record: dict) -> str:
     """How the integer reference computes this layer."""
     if integer_arithmetic(layer.module, record):
         (weight,) = layer.weights
-        probe = IntegerLayer(layer.module, layer.module.input_quantizer, weight.integers(), weight.scale)
         a = layer.module.input_quantizer.grid
-        bits = probe.accumulator_bits(max(abs(a.qmin), abs(a.qmax)))
+        bits = accumulator_bits(weight.integers(), max(abs(a.qmin), abs(a.qmax)))
         w = weight.grid
         return (
             f"integer: weights {w.qmin}..{w.qmax} x activations {a.qmin}..{a.qmax}, "

@@ -61,10 +61,12 @@ class IntegerLayer(nn.Module):
         y = acc.to(torch.float32) * scale
         return y if bias is None else y + bias
 
-    def accumulator_bits(self, q_a_max: int) -> int:
-        """Bits (with sign) an accumulator needs for the worst case of this layer."""
-        fan_in_abs = self.q_w.abs().reshape(self.q_w.shape[0], -1).sum(dim=1).max().item()
-        return int(q_a_max * fan_in_abs).bit_length() + 1
+
+def accumulator_bits(q_w: Tensor, q_a_max: int) -> int:
+    """Bits (with sign) an accumulator needs for the worst case of a layer with integer weights ``q_w``
+    (output channels first) and activation integers up to ``q_a_max`` in magnitude."""
+    fan_in_abs = q_w.abs().reshape(q_w.shape[0], -1).sum(dim=1).max().item()
+    return int(q_a_max * fan_in_abs).bit_length() + 1
 
 
 def integer_conv2d(
