@@ -43,6 +43,12 @@ def evil_torch_file(path: Path, marker: Path) -> Path:
     return path
 
 
+def small_quickstart(tmp_path: Path, *overrides: str) -> list[str]:
+    """Arguments of a quickstart run on 64 training images, writing tmp_path/run."""
+    small = [f"train.output_dir={tmp_path / 'run'}", "data.train_subset=64", "data.eval_subset=16"]
+    return ["quickstart"] + [a for o in [*small, "data.batch_size=32", *overrides] for a in ("--set", o)]
+
+
 def one_error_line(result) -> str:
     """The one ``error:`` line of a command that exited 2 (training's progress lines may precede it)."""
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -78,19 +84,7 @@ def test_a_malicious_checkpoint_is_refused_by_eval_export_and_load_student(tmp_p
 def test_malicious_initial_weights_are_refused(tmp_path, marker, fashion_mnist):
     evil = evil_torch_file(tmp_path / "evil.pt", marker)
     result = run_module(
-        [
-            "quickstart",
-            "--set",
-            f"student.weights={evil}",
-            "--set",
-            f"train.output_dir={tmp_path / 'run'}",
-            "--set",
-            "data.train_subset=64",
-            "--set",
-            "data.eval_subset=16",
-            "--set",
-            "data.batch_size=32",
-        ],
+        small_quickstart(tmp_path, f"student.weights={evil}"),
         cwd=tmp_path,
     )
     line = one_error_line(result)
@@ -141,21 +135,7 @@ def test_a_malicious_cifar_batch_is_refused(tmp_path, marker):
 def test_resume_refuses_a_malicious_optimizer_state_and_checkpoints_hold_no_custom_pickle(
     tmp_path, marker, fashion_mnist
 ):
-    args = [
-        "quickstart",
-        "--set",
-        f"train.output_dir={tmp_path / 'run'}",
-        "--set",
-        "data.train_subset=64",
-        "--set",
-        "data.eval_subset=16",
-        "--set",
-        "data.batch_size=32",
-        "--set",
-        "train.epochs=1",
-        "--set",
-        "train.progress_bar=false",
-    ]
+    args = small_quickstart(tmp_path, "train.epochs=1", "train.progress_bar=false")
     assert run_module(args, cwd=tmp_path).returncode == 0
     (checkpoint,) = (tmp_path / "run" / "checkpoints").glob("step-*")
     assert not list(checkpoint.glob("custom_checkpoint_*"))  # the scheduler state is JSON now

@@ -218,7 +218,7 @@ def _sizes(student: fx.GraphModule, layers: list[QuantizedLayer]) -> tuple[int, 
     for layer in layers:
         for w in layer.weights:
             packed += w.packed_bytes + cost.float_bytes(w.scale.numel()) - cost.float_bytes(w.codes.numel())
-        packed += sum(cost.float_bytes(1) for _ in layer.inputs)
+        packed += cost.float_bytes(len(layer.inputs))  # one float32 scale per activation quantizer
     return float_total, packed
 
 

@@ -24,6 +24,7 @@ from cmtkd_graph.deploy.codes import CODES_FILE, decode_weight, float_state
 from cmtkd_graph.deploy.student import MANIFEST_FILE, build_student, find_student, load_state
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.passes.graph_pass import finish
+from cmtkd_graph.passes.tracer import replace_submodule
 from cmtkd_graph.quantizers import Quantizer
 from cmtkd_graph.safe_files import read_tensors
 
@@ -132,8 +133,7 @@ def integer_from_codes(
             _replace_layer(student, layer["name"], IntegerLayer(module, module.input_quantizer, q_w, scale))
             continue
         for w in layer["weights"]:  # weight-only layers and attention: float math, decoded weights
-            owner, _, attr = w["quantizer"].rpartition(".")
-            setattr(student.get_submodule(owner), attr, DecodedWeight(*decoded[w["tensor"]]))
+            replace_submodule(student, w["quantizer"], DecodedWeight(*decoded[w["tensor"]]))
     return finish(student).eval()
 
 
@@ -151,8 +151,7 @@ def integer_arithmetic(module: nn.Module, layer: dict) -> bool:
 def _replace_layer(student: fx.GraphModule, name: str, integer: IntegerLayer) -> None:
     """``name``'s calls now take the input quantizer's input: the integer layer quantizes itself."""
     quantizer_target = f"{name}.input_quantizer"
-    owner, _, attr = name.rpartition(".")
-    setattr(student.get_submodule(owner) if owner else student, attr, integer)
+    replace_submodule(student, name, integer)
     for node in list(student.graph.nodes):
         if node.op == "call_module" and node.target == name:
             source = node.args[0]

@@ -42,7 +42,7 @@ from torch import Tensor, fx, nn
 
 from cmtkd_graph.deploy.codes import QuantizedLayer
 from cmtkd_graph.errors import UserError
-from cmtkd_graph.passes.tracer import copy_graph_module
+from cmtkd_graph.passes.tracer import copy_graph_module, replace_submodule
 from cmtkd_graph.quantizers import Quantizer
 from cmtkd_graph.quantizers.base import IntegerGrid
 
@@ -162,7 +162,7 @@ def export_onnx(
             plan = _weight_plan(w.grid, w.integers().numpy(), w.scale.reshape(-1).numpy(), opset)
             plans[w.tensor] = plan
             eager[w.tensor] = w.decode()
-            _swap(form, w.quantizer, _WeightStandIn(w.tensor))
+            replace_submodule(form, w.quantizer, _WeightStandIn(w.tensor))
             choices["weights"].append({"tensor": w.tensor, "type": plan["type"], "why": plan["why"]})
         for a in layer.inputs:
             quantizer = form.get_submodule(a.quantizer)
@@ -170,7 +170,7 @@ def export_onnx(
             plan = _activation_plan(quantizer, a.grid, float(a.scale), opset, after_clip=after_clip)
             plans[a.quantizer] = plan
             eager[a.quantizer] = quantizer
-            _swap(form, a.quantizer, _ActivationStandIn(a.quantizer))
+            replace_submodule(form, a.quantizer, _ActivationStandIn(a.quantizer))
             choices["inputs"].append({"quantizer": a.quantizer, "type": plan["type"], "why": plan["why"]})
         record["onnx"] = choices
     sample = torch.randn(CHECK_IMAGES, *input_shape, generator=torch.Generator().manual_seed(0))
@@ -254,11 +254,6 @@ def _active(plans: dict, eager: dict) -> Iterator[None]:
     finally:
         _PLANS.clear()
         _EAGER.clear()
-
-
-def _swap(root: nn.Module, path: str, new: nn.Module) -> None:
-    owner, _, attr = path.rpartition(".")
-    setattr(root.get_submodule(owner) if owner else root, attr, new)
 
 
 def _weight_plan(grid: IntegerGrid, integers: np.ndarray, scale: np.ndarray, opset: int) -> dict:
