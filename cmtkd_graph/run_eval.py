@@ -56,6 +56,7 @@ def evaluate_run(
     """Evaluate ``run_dir``; write the result as JSON (main process) and return it."""
     from cmtkd_graph.data import build_datasets
     from cmtkd_graph.data.loaders import build_eval_loader
+    from cmtkd_graph.precision import fixed_precision, recorded_precision
     from cmtkd_graph.spec_io import load_spec
     from cmtkd_graph.system import build_system
     from cmtkd_graph.train import make_accelerator, set_cpu_threads
@@ -67,7 +68,9 @@ def evaluate_run(
         raise UserError(f"--split: {split!r} is not one of {', '.join(SPLITS)}")
     spec = load_spec(run_dir / SPEC_FILE, overrides)
     source = _state_source(run_dir, checkpoint)
-    accelerator = make_accelerator(spec, run_dir)
+    # the precision the run trained with, so the numbers match final.json
+    precision = recorded_precision(run_dir) or fixed_precision(spec)
+    accelerator = make_accelerator(spec, run_dir, precision)
     set_cpu_threads(spec, accelerator)
     system = build_system(spec, load=False)
     if source.name == STUDENT_FILE:
@@ -76,7 +79,7 @@ def evaluate_run(
     else:
         load_state(system, read_system_state(source), origin=source)
         model = system
-    if spec.train.channels_last:
+    if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     with accelerator.main_process_first():
         bundle = build_datasets(spec.data)
@@ -89,7 +92,7 @@ def evaluate_run(
         "state": str(source),
         "split": split,
         "processes": accelerator.num_processes,
-        **evaluate(model, loader, accelerator, channels_last=spec.train.channels_last),
+        **evaluate(model, loader, accelerator, channels_last=precision.channels_last),
     }
     if accelerator.is_main_process:
         path = Path(out) if out else run_dir / "eval" / f"{_label(source)}-{split}.json"

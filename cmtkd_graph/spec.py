@@ -340,8 +340,13 @@ class TrainSpec(Strict):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (quick runs)")
     seed: int = 0
     output_dir: str = Field("runs/{name}", description="run directory; {name} is the spec's name")
-    mixed_precision: Annotated[Literal["no", "fp16", "bf16"] | None, BeforeValidator(_yaml_no)] = Field(
-        None, description="no, fp16 or bf16; default: the accelerate config's choice"
+    mixed_precision: Annotated[Literal["auto", "no", "fp16", "bf16"] | None, BeforeValidator(_yaml_no)] = (
+        Field(
+            "auto",
+            description="auto = time a few training steps of this spec in fp32 and bf16 autocast, take the "
+            "faster (on CUDA: bf16 where supported), cached per machine and spec shape; no, fp16, bf16; "
+            "null = the accelerate config's choice",
+        )
     )
     grad_accum_steps: int | None = Field(
         None, ge=1, description="gradient accumulation steps; default: the accelerate config's (1)"
@@ -353,7 +358,9 @@ class TrainSpec(Strict):
     keep_checkpoints: int = Field(2, ge=1, description="how many checkpoints to keep")
     log_every: int = Field(20, ge=1, description="write a metrics.jsonl line every N optimizer steps")
     eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and always after the last)")
-    channels_last: bool = False
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="channels_last memory format; auto = timed together with mixed_precision"
+    )
     compile: bool = False
     cpu_threads: Literal["auto", "env"] | int = Field(
         "auto",

@@ -61,7 +61,8 @@ def spec_summary(spec: Spec, system: CMTKDSystem | None = None, *, source: str =
         (
             "training",
             f"{t.epochs} epochs{f' (max {t.max_steps} steps)' if t.max_steps else ''}, seed {t.seed}, "
-            f"mixed precision {t.mixed_precision or 'from accelerate config'}, run dir {spec.run_dir}",
+            f"mixed precision {t.mixed_precision or 'from accelerate config'}, channels_last "
+            f"{t.channels_last}, run dir {spec.run_dir}",
         )
     )
     if system is not None:

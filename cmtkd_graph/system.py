@@ -168,7 +168,19 @@ class CMTKDSystem(nn.Module):
             self._freeze()  # loaded, frozen teachers always run in eval mode
         return self
 
-    def forward(self, images: Tensor) -> SystemOutput:
+    def num_classes(self) -> int | None:
+        """The number of classes the student outputs (known from shape propagation)."""
+        for node in self.student.graph.nodes:
+            if node.op == "output":
+                val = node.args[0][LOGITS].meta.get("val")
+                return None if val is None else int(val.shape[-1])
+        return None
+
+    def forward(
+        self, images: Tensor, labels: Tensor | None = None
+    ) -> SystemOutput | tuple[SystemOutput, dict[str, Tensor]]:
+        """The networks' outputs; with ``labels``, also the loss terms, so that one call (which
+        ``train.compile`` compiles and DDP wraps) covers the whole forward and objective."""
         s = self.student(images)
         out = SystemOutput(
             student_logits=s[LOGITS], student_features=s[FEATURES], extras=dict(s.get(EXTRAS, {}))
@@ -184,7 +196,9 @@ class CMTKDSystem(nn.Module):
             out.shared_features = dict(t.get(SHARED, {}))
             out.hints = dict(t[SHARED]) if SHARED in t else dict(t.get(FEATURES, {}))
         self.method.complete(self, out)
-        return out
+        if labels is None:
+            return out
+        return out, self.losses(out, labels)
 
     def losses(self, out: SystemOutput, labels: Tensor) -> dict[str, Tensor]:
         """Every term of the method's objective, plus ``total`` (see ``cmtkd_graph.methods``)."""

@@ -29,6 +29,15 @@ from cmtkd_graph.cli_common import EXIT_USER_ERROR, add_train_args, user_error_l
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.evaluation import eval_line, evaluate
 from cmtkd_graph.metrics import MetricsLog, plot_importance, read_metrics
+from cmtkd_graph.precision import (
+    Precision,
+    cached_choice,
+    choose_precision,
+    fixed_precision,
+    is_auto,
+    recorded_precision,
+)
+from cmtkd_graph.precision import write_record as write_precision_record
 from cmtkd_graph.safe_files import refused_global
 from cmtkd_graph.spec import Spec
 from cmtkd_graph.spec_io import dump_spec, load_spec
@@ -36,13 +45,14 @@ from cmtkd_graph.spec_io import dump_spec, load_spec
 log = logging.getLogger("cmtkd_graph")
 
 
-def make_accelerator(spec: Spec, run_dir: Path):
-    """An Accelerator that is data-parallel on CPU-only machines too (see module docstring)."""
+def make_accelerator(spec: Spec, run_dir: Path, precision: Precision):
+    """An Accelerator that is data-parallel on CPU-only machines too (see module docstring), with the
+    run's resolved mixed precision."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     cpu = not torch.cuda.is_available()
-    mixed = spec.train.mixed_precision
+    mixed = precision.mixed_precision
     if mixed == "fp16" and cpu:
         raise UserError("train.mixed_precision: fp16 needs a GPU; use bf16 on CPU")
     kwargs: dict = {
@@ -67,6 +77,36 @@ def make_accelerator(spec: Spec, run_dir: Path):
     return accelerator
 
 
+def distributed_state():
+    """accelerate's process group (one gloo group on CPU-only machines), before any Accelerator exists:
+    the precision probe runs on the main process and its choice is broadcast to the others."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def resolve_precision(spec: Spec, state, *, recorded: Precision | None = None) -> Precision:
+    """The run's precision: the spec's, a resumed run's own record, or ``auto`` timed on the main process
+    (``cmtkd_graph.precision``) and shared with every process."""
+    from accelerate.utils import broadcast_object_list
+
+    if recorded is not None and is_auto(spec):
+        return recorded
+    if not is_auto(spec):
+        return fixed_precision(spec)
+    accum = spec.train.grad_accum_steps or 1
+    per_process = max(spec.data.batch_size // (state.num_processes * accum), 1)
+    chosen: list[Precision | None] = [None]
+    if state.is_main_process:
+        chosen = [cached_choice(spec, state.device, per_process)]
+        if chosen[0] is None:
+            log.info("precision auto: timing a few training steps of each candidate (cached afterwards)")
+            chosen = [choose_precision(spec, state.device, per_process)]
+    if state.num_processes > 1:
+        broadcast_object_list(chosen)
+    return chosen[0]
+
+
 def _new_run_dir(spec: Spec) -> Path:
     """``spec.run_dir``, or ``<run_dir>-1``, ``-2``... if it is taken: a new run never overwrites another."""
     base = Path(spec.run_dir)
@@ -77,18 +117,22 @@ def _new_run_dir(spec: Spec) -> Path:
     return candidate
 
 
-def _setup_logging(run_dir: Path, main: bool) -> None:
+def _setup_logging(main: bool) -> None:
+    """Messages to stderr (the main process's; other processes only warn)."""
     log.setLevel(logging.INFO if main else logging.WARNING)
     log.propagate = False
     for h in list(log.handlers):
         log.removeHandler(h)
+        h.close()
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(console)
-    if main:
-        file = logging.FileHandler(run_dir / "train.log")
-        file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        log.addHandler(file)
+
+
+def _log_to_file(run_dir: Path) -> None:
+    file = logging.FileHandler(run_dir / "train.log")
+    file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(file)
 
 
 def run(spec_path: str | None, overrides: Sequence[str] = (), *, resume: str | None = None) -> Path:
@@ -102,13 +146,18 @@ def run(spec_path: str | None, overrides: Sequence[str] = (), *, resume: str | N
             raise UserError(f"--resume: {saved} not found (is {resume_dir} a run directory?)")
         spec = load_spec(spec_path or saved, overrides)
         checkpoint = latest_checkpoint(resume_dir)
+        recorded = recorded_precision(resume_dir)
     else:
         if spec_path is None:
             raise UserError("a spec is required (a YAML file or a packaged example such as quickstart)")
         spec = load_spec(spec_path, overrides)
-        checkpoint = None
+        checkpoint, recorded = None, None
 
-    accelerator = make_accelerator(spec, Path(spec.run_dir))
+    state = distributed_state()
+    _setup_logging(state.is_main_process)
+    set_cpu_threads(spec, state)
+    precision = resolve_precision(spec, state, recorded=recorded)
+    accelerator = make_accelerator(spec, Path(spec.run_dir), precision)
     run_dir = [Path(resume) if resume else (_new_run_dir(spec) if accelerator.is_main_process else None)]
     if accelerator.num_processes > 1:
         broadcast_object_list(run_dir)
@@ -118,17 +167,18 @@ def run(spec_path: str | None, overrides: Sequence[str] = (), *, resume: str | N
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "spec.yaml").write_text(dump_spec(spec))
+        write_precision_record(run_dir, precision)
+        _log_to_file(run_dir)
     accelerator.wait_for_everyone()
-    _setup_logging(run_dir, main)
     log.info(
         f"run {run_dir}: {accelerator.num_processes} process(es), {accelerator.distributed_type}, "
-        f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}"
+        f"device {accelerator.device}, {torch.get_num_threads()} CPU thread(s) per process"
     )
-    set_cpu_threads(spec, accelerator)
+    log.info(f"precision: {precision.describe()}")
     set_seed(spec.train.seed)
     trainer = None
     try:
-        trainer = Trainer(spec, accelerator, run_dir, checkpoint)
+        trainer = Trainer(spec, accelerator, run_dir, checkpoint, precision)
         return trainer.fit()
     except BaseException:
         if resume is None and main and (trainer is None or trainer.state["step"] == 0):
@@ -148,29 +198,30 @@ def _remove_failed_run(run_dir: Path) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def set_cpu_threads(spec: Spec, accelerator) -> None:
-    """Use the machine's cores: ``accelerate launch`` sets OMP_NUM_THREADS=1 for CPU processes."""
+def set_cpu_threads(spec: Spec, state) -> None:
+    """Use the machine's cores: ``accelerate launch`` sets OMP_NUM_THREADS=1 for CPU processes.
+
+    ``state`` is an Accelerator or accelerate's PartialState (its device and process count)."""
     choice = spec.train.cpu_threads
-    if choice == "env" or accelerator.device.type != "cpu":
+    if choice == "env" or state.device.type != "cpu":
         return
     if choice == "auto":
-        local = int(
-            os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes if accelerator.num_processes else 1)
-        )
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes if state.num_processes else 1))
         choice = max(1, len(os.sched_getaffinity(0)) // max(local, 1))
     torch.set_num_threads(choice)
-    log.info(f"{torch.get_num_threads()} CPU thread(s) per process (train.cpu_threads)")
 
 
 class Trainer:
     """The training loop; one instance per process."""
 
-    def __init__(self, spec: Spec, accelerator, run_dir: Path, checkpoint: Path | None):
+    def __init__(self, spec: Spec, accelerator, run_dir: Path, checkpoint: Path | None, precision: Precision):
         from cmtkd_graph.data import build_datasets, build_loaders
         from cmtkd_graph.optim import build_optimizer, build_scheduler
         from cmtkd_graph.system import build_system
 
         self.spec, self.acc, self.run_dir = spec, accelerator, run_dir
+        self.precision = precision
+        self.channels_last = precision.channels_last
         t = spec.train
         world, accum = accelerator.num_processes, accelerator.gradient_accumulation_steps
         if spec.data.batch_size % (world * accum):
@@ -190,7 +241,7 @@ class Trainer:
         )
         system = build_system(spec)
         self._check_classes(system, self.bundle.num_classes)
-        if t.channels_last:
+        if self.channels_last:
             system = system.to(memory_format=torch.channels_last)
         if t.compile:
             system.compile()
@@ -205,6 +256,7 @@ class Trainer:
         self.scheduler = build_scheduler(optimizer, spec, self.steps_per_epoch)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
         self.state = {"epoch": 0, "batches_in_epoch": 0, "step": 0}
+        self.compile_reported = False
         self.last_checkpoint: Path | None = None
         if checkpoint is not None:
             _load_state(accelerator, checkpoint)
@@ -234,15 +286,12 @@ class Trainer:
 
     def _check_classes(self, system, num_classes: int) -> None:
         """The student's logits (known from shape propagation) must match the dataset's classes."""
-        for node in system.student.graph.nodes:
-            if node.op == "output":
-                val = node.args[0]["logits"].meta.get("val")
-                if val is not None and val.shape[-1] != num_classes:
-                    raise UserError(
-                        f"student.kwargs: the model outputs {val.shape[-1]} classes but "
-                        f"{self.spec.data.dataset} has {num_classes}; "
-                        f"set student.kwargs.num_classes: {num_classes}"
-                    )
+        outputs = system.num_classes()
+        if outputs is not None and outputs != num_classes:
+            raise UserError(
+                f"student.kwargs: the model outputs {outputs} classes but {self.spec.data.dataset} has "
+                f"{num_classes}; set student.kwargs.num_classes: {num_classes}"
+            )
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> Path:
@@ -288,12 +337,12 @@ class Trainer:
         window: dict[str, torch.Tensor] = {}
         stats: dict[str, torch.Tensor] = {}
         window_batches, window_images, window_start = 0, 0, time.perf_counter()
+        step_start = time.perf_counter()
         for images, labels in loader:
-            if t.channels_last:
+            if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with acc.accumulate(self.model):
-                out = self.model(images)
-                terms = self.system.losses(out, labels)
+                out, terms = self.model(images, labels)
                 self._check_finite(terms)
                 acc.backward(terms["total"])
                 if acc.sync_gradients and self.spec.optim.grad_clip:
@@ -311,6 +360,12 @@ class Trainer:
             if not acc.sync_gradients:
                 continue
             self.state["step"] += 1
+            if t.compile and not self.compile_reported:
+                self.compile_reported = True
+                log.info(
+                    f"train.compile: the first step took {time.perf_counter() - step_start:.1f} s "
+                    "(compilation included)"
+                )
             if self.spec.optim.schedule.step_every == "iteration":
                 self.scheduler.step()
             step = self.state["step"]
@@ -375,7 +430,7 @@ class Trainer:
             "kind": "eval",
             "step": self.state["step"],
             "epoch": self.state["epoch"],
-            **evaluate(self.model, self.eval_loader, acc, channels_last=self.spec.train.channels_last),
+            **evaluate(self.model, self.eval_loader, acc, channels_last=self.channels_last),
         }
         self.model.train()
         self.metrics.write(record)
@@ -410,6 +465,7 @@ class Trainer:
                     **{k.split("/", 1)[1]: v for k, v in final_eval.items() if k.startswith("importance/")},
                 },
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                "precision": self.precision.to_json(),
                 "classes": self.bundle.classes,
             }
             (self.run_dir / "final.json").write_text(json.dumps(summary, indent=1))
@@ -438,7 +494,7 @@ class Trainer:
             "state_sha256": digest.hexdigest(),
         }
         ranks = self.run_dir / "ranks"
-        ranks.mkdir(exist_ok=True)
+        ranks.mkdir(parents=True, exist_ok=True)  # a node without the shared run directory writes its own
         (ranks / f"rank-{self.acc.process_index}.json").write_text(json.dumps(report, indent=1))
 
 

@@ -16,6 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR10_ARCHIVE = "cifar10-jpeg.tar.gz"
 
 
+def pytest_configure(config) -> None:
+    """Runs started by the tests keep their `mixed_precision: auto` choices in a cache of their own,
+    never in the user's ~/.cache/cmtkd_graph."""
+    import tempfile
+
+    os.environ["CMTKD_GRAPH_CACHE_DIR"] = tempfile.mkdtemp(prefix="cmtkd-graph-test-cache-")
+
+
 @pytest.fixture(scope="session")
 def fashion_mnist() -> Path:
     """The real Fashion-MNIST from the Debian package (installed by .ci/run)."""
@@ -129,6 +137,51 @@ def run_module(
         text=True,
         timeout=timeout,
     )
+
+
+def launch_two_machines(
+    module_args: list[str], *, cwd: Path, port: int, timeout: float = 900
+) -> list[subprocess.CompletedProcess]:
+    """Two ``accelerate launch --num_machines 2 --machine_rank 0|1 --main_process_ip 127.0.0.1`` commands,
+    as a user starts one on each node of a cluster; here both nodes are this machine."""
+    procs = []
+    for rank in (0, 1):
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_machines",
+            "2",
+            "--machine_rank",
+            str(rank),
+            "--num_processes",
+            "2",
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(port),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            *module_args,
+        ]
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+        procs.append(
+            subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    results = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
 
 
 def launch_two_processes(

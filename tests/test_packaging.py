@@ -87,3 +87,28 @@ def test_installed_wheel_imports_passes_outside_the_repository(wheel, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     path, name = result.stdout.split()
     assert path.startswith(str(target)) and name == "quickstart"
+
+
+def test_constraints_pin_every_dependency_within_its_declared_range():
+    """pyproject.toml declares ranges (a user's torch stays); constraints.txt pins the tested set in them."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(r) for r in project["dependencies"]]
+    declared += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", line
+            pins[canonicalize_name(req.name)] = spec.version
+    for req in declared:
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not pinned in constraints.txt"
+        assert req.specifier.contains(pins[name]), f"constraints.txt pins {name}=={pins[name]} outside {req}"
+    torch_req = next(r for r in declared if r.name == "torch")
+    assert not any(s.operator == "==" for s in torch_req.specifier)  # a range, never an exact pin

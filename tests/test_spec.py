@@ -201,7 +201,7 @@ MALFORMED = [
             else d.update(train={"mixed_precision": "fp8"})
         ),
         None,
-        "train.mixed_precision: Input should be 'no', 'fp16' or 'bf16', got 'fp8'",
+        "train.mixed_precision: Input should be 'auto', 'no', 'fp16' or 'bf16', got 'fp8'",
     ),
     # overrides
     (None, "teachers[1].weight_bits=0", "teachers[1].weight_bits: must be 1..8 or 32, got 0"),

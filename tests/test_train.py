@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from cmtkd_graph.metrics import read_metrics
 
-from .conftest import launch_two_processes, run_module
+from .conftest import launch_two_machines, launch_two_processes, run_module
 
 # the quickstart pinned down: resnet18 (ImageNet stem, so 28x28 inputs stay cheap), W2A2 student,
 # 4- and 8-bit teachers, taps layer1..3 (layer4 is 1x1 here), constant lr
@@ -151,6 +151,23 @@ def test_two_cpu_processes_train_one_model(tmp_path, fashion_mnist):
     train_lines = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train_lines] == [2, 4, 6, 8]  # batch 32 = 2 processes x 16: 8 steps/epoch
     assert "MULTI_CPU" in result.stderr
+
+
+def test_two_machines_train_one_model(tmp_path, fashion_mnist):
+    """A multi-node launch (two `accelerate launch --num_machines 2 --machine_rank i` commands, both nodes
+    on this machine): one process per node, one gloo group, one model."""
+    run_dir = tmp_path / "nodes"
+    extra = ["data.train_subset=128", "data.eval_subset=64", "train.max_steps=4", "train.cpu_threads=1"]
+    args = ["cmtkd_graph.train", "quickstart", *sets(*SMALL, *extra, f"train.output_dir={run_dir}")]
+    results = launch_two_machines(args, cwd=tmp_path, port=29533)
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, (rank, result.stderr[-3000:])
+    ranks = [json.loads((run_dir / "ranks" / f"rank-{i}.json").read_text()) for i in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["steps"] for r in ranks] == [4, 4]
+    assert all(r["distributed_type"] == "DistributedType.MULTI_CPU" for r in ranks)
+    assert ranks[0]["state_sha256"] == ranks[1]["state_sha256"]
+    assert "2 process(es), DistributedType.MULTI_CPU" in results[0].stderr
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"] == [2, 4]
 
 
 def test_a_non_finite_loss_stops_with_a_clear_message(tmp_path, fashion_mnist):

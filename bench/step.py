@@ -1,0 +1,252 @@
+"""The CMT-KD training step on this machine: what composition costs, how close to the hardware it runs,
+and which precision, memory format and compilation pay.
+
+(a) The composed system (torch.fx graphs, fusion nodes, the method plug-in) against the same CMT-KD
+    written by hand in eager PyTorch (``bench/eager_cmtkd.py``) with identical weights: resnet18 with the
+    CIFAR stem at 32x32 and AlexNet-BN at 64x64 (the paper's CIFAR models), W2A2 student with 4/6/8-bit
+    HWGQ teachers and the same networks in float. Both losses are checked equal before timing.
+(b) Roofline: the step's FLOPs (counted from the shapes of its convolutions and matmuls, forward and
+    backward, by ``torch.utils.flop_counter``) over its time, beside the rate of a large 3x3 convolution
+    measured in the same run: the peak a step of convolutions could reach here.
+(c) One step of the composed system in fp32, bf16 autocast, channels_last, both, and ``torch.compile``
+    (with its compile time and graph breaks from ``torch._dynamo.explain``), and what
+    ``train.mixed_precision: auto`` picks, at the quickstart's shape (resnet18, ImageNet stem, 28x28
+    Fashion-MNIST) and the paper's (resnet18, CIFAR stem, 32x32, three teachers).
+
+    python -m bench.step [--batch 64] [--repeat 3] [--no-compile] [--only a,b,c] [--smoke]
+
+``--smoke`` runs every part at toy sizes without compile (what CI runs, to keep the script working).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import cmtkd_graph as cg
+from bench.common import machine_line
+from bench.eager_cmtkd import EagerCMTKD
+from cmtkd_graph import precision as prec
+from cmtkd_graph.quantizers import build_quantizer_family
+
+FLOAT = ["student.weight_bits=32", "student.act_bits=32"]
+FLOAT_TEACHERS = "teachers=[{weight_bits: 32, act_bits: 32}, {weight_bits: 32, act_bits: 32}, {weight_bits: 32, act_bits: 32}]"  # noqa: E501
+SHAPES = {  # (c): name -> (spec, overrides)
+    "quickstart": ("quickstart", []),
+    "paper": ("resnet18", ["data.image_size=32"]),
+}
+
+
+def interleaved_best(fns: dict[str, callable], repeat: int, warmup: int = 1) -> dict[str, float]:
+    """Best wall time of each callable, runs alternating so that drift hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def sgd_step(loss_fn, params):
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+
+    def step():
+        loss_fn().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def system_step(system, x: torch.Tensor, y: torch.Tensor, *, bf16: bool = False):
+    """One training step of the composed system as the trainer runs it: forward and objective in one call
+    (under autocast for bf16), backward, SGD."""
+
+    def loss():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return system(x, y)[1]["total"]
+
+    return sgd_step(loss, system.parameters())
+
+
+def eager_step(eager: EagerCMTKD, x: torch.Tensor, y: torch.Tensor):
+    return sgd_step(lambda: eager.loss(x, y), eager.parameters())
+
+
+# ------------------------------------------------------------------------------------------- (a)
+def composed_vs_eager(batch: int, repeat: int, smoke: bool) -> None:
+    print("\n(a) composed system vs hand-written eager CMT-KD (same weights), one training step")
+    print(f"  {'model':<34} {'composed':>10} {'eager':>10}  composed/eager (goal <= 1.00)")
+    cases = [("resnet18", "resnet18", 32), ("alexnet", "alexnet", 64)]
+    for arch, spec_name, size in [("resnet18", "resnet18", 16)] if smoke else cases:
+        for quantized in (True,) if smoke else (True, False):
+            overrides = ["data.num_workers=0", f"data.image_size={size}"]
+            if not quantized:
+                overrides += [*FLOAT, FLOAT_TEACHERS]
+            spec = cg.load_spec(spec_name, overrides)
+            torch.manual_seed(0)
+            system = cg.build_system(spec)
+            d = spec.distill
+            eager = EagerCMTKD(
+                arch,
+                system.num_classes(),
+                build_quantizer_family(spec.quantizer.name) if quantized else None,
+                spec.student.weight_bits,
+                [t.weight_bits for t in spec.teachers],
+                alpha=d.alpha,
+                beta=d.beta,
+                gamma=d.gamma,
+                tau=d.tau,
+            )
+            eager.load_from_system(system)
+            x = torch.randn(batch, 3, size, size)
+            y = torch.randint(0, system.num_classes(), (batch,))
+            torch.manual_seed(1)
+            a = system(x, y)[1]["total"]
+            torch.manual_seed(1)
+            b = eager.loss(x, y)
+            assert torch.allclose(a, b, rtol=1e-5), (arch, quantized, a.item(), b.item())
+            times = interleaved_best(
+                {"composed": system_step(system, x, y), "eager": eager_step(eager, x, y)},
+                repeat,
+            )
+            label = f"{arch} {size}x{size} {'W2A2 + 4/6/8-bit' if quantized else 'float'}, batch {batch}"
+            print(
+                f"  {label:<34} {times['composed'] * 1e3:8.0f}ms {times['eager'] * 1e3:8.0f}ms  "
+                f"{times['composed'] / times['eager']:.3f}"
+            )
+
+
+# ------------------------------------------------------------------------------------------- (b)
+def conv_peak(dtype: torch.dtype, smoke: bool) -> float:
+    """FLOP/s of a large 3x3 convolution (forward), channels_last, in ``dtype``."""
+    n, c, hw = (2, 32, 16) if smoke else (32, 256, 28)
+    x = torch.randn(n, c, hw, hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c, c, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    seconds = interleaved_best({"conv": lambda: F.conv2d(x, w, padding=1)}, repeat=5, warmup=2)["conv"]
+    return 2 * n * c * c * 9 * hw * hw / seconds
+
+
+def step_flops(system, x, y) -> int:
+    with FlopCounterMode(display=False) as counter:
+        system(x, y)[1]["total"].backward()
+    system.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def roofline(batch: int, repeat: int, smoke: bool) -> None:
+    print("\n(b) roofline: the step's FLOPs / its time, against a large 3x3 convolution on this machine")
+    peaks = {"fp32": conv_peak(torch.float32, smoke)}
+    if prec.cpu_has_fast_bf16() or torch.cuda.is_available():
+        peaks["bf16"] = conv_peak(torch.bfloat16, smoke)
+    for name, peak in peaks.items():
+        print(f"  3x3 conv 256->256, 28x28, batch 32, channels_last, {name}: {peak / 1e9:7.1f} GFLOP/s")
+    for shape, (spec_name, overrides) in list(SHAPES.items())[: 1 if smoke else None]:
+        spec = cg.load_spec(spec_name, ["data.num_workers=0", *overrides])
+        torch.manual_seed(0)
+        system = cg.build_system(spec)
+        x = torch.randn(batch, *spec.data.input_shape())
+        y = torch.randint(0, system.num_classes(), (batch,))
+        flops = step_flops(system, x, y)
+        seconds = interleaved_best({"step": system_step(system, x, y)}, repeat)["step"]
+        rate = flops / seconds
+        print(
+            f"  {shape} system, fp32, batch {batch}: {flops / 1e9:7.1f} GFLOP per step, {seconds:.2f} s, "
+            f"{rate / 1e9:6.1f} GFLOP/s = {rate / peaks['fp32']:.0%} of the conv's rate"
+        )
+
+
+# ------------------------------------------------------------------------------------------- (c)
+def fresh_choice(spec: cg.Spec, batch: int) -> prec.Precision:
+    """What ``mixed_precision: auto`` picks on a first run here (probed afresh, not from the cache)."""
+    saved = os.environ.get("CMTKD_GRAPH_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["CMTKD_GRAPH_CACHE_DIR"] = cache
+        try:
+            return prec.choose_precision(spec, torch.device("cpu"), batch)
+        finally:
+            if saved is None:
+                os.environ.pop("CMTKD_GRAPH_CACHE_DIR")
+            else:
+                os.environ["CMTKD_GRAPH_CACHE_DIR"] = saved
+
+
+def variants_table(batch: int, repeat: int, smoke: bool, compile_too: bool) -> None:
+    print("\n(c) one training step of the composed system: precision, memory format, compile")
+    for shape, (spec_name, overrides) in list(SHAPES.items())[: 1 if smoke else None]:
+        spec = cg.load_spec(spec_name, ["data.num_workers=0", f"data.batch_size={batch}", *overrides])
+        torch.manual_seed(0)
+        base = cg.build_system(spec)
+        x = torch.randn(batch, *spec.data.input_shape())
+        y = torch.randint(0, base.num_classes(), (batch,))
+        fns = {}
+        bf16 = prec.cpu_has_fast_bf16() or torch.cuda.is_available()
+        for name, mixed, channels_last in [
+            ("fp32", False, False),
+            ("fp32 channels_last", False, True),
+            ("bf16", True, False),
+            ("bf16 channels_last", True, True),
+        ]:
+            if mixed and not bf16:
+                continue
+            system = copy.deepcopy(base)
+            xs = x
+            if channels_last:
+                system = system.to(memory_format=torch.channels_last)
+                xs = x.contiguous(memory_format=torch.channels_last)
+            fns[name] = system_step(system, xs, y, bf16=mixed)
+        times = interleaved_best(fns, repeat)
+        extra = ""
+        if compile_too:
+            compiled = copy.deepcopy(base)
+            explained = torch._dynamo.explain(compiled)(x, y)
+            torch._dynamo.reset()
+            compiled.compile()
+            step = system_step(compiled, x, y)
+            start = time.perf_counter()
+            step()
+            first = time.perf_counter() - start
+            times["fp32 compiled"] = interleaved_best({"c": step}, repeat)["c"]
+            extra = (
+                f"; compile: {first - times['fp32']:.0f} s, {explained.graph_count} graph(s), "
+                f"{explained.graph_break_count} graph break(s)"
+            )
+        chosen = fresh_choice(spec, batch)
+        print(f"  {shape} ({spec_name}, {'x'.join(map(str, spec.data.input_shape()))}, batch {batch}){extra}")
+        for name, seconds in times.items():
+            print(f"    {name:<20} {seconds:7.3f} s/step   x{times['fp32'] / seconds:5.2f} vs fp32")
+        print(f"    auto picks: {chosen.label} ({chosen.describe()})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--only", default="a,b,c", help="which parts to run")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes, no compile (CI)")
+    args = parser.parse_args()
+    batch, repeat = (2, 1) if args.smoke else (args.batch, args.repeat)
+    print(machine_line())
+    parts = args.only.split(",")
+    if "a" in parts:
+        composed_vs_eager(batch, repeat, args.smoke)
+    if "b" in parts:
+        roofline(batch, repeat, args.smoke)
+    if "c" in parts:
+        variants_table(batch, repeat, args.smoke, compile_too=not (args.no_compile or args.smoke))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""The benchmarks keep working: each runs in its smoke mode (toy sizes; timings are not checked)."""
+
+from __future__ import annotations
+
+import re
+
+from .conftest import REPO, run_module
+
+
+def test_step_bench_smoke(tmp_path):
+    result = run_module(
+        ["--smoke"], cwd=REPO, module="bench.step", env={"CMTKD_GRAPH_CACHE_DIR": str(tmp_path)}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert out.startswith("CPU: ")
+    # (a) ran after checking that the composed and the hand-written losses are equal
+    assert re.search(r"resnet18 16x16 W2A2 \+ 4/6/8-bit, batch 2 +\d+ms +\d+ms +\d\.\d{3}", out), out
+    assert re.search(r"fp32: +\d+\.\d GFLOP/s", out) and "of the conv's rate" in out
+    assert re.search(r"fp32 channels_last +\d\.\d{3} s/step", out) and "auto picks: " in out
+    assert not list(tmp_path.iterdir())  # the fresh probe used a cache of its own
+
+
+def test_build_bench_on_two_models():
+    result = run_module(["--models", "resnet18,alexnet"], cwd=REPO, module="bench.build")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"built 2 systems \(student \+ 3 composed teachers, meta device\) in \d", result.stdout)
