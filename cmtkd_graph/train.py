@@ -26,6 +26,7 @@ import torch
 
 from cmtkd_graph.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoint
 from cmtkd_graph.cli_common import EXIT_USER_ERROR, add_train_args, user_error_lines
+from cmtkd_graph.data.bundle import DataBundle
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.evaluation import eval_line, evaluate
 from cmtkd_graph.metrics import MetricsLog, plot_importance, read_metrics
@@ -153,9 +154,13 @@ def run(spec_path: str | None, overrides: Sequence[str] = (), *, resume: str | N
         spec = load_spec(spec_path, overrides)
         checkpoint, recorded = None, None
 
+    from cmtkd_graph.data import build_datasets
+
     state = distributed_state()
     _setup_logging(state.is_main_process)
     set_cpu_threads(spec, state)
+    with state.main_process_first():  # missing data is reported before any probing
+        bundle = build_datasets(spec.data)
     precision = resolve_precision(spec, state, recorded=recorded)
     accelerator = make_accelerator(spec, Path(spec.run_dir), precision)
     run_dir = [Path(resume) if resume else (_new_run_dir(spec) if accelerator.is_main_process else None)]
@@ -178,7 +183,7 @@ def run(spec_path: str | None, overrides: Sequence[str] = (), *, resume: str | N
     set_seed(spec.train.seed)
     trainer = None
     try:
-        trainer = Trainer(spec, accelerator, run_dir, checkpoint, precision)
+        trainer = Trainer(spec, accelerator, run_dir, checkpoint, precision, bundle)
         return trainer.fit()
     except BaseException:
         if resume is None and main and (trainer is None or trainer.state["step"] == 0):
@@ -214,8 +219,16 @@ def set_cpu_threads(spec: Spec, state) -> None:
 class Trainer:
     """The training loop; one instance per process."""
 
-    def __init__(self, spec: Spec, accelerator, run_dir: Path, checkpoint: Path | None, precision: Precision):
-        from cmtkd_graph.data import build_datasets, build_loaders
+    def __init__(
+        self,
+        spec: Spec,
+        accelerator,
+        run_dir: Path,
+        checkpoint: Path | None,
+        precision: Precision,
+        bundle: DataBundle,
+    ):
+        from cmtkd_graph.data import build_loaders
         from cmtkd_graph.optim import build_optimizer, build_scheduler
         from cmtkd_graph.system import build_system
 
@@ -230,8 +243,7 @@ class Trainer:
                 f"{accum} accumulation step(s)"
             )
         per_process = spec.data.batch_size // (world * accum)
-        with accelerator.main_process_first():
-            self.bundle = build_datasets(spec.data)
+        self.bundle = bundle
         train_loader, eval_loader = build_loaders(
             self.bundle,
             spec.data,

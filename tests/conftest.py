@@ -24,6 +24,12 @@ def pytest_configure(config) -> None:
     os.environ["CMTKD_GRAPH_CACHE_DIR"] = tempfile.mkdtemp(prefix="cmtkd-graph-test-cache-")
 
 
+def pytest_unconfigure(config) -> None:
+    import shutil
+
+    shutil.rmtree(os.environ.get("CMTKD_GRAPH_CACHE_DIR", ""), ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def fashion_mnist() -> Path:
     """The real Fashion-MNIST from the Debian package (installed by .ci/run)."""

@@ -50,7 +50,8 @@ taps: {{teachers: [layer2, layer3]}}
 distill: {{feature_loss: fitnet}}
 data: {{dataset: imagefolder, root: {root}, image_size: 32, batch_size: 16, num_workers: 0,
        eval_batch_size: 16}}
-train: {{max_steps: 3, log_every: 1, output_dir: {out}, progress_bar: false, mixed_precision: "no"}}
+train: {{max_steps: 3, log_every: 1, output_dir: {out}, progress_bar: false, mixed_precision: "no",
+        channels_last: false}}
 """
 
 

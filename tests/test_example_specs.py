@@ -55,6 +55,7 @@ def test_paper_and_ablation_specs_run_one_training_step(path, tmp_path, tiny_cif
         f"train.output_dir={tmp_path / 'run'}",
         "train.progress_bar=false",
         "train.mixed_precision=no",
+        "train.channels_last=false",
         "train.checkpoints=false",
     ]
     spec = cg.load_spec(path, overrides)
@@ -78,6 +79,8 @@ def test_the_quickstart_trains_a_handful_of_steps(tmp_path, fashion_mnist, fresh
         [
             "train.max_steps=6",
             "train.log_every=3",
+            "train.mixed_precision=no",  # auto is tested in test_precision.py and test_train.py
+            "train.channels_last=false",
             "data.eval_subset=256",
             f"train.output_dir={tmp_path / 'qs'}",
             "train.progress_bar=false",
@@ -104,6 +107,8 @@ def test_the_quickstart_trains_on_one_channel_images_with_the_grey_input_stem(
             "data.grey_to_rgb=none",
             "surgery=[grey_input]",
             "train.max_steps=2",
+            "train.mixed_precision=no",
+            "train.channels_last=false",
             "data.eval_subset=64",
             "train.checkpoints=false",
             f"train.output_dir={tmp_path / 'grey'}",

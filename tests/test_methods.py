@@ -345,7 +345,7 @@ distill: {{beta: 0.5, options: {{scale: 2.0}}}}
 data: {{dataset: imagefolder, root: {cifar10_jpeg}, image_size: 32, batch_size: 16, num_workers: 0,
        eval_subset: 20}}
 train: {{max_steps: 3, log_every: 1, output_dir: {tmp_path / "run"}, progress_bar: false,
-        mixed_precision: "no"}}
+        mixed_precision: "no", channels_last: false}}
 """
     )
     run_dir = run(str(spec_file))
@@ -393,6 +393,7 @@ def test_example_specs_train_on_real_cifar10(name, tmp_path, cifar10_jpeg, fresh
         f"train.output_dir={tmp_path / 'run'}",
         "train.progress_bar=false",
         "train.mixed_precision=no",
+        "train.channels_last=false",
         "train.checkpoints=false",
     ]
     run_dir = run(name, overrides)
@@ -427,6 +428,7 @@ def test_amtml_kd_trains_data_parallel_in_two_processes(tmp_path, cifar10_jpeg):
         f"train.output_dir={tmp_path / 'ddp'}",
         "train.progress_bar=false",
         "train.mixed_precision=no",
+        "train.channels_last=false",
     ]
     args = ["cmtkd_graph.train", "amtml_kd", *[arg for item in overrides for arg in ("--set", item)]]
     result = launch_two_processes(args, cwd=tmp_path, port=29527)
@@ -507,6 +509,7 @@ def test_amtml_kd_resumes_exactly(tmp_path, cifar10_jpeg):
         "train.epochs=2",
         "train.progress_bar=false",
         "train.mixed_precision=no",
+        "train.channels_last=false",
         "distill.options.weighting_epochs=1",
     ]
 

@@ -15,8 +15,6 @@ from cmtkd_graph.quantizers import QUANTIZERS, Quantizer, build_quantizer_family
 from cmtkd_graph.quantizers.layers import QuantConv2d
 from cmtkd_graph.quantizers.lsq import LSQQuantizer
 
-from .conftest import run_module
-
 CHANNELS_LAST = torch.channels_last
 
 
@@ -186,37 +184,3 @@ def test_an_unwritable_cache_only_costs_a_probe(tmp_path, monkeypatch, caplog):
     chosen = prec.choose_precision(_spec("train.channels_last=false"), torch.device("cpu"), 8)
     assert chosen.mixed_precision == "bf16" or not prec.cpu_has_fast_bf16()
     assert prec.cached_choice(_spec("train.channels_last=false"), torch.device("cpu"), 8) is None
-
-
-def test_a_run_with_auto_records_its_choice_and_eval_reuses_it(tmp_path, fashion_mnist, fresh_accelerate):
-    from cmtkd_graph.run_eval import evaluate_run
-
-    out = tmp_path / "run"
-    args = [
-        "quickstart",
-        *[
-            a
-            for kv in [
-                "surgery=[]",
-                "taps={teachers: [layer1, layer2]}",
-                "data.train_subset=64",
-                "data.eval_subset=64",
-                "data.batch_size=16",
-                "train.max_steps=2",
-                "train.progress_bar=false",
-                "train.mixed_precision=auto",
-                "train.channels_last=auto",
-                f"train.output_dir={out}",
-            ]
-            for a in ("--set", kv)
-        ],
-    ]
-    result = run_module(args, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((out / "precision.json").read_text())
-    final = json.loads((out / "final.json").read_text())
-    assert final["precision"] == record and record["mixed_precision"] in ("no", "bf16")
-    assert record["source"] in ("probe", "only candidate")
-    assert "precision: mixed precision" in (out / "train.log").read_text()
-    again = evaluate_run(out)
-    assert {k: v for k, v in again.items() if k.startswith("acc")} == final["accuracy"]

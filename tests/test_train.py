@@ -153,11 +153,17 @@ def test_two_cpu_processes_train_one_model(tmp_path, fashion_mnist):
     assert "MULTI_CPU" in result.stderr
 
 
-def test_two_machines_train_one_model(tmp_path, fashion_mnist):
+def test_two_machines_train_one_model_with_the_precision_auto_chose(
+    tmp_path, fashion_mnist, fresh_accelerate
+):
     """A multi-node launch (two `accelerate launch --num_machines 2 --machine_rank i` commands, both nodes
-    on this machine): one process per node, one gloo group, one model."""
+    on this machine): one process per node, one gloo group, one model. `mixed_precision: auto` is timed on
+    the main process, shared with the other, recorded, and reused by `eval`."""
+    from cmtkd_graph.run_eval import evaluate_run
+
     run_dir = tmp_path / "nodes"
     extra = ["data.train_subset=128", "data.eval_subset=64", "train.max_steps=4", "train.cpu_threads=1"]
+    extra += ["train.mixed_precision=auto", "train.channels_last=auto"]
     args = ["cmtkd_graph.train", "quickstart", *sets(*SMALL, *extra, f"train.output_dir={run_dir}")]
     results = launch_two_machines(args, cwd=tmp_path, port=29533)
     for rank, result in enumerate(results):
@@ -168,6 +174,13 @@ def test_two_machines_train_one_model(tmp_path, fashion_mnist):
     assert ranks[0]["state_sha256"] == ranks[1]["state_sha256"]
     assert "2 process(es), DistributedType.MULTI_CPU" in results[0].stderr
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"] == [2, 4]
+    record = json.loads((run_dir / "precision.json").read_text())
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["precision"] == record and record["mixed_precision"] in ("no", "bf16")
+    assert record["source"] in ("probe", "only candidate") and "precision auto: timing" in results[0].stderr
+    assert f"precision: mixed precision {record['mixed_precision']}" in (run_dir / "train.log").read_text()
+    again = evaluate_run(run_dir)  # one process here: the recorded precision, the same numbers
+    assert {k: v for k, v in again.items() if k.startswith("acc")} == final["accuracy"]
 
 
 def test_a_non_finite_loss_stops_with_a_clear_message(tmp_path, fashion_mnist):
