@@ -21,7 +21,7 @@ def test_step_bench_smoke(tmp_path):
     assert not list(tmp_path.iterdir())  # the fresh probe used a cache of its own
 
 
-def test_build_bench_on_two_models():
-    result = run_module(["--models", "resnet18,alexnet"], cwd=REPO, module="bench.build")
+def test_build_bench_on_one_model():
+    result = run_module(["--models", "alexnet"], cwd=REPO, module="bench.build")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"built 2 systems \(student \+ 3 composed teachers, meta device\) in \d", result.stdout)
+    assert re.search(r"built 1 systems \(student \+ 3 composed teachers, meta device\) in \d", result.stdout)

@@ -138,7 +138,8 @@ def test_resume_at_an_epoch_boundary_keeps_an_epoch_stepped_schedule(tmp_path, f
 def test_two_cpu_processes_train_one_model(tmp_path, fashion_mnist):
     """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine: one gloo data-parallel job."""
     run_dir = tmp_path / "ddp"
-    args = ["cmtkd_graph.train", "quickstart", *sets(*SMALL, "train.epochs=1", f"train.output_dir={run_dir}")]
+    extra = ["train.epochs=1", "data.train_subset=128", "data.eval_subset=64", f"train.output_dir={run_dir}"]
+    args = ["cmtkd_graph.train", "quickstart", *sets(*SMALL, *extra)]
     result = launch_two_processes(args, cwd=tmp_path, port=29517)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((run_dir / "ranks" / f"rank-{i}.json").read_text()) for i in range(2)]
@@ -147,9 +148,9 @@ def test_two_cpu_processes_train_one_model(tmp_path, fashion_mnist):
     assert ranks[0]["state_sha256"] == ranks[1]["state_sha256"]  # identical parameters and buffers
     records = read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in records if r["kind"] == "eval"]
-    assert len(evals) == 1 and evals[0]["samples"] == 128  # gathered once, no padded duplicates
+    assert len(evals) == 1 and evals[0]["samples"] == 64  # gathered once, no padded duplicates
     train_lines = [r for r in records if r["kind"] == "train"]
-    assert [r["step"] for r in train_lines] == [2, 4, 6, 8]  # batch 32 = 2 processes x 16: 8 steps/epoch
+    assert [r["step"] for r in train_lines] == [2, 4]  # batch 32 = 2 processes x 16: 4 steps/epoch
     assert "MULTI_CPU" in result.stderr
 
 
@@ -163,7 +164,7 @@ def test_two_machines_train_one_model_with_the_precision_auto_chose(
 
     run_dir = tmp_path / "nodes"
     extra = ["data.train_subset=128", "data.eval_subset=64", "train.max_steps=4", "train.cpu_threads=1"]
-    extra += ["train.mixed_precision=auto", "train.channels_last=auto"]
+    extra += ["train.mixed_precision=auto", "train.channels_last=false"]
     args = ["cmtkd_graph.train", "quickstart", *sets(*SMALL, *extra, f"train.output_dir={run_dir}")]
     results = launch_two_machines(args, cwd=tmp_path, port=29533)
     for rank, result in enumerate(results):
