@@ -13,7 +13,8 @@ and which precision, memory format and compilation pay.
     ``train.mixed_precision: auto`` picks, at the quickstart's shape (resnet18, ImageNet stem, 28x28
     Fashion-MNIST) and the paper's (resnet18, CIFAR stem, 32x32, three teachers).
 
-    python -m bench.step [--batch 64] [--repeat 3] [--no-compile] [--only a,b,c] [--smoke]
+    python -m bench.step [--batch 64] [--repeat 3] [--no-compile] [--only a,b,c] [--shapes quickstart,paper]
+                         [--smoke]
 
 ``--smoke`` runs every part at toy sizes without compile (what CI runs, to keep the script working).
 """
@@ -236,9 +237,12 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--only", default="a,b,c", help="which parts to run")
     parser.add_argument("--smoke", action="store_true", help="toy sizes, no compile (CI)")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="which shapes (c) times")
     args = parser.parse_args()
     batch, repeat = (2, 1) if args.smoke else (args.batch, args.repeat)
     print(machine_line())
+    for name in set(SHAPES) - set(args.shapes.split(",")):
+        del SHAPES[name]
     parts = args.only.split(",")
     if "a" in parts:
         composed_vs_eager(batch, repeat, args.smoke)

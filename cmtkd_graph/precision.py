@@ -34,7 +34,7 @@ RUN_FILE = "precision.json"
 # A candidate must beat fp32/contiguous by this margin to be chosen: bf16 changes the numbers, and
 # differences smaller than this are within the run-to-run noise of a short probe.
 MARGIN = 0.05
-PROBE_STEPS = 2  # timed steps per candidate, after one warm-up step
+PROBE_STEPS = 3  # timed rounds (one step of each candidate per round), after one warm-up step
 
 
 @dataclass
@@ -243,7 +243,9 @@ def pick(seconds_per_step: dict[str, float]) -> str:
 def probe(
     spec: Spec, device: torch.device, batch_per_process: int, options: list[tuple[str | None, bool]]
 ) -> dict[str, float]:
-    """Seconds per training step (best of ``PROBE_STEPS`` after a warm-up) of each candidate.
+    """Seconds per training step of each candidate: the best of ``PROBE_STEPS`` rounds after a warm-up,
+    the candidates taking turns in every round, so that a machine slowing down or speeding up meanwhile
+    (other jobs, frequency scaling) affects all of them alike.
 
     Runs under a forked RNG, so a probed run trains exactly as an unprobed one with the same choice.
     """
@@ -256,7 +258,7 @@ def probe(
         classes = base.num_classes() or 2
         images = torch.randn(batch_per_process, *spec.data.input_shape(), device=device)
         labels = torch.randint(0, classes, (batch_per_process,), device=device)
-        times: dict[str, float] = {}
+        steps = {}
         for mixed, channels_last in options:
             system = copy.deepcopy(base)
             x = images
@@ -273,20 +275,21 @@ def probe(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-            times[_label(mixed or "no", channels_last)] = _best_time(step, device)
-            del system, optimizer
-    return times
+            steps[_label(mixed or "no", channels_last)] = step
+        return _interleaved_best(steps, device)
 
 
-def _best_time(step, device: torch.device) -> float:
-    step()
-    best = float("inf")
+def _interleaved_best(steps: dict, device: torch.device) -> dict[str, float]:
+    for step in steps.values():
+        step()  # warm-up: allocations, oneDNN primitive caches
+    best = dict.fromkeys(steps, float("inf"))
     for _ in range(PROBE_STEPS):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
