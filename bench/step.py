@@ -45,20 +45,6 @@ SHAPES = {  # (c): name -> (spec, overrides)
 }
 
 
-def interleaved_best(fns: dict[str, callable], repeat: int, warmup: int = 1) -> dict[str, float]:
-    """Best wall time of each callable, runs alternating so that drift hits all of them alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
-
-
 def sgd_step(loss_fn, params):
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
 
@@ -118,7 +104,7 @@ def composed_vs_eager(batch: int, repeat: int, smoke: bool) -> None:
             torch.manual_seed(1)
             b = eager.loss(x, y)
             assert torch.allclose(a, b, rtol=1e-5), (arch, quantized, a.item(), b.item())
-            times = interleaved_best(
+            times = prec.interleaved_best(
                 {"composed": system_step(system, x, y), "eager": eager_step(eager, x, y)},
                 repeat,
             )
@@ -135,7 +121,7 @@ def conv_peak(dtype: torch.dtype, smoke: bool) -> float:
     n, c, hw = (2, 32, 16) if smoke else (32, 256, 28)
     x = torch.randn(n, c, hw, hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(c, c, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    seconds = interleaved_best({"conv": lambda: F.conv2d(x, w, padding=1)}, repeat=5, warmup=2)["conv"]
+    seconds = prec.interleaved_best({"conv": lambda: F.conv2d(x, w, padding=1)}, repeat=5, warmup=2)["conv"]
     return 2 * n * c * c * 9 * hw * hw / seconds
 
 
@@ -160,7 +146,7 @@ def roofline(batch: int, repeat: int, smoke: bool) -> None:
         x = torch.randn(batch, *spec.data.input_shape())
         y = torch.randint(0, system.num_classes(), (batch,))
         flops = step_flops(system, x, y)
-        seconds = interleaved_best({"step": system_step(system, x, y)}, repeat)["step"]
+        seconds = prec.interleaved_best({"step": system_step(system, x, y)}, repeat)["step"]
         rate = flops / seconds
         print(
             f"  {shape} system, fp32, batch {batch}: {flops / 1e9:7.1f} GFLOP per step, {seconds:.2f} s, "
@@ -207,7 +193,7 @@ def variants_table(batch: int, repeat: int, smoke: bool, compile_too: bool) -> N
                 system = system.to(memory_format=torch.channels_last)
                 xs = x.contiguous(memory_format=torch.channels_last)
             fns[name] = system_step(system, xs, y, bf16=mixed)
-        times = interleaved_best(fns, repeat)
+        times = prec.interleaved_best(fns, repeat)
         extra = ""
         if compile_too:
             compiled = copy.deepcopy(base)
@@ -218,7 +204,7 @@ def variants_table(batch: int, repeat: int, smoke: bool, compile_too: bool) -> N
             start = time.perf_counter()
             step()
             first = time.perf_counter() - start
-            times["fp32 compiled"] = interleaved_best({"c": step}, repeat)["c"]
+            times["fp32 compiled"] = prec.interleaved_best({"c": step}, repeat)["c"]
             extra = (
                 f"; compile: {first - times['fp32']:.0f} s, {explained.graph_count} graph(s), "
                 f"{explained.graph_break_count} graph break(s)"

@@ -21,6 +21,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -276,20 +277,33 @@ def probe(
                 optimizer.zero_grad(set_to_none=True)
 
             steps[_label(mixed or "no", channels_last)] = step
-        return _interleaved_best(steps, device)
+        return interleaved_best(steps, device=device)
 
 
-def _interleaved_best(steps: dict, device: torch.device) -> dict[str, float]:
+def interleaved_best(
+    steps: dict[str, Callable[[], object]],
+    repeat: int = PROBE_STEPS,
+    warmup: int = 1,
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """Best wall time (s) of each callable over `repeat` rounds after `warmup` calls each.
+
+    The callables alternate within every round, so drift of a shared machine (another job starting,
+    turbo clocks) hits all of them alike; the best of the rounds is the least disturbed one. On CUDA
+    the device is synchronised around each call so the time is the kernels', not the launch's.
+    """
+    sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else None
     for step in steps.values():
-        step()  # warm-up: allocations, oneDNN primitive caches
+        for _ in range(warmup):  # allocations, oneDNN primitive caches, cuDNN autotuning
+            step()
     best = dict.fromkeys(steps, float("inf"))
-    for _ in range(PROBE_STEPS):
+    for _ in range(repeat):
         for name, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            if sync:
+                sync(device)
             start = time.perf_counter()
             step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            if sync:
+                sync(device)
             best[name] = min(best[name], time.perf_counter() - start)
     return best

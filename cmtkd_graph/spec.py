@@ -362,6 +362,11 @@ class TrainSpec(Strict):
         "auto", description="channels_last memory format; auto = timed together with mixed_precision"
     )
     compile: bool = False
+    activation_checkpointing: bool = Field(
+        False,
+        description="recompute each teacher's activations between two taps during backward instead of "
+        "keeping them: less memory, a longer step (README, Performance)",
+    )
     cpu_threads: Literal["auto", "env"] | int = Field(
         "auto",
         description="CPU threads per process: auto = available cores / processes on this machine "

@@ -22,6 +22,7 @@ from torch import Tensor, fx, nn
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.fusion import ImportanceFusion
 from cmtkd_graph.losses import FitNetAdapter
+from cmtkd_graph.meta_device import no_init_on_meta
 from cmtkd_graph.methods import BuildContext, Method, method_for
 from cmtkd_graph.models import build_model, read_state_dict
 from cmtkd_graph.objective import SystemOutput
@@ -31,11 +32,12 @@ from cmtkd_graph.passes.compose import check_tap_shapes, compose_teachers
 from cmtkd_graph.passes.graph_pass import finish
 from cmtkd_graph.passes.outputs import expose_taps, keep_main_output
 from cmtkd_graph.passes.quantize import quantize
+from cmtkd_graph.passes.recompute import checkpoint_segments
 from cmtkd_graph.passes.shapes import copy_shapes, propagate_shapes
 from cmtkd_graph.passes.stack import stack_teachers
 from cmtkd_graph.passes.surgery import run_surgery
 from cmtkd_graph.passes.taps import AUTO, Tap, resolve_taps
-from cmtkd_graph.passes.tracer import trace
+from cmtkd_graph.passes.tracer import copy_graph_module, trace
 from cmtkd_graph.quantizers import build_quantizer_family
 from cmtkd_graph.spec import ModelSpec, Spec, SurgerySpec
 
@@ -55,23 +57,31 @@ class NetworkInfo:
 def float_network(
     model: ModelSpec, surgery: list[SurgerySpec], *, device: str | torch.device = "cpu"
 ) -> fx.GraphModule:
-    """The traced float network: main output only, explicit activations, surgery applied.
+    """The traced float network: main output only, explicit activations, surgery applied."""
+    return finish(_float_graph(model, surgery, device))
 
-    The traced graph belongs to this function alone, so the passes run in place (one code generation
-    at the end instead of a copy per pass).
-    """
+
+def _float_graph(model: ModelSpec, surgery: list[SurgerySpec], device: str | torch.device) -> fx.GraphModule:
+    """``float_network`` before code generation. The traced graph belongs to this function alone, so
+    the passes run in place, and the caller generates code once, after its own passes."""
     gm = trace(_instantiate(model, device), train=True)
     keep_main_output.in_place(gm)
     explicit_activations.in_place(gm)
     for step in surgery:
         run_surgery(gm, step.name, step.options, in_place=True)
-    return finish(gm)
+    return gm
 
 
 def build_network(model: ModelSpec, spec: Spec, *, device: str | torch.device = "cpu") -> fx.GraphModule:
     """One network through the pass pipeline (no taps yet). ``device="meta"`` allocates nothing."""
+    return finish(_quantize_network(_float_graph(model, spec.surgery_for(model), device), model, spec))
+
+
+def _quantize_network(gm: fx.GraphModule, model: ModelSpec, spec: Spec) -> fx.GraphModule:
+    """The quantization pass of ``build_network``, in place and before code generation: ``build_system``
+    copies the teachers' nodes into the composed graph and never runs their own code, and generates the
+    student's after exposing its taps."""
     q = spec.quantizer
-    gm = float_network(model, spec.surgery_for(model), device=device)
     quantize.in_place(
         gm,
         build_quantizer_family(q.name, q.options),
@@ -80,7 +90,7 @@ def build_network(model: ModelSpec, spec: Spec, *, device: str | torch.device = 
         first_layer_bits=q.first_layer_bits,
         last_layer_bits=q.last_layer_bits,
     )
-    return finish(gm)
+    return gm
 
 
 def _instantiate(model: ModelSpec, device: str | torch.device) -> nn.Module:
@@ -89,7 +99,7 @@ def _instantiate(model: ModelSpec, device: str | torch.device) -> nn.Module:
     from accelerate import init_empty_weights
 
     # Parameters only (tensor-valued builder arithmetic, e.g. RegNet's widths, must stay real).
-    with init_empty_weights(include_buffers=False):
+    with init_empty_weights(include_buffers=False), no_init_on_meta():
         module = build_model(model.arch, model.kwargs)
     return module.to("meta")
 
@@ -225,14 +235,23 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
     networks: list[NetworkInfo] = []
 
     built: dict[str, fx.GraphModule] = {}  # architecture+kwargs+surgery -> first network built
+    float_graphs: dict[str, fx.GraphModule] = {}  # the same key -> its float graph (meta only)
+
+    def float_graph(model: ModelSpec, key: str) -> fx.GraphModule:
+        if not meta:  # every network gets its own random initialisation
+            return _float_graph(model, spec.surgery_for(model), device)
+        # Without values, networks of one graph differ in nothing: copying is half the cost of tracing.
+        if key not in float_graphs:
+            float_graphs[key] = _float_graph(model, spec.surgery_for(model), device)
+        return copy_graph_module(float_graphs[key], tensors="meta")
 
     def make(model: ModelSpec, label: str) -> fx.GraphModule:
-        gm = build_network(model, spec, device=device)
+        same_graph = json.dumps([model.arch, model.kwargs, [s.model_dump() for s in spec.surgery_for(model)]])
+        gm = _quantize_network(float_graph(model, same_graph), model, spec)
         info = NetworkInfo(label, model)
         if load and model.weights and not meta:
             info.weights_report = load_weights(gm, model.weights, label=label)
             log.info(info.weights_report)
-        same_graph = json.dumps([model.arch, model.kwargs, [s.model_dump() for s in spec.surgery_for(model)]])
         if same_graph not in built or not copy_shapes(built[same_graph], gm):
             propagate_shapes(gm, input_shape)
             built.setdefault(same_graph, gm)
@@ -270,6 +289,8 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
             for j, (s_tap, t_tap) in enumerate(zip(student_taps, hint_taps, strict=True)):
                 exposed[method.hint_teacher(j, len(teachers))][s_tap.name] = t_tap
         composed = stack_teachers(teachers, exposed)
+    if composed is not None and spec.train.activation_checkpointing and not meta:
+        composed = checkpoint_segments(composed)  # for training; inspection (meta) shows the plain graph
     if student_taps:
         networks[0].taps = student_taps
         _warn_constant_attention(spec, student_taps)

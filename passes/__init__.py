@@ -1,4 +1,5 @@
-"""torch.fx graph passes: tracing, activation rewriting, surgery, quantization, taps, composition.
+"""torch.fx graph passes: tracing, activation rewriting, surgery, quantization, taps, composition,
+activation checkpointing.
 
 Installed as ``cmtkd_graph.passes``. Each pass is a pure function ``GraphModule -> GraphModule``
 (``pass_.in_place`` rewrites its argument instead, see ``graph_pass``).
@@ -14,6 +15,7 @@ from cmtkd_graph.passes.compose import compose_teachers
 from cmtkd_graph.passes.graph_pass import finish, graph_pass
 from cmtkd_graph.passes.outputs import expose_taps, keep_main_output
 from cmtkd_graph.passes.quantize import quantize
+from cmtkd_graph.passes.recompute import checkpoint_segments
 from cmtkd_graph.passes.shapes import propagate_shapes
 from cmtkd_graph.passes.surgery import SURGERIES, run_surgery
 from cmtkd_graph.passes.taps import Tap, resolve_tap, resolve_taps
@@ -22,6 +24,7 @@ from cmtkd_graph.passes.tracer import qualname, trace
 __all__ = [
     "SURGERIES",
     "Tap",
+    "checkpoint_segments",
     "compose_teachers",
     "explicit_activations",
     "expose_taps",

@@ -92,8 +92,9 @@ def compose_teachers(
     cursors = [0] * k_count
     shared: dict[str, fx.Node] = {}
 
-    def copy_until(k: int, stop: fx.Node | None) -> fx.Node | None:
-        """Copy teacher k's nodes up to and including ``stop`` (None: to the end); return its logits."""
+    def copy_until(k: int, stop: fx.Node | None, segment: int) -> fx.Node | None:
+        """Copy teacher k's nodes up to and including ``stop`` (None: to the end); return its logits.
+        The copies record ``segment``: how many taps precede them (for ``passes.recompute``)."""
         logits = None
         nodes = node_lists[k]
         while cursors[k] < len(nodes):
@@ -105,6 +106,7 @@ def compose_teachers(
                 logits = envs[k][node.args[0]]
             else:
                 envs[k][node] = copy_teacher_node(graph, node, envs[k], k)
+                envs[k][node].meta[META]["segment"] = segment
             if node is stop:
                 break
         return logits
@@ -113,7 +115,7 @@ def compose_teachers(
         tap_nodes = []
         for k in range(k_count):
             stop = find_node(teachers[k], taps[k][level].node)
-            copy_until(k, stop)
+            copy_until(k, stop, level)
             tap_nodes.append(stop)
         key = fusion_key(name)
         fusions.add_module(key, ImportanceFusion(k_count, name).to(device))
@@ -126,7 +128,7 @@ def compose_teachers(
             envs[k][tap_nodes[k]] = fused  # every later use of F_k^l now reads the shared knowledge
         shared[name] = fused
 
-    each_logits = [copy_until(k, None) for k in range(k_count)]
+    each_logits = [copy_until(k, None, len(tap_names)) for k in range(k_count)]
     out_fusion: Fusion = (
         ImportanceFusion(k_count, OUTPUT_FUSION)
         if combine == "importance"

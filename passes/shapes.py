@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -14,11 +15,16 @@ from cmtkd_graph.errors import UserError
 def propagate_shapes(gm: fx.GraphModule, input_shape: Sequence[int]) -> dict[fx.Node, torch.Size]:
     """Run ``gm`` on a meta-device input of ``input_shape`` and return each tensor node's output shape.
 
-    Runs on a structural copy of ``gm`` whose weights are meta tensors, in eval mode: nothing is
-    computed or allocated and no state of ``gm`` changes (BatchNorm statistics, LSQ initialisation).
+    Runs in eval mode on meta tensors: nothing is computed or allocated and no state of ``gm`` changes
+    (BatchNorm statistics, LSQ initialisation). A ``gm`` with real weights runs as a structural copy
+    whose weights are meta tensors; one already on the meta device runs itself (copying a large graph
+    costs more than running it there), its modules' train/eval flags restored afterwards.
     Also stores ``node.meta["val"]`` (a meta tensor: shape and dtype) on ``gm``'s nodes.
     """
-    shadow = copy_graph_module(gm, tensors="meta").eval()
+    on_meta = all(t.is_meta for t in itertools.chain(gm.parameters(), gm.buffers()))
+    shadow = gm if on_meta else copy_graph_module(gm, tensors="meta")
+    modes = {module: module.training for module in shadow.modules()}
+    shadow.eval()
     interpreter = _Recorder(shadow)
     try:
         interpreter.run(torch.empty(tuple(input_shape), device="meta"))
@@ -31,6 +37,9 @@ def propagate_shapes(gm: fx.GraphModule, input_shape: Sequence[int]) -> dict[fx.
             f"the model does not run on inputs of shape {list(input_shape)}{where}: {_first_line(err)} "
             "(check data.image_size and the model's minimum input size)"
         ) from None
+    finally:
+        for module, training in modes.items():
+            module.training = training
     shapes = {}
     for node, twin in zip(gm.graph.nodes, shadow.graph.nodes, strict=True):
         value = interpreter.values.get(twin)

@@ -121,21 +121,62 @@ def copy_graph_module(gm: fx.GraphModule, *, tensors: str = "share") -> fx.Graph
     ``tensors="share"``: parameters and buffers are the same tensor objects as in ``gm`` (passes
     restructure modules, they never write into weights, and copying weights on every pass is slow).
     ``tensors="meta"``: parameters and buffers are replaced by meta tensors (for shape propagation).
+
+    Modules are copied structurally (their attributes, with fresh containers) rather than through
+    ``copy.deepcopy``, whose generic walk over every module's hook dictionaries cost as much as
+    tracing the model again.
     """
     import copy
 
-    memo: dict[int, object] = {}
-    for t in itertools.chain(gm.parameters(), gm.buffers()):
+    def convert(t: torch.Tensor) -> torch.Tensor:
         if tensors == "share":
-            memo[id(t)] = t
-        else:
-            meta = torch.empty_like(t, device="meta")
-            memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    new = copy.deepcopy(gm, memo)
+            return t
+        meta = torch.empty_like(t, device="meta")
+        return nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+
+    memo: dict[int, object] = {}
+    holder = nn.Module()
+    for name, value in gm.__dict__["_modules"].items():
+        holder._modules[name] = None if value is None else _copy_module(value, memo, convert)
+    for name, value in itertools.chain(gm._parameters.items(), gm._buffers.items()):
+        setattr(holder, name, None if value is None else _copy_value(value, memo, convert))
+    graph = copy.deepcopy(gm.graph)
+    new = fx.GraphModule(holder, graph, type(gm).__name__)
+    new.meta = copy.copy(gm.meta)
     for old_node, new_node in zip(gm.graph.nodes, new.graph.nodes, strict=True):
         new_node.meta = copy.copy(old_node.meta)
     new.train(gm.training)
     return new
+
+
+def _copy_module(module: nn.Module, memo: dict[int, object], convert) -> nn.Module:
+    """``module`` and its children as new objects: tensors through ``convert``, containers (hook
+    dictionaries, a builder's lists) copied one level deep, everything else shared (ints, tuples, types).
+    A module reachable twice is copied once."""
+    if id(module) in memo:
+        return memo[id(module)]
+    new = object.__new__(type(module))
+    memo[id(module)] = new
+    new.__dict__ = {name: _copy_value(value, memo, convert) for name, value in module.__dict__.items()}
+    return new
+
+
+def _copy_value(value, memo: dict[int, object], convert):
+    if isinstance(value, torch.Tensor):
+        if id(value) not in memo:
+            memo[id(value)] = convert(value)
+        return memo[id(value)]
+    if isinstance(value, nn.Module):
+        return _copy_module(value, memo, convert)
+    if isinstance(value, dict):  # _parameters, _buffers, _modules, hooks (OrderedDicts keep their type)
+        copied = value.copy()
+        for key, item in value.items():
+            if isinstance(item, torch.Tensor | nn.Module):
+                copied[key] = _copy_value(item, memo, convert)
+        return copied
+    if isinstance(value, list | set):
+        return value.copy()
+    return value
 
 
 def replace_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:

@@ -22,6 +22,14 @@ def test_step_bench_smoke(tmp_path):
 
 
 def test_build_bench_on_one_model():
-    result = run_module(["--models", "alexnet"], cwd=REPO, module="bench.build")
+    result = run_module(["--models", "alexnet", "--repeat", "1"], cwd=REPO, module="bench.build")
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"built 1 systems \(student \+ 3 composed teachers, meta device\) in \d", result.stdout)
+
+
+def test_memory_bench_smoke():
+    result = run_module(["--smoke"], cwd=REPO, module="bench.memory")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for mode in ("off", "on"):
+        assert re.search(rf"quickstart, activation_checkpointing {mode} +\d+ MiB +\d+ MiB", result.stdout)
+    assert re.search(r"checkpointing keeps x0\.\d\d of the activations", result.stdout), result.stdout

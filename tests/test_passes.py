@@ -10,7 +10,7 @@ from cmtkd_graph.passes.common import META
 from cmtkd_graph.passes.outputs import keep_main_output
 from cmtkd_graph.passes.quantize import nonnegative_nodes, quantize
 from cmtkd_graph.passes.surgery import run_surgery
-from cmtkd_graph.passes.tracer import qualname, trace
+from cmtkd_graph.passes.tracer import copy_graph_module, qualname, trace
 from torch import nn
 
 from cmtkd_graph.quantizers import QuantConv2d, QuantLinear, build_quantizer_family
@@ -26,6 +26,94 @@ def rewritten(model: nn.Module, train: bool = True) -> torch.fx.GraphModule:
 
 def quantizer_nodes(gm):
     return [n for n in gm.graph.nodes if n.meta.get(META, {}).get("role") == "quantizer"]
+
+
+# ---------------------------------------------------------------- copying and building on meta
+
+
+def test_copy_graph_module_copies_modules_and_shares_or_replaces_tensors():
+    torch.manual_seed(0)
+    gm = quantize(
+        rewritten(torchvision.models.mobilenet_v3_small(num_classes=5)), HWGQ, weight_bits=2, act_bits=2
+    )
+    gm.eval()
+    x = torch.randn(2, 3, 64, 64)
+    shared = copy_graph_module(gm)
+    assert torch.equal(shared(x), gm(x))  # the same computation
+    assert [qualname(n) for n in shared.graph.nodes] == [qualname(n) for n in gm.graph.nodes]
+    pairs = list(zip(gm.modules(), shared.modules(), strict=True))[1:]  # each GraphModule has its own class
+    assert all(a is not b and type(a) is type(b) for a, b in pairs)
+    assert all(
+        a._forward_hooks is not b._forward_hooks and a._parameters is not b._parameters for a, b in pairs
+    )
+    assert all(a is b for a, b in zip(gm.parameters(), shared.parameters(), strict=True))
+    assert not shared.training and all(not m.training for m in shared.modules())
+    handle = shared.get_submodule("classifier.0").register_forward_hook(lambda *_: None)
+    assert not gm.get_submodule("classifier.0")._forward_hooks  # a hook on the copy stays on the copy
+    handle.remove()
+    meta = copy_graph_module(gm, tensors="meta")
+    originals = dict(gm.named_parameters())
+    for name, p in meta.named_parameters():
+        assert p.is_meta and isinstance(p, nn.Parameter) and p.shape == originals[name].shape
+    assert all(b.is_meta for b in meta.buffers()) and not any(p.is_meta for p in gm.parameters())
+    assert meta(torch.empty(2, 3, 64, 64, device="meta")).shape == (2, 5)
+
+
+def test_a_module_at_two_paths_is_copied_once():
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_module("second", (graph.call_module("first", (x,)),)))
+    conv = nn.Conv2d(3, 3, 1)
+    gm = torch.fx.GraphModule({"first": conv, "second": conv}, graph)
+    copy = copy_graph_module(gm, tensors="meta")
+    assert copy.get_submodule("first") is copy.get_submodule("second") is not conv
+    assert len(list(copy.parameters())) == 2 and all(p.is_meta for p in copy.parameters())
+
+
+def test_no_init_on_meta_skips_initialisation_of_meta_tensors_only():
+    from cmtkd_graph.meta_device import no_init_on_meta
+
+    real = torch.zeros(4, 4)
+    meta = torch.empty(4, 4, device="meta")
+    with no_init_on_meta():
+        assert nn.init.kaiming_normal_(meta) is meta and meta.normal_() is meta
+        assert nn.init.trunc_normal_(tensor=meta, std=0.02) is meta  # keyword form
+        nn.init.kaiming_normal_(real)
+        layer = nn.Linear(3, 2, device="meta")
+        torch.manual_seed(0)
+        real_layer = nn.Linear(3, 2)
+    assert real.abs().sum() > 0 and layer.weight.is_meta  # real tensors still initialise
+    torch.manual_seed(0)
+    assert torch.equal(real_layer.weight, nn.Linear(3, 2).weight)  # and consume the same random numbers
+
+
+def test_a_meta_build_has_the_structure_of_a_real_one():
+    """On meta the float network is traced once and copied for the other networks; the result must be
+    what building each network for real gives: same modules, parameter names, shapes and node names."""
+    import cmtkd_graph as cg
+
+    spec = cg.load_spec(
+        "quickstart",
+        ["surgery=[]", "teachers=[{weight_bits: 4, act_bits: 4}, {weight_bits: 8, act_bits: 8}]"],
+    )
+    real = cg.build_system(spec, load=False)
+    meta = cg.build_system(spec, device="meta", load=False)
+    assert [(n, p.shape) for n, p in real.named_parameters()] == [
+        (n, p.shape) for n, p in meta.named_parameters()
+    ]
+
+    def kinds(system):  # every GraphModule has a class of its own: compare those by name
+        return [
+            (n, type(m).__name__ if isinstance(m, torch.fx.GraphModule) else type(m))
+            for n, m in system.named_modules()
+        ]
+
+    assert kinds(real) == kinds(meta)
+    for a, b in ((real.student, meta.student), (real.teachers, meta.teachers)):
+        assert [(qualname(n), n.meta.get(META)) for n in a.graph.nodes] == [
+            (qualname(n), n.meta.get(META)) for n in b.graph.nodes
+        ]
+    assert len({id(p) for p in meta.parameters()}) == len(list(meta.parameters()))  # nothing shared
 
 
 # ---------------------------------------------------------------- tracing and naming

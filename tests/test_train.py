@@ -48,6 +48,13 @@ def train(tmp_path: Path, *extra: str, run: str = "run", resume: Path | None = N
     return tmp_path / run, result
 
 
+def train_here(tmp_path: Path, *extra: str, run: str = "run") -> Path:
+    """``train`` in this process (pytest's imports already paid); resumptions still get a new process."""
+    from cmtkd_graph.train import run as run_training
+
+    return run_training("quickstart", [*SMALL, f"train.output_dir={tmp_path / run}", *extra])
+
+
 def test_short_run_learns_and_writes_every_artefact(tmp_path, fashion_mnist):
     run_dir, result = train(tmp_path, "train.epochs=3", "train.tensorboard=true")
     records = read_metrics(run_dir / "metrics.jsonl")
@@ -87,13 +94,15 @@ def test_short_run_learns_and_writes_every_artefact(tmp_path, fashion_mnist):
     assert "done: " in result.stderr and "final student" in result.stderr
 
 
-def test_resume_gives_bit_identical_weights(tmp_path, fashion_mnist):
-    """12 steps straight (no loader workers) = 6 steps, stop mid-epoch, resume, 6 more (2 workers)."""
-    straight, _ = train(tmp_path, "train.epochs=2", "train.max_steps=12", run="straight")
-    half, _ = train(tmp_path, "train.epochs=2", "train.max_steps=6", "data.num_workers=2", run="half")
+def test_resume_gives_bit_identical_weights(tmp_path, fashion_mnist, fresh_accelerate):
+    """12 steps straight (no loader workers) = 6 steps, stop mid-epoch, resume in a new process, 6 more
+    (2 workers). Batches of 16 from 128 images: 8 steps per epoch, so the runs cross an epoch boundary."""
+    small = ("train.epochs=2", "data.train_subset=128", "data.batch_size=16", "data.eval_subset=32")
+    straight = train_here(tmp_path, *small, "train.max_steps=12", run="straight")
+    half = train_here(tmp_path, *small, "train.max_steps=6", "data.num_workers=2", run="half")
     train(
         tmp_path,
-        "train.epochs=2",
+        *small,
         "train.max_steps=12",
         "data.num_workers=2",
         "train.keep_checkpoints=3",
@@ -116,12 +125,14 @@ def test_resume_gives_bit_identical_weights(tmp_path, fashion_mnist):
     assert steps_a == steps_b == [2, 4, 6, 8, 10, 12]
 
 
-def test_resume_at_an_epoch_boundary_keeps_an_epoch_stepped_schedule(tmp_path, fashion_mnist):
+def test_resume_at_an_epoch_boundary_keeps_an_epoch_stepped_schedule(
+    tmp_path, fashion_mnist, fresh_accelerate
+):
     """The lr drop of a per-epoch schedule is in the checkpoint: 1 epoch + resume = 2 epochs straight."""
     schedule = "optim.schedule={name: multistep, milestones: [1], gamma: 0.1, step_every: epoch}"
-    small = ("data.train_subset=128", "data.eval_subset=32", schedule)  # 4 steps per epoch
-    straight, _ = train(tmp_path, "train.epochs=2", *small, run="straight")
-    first, _ = train(tmp_path, "train.epochs=1", *small, run="first")
+    small = ("data.train_subset=64", "data.batch_size=16", "data.eval_subset=16", schedule)  # 4 steps/epoch
+    straight = train_here(tmp_path, "train.epochs=2", *small, run="straight")
+    first = train_here(tmp_path, "train.epochs=1", *small, run="first")
     train(tmp_path, "train.epochs=2", *small, run="first", resume=first)
 
     def last_checkpoint(run_dir: Path) -> dict:
@@ -139,6 +150,7 @@ def test_two_cpu_processes_train_one_model(tmp_path, fashion_mnist):
     """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine: one gloo data-parallel job."""
     run_dir = tmp_path / "ddp"
     extra = ["train.epochs=1", "data.train_subset=128", "data.eval_subset=64", f"train.output_dir={run_dir}"]
+    extra += ["train.activation_checkpointing=true"]  # recomputed teacher segments under DDP
     args = ["cmtkd_graph.train", "quickstart", *sets(*SMALL, *extra)]
     result = launch_two_processes(args, cwd=tmp_path, port=29517)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -217,19 +229,20 @@ sys.exit(main(sys.argv[1:]))
 
 def test_killing_the_process_while_it_writes_a_checkpoint_keeps_the_last_one(tmp_path, fashion_mnist):
     run_dir = tmp_path / "killed"
-    args = ["quickstart", *sets(*SMALL, "train.epochs=3", f"train.output_dir={run_dir}")]
+    small = ("train.epochs=3", "data.train_subset=64", "data.batch_size=16", "data.eval_subset=16")  # 4 steps
+    args = ["quickstart", *sets(*SMALL, *small, f"train.output_dir={run_dir}")]
     result = subprocess.run(
         [sys.executable, "-c", KILLER, *args], cwd=tmp_path, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == -signal.SIGKILL
     checkpoints = run_dir / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == [".tmp-step-00000016", "latest", "step-00000008"]
-    assert json.loads((checkpoints / "latest").read_text())["checkpoint"] == "step-00000008"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".tmp-step-00000008", "latest", "step-00000004"]
+    assert json.loads((checkpoints / "latest").read_text())["checkpoint"] == "step-00000004"
     # the run resumes from the previous checkpoint and finishes
-    _, result = train(tmp_path, "train.epochs=3", run="killed", resume=run_dir)
-    assert "resumed from" in result.stderr and "step 8" in result.stderr
-    assert json.loads((checkpoints / "latest").read_text())["step"] == 24
-    assert not (checkpoints / ".tmp-step-00000016").exists()
+    _, result = train(tmp_path, *small, run="killed", resume=run_dir)
+    assert "resumed from" in result.stderr and "step 4" in result.stderr
+    assert json.loads((checkpoints / "latest").read_text())["step"] == 12
+    assert not (checkpoints / ".tmp-step-00000008").exists()
 
 
 def test_resume_errors_are_clear(tmp_path):

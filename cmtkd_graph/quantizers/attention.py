@@ -29,6 +29,7 @@ from torch import nn
 from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
 
 from cmtkd_graph.errors import UserError
+from cmtkd_graph.meta_device import no_init_on_meta
 from cmtkd_graph.quantizers.base import FULL_PRECISION, QuantizerFamily
 
 
@@ -49,7 +50,7 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
         problems = [name for name, present in unsupported.items() if present]
         if problems:
             raise UserError(f"cannot quantize nn.MultiheadAttention with {', '.join(problems)}")
-        with torch.device("meta"):  # placeholders only: replaced by the shared tensors below
+        with torch.device("meta"), no_init_on_meta():  # placeholders, replaced by the shared tensors below
             new = cls(
                 mha.embed_dim,
                 mha.num_heads,
@@ -102,7 +103,7 @@ class QuantShiftedWindowAttention(ShiftedWindowAttention):
         cls, attn: ShiftedWindowAttention, family: QuantizerFamily, *, weight_bits: int, act_bits: int
     ) -> QuantShiftedWindowAttention:
         """The quantized twin of ``attn``, sharing its very parameters and buffers."""
-        with torch.device("meta"):  # placeholders only: replaced by the shared tensors below
+        with torch.device("meta"), no_init_on_meta():  # placeholders, replaced by the shared tensors below
             new = cls(
                 attn.qkv.in_features,
                 list(attn.window_size),

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmtkd_graph.meta_device import no_init_on_meta
 from cmtkd_graph.quantizers.base import Quantizer
 
 
@@ -38,19 +39,20 @@ class QuantConv2d(_WeightQuantized, nn.Conv2d):
     @classmethod
     def from_float(cls, layer: nn.Conv2d, weight_quantizer: Quantizer) -> QuantConv2d:
         """The quantized twin of ``layer``, sharing its very Parameter objects and hyperparameters."""
-        new = cls(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            groups=layer.groups,
-            bias=layer.bias is not None,
-            padding_mode=layer.padding_mode,
-            device="meta",  # placeholders only: replaced by the shared parameters below
-            weight_quantizer=weight_quantizer,
-        )
+        with no_init_on_meta():
+            new = cls(
+                layer.in_channels,
+                layer.out_channels,
+                layer.kernel_size,
+                stride=layer.stride,
+                padding=layer.padding,
+                dilation=layer.dilation,
+                groups=layer.groups,
+                bias=layer.bias is not None,
+                padding_mode=layer.padding_mode,
+                device="meta",  # placeholders only: replaced by the shared parameters below
+                weight_quantizer=weight_quantizer,
+            )
         _share_parameters(new, layer)
         return new
 
@@ -64,13 +66,14 @@ class QuantLinear(_WeightQuantized, nn.Linear):
     @classmethod
     def from_float(cls, layer: nn.Linear, weight_quantizer: Quantizer) -> QuantLinear:
         """The quantized twin of ``layer``, sharing its very Parameter objects."""
-        new = cls(
-            layer.in_features,
-            layer.out_features,
-            bias=layer.bias is not None,
-            device="meta",  # placeholders only: replaced by the shared parameters below
-            weight_quantizer=weight_quantizer,
-        )
+        with no_init_on_meta():
+            new = cls(
+                layer.in_features,
+                layer.out_features,
+                bias=layer.bias is not None,
+                device="meta",  # placeholders only: replaced by the shared parameters below
+                weight_quantizer=weight_quantizer,
+            )
         _share_parameters(new, layer)
         return new
 
