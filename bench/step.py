@@ -9,9 +9,12 @@ and which precision, memory format and compilation pay.
     backward, by ``torch.utils.flop_counter``) over its time, beside the rate of a large 3x3 convolution
     measured in the same run: the peak a step of convolutions could reach here.
 (c) One step of the composed system in fp32, bf16 autocast, channels_last, both, and ``torch.compile``
-    (with its compile time and graph breaks from ``torch._dynamo.explain``), and what
-    ``train.mixed_precision: auto`` picks, at the quickstart's shape (resnet18, ImageNet stem, 28x28
-    Fashion-MNIST) and the paper's (resnet18, CIFAR stem, 32x32, three teachers).
+    (with the trainer's Inductor options and with Inductor's default layout optimization; compile time
+    and graph breaks from ``torch._dynamo.explain``), and what ``train.mixed_precision: auto`` picks, at
+    the quickstart's shape (resnet18, ImageNet stem, 28x28 Fashion-MNIST) and the paper's (resnet18,
+    CIFAR stem, 32x32, three teachers). Then the share of the fp32 step spent in convolutions and
+    matmuls (the ceiling of what compiling the rest can give) and the trainer's fused ``optimizer.step()``
+    against torch's per-tensor loop.
 
     python -m bench.step [--batch 64] [--repeat 3] [--no-compile] [--only a,b,c] [--shapes quickstart,paper]
                          [--smoke]
@@ -35,6 +38,7 @@ import cmtkd_graph as cg
 from bench.common import machine_line
 from bench.eager_cmtkd import EagerCMTKD
 from cmtkd_graph import precision as prec
+from cmtkd_graph.optim import build_optimizer, parameter_groups
 from cmtkd_graph.quantizers import build_quantizer_family
 
 FLOAT = ["student.weight_bits=32", "student.act_bits=32"]
@@ -46,7 +50,7 @@ SHAPES = {  # (c): name -> (spec, overrides)
 
 
 def sgd_step(loss_fn, params):
-    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, fused=True)  # as cmtkd_graph.optim builds it
 
     def step():
         loss_fn().backward()
@@ -155,6 +159,33 @@ def roofline(batch: int, repeat: int, smoke: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------- (c)
+DENSE_OPS = ("aten::convolution", "aten::convolution_backward", "aten::addmm", "aten::mm")
+
+
+def dense_share(step) -> float:
+    """The fraction of one step's CPU time spent in convolutions and matmuls (torch.profiler). Fusing
+    cannot shorten them, so compiling the rest can make the step at most 1 / share times faster."""
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.cpu_time_total for e in events if e.key in DENSE_OPS) / total
+
+
+def optimizer_steps(system, spec: cg.Spec, repeat: int) -> dict[str, float]:
+    """``optimizer.step()`` as the trainer builds it (fused kernels) against torch's per-tensor loop."""
+    for p in system.parameters():
+        p.grad = torch.randn_like(p)
+    fused = build_optimizer(system, spec)
+    loop = torch.optim.SGD(parameter_groups(system, spec), lr=spec.optim.lr, momentum=spec.optim.momentum)
+    with torch.no_grad():
+        times = prec.interleaved_best({"fused": fused.step, "loop": loop.step}, repeat)
+    for p in system.parameters():
+        p.grad = None
+    return times
+
+
 def fresh_choice(spec: cg.Spec, batch: int) -> prec.Precision:
     """What ``mixed_precision: auto`` picks on a first run here (probed afresh, not from the cache)."""
     saved = os.environ.get("CMTKD_GRAPH_CACHE_DIR")
@@ -193,27 +224,41 @@ def variants_table(batch: int, repeat: int, smoke: bool, compile_too: bool) -> N
                 system = system.to(memory_format=torch.channels_last)
                 xs = x.contiguous(memory_format=torch.channels_last)
             fns[name] = system_step(system, xs, y, bf16=mixed)
-        times = prec.interleaved_best(fns, repeat)
         extra = ""
         if compile_too:
-            compiled = copy.deepcopy(base)
-            explained = torch._dynamo.explain(compiled)(x, y)
+            explained = torch._dynamo.explain(copy.deepcopy(base))(x, y)
             torch._dynamo.reset()
-            compiled.compile()
-            step = system_step(compiled, x, y)
-            start = time.perf_counter()
-            step()
-            first = time.perf_counter() - start
-            times["fp32 compiled"] = prec.interleaved_best({"c": step}, repeat)["c"]
+            first = {}
+            # the trainer's options for fp32 contiguous, then Inductor's default (layout optimization on)
+            trainer_options = prec.Precision("no", channels_last=False, source="spec").compile_options()
+            for name, options in [("fp32 compiled", trainer_options), ("fp32 compiled, layout opt.", {})]:
+                compiled = copy.deepcopy(base)
+                compiled.compile(options=options)
+                fns[name] = system_step(compiled, x, y)
+                start = time.perf_counter()
+                fns[name]()
+                first[name] = time.perf_counter() - start
             extra = (
-                f"; compile: {first - times['fp32']:.0f} s, {explained.graph_count} graph(s), "
-                f"{explained.graph_break_count} graph break(s)"
+                f"; compile: {first['fp32 compiled']:.0f} s for the first step, {explained.graph_count} "
+                f"graph(s), {explained.graph_break_count} graph break(s)"
             )
+        times = prec.interleaved_best(fns, repeat)
         chosen = fresh_choice(spec, batch)
+        dense = dense_share(fns["fp32"])
+        optimizer = optimizer_steps(copy.deepcopy(base), spec, repeat)
         print(f"  {shape} ({spec_name}, {'x'.join(map(str, spec.data.input_shape()))}, batch {batch}){extra}")
         for name, seconds in times.items():
-            print(f"    {name:<20} {seconds:7.3f} s/step   x{times['fp32'] / seconds:5.2f} vs fp32")
+            print(f"    {name:<26} {seconds:7.3f} s/step   x{times['fp32'] / seconds:5.2f} vs fp32")
         print(f"    auto picks: {chosen.label} ({chosen.describe()})")
+        print(
+            f"    convolutions and matmuls: {dense:.0%} of the fp32 step, so fusing everything else away "
+            f"could make it at most x{1 / dense:.2f} faster"
+        )
+        fused, loop = optimizer["fused"], optimizer["loop"]
+        print(
+            f"    optimizer.step(): {fused * 1e3:.0f} ms fused (the trainer's) against {loop * 1e3:.0f} ms "
+            f"as a per-tensor loop (x{loop / fused:.2f})"
+        )
 
 
 def main() -> None:

@@ -256,7 +256,7 @@ class Trainer:
         if self.channels_last:
             system = system.to(memory_format=torch.channels_last)
         if t.compile:
-            system.compile()
+            system.compile(options=precision.compile_options())
         optimizer = build_optimizer(system, spec)
         self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(
             system, optimizer, train_loader, eval_loader

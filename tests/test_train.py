@@ -56,11 +56,12 @@ def train_here(tmp_path: Path, *extra: str, run: str = "run") -> Path:
 
 
 def test_short_run_learns_and_writes_every_artefact(tmp_path, fashion_mnist):
-    run_dir, result = train(tmp_path, "train.epochs=3", "train.tensorboard=true")
+    # 48 steps: after 24 the eval accuracy still depends on the seed and on float rounding (8-31 %)
+    run_dir, result = train(tmp_path, "train.epochs=3", "data.train_subset=512", "train.tensorboard=true")
     records = read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
-    assert len(steps) == 3 * 8 // 2 and len(evals) == 3
+    assert len(steps) == 3 * 16 // 2 and len(evals) == 3
     terms = {
         "loss/total",
         "loss/ce_student",
@@ -79,7 +80,7 @@ def test_short_run_learns_and_writes_every_artefact(tmp_path, fashion_mnist):
     last = sum(r["loss/total"] for r in steps[-2:]) / 2
     assert last < 0.8 * first, (first, last)
     final = json.loads((run_dir / "final.json").read_text())
-    assert final["accuracy"]["acc1/combined"] > 30  # chance is 10; the W2A2 student needs more than 24 steps
+    assert final["accuracy"]["acc1/combined"] > 30  # chance is 10; 36-48 over four seeds
     assert {"acc1/teacher0", "acc5/teacher1", "acc5/student", "acc5/combined"} <= set(final["accuracy"])
     assert (run_dir / "spec.yaml").read_text().startswith("name: quickstart")
     assert (run_dir / "importance.png").stat().st_size > 10_000
@@ -87,7 +88,7 @@ def test_short_run_learns_and_writes_every_artefact(tmp_path, fashion_mnist):
     latest = json.loads((run_dir / "checkpoints" / "latest").read_text())
     checkpoint = run_dir / "checkpoints" / latest["checkpoint"]
     assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "optimizer.bin").is_file()
-    assert latest["step"] == 24
+    assert latest["step"] == 48
     student = load_file(run_dir / "student.safetensors")
     assert "layer1.0.conv1.weight" in student and "fc.weight" in student  # torchvision names
     assert not any(k.startswith("teachers.") for k in student)

@@ -80,7 +80,7 @@ def odd_integers(x: torch.Tensor, half: torch.Tensor | float) -> torch.Tensor:
     Written as the ONNX export computes a mid-rise grid (Sub, then QuantizeLinear with scale 2 half), so
     exported models round exactly as the fake-quantized ones.
     """
-    return torch.round((x - half) / (2 * half)).mul_(2).add_(1)
+    return torch.sub(x, half).div_(2 * half).round_().mul_(2).add_(1)  # one full-size allocation
 
 
 def unsigned_grid(bits: int) -> IntegerGrid:

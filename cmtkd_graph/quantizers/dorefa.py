@@ -17,7 +17,7 @@ from cmtkd_graph.quantizers.base import (
     register_quantizer,
     unsigned_grid,
 )
-from cmtkd_graph.quantizers.ste import clipped_ste
+from cmtkd_graph.quantizers.ste import clipped_ste, identity_ste
 
 
 def unit_integers(r: torch.Tensor, bits: int) -> torch.Tensor:
@@ -45,13 +45,16 @@ class DoReFaWeightQuantizer(Quantizer):
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
         if self.bits == 1:
-            sign, mean = self.integers(w.detach())
-            return sign * mean + (w - w.detach())
+            return identity_ste(w, self._binary_levels)
         r = self._unit(w)
         n = 2**self.bits - 1
         # forward: the odd integer 2m - n times 1/n; backward: d/dw of 2r - 1 (q_k's identity STE)
         levels = (2 * unit_integers(r.detach(), self.bits) - n) * (1.0 / n)
         return levels + 2 * (r - r.detach())
+
+    def _binary_levels(self, w: torch.Tensor) -> torch.Tensor:
+        sign, mean = self.integers(w)
+        return sign.mul_(mean)
 
     def integers(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.bits == 1:

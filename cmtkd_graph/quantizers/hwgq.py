@@ -20,7 +20,7 @@ from cmtkd_graph.quantizers.base import (
     register_quantizer,
     unsigned_grid,
 )
-from cmtkd_graph.quantizers.ste import clipped_ste
+from cmtkd_graph.quantizers.ste import clipped_ste, identity_ste
 
 HALF_WAVE_STEP: dict[int, float] = {
     1: 0.7979,
@@ -133,14 +133,17 @@ class MidRiseWeightQuantizer(Quantizer):
         return mid_rise_grid(self.bits)
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
-        q, half_step = self.integers(w.detach())
-        return q * half_step + (w - w.detach())
+        return identity_ste(w, self._levels)
+
+    def _levels(self, w: torch.Tensor) -> torch.Tensor:
+        q, half_step = self.integers(w)
+        return q.mul_(half_step)
 
     def integers(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The tiny floor keeps a constant (std 0) weight finite instead of 0/0 = NaN.
         t = (self.step * w.std()).clamp(min=torch.finfo(torch.float32).tiny)
         limit = (2 ** (self.bits - 1) - 0.5) * t
-        return odd_integers(torch.maximum(torch.minimum(w, limit), -limit), t / 2), t / 2
+        return odd_integers(w.clamp(-limit, limit), t / 2), t / 2
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, step={self.step}*std(W)"
@@ -160,8 +163,11 @@ class ChannelBinaryWeightQuantizer(Quantizer):
         return mid_rise_grid(1)
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
-        sign, alpha = self.integers(w.detach())
-        return alpha * sign + (w - w.detach())
+        return identity_ste(w, self._levels)
+
+    def _levels(self, w: torch.Tensor) -> torch.Tensor:
+        sign, alpha = self.integers(w)
+        return sign.mul_(alpha)
 
     def integers(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         alpha = w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True) if w.dim() > 1 else w.abs()
