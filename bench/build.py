@@ -16,7 +16,7 @@ import time
 import torchvision
 
 import cmtkd_graph as cg
-from bench.common import machine_line
+from cmtkd_graph.precision import machine_line
 from cmtkd_graph.spec_io import validate_spec
 
 NATIVE_SIZE = {"inception_v3": 299}  # everything else at 224

@@ -25,17 +25,3 @@ def report(title: str, rows: list[tuple[str, float]], baseline: str) -> None:
     width = max(len(name) for name, _ in rows)
     for name, seconds in rows:
         print(f"  {name:<{width}}  {seconds * 1000:9.1f} ms   x{base / seconds:5.2f} vs {baseline}")
-
-
-def machine_line() -> str:
-    """The machine a figure was measured on: CPU model, speed-relevant flags, threads, torch, GPU."""
-    import torch
-
-    from cmtkd_graph.precision import cpu_model_and_flags
-
-    model, flags = cpu_model_and_flags()
-    threads = torch.get_num_threads()
-    line = f"CPU: {model}, {threads} threads, flags {' '.join(flags) or '-'}; torch {torch.__version__}"
-    if torch.cuda.is_available():
-        line += f"; GPU: {torch.cuda.get_device_name()}"
-    return line

@@ -23,8 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import machine_line
 from cmtkd_graph.metrics import read_metrics
+from cmtkd_graph.precision import machine_line
 
 
 def train(out: Path, steps: int, batch: int, seed: int, compile_: bool) -> tuple[list[dict], str]:

@@ -24,8 +24,8 @@ import time
 import torch
 
 import cmtkd_graph as cg
-from bench.common import machine_line
 from bench.step import SHAPES, system_step
+from cmtkd_graph.precision import machine_line
 
 
 def _rss_mib() -> float:

@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import cmtkd_graph as cg
-from bench.common import machine_line
 from bench.eager_cmtkd import EagerCMTKD
 from cmtkd_graph import precision as prec
 from cmtkd_graph.optim import build_optimizer, parameter_groups
+from cmtkd_graph.precision import machine_line
 from cmtkd_graph.quantizers import build_quantizer_family
 
 FLOAT = ["student.weight_bits=32", "student.act_bits=32"]

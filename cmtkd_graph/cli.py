@@ -50,6 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_train_args(p)
 
+    p = sub.add_parser(
+        "study", help="train the rows x seeds of a study (resumable) and write its results table"
+    )
+    p.add_argument("study", metavar="STUDY.yaml")
+    p.add_argument("--dry-run", action="store_true", help="list the runs with estimated times; train none")
+    p.add_argument("--rows", type=_names, default=[], metavar="A,B", help="only these rows")
+    p.add_argument("--redo", type=_names, default=[], metavar="A,B", help="train these rows again")
+    p.add_argument("--report", action="store_true", help="only rewrite the results from the summaries")
+    p.add_argument("--keep-going", action="store_true", help="go on with the next run after a failure")
+    p.add_argument(
+        "--launcher",
+        default="",
+        metavar="CMD",
+        help="start each run with CMD instead of `python -m cmtkd_graph.train`, e.g. "
+        "'accelerate launch --multi_gpu --num_processes 2 -m cmtkd_graph.train'",
+    )
+
     p = sub.add_parser("inspect", help="dump or summarise the rewritten graphs")
     add_spec_args(p)
     p.add_argument("--out", help="output file; without it a summary table is printed")
@@ -88,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["torch", "integer", "onnx"], default="torch")
     p.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
     return parser
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -151,6 +172,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    """Train what is not done yet (or only estimate it), then write the results."""
+    import shlex
+
+    from cmtkd_graph.study import dry_run, load_study, run_study
+    from cmtkd_graph.study_report import write_report
+
+    study = load_study(args.study)
+    if args.dry_run:
+        dry_run(study, args.rows, args.redo)
+        return 0
+    if args.report:
+        print(f"wrote {write_report(study)}")
+        return 0
+    failed = run_study(
+        study,
+        rows=args.rows,
+        redo=args.redo,
+        launcher=shlex.split(args.launcher),
+        keep_going=args.keep_going,
+    )
+    print(
+        f"study {study.name}: {'all runs done' if not failed else f'{failed} run(s) failed'}; "
+        f"results in {study.report_path}"
+    )
+    return 1 if failed else 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Write the graph to ``--out``, or print the summary table."""
     from cmtkd_graph.inspection import read_importance, system_graph
@@ -210,6 +259,7 @@ _COMMANDS = {
     "schema": cmd_schema,
     "taps": cmd_taps,
     "train": cmd_train,
+    "study": cmd_study,
     "inspect": cmd_inspect,
     "eval": cmd_eval,
     "export": cmd_export,

@@ -157,6 +157,16 @@ def cpu_model_and_flags() -> tuple[str, list[str]]:
     return model, flags
 
 
+def machine_line() -> str:
+    """The machine a figure was measured on: CPU model, speed-relevant flags, threads, torch, GPU."""
+    model, flags = cpu_model_and_flags()
+    threads = torch.get_num_threads()
+    line = f"CPU: {model}, {threads} threads, flags {' '.join(flags) or '-'}; torch {torch.__version__}"
+    if torch.cuda.is_available():
+        line += f"; GPU: {torch.cuda.get_device_name()}"
+    return line
+
+
 def shape_key(spec: Spec, batch_per_process: int, options: list[tuple[str | None, bool]]) -> dict:
     """Everything in the spec that changes the cost of a step (not paths, lrs, epochs or seeds)."""
     keep = {"arch", "kwargs", "weight_bits", "act_bits", "trainable"}

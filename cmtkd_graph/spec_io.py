@@ -60,7 +60,11 @@ def find_spec_file(path: str | Path) -> Path:
 
 
 def read_spec_file(path: str | Path) -> dict[str, Any]:
-    file = find_spec_file(path)
+    return read_yaml_mapping(find_spec_file(path), "a spec")
+
+
+def read_yaml_mapping(file: Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; a syntax error names its line and column."""
     try:
         data = yaml.safe_load(file.read_text())
     except yaml.YAMLError as err:
@@ -69,7 +73,7 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise SpecError(f"{file}: invalid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
-        raise SpecError(f"{file}: a spec must be a YAML mapping (key: value), got {type(data).__name__}")
+        raise SpecError(f"{file}: {what} must be a YAML mapping (key: value), got {type(data).__name__}")
     return data
 
 

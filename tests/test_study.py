@@ -1,0 +1,202 @@
+"""``cmtkd-graph study``: a study file, real training runs in real processes, resumption, the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cmtkd_graph.errors import UserError
+from cmtkd_graph.study import PlannedRun, StudySpec, load_study, plan
+
+from .conftest import run_module
+
+# the quickstart (resnet18 W2A2, 4- and 8-bit teachers, 28x28 Fashion-MNIST) at toy length
+COMMON = [
+    "surgery=[]",
+    "taps={teachers: [layer1, layer2, layer3]}",
+    "data.train_subset=64",
+    "data.eval_subset=64",
+    "data.batch_size=32",
+    "data.num_workers=0",
+    "train.mixed_precision=no",
+    "train.channels_last=false",
+    "train.progress_bar=false",
+    "train.log_every=1",
+    "train.epochs=1",
+    "train.eval_every=1",
+    "optim.schedule={name: constant}",
+]
+SINGLE = ["method=single", "teachers=[]", "distill={}"]
+
+
+def write_study(tmp_path: Path, rows: list[dict], **extra) -> Path:
+    study = {"name": "toy", "base": "quickstart", "set": COMMON, "rows": rows, **extra}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def study_cli(tmp_path: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return run_module(["study", "study.yaml", *args], cwd=tmp_path, module="cmtkd_graph", timeout=timeout)
+
+
+def test_study_files_are_validated_with_one_line_per_problem(tmp_path):
+    path = write_study(
+        tmp_path, [{"name": "a", "seeds": 0}, {"name": "c", "colour": "red"}], metrics=["acc2/x"]
+    )
+    with pytest.raises(UserError) as err:
+        load_study(path)
+    assert str(err.value).splitlines() == [
+        f"{path}: rows[0].seeds: Input should be greater than or equal to 1",
+        f"{path}: rows[1].colour: unknown key",
+        f"{path}: metrics[0]: unknown metric 'acc2/x': acc1/ or acc5/ followed by student, combined, "
+        "teachers or teacher<k>",
+    ]
+    rows = [{"name": "a", "set": ["teachers[0].weights={row:b}/student.safetensors"]}, {"name": "a"}]
+    with pytest.raises(UserError) as err:
+        load_study(write_study(tmp_path, rows))
+    assert str(err.value).splitlines() == [
+        f"{path}: rows[0].set: {{row:b}} must name an earlier row",
+        f"{path}: rows[1].name: 'a' is used twice",
+    ]
+    # each row's spec is validated with its overrides before anything trains
+    write_study(tmp_path, [{"name": "ok"}, {"name": "bad", "set": ["train.epoch=2"]}])
+    result = study_cli(tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == "error: rows[1] (bad): train.epoch: unknown key; did you mean 'epochs'?\n"
+    missing = run_module(["study", "nope.yaml"], cwd=tmp_path, module="cmtkd_graph")
+    assert missing.returncode == 2 and "study file 'nope.yaml' not found" in missing.stderr
+
+
+def test_plan_names_each_run_by_its_settings(tmp_path):
+    study = StudySpec.model_validate(
+        {
+            "name": "s",
+            "base": "quickstart",
+            "set": ["train.epochs=2"],
+            "rows": [{"name": "x", "seeds": 2}, {"name": "y", "set": ["train.epochs=3"]}],
+        }
+    )
+    runs = plan(study)
+    assert [(r.row.name, r.seed) for r in runs] == [("x", 0), ("x", 1), ("y", 0)]
+    x0, x1, y0 = runs
+    assert x0.key != x1.key != y0.key  # the seed and the overrides are part of the key
+    assert x0.run_dir == Path("runs/study-s/x") / f"seed0-{x0.key}"
+    assert x0.summary_path == Path("studies/s/runs/x/seed0.json")
+    assert x0.overrides() == ["train.epochs=2", "train.seed=0", f"train.output_dir={x0.run_dir}"]
+    assert y0.overrides()[:2] == ["train.epochs=2", "train.epochs=3"]  # the row's come last
+    changed = StudySpec.model_validate({**study.model_dump(), "set": ["train.epochs=4"]})
+    assert PlannedRun(changed, changed.rows[0], 0).key != x0.key
+    with pytest.raises(UserError, match="no row 'z'"):
+        plan(study, ["z"])
+
+
+def test_study_trains_every_run_then_skips_them_and_reports(tmp_path, fashion_mnist):
+    rows = [
+        {"name": "single", "label": "W2A2 alone", "set": SINGLE, "seeds": 2, "paper": "72.9"},
+        {"name": "cmtkd", "label": "CMT-KD", "set": ["train.max_steps=2"]},
+        {  # distils from row single's trained student: {row:...} resolves to its run directory
+            "name": "kd",
+            "set": [
+                "method=kd",
+                "distill={alpha: 1.0, beta: 0.5, tau: 2.0}",
+                "teachers=[{weight_bits: 2, act_bits: 2, trainable: false, "
+                "weights: '{row:single}/student.safetensors'}]",
+            ],
+        },
+    ]
+    write_study(tmp_path, rows, report="docs/results.md", output_dir="docs/results")
+    dry = study_cli(tmp_path, "--dry-run")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert dry.stdout.count(" new ") == 4 and "estimated time of the runs to train:" in dry.stdout
+    assert "{row:single}/student.safetensors" in dry.stdout  # shown, not resolved: single has not run
+
+    result = study_cli(tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "docs" / "results"
+    summaries = {
+        p.relative_to(out / "runs").as_posix(): json.loads(p.read_text())
+        for p in (out / "runs").rglob("*.json")
+    }
+    assert sorted(summaries) == [
+        "cmtkd/seed0.json",
+        "kd/seed0.json",
+        "single/seed0.json",
+        "single/seed1.json",
+    ]
+    single0 = summaries["single/seed0.json"]
+    assert single0["steps"] == 2 and single0["wall_s"] > 0 and single0["images_per_s"] > 0
+    assert "train.seed=0" in single0["command"] and single0["curve"][-1]["epoch"] == 1
+    assert summaries["cmtkd/seed0.json"]["importance_plot"] == "seed0-importance.png"
+    assert (out / "runs" / "cmtkd" / "seed0-importance.png").stat().st_size > 1000
+    kd_command = summaries["kd/seed0.json"]["command"]
+    assert (
+        f"{plan(load_study(tmp_path / 'study.yaml'), ['single'])[0].run_dir}/student.safetensors"
+        in kd_command
+    )
+
+    results = json.loads((out / "results.json").read_text())
+    by_name = {r["name"]: r for r in results["rows"]}
+    values = [summaries[f"single/seed{k}.json"]["accuracy"]["acc1/student"] for k in (0, 1)]
+    top1 = by_name["single"]["accuracy"]["acc1/student"]
+    assert top1["values"] == values and top1["mean"] == pytest.approx(statistics.fmean(values))
+    assert top1["std"] == pytest.approx(statistics.stdev(values))
+    assert set(by_name["cmtkd"]["accuracy"]) >= {"acc1/combined", "acc1/teacher0", "acc1/teacher1"}
+    report = (tmp_path / "docs" / "results.md").read_text()
+    assert f"| W2A2 alone | 2/2 | {top1['mean']:.2f} ± {top1['std']:.2f} |" in report
+    assert "teacher1 top-1" in report and "| 72.9 |" in report
+    assert "![student top-1 per row](results/results.png)" in report
+    assert "(results/runs/cmtkd/seed0-importance.png)" in report
+    assert (out / "results.png").stat().st_size > 1000
+
+    # hand-written text around the markers survives; finished runs are not trained again
+    (tmp_path / "docs" / "results.md").write_text("# Results\nBy hand.\n" + report + "\nDiscussion.\n")
+    again = study_cli(tmp_path)
+    assert again.returncode == 0 and "seed 0 (" not in again.stdout, again.stdout
+    text = (tmp_path / "docs" / "results.md").read_text()
+    assert text.startswith("# Results\nBy hand.\n") and text.endswith("\nDiscussion.\n")
+    assert text.count("study:start") == 1
+    dry = study_cli(tmp_path, "--dry-run")
+    assert dry.stdout.count(" done") == 4 and "estimated time of the runs to train: 0 min" in dry.stdout
+
+
+def test_an_interrupted_study_resumes_its_run_from_the_checkpoint(tmp_path, fashion_mnist):
+    rows = [{"name": "single", "set": [*SINGLE, "data.train_subset=256", "train.epochs=4"]}]
+    path = write_study(tmp_path, rows)
+    run = plan(load_study(path))[0]
+    latest = tmp_path / run.run_dir / "checkpoints" / "latest"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cmtkd_graph", "study", "study.yaml"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not latest.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the study and its training process, as a power cut would
+    proc.wait()
+    assert latest.is_file(), proc.stdout.read().decode()[-2000:]
+    assert not (tmp_path / run.run_dir / "final.json").exists()
+    dry = study_cli(tmp_path, "--dry-run")
+    assert " resume " in dry.stdout, dry.stdout
+
+    result = study_cli(tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(resume)" in result.stdout
+    summary = json.loads((tmp_path / run.summary_path).read_text())
+    assert summary["steps"] == 4 * 8  # all four epochs of 256 / 32
+    assert [p["epoch"] for p in summary["curve"]] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / run.run_dir / "study-time.json").read_text())["attempts"] == 1
