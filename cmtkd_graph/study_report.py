@@ -106,10 +106,13 @@ def _cell(stats: dict) -> str:
 def markdown(study: StudySpec, rows: list[dict], chart: Path | None, where: Path) -> str:
     """The block between the markers: notes, table, chart, commands, machines."""
     columns = metric_columns(study, rows)
+    machines = sorted({m for r in rows for m in r["machines"]})
+    letters = {m: chr(ord("A") + i) for i, m in enumerate(machines)}  # a column only when rows differ
     lines = [START, ""]
     if study.notes.strip():
         lines += [study.notes.strip(), ""]
-    header = ["Row", "Seeds", *[_title(c) for c in columns], "Time per run", "Images/s", "Paper"]
+    header = ["Row", "Seeds", *[_title(c) for c in columns], "Time per run", "Images/s"]
+    header += ["Machine", "Paper"] if len(machines) > 1 else ["Paper"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         seeds = f"{len(r['finished'])}/{r['seeds']}"
@@ -125,6 +128,7 @@ def markdown(study: StudySpec, rows: list[dict], chart: Path | None, where: Path
                     *cells,
                     f"{wall / 60:.1f} min" if wall is not None else "–",
                     f"{speed:.0f}" if speed is not None else "–",
+                    *([", ".join(letters[m] for m in r["machines"]) or "–"] if len(machines) > 1 else []),
                     r["paper"] or "",
                 ]
             )
@@ -150,9 +154,14 @@ def markdown(study: StudySpec, rows: list[dict], chart: Path | None, where: Path
         )
         lines.append(f"- {r['label']}: `{r['command']}`" + (f" — importance: {plots}" if plots else ""))
     lines += ["", "</details>"]
-    machines = sorted({m for r in rows for m in r["machines"]})
-    if machines:
-        lines += ["", "Machines: " + "; ".join(machines)]
+    if len(machines) > 1:
+        lines += [
+            "",
+            "Machines (time and images/s are comparable only between rows on one machine): "
+            + "; ".join(f"{letters[m]}: {m}" for m in machines),
+        ]
+    elif machines:
+        lines += ["", "Machine: " + machines[0]]
     lines += ["", END]
     return "\n".join(lines)
 

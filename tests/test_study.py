@@ -200,3 +200,35 @@ def test_an_interrupted_study_resumes_its_run_from_the_checkpoint(tmp_path, fash
     assert summary["steps"] == 4 * 8  # all four epochs of 256 / 32
     assert [p["epoch"] for p in summary["curve"]] == [1, 2, 3, 4]
     assert json.loads((tmp_path / run.run_dir / "study-time.json").read_text())["attempts"] == 1
+
+
+def test_rows_trained_on_different_machines_are_marked_in_the_table(tmp_path, monkeypatch):
+    """Times and images/s are only comparable on one machine: with two, each row names its own."""
+    from cmtkd_graph.study_report import write_report
+
+    monkeypatch.chdir(tmp_path)
+    study = StudySpec.model_validate(
+        {"name": "s", "base": "quickstart", "rows": [{"name": "x", "seeds": 2}, {"name": "y"}]}
+    )
+    machines = {("x", 0): "CPU: Intel Xeon", ("x", 1): "CPU: AMD EPYC", ("y", 0): "CPU: AMD EPYC"}
+    for run in plan(study):
+        run.summary_path.parent.mkdir(parents=True, exist_ok=True)
+        summary = {
+            "seed": run.seed,
+            "key": run.key,
+            "accuracy": {"acc1/student": 50.0 + run.seed},
+            "wall_s": 600.0 * (run.seed + 1),
+            "images_per_s": 100.0,
+            "importance_plot": None,
+            "machine": machines[run.row.name, run.seed],
+        }
+        run.summary_path.write_text(json.dumps(summary))
+    text = write_report(study).read_text()
+    assert "| Time per run | Images/s | Machine | Paper |" in text
+    assert "| x | 2/2 | 50.50 ± 0.71 | – | – | 15.0 min | 100 | A, B |  |" in text
+    assert "| y | 1/1 | 50.00 | – | – | 10.0 min | 100 | A |  |" in text
+    assert "A: CPU: AMD EPYC; B: CPU: Intel Xeon" in text
+
+    (study.output_path / "runs" / "x" / "seed0.json").unlink()  # one machine left: no column
+    text = write_report(study).read_text()
+    assert "| Time per run | Images/s | Paper |" in text and "\nMachine: CPU: AMD EPYC\n" in text
