@@ -21,7 +21,7 @@ import cmtkd_graph as cg
 from cmtkd_graph.data import build_datasets
 from cmtkd_graph.deploy.codes import CODES_FILE, decode_weight, quantized_layers
 from cmtkd_graph.deploy.export import export
-from cmtkd_graph.deploy.integer import integer_conv2d, integer_student
+from cmtkd_graph.deploy.integer import FLOAT64_EXACT, integer_conv2d, integer_matmul, integer_student
 from cmtkd_graph.deploy.packing import pack_codes, packed_bytes, unpack_codes
 from cmtkd_graph.deploy.predict import format_predictions, predict
 from cmtkd_graph.deploy.student import build_student
@@ -397,6 +397,24 @@ def test_integer_conv_matches_float_conv_hand_checked():
     assert torch.equal(
         got.float(), torch.nn.functional.conv2d(x, depthwise.float(), stride=2, padding=1, groups=4)
     )
+
+
+def test_integer_matmul_is_exact_in_both_of_its_paths():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (3, 4608), generator=g)
+    b = torch.randint(-127, 128, (4608, 5), generator=g)
+
+    def exact(x: torch.Tensor, y: torch.Tensor) -> list[list[int]]:
+        columns = y.t().tolist()
+        return [[sum(p * q for p, q in zip(row, col, strict=True)) for col in columns] for row in x.tolist()]
+
+    got = integer_matmul(a.float(), b)  # float64 path: 4608 x 255 x 127 < 2^53
+    assert got.dtype == torch.int64 and got.tolist() == exact(a, b)
+    # sums near 2^55 (positive weights, so they do not cancel): the int64 path, where float64 rounds
+    big, positive = a * 2**30 + 1, b.abs() + 1
+    assert 4608 * big.abs().max().item() * positive.max().item() >= FLOAT64_EXACT
+    assert integer_matmul(big, positive).tolist() == exact(big, positive)
+    assert torch.matmul(big.double(), positive.double()).to(torch.int64).tolist() != exact(big, positive)
 
 
 def test_packing_is_little_endian_four_two_bit_codes_to_a_byte():

@@ -105,10 +105,18 @@ def bn_stats(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in module.state_dict().items() if "running" in k}
 
 
+def grads_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """Elementwise to 1e-4, with an absolute floor of 1e-5 of the tensor's largest entry: these gradients
+    reach ~1e3 at random init, and fp32 sums over 18 layers round by ~1e-6 of that, more on some CPUs'
+    kernels (an exact 1e-5 floor failed on one CI machine). A missing or wrong term is off by far more."""
+    floor = 1e-5 * max(expected.abs().max().item(), 1.0)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=floor, msg=name)
+
+
 def student_grads_match(system, eager_student) -> None:
     eager = dict(eager_student.named_parameters())
     for name, p in system.student.named_parameters():
-        torch.testing.assert_close(p.grad, eager[name].grad, rtol=1e-5, atol=1e-5, msg=name)
+        grads_close(p.grad, eager[name].grad, name)
 
 
 # ---------------------------------------------------------------------------- AMTML-KD
@@ -165,8 +173,8 @@ def test_amtml_kd_matches_an_eager_implementation(tmp_path, batch):
     torch.testing.assert_close(terms["total"], total, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.stats["instance"], weights.detach().mean(0), rtol=1e-5, atol=1e-6)
     student_grads_match(system, student)
-    torch.testing.assert_close(weighting.theta.grad, theta.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(weighting.w.grad, w.grad, rtol=1e-5, atol=1e-5)
+    grads_close(weighting.theta.grad, theta.grad, "theta")
+    grads_close(weighting.w.grad, w.grad, "W")
     # frozen teachers: no gradient, BatchNorm statistics unchanged, even after an optimizer step
     assert all(p.grad is None and not p.requires_grad for p in system.teachers.parameters())
     build_optimizer(system, spec).step()
@@ -252,7 +260,7 @@ def test_ctkd_matches_an_eager_implementation(tmp_path, batch):
     student_grads_match(system, student)
     eager_scratch = dict(scratch.named_parameters())
     for name, p in scratch_graph.named_parameters():
-        torch.testing.assert_close(p.grad, eager_scratch[name].grad, rtol=1e-5, atol=1e-5, msg=name)
+        grads_close(p.grad, eager_scratch[name].grad, name)
     expert_graph = system.teachers.get_submodule("teacher1")
     assert all(p.grad is None and not p.requires_grad for p in expert_graph.parameters())
     assert all(torch.equal(v, expert_bn[n]) for n, v in bn_stats(expert_graph).items())

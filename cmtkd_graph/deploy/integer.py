@@ -1,11 +1,12 @@
 """The integer reference: the exported student run the way integer hardware runs it.
 
 Every convolution and linear layer whose weights and input are both quantized multiplies the integer
-activation codes by the integer weight codes, accumulates in int64 and applies the two scales once,
-afterwards: ``y = (sum q_a q_w) * (s_a s_w) + bias``. HWGQ's mid-rise weights (no zero level) are odd
-integers, so they stay integers too. Everything else (BatchNorm, ReLU, residual adds, pooling, layers
-kept full precision) runs in float32 as in the fake-quantized model, and a layer that quantizes only
-its weights (or an attention module) computes in float with the decoded weights.
+activation codes by the integer weight codes, accumulates exactly (the int64 result; see
+``integer_matmul``) and applies the two scales once, afterwards: ``y = (sum q_a q_w) * (s_a s_w) + bias``.
+HWGQ's mid-rise weights (no zero level) are odd integers, so they stay integers too. Everything else
+(BatchNorm, ReLU, residual adds, pooling, layers kept full precision) runs in float32 as in the
+fake-quantized model, and a layer that quantizes only its weights (or an attention module) computes in
+float with the decoded weights.
 
 The model is rebuilt from ``codes.safetensors`` and the spec alone (no latent float weights), so equality
 with the fake-quantized student (within float rounding) proves the codes are complete and exact.
@@ -57,7 +58,7 @@ class IntegerLayer(nn.Module):
             scale = (s_a * self.w_scale).view(1, -1, 1, 1)
             bias = None if self.bias is None else self.bias.view(1, -1, 1, 1)
         else:
-            acc = torch.matmul(q_a.to(torch.int64), self.q_w.t())
+            acc = integer_matmul(q_a, self.q_w.t())
             scale, bias = s_a * self.w_scale, self.bias
         y = acc.to(torch.float32) * scale
         return y if bias is None else y + bias
@@ -70,18 +71,35 @@ def accumulator_bits(q_w: Tensor, q_a_max: int) -> int:
     return int(q_a_max * fan_in_abs).bit_length() + 1
 
 
+FLOAT64_EXACT = 2**53  # every integer of smaller magnitude is a float64, and so is every sum of them
+
+
+def integer_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` of tensors holding integers, exactly, as int64.
+
+    When no partial sum can reach 2^53 (bound: K x max|a| x max|b|; an 8-bit layer with K = 4608 needs
+    2^28) every product and every sum, in any order, is exact in float64, so the result equals int64
+    accumulation bit for bit, at BLAS speed (CPUs have no fast int64 matmul: ~50x slower). Otherwise it
+    multiplies in int64.
+    """
+    worst = a.shape[-1] * a.abs().max().item() * b.abs().max().item() if a.numel() and b.numel() else 0
+    if worst < FLOAT64_EXACT:
+        return torch.matmul(a.double(), b.double()).to(torch.int64)
+    return torch.matmul(a.to(torch.int64), b.to(torch.int64))
+
+
 def integer_conv2d(
     q_a: Tensor, q_w: Tensor, kernel_size, *, stride, padding, dilation, groups: int
 ) -> Tensor:
-    """conv2d of integer tensors with int64 accumulation (im2col + integer matmul).
+    """conv2d of integer tensors, exact, as int64 (im2col + ``integer_matmul``).
 
     ``q_a``: (N, C, H, W) float holding integers (exact below 2^24); ``q_w``: int64 (C_out, C/g, kh, kw).
     """
     n, c, h, w = q_a.shape
     cols = F.unfold(q_a, kernel_size, dilation=dilation, padding=padding, stride=stride)
-    cols = cols.to(torch.int64).view(n, groups, c // groups * kernel_size[0] * kernel_size[1], -1)
+    cols = cols.view(n, groups, c // groups * kernel_size[0] * kernel_size[1], -1)
     weights = q_w.reshape(groups, q_w.shape[0] // groups, -1)
-    out = torch.matmul(weights.unsqueeze(0), cols)  # (N, groups, C_out/g, L)
+    out = integer_matmul(weights.unsqueeze(0), cols)  # (N, groups, C_out/g, L)
     out_h = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
     out_w = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
     return out.reshape(n, q_w.shape[0], out_h, out_w)
