@@ -79,7 +79,7 @@ def integer_matmul(a: Tensor, b: Tensor) -> Tensor:
 
     When no partial sum can reach 2^53 (bound: K x max|a| x max|b|; an 8-bit layer with K = 4608 needs
     2^28) every product and every sum, in any order, is exact in float64, so the result equals int64
-    accumulation bit for bit, at BLAS speed (CPUs have no fast int64 matmul: ~50x slower). Otherwise it
+    accumulation bit for bit, and BLAS runs it (BLAS has no int64 matmul). Otherwise it
     multiplies in int64.
     """
     worst = a.shape[-1] * a.abs().max().item() * b.abs().max().item() if a.numel() and b.numel() else 0
