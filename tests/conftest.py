@@ -18,10 +18,29 @@ CIFAR10_ARCHIVE = "cifar10-jpeg.tar.gz"
 
 def pytest_configure(config) -> None:
     """Runs started by the tests keep their `mixed_precision: auto` choices in a cache of their own,
-    never in the user's ~/.cache/cmtkd_graph."""
+    never in the user's ~/.cache/cmtkd_graph. Under ``pytest -n N`` each worker gets its own share of
+    the cores (see `_give_this_worker_its_cores`)."""
     import tempfile
 
     os.environ["CMTKD_GRAPH_CACHE_DIR"] = tempfile.mkdtemp(prefix="cmtkd-graph-test-cache-")
+    _give_this_worker_its_cores()
+
+
+def _give_this_worker_its_cores() -> None:
+    """Pin an xdist worker to its 1/N of the CPUs this process may use, before torch is imported.
+
+    torch sizes its thread pool from the affinity mask, and the training processes the tests start
+    inherit it (``cpu_threads: auto`` reads the mask too), so N workers share the machine instead of
+    each running as many threads as there are cores: oversubscribed thread pools spin and run slower
+    than one test at a time. Outside xdist nothing changes."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    index = int(worker[2:])
+    share = [c for i, c in enumerate(cores) if i % count == index % count] or [cores[index % len(cores)]]
+    os.sched_setaffinity(0, share)
 
 
 def pytest_unconfigure(config) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from cmtkd_graph.summary import spec_reference
 
 from .conftest import REPO
@@ -19,6 +21,23 @@ def test_ci_runs_the_readme_test_command():
     test_command = next(b for b in _bash_blocks() if "pytest" in b)
     ci = (REPO / ".ci" / "run").read_text()
     assert test_command.strip() in ci.splitlines()
+
+
+def test_the_test_command_gives_each_worker_its_share_of_the_cores():
+    """Under the README's `-n 2` each worker is pinned to its half of the cores (conftest.py) and torch
+    sized its thread pool from that, so the two workers do not oversubscribe the machine."""
+    import os
+
+    import torch
+
+    assert "pytest -n 2 --dist loadfile" in next(b for b in _bash_blocks() if "pytest" in b)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2 or not hasattr(os, "sched_getaffinity"):
+        pytest.skip("runs under the README's test command (pytest -n 2)")
+    mine = os.sched_getaffinity(0)
+    everything = os.sched_getaffinity(os.getppid())  # the pytest controller keeps the whole set
+    assert mine < everything or len(everything) < workers, (mine, everything)
+    assert len(mine) >= max(1, len(everything) // workers) and torch.get_num_threads() == len(mine)
 
 
 def test_quickstart_command_launches_the_quickstart_spec():
