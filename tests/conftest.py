@@ -39,7 +39,7 @@ def _give_this_worker_its_cores() -> None:
         return
     cores = sorted(os.sched_getaffinity(0))
     index = int(worker[2:])
-    share = [c for i, c in enumerate(cores) if i % count == index % count] or [cores[index % len(cores)]]
+    share = cores[index::count] or [cores[index % len(cores)]]  # more workers than cores: one each
     os.sched_setaffinity(0, share)
 
 

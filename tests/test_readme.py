@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
+import torch
 
 from cmtkd_graph.summary import spec_reference
 
@@ -26,10 +28,6 @@ def test_ci_runs_the_readme_test_command():
 def test_the_test_command_gives_each_worker_its_share_of_the_cores():
     """Under the README's `-n 2` each worker is pinned to its half of the cores (conftest.py) and torch
     sized its thread pool from that, so the two workers do not oversubscribe the machine."""
-    import os
-
-    import torch
-
     assert "pytest -n 2 --dist loadfile" in next(b for b in _bash_blocks() if "pytest" in b)
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers < 2 or not hasattr(os, "sched_getaffinity"):
