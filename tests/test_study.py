@@ -232,3 +232,29 @@ def test_rows_trained_on_different_machines_are_marked_in_the_table(tmp_path, mo
     (study.output_path / "runs" / "x" / "seed0.json").unlink()  # one machine left: no column
     text = write_report(study).read_text()
     assert "| Time per run | Images/s | Paper |" in text and "\nMachine: CPU: AMD EPYC\n" in text
+
+
+def test_the_committed_results_page_is_what_the_study_writes_from_its_run_summaries(tmp_path, monkeypatch):
+    """docs/results.md's table and results.json are rewritten from the committed run summaries by the
+    committed code and the committed study file, and come out unchanged: every number on the page comes
+    from a run made with the study's present settings (a summary with another key would drop out)."""
+    from cmtkd_graph.study_report import write_report
+
+    repo = Path(__file__).resolve().parents[1]
+    study = load_study(repo / "studies" / "cifar10.yaml")
+    committed_page = (repo / study.report_path).read_text()
+    committed_json = json.loads((repo / study.output_path / "results.json").read_text())
+    summaries = sorted((repo / study.output_path / "runs").glob("*/seed*.json"))
+    assert summaries, "no committed run summaries"
+    for path in summaries:
+        copy = tmp_path / path.relative_to(repo)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(path.read_bytes())
+    (tmp_path / study.report_path).write_text(committed_page)
+
+    monkeypatch.chdir(tmp_path)
+    written = write_report(study)
+    assert json.loads((study.output_path / "results.json").read_text()) == committed_json
+    assert written.read_text() == committed_page
+    finished = sum(len(row["finished"]) for row in committed_json["rows"])
+    assert finished == len(summaries)  # no summary left out for a stale key
