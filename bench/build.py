@@ -16,8 +16,8 @@ import time
 import torchvision
 
 import cmtkd_graph as cg
-from cmtkd_graph.precision import machine_line
-from cmtkd_graph.spec_io import validate_spec
+from cmtkd_graph.runtime.precision import machine_line
+from cmtkd_graph.spec.io import validate_spec
 
 NATIVE_SIZE = {"inception_v3": 299}  # everything else at 224
 

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from cmtkd_graph.metrics import read_metrics
-from cmtkd_graph.precision import machine_line
+from cmtkd_graph.runtime.precision import machine_line
 
 
 def train(out: Path, steps: int, batch: int, seed: int, compile_: bool) -> tuple[list[dict], str]:

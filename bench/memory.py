@@ -25,7 +25,7 @@ import torch
 
 import cmtkd_graph as cg
 from bench.step import SHAPES, system_step
-from cmtkd_graph.precision import machine_line
+from cmtkd_graph.runtime.precision import machine_line
 
 
 def _rss_mib() -> float:

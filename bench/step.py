@@ -36,10 +36,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import cmtkd_graph as cg
 from bench.eager_cmtkd import EagerCMTKD
-from cmtkd_graph import precision as prec
 from cmtkd_graph.optim import build_optimizer, parameter_groups
-from cmtkd_graph.precision import machine_line
 from cmtkd_graph.quantizers import build_quantizer_family
+from cmtkd_graph.runtime import precision as prec
+from cmtkd_graph.runtime.precision import machine_line
 
 FLOAT = ["student.weight_bits=32", "student.act_bits=32"]
 FLOAT_TEACHERS = "teachers=[{weight_bits: 32, act_bits: 32}, {weight_bits: 32, act_bits: 32}, {weight_bits: 32, act_bits: 32}]"  # noqa: E501

@@ -9,16 +9,20 @@ losses = system.losses(out, labels)
 student = cg.load_student("runs/resnet18")  # after training (or an export): the student alone
 """
 
+# Importing the package registers every built-in component in the tables of ``cmtkd_graph.registry``,
+# which the spec checks names against: the datasets, quantizers, surgery passes and methods.
+from cmtkd_graph import data, methods, quantizers  # noqa: F401  (registration)
 from cmtkd_graph.deploy import integer_student, load_student
 from cmtkd_graph.errors import SpecError, UserError
-from cmtkd_graph.spec import Spec
-from cmtkd_graph.spec_io import dump_spec, load_spec
-from cmtkd_graph.system import CMTKDSystem, SystemOutput, build_system
+from cmtkd_graph.passes import surgery  # noqa: F401  (registration)
+from cmtkd_graph.spec import Spec, dump_spec, load_spec
+from cmtkd_graph.system import CMTKDSystem, DistillationSystem, SystemOutput, build_system
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CMTKDSystem",
+    "DistillationSystem",
     "Spec",
     "SpecError",
     "SystemOutput",

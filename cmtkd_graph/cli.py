@@ -33,9 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-build", action="store_true", help="only validate the YAML, do not build the graphs")
 
     p = sub.add_parser("schema", help="print the spec's JSON Schema (for editor completion)")
-    p.add_argument(
-        "--markdown", action="store_true", help="print the spec reference table of the README instead"
-    )
+    p.add_argument("--markdown", action="store_true", help="print the spec reference of docs/spec.md instead")
 
     p = sub.add_parser("taps", help="list the tap-able nodes of a torchvision model and the auto choice")
     p.add_argument("arch", help="torchvision classification model, e.g. resnet18")
@@ -128,8 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from cmtkd_graph.spec_io import load_spec
-    from cmtkd_graph.summary import spec_summary
+    from cmtkd_graph.inspection.summary import spec_summary
+    from cmtkd_graph.spec.io import load_spec
 
     spec = load_spec(args.spec, args.overrides)
     system = None
@@ -143,14 +141,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_schema(args: argparse.Namespace) -> int:
     from cmtkd_graph.spec import Spec
-    from cmtkd_graph.summary import spec_reference
+    from cmtkd_graph.spec.reference import spec_reference
 
     print(spec_reference() if args.markdown else json.dumps(Spec.model_json_schema(), indent=2))
     return 0
 
 
 def cmd_taps(args: argparse.Namespace) -> int:
-    from cmtkd_graph.summary import taps_table
+    from cmtkd_graph.inspection.summary import taps_table
 
     print(
         taps_table(
@@ -176,8 +174,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     """Train what is not done yet (or only estimate it), then write the results."""
     import shlex
 
-    from cmtkd_graph.study import dry_run, load_study, run_study
-    from cmtkd_graph.study_report import write_report
+    from cmtkd_graph.study import dry_run, load_study, run_study, write_report
 
     study = load_study(args.study)
     if args.dry_run:
@@ -202,9 +199,9 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Write the graph to ``--out``, or print the summary table."""
-    from cmtkd_graph.inspection import read_importance, system_graph
-    from cmtkd_graph.inspection_output import summary_table, write_graph
-    from cmtkd_graph.spec_io import load_spec
+    from cmtkd_graph.inspection.graph import read_importance, system_graph
+    from cmtkd_graph.inspection.output import summary_table, write_graph
+    from cmtkd_graph.spec.io import load_spec
     from cmtkd_graph.system import build_system
 
     spec = load_spec(args.spec, args.overrides)
@@ -225,7 +222,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from cmtkd_graph.run_eval import evaluate_run, recorded_accuracy, table
+    from cmtkd_graph.evaluation.run import evaluate_run, recorded_accuracy, table
 
     record = evaluate_run(
         args.run_dir, checkpoint=args.checkpoint, split=args.split, overrides=args.overrides, out=args.out

@@ -1,4 +1,4 @@
-"""Fusion modules: where the teachers' features meet (METHOD.md §2, eq. 1).
+"""Fusion modules: where the teachers' features meet (docs/methods.md#shared-knowledge-eq-1).
 
 ``ImportanceFusion`` computes the shared knowledge F = sum_k softmax(a)_k F_k with learnable
 importance logits ``a`` (init 0, i.e. equal weights). The composition pass puts one at every tap

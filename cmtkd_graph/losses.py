@@ -1,4 +1,4 @@
-"""The CMT-KD loss terms (METHOD.md §4-5, paper eq. 4-9), as pure functions of tensors.
+"""The CMT-KD loss terms (paper eq. 4-9; docs/methods.md#cmt-kd), as pure functions of tensors.
 
 Two kinds of tap feature are supported:
 
@@ -8,7 +8,8 @@ Two kinds of tap feature are supported:
 Every loss is computed in at least float32: under autocast the taps and logits may arrive in
 bfloat16, and squaring, normalising and log-softmax in bfloat16 lose most of the signal.
 Nothing here decides whether gradients reach the teachers; callers detach the shared knowledge
-themselves when the spec switches that off (METHOD.md §4 default: gradients do flow).
+themselves when the spec switches that off (by default gradients do flow:
+docs/methods.md#feature-distillation-eq-4-6).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def _check_feature_rank(x: Tensor, name: str) -> None:
 def match_sizes(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Bring two tap features to the same spatial size / token count, keeping their channels.
 
-    METHOD.md §4: when the teacher and student taps differ in size, the larger one is
-    adaptive-average-pooled to the smaller one.
+    When the teacher and student taps differ in size, the larger one is adaptive-average-pooled to the
+    smaller one (docs/methods.md#feature-distillation-eq-4-6).
 
     - Conv maps ``[B, C, H, W]``: each spatial axis is pooled to the smaller of the two sizes
       (so ``4x2`` against ``2x4`` gives ``2x2`` for both).
@@ -75,7 +76,7 @@ def _pool_tokens(x: Tensor, tokens: int) -> Tensor:
 
 
 def attention_map(feature: Tensor) -> Tensor:
-    """Spatial attention q(F) of Zagoruyko & Komodakis (METHOD.md §4, paper eq. 5).
+    """Spatial attention q(F) of Zagoruyko & Komodakis (paper eq. 5; docs/methods.md, its section).
 
     As in their reference code: the mean over channels of ``F**2``, flattened per sample and
     L2-normalised over positions. Conv maps give ``[B, H*W]``; token features ``[B, N, D]``
@@ -90,7 +91,7 @@ def attention_map(feature: Tensor) -> Tensor:
 
 
 def attention_loss(shared: Tensor, student: Tensor) -> Tensor:
-    """Attention-transfer distance d(F^l, F_S^l) (METHOD.md §4, eq. 4-5).
+    """Attention-transfer distance d(F^l, F_S^l) (eq. 4-5; docs/methods.md#feature-distillation-eq-4-6).
 
     Mean over batch and positions of ``(q(shared) - q(student))**2``. The raw features are
     size-matched first (:func:`match_sizes`), then turned into attention maps, so channel counts
@@ -102,7 +103,7 @@ def attention_loss(shared: Tensor, student: Tensor) -> Tensor:
 
 
 def fitnet_loss(shared: Tensor, adapted_student: Tensor) -> Tensor:
-    """FitNet distance d(F^l, r(F_S^l)) = mean((F^l - r(F_S^l))**2) (METHOD.md §4, eq. 6).
+    """FitNet distance d(F^l, r(F_S^l)) = mean((F^l - r(F_S^l))**2) (eq. 6).
 
     ``adapted_student`` is the output of a :class:`FitNetAdapter`, so after size matching its
     channels must equal the teacher's.
@@ -117,7 +118,7 @@ def fitnet_loss(shared: Tensor, adapted_student: Tensor) -> Tensor:
 
 
 class FitNetAdapter(nn.Module):
-    """The trainable regressor r of the FitNet loss (METHOD.md §4): student channels -> teacher channels.
+    """The trainable regressor r of the FitNet loss (eq. 6): student channels -> teacher channels.
 
     Built from the per-sample tap shapes (no batch axis):
 
@@ -157,7 +158,7 @@ class FitNetAdapter(nn.Module):
 
 
 def kdcl_min_logit(teacher_logits: Tensor, student_logits: Tensor, target: Tensor) -> Tensor:
-    """The KDCL-MinLogit ensemble target z (METHOD.md §5, paper eq. 7).
+    """The KDCL-MinLogit ensemble target z (paper eq. 7; docs/methods.md, its section).
 
     Each network's logits are shifted so that its target-class logit is 0, then the class-wise
     minimum is taken: ``z_i = min(zT_i - zT_c, zS_i - zS_c)``. Taking the minimum keeps, for
@@ -198,7 +199,7 @@ def _check_soft_kl_inputs(target: Tensor, logits: Tensor, tau: float) -> None:
 
 
 def soft_kl(target_logits: Tensor, logits: Tensor, tau: float) -> Tensor:
-    """``tau**2 * KL(softmax(target/tau) || softmax(logits/tau))``, batch-mean (METHOD.md §5, eq. 8-9).
+    """``tau**2 * KL(softmax(target/tau) || softmax(logits/tau))``, batch-mean (eq. 8-9).
 
     ``target_logits`` is detached here: it is the distillation target (z of eq. 7), so only
     ``logits`` is trained by this term. The ``tau**2`` factor keeps the gradient scale comparable

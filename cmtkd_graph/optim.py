@@ -1,4 +1,5 @@
-"""One optimizer with parameter groups by role, and the learning-rate schedules (METHOD.md §7).
+"""One optimizer with parameter groups by role, and the learning-rate schedules (docs/training.md; the
+paper's settings: docs/methods.md#the-papers-training-settings).
 
 Groups (each has a ``name`` used in logs):
 
@@ -53,7 +54,7 @@ def weight_decay_for(bits: int, optim: OptimSpec) -> float:
 
 
 def parameter_groups(system: nn.Module, spec: Spec) -> list[dict]:
-    """The optimizer's parameter groups for a :class:`~cmtkd_graph.system.CMTKDSystem`."""
+    """The optimizer's parameter groups for a :class:`~cmtkd_graph.system.DistillationSystem`."""
     o = spec.optim
     groups: list[dict] = []
     quantizer_params: list[nn.Parameter] = []
@@ -88,7 +89,7 @@ def parameter_groups(system: nn.Module, spec: Spec) -> list[dict]:
         groups.append(
             {"name": "adapters", "params": adapter_params, "lr": o.adapter_lr, "weight_decay": o.weight_decay}
         )
-    groups.extend(system.method.parameter_groups(system))
+    groups.extend(system.method.parameter_groups(system.method_context))
     _check_disjoint(system, groups)
     return groups
 

@@ -1,9 +1,17 @@
-"""Name -> factory registries, so specs can refer to components by name and users can add their own."""
+"""The tables that map the names a spec uses to the components that implement them.
+
+A spec says ``method: cmtkd``, ``quantizer: {name: lsq}``, ``surgery: [cifar_stem]``,
+``data: {dataset: cifar10}``; the spec's validation looks those names up here, and each component
+registers itself from its own file (``@register_method``, ``@register_quantizer``,
+``@SURGERIES.register``, ``@register_dataset``). The tables live in this small module, below everything
+else, so that the spec can check names without importing the components (which import the spec).
+Importing ``cmtkd_graph`` registers every built-in component.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from cmtkd_graph.errors import UserError, did_you_mean
 
@@ -50,3 +58,13 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))
+
+
+METHODS: Registry[Any] = Registry("method")
+"""``method:`` -> a ``cmtkd_graph.methods.Method`` subclass."""
+QUANTIZERS: Registry[Any] = Registry("quantizer")
+"""``quantizer.name`` -> a ``cmtkd_graph.quantizers.QuantizerFamily`` subclass."""
+SURGERIES: Registry[Callable[..., Any]] = Registry("surgery pass")
+"""``surgery[].name`` -> an in-place pass ``fn(gm, **options)`` (``cmtkd_graph.passes.surgery``)."""
+DATASETS: Registry[Any] = Registry("dataset")
+"""``data.dataset`` -> a ``cmtkd_graph.data.record.DatasetRecord`` subclass."""

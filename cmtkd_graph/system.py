@@ -22,10 +22,9 @@ from torch import Tensor, fx, nn
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.fusion import ImportanceFusion
 from cmtkd_graph.losses import FitNetAdapter
-from cmtkd_graph.meta_device import no_init_on_meta
-from cmtkd_graph.methods import BuildContext, Method, method_for
-from cmtkd_graph.models import build_model, read_state_dict
-from cmtkd_graph.objective import SystemOutput
+from cmtkd_graph.methods import BuildContext, Method, MethodContext, method_for
+from cmtkd_graph.models.builders import build_model, read_state_dict
+from cmtkd_graph.models.meta_device import no_init_on_meta
 from cmtkd_graph.passes.activations import explicit_activations
 from cmtkd_graph.passes.common import EACH_LOGITS, EXTRAS, FEATURES, LOGITS, SHARED, fusion_key
 from cmtkd_graph.passes.compose import check_tap_shapes, compose_teachers
@@ -40,6 +39,7 @@ from cmtkd_graph.passes.taps import AUTO, Tap, resolve_taps
 from cmtkd_graph.passes.tracer import copy_graph_module, trace
 from cmtkd_graph.quantizers import build_quantizer_family
 from cmtkd_graph.spec import ModelSpec, Spec, SurgerySpec
+from cmtkd_graph.system_output import SystemOutput
 
 log = logging.getLogger("cmtkd_graph")
 
@@ -129,11 +129,12 @@ def load_weights(gm: fx.GraphModule, source: str, *, label: str) -> str:
     return report
 
 
-class CMTKDSystem(nn.Module):
+class DistillationSystem(nn.Module):
     """The student, the teachers, the FitNet adapters and the method's modules, trained by one objective.
 
     ``system(images)`` returns a :class:`SystemOutput`; ``system.losses(out, labels)`` the loss terms of
-    the spec's method (``system.method``, see ``cmtkd_graph.methods``).
+    the spec's method (``system.method``, see ``cmtkd_graph.methods``): CMT-KD's or any other registered
+    method's. (``CMTKDSystem`` is the same class under its first name.)
     """
 
     def __init__(
@@ -166,13 +167,18 @@ class CMTKDSystem(nn.Module):
         """At least one teacher is trained (its cross-entropy is a loss term)."""
         return len(self.frozen_teachers) < self.num_teachers
 
+    @property
+    def method_context(self) -> MethodContext:
+        """What the method's step hooks see of this system (its modules, the adapters, teacher_trains)."""
+        return MethodContext(self.method_modules, self.adapters, self.teacher_trains)
+
     def _freeze(self) -> None:
         for k in self.frozen_teachers:
             teacher = self.teachers.get_submodule(f"teacher{k}")
             teacher.eval()
             teacher.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> CMTKDSystem:
+    def train(self, mode: bool = True) -> DistillationSystem:
         super().train(mode)
         if self.teachers is not None:
             self._freeze()  # loaded, frozen teachers always run in eval mode
@@ -205,14 +211,14 @@ class CMTKDSystem(nn.Module):
             out.teacher_logits = t.get(LOGITS)
             out.shared_features = dict(t.get(SHARED, {}))
             out.hints = dict(t[SHARED]) if SHARED in t else dict(t.get(FEATURES, {}))
-        self.method.complete(self, out)
+        self.method.complete(self.method_context, out)
         if labels is None:
             return out
         return out, self.losses(out, labels)
 
     def losses(self, out: SystemOutput, labels: Tensor) -> dict[str, Tensor]:
         """Every term of the method's objective, plus ``total`` (see ``cmtkd_graph.methods``)."""
-        return self.method.losses(self, out, labels)
+        return self.method.losses(self.method_context, out, labels)
 
     def importance(self) -> dict[str, Tensor]:
         """Softmax importance weights per tap (and ``output``), each a Tensor[K] (detached)."""
@@ -223,7 +229,11 @@ class CMTKDSystem(nn.Module):
         return {tap: w if w.is_meta else w.cpu() for tap, w in weights.items()}
 
 
-def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool = True) -> CMTKDSystem:
+CMTKDSystem = DistillationSystem
+"""The first name of :class:`DistillationSystem`, kept for code written against it."""
+
+
+def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool = True) -> DistillationSystem:
     """Build the whole system described by ``spec`` (see module docstring).
 
     ``device="meta"`` builds the structure without allocating weights (large models, inspection);
@@ -306,7 +316,7 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
     if meta:
         adapters.to("meta")
     method_modules.to(device)
-    return CMTKDSystem(spec, student_gm, composed, adapters, networks, method, method_modules)
+    return DistillationSystem(spec, student_gm, composed, adapters, networks, method, method_modules)
 
 
 def _hint_pairs(
@@ -391,6 +401,7 @@ def _student_taps(student: fx.GraphModule, spec: Spec, teacher_taps: list[Tap]) 
 __all__ = [
     "AUTO",
     "CMTKDSystem",
+    "DistillationSystem",
     "NetworkInfo",
     "SystemOutput",
     "build_network",

@@ -1,9 +1,8 @@
 """Joint training: ``accelerate launch -m cmtkd_graph.train SPEC [--set k=v ...] [--resume RUN_DIR]``.
 
 Also ``python -m cmtkd_graph.train ...`` and ``cmtkd-graph train ...``. One CPU, one GPU, several
-GPUs, or several CPU processes: without CUDA the accelerator is created with ``cpu=True``, so
-processes started by ``accelerate launch --multi_gpu --num_processes N`` or ``torchrun`` form one gloo
-group (``DistributedType.MULTI_CPU``) and really train data-parallel.
+GPUs, or several CPU processes (the process set-up, the same for evaluation, is in
+``cmtkd_graph.runtime``): ``run`` prepares the run directory, :class:`Trainer` is the loop.
 
 A run writes ``RUN_DIR/``: ``spec.yaml`` (resolved), ``metrics.jsonl``, ``train.log``,
 ``importance.png``, ``checkpoints/`` (crash-safe, ``--resume`` continues from the last one),
@@ -28,84 +27,22 @@ from cmtkd_graph.checkpoint import latest_checkpoint, read_trainer_state, save_c
 from cmtkd_graph.cli_common import EXIT_USER_ERROR, add_train_args, user_error_lines
 from cmtkd_graph.data.bundle import DataBundle
 from cmtkd_graph.errors import UserError
-from cmtkd_graph.evaluation import eval_line, evaluate
+from cmtkd_graph.evaluation.accuracy import eval_line, evaluate
 from cmtkd_graph.metrics import MetricsLog, plot_importance, read_metrics
-from cmtkd_graph.precision import (
-    Precision,
-    cached_choice,
-    choose_precision,
-    fixed_precision,
-    is_auto,
-    recorded_precision,
+from cmtkd_graph.runtime.precision import Precision, recorded_precision, resolve_precision
+from cmtkd_graph.runtime.precision import write_record as write_precision_record
+from cmtkd_graph.runtime.process import (
+    distributed_state,
+    log_to_file,
+    make_accelerator,
+    set_cpu_threads,
+    setup_logging,
 )
-from cmtkd_graph.precision import write_record as write_precision_record
 from cmtkd_graph.safe_files import refused_global
 from cmtkd_graph.spec import Spec
-from cmtkd_graph.spec_io import dump_spec, load_spec
+from cmtkd_graph.spec.io import dump_spec, load_spec
 
 log = logging.getLogger("cmtkd_graph")
-
-
-def make_accelerator(spec: Spec, run_dir: Path, precision: Precision):
-    """An Accelerator that is data-parallel on CPU-only machines too (see module docstring), with the
-    run's resolved mixed precision."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
-
-    cpu = not torch.cuda.is_available()
-    mixed = precision.mixed_precision
-    if mixed == "fp16" and cpu:
-        raise UserError("train.mixed_precision: fp16 needs a GPU; use bf16 on CPU")
-    kwargs: dict = {
-        "cpu": cpu,
-        "project_config": ProjectConfiguration(
-            project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")
-        ),
-        "dataloader_config": DataLoaderConfiguration(use_seedable_sampler=True),
-        "log_with": "tensorboard" if spec.train.tensorboard else None,
-    }
-    if mixed is not None:
-        kwargs["mixed_precision"] = mixed
-    if spec.train.grad_accum_steps is not None:
-        kwargs["gradient_accumulation_steps"] = spec.train.grad_accum_steps
-    accelerator = Accelerator(**kwargs)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != launched:
-        raise UserError(
-            f"{launched} processes were launched but the accelerator sees {accelerator.num_processes}; "
-            "they would train independently (check the launcher's distributed settings)"
-        )
-    return accelerator
-
-
-def distributed_state():
-    """accelerate's process group (one gloo group on CPU-only machines), before any Accelerator exists:
-    the precision probe runs on the main process and its choice is broadcast to the others."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def resolve_precision(spec: Spec, state, *, recorded: Precision | None = None) -> Precision:
-    """The run's precision: the spec's, a resumed run's own record, or ``auto`` timed on the main process
-    (``cmtkd_graph.precision``) and shared with every process."""
-    from accelerate.utils import broadcast_object_list
-
-    if recorded is not None and is_auto(spec):
-        return recorded
-    if not is_auto(spec):
-        return fixed_precision(spec)
-    accum = spec.train.grad_accum_steps or 1
-    per_process = max(spec.data.batch_size // (state.num_processes * accum), 1)
-    chosen: list[Precision | None] = [None]
-    if state.is_main_process:
-        chosen = [cached_choice(spec, state.device, per_process)]
-        if chosen[0] is None:
-            log.info("precision auto: timing a few training steps of each candidate (cached afterwards)")
-            chosen = [choose_precision(spec, state.device, per_process)]
-    if state.num_processes > 1:
-        broadcast_object_list(chosen)
-    return chosen[0]
 
 
 def _new_run_dir(spec: Spec) -> Path:
@@ -116,24 +53,6 @@ def _new_run_dir(spec: Spec) -> Path:
         i += 1
         candidate = base.with_name(f"{base.name}-{i}")
     return candidate
-
-
-def _setup_logging(main: bool) -> None:
-    """Messages to stderr (the main process's; other processes only warn)."""
-    log.setLevel(logging.INFO if main else logging.WARNING)
-    log.propagate = False
-    for h in list(log.handlers):
-        log.removeHandler(h)
-        h.close()
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(console)
-
-
-def _log_to_file(run_dir: Path) -> None:
-    file = logging.FileHandler(run_dir / "train.log")
-    file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(file)
 
 
 def run(spec_path: str | None, overrides: Sequence[str] = (), *, resume: str | None = None) -> Path:
@@ -157,7 +76,7 @@ def run(spec_path: str | None, overrides: Sequence[str] = (), *, resume: str | N
     from cmtkd_graph.data import build_datasets
 
     state = distributed_state()
-    _setup_logging(state.is_main_process)
+    setup_logging(state.is_main_process)
     set_cpu_threads(spec, state)
     with state.main_process_first():  # missing data is reported before any probing
         bundle = build_datasets(spec.data)
@@ -173,7 +92,7 @@ def run(spec_path: str | None, overrides: Sequence[str] = (), *, resume: str | N
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "spec.yaml").write_text(dump_spec(spec))
         write_precision_record(run_dir, precision)
-        _log_to_file(run_dir)
+        log_to_file(run_dir)
     accelerator.wait_for_everyone()
     log.info(
         f"run {run_dir}: {accelerator.num_processes} process(es), {accelerator.distributed_type}, "
@@ -201,19 +120,6 @@ def _remove_failed_run(run_dir: Path) -> None:
             handler.close()
             log.removeHandler(handler)
     shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def set_cpu_threads(spec: Spec, state) -> None:
-    """Use the machine's cores: ``accelerate launch`` sets OMP_NUM_THREADS=1 for CPU processes.
-
-    ``state`` is an Accelerator or accelerate's PartialState (its device and process count)."""
-    choice = spec.train.cpu_threads
-    if choice == "env" or state.device.type != "cpu":
-        return
-    if choice == "auto":
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes if state.num_processes else 1))
-        choice = max(1, len(os.sched_getaffinity(0)) // max(local, 1))
-    torch.set_num_threads(choice)
 
 
 class Trainer:

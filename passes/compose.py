@@ -1,4 +1,5 @@
-"""The composition pass: K quantized teachers become one GraphModule with fusion nodes (METHOD.md §2).
+"""The composition pass: K quantized teachers become one GraphModule with fusion nodes
+(docs/methods.md#shared-knowledge-eq-1).
 
 In the composed graph
 

@@ -1,6 +1,6 @@
 """The pass that quantizes a traced model: quantized conv/linear layers + input quantizers.
 
-For one model and its bit-widths (METHOD.md §3):
+For one model and its bit-widths (docs/methods.md#quantizers):
 
 * every ``nn.Conv2d`` / ``nn.Linear`` call becomes a ``QuantConv2d`` / ``QuantLinear`` whose
   ``weight``/``bias`` keep their names (``layer1.0.conv1.weight``), so float checkpoints still load;

@@ -13,8 +13,6 @@ registered by name in ``SURGERIES``:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from cmtkd_graph.passes.common import find_layers, first_and_last_layers
 from cmtkd_graph.passes.graph_pass import graph_pass
@@ -22,10 +20,7 @@ from cmtkd_graph.passes.tracer import qualname, replace_submodule, unique_target
 from torch import fx, nn
 
 from cmtkd_graph.errors import UserError
-from cmtkd_graph.registry import Registry
-
-SurgeryPass = Callable[..., fx.GraphModule]
-SURGERIES: Registry[SurgeryPass] = Registry("surgery pass")
+from cmtkd_graph.registry import SURGERIES
 
 
 def run_surgery(

@@ -7,15 +7,13 @@ A tap name is resolved against a traced graph as, in this order:
    ``torchvision.models.feature_extraction.create_feature_extractor`` does;
 3. otherwise an error listing the closest valid names.
 
-``auto`` is the paper's "end of every convolution block / stage":
-
-* ResNet / ResNeXt / Wide-ResNet: ``layer1`` .. ``layer4`` (the paper's ResNet18 taps);
-* ViT: the encoder blocks at 1/4, 1/2, 3/4 and full depth;
-* Swin: the four stages ``features.1, .3, .5, .7`` (their NHWC maps are exposed as NCHW);
-* every other model (AlexNet, VGG, MobileNet, EfficientNet, ConvNeXt, DenseNet, RegNet, ...): the last
-  node at each spatial resolution (larger than 1x1), among the nodes every input-to-output path
-  passes through (so nothing inside a residual block), in stages that contain a conv layer.
-  For AlexNet that is the end of its three conv blocks, for VGG the five blocks.
+``auto`` is the paper's "end of every convolution block / stage", by the architecture family's row in
+``cmtkd_graph.models.facts`` (ResNet / ResNeXt / Wide-ResNet ``layer1`` .. ``layer4``; ViT the encoder
+blocks at 1/4, 1/2, 3/4 and full depth; Swin its four stages, whose NHWC maps are exposed as NCHW), and
+for every other model (AlexNet, VGG, MobileNet, EfficientNet, ConvNeXt, DenseNet, RegNet, ...) the
+generic rule: the last node at each spatial resolution (larger than 1x1), among the nodes every
+input-to-output path passes through (so nothing inside a residual block), in stages that contain a conv
+layer. For AlexNet that is the end of its three conv blocks, for VGG the five blocks.
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ from cmtkd_graph.passes.tracer import qualname
 from torch import fx
 
 from cmtkd_graph.errors import UserError, closest
+from cmtkd_graph.models.facts import BlocksAtDepth, FixedTaps, family_of
 
 AUTO = "auto"
 
@@ -83,21 +82,17 @@ def module_prefixes(gm: fx.GraphModule) -> set[str]:
 
 
 def auto_tap_names(gm: fx.GraphModule, arch: str) -> list[str]:
-    """The ``auto`` tap names for ``arch`` (shapes must have been propagated for the generic rule)."""
-    if arch.startswith(("resnet", "resnext", "wide_resnet")):
-        return ["layer1", "layer2", "layer3", "layer4"]
-    if arch.startswith("vit_"):
-        depth = len(
-            {
-                qualname(n).split(".")[2]
-                for n in tappable_nodes(gm)
-                if qualname(n).startswith("encoder.layers.")
-            }
-        )
-        picks = sorted({max(0, round(depth * f) - 1) for f in (0.25, 0.5, 0.75, 1.0)})
-        return [f"encoder.layers.encoder_layer_{i}" for i in picks]
-    if arch.startswith("swin_"):
-        return ["features.1", "features.3", "features.5", "features.7"]
+    """The ``auto`` tap names for ``arch``: its family's rule (``cmtkd_graph.models.facts``); shapes must
+    have been propagated for the generic one."""
+    rule = family_of(arch).auto_taps
+    if isinstance(rule, FixedTaps):
+        return list(rule.names)
+    if isinstance(rule, BlocksAtDepth):
+        prefix = rule.container + "."
+        inside = [qualname(n)[len(prefix) :] for n in tappable_nodes(gm) if qualname(n).startswith(prefix)]
+        depth = len({name.split(".")[0] for name in inside})
+        picks = sorted({max(0, round(depth * f) - 1) for f in rule.fractions})
+        return [rule.template.format(i=i) for i in picks]
     return _stage_ends(gm)
 
 
@@ -181,7 +176,7 @@ def resolve_taps(
                 f"taps: the auto rule found no stage ends in {model} ({arch}); list taps explicitly"
             )
     taps = []
-    channels_last = arch.startswith("swin_")
+    channels_last = family_of(arch).channels_last_features
     for name in names:
         node = resolve_tap(gm, name, model=model)
         shape = shape_of(node)

@@ -120,7 +120,7 @@ def cifar10_jpeg(tmp_path_factory) -> Path:
 def _fashion_mnist_as_jpeg_folders(root: Path, wanted: dict[str, int]) -> None:
     from PIL import Image
 
-    from cmtkd_graph.data.datasets import read_fashion_mnist
+    from cmtkd_graph.data.fashion_mnist import read_fashion_mnist
 
     splits = read_fashion_mnist(None)
     for split, (images, labels) in (("train", splits.train), ("test", splits.eval)):

@@ -8,7 +8,7 @@ import copy
 import torch
 
 import cmtkd_graph as cg
-from cmtkd_graph.precision import Precision
+from cmtkd_graph.runtime.precision import Precision
 
 # The smallest graph that has every piece of a CMT-KD step: AlexNet-BN (5 convs, 3 linears), a W2A2
 # student and one 4-bit teacher with HWGQ quantizers, attention at the taps, mutual learning. No dropout:

@@ -14,7 +14,7 @@ from torch import nn
 import cmtkd_graph as cg
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.quantizers.hwgq import HalfWaveQuantizer, MidRiseWeightQuantizer
-from cmtkd_graph.spec_io import validate_spec
+from cmtkd_graph.spec.io import validate_spec
 
 STAGES = ["layer1", "layer2", "layer3", "layer4"]
 
@@ -70,7 +70,7 @@ def eager_head(m, h):
 
 
 def eager_cmtkd(student, teachers, logits, x):
-    """CMT-KD's forward pass written directly from METHOD.md §2."""
+    """CMT-KD's forward pass written directly from docs/methods.md#shared-knowledge-eq-1."""
     s = eager_stem(student, x)
     student_features = {}
     for stage in STAGES:

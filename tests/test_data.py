@@ -21,8 +21,8 @@ from cmtkd_graph.data import (
     build_datasets,
     build_loaders,
 )
-from cmtkd_graph.data.datasets import FASHION_MNIST_ROOT
-from cmtkd_graph.data.transforms import MEAN_STD
+from cmtkd_graph.data.cifar import CIFAR10
+from cmtkd_graph.data.fashion_mnist import FASHION_MNIST_ROOT
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.spec import DataSpec
 
@@ -450,7 +450,7 @@ def test_normalisation_uses_the_given_or_default_statistics(tmp_path):
     assert torch.allclose(normalised.std((0, 2, 3)), torch.ones(3), atol=1e-4)
 
     default = build_datasets(spec("cifar10", tmp_path))
-    default_mean, default_std = (torch.tensor(v).view(3, 1, 1) for v in MEAN_STD["cifar10"])
+    default_mean, default_std = (torch.tensor(v).view(3, 1, 1) for v in (CIFAR10.mean, CIFAR10.std))
     restored = torch.stack([default.eval[i][0] for i in range(3)]) * default_std + default_mean
     assert torch.allclose(restored, raw, atol=1e-5)
 

@@ -25,7 +25,7 @@ from cmtkd_graph.deploy.integer import FLOAT64_EXACT, integer_conv2d, integer_ma
 from cmtkd_graph.deploy.packing import pack_codes, packed_bytes, unpack_codes
 from cmtkd_graph.deploy.predict import format_predictions, predict
 from cmtkd_graph.deploy.student import build_student
-from cmtkd_graph.run_eval import evaluate_run
+from cmtkd_graph.evaluation.run import evaluate_run
 
 from .conftest import launch_two_processes, run_module
 
@@ -213,8 +213,8 @@ def test_onnx_matches_pytorch_on_real_images_with_low_bit_qdq(exported):
 
 
 def assert_agrees_but_at_boundaries(got: np.ndarray, expected: np.ndarray) -> None:
-    """onnxruntime (or the integer reference) against PyTorch, as the README states it: logits within
-    1e-3 x max |logit| for the images where no activation sits within float rounding of a level
+    """onnxruntime (or the integer reference) against PyTorch, as docs/deployment.md#how-exact states it:
+    logits within 1e-3 x max |logit| for the images where no activation sits within float rounding of a level
     boundary. Such an activation can take the neighbouring level (the two sum convolutions in different
     orders), so a few images may differ more; most must not, and their predicted classes must agree."""
     tolerance = 1e-3 * max(1.0, np.abs(expected).max())

@@ -17,7 +17,7 @@ import cmtkd_graph as cg
 from cmtkd_graph.cli import main
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.inspection import system_graph
-from cmtkd_graph.inspection_output import summary_table, write_graph
+from cmtkd_graph.inspection.output import summary_table, write_graph
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pydot")  # pydot's own parser
 

@@ -1,4 +1,4 @@
-"""The CMT-KD loss terms against values worked out by hand (METHOD.md §4-5)."""
+"""The CMT-KD loss terms against values worked out by hand (docs/methods.md#cmt-kd)."""
 
 from __future__ import annotations
 
@@ -139,7 +139,8 @@ def test_attention_loss_is_zero_for_a_rescaled_copy() -> None:
 
 
 def test_attention_loss_trains_both_sides() -> None:
-    # METHOD.md §4 default: L_KD also reaches the teachers (through the shared knowledge)
+    # the default (docs/methods.md#feature-distillation-eq-4-6): L_KD also reaches the teachers (through
+    # the shared knowledge)
     shared = torch.randn(2, 4, 3, 3, requires_grad=True)
     student = torch.randn(2, 2, 3, 3, requires_grad=True)
     attention_loss(shared, student).backward()

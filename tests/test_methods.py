@@ -18,7 +18,7 @@ from cmtkd_graph.inspection import system_graph
 from cmtkd_graph.methods import METHODS, LogitsLoss, Method, MethodOptions, register_method
 from cmtkd_graph.metrics import read_metrics
 from cmtkd_graph.optim import build_optimizer, build_scheduler
-from cmtkd_graph.spec_io import validate_spec
+from cmtkd_graph.spec.io import validate_spec
 
 from .conftest import launch_two_processes
 

@@ -13,7 +13,7 @@ import torchvision
 from cmtkd_graph.passes.common import META
 
 import cmtkd_graph as cg
-from cmtkd_graph.spec_io import validate_spec
+from cmtkd_graph.spec.io import validate_spec
 
 ALL = torchvision.models.list_models(module=torchvision.models)
 INPUT = {"inception_v3": 299}  # needs >= 75; everything else at its ImageNet size

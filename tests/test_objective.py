@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import cmtkd_graph as cg
-from cmtkd_graph.spec_io import validate_spec
+from cmtkd_graph.spec.io import validate_spec
 
 STAGES = ["layer1", "layer2", "layer3", "layer4"]
 

@@ -73,7 +73,7 @@ def test_installed_wheel_imports_passes_outside_the_repository(wheel, tmp_path):
         timeout=600,
     )
     code = (
-        "import cmtkd_graph, cmtkd_graph.passes.compose as c, cmtkd_graph.spec_io as s; "
+        "import cmtkd_graph, cmtkd_graph.passes.compose as c, cmtkd_graph.spec.io as s; "
         "print(c.__file__); print(s.load_spec('quickstart').name)"
     )
     result = subprocess.run(

@@ -71,7 +71,7 @@ def test_a_module_at_two_paths_is_copied_once():
 
 
 def test_no_init_on_meta_skips_initialisation_of_meta_tensors_only():
-    from cmtkd_graph.meta_device import no_init_on_meta
+    from cmtkd_graph.models.meta_device import no_init_on_meta
 
     real = torch.zeros(4, 4)
     meta = torch.empty(4, 4, device="meta")

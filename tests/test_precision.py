@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import cmtkd_graph as cg
-from cmtkd_graph import precision as prec
 from cmtkd_graph.quantizers import QUANTIZERS, Quantizer, build_quantizer_family
 from cmtkd_graph.quantizers.layers import QuantConv2d
 from cmtkd_graph.quantizers.lsq import LSQQuantizer
+from cmtkd_graph.runtime import precision as prec
 
 CHANNELS_LAST = torch.channels_last
 
@@ -25,7 +25,8 @@ CHANNELS_LAST = torch.channels_last
 @pytest.mark.parametrize("bits", [2, 4, 7])
 def test_bf16_autocast_gives_the_fp32_levels(family, bits):
     """Up to 7 bits, bf16 (8 significant bits) holds every level q * scale closely enough that the
-    integer q is recovered; 8-bit levels are not all representable in bf16 (README, Performance)."""
+    integer q is recovered; 8-bit levels are not all representable in bf16
+    (docs/performance.md#precision-decided-per-machine-and-spec)."""
     torch.manual_seed(bits)
     fam = build_quantizer_family(family)
     layer = QuantConv2d.from_float(nn.Conv2d(8, 16, 3, padding=1), fam.weight(bits))

@@ -128,7 +128,7 @@ def test_a_malicious_cifar_batch_is_refused(tmp_path, marker):
     assert not marker.exists()
     # the same files without the payload load (the restricted unpickler admits what CIFAR batches hold)
     (folder / "data_batch_1").write_bytes(pickle.dumps(good, protocol=2))
-    from cmtkd_graph.data.datasets import read_cifar
+    from cmtkd_graph.data.cifar import read_cifar
 
     splits = read_cifar("cifar10", str(tmp_path), download=False)
     assert splits.train[0].shape == (10, 3, 32, 32) and splits.classes[3] == "c3"

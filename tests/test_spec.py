@@ -10,7 +10,7 @@ import yaml
 
 import cmtkd_graph as cg
 from cmtkd_graph.cli import main
-from cmtkd_graph.spec_io import apply_override, parse_key_path
+from cmtkd_graph.spec.io import apply_override, parse_key_path
 
 SPECS = sorted(Path(__file__).resolve().parents[1].joinpath("specs").glob("*.yaml"))
 
@@ -186,8 +186,8 @@ MALFORMED = [
     (
         lambda d: d["data"].update(dataset="imagenet"),
         None,
-        "data.dataset: Input should be 'cifar10', 'cifar100', 'imagefolder' or 'fashion_mnist', "
-        "got 'imagenet'",
+        "data.dataset: unknown dataset 'imagenet' (did you mean imagefolder?); "
+        "known: cifar10, cifar100, fashion_mnist, imagefolder",
     ),
     (
         lambda d: d["data"].update(batch_size=0),
@@ -281,7 +281,7 @@ def test_overrides_parse_yaml_values_and_index_syntax():
         "optim.schedule.milestones=[50, 100]",
     ]:
         apply_override(data, item)
-    spec = cg.spec_io.validate_spec(data)
+    spec = cg.spec.io.validate_spec(data)
     assert spec.train.epochs == 3 and spec.optim.lr == 0.01 and spec.distill.mutual_learning is False
     assert spec.taps.teachers == ["layer1", "layer2"] and spec.teachers[0].weight_bits == 6
     assert spec.train.mixed_precision == "no" and spec.optim.schedule.milestones == [50, 100]

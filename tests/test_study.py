@@ -204,7 +204,7 @@ def test_an_interrupted_study_resumes_its_run_from_the_checkpoint(tmp_path, fash
 
 def test_rows_trained_on_different_machines_are_marked_in_the_table(tmp_path, monkeypatch):
     """Times and images/s are only comparable on one machine: with two, each row names its own."""
-    from cmtkd_graph.study_report import write_report
+    from cmtkd_graph.study.report import write_report
 
     monkeypatch.chdir(tmp_path)
     study = StudySpec.model_validate(
@@ -238,7 +238,7 @@ def test_the_committed_results_page_is_what_the_study_writes_from_its_run_summar
     """docs/results.md's table and results.json are rewritten from the committed run summaries by the
     committed code and the committed study file, and come out unchanged: every number on the page comes
     from a run made with the study's present settings (a summary with another key would drop out)."""
-    from cmtkd_graph.study_report import write_report
+    from cmtkd_graph.study.report import write_report
 
     repo = Path(__file__).resolve().parents[1]
     study = load_study(repo / "studies" / "cifar10.yaml")

@@ -173,7 +173,7 @@ def test_two_machines_train_one_model_with_the_precision_auto_chose(
     """A multi-node launch (two `accelerate launch --num_machines 2 --machine_rank i` commands, both nodes
     on this machine): one process per node, one gloo group, one model. `mixed_precision: auto` is timed on
     the main process, shared with the other, recorded, and reused by `eval`."""
-    from cmtkd_graph.run_eval import evaluate_run
+    from cmtkd_graph.evaluation.run import evaluate_run
 
     run_dir = tmp_path / "nodes"
     extra = ["data.train_subset=128", "data.eval_subset=64", "train.max_steps=4", "train.cpu_threads=1"]
@@ -309,8 +309,8 @@ def test_validate_runs_the_dataset_checks_that_training_runs(tmp_path):
 
 
 def test_no_import_cycles_between_the_command_line_training_and_inspection_modules():
-    """cli -> train and inspection_output -> inspection only (one direction each), checked in a fresh
-    interpreter by what each module imports at its top level and inside its functions."""
+    """cli -> train and inspection.output -> inspection.graph only (one direction each), checked by what
+    each module imports at its top level and inside its functions."""
     import ast
 
     root = Path(__file__).resolve().parents[1] / "cmtkd_graph"
@@ -320,5 +320,6 @@ def test_no_import_cycles_between_the_command_line_training_and_inspection_modul
         return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
 
     assert "cmtkd_graph.cli" not in imports("train")
-    assert "cmtkd_graph.inspection_output" not in imports("inspection")
-    assert "cmtkd_graph.train" in imports("cli") and "cmtkd_graph.inspection" in imports("inspection_output")
+    assert "cmtkd_graph.inspection.output" not in imports("inspection/graph")
+    assert "cmtkd_graph.train" in imports("cli")
+    assert "cmtkd_graph.inspection.graph" in imports("inspection/output")

@@ -19,7 +19,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from cmtkd_graph.data.bundle import DataBundle
+from cmtkd_graph.data.record import DatasetRecord, register_dataset
+from cmtkd_graph.data.transforms import build_transforms
 from cmtkd_graph.errors import UserError
+from cmtkd_graph.spec import DataSpec
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -181,3 +185,38 @@ def balanced_first(samples: list[Sample], n: int | None) -> list[Sample]:
         order.append((rank, label, position))
     chosen = sorted(position for _, _, position in sorted(order)[:n])
     return [samples[p] for p in chosen]
+
+
+@register_dataset("imagefolder")
+class ImageFolder(DatasetRecord):
+    summary = "image files in root/train/<class>/ and root/val/ (or test/) alike, decoded on access"
+    has_eval_split_choice = True
+    reads_files_on_demand = True
+
+    @classmethod
+    def read(cls, spec: DataSpec) -> DataBundle:
+        if spec.root is None:
+            raise UserError("data.root: required for imagefolder (the directory of train/ and val/ or test/)")
+        root = Path(spec.root)
+        if not root.is_dir():
+            raise UserError(
+                f"data.root: {root} is not a directory (expected {root}/train/<class>/<images> and "
+                f"{root}/val/ or {root}/test/ alike)"
+            )
+        train_dir = root / "train"
+        eval_dir = root / pick_eval_split(root, spec.eval_split)
+        classes = find_classes(train_dir)
+        check_same_classes(classes, find_classes(eval_dir), eval_dir)
+        size = spec.input_size
+        train_tf, eval_tf = build_transforms(spec, size=size, native_size=None, in_channels=3)
+        train = balanced_first(list_samples(train_dir, classes), spec.train_subset)
+        evaluation = balanced_first(list_samples(eval_dir, classes), spec.eval_subset)
+        return DataBundle(
+            train=ImageFiles(train, classes, train_tf, spec.corrupt_images),
+            eval=ImageFiles(evaluation, classes, eval_tf, spec.corrupt_images),
+            num_classes=len(classes),
+            classes=classes,
+            in_channels=3,
+            image_size=size,
+            train_eval=ImageFiles(train, classes, eval_tf, spec.corrupt_images),
+        )

@@ -15,15 +15,9 @@ import torch
 from torchvision.transforms import v2
 
 from cmtkd_graph.errors import UserError
+from cmtkd_graph.registry import DATASETS
 from cmtkd_graph.spec import DataSpec
 
-# Per-channel mean and std of each training set, in [0, 1] units.
-MEAN_STD: dict[str, tuple[list[float], list[float]]] = {
-    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
-    "cifar100": ([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
-    "fashion_mnist": ([0.2860], [0.3530]),
-    "imagefolder": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),  # ImageNet's
-}
 IMAGENET_LIKE_MIN_SIZE = 64
 """Image folders at least this large get ImageNet-style augmentation."""
 EVAL_CROP_FRACTION = 0.875
@@ -79,7 +73,7 @@ def _geometry(spec: DataSpec, size: int, native_size: int | None) -> tuple[list,
     augment = spec.augment
     imagenet_like = native_size is None and size >= IMAGENET_LIKE_MIN_SIZE
     crop = augment.crop or ("random_resized_crop" if imagenet_like else "random_crop")
-    hflip = augment.hflip if augment.hflip is not None else spec.dataset != "fashion_mnist"
+    hflip = augment.hflip if augment.hflip is not None else DATASETS.get(spec.dataset).hflip
 
     if native_size is None:  # any size and aspect: resize the short side, then make it square
         fit = [v2.Resize(size), v2.CenterCrop(size)]
@@ -103,9 +97,9 @@ def _mean_std(spec: DataSpec, channels: int) -> tuple[list[float] | None, list[f
         if spec.mean is not None or spec.std is not None:
             raise UserError("data.mean/std are given but data.normalize is false: drop them or normalize")
         return None, None
-    default_mean, default_std = MEAN_STD[spec.dataset]
-    mean = _per_channel("mean", spec.mean if spec.mean is not None else default_mean, channels)
-    std = _per_channel("std", spec.std if spec.std is not None else default_std, channels)
+    record = DATASETS.get(spec.dataset)  # its training set's per-channel mean and std
+    mean = _per_channel("mean", spec.mean if spec.mean is not None else list(record.mean), channels)
+    std = _per_channel("std", spec.std if spec.std is not None else list(record.std), channels)
     if min(std) <= 0:
         raise UserError(f"data.std: every value must be > 0, got {std}")
     return mean, std

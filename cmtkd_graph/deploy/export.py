@@ -35,7 +35,7 @@ from cmtkd_graph.deploy.student import (
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.passes.shapes import propagate_shapes
 from cmtkd_graph.spec import Spec
-from cmtkd_graph.spec_io import dump_spec
+from cmtkd_graph.spec.io import dump_spec
 
 log = logging.getLogger("cmtkd_graph")
 

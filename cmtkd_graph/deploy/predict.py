@@ -1,7 +1,7 @@
 """``cmtkd-graph predict DIR IMAGE...``: class and probability per image, from an exported student.
 
 Images are prepared as the run's evaluation prepared its data (resize/centre-crop to the input size,
-the dataset's mean/std; grey for Fashion-MNIST), then run by the PyTorch student, the integer
+the dataset's mean/std; grey where the dataset's record says so), then run by the PyTorch student, the integer
 reference or onnxruntime (``--backend``).
 """
 
@@ -15,6 +15,7 @@ from torch import Tensor
 
 from cmtkd_graph.deploy.student import MANIFEST_FILE, find_student, load_student
 from cmtkd_graph.errors import UserError
+from cmtkd_graph.registry import DATASETS
 from cmtkd_graph.spec import Spec
 
 BACKENDS = ("torch", "integer", "onnx")
@@ -27,7 +28,7 @@ def read_images(paths: list[str | Path], spec: Spec) -> Tensor:
     from cmtkd_graph.data.transforms import build_transforms
 
     data = spec.data
-    grey = data.dataset == "fashion_mnist"
+    grey = DATASETS.get(data.dataset).grey  # read as grey, repeated to the model's channels
     _, prepare = build_transforms(
         data, size=data.input_size, native_size=None, in_channels=data.in_channels, grey_source=grey
     )

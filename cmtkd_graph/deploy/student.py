@@ -128,7 +128,7 @@ def load_state(module: torch.nn.Module, state: dict[str, Tensor], *, origin: Pat
 
 
 def _spec(directory: Path, overrides: Sequence[str] = ()) -> Spec:
-    from cmtkd_graph.spec_io import load_spec
+    from cmtkd_graph.spec.io import load_spec
 
     file = directory / SPEC_FILE
     if not file.is_file():

@@ -7,21 +7,23 @@ here: cmtkd, single, kd, average_teacher, amtml_kd, ctkd.
 
 from cmtkd_graph.methods import amtml_kd, average_teacher, cmtkd, ctkd, kd, single  # noqa: F401  (register)
 from cmtkd_graph.methods.base import (
-    METHODS,
     BuildContext,
     LogitsLoss,
     Method,
+    MethodContext,
     MethodOptions,
     feature_terms,
     method_for,
     register_method,
 )
+from cmtkd_graph.registry import METHODS
 
 __all__ = [
     "METHODS",
     "BuildContext",
     "LogitsLoss",
     "Method",
+    "MethodContext",
     "MethodOptions",
     "feature_terms",
     "method_for",

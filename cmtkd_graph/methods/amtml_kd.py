@@ -34,11 +34,13 @@ from cmtkd_graph.methods.base import (
     BuildContext,
     LogitsLoss,
     Method,
+    MethodContext,
     MethodOptions,
     feature_text,
     register_method,
 )
-from cmtkd_graph.objective import combined_from_probabilities
+from cmtkd_graph.spec import Spec
+from cmtkd_graph.system_output import SystemOutput, combined_from_probabilities
 
 LAST_FEATURE_MAP = "last_feature_map"
 INSTANCE = "instance"  # logged as importance/instance, plotted in importance.png
@@ -111,7 +113,7 @@ class AMTMLKD(Method):
     Options = AMTMLOptions
 
     @classmethod
-    def check(cls, spec, options: AMTMLOptions) -> None:
+    def check(cls, spec: Spec, options: AMTMLOptions) -> None:
         if options.weighting_lr is None:
             options.weighting_lr = spec.optim.lr
 
@@ -141,26 +143,26 @@ class AMTMLKD(Method):
         channels = shape[1] if len(shape) == 4 else shape[2]
         return nn.ModuleDict({"weighting": InstanceWeighting(len(ctx.teachers), channels)})
 
-    def parameter_groups(self, system) -> list[dict]:
+    def parameter_groups(self, ctx: MethodContext) -> list[dict]:
         return [
             {
                 "name": "weighting",
-                "params": list(system.method_modules["weighting"].parameters()),
+                "params": list(ctx.modules["weighting"].parameters()),
                 "lr": self.options.weighting_lr,
                 "weight_decay": 0.0,  # the method's own penalty term regularises theta and W
                 "until_epoch": self.options.weighting_epochs,
             }
         ]
 
-    def complete(self, system, out) -> None:
-        weights = system.method_modules["weighting"](out.extras[LAST_FEATURE_MAP])
+    def complete(self, ctx: MethodContext, out: SystemOutput) -> None:
+        weights = ctx.modules["weighting"](out.extras[LAST_FEATURE_MAP])
         out.extras["instance_weights"] = weights
         out.stats[INSTANCE] = weights.detach().mean(0)
         out.teacher_logits = combined_from_probabilities(
             tuple(z.detach() for z in out.each_teacher_logits), weights.detach()
         )
 
-    def losses(self, system, out, labels: Tensor) -> dict[str, Tensor]:
+    def losses(self, ctx: MethodContext, out: SystemOutput, labels: Tensor) -> dict[str, Tensor]:
         d = self.distill
         weights = out.extras["instance_weights"]  # [B, K]: trains theta and W (and the student, via beta)
         probs = torch.stack([F.softmax(z.detach().float() / d.tau, dim=1) for z in out.each_teacher_logits])
@@ -171,16 +173,16 @@ class AMTMLKD(Method):
             target, out.student_logits, d.tau, detach_target=False
         )
         total = d.alpha * terms["ce_student"] + d.beta * terms["kd_student"]
-        terms["weighting_penalty"] = system.method_modules["weighting"].penalty()
+        terms["weighting_penalty"] = ctx.modules["weighting"].penalty()
         total = total + self.options.weighting_decay * terms["weighting_penalty"]
-        terms["total"] = self.add_feature_terms(system, out, terms, total)
+        terms["total"] = self.add_feature_terms(ctx, out, terms, total)
         return terms
 
     def logits_loss(self) -> LogitsLoss:
         return LogitsLoss("KD from the instance-weighted teachers", "each", "weighting", LAST_FEATURE_MAP)
 
     @classmethod
-    def describe(cls, spec) -> str:
+    def describe(cls, spec: Spec) -> str:
         d, o = spec.distill, spec.distill.options
         phases = f", then frozen after epoch {o['weighting_epochs']}" if o.get("weighting_epochs") else ""
         return (

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cmtkd_graph import losses
-from cmtkd_graph.methods.base import LogitsLoss, Method, register_method
-from cmtkd_graph.objective import combined_from_probabilities
+from cmtkd_graph.methods.base import LogitsLoss, Method, MethodContext, register_method
+from cmtkd_graph.spec import Spec
+from cmtkd_graph.system_output import SystemOutput, combined_from_probabilities
 
 
 @register_method("average_teacher")
@@ -20,10 +21,10 @@ class AverageTeacher(Method):
     min_teachers = 1
     frozen_teachers_only = True
 
-    def complete(self, system, out) -> None:
+    def complete(self, ctx: MethodContext, out: SystemOutput) -> None:
         out.teacher_logits = combined_from_probabilities(out.each_teacher_logits)
 
-    def losses(self, system, out, labels: Tensor) -> dict[str, Tensor]:
+    def losses(self, ctx: MethodContext, out: SystemOutput, labels: Tensor) -> dict[str, Tensor]:
         d = self.distill
         terms = self.student_ce(out, labels)
         target = torch.stack([F.softmax(z.detach().float() / d.tau, dim=1) for z in out.each_teacher_logits])
@@ -35,6 +36,6 @@ class AverageTeacher(Method):
         return LogitsLoss("KD from averaged teachers", "each")
 
     @classmethod
-    def describe(cls, spec) -> str:
+    def describe(cls, spec: Spec) -> str:
         d = spec.distill
         return f"{d.alpha:g} CE_S + {d.beta:g} KD_S (from the averaged teacher softmax, tau {d.tau:g})"

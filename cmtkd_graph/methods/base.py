@@ -27,13 +27,12 @@ from torch import Tensor, fx, nn
 from cmtkd_graph import losses
 from cmtkd_graph.errors import did_you_mean
 from cmtkd_graph.passes.common import fusion_key
-from cmtkd_graph.registry import Registry
+from cmtkd_graph.registry import METHODS
+from cmtkd_graph.spec import Spec
+from cmtkd_graph.system_output import SystemOutput
 
 if TYPE_CHECKING:
-    from cmtkd_graph.objective import SystemOutput
     from cmtkd_graph.passes.taps import Tap
-    from cmtkd_graph.spec import Spec
-    from cmtkd_graph.system import CMTKDSystem
 
 Arrangement = Literal["none", "composed", "side_by_side"]
 FEATURE_LOSSES = ("attention", "fitnet", "none")
@@ -69,6 +68,18 @@ class BuildContext:
     teachers: list[fx.GraphModule]
     student_taps: list[Tap]
     student_extras: dict[str, str]
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method's step hooks (:meth:`Method.complete`, :meth:`Method.losses`,
+    :meth:`Method.parameter_groups`) may use of the built system: the method's own modules, the FitNet
+    adapters and whether a teacher trains. Methods never see the whole system, so they cannot come to
+    depend on how it is put together."""
+
+    modules: nn.ModuleDict  # what build_modules returned (e.g. AMTML-KD's weighting module)
+    adapters: nn.ModuleDict  # FitNet adapters, keyed by fusion_key(tap)
+    teacher_trains: bool  # at least one teacher is trained (its cross-entropy is a loss term)
 
 
 class Method:
@@ -208,19 +219,19 @@ class Method:
         return {}
 
     def build_modules(self, ctx: BuildContext) -> nn.ModuleDict:
-        """The method's own trainable modules (``system.method_modules``)."""
+        """The method's own trainable modules (``MethodContext.modules`` at every step)."""
         return nn.ModuleDict()
 
-    def parameter_groups(self, system: CMTKDSystem) -> list[dict]:
-        """Optimizer groups of ``system.method_modules`` (each a dict with ``name``, ``params``, ``lr``,
+    def parameter_groups(self, ctx: MethodContext) -> list[dict]:
+        """Optimizer groups of ``ctx.modules`` (each a dict with ``name``, ``params``, ``lr``,
         ``weight_decay``, optionally ``until_epoch``: the group's lr is 0 from that epoch on)."""
         return []
 
     # ------------------------------------------------------------------ every step
-    def complete(self, system: CMTKDSystem, out: SystemOutput) -> None:
+    def complete(self, ctx: MethodContext, out: SystemOutput) -> None:
         """Fill what the graphs do not compute (the combined teacher, ``out.stats``...)."""
 
-    def losses(self, system: CMTKDSystem, out: SystemOutput, labels: Tensor) -> dict[str, Tensor]:
+    def losses(self, ctx: MethodContext, out: SystemOutput, labels: Tensor) -> dict[str, Tensor]:
         """Every loss term by name, plus ``total``."""
         raise NotImplementedError
 
@@ -233,24 +244,24 @@ class Method:
         return {"ce_student": F.cross_entropy(out.student_logits.float(), labels)}
 
     def cross_entropy_terms(
-        self, system: CMTKDSystem, out: SystemOutput, labels: Tensor
+        self, ctx: MethodContext, out: SystemOutput, labels: Tensor
     ) -> tuple[dict[str, Tensor], Tensor]:
         """``ce_student`` and, if a teacher trains, the combined teacher's ``ce_teacher``; alpha x sum."""
         terms = self.student_ce(out, labels)
         total = self.distill.alpha * terms["ce_student"]
-        if system.teacher_trains:
+        if ctx.teacher_trains:
             terms["ce_teacher"] = F.cross_entropy(out.teacher_logits.float(), labels)
             total = total + self.distill.alpha * terms["ce_teacher"]
         return terms, total
 
     def add_feature_terms(
-        self, system: CMTKDSystem, out: SystemOutput, terms: dict[str, Tensor], total: Tensor
+        self, ctx: MethodContext, out: SystemOutput, terms: dict[str, Tensor], total: Tensor
     ) -> Tensor:
         """Add ``feature/<tap>`` and ``feature`` (their sum) to ``terms``; return total + gamma x feature."""
         d = self.distill
         if d.feature_loss == "none" or not out.hints:
             return total
-        per_tap = feature_terms(out, d.feature_loss, system.adapters, detach=d.detach_shared)
+        per_tap = feature_terms(out, d.feature_loss, ctx.adapters, detach=d.detach_shared)
         terms.update({f"feature/{name}": value for name, value in per_tap.items()})
         terms["feature"] = torch.stack(list(per_tap.values())).sum()
         return total + d.gamma * terms["feature"]
@@ -260,7 +271,8 @@ def feature_terms(
     out: SystemOutput, feature_loss: str, adapters: nn.ModuleDict, *, detach: bool = False
 ) -> dict[str, Tensor]:
     """d(F^l, F_S^l) at every tap l: the attention or FitNet distance between the teacher feature the
-    student tap learns from (``out.hints``) and the student's tap (METHOD.md §4, eq. 4-6)."""
+    student tap learns from (``out.hints``) and the student's tap
+    (docs/methods.md#feature-distillation-eq-4-6)."""
     result = {}
     for name, hint in out.hints.items():
         if detach:
@@ -273,7 +285,7 @@ def feature_terms(
     return result
 
 
-def feature_text(spec) -> str:
+def feature_text(spec: Spec) -> str:
     """`` + gamma <loss> loss`` for the objective lines ('' without a feature loss)."""
     d = spec.distill
     if d.feature_loss == "none":
@@ -283,9 +295,6 @@ def feature_text(spec) -> str:
 
 def _count(n: int) -> str:
     return {1: "one", 2: "two", 3: "three", 4: "four"}.get(n, str(n))
-
-
-METHODS: Registry[type[Method]] = Registry("method")
 
 
 def register_method(name: str):

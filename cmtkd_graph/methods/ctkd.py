@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cmtkd_graph import losses
-from cmtkd_graph.methods.base import LogitsLoss, Method, feature_text, register_method
+from cmtkd_graph.methods.base import LogitsLoss, Method, MethodContext, feature_text, register_method
+from cmtkd_graph.spec import Spec
+from cmtkd_graph.system_output import SystemOutput
 
 SCRATCH, EXPERT = 0, 1
 
@@ -47,7 +49,7 @@ class CTKD(Method):
     defaults: ClassVar[dict[str, float]] = {"alpha": 1.0, "beta": 1.0, "tau": 2.0}
 
     @classmethod
-    def check_teachers(cls, spec) -> None:
+    def check_teachers(cls, spec: Spec) -> None:
         super().check_teachers(spec)
         scratch, expert = spec.teachers
         if not scratch.trainable:
@@ -63,21 +65,21 @@ class CTKD(Method):
     def hint_teacher(self, tap_index: int, num_teachers: int) -> int:
         return EXPERT
 
-    def losses(self, system, out, labels: Tensor) -> dict[str, Tensor]:
+    def losses(self, ctx: MethodContext, out: SystemOutput, labels: Tensor) -> dict[str, Tensor]:
         d = self.distill
         scratch = out.each_teacher_logits[SCRATCH]
         terms = self.student_ce(out, labels)
         terms["ce_scratch"] = F.cross_entropy(scratch.float(), labels)
         terms["kd_student"] = losses.soft_kl(scratch.detach(), out.student_logits, d.tau)
         total = d.alpha * (terms["ce_student"] + terms["ce_scratch"]) + d.beta * terms["kd_student"]
-        terms["total"] = self.add_feature_terms(system, out, terms, total)
+        terms["total"] = self.add_feature_terms(ctx, out, terms, total)
         return terms
 
     def logits_loss(self) -> LogitsLoss:
         return LogitsLoss("KD from the scratch teacher", (SCRATCH,))
 
     @classmethod
-    def describe(cls, spec) -> str:
+    def describe(cls, spec: Spec) -> str:
         d = spec.distill
         return (
             f"{d.alpha:g} (CE_S + CE_scratch) + {d.beta:g} KD_S (from the scratch teacher, tau {d.tau:g})"

@@ -9,7 +9,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from cmtkd_graph import losses
-from cmtkd_graph.methods.base import LogitsLoss, Method, feature_text, register_method
+from cmtkd_graph.methods.base import LogitsLoss, Method, MethodContext, feature_text, register_method
+from cmtkd_graph.spec import Spec
+from cmtkd_graph.system_output import SystemOutput
 
 
 @register_method("kd")
@@ -24,18 +26,18 @@ class KD(Method):
     min_teachers = max_teachers = 1
     feature_losses = ("none", "attention", "fitnet")
 
-    def losses(self, system, out, labels: Tensor) -> dict[str, Tensor]:
+    def losses(self, ctx: MethodContext, out: SystemOutput, labels: Tensor) -> dict[str, Tensor]:
         d = self.distill
-        terms, total = self.cross_entropy_terms(system, out, labels)
+        terms, total = self.cross_entropy_terms(ctx, out, labels)
         terms["kd_student"] = losses.soft_kl(out.teacher_logits.detach(), out.student_logits, d.tau)
         total = total + d.beta * terms["kd_student"]
-        terms["total"] = self.add_feature_terms(system, out, terms, total)
+        terms["total"] = self.add_feature_terms(ctx, out, terms, total)
         return terms
 
     def logits_loss(self) -> LogitsLoss:
         return LogitsLoss("KD", "combined")
 
     @classmethod
-    def describe(cls, spec) -> str:
+    def describe(cls, spec: Spec) -> str:
         d = spec.distill
         return f"{d.alpha:g} CE_S + {d.beta:g} KD_S (from the teacher, tau {d.tau:g})" + feature_text(spec)

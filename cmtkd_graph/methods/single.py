@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from cmtkd_graph.methods.base import Method, register_method
+from cmtkd_graph.methods.base import Method, MethodContext, register_method
+from cmtkd_graph.spec import Spec
+from cmtkd_graph.system_output import SystemOutput
 
 
 @register_method("single")
@@ -14,11 +16,11 @@ class Single(Method):
     arrangement = "none"
     max_teachers = 0
 
-    def losses(self, system, out, labels: Tensor) -> dict[str, Tensor]:
+    def losses(self, ctx: MethodContext, out: SystemOutput, labels: Tensor) -> dict[str, Tensor]:
         terms = self.student_ce(out, labels)
         terms["total"] = self.distill.alpha * terms["ce_student"]
         return terms
 
     @classmethod
-    def describe(cls, spec) -> str:
+    def describe(cls, spec: Spec) -> str:
         return f"{spec.distill.alpha:g} CE_S"

@@ -29,7 +29,7 @@ from torch import nn
 from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
 
 from cmtkd_graph.errors import UserError
-from cmtkd_graph.meta_device import no_init_on_meta
+from cmtkd_graph.models.meta_device import no_init_on_meta
 from cmtkd_graph.quantizers.base import FULL_PRECISION, QuantizerFamily
 
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from cmtkd_graph.errors import SpecError
-from cmtkd_graph.registry import Registry
+from cmtkd_graph.registry import QUANTIZERS
 
 FULL_PRECISION = 32
 
@@ -179,9 +179,6 @@ class QuantizerFamily:
     def weight(self, bits: int) -> Quantizer:
         """Quantizer for a conv/linear weight (output channels on dim 0)."""
         raise NotImplementedError
-
-
-QUANTIZERS: Registry[type[QuantizerFamily]] = Registry("quantizer")
 
 
 def register_quantizer(name: str):

@@ -3,7 +3,7 @@
 Activations after BN+ReLU are roughly a unit Gaussian cut at zero, so a *fixed* uniform step that
 is MSE-optimal for that distribution works without any learned parameter. Weights are quantized
 with a symmetric mid-rise grid scaled by the layer's standard deviation (2^b levels, no zero).
-The formulas and constants are METHOD.md §3.
+The formulas and constants: docs/methods.md#hwgq.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmtkd_graph.meta_device import no_init_on_meta
+from cmtkd_graph.models.meta_device import no_init_on_meta
 from cmtkd_graph.quantizers.base import Quantizer
 
 

@@ -1,8 +1,9 @@
 """Top-1/top-5 of the student, each teacher and the combined teacher: one pass over a loader.
 
-Shared by training (``Trainer.evaluate``) and ``cmtkd-graph eval``. Under ``accelerate launch`` each
-process sees its shard and the counts are gathered with ``gather_for_metrics``, which drops the
-samples the last batch repeats to even out the shards: every image is counted once.
+Shared by training (``Trainer.evaluate``) and ``cmtkd-graph eval`` (``evaluation.run``). Under
+``accelerate launch`` each process sees its shard and the counts are gathered with
+``gather_for_metrics``, which drops the samples the last batch repeats to even out the shards: every
+image is counted once.
 """
 
 from __future__ import annotations

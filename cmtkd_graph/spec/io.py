@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from cmtkd_graph.errors import SpecError, closest
-from cmtkd_graph.spec import Spec
+from cmtkd_graph.spec.schema import Spec
 
 _SEGMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)$")
 
@@ -176,7 +176,7 @@ def _all_key_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
     out = []
     for name, field in model.model_fields.items():
         out.append(prefix + name)
-        inner = _model_in(field.annotation)
+        inner = model_in(field.annotation)
         if inner is not None and inner is not model:
             out.extend(_all_key_paths(inner, f"{prefix}{name}."))
     return out
@@ -193,20 +193,20 @@ def _fields_at(model: type[BaseModel], loc: list[str | int]) -> list[str]:
             or seg not in current.model_fields
         ):
             return []
-        current = _model_in(current.model_fields[seg].annotation)
+        current = model_in(current.model_fields[seg].annotation)
     if isinstance(current, type) and issubclass(current, BaseModel):
         return list(current.model_fields)
     return []
 
 
-def _model_in(annotation: Any) -> Any:
+def model_in(annotation: Any) -> Any:
     """The BaseModel class inside ``X``, ``list[X]``, ``X | None`` or ``Annotated[X, ...]``."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     origin = typing.get_origin(annotation)
     if origin in (list, typing.Union, types.UnionType, typing.Annotated):
         for arg in typing.get_args(annotation):
-            found = _model_in(arg)
+            found = model_in(arg)
             if found is not None:
                 return found
     return None

@@ -24,7 +24,7 @@ outside them, so that structural facts can be checked by eye or by code:
   Loss nodes have no successors, so the picture keeps the data flow's direction: nothing flows from
   the student into a teacher.
 
-Writers, rendering and the summary table are in :mod:`cmtkd_graph.inspection_output`, the command in
+Writers, rendering and the summary table are in :mod:`cmtkd_graph.inspection.output`, the command in
 :mod:`cmtkd_graph.cli`.
 """
 
@@ -57,7 +57,7 @@ from cmtkd_graph.passes.compose import OUTPUT_FUSION
 from cmtkd_graph.passes.shapes import propagate_shapes
 from cmtkd_graph.passes.tracer import qualname
 from cmtkd_graph.quantizers import FULL_PRECISION, Quantizer
-from cmtkd_graph.system import CMTKDSystem
+from cmtkd_graph.system import DistillationSystem
 
 Which = Literal["system", "teachers", "student"]
 View = Literal["full", "blocks"]
@@ -73,7 +73,7 @@ _DECISIONS = ("kind", "bits", "signed", "quantizer", "weight_bits", "act_bits", 
 
 
 def system_graph(
-    system: CMTKDSystem,
+    system: DistillationSystem,
     which: Which = "system",
     view: View = "full",
     importance: Mapping[str, Sequence[float]] | None = None,
@@ -284,7 +284,7 @@ def _add_importance(graph: nx.DiGraph, importance: Mapping[str, Sequence[float]]
             attrs["importance"] = [round(float(w), 6) for w in importance[attrs["tap"]]]
 
 
-def _add_distillation(graph: nx.DiGraph, system: CMTKDSystem) -> None:
+def _add_distillation(graph: nx.DiGraph, system: DistillationSystem) -> None:
     """Adapters, loss nodes, the method's modules and ``distill`` edges between student and teachers."""
     spec = system.spec
     student_out = output_value(system.student)
@@ -415,7 +415,7 @@ def _block_attrs(graph: nx.DiGraph, block: str, nodes: list[str]) -> dict[str, A
     return attrs
 
 
-def read_importance(run_dir: str | Path, system: CMTKDSystem) -> dict[str, list[float]]:
+def read_importance(run_dir: str | Path, system: DistillationSystem) -> dict[str, list[float]]:
     """The softmax importance weights per tap from the latest checkpoint of a training run.
 
     ``RUN_DIR/checkpoints/latest`` names the checkpoint; its ``model.safetensors`` (accelerate's

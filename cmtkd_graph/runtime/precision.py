@@ -221,6 +221,44 @@ def _write_cache(key: str, entry: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------- probing
+def resolve_precision(spec: Spec, state, *, recorded: Precision | None = None) -> Precision:
+    """The run's precision: the spec's, a resumed run's own record, or ``auto`` timed on the main process
+    (:func:`choose_precision`) and shared with every process.
+
+    ``state`` is accelerate's ``PartialState`` (``runtime.process.distributed_state``): the choice is made
+    before any Accelerator exists, because the Accelerator is created with it."""
+    from accelerate.utils import broadcast_object_list
+
+    if recorded is not None and is_auto(spec):
+        return recorded
+    if not is_auto(spec):
+        return fixed_precision(spec)
+    accum = spec.train.grad_accum_steps or 1
+    per_process = max(spec.data.batch_size // (state.num_processes * accum), 1)
+    chosen: list[Precision | None] = [None]
+    if state.is_main_process:
+        chosen = [cached_choice(spec, state.device, per_process)]
+        if chosen[0] is None:
+            log.info("precision auto: timing a few training steps of each candidate (cached afterwards)")
+            chosen = [choose_precision(spec, state.device, per_process)]
+    if state.num_processes > 1:
+        broadcast_object_list(chosen)
+    return chosen[0]
+
+
+def known_precision(spec: Spec, device: torch.device, batch_per_process: int) -> Precision | None:
+    """What a run of ``spec`` would train with, decided without probing: the spec's own setting, the only
+    candidate, or the cached choice; None while ``auto`` has not been probed for this machine and shape
+    (the study's estimates use it)."""
+    if not is_auto(spec):
+        return fixed_precision(spec)
+    options = candidates(spec, device)
+    if len(options) == 1:
+        mixed, channels_last = options[0]
+        return Precision(mixed, channels_last, "only candidate")
+    return cached_choice(spec, device, batch_per_process)
+
+
 def cached_choice(spec: Spec, device: torch.device, batch_per_process: int) -> Precision | None:
     """The cached choice for this machine and spec shape, if one was probed before."""
     options = candidates(spec, device)
@@ -232,15 +270,10 @@ def cached_choice(spec: Spec, device: torch.device, batch_per_process: int) -> P
 
 def choose_precision(spec: Spec, device: torch.device, batch_per_process: int) -> Precision:
     """The spec's precision with every ``auto`` resolved: from the cache, or by timing the candidates."""
-    if not is_auto(spec):
-        return fixed_precision(spec)
+    known = known_precision(spec, device, batch_per_process)
+    if known is not None:
+        return known
     options = candidates(spec, device)
-    if len(options) == 1:
-        mixed, channels_last = options[0]
-        return Precision(mixed, channels_last, "only candidate")
-    cached = cached_choice(spec, device, batch_per_process)
-    if cached is not None:
-        return cached
     times = probe(spec, device, batch_per_process, options)
     chosen = pick(times)
     mixed, channels_last = next((p, c) for p, c in options if _label(p or "no", c) == chosen)

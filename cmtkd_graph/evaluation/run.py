@@ -25,10 +25,10 @@ from cmtkd_graph.deploy.student import (
     resolve_checkpoint,
 )
 from cmtkd_graph.errors import UserError
-from cmtkd_graph.evaluation import evaluate
-from cmtkd_graph.objective import SystemOutput
+from cmtkd_graph.evaluation.accuracy import evaluate
 from cmtkd_graph.passes.common import LOGITS
 from cmtkd_graph.safe_files import read_tensors
+from cmtkd_graph.system_output import SystemOutput
 
 log = logging.getLogger("cmtkd_graph")
 SPLITS = ("test", "train")
@@ -56,10 +56,10 @@ def evaluate_run(
     """Evaluate ``run_dir``; write the result as JSON (main process) and return it."""
     from cmtkd_graph.data import build_datasets
     from cmtkd_graph.data.loaders import build_eval_loader
-    from cmtkd_graph.precision import fixed_precision, recorded_precision
-    from cmtkd_graph.spec_io import load_spec
+    from cmtkd_graph.runtime.precision import fixed_precision, recorded_precision
+    from cmtkd_graph.runtime.process import make_accelerator, set_cpu_threads
+    from cmtkd_graph.spec.io import load_spec
     from cmtkd_graph.system import build_system
-    from cmtkd_graph.train import make_accelerator, set_cpu_threads
 
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / SPEC_FILE).is_file():

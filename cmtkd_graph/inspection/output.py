@@ -18,9 +18,9 @@ from typing import Any
 import networkx as nx
 
 from cmtkd_graph.errors import UserError
-from cmtkd_graph.inspection import bits_label, system_graph
+from cmtkd_graph.inspection.graph import bits_label, system_graph
 from cmtkd_graph.quantizers import FULL_PRECISION
-from cmtkd_graph.system import CMTKDSystem
+from cmtkd_graph.system import DistillationSystem
 
 FORMATS = ("graphml", "json", "dot", "svg", "png")
 _SUFFIXES = {
@@ -165,7 +165,7 @@ def _color(attrs: Mapping[str, Any]) -> str:
     return _NETWORK_COLORS.get(attrs.get("network", ""), "#ffffff")
 
 
-def summary_table(system: CMTKDSystem, importance: Mapping[str, Sequence[float]] | None = None) -> str:
+def summary_table(system: DistillationSystem, importance: Mapping[str, Sequence[float]] | None = None) -> str:
     """Per network: quantized layers by bit-width, full-precision layers and why, quantizers, taps with
     shapes and parameters; then the fusion nodes (with ``importance`` weights when given) and adapters."""
     graph = system_graph(system, "system", "full", importance)

@@ -12,7 +12,8 @@ import os
 import statistics
 from pathlib import Path
 
-from cmtkd_graph.study import StudySpec, plan
+from cmtkd_graph.study.plan import plan
+from cmtkd_graph.study.spec import StudySpec
 
 START = "<!-- study:start (written by `cmtkd-graph study`; edit outside these markers) -->"
 END = "<!-- study:end -->"

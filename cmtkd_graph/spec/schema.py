@@ -1,8 +1,12 @@
 """The experiment spec: one YAML file = one experiment, validated by these pydantic models.
 
 Every model forbids unknown keys, so a typo is an error (with the closest valid key) rather than a
-silently ignored setting. `load_spec` (in `cmtkd_graph.spec_io`) reads a file, applies ``--set``
+silently ignored setting. `load_spec` (in ``cmtkd_graph.spec.io``) reads a file, applies ``--set``
 overrides and turns validation errors into one line per problem.
+
+Components are named, not imported: methods, quantizers, surgery passes and datasets are checked and
+asked for their facts through the tables of ``cmtkd_graph.registry``, so this module depends on none
+of them (they depend on it).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from pydantic import (
 )
 
 from cmtkd_graph.errors import UserError
-from cmtkd_graph.registry import Registry
+from cmtkd_graph.models.builders import check_arch
+from cmtkd_graph.registry import DATASETS, METHODS, QUANTIZERS, SURGERIES, Registry
 
 FULL_PRECISION = 32
 
@@ -39,13 +44,7 @@ Bits = Annotated[int, AfterValidator(_check_bits)]
 """A bit-width: 1..8, or 32 meaning full precision (no quantizer)."""
 
 
-def _check_arch(name: str) -> str:
-    from cmtkd_graph.models import check_arch
-
-    return check_arch(name)
-
-
-Arch = Annotated[str, AfterValidator(_check_arch)]
+Arch = Annotated[str, AfterValidator(check_arch)]
 
 
 def _known(registry: Registry, name: str) -> str:
@@ -58,15 +57,29 @@ def _known(registry: Registry, name: str) -> str:
 
 
 def _check_quantizer(name: str) -> str:
-    from cmtkd_graph.quantizers import QUANTIZERS
-
     return _known(QUANTIZERS, name)
 
 
 def _check_surgery(name: str) -> str:
-    from cmtkd_graph.passes.surgery import SURGERIES
-
     return _known(SURGERIES, name)
+
+
+def _check_dataset(name: str) -> str:
+    return _known(DATASETS, name)
+
+
+def _check_method(name: str) -> str:
+    return _known(METHODS, name)
+
+
+def _registered_names(registry: Registry):
+    """``json_schema_extra`` listing a registry's names as the field's enum (editor completion), read
+    when the schema is generated, so that components registered later are listed too."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        schema["enum"] = registry.names()
+
+    return extra
 
 
 class SurgerySpec(Strict):
@@ -201,7 +214,7 @@ class DistillSpec(Strict):
 
 
 class AugmentSpec(Strict):
-    """Training augmentation; `null` fields take the dataset's default (METHOD.md §7)."""
+    """Training augmentation; `null` fields take the dataset's default (docs/methods.md)."""
 
     crop: Literal["random_crop", "random_resized_crop", "none"] | None = Field(
         None, description="random_crop (with padding) for small images, random_resized_crop for ImageNet-like"
@@ -212,14 +225,13 @@ class AugmentSpec(Strict):
     )
 
 
-NATIVE_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "fashion_mnist": 28, "imagefolder": 224}
-
-
 class DataSpec(Strict):
     """The dataset and its loaders."""
 
-    dataset: Literal["cifar10", "cifar100", "imagefolder", "fashion_mnist"] = Field(
-        description="cifar10/cifar100 (torchvision format), imagefolder (train/ + val|test/), fashion_mnist"
+    dataset: Annotated[str, AfterValidator(_check_dataset)] = Field(
+        description="registered dataset: cifar10/cifar100 (torchvision format), imagefolder (train/ + "
+        "val|test/), fashion_mnist (see cmtkd_graph/data/)",
+        json_schema_extra=_registered_names(DATASETS),
     )
     root: str | None = Field(
         None, description="data directory (fashion_mnist default: /usr/share/datasets/fashion-mnist)"
@@ -254,24 +266,29 @@ class DataSpec(Strict):
 
     @model_validator(mode="after")
     def _check_dataset_options(self) -> DataSpec:
-        """Options that only some datasets have (checked here, so `validate` catches them too)."""
+        """Options that only some datasets have (checked here, so `validate` catches them too): the
+        dataset's record says which it has."""
+        record = DATASETS.get(self.dataset)
         problems = []
-        if self.download and self.dataset not in ("cifar10", "cifar100"):
-            how = (
-                "install it with `apt-get install dataset-fashion-mnist`"
-                if self.dataset == "fashion_mnist"
-                else "the images must already be in data.root"
-            )
-            problems.append(f"data.download: only cifar10/cifar100 can be downloaded; {self.dataset}: {how}")
-        if self.eval_split is not None and self.dataset != "imagefolder":
-            problems.append(f"data.eval_split: only for imagefolder; {self.dataset} has a fixed test split")
-        if self.corrupt_images == "skip" and self.dataset != "imagefolder":
+        if self.download and not record.downloadable:
             problems.append(
-                f"data.corrupt_images: skip is for imagefolder only; {self.dataset} is read up front"
+                f"data.download: only {'/'.join(_datasets_that('downloadable'))} can be downloaded; "
+                f"{self.dataset}: {record.how_to_get}"
             )
-        if self.grey_to_rgb == "none" and self.dataset != "fashion_mnist":
+        if self.eval_split is not None and not record.has_eval_split_choice:
             problems.append(
-                f"data.grey_to_rgb: none is for fashion_mnist only; {self.dataset} images are RGB"
+                f"data.eval_split: only for {'/'.join(_datasets_that('has_eval_split_choice'))}; "
+                f"{self.dataset} has a fixed test split"
+            )
+        if self.corrupt_images == "skip" and not record.reads_files_on_demand:
+            problems.append(
+                f"data.corrupt_images: skip is for {'/'.join(_datasets_that('reads_files_on_demand'))} "
+                f"only; {self.dataset} is read up front"
+            )
+        if self.grey_to_rgb == "none" and not record.grey:
+            problems.append(
+                f"data.grey_to_rgb: none is for {'/'.join(_datasets_that('grey'))} only; "
+                f"{self.dataset} images are RGB"
             )
         if problems:
             raise ValueError("\n".join(problems))
@@ -279,16 +296,22 @@ class DataSpec(Strict):
 
     @property
     def input_size(self) -> int:
-        """The model input size: ``image_size`` or the dataset's native size (224 for image folders)."""
-        return self.image_size or NATIVE_IMAGE_SIZE[self.dataset]
+        """The model input size: ``image_size`` or the dataset's own (its native size; 224 for image
+        folders)."""
+        return self.image_size or DATASETS.get(self.dataset).input_size()
 
     @property
     def in_channels(self) -> int:
-        return 1 if self.dataset == "fashion_mnist" and self.grey_to_rgb == "none" else 3
+        return 1 if DATASETS.get(self.dataset).grey and self.grey_to_rgb == "none" else 3
 
     def input_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one model input."""
         return (self.in_channels, self.input_size, self.input_size)
+
+
+def _datasets_that(fact: str) -> list[str]:
+    """The registered datasets whose record has ``fact`` (for the messages above)."""
+    return [name for name in DATASETS if getattr(DATASETS.get(name), fact)]
 
 
 class ScheduleSpec(Strict):
@@ -310,7 +333,7 @@ class ScheduleSpec(Strict):
 
 
 class OptimSpec(Strict):
-    """One optimizer, parameter groups by role (METHOD.md §7)."""
+    """One optimizer, parameter groups by role (docs/training.md)."""
 
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.1, gt=0, description="model weights' learning rate")
@@ -365,7 +388,7 @@ class TrainSpec(Strict):
     activation_checkpointing: bool = Field(
         False,
         description="recompute each teacher's activations between two taps during backward instead of "
-        "keeping them: less memory, a longer step (README, Performance)",
+        "keeping them: less memory, a longer step (docs/performance.md)",
     )
     cpu_threads: Literal["auto", "env"] | int = Field(
         "auto",
@@ -374,12 +397,6 @@ class TrainSpec(Strict):
     )
     tensorboard: bool = False
     progress_bar: bool = True
-
-
-def _check_method(name: str) -> str:
-    from cmtkd_graph.methods import METHODS
-
-    return _known(METHODS, name)
 
 
 class Spec(Strict):
@@ -414,8 +431,6 @@ class Spec(Strict):
     @model_validator(mode="after")
     def _resolve(self) -> Spec:
         """The method's checks and defaults, then every other default that depends on another field."""
-        from cmtkd_graph.methods import METHODS
-
         if self.student.arch is None:
             raise ValueError("student.arch: required (a torchvision classification model such as resnet18)")
         METHODS.get(self.method).resolve(self)

@@ -1,0 +1,81 @@
+"""Facts about torchvision architecture families that the passes use, as one table.
+
+The passes are generic: they find layers, stages and shapes in the traced graph. Where a family needs
+a fact the graph does not show, it is written here, keyed by the family, never as a branch on a model
+name inside a pass. Today that is where ``taps: auto`` puts the taps and whether a family's feature maps
+are channels-last (NHWC). A model that matches no family gets the generic rule
+(:data:`GENERIC`): the end of every stage, found from the graph (``passes/taps.py``).
+
+To teach the tool a new family, add a row to :data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FixedTaps:
+    """``auto`` taps that are the same module names in every member of the family."""
+
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BlocksAtDepth:
+    """``auto`` taps at fractions of a stack of blocks whose depth varies within the family: the blocks
+    named ``template.format(i=index)``, index = round(depth x fraction) - 1, where depth is the number of
+    distinct modules under ``container``."""
+
+    container: str
+    template: str
+    fractions: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class StageEnds:
+    """``auto`` taps found from the graph: the end of every stage, i.e. the last node before each
+    spatial downsampling on the main path (the generic rule, ``passes.taps``)."""
+
+
+TapRule = FixedTaps | BlocksAtDepth | StageEnds
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture family: the builder-name prefixes it covers and its facts."""
+
+    name: str
+    prefixes: tuple[str, ...]  # torchvision builder names that start with one of these
+    auto_taps: TapRule
+    channels_last_features: bool = False  # feature maps are [B, H, W, C] (exposed to losses as NCHW)
+    note: str = ""  # why, for the docs
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        "resnet",
+        ("resnet", "resnext", "wide_resnet"),
+        FixedTaps(("layer1", "layer2", "layer3", "layer4")),
+        note="the paper's ResNet taps: the end of each of the four stages",
+    ),
+    Family(
+        "vit",
+        ("vit_",),
+        BlocksAtDepth("encoder.layers", "encoder.layers.encoder_layer_{i}", (0.25, 0.5, 0.75, 1.0)),
+        note="one resolution throughout: the encoder blocks at 1/4, 1/2, 3/4 and full depth",
+    ),
+    Family(
+        "swin",
+        ("swin_",),
+        FixedTaps(("features.1", "features.3", "features.5", "features.7")),
+        channels_last_features=True,
+        note="the four stages; their maps are NHWC",
+    ),
+)
+GENERIC = Family("generic", (), StageEnds(), note="every other model: the end of every stage, from the graph")
+
+
+def family_of(arch: str) -> Family:
+    """The family whose prefix ``arch`` starts with, else :data:`GENERIC`."""
+    return next((f for f in FAMILIES if arch.startswith(f.prefixes)), GENERIC)

@@ -1,0 +1,60 @@
+"""``cmtkd-graph study --dry-run``: every run with its status and an estimated time, from a short probe
+of its training step (in the precision the run will use, where that is known already)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from cmtkd_graph.study.plan import PlannedRun, check_rows, plan
+from cmtkd_graph.study.spec import ROW_REFERENCE, StudySpec
+
+
+def estimate(run: PlannedRun) -> tuple[float, str]:
+    """Estimated seconds of a run from a short probe of its training step, and the precision timed."""
+    import torch
+
+    from cmtkd_graph.data import build_datasets
+    from cmtkd_graph.runtime.precision import known_precision, probe
+    from cmtkd_graph.spec.io import load_spec
+
+    overrides = [ROW_REFERENCE.sub(r"row-\1", o) for o in run.raw_overrides]  # weights are not loaded
+    spec = load_spec(run.spec_file, overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch = spec.data.batch_size // (spec.train.grad_accum_steps or 1)
+    precision = known_precision(spec, device, batch)
+    option = (precision.mixed_precision, precision.channels_last) if precision else (None, False)
+    seconds = probe(spec, device, batch, [option])
+    step = next(iter(seconds.values())) * (spec.train.grad_accum_steps or 1)
+    bundle = build_datasets(spec.data)
+    steps_per_epoch = math.ceil(len(bundle.train) / spec.data.batch_size)
+    steps = min(spec.train.max_steps or math.inf, steps_per_epoch * spec.train.epochs)
+    evaluations = math.ceil(spec.train.epochs / spec.train.eval_every)
+    eval_seconds = evaluations * len(bundle.eval) * step / spec.data.batch_size / 3  # forward only
+    label = f"{option[0] or 'fp32'}{' channels_last' if option[1] else ''}"
+    return steps * step + eval_seconds, label if precision else f"{label} (auto decides at start)"
+
+
+def dry_run(study: StudySpec, rows: Sequence[str] = (), redo: Sequence[str] = (), log=print) -> float:
+    """List the runs, each with its status and estimated time; the estimated total of those to train."""
+    check_rows(study)
+    runs = plan(study, rows)
+    estimates: dict[str, tuple[float, str]] = {}
+    total = 0.0
+    for run in runs:
+        status = "new (redo)" if run.row.name in redo else run.status()
+        if status == "done":
+            log(f"  {run.row.name:<28} seed {run.seed}  done")
+            continue
+        if run.row.name not in estimates:
+            estimates[run.row.name] = estimate(run)
+        seconds, precision = estimates[run.row.name]
+        total += seconds
+        log(f"  {run.row.name:<28} seed {run.seed}  {status:<10} ~{_duration(seconds)}  ({precision})")
+        log(f"      {run.shown_command(resolve=False)}")
+    log(f"estimated time of the runs to train: {_duration(total)}")
+    return total
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"

@@ -1,0 +1,130 @@
+"""Running a study: every run not yet done trains in its own process through the normal training
+command; a finished run leaves its summary, and the report is rewritten after each."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from cmtkd_graph.metrics import read_metrics
+from cmtkd_graph.runtime.precision import machine_line
+from cmtkd_graph.study.plan import TRAIN_MODULE, PlannedRun, check_rows, plan
+from cmtkd_graph.study.report import write_report
+from cmtkd_graph.study.spec import StudySpec
+
+STUDY_TIME = "study-time.json"  # in a run directory: wall time of the training commands, summed
+
+
+def run_study(
+    study: StudySpec,
+    *,
+    rows: Sequence[str] = (),
+    redo: Sequence[str] = (),
+    launcher: Sequence[str] = (),
+    keep_going: bool = False,
+    log=print,
+) -> int:
+    """Train every run not yet done, writing the report after each; the number of failed runs."""
+    check_rows(study)
+    runs = plan(study, rows)
+    plan(study, redo, "--redo")  # checks the names
+    failed = 0
+    for run in runs:
+        if run.row.name in redo and run.status() != "new":
+            _discard(run)
+        status = run.status()
+        if status == "done":
+            continue
+        log(f"study {study.name}: {run.row.name} seed {run.seed} ({status}): {run.run_dir}")
+        if status != "finished":
+            code = _train(run, launcher, resume=status == "resume")
+            if code != 0:
+                failed += 1
+                log(f"study {study.name}: {run.row.name} seed {run.seed} failed (exit status {code})")
+                if not keep_going:
+                    break
+                continue
+        write_summary(run)
+        write_report(study)
+    write_report(study)
+    return failed
+
+
+def _discard(run: PlannedRun) -> None:
+    """--redo: forget a run's summary and its run directory."""
+    run.summary_path.unlink(missing_ok=True)
+    shutil.rmtree(run.run_dir, ignore_errors=True)
+
+
+def _train(run: PlannedRun, launcher: Sequence[str], *, resume: bool) -> int:
+    """Train (or resume) one run in its own process; the wall time adds up in the run directory."""
+    start = list(launcher) or [sys.executable, *TRAIN_MODULE]
+    if resume:
+        command = [*start, "--resume", str(run.run_dir)]
+    else:
+        shutil.rmtree(run.run_dir, ignore_errors=True)  # a start that never reached a checkpoint
+        command = [*start, *run.train_args()]
+    started = time.perf_counter()
+    code = subprocess.run(command).returncode
+    elapsed = time.perf_counter() - started
+    if run.run_dir.is_dir():
+        record = run.run_dir / STUDY_TIME
+        previous = json.loads(record.read_text()) if record.is_file() else {"wall_s": 0.0, "attempts": 0}
+        total = {"wall_s": previous["wall_s"] + elapsed, "attempts": previous["attempts"] + 1}
+        record.write_text(json.dumps(total))
+    return code
+
+
+def write_summary(run: PlannedRun) -> dict:
+    """The committed record of a finished run (and a copy of its importance plot, if any)."""
+    final = json.loads((run.run_dir / "final.json").read_text())
+    records = read_metrics(run.run_dir / "metrics.jsonl")
+    timing = run.run_dir / STUDY_TIME
+    wall = json.loads(timing.read_text())["wall_s"] if timing.is_file() else None
+    speeds = sorted(r["images_per_s"] for r in records if r.get("kind") == "train")
+    plot = None
+    if (run.run_dir / "importance.png").is_file():
+        plot = run.summary_path.with_name(f"seed{run.seed}-importance.png")
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run.run_dir / "importance.png", plot)
+    summary = {
+        "row": run.row.name,
+        "seed": run.seed,
+        "key": run.key,
+        "command": run.shown_command(),
+        "accuracy": final["accuracy"],
+        "steps": final["steps"],
+        "processes": final["processes"],
+        "precision": final["precision"]["mixed_precision"] or "accelerate config",
+        "channels_last": final["precision"]["channels_last"],
+        "wall_s": wall,
+        "images_per_s": speeds[len(speeds) // 2] if speeds else None,  # median over the logging windows
+        "curve": training_curve(records),
+        "importance": final["importance"],
+        "importance_plot": plot.name if plot else None,
+        "machine": machine_line(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    run.summary_path.parent.mkdir(parents=True, exist_ok=True)
+    run.summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def training_curve(records: list[dict]) -> list[dict]:
+    """Per evaluation: the epoch, its accuracies and the mean training loss terms since the last one."""
+    curve, losses = [], {}
+    for r in records:
+        if r.get("kind") == "train":
+            for k, v in r.items():
+                if k.startswith("loss/"):
+                    losses.setdefault(k, []).append(v)
+        elif r.get("kind") == "eval":
+            point = {"epoch": r["epoch"], **{k: round(v, 2) for k, v in r.items() if k.startswith("acc")}}
+            point.update({k: round(sum(v) / len(v), 4) for k, v in losses.items()})
+            curve.append(point)
+            losses = {}
+    return curve

@@ -1,0 +1,110 @@
+"""The study file: a base spec, overrides for every row, the rows (each a spec or overrides, run for a
+number of seeds) and the table's metrics, validated by these pydantic models (``load_study``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, Field, ValidationError, model_validator
+
+from cmtkd_graph.errors import SpecError, UserError
+from cmtkd_graph.spec import Strict
+from cmtkd_graph.spec.io import format_loc, read_yaml_mapping
+
+ROW_REFERENCE = re.compile(r"\{row:([A-Za-z0-9_.-]+)\}")
+METRIC = re.compile(r"^acc[15]/(student|combined|teachers|teacher\d+)$")
+
+
+def _check_metric(name: str) -> str:
+    if not METRIC.match(name):
+        raise ValueError(
+            f"unknown metric {name!r}: acc1/ or acc5/ followed by student, combined, teachers or teacher<k>"
+        )
+    return name
+
+
+class RowSpec(Strict):
+    """One row of the table: a spec (the study's base unless given) with overrides, run ``seeds`` times."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="identifier (run directories, --rows)")
+    label: str | None = Field(None, description="text in the table (default: name)")
+    spec: str | None = Field(None, description="spec file or packaged example (default: the study's base)")
+    set: list[str] = Field(default_factory=list, description="overrides, after the study's own")
+    seeds: int = Field(1, ge=1, description="runs with train.seed = 0, 1, ... seeds-1")
+    paper: str | None = Field(None, description="the published result to show beside this row")
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
+
+
+class StudySpec(Strict):
+    """A study: a base spec, common overrides, the rows and what the table shows."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    base: str = Field(description="spec file or packaged example every row starts from")
+    set: list[str] = Field(default_factory=list, description="overrides for every row (before the row's)")
+    rows: list[RowSpec] = Field(min_length=1)
+    metrics: list[Annotated[str, AfterValidator(_check_metric)]] = Field(
+        default_factory=lambda: ["acc1/student", "acc5/student", "acc1/combined", "acc1/teachers"],
+        min_length=1,
+        description="table columns; the first is the bar chart's",
+    )
+    output_dir: str = Field("studies/{name}", description="results.json, results.png and run summaries")
+    report: str | None = Field(None, description="the Markdown report (default: <output_dir>/results.md)")
+    runs_dir: str = Field("runs/study-{name}", description="the training run directories")
+    notes: str = Field("", description="Markdown shown above the table: the setting and why")
+
+    @model_validator(mode="after")
+    def _check_rows(self) -> StudySpec:
+        seen: set[str] = set()
+        problems = []
+        for i, row in enumerate(self.rows):
+            if row.name in seen:
+                problems.append(f"rows[{i}].name: {row.name!r} is used twice")
+            for ref in ROW_REFERENCE.findall(" ".join(row.set)):
+                if ref not in seen:
+                    problems.append(f"rows[{i}].set: {{row:{ref}}} must name an earlier row")
+            seen.add(row.name)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def path(self, template: str) -> Path:
+        return Path(template.replace("{name}", self.name))
+
+    @property
+    def output_path(self) -> Path:
+        return self.path(self.output_dir)
+
+    @property
+    def report_path(self) -> Path:
+        return self.path(self.report) if self.report else self.output_path / "results.md"
+
+    def row(self, name: str) -> RowSpec:
+        return next(r for r in self.rows if r.name == name)
+
+
+def load_study(path: str | Path) -> StudySpec:
+    """Read and validate a study file; problems become one line each (``rows[2].seeds: ...``)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"study file {str(path)!r} not found")
+    data = read_yaml_mapping(file, "a study")
+    try:
+        return StudySpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError([f"{file}: {line}" for line in _error_lines(err)]) from None
+
+
+def _error_lines(err: ValidationError) -> list[str]:
+    """``key.path: message`` per problem; the row checks already name their key path."""
+    lines = []
+    for e in err.errors():
+        message = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        for problem in message.split("\n"):
+            named = problem.startswith("rows[")
+            lines.append(problem if named else f"{format_loc(e['loc']) or 'study'}: {problem}")
+    return list(dict.fromkeys(lines))
