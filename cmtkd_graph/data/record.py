@@ -29,7 +29,7 @@ class DatasetRecord:
     summary: ClassVar[str] = ""  # one line for the spec reference: what it is and where it is read from
     native_size: ClassVar[int | None] = None  # side of its square images; None: files of any size
     grey: ClassVar[bool] = False  # 1-channel images (repeated to RGB unless data.grey_to_rgb: none)
-    mean: ClassVar[tuple[float, ...]] = (0.485, 0.456, 0.406)  # per channel, [0, 1] units (default: ImageNet's)
+    mean: ClassVar[tuple[float, ...]] = (0.485, 0.456, 0.406)  # per channel, [0, 1] (default: ImageNet's)
     std: ClassVar[tuple[float, ...]] = (0.229, 0.224, 0.225)
     hflip: ClassVar[bool] = True  # the default of data.augment.hflip
     downloadable: ClassVar[bool] = False  # data.download: true can fetch it
