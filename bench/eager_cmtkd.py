@@ -2,7 +2,7 @@
 
 No torch.fx, no passes, no method plug-in: torchvision-shaped modules split into stages at the taps, the
 teachers run stage by stage with the importance-weighted shared knowledge fed to each teacher's next
-stage, and the loss of docs/methods.md#cmt-kd written out (alpha (CE_T + CE_S) + beta (KL_T + KL_S) with the
+stage, and the loss of docs/methods.md#cmtkd written out (alpha (CE_T + CE_S) + beta (KL_T + KL_S) with the
 KDCL-MinLogit target + gamma sum of attention-transfer distances). Quantized layers carry their input
 quantizer as the child ``input_quantizer``, the name the quantize pass gives it, so the composed
 system's state dict loads into these modules key for key (``load_from_system``).

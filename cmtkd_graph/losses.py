@@ -1,4 +1,4 @@
-"""The CMT-KD loss terms (paper eq. 4-9; docs/methods.md#cmt-kd), as pure functions of tensors.
+"""The CMT-KD loss terms (paper eq. 4-9; docs/methods.md#cmtkd), as pure functions of tensors.
 
 Two kinds of tap feature are supported:
 
@@ -76,7 +76,8 @@ def _pool_tokens(x: Tensor, tokens: int) -> Tensor:
 
 
 def attention_map(feature: Tensor) -> Tensor:
-    """Spatial attention q(F) of Zagoruyko & Komodakis (paper eq. 5; docs/methods.md, its section).
+    """Spatial attention q(F) of Zagoruyko & Komodakis (paper eq. 5;
+    docs/methods.md#feature-distillation-eq-4-6).
 
     As in their reference code: the mean over channels of ``F**2``, flattened per sample and
     L2-normalised over positions. Conv maps give ``[B, H*W]``; token features ``[B, N, D]``
@@ -158,7 +159,8 @@ class FitNetAdapter(nn.Module):
 
 
 def kdcl_min_logit(teacher_logits: Tensor, student_logits: Tensor, target: Tensor) -> Tensor:
-    """The KDCL-MinLogit ensemble target z (paper eq. 7; docs/methods.md, its section).
+    """The KDCL-MinLogit ensemble target z (paper eq. 7;
+    docs/methods.md#mutual-learning-kdcl-minlogit-eq-7-9).
 
     Each network's logits are shifted so that its target-class logit is 0, then the class-wise
     minimum is taken: ``z_i = min(zT_i - zT_c, zS_i - zS_c)``. Taking the minimum keeps, for
@@ -227,3 +229,42 @@ def soft_kl_from_probs(
     target = target_probs.detach() if detach_target else target_probs
     kl = F.kl_div(log_probs, _at_least_float32(target), reduction="batchmean")
     return tau**2 * kl
+
+
+def _pairwise_distances(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """Euclidean distances between the rows of ``x`` [N, D]; the diagonal is exactly 0 (and passes no
+    gradient), every other entry is at least sqrt(eps)."""
+    squared = x.pow(2).sum(dim=1)
+    d2 = (squared.unsqueeze(1) + squared.unsqueeze(0) - 2 * x @ x.t()).clamp(min=eps)
+    off_diagonal = 1 - torch.eye(len(x), dtype=x.dtype, device=x.device)
+    return d2.sqrt() * off_diagonal
+
+
+def rkd_distance(student: Tensor, teacher: Tensor) -> Tensor:
+    """Relational KD, distance-wise (Park et al. 2019), as AMTML-KD's official code computes it between
+    the student's logits and the integrated target: the pairwise distances of each batch, divided by their
+    mean over the pairs of distinct rows, compared with the smooth L1 loss (mean over all N x N pairs).
+    The teacher side is a target (detached). ``student`` and ``teacher``: [N, D]."""
+    s, t = _at_least_float32(student), _at_least_float32(teacher.detach())
+    with torch.no_grad():
+        t_d = _pairwise_distances(t)
+        t_d = t_d / t_d[t_d > 0].mean()
+    s_d = _pairwise_distances(s)
+    s_d = s_d / s_d[s_d > 0].mean()
+    return F.smooth_l1_loss(s_d, t_d)
+
+
+def rkd_angle(student: Tensor, teacher: Tensor) -> Tensor:
+    """Relational KD, angle-wise (Park et al. 2019), as AMTML-KD's official code computes it: for every
+    anchor a and pair (b, c), the cosine between the unit vectors from a to b and from a to c, compared
+    with the smooth L1 loss over all N x N x N triples (b = a or c = a give the zero vector, cosine 0).
+    The teacher side is a target (detached). ``student`` and ``teacher``: [N, D]."""
+
+    def cosines(x: Tensor) -> Tensor:
+        directions = F.normalize(x.unsqueeze(0) - x.unsqueeze(1), p=2, dim=2)  # [a, b] = unit(x_b - x_a)
+        return torch.bmm(directions, directions.transpose(1, 2)).flatten()
+
+    s, t = _at_least_float32(student), _at_least_float32(teacher.detach())
+    with torch.no_grad():
+        t_angles = cosines(t)
+    return F.smooth_l1_loss(cosines(s), t_angles)

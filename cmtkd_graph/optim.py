@@ -10,8 +10,8 @@ Groups (each has a ``name`` used in logs):
 * ``adapters`` — FitNet adapters;
 * the method's own groups (e.g. AMTML-KD's ``weighting``), from ``system.method.parameter_groups``.
 
-Frozen parameters (loaded teachers) are in no group. A group with ``until_epoch`` gets lr 0 from that
-epoch on (AMTML-KD's two-phase schedule).
+Frozen parameters (loaded teachers) are in no group. Every group follows ``optim.schedule`` unless the
+method gives it a schedule of its own (``Method.lr_factors``: AMTML-KD's two phases).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from cmtkd_graph.fusion import Fusion
+from cmtkd_graph.methods import method_for
 from cmtkd_graph.quantizers import Quantizer
 from cmtkd_graph.spec import FULL_PRECISION, OptimSpec, ScheduleSpec, Spec
 
@@ -137,19 +138,18 @@ def lr_factor(epoch: float, schedule: ScheduleSpec, total_epochs: int, base_lr: 
 def build_scheduler(
     optimizer: torch.optim.Optimizer, spec: Spec, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR stepped once per optimizer step (``step_every: iteration``) or per epoch; a group with
-    ``until_epoch`` has lr 0 from that epoch on."""
+    """A LambdaLR stepped once per optimizer step (``step_every: iteration``) or per epoch: every group
+    on ``optim.schedule``, except the groups whose schedule the method sets (``Method.lr_factors``)."""
     sched = spec.optim.schedule
     per_iteration = sched.step_every == "iteration"
 
-    def factor_until(until_epoch: int | None):
-        def factor(count: int) -> float:
-            epoch = count / steps_per_epoch if per_iteration else float(count)
-            if until_epoch is not None and epoch >= until_epoch:
-                return 0.0
-            return lr_factor(epoch, sched, spec.train.epochs, spec.optim.lr)
+    def schedule(epoch: float) -> float:
+        return lr_factor(epoch, sched, spec.train.epochs, spec.optim.lr)
 
-        return factor
+    own = method_for(spec).lr_factors(schedule)
 
-    factors = [factor_until(g.get("until_epoch")) for g in optimizer.param_groups]
+    def at_count(factor):
+        return lambda count: factor(count / steps_per_epoch if per_iteration else float(count))
+
+    factors = [at_count(own.get(g["name"], own.get("*", schedule))) for g in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)

@@ -156,6 +156,9 @@ class DistillationSystem(nn.Module):
         self.networks = networks
         self.method = method if method is not None else method_for(spec)
         self.frozen_teachers = [k for k, t in enumerate(spec.teachers) if not t.trainable]
+        # The fractional epoch of the step being trained, for methods whose objective changes with it
+        # (the trainer sets it); a tensor, so that a compiled step does not recompile as it moves.
+        self.register_buffer("epoch", torch.zeros(()), persistent=False)
         self._freeze()
 
     @property
@@ -169,8 +172,9 @@ class DistillationSystem(nn.Module):
 
     @property
     def method_context(self) -> MethodContext:
-        """What the method's step hooks see of this system (its modules, the adapters, teacher_trains)."""
-        return MethodContext(self.method_modules, self.adapters, self.teacher_trains)
+        """What the method's step hooks see of this system (its modules, the adapters, teacher_trains,
+        the epoch)."""
+        return MethodContext(self.method_modules, self.adapters, self.teacher_trains, self.epoch)
 
     def _freeze(self) -> None:
         for k in self.frozen_teachers:

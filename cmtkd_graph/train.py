@@ -259,6 +259,7 @@ class Trainer:
         for images, labels in loader:
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
+            self.system.epoch.fill_(self.state["step"] / self.steps_per_epoch)  # as the lr schedule sees it
             with acc.accumulate(self.model):
                 out, terms = self.model(images, labels)
                 self._check_finite(terms)

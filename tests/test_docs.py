@@ -132,3 +132,17 @@ def test_the_architecture_page_shows_the_model_family_table():
         elif isinstance(rule, BlocksAtDepth):
             assert "1/4, 1/2, 3/4 and full depth" in row
         assert ("NHWC" in row) == family.channels_last_features
+
+
+def test_every_registered_method_and_quantizer_has_its_section_on_the_methods_page():
+    """docs/methods.md has a heading `name` (anchor #name) for each; each method's `source` cites it."""
+    from cmtkd_graph.methods import METHODS
+    from cmtkd_graph.quantizers import QUANTIZERS
+
+    page = REPO / "docs" / "methods.md"
+    headings = set(re.findall(r"^#{2,3} `([\w]+)`$", prose(page.read_text()), flags=re.M))
+    assert set(METHODS.names()) <= headings, set(METHODS.names()) - headings
+    assert set(QUANTIZERS.names()) <= headings, set(QUANTIZERS.names()) - headings
+    for name in METHODS:
+        assert name in anchors(page)
+        assert f"docs/methods.md#{name}" in METHODS.get(name).source, name

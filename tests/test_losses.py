@@ -1,4 +1,4 @@
-"""The CMT-KD loss terms against values worked out by hand (docs/methods.md#cmt-kd)."""
+"""The CMT-KD loss terms against values worked out by hand (docs/methods.md#cmtkd)."""
 
 from __future__ import annotations
 

@@ -127,9 +127,15 @@ def test_amtml_kd_matches_an_eager_implementation(tmp_path, batch):
         {"arch": arch, "weight_bits": 32, "act_bits": 32, "trainable": False, "weights": str(p)}
         for arch, p in zip(("resnet18", "resnet34"), paths, strict=True)
     ]
-    spec = spec_for("amtml_kd", teachers, {"options": {"weighting_decay": 0.1}})
+    spec = spec_for("amtml_kd", teachers, {})
     d = spec.distill
     assert (d.alpha, d.beta, d.tau, d.gamma, d.feature_loss) == (0.3, 1.4, 5.0, 1.0, "attention")
+    assert {k: d.options[k] for k in ("kl_reduction", "angle_weight", "distance_weight", "beta_pooling")} == {
+        "kl_reduction": "elementwise_mean",
+        "angle_weight": 1.0,
+        "distance_weight": 1.0,
+        "beta_pooling": "average",
+    }
     torch.manual_seed(0)
     system = cg.build_system(spec)
     system.train()
@@ -153,20 +159,23 @@ def test_amtml_kd_matches_an_eager_implementation(tmp_path, batch):
     zs, fs = eager_forward(student, x)
     with torch.no_grad():
         teacher_out = [eager_forward(t, x) for t in t_models]
-    beta = fs[-1].amax(dim=(2, 3))  # global max-pool of the last feature map
+    beta = fs[-1].mean(dim=(2, 3))  # the average-pooled last feature map
     weights = torch.softmax((beta[:, None, :] * theta[None]) @ w, dim=1)  # [B, K]
     p_t = sum(weights[:, k : k + 1] * F.softmax(teacher_out[k][0] / 5.0, 1) for k in range(2))
     ce = F.cross_entropy(zs, y)
-    kd = kl(p_t, zs, 5.0)
+    kd = kl(p_t, zs, 5.0) / 10  # the KL averaged over the 10 classes too
     hints = sum(at_loss(teacher_out[j % 2][1][j], fs[j]) for j in range(4))  # tap j from teacher j mod K
+    angle, distance = rkd_angle_by_triples(zs, p_t), rkd_distance_by_pairs(zs, p_t)
     penalty = w.pow(2).sum() + theta.pow(2).sum()
-    total = 0.3 * ce + 1.4 * kd + 1.0 * hints + 0.1 * penalty
+    total = 0.3 * ce + 1.4 * kd + 1.0 * hints + angle + distance + 0.1 * penalty  # phase 1
     total.backward()
 
     for name, value in [
         ("ce_student", ce),
         ("kd_student", kd),
         ("feature", hints),
+        ("rkd_angle", angle),
+        ("rkd_distance", distance),
         ("weighting_penalty", penalty),
     ]:
         torch.testing.assert_close(terms[name], value, rtol=1e-5, atol=1e-5, msg=name)
@@ -183,17 +192,156 @@ def test_amtml_kd_matches_an_eager_implementation(tmp_path, batch):
         assert all(torch.equal(after[n], teacher_bn[k][n]) for n in after)
 
 
-def test_amtml_two_phase_schedule_freezes_the_weighting_module_after_its_epochs(tmp_path):
-    teachers = [
-        {
-            "weight_bits": 32,
-            "act_bits": 32,
-            "trainable": False,
-            "weights": str(checkpoint(tmp_path, "resnet18", 1)),
-        }
-    ]
-    spec = spec_for("amtml_kd", teachers, {"options": {"weighting_epochs": 1, "weighting_lr": 0.05}})
-    spec.train.epochs = 2
+def notebook_kd_loss(y, labels, pool_map, teacher_logits, theta, w, *, phase_1: bool, T=5.0, a=0.7):
+    """``LR_adaptive_AT.ipynb``'s objective without the hints, transcribed from its formulas: the student's
+    ``pool`` output (the average-pooled map) through ``MaxPool2d`` (a 1x1 window there), the adapter's
+    softmax weights, ``nn.KLDivLoss()`` (the element mean over batch x classes, written out here) x 2 a T^2,
+    (1 - a) CE, the 0.1 penalty while the adapter trains, and the RKD angle and distance losses of
+    ``metric/loss.py`` between the logits and the weighted target (the target side without gradient)."""
+    pool = F.adaptive_avg_pool2d(pool_map, 1)
+    beta = F.max_pool2d(pool, kernel_size=pool.shape[-1]).flatten(1)
+    alpha = torch.stack([(beta * t_k) @ w.unsqueeze(1) for t_k in theta]).squeeze(2).t()  # [B, K]
+    miu = F.softmax(alpha, dim=1)
+    scores = torch.stack([F.softmax(z / T, dim=1) for z in teacher_logits], dim=1)  # [B, K, C]
+    weighted = (miu.unsqueeze(2) * scores).sum(1)
+    log_q = F.log_softmax(y / T, dim=1)
+    kl_element_mean = (torch.xlogy(weighted, weighted) - weighted * log_q).sum() / weighted.numel()
+    loss = kl_element_mean * (T * T * 2.0 * a) + F.cross_entropy(y, labels) * (1.0 - a)
+    if phase_1:
+        loss = loss + 0.1 * ((w * w).sum() + (theta * theta).sum())
+    return loss + rkd_angle_by_triples(y, weighted) + rkd_distance_by_pairs(y, weighted)
+
+
+def rkd_angle_by_triples(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Smooth L1 between the angle cosines of every (anchor, b, c) triple of the two batches."""
+
+    def cosines(x):
+        x_t = x.detach() if x is t else x
+        rows = [F.normalize(x_t - x_t[a], p=2, dim=1) for a in range(len(x_t))]  # unit(x_b - x_a)
+        return torch.stack([r @ r.t() for r in rows]).flatten()
+
+    return F.smooth_l1_loss(cosines(s), cosines(t).detach())
+
+
+def rkd_distance_by_pairs(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Smooth L1 between the pairwise distances of the two batches, each divided by its mean over the
+    pairs of distinct rows; the diagonal is 0."""
+
+    def distances(x):
+        n = len(x)
+        zero = x.new_zeros(())
+        d = torch.stack(
+            [torch.stack([(x[i] - x[j]).norm() if i != j else zero for j in range(n)]) for i in range(n)]
+        )
+        return d / d[~torch.eye(n, dtype=torch.bool)].mean()
+
+    return F.smooth_l1_loss(distances(s), distances(t.detach()).detach())
+
+
+@pytest.mark.parametrize("phase_1", [True, False], ids=["phase 1", "phase 2"])
+def test_amtml_kd_objective_is_the_official_notebooks(phase_1):
+    """On fixed tensors, the method's loss terms and gradients (logits, feature map, theta, W) against the
+    notebook's computation transcribed above; in phase 2 the penalty is gone, as with `adapter.eval()`."""
+    from cmtkd_graph.methods import MethodContext, method_for
+    from cmtkd_graph.methods.amtml_kd import LAST_FEATURE_MAP, InstanceWeighting
+    from cmtkd_graph.system_output import SystemOutput
+
+    g = torch.Generator().manual_seed(7)
+    batch, classes, teachers, channels = 6, 10, 3, 8
+    logits = torch.randn(batch, classes, generator=g).requires_grad_()
+    feature_map = torch.randn(batch, channels, 4, 4, generator=g).requires_grad_()
+    teacher_logits = [3 * torch.randn(batch, classes, generator=g) for _ in range(teachers)]
+    labels = torch.tensor([0, 3, 7, 9, 1, 1])
+    frozen = {"weight_bits": 32, "act_bits": 32, "trainable": False, "weights": "unused.safetensors"}
+    spec = spec_for("amtml_kd", [frozen] * teachers, {"feature_loss": "none"})
+    spec.train.epochs, spec.distill.options["weighting_epochs"] = 280, 80
+    method = method_for(spec)
+    weighting = InstanceWeighting(teachers, channels)
+    with torch.no_grad():
+        weighting.theta.copy_(torch.randn(teachers, channels, generator=g))
+        weighting.w.copy_(torch.randn(channels, generator=g))
+    epoch = torch.tensor(3.0 if phase_1 else 80.0)
+    ctx = MethodContext(nn.ModuleDict({"weighting": weighting}), nn.ModuleDict(), False, epoch)
+    out = SystemOutput(
+        student_logits=logits,
+        each_teacher_logits=tuple(teacher_logits),
+        extras={LAST_FEATURE_MAP: feature_map},
+    )
+    method.complete(ctx, out)
+    terms = method.losses(ctx, out, labels)
+    terms["total"].backward()
+
+    y, fmap = logits.detach().clone().requires_grad_(), feature_map.detach().clone().requires_grad_()
+    theta, w = (
+        weighting.theta.detach().clone().requires_grad_(),
+        weighting.w.detach().clone().requires_grad_(),
+    )
+    expected = notebook_kd_loss(y, labels, fmap, teacher_logits, theta, w, phase_1=phase_1)
+    expected.backward()
+    torch.testing.assert_close(terms["total"], expected, rtol=1e-5, atol=1e-6)
+    for got, want, name in [
+        (logits.grad, y.grad, "logits"),
+        (feature_map.grad, fmap.grad, "feature map"),
+        (weighting.theta.grad, theta.grad, "theta"),
+        (weighting.w.grad, w.grad, "W"),
+    ]:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+    assert set(terms) == {
+        "ce_student",
+        "kd_student",
+        "rkd_angle",
+        "rkd_distance",
+        "weighting_penalty",
+        "total",
+    }
+
+
+def test_amtml_kd_two_phases_follow_the_official_schedule(tmp_path):
+    """The lr of the student's and the weighting module's groups in every epoch of the default 280-epoch
+    run, against the notebook's optimizers and schedulers driven as it drives them: ``train_adapter(80)``
+    steps the adapter's MultiStepLR([40, 50]) at the start of each epoch and never the student's; then
+    200 epochs call the student's MultiStepLR([100, 150]).step(epoch) with epoch = 1..200."""
+    import warnings
+
+    frozen = {"weight_bits": 32, "act_bits": 32, "trainable": False, "weights": "unused.safetensors"}
+    spec = cg.load_spec("amtml_kd", ["teachers=[" + json.dumps(frozen) + "]", "quantizer.name=lsq"])
+    options = spec.distill.options
+    assert (spec.train.epochs, options["weighting_epochs"]) == (280, 80)
+    assert (options["weighting_milestones"], options["student_milestones"]) == ([39, 49], [99, 149])
+    system = cg.build_system(spec, device="meta", load=False)
+    optimizer = build_optimizer(system, spec)
+    scheduler = build_scheduler(optimizer, spec, steps_per_epoch=1)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    ours = []
+    for _ in range(280):
+        ours.append((groups["student"]["lr"], groups["weighting"]["lr"], groups["quantizers"]["lr"]))
+        optimizer.step()  # no gradients: nothing moves, only the order torch expects
+        scheduler.step()
+
+    student = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    adapter = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+    student_schedule = torch.optim.lr_scheduler.MultiStepLR(student, gamma=0.1, milestones=[100, 150])
+    adapter_schedule = torch.optim.lr_scheduler.MultiStepLR(adapter, milestones=[40, 50])
+    notebook = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # stepping before optimizer.step(), and the epoch argument
+        for _ in range(80):
+            adapter_schedule.step()
+            notebook.append((student.param_groups[0]["lr"], adapter.param_groups[0]["lr"]))
+        for epoch in range(1, 201):
+            student_schedule.step(epoch)
+            notebook.append((student.param_groups[0]["lr"], 0.0))  # the adapter no longer steps
+    got = [(s, wt) for s, wt, _ in ours]
+    assert [pytest.approx(pair, rel=1e-12, abs=1e-15) for pair in notebook] == got
+    assert all(q == s for s, _, q in ours)  # the student's quantizer steps follow the student
+
+
+def test_amtml_kd_one_phase_freezes_the_weighting_module_after_its_epochs(tmp_path):
+    frozen = {"weight_bits": 32, "act_bits": 32, "trainable": False, "weights": "unused.safetensors"}
+    options = {"two_phase": False, "weighting_epochs": 1, "weighting_lr": 0.05}
+    spec = validate_spec(
+        {**spec_for("amtml_kd", [frozen], {"options": options}).model_dump(), "train": {"epochs": 2}}
+    )
     system = cg.build_system(spec, device="meta", load=False)
     optimizer = build_optimizer(system, spec)
     group = next(g for g in optimizer.param_groups if g["name"] == "weighting")
@@ -204,10 +352,39 @@ def test_amtml_two_phase_schedule_freezes_the_weighting_module_after_its_epochs(
         lrs.append((group["lr"], optimizer.param_groups[0]["lr"]))
         optimizer.step()
         scheduler.step()
-    assert lrs == [(0.05, 0.1)] * 3 + [(0.0, 0.1)] * 3  # phase 2: the student alone
+    assert lrs == [(0.05, 0.1)] * 3 + [(0.0, 0.1)] * 3  # then the student alone, on optim.schedule
+
+
+def test_amtml_kd_two_phases_reject_a_schedule_of_their_own_and_a_too_short_run():
+    frozen = {"weight_bits": 32, "act_bits": 32, "trainable": False, "weights": "unused.safetensors"}
+    with pytest.raises(cg.SpecError) as err:
+        cg.load_spec("amtml_kd", ["teachers=[" + json.dumps(frozen) + "]", "optim.schedule.milestones=[50]"])
+    assert err.value.problems == [
+        "optim.schedule: amtml_kd's two phases set the schedule of each phase (distill.options."
+        "weighting_milestones, student_milestones); keep optim.schedule a multistep without milestones or "
+        "warm-up (its gamma applies), or set distill.options.two_phase: false"
+    ]
+    with pytest.raises(cg.SpecError, match=r"weighting_epochs: phase 1 \(3 epochs\) must end before"):
+        cg.load_spec(
+            "amtml_kd",
+            ["teachers=[" + json.dumps(frozen) + "]", "train.epochs=3", "distill.options.weighting_epochs=3"],
+        )
 
 
 # ---------------------------------------------------------------------------- CTKD
+def test_ctkd_refuses_weights_for_the_scratch_teacher(capsys):
+    """The scratch teacher learns from scratch beside the student: a `weights:` file would make it a
+    second pretrained teacher. One line, exit 2."""
+    from cmtkd_graph.cli import main
+
+    weights = "teachers[0].weights=pretrained.safetensors"
+    assert main(["validate", "ctkd", "--no-build", "--set", weights]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: teachers[0].weights: the scratch teacher trains from scratch together with the student; "
+        "remove `weights:` (the pretrained teacher is the expert, teachers[1])"
+    ]
+
+
 def test_ctkd_matches_an_eager_implementation(tmp_path, batch):
     x, y = batch
     teachers = [

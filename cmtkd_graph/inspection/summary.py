@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cmtkd_graph.methods import METHODS
+from cmtkd_graph.methods import METHODS, method_for
 from cmtkd_graph.spec import Spec
 
 if TYPE_CHECKING:
@@ -56,7 +56,12 @@ def spec_summary(spec: Spec, system: DistillationSystem | None = None, *, source
     sched = o.schedule
     detail = f" at {sched.milestones} x{sched.gamma:g}" if sched.name == "multistep" else ""
     warm = f", warm-up {sched.warmup_epochs:g} epochs" if sched.warmup_epochs else ""
-    rows.append(("schedule", f"{sched.name}{detail}{warm}, stepped per {sched.step_every}"))
+    text = f"{sched.name}{detail}{warm}, stepped per {sched.step_every}"
+    own = method_for(spec).lr_factors(lambda epoch: 1.0)
+    if own:  # the method schedules some groups itself (its objective line says how)
+        groups = "every group" if "*" in own else ", ".join(sorted(own)) + " group(s)"
+        text += f"; {groups}: the method's own schedule (see objective)"
+    rows.append(("schedule", text))
     rows.append(
         (
             "training",

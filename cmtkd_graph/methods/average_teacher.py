@@ -1,5 +1,8 @@
 """``method: average_teacher`` — KD from the averaged softmax of separately trained, frozen teachers
-(the paper's "average teacher" ablation). The teachers run side by side: nothing is fused."""
+(the paper's "average teacher" ablation). The teachers run side by side: nothing is fused.
+
+Equations, defaults and their sources: docs/methods.md#average_teacher.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +19,9 @@ from cmtkd_graph.system_output import SystemOutput, combined_from_probabilities
 @register_method("average_teacher")
 class AverageTeacher(Method):
     summary = "KD from the averaged softmax of frozen, separately trained teachers"
+    source = (
+        "You et al., KDD 2017 (averaged soft targets); weights as CMT-KD's (docs/methods.md#average_teacher)"
+    )
     formula = "alpha CE_S + beta tau^2 KL(mean_k softmax(z_k / tau) || softmax(z_S / tau))"
     arrangement = "side_by_side"
     min_teachers = 1

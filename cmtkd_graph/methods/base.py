@@ -16,6 +16,7 @@ quantizers. The rest of the tool asks the record and never branches on a method'
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -80,6 +81,7 @@ class MethodContext:
     modules: nn.ModuleDict  # what build_modules returned (e.g. AMTML-KD's weighting module)
     adapters: nn.ModuleDict  # FitNet adapters, keyed by fusion_key(tap)
     teacher_trains: bool  # at least one teacher is trained (its cross-entropy is a loss term)
+    epoch: Tensor  # 0-dim: the fractional epoch of the step being trained (0 outside training)
 
 
 class Method:
@@ -224,8 +226,14 @@ class Method:
 
     def parameter_groups(self, ctx: MethodContext) -> list[dict]:
         """Optimizer groups of ``ctx.modules`` (each a dict with ``name``, ``params``, ``lr``,
-        ``weight_decay``, optionally ``until_epoch``: the group's lr is 0 from that epoch on)."""
+        ``weight_decay``)."""
         return []
+
+    def lr_factors(self, schedule: Callable[[float], float]) -> dict[str, Callable[[float], float]]:
+        """Learning-rate factors (of a fractional epoch) for the parameter groups, by group name (``*``:
+        every group not named), where the method's schedule differs from ``schedule``, the spec's
+        ``optim.schedule``; every group not covered follows ``schedule`` (the default: all of them)."""
+        return {}
 
     # ------------------------------------------------------------------ every step
     def complete(self, ctx: MethodContext, out: SystemOutput) -> None:

@@ -1,4 +1,4 @@
-"""``method: cmtkd`` — the paper (Pham, Hoang, Do, WACV 2023; docs/methods.md#cmt-kd).
+"""``method: cmtkd`` — the paper (Pham, Hoang, Do, WACV 2023; docs/methods.md#cmtkd).
 
 Quantized teachers composed into one graph: at every tap an importance-weighted fusion forms the
 shared knowledge F^l, which feeds every teacher's next layers and is distilled into the student;
@@ -29,7 +29,7 @@ class CMTKD(Method):
         "taps, KDCL-MinLogit mutual learning"
     )
     formula = "alpha (CE_T + CE_S) + beta (KL_T + KL_S) + gamma sum_l d(F^l, F_S^l)"
-    source = "Pham, Hoang, Do, WACV 2023 (docs/methods.md#cmt-kd)"
+    source = "Pham, Hoang, Do, WACV 2023 (docs/methods.md#cmtkd)"
     arrangement = "composed"
     min_teachers = 1
     feature_losses = FEATURE_LOSSES

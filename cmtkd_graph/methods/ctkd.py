@@ -11,6 +11,8 @@ attention maps. The loss weights are not in our sources; this project reads the 
 
 with the scratch teacher's logits detached in the student's KD term (the scratch teacher learns from
 the labels only) and defaults alpha 1, beta 1, tau 2, gamma 100 (attention; the weight CMT-KD uses).
+
+The reading, its defaults and why: docs/methods.md#ctkd.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ class CTKD(Method):
         "+ gamma sum_l AT(F_expert^l, F_S^l), z_scratch detached in the KL"
     )
     source = (
-        "Zhao et al. 2019; the loss weights are not in our sources: alpha 1, beta 1, tau 2, gamma 100 are "
-        "this project's reading"
+        "Zhao et al. 2019; no code was published and the abstract gives no loss weights: alpha 1, beta 1, "
+        "tau 2, gamma 100 are this project's reading (docs/methods.md#ctkd)"
     )
     arrangement = "side_by_side"
     min_teachers = max_teachers = 2
@@ -55,6 +57,11 @@ class CTKD(Method):
         if not scratch.trainable:
             raise ValueError(
                 "teachers[0]: the scratch teacher trains together with the student; set `trainable: true`"
+            )
+        if scratch.weights is not None:
+            raise ValueError(
+                "teachers[0].weights: the scratch teacher trains from scratch together with the student; "
+                "remove `weights:` (the pretrained teacher is the expert, teachers[1])"
             )
         if expert.weights is None or expert.trainable:
             raise ValueError(

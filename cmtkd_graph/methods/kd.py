@@ -2,6 +2,8 @@
 
 The teacher goes through the composition pass like CMT-KD's (one teacher, so its fusion nodes pass
 its features through unchanged); with a feature loss the student also mimics its tap features.
+
+Equations, defaults and their sources: docs/methods.md#kd.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class KD(Method):
         "alpha (CE_S [+ CE_T if the teacher trains]) + beta KD_S [+ gamma sum_l d(F_T^l, F_S^l)], "
         "KD_S = tau^2 KL(softmax(z_T / tau) || softmax(z_S / tau)), z_T detached"
     )
-    source = "Hinton, Vinyals, Dean 2015"
+    source = "Hinton, Vinyals, Dean 2015; weights as CMT-KD's (docs/methods.md#kd)"
     arrangement = "composed"
     min_teachers = max_teachers = 1
     feature_losses = ("none", "attention", "fitnet")

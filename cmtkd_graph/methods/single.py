@@ -1,4 +1,5 @@
-"""``method: single`` — the student alone, trained with cross-entropy (the paper's baselines)."""
+"""``method: single`` — the student alone, trained with cross-entropy (the paper's baselines;
+docs/methods.md#single)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from cmtkd_graph.system_output import SystemOutput
 @register_method("single")
 class Single(Method):
     summary = "the student alone (baselines, and the way to train teachers for the other methods)"
+    source = "the paper's single-model rows (docs/methods.md#single)"
     formula = "alpha CE_S"
     arrangement = "none"
     max_teachers = 0

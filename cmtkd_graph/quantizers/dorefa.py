@@ -2,6 +2,8 @@
 
 q_k(r) = round((2^k - 1) r) / (2^k - 1) quantizes r in [0, 1] to 2^k evenly spaced levels; weights
 are squashed into [0, 1] with tanh first, activations are clipped to [0, 1].
+
+Formulas and the reference implementation: docs/methods.md#dorefa.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 One learned step ``step`` per quantizer. Its gradient is scaled by g = 1/sqrt(N * Qp) so the step
 learns at a rate comparable to the weights. The step is initialised from the first training batch;
 the buffer ``initialized`` records that, so a quantizer loaded from a checkpoint keeps its step.
+
+Formulas and the reference implementation: docs/methods.md#lsq.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """PACT (Choi et al., 2018), a baseline: activations clipped at a learned alpha, then quantized uniformly.
 
 Weights use DoReFa's weight quantizer, as in the PACT paper.
+
+Formulas and the reference implementation: docs/methods.md#pact.
 """
 
 from __future__ import annotations
