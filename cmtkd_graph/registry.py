@@ -37,6 +37,16 @@ class Registry(Generic[T]):
 
         return add
 
+    def register_record(self, name: str) -> Callable[[T], T]:
+        """Class decorator for a record class (a method, a quantizer family, a dataset): register it
+        under ``name`` and set its ``name`` attribute to it."""
+
+        def add(cls: T) -> T:
+            cls.name = name
+            return self.register(name)(cls)
+
+        return add
+
     def unregister(self, name: str) -> None:
         """Remove ``name`` (e.g. to re-register an edited component in a notebook)."""
         self._items.pop(name, None)

@@ -51,9 +51,4 @@ class DatasetRecord:
 
 def register_dataset(name: str):
     """Class decorator: register a :class:`DatasetRecord` subclass under ``name`` (and set its ``name``)."""
-
-    def add(cls: type[DatasetRecord]) -> type[DatasetRecord]:
-        cls.name = name
-        return DATASETS.register(name)(cls)
-
-    return add
+    return DATASETS.register_record(name)

@@ -307,12 +307,7 @@ def _count(n: int) -> str:
 
 def register_method(name: str):
     """Class decorator: register a :class:`Method` subclass under ``name`` (and set its ``name``)."""
-
-    def add(cls: type[Method]) -> type[Method]:
-        cls.name = name
-        return METHODS.register(name)(cls)
-
-    return add
+    return METHODS.register_record(name)
 
 
 def method_for(spec: Spec) -> Method:

@@ -183,12 +183,7 @@ class QuantizerFamily:
 
 def register_quantizer(name: str):
     """Class decorator: ``@register_quantizer("hwgq") class HWGQ(QuantizerFamily): ...``."""
-
-    def add(cls: type[QuantizerFamily]) -> type[QuantizerFamily]:
-        cls.name = name
-        return QUANTIZERS.register(name)(cls)
-
-    return add
+    return QUANTIZERS.register_record(name)
 
 
 def build_quantizer_family(name: str, options: dict[str, Any] | None = None) -> QuantizerFamily:
