@@ -152,9 +152,9 @@ def test_study_trains_every_run_then_skips_them_and_reports(tmp_path, fashion_mn
     assert top1["std"] == pytest.approx(statistics.stdev(values))
     assert set(by_name["cmtkd"]["accuracy"]) >= {"acc1/combined", "acc1/teacher0", "acc1/teacher1"}
     report = (tmp_path / "docs" / "results.md").read_text()
-    assert f"| W2A2 alone | 2/2 | {top1['mean']:.2f} ± {top1['std']:.2f} |" in report
+    assert f"| W2A2 alone | 2/2 | – | {top1['mean']:.2f} ± {top1['std']:.2f} |" in report
     assert "teacher1 top-1" in report and "| 72.9 |" in report
-    assert "![student top-1 per row](results/results.png)" in report
+    assert "![student top-1 and combined top-1 per row](results/results.png)" in report
     assert "(results/runs/cmtkd/seed0-importance.png)" in report
     assert (out / "results.png").stat().st_size > 1000
 
@@ -225,8 +225,9 @@ def test_rows_trained_on_different_machines_are_marked_in_the_table(tmp_path, mo
         run.summary_path.write_text(json.dumps(summary))
     text = write_report(study).read_text()
     assert "| Time per run | Images/s | Machine | Paper |" in text
-    assert "| x | 2/2 | 50.50 ± 0.71 | – | – | 15.0 min | 100 | A, B |  |" in text
-    assert "| y | 1/1 | 50.00 | – | – | 10.0 min | 100 | A |  |" in text
+    teachers = "0: W4A4 trained, 1: W8A8 trained"  # the quickstart's, labelling the teacher columns
+    assert f"| x | 2/2 | {teachers} | 50.50 ± 0.71 | – | – | 15.0 min | 100 | A, B |  |" in text
+    assert f"| y | 1/1 | {teachers} | 50.00 | – | – | 10.0 min | 100 | A |  |" in text
     assert "A: CPU: AMD EPYC; B: CPU: Intel Xeon" in text
 
     (study.output_path / "runs" / "x" / "seed0.json").unlink()  # one machine left: no column
@@ -258,3 +259,112 @@ def test_the_committed_results_page_is_what_the_study_writes_from_its_run_summar
     assert written.read_text() == committed_page
     finished = sum(len(row["finished"]) for row in committed_json["rows"])
     assert finished == len(summaries)  # no summary left out for a stale key
+
+
+# ---------------------------------------------------------------------------- statistics
+def test_the_t_distribution_is_scipys():
+    """The report's t distribution (no scipy at run time) against scipy: the incomplete beta function,
+    the tail and the quantile."""
+    import random
+
+    from scipy import special, stats
+
+    from cmtkd_graph.study.comparison import regularized_beta, t_quantile, t_sf
+
+    rng = random.Random(0)
+    for _ in range(500):
+        a, b, x = rng.uniform(0.1, 60), rng.uniform(0.1, 5), rng.random()
+        assert regularized_beta(a, b, x) == pytest.approx(special.betainc(a, b, x), abs=1e-12)
+    for df in (1, 2, 3.557, 5, 30, 400):
+        for t in (0.0, 0.3, 1.0, 2.5, 12.0):
+            assert t_sf(t, df) == pytest.approx(stats.t.sf(t, df), rel=1e-9, abs=1e-15)
+        assert t_quantile(0.975, df) == pytest.approx(stats.t.ppf(0.975, df), rel=1e-9)
+
+
+def test_welch_and_paired_tests_give_scipys_numbers():
+    """The key comparison of docs/results.md: CMT-KD's student against W2A2 alone, three seeds each."""
+    from scipy import stats
+
+    from cmtkd_graph.study.comparison import compare
+
+    cmtkd, single = {0: 54.20, 1: 55.37, 2: 55.63}, {0: 51.48, 1: 53.25, 2: 53.50}
+    c = compare("cmtkd", "single", "acc1/student", cmtkd, single)
+    welch = stats.ttest_ind(list(cmtkd.values()), list(single.values()), equal_var=False)
+    paired = stats.ttest_rel(list(cmtkd.values()), list(single.values()))
+    interval = welch.confidence_interval(0.95)
+    assert c.difference == pytest.approx(2.3233333, abs=1e-6) and c.pairs == 3
+    assert (c.welch.t, c.welch.df, c.welch.p) == pytest.approx((welch.statistic, welch.df, welch.pvalue))
+    assert (c.welch.low, c.welch.high) == pytest.approx((interval.low, interval.high))
+    assert (round(c.welch.low, 2), round(c.welch.high, 2), round(c.welch.p, 3)) == (0.07, 4.58, 0.046)
+    assert (c.paired.t, c.paired.p) == pytest.approx((paired.statistic, paired.pvalue))
+    assert round(c.paired.p, 3) == 0.007
+    one_seed = compare("a", "single", "acc1/student", {0: 56.44}, single)
+    assert (
+        one_seed.welch is None and one_seed.paired is None and one_seed.difference == pytest.approx(3.6966667)
+    )
+
+
+def test_the_report_tests_the_comparisons_the_study_names(tmp_path, monkeypatch):
+    """Seeds pair by train.seed (two shared of three and two), a one-seed row gets no test, and the
+    numbers in results.json are the table's."""
+    from cmtkd_graph.study.report import write_report
+
+    monkeypatch.chdir(tmp_path)
+    study = StudySpec.model_validate(
+        {
+            "name": "s",
+            "base": "quickstart",
+            "rows": [{"name": "x", "seeds": 3}, {"name": "y", "seeds": 2}, {"name": "z"}],
+            "comparisons": [{"rows": ["x", "z"], "against": "y", "metrics": ["acc1/student"]}],
+            "references": [{"label": "y's level", "row": "y", "metric": "acc1/student"}],
+        }
+    )
+    values = {("x", 0): 60.0, ("x", 1): 62.0, ("x", 2): 61.0, ("y", 0): 55.0, ("y", 1): 58.0, ("z", 0): 59.0}
+    for run in plan(study):
+        run.summary_path.parent.mkdir(parents=True, exist_ok=True)
+        summary = {
+            "seed": run.seed,
+            "key": run.key,
+            "accuracy": {"acc1/student": values[run.row.name, run.seed]},
+            "wall_s": 60.0,
+            "images_per_s": 100.0,
+            "importance_plot": None,
+            "machine": "CPU: test",
+        }
+        run.summary_path.write_text(json.dumps(summary))
+    text = write_report(study).read_text()
+    results = json.loads((study.output_path / "results.json").read_text())
+    x_vs_y, z_vs_y = results["comparisons"]
+    assert (x_vs_y["a"], x_vs_y["b"], x_vs_y["pairs"]) == ("x", "y", 2)
+    assert x_vs_y["difference"] == pytest.approx(61.0 - 56.5)
+    assert x_vs_y["paired"]["difference"] == pytest.approx(((60 - 55) + (62 - 58)) / 2)  # seeds 0 and 1
+    welch, paired = x_vs_y["welch"], x_vs_y["paired"]
+    assert (
+        f"| x vs y | student top-1 | 3 vs 2 | +4.50 | [{welch['low']:+.2f}, {welch['high']:+.2f}] "
+        f"| {welch['p']:.3f} | {paired['p']:.3f} (2 pairs) |" in text
+    )
+    assert (
+        z_vs_y["welch"] is None
+        and "| z vs y | student top-1 | 1 vs 2 | +2.50 | one seed: no test | – | – |" in text
+    )
+    assert "Reference: y's level: 56.50 (student top-1 of y)." in text
+    assert "| x | 3/3 | 0: W4A4 trained, 1: W8A8 trained |" in text  # what the teacher columns hold
+
+
+def test_comparisons_and_references_must_name_rows():
+    rows = [{"name": "single"}, {"name": "cmtkd"}]
+    with pytest.raises(Exception) as err:
+        StudySpec.model_validate(
+            {
+                "name": "s",
+                "base": "quickstart",
+                "rows": rows,
+                "comparisons": [{"rows": ["cmtdk"], "against": "single"}],
+                "references": [{"label": "l", "row": "singel", "metric": "acc1/student"}],
+                "chart": ["acc1/teachers"],
+            }
+        )
+    text = str(err.value)
+    assert "comparisons[0].rows[0]: no row 'cmtdk' (did you mean cmtkd?)" in text
+    assert "references[0].row: no row 'singel' (did you mean single?)" in text
+    assert "chart: name one teacher (acc1/teacher0), not acc1/teachers" in text

@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 
 from cmtkd_graph.study.plan import PlannedRun, check_rows, plan
-from cmtkd_graph.study.spec import ROW_REFERENCE, StudySpec
+from cmtkd_graph.study.spec import StudySpec
 
 
 def estimate(run: PlannedRun) -> tuple[float, str]:
@@ -16,10 +16,8 @@ def estimate(run: PlannedRun) -> tuple[float, str]:
 
     from cmtkd_graph.data import build_datasets
     from cmtkd_graph.runtime.precision import known_precision, probe
-    from cmtkd_graph.spec.io import load_spec
 
-    overrides = [ROW_REFERENCE.sub(r"row-\1", o) for o in run.raw_overrides]  # weights are not loaded
-    spec = load_spec(run.spec_file, overrides)
+    spec = run.unresolved_spec()  # weights are not loaded
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = spec.data.batch_size // (spec.train.grad_accum_steps or 1)
     precision = known_precision(spec, device, batch)

@@ -13,6 +13,7 @@ from typing import Literal
 
 from cmtkd_graph.checkpoint import LATEST, checkpoints_dir
 from cmtkd_graph.errors import SpecError, UserError, did_you_mean
+from cmtkd_graph.spec import Spec
 from cmtkd_graph.spec.io import load_spec
 from cmtkd_graph.study.spec import ROW_REFERENCE, RowSpec, StudySpec
 
@@ -56,6 +57,11 @@ class PlannedRun:
         if resolve:
             overrides = [ROW_REFERENCE.sub(lambda m: str(self.reference(m.group(1))), o) for o in overrides]
         return [*overrides, f"train.output_dir={self.run_dir}"]
+
+    def unresolved_spec(self) -> Spec:
+        """The run's spec with every ``{row:NAME}`` replaced by a placeholder path: everything about the
+        run but the files of other rows, which need not exist yet (checks, estimates, the report)."""
+        return load_spec(self.spec_file, [ROW_REFERENCE.sub(r"row-\1", o) for o in self.raw_overrides])
 
     def reference(self, row_name: str) -> Path:
         """The run directory of seed 0 of row ``row_name``, which must have finished on this machine."""
@@ -119,7 +125,7 @@ def check_rows(study: StudySpec) -> None:
     for i, row in enumerate(study.rows):
         run = PlannedRun(study, row, 0)
         try:
-            load_spec(run.spec_file, [ROW_REFERENCE.sub("row-" + r"\1", o) for o in run.raw_overrides])
+            run.unresolved_spec()
         except UserError as err:
             problems += [f"rows[{i}] ({row.name}): {line}" for line in err.problems]
     if problems:

@@ -1,4 +1,5 @@
-"""A study's results from its run summaries: ``results.json``, a Markdown table and a bar chart.
+"""A study's results from its run summaries: ``results.json``, a Markdown table, the comparisons the
+study file names (with their statistics, ``comparison.py``) and a bar chart.
 
 The Markdown goes between two markers in the report file, so text written around them by hand (the
 discussion of the results) survives every rewrite. Means are over the seeds finished so far, with the
@@ -12,6 +13,8 @@ import os
 import statistics
 from pathlib import Path
 
+from cmtkd_graph.spec import FULL_PRECISION, ModelSpec
+from cmtkd_graph.study.comparison import Comparison, compare
 from cmtkd_graph.study.plan import plan
 from cmtkd_graph.study.spec import StudySpec
 
@@ -27,15 +30,19 @@ def row_results(study: StudySpec) -> list[dict]:
         done = [(r, s) for r in runs if (s := r.summary()) is not None]
         summaries = [s for _, s in done]
         accuracy: dict[str, list[float]] = {}
+        by_seed: dict[str, dict[int, float]] = {}
         for s in summaries:
             for name, value in s["accuracy"].items():
                 accuracy.setdefault(name, []).append(value)
+                by_seed.setdefault(name, {})[s["seed"]] = value
         rows.append(
             {
                 "name": row.name,
                 "label": row.title,
+                "teachers": teachers_text(runs[0].unresolved_spec().resolved_teachers()),
                 "seeds": row.seeds,
                 "finished": [s["seed"] for s in summaries],
+                "by_seed": by_seed,
                 "accuracy": {name: _stats(values) for name, values in sorted(accuracy.items())},
                 "wall_s": _stats([s["wall_s"] for s in summaries if s["wall_s"] is not None]),
                 "images_per_s": _stats([s["images_per_s"] for s in summaries if s["images_per_s"]]),
@@ -52,6 +59,44 @@ def row_results(study: StudySpec) -> list[dict]:
     return rows
 
 
+def teachers_text(teachers: list[ModelSpec]) -> str:
+    """What the teacher columns of a row hold: teacher k's precision, and whether it trains with the
+    student or is a frozen, separately trained model."""
+    if not teachers:
+        return "–"
+
+    def one(k: int, t: ModelSpec) -> str:
+        bits = "FP" if t.weight_bits == t.act_bits == FULL_PRECISION else t.bits_label
+        return f"{k}: {bits} {'trained' if t.trainable else 'frozen'}"
+
+    return ", ".join(one(k, t) for k, t in enumerate(teachers))
+
+
+def comparisons(study: StudySpec, rows: list[dict]) -> list[Comparison]:
+    """Every comparison the study names, on each metric both rows have."""
+    by_name = {r["name"]: r for r in rows}
+    out = []
+    for a, b, metrics in study.compared_pairs():
+        for metric in metrics:
+            seeds_a, seeds_b = by_name[a]["by_seed"].get(metric, {}), by_name[b]["by_seed"].get(metric, {})
+            if seeds_a and seeds_b:
+                out.append(compare(a, b, metric, seeds_a, seeds_b))
+    return out
+
+
+def references(study: StudySpec, rows: list[dict]) -> list[dict]:
+    """The study's reference values: label, row, metric and the row's mean (None until it has run)."""
+    by_name = {r["name"]: r for r in rows}
+    return [
+        {"label": r.label, "row": r.row, "metric": r.metric, "value": _mean(by_name[r.row], r.metric)}
+        for r in study.references
+    ]
+
+
+def _mean(row: dict, metric: str) -> float | None:
+    return row["accuracy"].get(metric, {}).get("mean")
+
+
 def _stats(values: list[float]) -> dict:
     if not values:
         return {"values": [], "mean": None, "std": None}
@@ -62,14 +107,23 @@ def _stats(values: list[float]) -> dict:
 def write_report(study: StudySpec) -> Path:
     """Write results.json, results.png and the report's table; returns the report's path."""
     rows = row_results(study)
+    tests = comparisons(study, rows)
+    lines = references(study, rows)
     out = study.output_path
     out.mkdir(parents=True, exist_ok=True)
-    result = {"study": study.name, "base": study.base, "set": study.set, "rows": rows}
+    result = {
+        "study": study.name,
+        "base": study.base,
+        "set": study.set,
+        "rows": rows,
+        "comparisons": [c.to_json() for c in tests],
+        "references": lines,
+    }
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    chart = write_chart(study, rows, out / "results.png")
+    chart = write_chart(study, rows, lines, out / "results.png")
     report = study.report_path
     report.parent.mkdir(parents=True, exist_ok=True)
-    block = markdown(study, rows, chart, report.parent)
+    block = markdown(study, rows, tests, lines, chart, report.parent)
     text = report.read_text() if report.is_file() else ""
     if START in text and END in text:
         head, rest = text.split(START, 1)
@@ -104,15 +158,23 @@ def _cell(stats: dict) -> str:
     return f"{stats['mean']:.2f}" + (f" ± {stats['std']:.2f}" if stats["std"] is not None else "")
 
 
-def markdown(study: StudySpec, rows: list[dict], chart: Path | None, where: Path) -> str:
-    """The block between the markers: notes, table, chart, commands, machines."""
+def markdown(
+    study: StudySpec,
+    rows: list[dict],
+    tests: list[Comparison],
+    lines_: list[dict],
+    chart: Path | None,
+    where: Path,
+) -> str:
+    """The block between the markers: notes, table, reference values, comparisons, chart, commands,
+    machines."""
     columns = metric_columns(study, rows)
     machines = sorted({m for r in rows for m in r["machines"]})
     letters = {m: chr(ord("A") + i) for i, m in enumerate(machines)}  # a column only when rows differ
     lines = [START, ""]
     if study.notes.strip():
         lines += [study.notes.strip(), ""]
-    header = ["Row", "Seeds", *[_title(c) for c in columns], "Time per run", "Images/s"]
+    header = ["Row", "Seeds", "Teachers", *[_title(c) for c in columns], "Time per run", "Images/s"]
     header += ["Machine", "Paper"] if len(machines) > 1 else ["Paper"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -126,6 +188,7 @@ def markdown(study: StudySpec, rows: list[dict], chart: Path | None, where: Path
                 [
                     r["label"],
                     seeds,
+                    r["teachers"],
                     *cells,
                     f"{wall / 60:.1f} min" if wall is not None else "–",
                     f"{speed:.0f}" if speed is not None else "–",
@@ -138,10 +201,19 @@ def markdown(study: StudySpec, rows: list[dict], chart: Path | None, where: Path
     lines += [
         "",
         "Accuracies in % on the evaluation split after the last epoch: mean ± sample standard "
-        "deviation over the finished seeds.",
+        "deviation over the finished seeds; a row with one seed has no spread. Teachers: teacher k's "
+        "precision, trained together with the student or frozen (trained separately); the teacher "
+        "columns are these networks, so they differ between rows.",
     ]
+    for ref in lines_:
+        value = "not trained yet" if ref["value"] is None else f"{ref['value']:.2f}"
+        row_label = study.row(ref["row"]).title
+        lines += ["", f"Reference: {ref['label']}: {value} ({_title(ref['metric'])} of {row_label})."]
+    if tests:
+        lines += ["", *comparison_table(study, tests)]
     if chart is not None:
-        lines += ["", f"![{_title(study.metrics[0])} per row]({_relative(chart, where)})"]
+        shown = " and ".join(_title(m) for m in study.chart)
+        lines += ["", f"![{shown} per row]({_relative(chart, where)})"]
     lines += [
         "",
         "<details><summary>The command of each row (seed 0; the other seeds differ in <code>train.seed</code>"
@@ -167,39 +239,82 @@ def markdown(study: StudySpec, rows: list[dict], chart: Path | None, where: Path
     return "\n".join(lines)
 
 
+def comparison_table(study: StudySpec, tests: list[Comparison]) -> list[str]:
+    """One line per comparison and metric: the mean difference, its 95 % CI and Welch's p, and the
+    paired test where the rows share seeds; a one-seed row gets no test."""
+    lines = [
+        "Comparisons (difference of the means, first row minus second; Welch's t-test, and the paired "
+        "t-test over the seeds both rows ran, which share initialisation and data order):",
+        "",
+        "| Comparison | Metric | Seeds | Difference | 95 % CI (Welch) | Welch p | Paired p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in tests:
+        seeds = f"{len(c.values_a)} vs {len(c.values_b)}"
+        if c.welch is None:
+            ci, welch = "one seed: no test", "–"
+        else:
+            ci, welch = f"[{c.welch.low:+.2f}, {c.welch.high:+.2f}]", _p(c.welch.p)
+        paired = f"{_p(c.paired.p)} ({c.pairs} pairs)" if c.paired is not None else "–"
+        title = f"{study.row(c.a).title} vs {study.row(c.b).title}"
+        lines.append(
+            f"| {title} | {_title(c.metric)} | {seeds} | {c.difference:+.2f} | {ci} | {welch} | {paired} |"
+        )
+    return lines
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def _relative(path: Path, where: Path) -> str:
     return Path(os.path.relpath(path.resolve(), where.resolve())).as_posix()
 
 
-def write_chart(study: StudySpec, rows: list[dict], out: Path) -> Path | None:
-    """Horizontal bars of the first metric (mean, error bar = std), each seed a dot; None if no row
-    has finished yet."""
+def write_chart(study: StudySpec, rows: list[dict], lines: list[dict], out: Path) -> Path | None:
+    """Horizontal bars of the chart's metrics side by side per row (mean, error bar = std, each seed a
+    dot) on an axis from 0, and the reference values as dashed lines; None if no row has finished yet."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = study.metrics[0]
-    if metric.endswith("/teachers"):
-        metric = metric.replace("/teachers", "/combined")
-    done = [r for r in rows if r["accuracy"].get(metric, {}).get("mean") is not None]
+    done = [r for r in rows if any(_mean(r, m) is not None for m in study.chart)]
     if not done:
         out.unlink(missing_ok=True)
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(done) + 1.2))
-    y = list(range(len(done)))[::-1]
-    means = [r["accuracy"][metric]["mean"] for r in done]
-    errors = [r["accuracy"][metric]["std"] or 0.0 for r in done]
-    ax.barh(y, means, xerr=errors, color="#4c72b0", alpha=0.8, capsize=3)
-    for yi, r in zip(y, done, strict=True):
-        values = r["accuracy"][metric]["values"]
-        ax.plot(values, [yi] * len(values), "k.", markersize=4)
-    ax.set_yticks(y, [f"{r['label']} (n={len(r['finished'])})" for r in done], fontsize=8)
-    low = min(min(r["accuracy"][metric]["values"]) for r in done)
-    ax.set_xlim(max(0.0, low - 10), min(100.0, max(m + e for m, e in zip(means, errors, strict=True)) + 3))
-    ax.set_xlabel(f"{_title(metric)} (%)")
+    k = len(study.chart)
+    height = 0.8 / k
+    fig, ax = plt.subplots(figsize=(8, (0.3 + 0.22 * k) * len(done) + 1.6))
+    colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"]
+    for j, metric in enumerate(study.chart):
+        ys, means, errors = [], [], []
+        for i, r in enumerate(done):
+            if _mean(r, metric) is None:
+                continue
+            y = len(done) - 1 - i + 0.4 - height * (j + 0.5)
+            stats = r["accuracy"][metric]
+            ys.append(y)
+            means.append(stats["mean"])
+            errors.append(stats["std"] or 0.0)
+            ax.plot(stats["values"], [y] * len(stats["values"]), "k.", markersize=3)
+        color = colors[j % len(colors)]
+        ax.barh(
+            ys, means, height=height, xerr=errors, color=color, alpha=0.85, capsize=2, label=_title(metric)
+        )
+    for ref in lines:
+        if ref["value"] is not None:
+            label = f"{ref['label']} ({ref['value']:.2f})"
+            ax.axvline(ref["value"], color="k", linestyle="--", linewidth=1, label=label)
+    ax.set_yticks(
+        range(len(done))[::-1], [f"{r['label']} (n={len(r['finished'])})" for r in done], fontsize=8
+    )
+    ax.set_xlim(0, 100)
+    ax.set_ylim(-0.6, len(done) - 0.4)
+    ax.set_xlabel("top-1 / top-5 accuracy (%), axis from 0")
     ax.set_title(study.name, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), fontsize=7, ncol=1, frameon=False)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

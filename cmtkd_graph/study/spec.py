@@ -9,7 +9,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
-from cmtkd_graph.errors import SpecError, UserError
+from cmtkd_graph.errors import SpecError, UserError, did_you_mean
 from cmtkd_graph.spec import Strict
 from cmtkd_graph.spec.io import format_loc, read_yaml_mapping
 
@@ -40,6 +40,28 @@ class RowSpec(Strict):
         return self.label or self.name
 
 
+Metric = Annotated[str, AfterValidator(_check_metric)]
+
+
+class ComparisonSpec(Strict):
+    """Rows compared with statistics in the report: each of ``rows`` against ``against``."""
+
+    rows: list[str] | None = Field(None, description="the rows compared (default: every other row)")
+    against: str = Field(description="the row they are compared with")
+    metrics: list[Metric] | None = Field(
+        None, description="default: the study's metrics, the teachers' columns left out"
+    )
+
+
+class ReferenceSpec(Strict):
+    """A value drawn across the chart and named under the table, e.g. the ensemble of separately trained
+    models against which a combined teacher is read."""
+
+    label: str
+    row: str
+    metric: Metric
+
+
 class StudySpec(Strict):
     """A study: a base spec, common overrides, the rows and what the table shows."""
 
@@ -47,10 +69,21 @@ class StudySpec(Strict):
     base: str = Field(description="spec file or packaged example every row starts from")
     set: list[str] = Field(default_factory=list, description="overrides for every row (before the row's)")
     rows: list[RowSpec] = Field(min_length=1)
-    metrics: list[Annotated[str, AfterValidator(_check_metric)]] = Field(
+    metrics: list[Metric] = Field(
         default_factory=lambda: ["acc1/student", "acc5/student", "acc1/combined", "acc1/teachers"],
         min_length=1,
-        description="table columns; the first is the bar chart's",
+        description="table columns",
+    )
+    chart: list[Metric] = Field(
+        default_factory=lambda: ["acc1/student", "acc1/combined"],
+        min_length=1,
+        description="the bar chart's metrics, side by side per row",
+    )
+    comparisons: list[ComparisonSpec] = Field(
+        default_factory=list, description="pairs of rows tested against each other in the report"
+    )
+    references: list[ReferenceSpec] = Field(
+        default_factory=list, description="values drawn across the chart (a row's metric)"
     )
     output_dir: str = Field("studies/{name}", description="results.json, results.png and run summaries")
     report: str | None = Field(None, description="the Markdown report (default: <output_dir>/results.md)")
@@ -68,6 +101,20 @@ class StudySpec(Strict):
                 if ref not in seen:
                     problems.append(f"rows[{i}].set: {{row:{ref}}} must name an earlier row")
             seen.add(row.name)
+        for i, c in enumerate(self.comparisons):
+            named = [(f"rows[{j}]", name) for j, name in enumerate(c.rows or [])] + [("against", c.against)]
+            for key, name in named:
+                if name not in seen:
+                    problems.append(f"comparisons[{i}].{key}: no row {name!r}{did_you_mean(name, seen)}")
+        for i, r in enumerate(self.references):
+            if r.row not in seen:
+                problems.append(f"references[{i}].row: no row {r.row!r}{did_you_mean(r.row, seen)}")
+        for key, metrics in [
+            ("chart", self.chart),
+            *((f"comparisons[{i}].metrics", c.metrics or []) for i, c in enumerate(self.comparisons)),
+        ]:
+            if any(m.endswith("/teachers") for m in metrics):
+                problems.append(f"{key}: name one teacher (acc1/teacher0), not acc1/teachers")
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -85,6 +132,15 @@ class StudySpec(Strict):
 
     def row(self, name: str) -> RowSpec:
         return next(r for r in self.rows if r.name == name)
+
+    def compared_pairs(self) -> list[tuple[str, str, list[str]]]:
+        """(row, against, metrics) of every comparison, ``rows: null`` expanded to every other row."""
+        default = [m for m in self.metrics if not m.endswith("/teachers")]
+        pairs = []
+        for c in self.comparisons:
+            rows = c.rows or [r.name for r in self.rows if r.name != c.against]
+            pairs += [(row, c.against, c.metrics or default) for row in rows]
+        return pairs
 
 
 def load_study(path: str | Path) -> StudySpec:
