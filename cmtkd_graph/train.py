@@ -26,6 +26,7 @@ import torch
 from cmtkd_graph.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoint
 from cmtkd_graph.cli_common import EXIT_USER_ERROR, add_train_args, user_error_lines
 from cmtkd_graph.data.bundle import DataBundle
+from cmtkd_graph.data.device import DeviceBatches
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.evaluation.accuracy import eval_line, evaluate
 from cmtkd_graph.metrics import MetricsLog, plot_importance, read_metrics
@@ -156,6 +157,9 @@ class Trainer:
             train_batch_size=per_process,
             eval_batch_size=spec.data.eval_batch_size or per_process,
             seed=t.seed,
+            device=accelerator.device,
+            rank=accelerator.process_index,
+            processes=world,
         )
         system = build_system(spec)
         self._check_classes(system, self.bundle.num_classes)
@@ -214,6 +218,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> Path:
         t = self.spec.train
+        self.started = time.perf_counter()
         stop = False
         final_eval: dict = {}
         while self.state["epoch"] < t.epochs and not stop:
@@ -234,7 +239,7 @@ class Trainer:
         return self.run_dir
 
     def _train_epoch(self, epoch: int) -> bool:
-        """Train (the rest of) one epoch; True when ``max_steps`` was reached."""
+        """Train (the rest of) one epoch; True when ``max_steps`` or ``max_minutes`` was reached."""
         from tqdm.auto import tqdm
 
         acc, t = self.acc, self.spec.train
@@ -242,7 +247,9 @@ class Trainer:
         self.train_loader.set_epoch(epoch)
         loader = self.train_loader
         done = self.state["batches_in_epoch"]
-        if done:
+        if done and isinstance(loader, DeviceBatches):
+            loader = loader.skip_first_batches(done)
+        elif done:
             loader = acc.skip_first_batches(self.train_loader, done)
         bar = tqdm(
             total=len(self.train_loader),
@@ -288,7 +295,7 @@ class Trainer:
             if self.spec.optim.schedule.step_every == "iteration":
                 self.scheduler.step()
             step = self.state["step"]
-            reached_max = t.max_steps is not None and step >= t.max_steps
+            reached_max = (t.max_steps is not None and step >= t.max_steps) or self._out_of_time()
             if step % t.log_every == 0 or reached_max:
                 elapsed = time.perf_counter() - window_start
                 record = self._train_record(window, stats, window_batches, window_images / max(elapsed, 1e-9))
@@ -302,6 +309,19 @@ class Trainer:
         self.state["epoch"] += 1
         self.state["batches_in_epoch"] = 0
         return False
+
+    def _out_of_time(self) -> bool:
+        """``train.max_minutes`` have passed since training started in this process (every process
+        stops at the same step: the main process's clock decides)."""
+        if self.spec.train.max_minutes is None:
+            return False
+        over = torch.tensor(
+            float(time.perf_counter() - self.started >= 60 * self.spec.train.max_minutes),
+            device=self.acc.device,
+        )
+        if self.acc.num_processes > 1:
+            over = self.acc.reduce(over * float(self.acc.is_main_process), reduction="sum")
+        return bool(over.item())
 
     def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
         bad = (~torch.isfinite(terms["total"].detach())).float()

@@ -540,3 +540,117 @@ def test_bundle_sizes_are_the_specs_and_other_native_sizes_are_explained(tmp_pat
     with pytest.raises(UserError, match=r"are 20x20, not 28x28; set data.image_size: 20"):
         build_datasets(spec("fashion_mnist", tmp_path / "small"))
     assert build_datasets(spec("fashion_mnist", tmp_path / "small", image_size=20)).image_size == 20
+
+
+# --- the device pipeline --------------------------------------------------------------------------
+
+
+def _uint8(batch: torch.Tensor, data: DataSpec) -> torch.Tensor:
+    """A normalised batch back to its uint8 pixels, with the spec's (CIFAR-10 default) statistics."""
+    mean = torch.tensor(CIFAR10.mean).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10.std).view(1, 3, 1, 1)
+    return ((batch * std + mean) * 255).round().to(torch.uint8)
+
+
+def test_the_device_pipeline_gives_the_worker_pipelines_images_batched(tmp_path):
+    """Without augmentation a device batch is exactly the worker pipeline's samples at the epoch's
+    indices; an image folder decodes to the pixels its evaluation transform gives, with or without
+    decoding processes."""
+    from cmtkd_graph.data.device import DeviceBatches, decoded
+
+    write_cifar10(tmp_path, per_batch=4, test=3)
+    data = spec("cifar10", tmp_path, augment={"crop": "none", "hflip": False})
+    bundle = build_datasets(data)
+    loader = DeviceBatches(bundle.train.images, bundle.train.labels, data, batch_size=6, seed=3)
+    seen = []
+    for images, labels in loader:
+        expected = torch.stack([bundle.train_eval[int(i)][0] for i in _indices(bundle, images)])
+        torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
+        seen += labels.tolist()
+    assert len(seen) == 18 and len(loader) == 3  # 20 images: the incomplete last batch is dropped
+
+    write_folder(
+        tmp_path / "folder",
+        {"train": {"a": ["x.png", "y.png"], "b": ["z.png"]}, "val": {"a": ["v.png"], "b": []}},
+        size=(20, 14),
+    )
+    folder = spec("imagefolder", tmp_path / "folder", image_size=12)
+    files = build_datasets(folder)
+    images, labels = decoded(files.train, 12)
+    assert images.dtype == torch.uint8 and images.shape == (3, 3, 12, 12) and labels.tolist() == [0, 0, 1]
+    for k in range(3):
+        assert torch.equal(_uint8_plain(files.train_eval[k][0], folder), images[k])
+    assert torch.equal(decoded(files.train, 12, workers=2)[0], images)
+
+
+def _uint8_plain(image: torch.Tensor, data: DataSpec) -> torch.Tensor:
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)  # image folders: ImageNet's statistics
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    return ((image * std + mean) * 255).round().to(torch.uint8)
+
+
+def _indices(bundle, batch: torch.Tensor) -> list[int]:
+    """Which training images (by their evaluation form) a batch holds."""
+    everything = torch.stack([bundle.train_eval[i][0] for i in range(len(bundle.train_eval))])
+    return [int((everything - image).abs().flatten(1).amax(1).argmin()) for image in batch]
+
+
+def test_device_crops_and_flips_are_torchvisions_and_a_function_of_seed_epoch_and_batch(tmp_path):
+    """Every augmented image is a 32x32 window of the zero-padded original (offsets 0..8), possibly
+    mirrored; batch b of epoch e is the same however the epoch is entered (a resumed run), another epoch
+    or seed gives another one; two processes share each global batch between them."""
+    from cmtkd_graph.data.device import DeviceBatches
+
+    write_cifar10(tmp_path, per_batch=4, test=3)
+    data = spec("cifar10", tmp_path)  # random_crop with padding 4 and hflip: CIFAR's defaults
+    bundle = build_datasets(data)
+    originals, labels = bundle.train.images, bundle.train.labels
+
+    def loader(seed=0, **kw):
+        return DeviceBatches(originals, labels, data, batch_size=4, seed=seed, **kw)
+
+    full = list(loader())
+    flips = 0
+    for images, batch_labels in full:
+        for image, label in zip(_uint8(images, data), batch_labels, strict=True):
+            found = [
+                (dy, dx, mirrored)
+                for k in (labels == label).nonzero().flatten().tolist()
+                for mirrored in (False, True)
+                for dy in range(9)
+                for dx in range(9)
+                if torch.equal(_window(originals[k], dy, dx, mirrored), image)
+            ]
+            assert found, "not a padded crop of a training image"
+            flips += found[0][2]
+    assert 0 < flips < 20  # both directions occur
+
+    resumed = loader()
+    resumed.set_epoch(0)
+    assert all(
+        torch.equal(a[0], b[0]) for a, b in zip(full[2:], list(resumed.skip_first_batches(2)), strict=True)
+    )
+    again, other_seed = loader(), loader(seed=1)
+    again.set_epoch(1)
+    assert not torch.equal(torch.cat([b for b, _ in again]), torch.cat([b for b, _ in full]))
+    assert not torch.equal(torch.cat([b for _, b in other_seed]), torch.cat([b for _, b in full]))
+
+    ranks = [
+        list(DeviceBatches(originals, labels, data, batch_size=2, seed=0, rank=r, processes=2))
+        for r in range(2)
+    ]
+    for step, (x0, x1) in enumerate(zip(ranks[0], ranks[1], strict=True)):
+        assert torch.equal(torch.cat([x0[1], x1[1]]), full[step][1])  # the global batch, shared
+
+
+def _window(image: torch.Tensor, dy: int, dx: int, mirrored: bool) -> torch.Tensor:
+    padded = torch.nn.functional.pad(image, (4, 4, 4, 4))[:, dy : dy + 32, dx : dx + 32]
+    return padded.flip(-1) if mirrored else padded
+
+
+def test_the_device_pipeline_refuses_what_it_cannot_do(tmp_path):
+    with pytest.raises(ValueError, match="random_resized_crop needs per-image resizing"):
+        spec("imagefolder", tmp_path, image_size=96, pipeline="device")
+    with pytest.raises(ValueError, match="corrupt_images: skip needs pipeline: workers"):
+        spec("imagefolder", tmp_path, image_size=32, pipeline="device", corrupt_images="skip")
+    assert spec("imagefolder", tmp_path, image_size=96, pipeline="device", augment={"crop": "random_crop"})

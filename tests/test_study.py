@@ -368,3 +368,58 @@ def test_comparisons_and_references_must_name_rows():
     assert "comparisons[0].rows[0]: no row 'cmtdk' (did you mean cmtkd?)" in text
     assert "references[0].row: no row 'singel' (did you mean single?)" in text
     assert "chart: name one teacher (acc1/teacher0), not acc1/teachers" in text
+
+
+def test_the_full_scale_gpu_study_runs_on_a_cpu_in_a_tiny_mode(tmp_path, cifar10_jpeg):
+    """studies/cifar10_fullscale.yaml as committed (CIFAR stem, batch 256, the device pipeline, a time
+    budget per row), shrunk only in size: the same study format comes out, with the step's FLOPs per
+    image recorded (the throughput columns need a GPU's peak, so there are none on a CPU)."""
+    repo = Path(__file__).resolve().parents[1]
+    study = yaml.safe_load((repo / "studies" / "cifar10_fullscale.yaml").read_text())
+    assert "pipeline: device" in study["set"][1] and study["rows"][0]["set"] == ["train.max_minutes=5"]
+    tiny = [
+        f"data.root={cifar10_jpeg}",
+        "data.batch_size=16",
+        "data.eval_batch_size=50",
+        "data.num_workers=0",
+        "data.eval_subset=50",
+        "train.mixed_precision=no",
+        "train.max_steps=2",
+    ]
+    study.update(output_dir="out", report="out/results.md", runs_dir="runs")
+    study["set"] = [*study["set"], *tiny]
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    result = study_cli(tmp_path, "--rows", "cmtkd")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "runs" / "cmtkd" / "seed0.json").read_text())
+    assert summary["steps"] == 2 and summary["channels_last"] is True
+    assert summary["train_gflop_per_image"] == pytest.approx(13.316, abs=0.01)  # 4 CIFAR-stem resnet18s
+    assert summary["peak_bf16_tflops"] is None
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert (
+        "| CMT-KD (W2A2 student; teachers 4/6/8-bit), 5 minutes | 1/1 |" in report and "TFLOP/s" not in report
+    )
+
+
+def test_gpu_runs_show_their_tflops_and_share_of_the_peak(tmp_path, monkeypatch):
+    from cmtkd_graph.study.report import write_report
+
+    monkeypatch.chdir(tmp_path)
+    study = StudySpec.model_validate({"name": "s", "base": "quickstart", "rows": [{"name": "x"}]})
+    (run,) = plan(study)
+    run.summary_path.parent.mkdir(parents=True)
+    summary = {
+        "seed": 0,
+        "key": run.key,
+        "accuracy": {"acc1/student": 70.0},
+        "wall_s": 300.0,
+        "images_per_s": 9000.0,
+        "importance_plot": None,
+        "machine": "GPU: test",
+        "train_gflop_per_image": 13.3,
+        "peak_bf16_tflops": 989.0,
+    }
+    run.summary_path.write_text(json.dumps(summary))
+    text = write_report(study).read_text()
+    assert "| Time per run | Images/s | TFLOP/s | % of bf16 peak | Paper |" in text
+    assert "| 5.0 min | 9000 | 119.7 | 12.1 % |  |" in text  # 9000 x 13.3 GFLOP = 119.7 TFLOP/s of 989

@@ -126,6 +126,37 @@ def test_resume_gives_bit_identical_weights(tmp_path, fashion_mnist, fresh_accel
     assert steps_a == steps_b == [2, 4, 6, 8, 10, 12]
 
 
+def test_resume_with_the_device_pipeline_gives_bit_identical_weights(
+    tmp_path, fashion_mnist, fresh_accelerate
+):
+    """data.pipeline: device (images decoded once, batches augmented as a whole): 8 steps straight =
+    4 steps, stop mid-epoch, resume in a new process, 4 more; the student alone, to keep it short."""
+    single = ("method=single", "teachers=[]", "distill={}", "data.pipeline=device", "train.epochs=2")
+    small = (*single, "data.train_subset=96", "data.batch_size=16", "data.eval_subset=32")
+    straight = train_here(tmp_path, *small, "train.max_steps=8", run="straight")
+    half = train_here(tmp_path, *small, "train.max_steps=4", run="half")
+    train(tmp_path, *small, "train.max_steps=8", run="half", resume=half)
+
+    def final_model(run_dir):
+        latest = json.loads((run_dir / "checkpoints" / "latest").read_text())
+        return load_file(run_dir / "checkpoints" / latest["checkpoint"] / "model.safetensors")
+
+    a, b = final_model(straight), final_model(half)
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert [r["step"] for r in read_metrics(half / "metrics.jsonl") if r["kind"] == "train"] == [2, 4, 6, 8]
+
+
+def test_a_run_on_a_time_budget_stops_and_finishes(tmp_path, fashion_mnist, fresh_accelerate):
+    """train.max_minutes: the step under way when the budget runs out is the last; then the run is
+    evaluated and saved as after max_steps."""
+    run_dir = train_here(
+        tmp_path, "method=single", "teachers=[]", "distill={}", "train.epochs=5", "train.max_minutes=0.0001"
+    )
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["steps"] == 1 and "acc1/student" in final["accuracy"]
+    assert (run_dir / "student.safetensors").is_file()
+
+
 def test_resume_at_an_epoch_boundary_keeps_an_epoch_stepped_schedule(
     tmp_path, fashion_mnist, fresh_accelerate
 ):

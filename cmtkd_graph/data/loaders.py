@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cmtkd_graph.data.bundle import DataBundle
+from cmtkd_graph.data.device import DeviceBatches, device_batches
 from cmtkd_graph.data.imagefolder import DropSkipped
 from cmtkd_graph.data.seeding import SeededSamples
 from cmtkd_graph.errors import UserError
@@ -13,14 +14,36 @@ from cmtkd_graph.spec import DataSpec
 
 
 def build_loaders(
-    bundle: DataBundle, spec: DataSpec, *, train_batch_size: int, eval_batch_size: int, seed: int
-) -> tuple[DataLoader, DataLoader]:
+    bundle: DataBundle,
+    spec: DataSpec,
+    *,
+    train_batch_size: int,
+    eval_batch_size: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    processes: int = 1,
+) -> tuple[DataLoader | DeviceBatches, DataLoader]:
     """(train, eval) loaders. Train: reshuffled every epoch from ``seed``, incomplete last batch dropped.
 
     Both collate with `DropSkipped`, so a batch is smaller (possibly empty) when unreadable images
     were skipped (``corrupt_images: skip``). Training samples are `SeededSamples`: their random
     augmentation depends only on (seed, epoch, index), whichever process or worker produces them.
+    With ``data.pipeline: device`` the training batches are :class:`DeviceBatches` on ``device``, this
+    process's (``rank`` of ``processes``) share already taken: accelerate passes them through as they are.
     """
+    evaluation = build_eval_loader(bundle, spec, bundle.eval, batch_size=eval_batch_size, seed=seed)
+    if spec.pipeline == "device":
+        train = device_batches(
+            bundle,
+            spec,
+            batch_size=train_batch_size,
+            seed=seed,
+            device=device,
+            rank=rank,
+            processes=processes,
+        )
+        return train, evaluation
     if len(bundle.train) < train_batch_size:
         raise UserError(
             f"the training set has {len(bundle.train)} samples, fewer than one batch of "
@@ -35,7 +58,7 @@ def build_loaders(
         generator=torch.Generator().manual_seed(seed),
         **_common(bundle, spec),
     )
-    return train, build_eval_loader(bundle, spec, bundle.eval, batch_size=eval_batch_size, seed=seed)
+    return train, evaluation
 
 
 def build_eval_loader(

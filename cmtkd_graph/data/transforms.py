@@ -16,10 +16,8 @@ from torchvision.transforms import v2
 
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.registry import DATASETS
-from cmtkd_graph.spec import DataSpec
+from cmtkd_graph.spec import IMAGENET_LIKE_MIN_SIZE, DataSpec
 
-IMAGENET_LIKE_MIN_SIZE = 64
-"""Image folders at least this large get ImageNet-style augmentation."""
 EVAL_CROP_FRACTION = 0.875
 """ImageNet-like evaluation: resize to size / 0.875 (256 for 224), then centre-crop size."""
 
@@ -65,7 +63,7 @@ def build_transforms(
     tail = [v2.PILToTensor()] if native_size is None else []
     if grey_source and in_channels > 1:
         tail.append(RepeatChannels(in_channels))
-    tail.append(ScaleNormalize(*_mean_std(spec, in_channels)))
+    tail.append(ScaleNormalize(*mean_std(spec, in_channels)))
     return v2.Compose([*train_geometry, *tail]), v2.Compose([*eval_geometry, *tail])
 
 
@@ -92,7 +90,7 @@ def _geometry(spec: DataSpec, size: int, native_size: int | None) -> tuple[list,
     return train, evaluation
 
 
-def _mean_std(spec: DataSpec, channels: int) -> tuple[list[float] | None, list[float] | None]:
+def mean_std(spec: DataSpec, channels: int) -> tuple[list[float] | None, list[float] | None]:
     if not spec.normalize:
         if spec.mean is not None or spec.std is not None:
             raise UserError("data.mean/std are given but data.normalize is false: drop them or normalize")

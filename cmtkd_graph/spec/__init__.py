@@ -8,6 +8,7 @@ generated Markdown reference (``reference``, imported on its own: it describes t
 from cmtkd_graph.spec.io import dump_spec, load_spec, validate_spec
 from cmtkd_graph.spec.schema import (
     FULL_PRECISION,
+    IMAGENET_LIKE_MIN_SIZE,
     AugmentSpec,
     DataSpec,
     DistillSpec,
@@ -24,6 +25,7 @@ from cmtkd_graph.spec.schema import (
 
 __all__ = [
     "FULL_PRECISION",
+    "IMAGENET_LIKE_MIN_SIZE",
     "AugmentSpec",
     "DataSpec",
     "DistillSpec",

@@ -225,6 +225,10 @@ class AugmentSpec(Strict):
     )
 
 
+IMAGENET_LIKE_MIN_SIZE = 64
+"""Image folders at least this large get ImageNet-style augmentation (random resized crops)."""
+
+
 class DataSpec(Strict):
     """The dataset and its loaders."""
 
@@ -245,6 +249,12 @@ class DataSpec(Strict):
         None, ge=1, description="per-process evaluation batch (default: batch_size)"
     )
     num_workers: int = Field(2, ge=0, description="data-loading worker processes per training process")
+    pipeline: Literal["workers", "device"] = Field(
+        "workers",
+        description="workers: each image transformed in the loader's worker processes (any dataset); "
+        "device: the training images decoded once into memory on the training device and augmented there "
+        "batch by batch (random_crop or none, hflip), for small images on a GPU (docs/training.md)",
+    )
     image_size: int | None = Field(
         None, ge=8, description="model input size (default: the dataset's native size)"
     )
@@ -290,6 +300,19 @@ class DataSpec(Strict):
                 f"data.grey_to_rgb: none is for {'/'.join(_datasets_that('grey'))} only; "
                 f"{self.dataset} images are RGB"
             )
+        if self.pipeline == "device":
+            imagenet_like = record.native_size is None and self.input_size >= IMAGENET_LIKE_MIN_SIZE
+            crop = self.augment.crop or ("random_resized_crop" if imagenet_like else "random_crop")
+            if crop == "random_resized_crop":
+                problems.append(
+                    "data.augment.crop: random_resized_crop needs per-image resizing; data.pipeline: device "
+                    "does random_crop (with padding) or none"
+                )
+            if self.corrupt_images == "skip":
+                problems.append(
+                    "data.corrupt_images: skip needs pipeline: workers; the device pipeline decodes every "
+                    "image before training"
+                )
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -361,6 +384,12 @@ class TrainSpec(Strict):
 
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (quick runs)")
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="stop after this many minutes of training (then evaluate and save as after max_steps): a "
+        "run on a time budget; a resumed run gets the budget again",
+    )
     seed: int = 0
     output_dir: str = Field("runs/{name}", description="run directory; {name} is the spec's name")
     mixed_precision: Annotated[Literal["auto", "no", "fp16", "bf16"] | None, BeforeValidator(_yaml_no)] = (

@@ -30,7 +30,8 @@ def estimate(run: PlannedRun) -> tuple[float, str]:
     evaluations = math.ceil(spec.train.epochs / spec.train.eval_every)
     eval_seconds = evaluations * len(bundle.eval) * step / spec.data.batch_size / 3  # forward only
     label = f"{option[0] or 'fp32'}{' channels_last' if option[1] else ''}"
-    return steps * step + eval_seconds, label if precision else f"{label} (auto decides at start)"
+    training = min(steps * step, 60 * (spec.train.max_minutes or math.inf))  # a budgeted run stops on time
+    return training + eval_seconds, label if precision else f"{label} (auto decides at start)"
 
 
 def dry_run(study: StudySpec, rows: Sequence[str] = (), redo: Sequence[str] = (), log=print) -> float:

@@ -46,6 +46,10 @@ def row_results(study: StudySpec) -> list[dict]:
                 "accuracy": {name: _stats(values) for name, values in sorted(accuracy.items())},
                 "wall_s": _stats([s["wall_s"] for s in summaries if s["wall_s"] is not None]),
                 "images_per_s": _stats([s["images_per_s"] for s in summaries if s["images_per_s"]]),
+                "tflops": _stats(
+                    [s["images_per_s"] * s["train_gflop_per_image"] / 1e3 for s in summaries if _has_flops(s)]
+                ),
+                "peak_bf16_tflops": next((s["peak_bf16_tflops"] for s in summaries if _has_flops(s)), None),
                 "command": runs[0].shown_command(resolve=False),
                 "importance_plots": [
                     str(r.summary_path.with_name(s["importance_plot"]))
@@ -95,6 +99,13 @@ def references(study: StudySpec, rows: list[dict]) -> list[dict]:
 
 def _mean(row: dict, metric: str) -> float | None:
     return row["accuracy"].get(metric, {}).get("mean")
+
+
+def _has_flops(summary: dict) -> bool:
+    """A summary that says the step's FLOPs and the GPU's peak (the runs since they are recorded)."""
+    return bool(
+        summary.get("train_gflop_per_image") and summary.get("peak_bf16_tflops") and summary["images_per_s"]
+    )
 
 
 def _stats(values: list[float]) -> dict:
@@ -174,7 +185,9 @@ def markdown(
     lines = [START, ""]
     if study.notes.strip():
         lines += [study.notes.strip(), ""]
+    on_gpu = any(r["peak_bf16_tflops"] for r in rows)  # throughput against the hardware's peak
     header = ["Row", "Seeds", "Teachers", *[_title(c) for c in columns], "Time per run", "Images/s"]
+    header += ["TFLOP/s", "% of bf16 peak"] if on_gpu else []
     header += ["Machine", "Paper"] if len(machines) > 1 else ["Paper"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -192,6 +205,7 @@ def markdown(
                     *cells,
                     f"{wall / 60:.1f} min" if wall is not None else "–",
                     f"{speed:.0f}" if speed is not None else "–",
+                    *(_throughput(r) if on_gpu else []),
                     *([", ".join(letters[m] for m in r["machines"]) or "–"] if len(machines) > 1 else []),
                     r["paper"] or "",
                 ]
@@ -237,6 +251,13 @@ def markdown(
         lines += ["", "Machine: " + machines[0]]
     lines += ["", END]
     return "\n".join(lines)
+
+
+def _throughput(row: dict) -> list[str]:
+    tflops = row["tflops"]["mean"]
+    if tflops is None:
+        return ["–", "–"]
+    return [f"{tflops:.1f}", f"{100 * tflops / row['peak_bf16_tflops']:.1f} %"]
 
 
 def comparison_table(study: StudySpec, tests: list[Comparison]) -> list[str]:

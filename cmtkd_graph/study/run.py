@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from cmtkd_graph.metrics import read_metrics
 from cmtkd_graph.runtime.precision import machine_line
+from cmtkd_graph.runtime.throughput import bf16_peak_tflops, train_flops_per_image
 from cmtkd_graph.study.plan import TRAIN_MODULE, PlannedRun, check_rows, plan
 from cmtkd_graph.study.report import write_report
 from cmtkd_graph.study.spec import StudySpec
@@ -107,6 +108,8 @@ def write_summary(run: PlannedRun) -> dict:
         "importance": final["importance"],
         "importance_plot": plot.name if plot else None,
         "machine": machine_line(),
+        "train_gflop_per_image": round(train_flops_per_image(run.unresolved_spec()) / 1e9, 3),
+        "peak_bf16_tflops": bf16_peak_tflops(),
         "date": time.strftime("%Y-%m-%d"),
     }
     run.summary_path.parent.mkdir(parents=True, exist_ok=True)
