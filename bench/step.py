@@ -4,7 +4,10 @@ and which precision, memory format and compilation pay.
 (a) The composed system (torch.fx graphs, fusion nodes, the method plug-in) against the same CMT-KD
     written by hand in eager PyTorch (``bench/eager_cmtkd.py``) with identical weights: resnet18 with the
     CIFAR stem at 32x32 and AlexNet-BN at 64x64 (the paper's CIFAR models), W2A2 student with 4/6/8-bit
-    HWGQ teachers and the same networks in float. Both losses are checked equal before timing.
+    HWGQ teachers and the same networks in float. Both losses are checked equal before timing; each step
+    is timed best of ``repeat`` interleaved rounds in each order. Under every row: the copies and
+    memory-format conversions of both steps (torch.profiler), and where composed is the slower, the
+    operators whose self time differs most.
 (b) Roofline: the step's FLOPs (counted from the shapes of its convolutions and matmuls, forward and
     backward, by ``torch.utils.flop_counter``) over its time, beside the rate of a large 3x3 convolution
     measured in the same run: the peak a step of convolutions could reach here.
@@ -17,7 +20,7 @@ and which precision, memory format and compilation pay.
     against torch's per-tensor loop.
 
     python -m bench.step [--batch 64] [--repeat 3] [--no-compile] [--only a,b,c] [--shapes quickstart,paper]
-                         [--smoke]
+                         [--channels-last] [--smoke]
 
 ``--smoke`` runs every part at toy sizes without compile (what CI runs, to keep the script working).
 """
@@ -76,9 +79,10 @@ def eager_step(eager: EagerCMTKD, x: torch.Tensor, y: torch.Tensor):
 
 
 # ------------------------------------------------------------------------------------------- (a)
-def composed_vs_eager(batch: int, repeat: int, smoke: bool) -> None:
-    print("\n(a) composed system vs hand-written eager CMT-KD (same weights), one training step")
-    print(f"  {'model':<34} {'composed':>10} {'eager':>10}  composed/eager (goal <= 1.00)")
+def composed_vs_eager(batch: int, repeat: int, smoke: bool, channels_last: bool = False) -> None:
+    layout = ", channels_last" if channels_last else ""
+    print(f"\n(a) composed system vs hand-written eager CMT-KD (same weights), one training step{layout}")
+    print(f"  {'model':<34} {'composed':>10} {'eager':>10}  composed/eager (goal <= 1.03)")
     cases = [("resnet18", "resnet18", 32), ("alexnet", "alexnet", 64)]
     for arch, spec_name, size in [("resnet18", "resnet18", 16)] if smoke else cases:
         for quantized in (True,) if smoke else (True, False):
@@ -103,20 +107,61 @@ def composed_vs_eager(batch: int, repeat: int, smoke: bool) -> None:
             eager.load_from_system(system)
             x = torch.randn(batch, 3, size, size)
             y = torch.randint(0, system.num_classes(), (batch,))
+            if channels_last:
+                system, eager = (m.to(memory_format=torch.channels_last) for m in (system, eager))
+                x = x.contiguous(memory_format=torch.channels_last)
             torch.manual_seed(1)
             a = system(x, y)[1]["total"]
             torch.manual_seed(1)
             b = eager.loss(x, y)
             assert torch.allclose(a, b, rtol=1e-5), (arch, quantized, a.item(), b.item())
-            times = prec.interleaved_best(
-                {"composed": system_step(system, x, y), "eager": eager_step(eager, x, y)},
-                repeat,
-            )
+            steps = {"composed": system_step(system, x, y), "eager": eager_step(eager, x, y)}
+            times = both_orders(steps, repeat)
             label = f"{arch} {size}x{size} {'W2A2 + 4/6/8-bit' if quantized else 'float'}, batch {batch}"
+            ratio = times["composed"] / times["eager"]
             print(
-                f"  {label:<34} {times['composed'] * 1e3:8.0f}ms {times['eager'] * 1e3:8.0f}ms  "
-                f"{times['composed'] / times['eager']:.3f}"
+                f"  {label:<34} {times['composed'] * 1e3:8.0f}ms {times['eager'] * 1e3:8.0f}ms  {ratio:.3f}"
             )
+            print_op_differences(steps, explain=ratio > 1.0)
+
+
+def both_orders(steps: dict, repeat: int) -> dict[str, float]:
+    """Best time of each step over ``repeat`` interleaved rounds in one order and as many in the other,
+    so that whichever runs second in a round (with the other's memory freshly freed) is not favoured."""
+    forward = prec.interleaved_best(steps, repeat)
+    backward = prec.interleaved_best(dict(reversed(steps.items())), repeat)
+    return {name: min(forward[name], backward[name]) for name in steps}
+
+
+COPIES = ("aten::copy_", "aten::clone", "aten::_to_copy", "aten::contiguous", "aten::to")
+
+
+def print_op_differences(steps: dict, *, explain: bool, top: int = 6) -> None:
+    """One step of each under torch.profiler: the copies and memory-format conversions of both, and
+    (``explain``: when composed is the slower) the operators whose self time differs most."""
+    from torch.profiler import ProfilerActivity, profile
+
+    profiles = {}
+    for name, step in steps.items():
+        with profile(activities=[ProfilerActivity.CPU]) as p:
+            step()
+        profiles[name] = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in p.key_averages()}
+    composed, eager = profiles["composed"], profiles["eager"]
+    copies = ", ".join(
+        f"{op.removeprefix('aten::')} {composed.get(op, (0, 0))[1]} vs {eager.get(op, (0, 0))[1]}"
+        for op in COPIES
+    )
+    print(f"      copies and conversions (composed vs eager, calls): {copies}")
+    if not explain:
+        return
+    ops = sorted(
+        set(composed) | set(eager),
+        key=lambda op: -abs(composed.get(op, (0, 0))[0] - eager.get(op, (0, 0))[0]),
+    )
+    print("      the operators whose self time differs most (ms, calls; composed vs eager):")
+    for op in ops[:top]:
+        (tc, nc), (te, ne) = composed.get(op, (0.0, 0)), eager.get(op, (0.0, 0))
+        print(f"        {op[:44]:<44} {tc:8.1f} ({nc:4d})  {te:8.1f} ({ne:4d})  {tc - te:+8.1f}")
 
 
 # ------------------------------------------------------------------------------------------- (b)
@@ -268,6 +313,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--only", default="a,b,c", help="which parts to run")
     parser.add_argument("--smoke", action="store_true", help="toy sizes, no compile (CI)")
+    parser.add_argument("--channels-last", action="store_true", help="(a) in the channels_last layout")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="which shapes (c) times")
     args = parser.parse_args()
     batch, repeat = (2, 1) if args.smoke else (args.batch, args.repeat)
@@ -276,7 +322,7 @@ def main() -> None:
         del SHAPES[name]
     parts = args.only.split(",")
     if "a" in parts:
-        composed_vs_eager(batch, repeat, args.smoke)
+        composed_vs_eager(batch, repeat, args.smoke, args.channels_last)
     if "b" in parts:
         roofline(batch, repeat, args.smoke)
     if "c" in parts:

@@ -29,6 +29,7 @@ from cmtkd_graph.passes.activations import explicit_activations
 from cmtkd_graph.passes.common import EACH_LOGITS, EXTRAS, FEATURES, LOGITS, SHARED, fusion_key
 from cmtkd_graph.passes.compose import check_tap_shapes, compose_teachers
 from cmtkd_graph.passes.graph_pass import finish
+from cmtkd_graph.passes.inplace import inplace_where_safe
 from cmtkd_graph.passes.outputs import expose_taps, keep_main_output
 from cmtkd_graph.passes.quantize import quantize
 from cmtkd_graph.passes.recompute import checkpoint_segments
@@ -303,8 +304,11 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
             for j, (s_tap, t_tap) in enumerate(zip(student_taps, hint_taps, strict=True)):
                 exposed[method.hint_teacher(j, len(teachers))][s_tap.name] = t_tap
         composed = stack_teachers(teachers, exposed)
-    if composed is not None and spec.train.activation_checkpointing and not meta:
-        composed = checkpoint_segments(composed)  # for training; inspection (meta) shows the plain graph
+    if composed is not None:
+        inplace_where_safe.in_place(composed)  # the graph is final: activations and adds in place where safe
+        composed = finish(composed)
+        if spec.train.activation_checkpointing and not meta:
+            composed = checkpoint_segments(composed)  # for training; inspection (meta) shows the plain graph
     if student_taps:
         networks[0].taps = student_taps
         _warn_constant_attention(spec, student_taps)
@@ -312,6 +316,7 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
     extras = method.student_extras(student)
     method_modules = method.build_modules(BuildContext(spec, student, teachers, student_taps, extras))
     expose_taps.in_place(student, student_taps, extras)
+    inplace_where_safe.in_place(student)
     student_gm = finish(student)
     adapters = nn.ModuleDict()
     if spec.distill.feature_loss == "fitnet":

@@ -1,5 +1,5 @@
 """torch.fx graph passes: tracing, activation rewriting, surgery, quantization, taps, composition,
-activation checkpointing.
+in-place activations where safe, activation checkpointing.
 
 Installed as ``cmtkd_graph.passes``. Each pass is a pure function ``GraphModule -> GraphModule``
 (``pass_.in_place`` rewrites its argument instead, see ``graph_pass``).
@@ -13,6 +13,7 @@ from cmtkd_graph.passes.activations import (
 )
 from cmtkd_graph.passes.compose import compose_teachers
 from cmtkd_graph.passes.graph_pass import finish, graph_pass
+from cmtkd_graph.passes.inplace import inplace_where_safe
 from cmtkd_graph.passes.outputs import expose_taps, keep_main_output
 from cmtkd_graph.passes.quantize import quantize
 from cmtkd_graph.passes.recompute import checkpoint_segments
@@ -31,6 +32,7 @@ __all__ = [
     "finish",
     "functional_to_modules",
     "graph_pass",
+    "inplace_where_safe",
     "keep_main_output",
     "propagate_shapes",
     "qualname",

@@ -407,3 +407,71 @@ def test_last_feature_map_is_the_map_before_global_pooling(arch, expected):
     keep_main_output.in_place(gm)
     propagate_shapes(gm, (2, 3, 64, 64))
     assert last_feature_map(gm) == expected
+
+
+# ---------------------------------------------------------------------------- in place where safe
+class _Block(nn.Module):
+    """BN -> ReLU (safe), a tensor read twice -> ReLU (unsafe), sigmoid -> ReLU (sigmoid's backward
+    needs its output: unsafe), BN + x (safe) and BN-read-twice + x (unsafe)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn1, self.bn2, self.bn3 = nn.BatchNorm2d(3), nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+        self.safe, self.shared, self.after_sigmoid, self.final = nn.ReLU(), nn.ReLU(), nn.ReLU(), nn.ReLU()
+
+    def forward(self, x):
+        a = self.safe(self.bn1(self.conv(x)))
+        b = self.bn2(a)
+        c = self.shared(b) * b.mean()
+        d = self.after_sigmoid(torch.sigmoid(c))
+        e = self.bn3(d) + x
+        f = b + e
+        return self.final(f) + b
+
+
+def test_inplace_where_safe_touches_only_what_nobody_else_reads():
+    import operator
+
+    from cmtkd_graph.passes.activations import explicit_activations
+    from cmtkd_graph.passes.inplace import add_into, inplace_where_safe
+
+    torch.manual_seed(0)
+    before = explicit_activations(trace(_Block()))
+    after = inplace_where_safe(before)
+    inplace = {name: m.inplace for name, m in after.named_modules() if isinstance(m, nn.ReLU)}
+    assert inplace == {"safe": True, "shared": False, "after_sigmoid": False, "final": True}
+    adds = [
+        n.target
+        for n in after.graph.nodes
+        if n.op == "call_function" and n.target in (operator.add, add_into)
+    ]
+    # bn3 + x: in place; b (read again) + e and final(f) + b (ReLU keeps its output for backward): not
+    assert adds == [add_into, operator.add, operator.add]
+    assert not any(m.inplace for m in before.modules() if isinstance(m, nn.ReLU))  # the pure pass copied
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    y1 = before(x)
+    y1.sum().backward()
+    g1 = x.grad.clone()
+    x.grad = None
+    y2 = after(x)
+    y2.sum().backward()
+    assert torch.equal(y1, y2) and torch.equal(g1, x.grad)
+
+
+def test_add_into_adds_in_place_only_what_its_first_operand_can_hold():
+    from cmtkd_graph.passes.inplace import add_into
+
+    a, b = torch.ones(2, 3), torch.full((2, 3), 2.0)
+    assert add_into(a, b) is a and torch.equal(a, torch.full((2, 3), 3.0))
+    low = torch.ones(2, 3, dtype=torch.bfloat16)
+    out = add_into(low, b)  # bf16 + fp32 (autocast's feature plus the fp32 shared knowledge)
+    assert (
+        out is not low
+        and out.dtype == torch.float32
+        and torch.equal(low, torch.ones(2, 3, dtype=torch.bfloat16))
+    )
+    row = torch.ones(1, 3)
+    assert add_into(row, b).shape == (2, 3) and torch.equal(
+        row, torch.ones(1, 3)
+    )  # broadcasting: a new tensor
