@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from cmtkd_graph.cli_common import (
+    EXIT_PREEMPTED,
     EXIT_USER_ERROR,
     add_overrides_arg,
     add_spec_args,
@@ -164,9 +165,13 @@ def cmd_taps(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cmtkd_graph.train import run
+    from cmtkd_graph.train import Preempted, run
 
-    run(args.spec, args.overrides, resume=args.resume)
+    try:
+        run(args.spec, args.overrides, resume=args.resume)
+    except Preempted as stopped:
+        print(f"preempted: {stopped}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -8,6 +8,9 @@ import argparse
 from cmtkd_graph.errors import UserError
 
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75
+"""A run stopped by SIGTERM or SIGUSR1 after writing its checkpoint (EX_TEMPFAIL: try again later):
+``--resume auto`` continues it."""
 
 
 def add_spec_args(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
@@ -27,7 +30,12 @@ def add_overrides_arg(p: argparse.ArgumentParser, help: str) -> None:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """The arguments of training, the same for ``cmtkd-graph train`` and ``python -m cmtkd_graph.train``."""
     add_spec_args(p, optional=True)
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR|auto",
+        help="continue the run in RUN_DIR from its last checkpoint; auto: the spec's run directory, "
+        "continued if it has a checkpoint, started fresh otherwise (for jobs a scheduler may requeue)",
+    )
 
 
 def user_error_lines(err: UserError) -> list[str]:

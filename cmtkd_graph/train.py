@@ -12,19 +12,28 @@ A run writes ``RUN_DIR/``: ``spec.yaml`` (resolved), ``metrics.jsonl``, ``train.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from cmtkd_graph.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoint
-from cmtkd_graph.cli_common import EXIT_USER_ERROR, add_train_args, user_error_lines
+from cmtkd_graph.checkpoint import (
+    LATEST,
+    checkpoints_dir,
+    latest_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+)
+from cmtkd_graph.cli_common import EXIT_PREEMPTED, EXIT_USER_ERROR, add_train_args, user_error_lines
 from cmtkd_graph.data.bundle import DataBundle
 from cmtkd_graph.data.device import DeviceBatches
 from cmtkd_graph.errors import UserError
@@ -57,8 +66,20 @@ def _new_run_dir(spec: Spec) -> Path:
 
 
 def run(spec_path: str | None, overrides: Sequence[str] = (), *, resume: str | None = None) -> Path:
-    """Train as the spec says; returns the run directory."""
+    """Train as the spec says; returns the run directory.
+
+    ``resume``: a run directory to continue from its last checkpoint, or ``"auto"``: the spec's own run
+    directory, continued where it has a checkpoint and started fresh in it otherwise (what a scheduler
+    that requeues a preempted job runs every time). SIGTERM or SIGUSR1 stops training at the next
+    optimizer step with a checkpoint and raises :class:`Preempted`.
+    """
     from accelerate.utils import broadcast_object_list, set_seed
+
+    fresh_dir = None
+    if resume == AUTO:
+        if spec_path is None:
+            raise UserError("--resume auto: give the spec too (its train.output_dir is the run directory)")
+        resume, fresh_dir = _auto_resume(Path(load_spec(spec_path, overrides).run_dir))
 
     if resume is not None:
         resume_dir = Path(resume)
@@ -83,7 +104,8 @@ def run(spec_path: str | None, overrides: Sequence[str] = (), *, resume: str | N
         bundle = build_datasets(spec.data)
     precision = resolve_precision(spec, state, recorded=recorded)
     accelerator = make_accelerator(spec, Path(spec.run_dir), precision)
-    run_dir = [Path(resume) if resume else (_new_run_dir(spec) if accelerator.is_main_process else None)]
+    new_dir = fresh_dir or (_new_run_dir(spec) if accelerator.is_main_process else None)
+    run_dir = [Path(resume) if resume else new_dir]
     if accelerator.num_processes > 1:
         broadcast_object_list(run_dir)
     run_dir = run_dir[0]
@@ -103,12 +125,63 @@ def run(spec_path: str | None, overrides: Sequence[str] = (), *, resume: str | N
     set_seed(spec.train.seed)
     trainer = None
     try:
-        trainer = Trainer(spec, accelerator, run_dir, checkpoint, precision, bundle)
-        return trainer.fit()
+        with stop_signals() as stop:
+            trainer = Trainer(spec, accelerator, run_dir, checkpoint, precision, bundle, stop=stop)
+            return trainer.fit()
     except BaseException:
         if resume is None and main and (trainer is None or trainer.state["step"] == 0):
             _remove_failed_run(run_dir)
         raise
+
+
+AUTO = "auto"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """Training stopped at a step because the process was asked to (SIGTERM, SIGUSR1), after writing a
+    checkpoint there."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path | None):
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        super().__init__(
+            f"{signal_name}: stopped at step {step}; checkpoint {checkpoint}; continue with --resume auto "
+            "(or --resume RUN_DIR)"
+        )
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """While training: SIGTERM and SIGUSR1 (what Slurm sends before it kills or requeues a job) only
+    record that the run must stop; the training loop then stops at its next step with a checkpoint.
+    The previous handlers come back afterwards. Outside the main thread (no signals there) nothing is
+    installed."""
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def record(signum, frame):
+        received.append(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, record) for s in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _auto_resume(run_dir: Path) -> tuple[str | None, Path]:
+    """``--resume auto``: (the directory to resume, or None) and the directory a fresh start uses."""
+    if (checkpoints_dir(run_dir) / LATEST).is_file():
+        return str(run_dir), run_dir
+    if (run_dir / "final.json").is_file():
+        raise UserError(
+            f"--resume auto: {run_dir} holds a finished run without checkpoints; nothing to continue "
+            "(remove it to train again)"
+        )
+    return None, run_dir  # nothing to continue: a start that never reached a checkpoint starts again
 
 
 def _remove_failed_run(run_dir: Path) -> None:
@@ -134,12 +207,14 @@ class Trainer:
         checkpoint: Path | None,
         precision: Precision,
         bundle: DataBundle,
+        stop: list[str] | None = None,
     ):
         from cmtkd_graph.data import build_loaders
         from cmtkd_graph.optim import build_optimizer, build_scheduler
         from cmtkd_graph.system import build_system
 
         self.spec, self.acc, self.run_dir = spec, accelerator, run_dir
+        self.stop = stop if stop is not None else []  # the stop signals received (stop_signals)
         self.precision = precision
         self.channels_last = precision.channels_last
         t = spec.train
@@ -295,6 +370,9 @@ class Trainer:
             if self.spec.optim.schedule.step_every == "iteration":
                 self.scheduler.step()
             step = self.state["step"]
+            if self._asked_to_stop():
+                bar.close()
+                self._stop_here()
             reached_max = (t.max_steps is not None and step >= t.max_steps) or self._out_of_time()
             if step % t.log_every == 0 or reached_max:
                 elapsed = time.perf_counter() - window_start
@@ -309,6 +387,21 @@ class Trainer:
         self.state["epoch"] += 1
         self.state["batches_in_epoch"] = 0
         return False
+
+    def _asked_to_stop(self) -> bool:
+        """A stop signal reached any process (all processes stop at the same step)."""
+        asked = torch.tensor(float(bool(self.stop)), device=self.acc.device)
+        if self.acc.num_processes > 1:
+            asked = self.acc.reduce(asked, reduction="sum")
+        return bool(asked.item())
+
+    def _stop_here(self) -> None:
+        """Checkpoint the step just taken (mid-epoch: resume continues from the next batch) and stop."""
+        state = {**self.state, "scheduler": self.scheduler.state_dict()}
+        checkpoint = save_checkpoint(self.acc, self.run_dir, state, self.spec.train.keep_checkpoints)
+        name = self.stop[0] if self.stop else "a stop signal (on another process)"
+        log.info(f"{name}: stopping at step {self.state['step']} with checkpoint {checkpoint}")
+        raise Preempted(name, self.state["step"], checkpoint)
 
     def _out_of_time(self) -> bool:
         """``train.max_minutes`` have passed since training started in this process (every process
@@ -469,6 +562,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for line in user_error_lines(err):
                 print(f"error: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Preempted as stopped:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"preempted: {stopped}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -213,7 +213,14 @@ def launch_two_processes(
     module_args: list[str], *, cwd: Path, port: int, timeout: float = 900
 ) -> subprocess.CompletedProcess:
     """``accelerate launch --multi_gpu --num_processes 2 -m <module_args>`` on this CPU-only machine."""
-    cmd = [
+    cmd = two_process_command(module_args, port=port)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def two_process_command(module_args: list[str], *, port: int) -> list[str]:
+    """The command line of ``launch_two_processes`` (for tests that signal the running launch)."""
+    return [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
@@ -231,5 +238,3 @@ def launch_two_processes(
         "-m",
         *module_args,
     ]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)

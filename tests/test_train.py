@@ -198,6 +198,109 @@ def test_two_cpu_processes_train_one_model(tmp_path, fashion_mnist):
     assert "MULTI_CPU" in result.stderr
 
 
+def test_sigterm_stops_two_processes_with_a_checkpoint_and_resume_auto_finishes_bit_identically(
+    tmp_path, fashion_mnist
+):
+    """What a scheduler does to a preempted job: SIGTERM to every process of a 2-process `accelerate launch`
+    mid-epoch. Both processes stop at the same step and one checkpoint is written there; the same command
+    with `--resume auto`, run again, continues and ends with the weights of an uninterrupted run."""
+    import os
+    import time
+
+    from .conftest import two_process_command
+
+    single = ("method=single", "teachers=[]", "distill={}", "train.epochs=4", "train.log_every=1")
+    small = (*SMALL, *single, "data.eval_subset=32")
+
+    def command(run_dir: Path, *extra: str) -> list[str]:
+        args = ["cmtkd_graph.train", "quickstart", *sets(*small, f"train.output_dir={run_dir}"), *extra]
+        return two_process_command(args, port=29531)
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    straight = subprocess.run(
+        command(tmp_path / "straight"), cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(
+        command(stopped, "--resume", "auto"),
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = stopped / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.is_file() and len(read_metrics(metrics)) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # the launcher and both workers, as Slurm signals a job step
+    _, stderr = proc.communicate(timeout=300)
+    assert stderr.count("preempted: SIGTERM: stopped at step") == 1, stderr[-3000:]  # said once, by rank 0
+    assert proc.returncode != 0  # the launcher, signalled itself, fails after its workers stopped
+    latest = json.loads((stopped / "checkpoints" / "latest").read_text())
+    assert 3 <= latest["step"] < 32 and latest["batches_in_epoch"] % 8 != 0  # mid-epoch
+    assert not (stopped / "final.json").exists()
+
+    resumed = subprocess.run(
+        command(stopped, "--resume", "auto"), cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    def final_model(run_dir):
+        pointer = json.loads((run_dir / "checkpoints" / "latest").read_text())
+        return load_file(run_dir / "checkpoints" / pointer["checkpoint"] / "model.safetensors")
+
+    a, b = final_model(tmp_path / "straight"), final_model(stopped)
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert json.loads((stopped / "final.json").read_text())["steps"] == 32
+
+
+def test_a_signalled_training_process_exits_with_the_preempted_status(tmp_path, fashion_mnist):
+    """One process, SIGUSR1 (what `sbatch --signal` sends before a time limit): a checkpoint, one line,
+    exit status 75."""
+    import os
+    import time
+
+    run_dir = tmp_path / "run"
+    single = ("method=single", "teachers=[]", "distill={}", "train.epochs=4", "train.log_every=1")
+    args = ["quickstart", *sets(*SMALL, *single, f"train.output_dir={run_dir}"), "--resume", "auto"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cmtkd_graph.train", *args], cwd=tmp_path, stderr=subprocess.PIPE, text=True
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while (
+        proc.poll() is None
+        and time.monotonic() < deadline
+        and not (metrics.is_file() and len(read_metrics(metrics)) >= 2)
+    ):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "preempted: SIGUSR1: stopped at step" in stderr
+    assert json.loads((run_dir / "checkpoints" / "latest").read_text())["step"] >= 2
+
+
+def test_resume_auto_starts_fresh_where_there_is_nothing_to_continue(
+    tmp_path, fashion_mnist, fresh_accelerate
+):
+    """`--resume auto` on an empty or unstarted run directory trains from scratch, in that directory."""
+    from cmtkd_graph.train import run as run_training
+
+    target = tmp_path / "auto"
+    target.mkdir()
+    (target / "train.log").write_text("a start that died before its first checkpoint\n")
+    single = ("method=single", "teachers=[]", "distill={}", "train.max_steps=2", f"train.output_dir={target}")
+    run_dir = run_training("quickstart", [*SMALL, *single], resume="auto")
+    assert run_dir == target and json.loads((target / "final.json").read_text())["steps"] == 2
+
+
 def test_two_machines_train_one_model_with_the_precision_auto_chose(
     tmp_path, fashion_mnist, fresh_accelerate
 ):
