@@ -17,8 +17,7 @@ from cmtkd_graph.errors import SpecError, UserError
 from cmtkd_graph.passes import surgery  # noqa: F401  (registration)
 from cmtkd_graph.spec import Spec, dump_spec, load_spec
 from cmtkd_graph.system import CMTKDSystem, DistillationSystem, SystemOutput, build_system
-
-__version__ = "0.1.0"
+from cmtkd_graph.version import __version__ as __version__
 
 __all__ = [
     "CMTKDSystem",

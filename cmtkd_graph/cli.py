@@ -55,7 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", metavar="STUDY.yaml")
     p.add_argument("--dry-run", action="store_true", help="list the runs with estimated times; train none")
     p.add_argument("--rows", type=_names, default=[], metavar="A,B", help="only these rows")
-    p.add_argument("--redo", type=_names, default=[], metavar="A,B", help="train these rows again")
+    p.add_argument(
+        "--redo",
+        type=_names,
+        default=[],
+        metavar="A,B",
+        help="train these rows again; stale: every run whose spec, inputs or version changed",
+    )
     p.add_argument("--report", action="store_true", help="only rewrite the results from the summaries")
     p.add_argument("--keep-going", action="store_true", help="go on with the next run after a failure")
     p.add_argument(
@@ -179,13 +185,14 @@ def cmd_study(args: argparse.Namespace) -> int:
     """Train what is not done yet (or only estimate it), then write the results."""
     import shlex
 
-    from cmtkd_graph.study import dry_run, load_study, run_study, write_report
+    from cmtkd_graph.study import dry_run, load_study, persist_carried_over, plan, run_study, write_report
 
     study = load_study(args.study)
     if args.dry_run:
         dry_run(study, args.rows, args.redo)
         return 0
     if args.report:
+        persist_carried_over(plan(study))
         print(f"wrote {write_report(study)}")
         return 0
     failed = run_study(

@@ -4,7 +4,8 @@ Also ``python -m cmtkd_graph.train ...`` and ``cmtkd-graph train ...``. One CPU,
 GPUs, or several CPU processes (the process set-up, the same for evaluation, is in
 ``cmtkd_graph.runtime``): ``run`` prepares the run directory, :class:`Trainer` is the loop.
 
-A run writes ``RUN_DIR/``: ``spec.yaml`` (resolved), ``metrics.jsonl``, ``train.log``,
+A run writes ``RUN_DIR/``: ``spec.yaml`` (resolved), ``identity.json`` (the spec's content hash, its weights
+files' hashes, the code's version and git commit), ``metrics.jsonl``, ``train.log``,
 ``importance.png``, ``checkpoints/`` (crash-safe, ``--resume`` continues from the last one),
 ``student.safetensors`` (the final student, torchvision parameter names) and ``final.json``.
 """
@@ -38,6 +39,7 @@ from cmtkd_graph.data.bundle import DataBundle
 from cmtkd_graph.data.device import DeviceBatches
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.evaluation.accuracy import eval_line, evaluate
+from cmtkd_graph.identity import write_identity
 from cmtkd_graph.metrics import MetricsLog, plot_importance, read_metrics
 from cmtkd_graph.runtime.precision import Precision, recorded_precision, resolve_precision
 from cmtkd_graph.runtime.precision import write_record as write_precision_record
@@ -114,6 +116,7 @@ def run(spec_path: str | None, overrides: Sequence[str] = (), *, resume: str | N
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "spec.yaml").write_text(dump_spec(spec))
+        write_identity(run_dir, spec, resumed=resume is not None)
         write_precision_record(run_dir, precision)
         log_to_file(run_dir)
     accelerator.wait_for_everyone()

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+import cmtkd_graph as cg
 from cmtkd_graph.errors import UserError
-from cmtkd_graph.study import PlannedRun, StudySpec, load_study, plan
+from cmtkd_graph.spec.io import find_spec_file
+from cmtkd_graph.study import PlannedRun, StudySpec, load_study, persist_carried_over, plan
 
 from .conftest import run_module
 
@@ -100,7 +102,7 @@ def test_plan_names_each_run_by_its_settings(tmp_path):
         plan(study, ["z"])
 
 
-def test_study_trains_every_run_then_skips_them_and_reports(tmp_path, fashion_mnist):
+def test_study_trains_every_run_then_skips_them_and_reports(tmp_path, fashion_mnist, monkeypatch):
     rows = [
         {"name": "single", "label": "W2A2 alone", "set": SINGLE, "seeds": 2, "paper": "72.9"},
         {"name": "cmtkd", "label": "CMT-KD", "set": ["train.max_steps=2"]},
@@ -117,7 +119,8 @@ def test_study_trains_every_run_then_skips_them_and_reports(tmp_path, fashion_mn
     write_study(tmp_path, rows, report="docs/results.md", output_dir="docs/results")
     dry = study_cli(tmp_path, "--dry-run")
     assert dry.returncode == 0, dry.stderr[-2000:]
-    assert dry.stdout.count(" new ") == 4 and "estimated time of the runs to train:" in dry.stdout
+    assert dry.stdout.count(" new ") == 3 and "estimated time of the runs to train:" in dry.stdout
+    assert "  kd                           seed 0  waits for single" in dry.stdout  # its key needs single's
     assert "{row:single}/student.safetensors" in dry.stdout  # shown, not resolved: single has not run
 
     result = study_cli(tmp_path)
@@ -167,6 +170,140 @@ def test_study_trains_every_run_then_skips_them_and_reports(tmp_path, fashion_mn
     assert text.count("study:start") == 1
     dry = study_cli(tmp_path, "--dry-run")
     assert dry.stdout.count(" done") == 4 and "estimated time of the runs to train: 0 min" in dry.stdout
+
+    # each run records what it is and what trained it; the study's summary too
+    monkeypatch.chdir(tmp_path)  # the study's paths are relative to where it runs
+    commit = _repo_commit()
+    kd_run = plan(load_study(tmp_path / "study.yaml"), ["kd"])[0]
+    recorded = json.loads((tmp_path / kd_run.run_dir / "identity.json").read_text())
+    single_hash = summaries["single/seed0.json"]["outputs"]["student.safetensors"]
+    assert recorded["inputs"] == {"teachers[0].weights": {"sha256": single_hash}}
+    assert recorded["code"]["commit"] == commit and recorded["code"]["version"] == cg.__version__
+    kd = summaries["kd/seed0.json"]
+    assert kd["code"]["commit"] == commit and kd["key"] == kd_run.key
+    assert kd["identity"]["inputs"]["teachers[0].weights"] == {
+        "row": "single",
+        "key": summaries["single/seed0.json"]["key"],
+        "sha256": single_hash,
+    }
+    if commit:
+        assert f"commit {commit[:7]}" in text
+    _stale_runs_are_found_and_retrained(tmp_path, rows)
+
+
+def _repo_commit() -> str | None:
+    """The checkout's commit, when the tests run from one (the code records it in every run)."""
+    repo = Path(cg.__file__).resolve().parent.parent
+    if not (repo / ".git").exists():
+        return None
+    return subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+
+
+def _stale_runs_are_found_and_retrained(tmp_path: Path, rows: list[dict]) -> None:
+    """Editing a row's override, the study's base overrides, or retraining an upstream row marks exactly
+    the runs that depend on it stale; they are retrained only with --redo stale."""
+
+    def statuses(rows: list[dict]) -> dict[str, str]:
+        study = load_study(write_study(tmp_path, rows, report="docs/results.md", output_dir="docs/results"))
+        return {f"{r.row.name}/{r.seed}": r.status() for r in plan(study)}
+
+    done = {"single/0": "done", "single/1": "done", "cmtkd/0": "done", "kd/0": "done"}
+    kd_beta = [dict(r, set=[*r["set"], "distill.beta=0.6"]) if r["name"] == "kd" else r for r in rows]
+    assert statuses(kd_beta) == {**done, "kd/0": "stale"}
+    single_lr = [dict(r, set=[*r["set"], "optim.lr=0.0123"]) if r["name"] == "single" else r for r in rows]
+    assert statuses(single_lr) == {
+        "single/0": "stale",
+        "single/1": "stale",
+        "cmtkd/0": "done",
+        "kd/0": "stale",
+    }
+    where = {"report": "docs/results.md", "output_dir": "docs/results"}
+    study = load_study(write_study(tmp_path, rows, set=[*COMMON, "data.eval_subset=32"], **where))
+    assert {r.status() for r in plan(study)} == {"stale"}
+    assert plan(study, ["cmtkd"])[0].changes() == ["data.eval_subset: 64 -> 32"]
+    assert statuses(rows) == done
+
+    # the teacher row trained again with other weights: its dependent, and only it, is stale
+    summary_file = tmp_path / "docs" / "results" / "runs" / "single" / "seed0.json"
+    single0 = json.loads(summary_file.read_text())
+    summary_file.write_text(json.dumps({**single0, "outputs": {"student.safetensors": "0" * 64}}))
+    assert statuses(rows) == {**done, "kd/0": "stale"}
+    kd_run = plan(load_study(tmp_path / "study.yaml"), ["kd"])[0]
+    assert kd_run.changes() == ["teachers[0].weights: row single was trained again"]
+    dry = study_cli(tmp_path, "--dry-run")
+    assert "  kd                           seed 0  stale" in dry.stdout, dry.stdout
+    assert "teachers[0].weights: row single was trained again; trained again with --redo stale" in dry.stdout
+    report = study_cli(tmp_path, "--report")
+    assert report.returncode == 0, report.stderr
+    page = (tmp_path / "docs" / "results.md").read_text()
+    assert "- kd, seed 0: teachers[0].weights: row single was trained again" in page
+    again = study_cli(tmp_path)  # stale runs are kept until asked
+    assert again.returncode == 0 and "seed 0 (" not in again.stdout, again.stdout
+    summary_file.write_text(json.dumps({**single0, "outputs": {"student.safetensors": "1" * 64}}))
+    redo = study_cli(tmp_path, "--redo", "stale")
+    assert redo.returncode == 0, redo.stderr[-3000:]
+    assert "kd seed 0 (new)" in redo.stdout and "single seed" not in redo.stdout, redo.stdout
+    assert statuses(rows) == done
+    kd = json.loads((tmp_path / "docs" / "results" / "runs" / "kd" / "seed0.json").read_text())
+    assert kd["identity"]["inputs"]["teachers[0].weights"]["sha256"] == "1" * 64
+
+
+def test_a_field_added_to_the_schema_later_does_not_make_runs_stale(tmp_path, monkeypatch):
+    """A summary records every setting of its spec; one without a setting the schema gained later is the
+    same run when the spec leaves it at its default, and stale when the spec sets it."""
+    monkeypatch.chdir(tmp_path)
+    study = StudySpec.model_validate({"name": "s", "base": "quickstart", "rows": [{"name": "x"}]})
+    run = plan(study)[0]
+    summary = {"seed": 0, "key": run.key, "identity": run.identity, "accuracy": {"acc1/student": 50.0}}
+    run.summary_path.parent.mkdir(parents=True)
+    run.summary_path.write_text(json.dumps(summary))
+    assert plan(study)[0].status() == "done"
+    for missing, status in [("train.max_minutes", "done"), ("train.epochs", "stale")]:
+        spec = {k: v for k, v in run.identity["spec"].items() if k != missing}
+        older = {**summary, "key": "0" * 8, "identity": {**run.identity, "spec": spec}}
+        run.summary_path.write_text(json.dumps(older))
+        again = plan(study)[0]
+        assert again.status() == status, again.changes()
+        assert again.key == ("0" * 8 if status == "done" else run.key)  # a same run keeps its directory
+    assert again.changes() == [f'train.epochs: "(unset)" -> {run.identity["spec"]["train.epochs"]}']
+
+
+def test_summaries_from_before_run_identities_are_carried_over(tmp_path, monkeypatch):
+    """A summary keyed by the spec file's name and the overrides (as before) is the present row's run when
+    its key matches and its spec file reads as at the commit that added it; it then records that
+    commit."""
+    monkeypatch.chdir(tmp_path)
+    spec = yaml.safe_load(Path(find_spec_file("quickstart")).read_text())
+    Path("mine.yaml").write_text(yaml.safe_dump(spec))
+    study = StudySpec.model_validate({"name": "s", "base": "mine.yaml", "rows": [{"name": "x", "seeds": 2}]})
+    x0, x1 = plan(study)
+    for run in (x0, x1):
+        run.summary_path.parent.mkdir(parents=True, exist_ok=True)
+        key = run.legacy_key if run.seed == 0 else "0badc0de"
+        run.summary_path.write_text(
+            json.dumps({"seed": run.seed, "key": key, "accuracy": {"acc1/student": 1.0}})
+        )
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "results"], check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+    x0, x1 = plan(study)
+    assert (x0.status(), x1.status()) == ("done", "stale")
+    assert x1.changes() == ["trained with other overrides (before run identities)"]
+    carried = x0.summary()
+    assert carried["code"]["commit"] == commit and carried["carried_over"] == x0.legacy_key
+    assert carried["key"] == x0.key and carried["identity"] == x0.identity
+    assert persist_carried_over(plan(study)) == 1
+    assert json.loads(x0.summary_path.read_text())["identity"] == x0.identity
+
+    x0.summary_path.write_text(json.dumps({"seed": 0, "key": x0.legacy_key, "accuracy": {}}))
+    Path("mine.yaml").write_text(yaml.safe_dump({**spec, "train": {**spec["train"], "epochs": 7}}))
+    x0 = plan(study)[0]
+    assert x0.status() == "stale" and x0.changes() == [f"spec file mine.yaml changed since {commit[:7]}"]
 
 
 def test_an_interrupted_study_resumes_its_run_from_the_checkpoint(tmp_path, fashion_mnist):

@@ -22,7 +22,7 @@ The rooms: ``spec`` (the study file), ``plan`` (runs, keys, statuses), ``run`` (
 """
 
 from cmtkd_graph.study.estimate import dry_run, estimate
-from cmtkd_graph.study.plan import PlannedRun, check_rows, plan
+from cmtkd_graph.study.plan import PlannedRun, check_rows, persist_carried_over, plan
 from cmtkd_graph.study.report import write_report
 from cmtkd_graph.study.run import run_study, training_curve, write_summary
 from cmtkd_graph.study.spec import RowSpec, StudySpec, load_study
@@ -35,6 +35,7 @@ __all__ = [
     "dry_run",
     "estimate",
     "load_study",
+    "persist_carried_over",
     "plan",
     "run_study",
     "training_curve",

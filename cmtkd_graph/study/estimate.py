@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from cmtkd_graph.study.plan import PlannedRun, check_rows, plan
+from cmtkd_graph.study.plan import STALE, PlannedRun, check_rows, plan
 from cmtkd_graph.study.spec import StudySpec
 
 
@@ -41,10 +41,18 @@ def dry_run(study: StudySpec, rows: Sequence[str] = (), redo: Sequence[str] = ()
     estimates: dict[str, tuple[float, str]] = {}
     total = 0.0
     for run in runs:
-        status = "new (redo)" if run.row.name in redo else run.status()
-        if status == "done":
-            log(f"  {run.row.name:<28} seed {run.seed}  done")
+        status = run.status()
+        if run.row.name in redo or (status == "stale" and STALE in redo):
+            status = "new (redo)"
+        if status in ("done", "stale"):
+            commit = ((run.summary() or {}).get("code") or {}).get("commit")
+            trained = f"  (commit {commit[:7]})" if commit else ""
+            log(f"  {run.row.name:<28} seed {run.seed}  {status}{trained}")
+            if status == "stale":
+                log(f"      {'; '.join(run.changes())}; trained again with --redo stale")
             continue
+        if status == "waits":
+            status = f"waits for {', '.join(run.waiting_for())}"
         if run.row.name not in estimates:
             estimates[run.row.name] = estimate(run)
         seconds, precision = estimates[run.row.name]

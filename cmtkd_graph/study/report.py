@@ -58,9 +58,21 @@ def row_results(study: StudySpec) -> list[dict]:
                 ],
                 "paper": row.paper,
                 "machines": sorted({s["machine"] for s in summaries}),
+                "commits": {str(s["seed"]): _commit_label(s) for s in summaries},
+                "stale": {str(r.seed): r.changes() for r, _ in done if r.status() == "stale"},
             }
         )
     return rows
+
+
+def _commit_label(summary: dict) -> str:
+    """A run's commit as the page shows it: short hash, ``+dirty`` for uncommitted changes, ``†`` for the
+    commit that added a summary written before runs recorded theirs."""
+    code = summary.get("code") or {}
+    if not code.get("commit"):
+        return "unknown"
+    carried = "†" if summary.get("carried_over") else ""
+    return code["commit"][:7] + ("+dirty" if code.get("dirty") else "") + carried
 
 
 def teachers_text(teachers: list[ModelSpec]) -> str:
@@ -191,7 +203,7 @@ def markdown(
     header += ["Machine", "Paper"] if len(machines) > 1 else ["Paper"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        seeds = f"{len(r['finished'])}/{r['seeds']}"
+        seeds = f"{len(r['finished'])}/{r['seeds']}" + (f" ({len(r['stale'])} stale)" if r["stale"] else "")
         cells = [_cell(r["accuracy"].get(c, _stats([]))) for c in columns]
         wall = r["wall_s"]["mean"]
         speed = r["images_per_s"]["mean"]
@@ -219,6 +231,10 @@ def markdown(
         "precision, trained together with the student or frozen (trained separately); the teacher "
         "columns are these networks, so they differ between rows.",
     ]
+    stale = [f"{r['label']}, seed {seed}: {'; '.join(why)}" for r in rows for seed, why in r["stale"].items()]
+    if stale:
+        lines += ["", "Stale runs (changed since they were trained; `--redo stale` trains them again): "]
+        lines += [f"- {line}" for line in stale]
     for ref in lines_:
         value = "not trained yet" if ref["value"] is None else f"{ref['value']:.2f}"
         row_label = study.row(ref["row"]).title
@@ -231,7 +247,7 @@ def markdown(
     lines += [
         "",
         "<details><summary>The command of each row (seed 0; the other seeds differ in <code>train.seed</code>"
-        " and the run directory)</summary>",
+        " and the run directory) and the commit each seed was trained at</summary>",
         "",
     ]
     for r in rows:
@@ -239,7 +255,18 @@ def markdown(
             f"[seed {Path(p).stem.split('-')[0].removeprefix('seed')}]({_relative(Path(p), where)})"
             for p in r["importance_plots"]
         )
-        lines.append(f"- {r['label']}: `{r['command']}`" + (f" — importance: {plots}" if plots else ""))
+        commits = _commits_text(r["commits"])
+        lines.append(
+            f"- {r['label']}: `{r['command']}`"
+            + (f" — {commits}" if commits else "")
+            + (f" — importance: {plots}" if plots else "")
+        )
+    if any(c.endswith("†") for r in rows for c in r["commits"].values()):
+        lines += [
+            "",
+            "† the commit that added the run's summary: the run was trained before runs recorded their "
+            "commit, and its spec file read the same then.",
+        ]
     lines += ["", "</details>"]
     if len(machines) > 1:
         lines += [
@@ -251,6 +278,19 @@ def markdown(
         lines += ["", "Machine: " + machines[0]]
     lines += ["", END]
     return "\n".join(lines)
+
+
+def _commits_text(commits: dict[str, str]) -> str:
+    """``commit abc1234 (seeds 0, 1), def5678 (seed 2)``; one commit for every seed needs no seeds."""
+    if not commits:
+        return ""
+    by_commit: dict[str, list[str]] = {}
+    for seed, label in sorted(commits.items(), key=lambda item: int(item[0])):
+        by_commit.setdefault(label, []).append(seed)
+    if len(by_commit) == 1:
+        return f"commit {next(iter(by_commit))}"
+    parts = [f"{label} (seed{'s' if len(s) > 1 else ''} {', '.join(s)})" for label, s in by_commit.items()]
+    return "commits " + ", ".join(parts)
 
 
 def _throughput(row: dict) -> list[str]:

@@ -10,14 +10,23 @@ import sys
 import time
 from collections.abc import Sequence
 
+from cmtkd_graph.identity import code_identity, file_sha256, read_identity
 from cmtkd_graph.metrics import read_metrics
 from cmtkd_graph.runtime.precision import machine_line
 from cmtkd_graph.runtime.throughput import bf16_peak_tflops, train_flops_per_image
-from cmtkd_graph.study.plan import TRAIN_MODULE, PlannedRun, check_rows, plan
+from cmtkd_graph.study.plan import (
+    STALE,
+    TRAIN_MODULE,
+    PlannedRun,
+    check_rows,
+    persist_carried_over,
+    plan,
+)
 from cmtkd_graph.study.report import write_report
 from cmtkd_graph.study.spec import StudySpec
 
 STUDY_TIME = "study-time.json"  # in a run directory: wall time of the training commands, summed
+OUTPUT = "student.safetensors"  # the file other rows read ({row:NAME}/student.safetensors), hashed
 
 
 def run_study(
@@ -29,16 +38,29 @@ def run_study(
     keep_going: bool = False,
     log=print,
 ) -> int:
-    """Train every run not yet done, writing the report after each; the number of failed runs."""
+    """Train every run not yet done, writing the report after each; the number of failed runs.
+
+    ``redo``: rows to train again, or ``stale``: every run whose spec, inputs or version changed since it
+    was summarised (upstream rows first, so their dependents then read the new weights)."""
     check_rows(study)
     runs = plan(study, rows)
-    plan(study, redo, "--redo")  # checks the names
+    persist_carried_over(plan(study))
+    redo_rows = [name for name in redo if name != STALE]
+    plan(study, redo_rows, "--redo")  # checks the names
+    stale = (
+        {(r.row.name, r.seed) for r in plan(study, rows) if r.status() == "stale"} if STALE in redo else set()
+    )
     failed = 0
     for run in runs:
-        if run.row.name in redo and run.status() != "new":
+        if (run.row.name in redo_rows and run.status() != "new") or (run.row.name, run.seed) in stale:
             _discard(run)
         status = run.status()
-        if status == "done":
+        if status in ("done", "stale"):
+            continue
+        if status == "waits":
+            why = ", ".join(f"row {name} is {status}" for name, status in run.waiting_for().items())
+            log(f"study {study.name}: {run.row.name} seed {run.seed} skipped: {why}")
+            failed += 1
             continue
         log(f"study {study.name}: {run.row.name} seed {run.seed} ({status}): {run.run_dir}")
         if status != "finished":
@@ -58,7 +80,9 @@ def run_study(
 def _discard(run: PlannedRun) -> None:
     """--redo: forget a run's summary and its run directory."""
     run.summary_path.unlink(missing_ok=True)
-    shutil.rmtree(run.run_dir, ignore_errors=True)
+    run.__dict__.pop("_summary", None)
+    if run.key is not None:
+        shutil.rmtree(run.run_dir, ignore_errors=True)
 
 
 def _train(run: PlannedRun, launcher: Sequence[str], *, resume: bool) -> int:
@@ -96,6 +120,9 @@ def write_summary(run: PlannedRun) -> dict:
         "row": run.row.name,
         "seed": run.seed,
         "key": run.key,
+        "identity": run.identity,
+        "code": _code(run),
+        "outputs": {OUTPUT: file_sha256(run.run_dir / OUTPUT)},
         "command": run.shown_command(),
         "accuracy": final["accuracy"],
         "steps": final["steps"],
@@ -115,6 +142,18 @@ def write_summary(run: PlannedRun) -> dict:
     run.summary_path.parent.mkdir(parents=True, exist_ok=True)
     run.summary_path.write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _code(run: PlannedRun) -> dict:
+    """The code that trained the run, from its run directory (the present code for runs trained before
+    training recorded it)."""
+    recorded = read_identity(run.run_dir)
+    if recorded is None:
+        return code_identity()
+    return {
+        **recorded["code"],
+        **({"resumed_with": recorded["resumed_with"]} if "resumed_with" in recorded else {}),
+    }
 
 
 def training_curve(records: list[dict]) -> list[dict]:
