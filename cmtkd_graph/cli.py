@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true", help="only rewrite the results from the summaries")
     p.add_argument("--keep-going", action="store_true", help="go on with the next run after a failure")
     p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="train up to N independent runs at once on this machine, each on its share of the cores "
+        "(output in RUN_DIR.log)",
+    )
+    p.add_argument(
         "--launcher",
         default="",
         metavar="CMD",
@@ -110,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["torch", "integer", "onnx"], default="torch")
     p.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def _names(text: str) -> list[str]:
@@ -201,6 +215,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         redo=args.redo,
         launcher=shlex.split(args.launcher),
         keep_going=args.keep_going,
+        jobs=args.jobs,
     )
     print(
         f"study {study.name}: {'all runs done' if not failed else f'{failed} run(s) failed'}; "

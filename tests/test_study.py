@@ -18,6 +18,7 @@ import cmtkd_graph as cg
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.spec.io import find_spec_file
 from cmtkd_graph.study import PlannedRun, StudySpec, load_study, persist_carried_over, plan
+from cmtkd_graph.study.executor import core_shares
 
 from .conftest import run_module
 
@@ -123,8 +124,10 @@ def test_study_trains_every_run_then_skips_them_and_reports(tmp_path, fashion_mn
     assert "  kd                           seed 0  waits for single" in dry.stdout  # its key needs single's
     assert "{row:single}/student.safetensors" in dry.stdout  # shown, not resolved: single has not run
 
-    result = study_cli(tmp_path)
+    result = study_cli(tmp_path, "--jobs", "2")  # independent runs two at a time
     assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)  # the study's paths are relative to where it runs
+    _ran_concurrently_where_allowed(tmp_path, load_study(tmp_path / "study.yaml"))
     out = tmp_path / "docs" / "results"
     summaries = {
         p.relative_to(out / "runs").as_posix(): json.loads(p.read_text())
@@ -172,7 +175,6 @@ def test_study_trains_every_run_then_skips_them_and_reports(tmp_path, fashion_mn
     assert dry.stdout.count(" done") == 4 and "estimated time of the runs to train: 0 min" in dry.stdout
 
     # each run records what it is and what trained it; the study's summary too
-    monkeypatch.chdir(tmp_path)  # the study's paths are relative to where it runs
     commit = _repo_commit()
     kd_run = plan(load_study(tmp_path / "study.yaml"), ["kd"])[0]
     recorded = json.loads((tmp_path / kd_run.run_dir / "identity.json").read_text())
@@ -189,6 +191,49 @@ def test_study_trains_every_run_then_skips_them_and_reports(tmp_path, fashion_mn
     if commit:
         assert f"commit {commit[:7]}" in text
     _stale_runs_are_found_and_retrained(tmp_path, rows)
+
+
+def _ran_concurrently_where_allowed(tmp_path: Path, study: StudySpec) -> None:
+    """Both seeds of row single trained at the same time, each on its own share of the cores with its
+    output in RUN_DIR.log; row kd, which reads single's seed 0, started after that run had ended."""
+    runs = {f"{r.row.name}/{r.seed}": tmp_path / r.run_dir for r in plan(study)}
+    started = {name: (d / "spec.yaml").stat().st_mtime for name, d in runs.items()}
+    ended = {name: (d / "final.json").stat().st_mtime for name, d in runs.items()}
+    assert max(started["single/0"], started["single/1"]) < min(ended["single/0"], ended["single/1"])
+    assert started["kd/0"] >= ended["single/0"]
+    threads = len(core_shares(sorted(os.sched_getaffinity(0)), 2)[0])
+    for d in runs.values():
+        assert f"{threads} CPU thread(s) per process" in d.with_suffix(".log").read_text()
+
+
+def test_a_failed_run_names_its_log_and_the_runs_that_do_not_need_it_go_on(tmp_path, fashion_mnist):
+    rows = [
+        {"name": "bad", "set": [*SINGLE, "data.root=missing-data"]},  # valid spec, fails when it starts
+        {
+            "name": "dep",
+            "set": [
+                "method=kd",
+                "teachers=[{weight_bits: 2, act_bits: 2, weights: '{row:bad}/student.safetensors'}]",
+            ],
+        },
+        {"name": "ok", "set": [*SINGLE, "train.max_steps=1", "data.eval_subset=32"]},
+    ]
+    path = write_study(tmp_path, rows)
+    result = study_cli(tmp_path, "--jobs", "2", "--keep-going")
+    assert result.returncode == 1, result.stderr[-2000:]
+    bad = plan(load_study(path), ["bad"])[0]
+    log = bad.run_dir.with_suffix(".log")
+    assert f"toy: bad seed 0 failed (exit status 2); its output: {log}" in result.stdout, result.stdout
+    assert "missing-data" in (tmp_path / log).read_text()
+    assert "toy: dep seed 0 not trained: row bad is new" in result.stdout
+    assert "2 run(s) failed" in result.stdout
+    assert (tmp_path / "studies" / "toy" / "runs" / "ok" / "seed0.json").is_file()
+
+
+def test_concurrent_runs_get_disjoint_shares_of_the_cores():
+    assert core_shares([0, 1, 2, 3], 2) == [[0, 1], [2, 3]]
+    assert core_shares([0, 1, 2], 2) == [[0], [1, 2]]
+    assert core_shares([4, 5], 3) == [[4], [5], [4]]  # more jobs than cores: one core each, in turn
 
 
 def _repo_commit() -> str | None:

@@ -1,11 +1,11 @@
 """Running a study: every run not yet done trains in its own process through the normal training
-command; a finished run leaves its summary, and the report is rewritten after each."""
+command, as soon as the rows it reads have their results and an executor slot is free; a finished run
+leaves its summary, and the report is rewritten after each."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -14,6 +14,7 @@ from cmtkd_graph.identity import code_identity, file_sha256, read_identity
 from cmtkd_graph.metrics import read_metrics
 from cmtkd_graph.runtime.precision import machine_line
 from cmtkd_graph.runtime.throughput import bf16_peak_tflops, train_flops_per_image
+from cmtkd_graph.study.executor import LocalExecutor, LocalJob
 from cmtkd_graph.study.plan import (
     STALE,
     TRAIN_MODULE,
@@ -36,45 +37,70 @@ def run_study(
     redo: Sequence[str] = (),
     launcher: Sequence[str] = (),
     keep_going: bool = False,
+    jobs: int = 1,
     log=print,
 ) -> int:
-    """Train every run not yet done, writing the report after each; the number of failed runs.
+    """Train every run not yet done, ``jobs`` at a time, writing the report after each; the number of
+    runs that failed or could not start.
 
-    ``redo``: rows to train again, or ``stale``: every run whose spec, inputs or version changed since it
-    was summarised (upstream rows first, so their dependents then read the new weights)."""
+    A run starts once the rows it reads (``{row:NAME}``) have a current result; runs that do not depend
+    on each other train concurrently. ``redo``: rows to train again, or ``stale``: every run whose
+    spec, inputs or version changed since it was summarised (upstream rows first, so their dependents
+    then read the new weights). After a failure the runs already started finish; without
+    ``keep_going`` no new one starts."""
     check_rows(study)
-    runs = plan(study, rows)
     persist_carried_over(plan(study))
     redo_rows = [name for name in redo if name != STALE]
     plan(study, redo_rows, "--redo")  # checks the names
-    stale = (
-        {(r.row.name, r.seed) for r in plan(study, rows) if r.status() == "stale"} if STALE in redo else set()
-    )
-    failed = 0
-    for run in runs:
+    queue = plan(study, rows)
+    stale = {(r.row.name, r.seed) for r in queue if r.status() == "stale"} if STALE in redo else set()
+    for run in queue:
         if (run.row.name in redo_rows and run.status() != "new") or (run.row.name, run.seed) in stale:
             _discard(run)
-        status = run.status()
-        if status in ("done", "stale"):
-            continue
-        if status == "waits":
-            why = ", ".join(f"row {name} is {status}" for name, status in run.waiting_for().items())
-            log(f"study {study.name}: {run.row.name} seed {run.seed} skipped: {why}")
-            failed += 1
-            continue
-        log(f"study {study.name}: {run.row.name} seed {run.seed} ({status}): {run.run_dir}")
-        if status != "finished":
-            code = _train(run, launcher, resume=status == "resume")
-            if code != 0:
+    queue = plan(study, rows)  # statuses afresh after the discards
+    executor = LocalExecutor(jobs)
+    running: list[tuple[PlannedRun, LocalJob, float]] = []
+    failed, stopping = 0, False
+    while (queue and not stopping) or running:
+        for run in list(queue):
+            if stopping or executor.free_slots == 0:
+                break
+            run = PlannedRun(study, run.row, run.seed)  # its identity may have changed with an upstream run
+            status = run.status()
+            if status == "waits":
+                pending = {r.row.name for r in queue} | {r.row.name for r, _, _ in running}
+                if pending & set(run.waiting_for()):
+                    continue  # its upstream run is still to come
+                why = ", ".join(f"row {name} is {st}" for name, st in run.waiting_for().items())
+                log(f"study {study.name}: {run.row.name} seed {run.seed} not trained: {why}")
                 failed += 1
-                log(f"study {study.name}: {run.row.name} seed {run.seed} failed (exit status {code})")
-                if not keep_going:
-                    break
+            elif status == "finished":
+                _finish(study, run)
+            elif status not in ("done", "stale"):
+                log(f"study {study.name}: {run.row.name} seed {run.seed} ({status}): {run.run_dir}")
+                command = _command(run, launcher, resume=status == "resume")
+                running.append((run, executor.start(command, run.run_dir.with_suffix(".log")), time.time()))
+            queue = [r for r in queue if (r.row.name, r.seed) != (run.row.name, run.seed)]
+        ended = [(run, job, t, code) for run, job, t in running if (code := executor.poll(job)) is not None]
+        for run, job, started, code in ended:
+            running = [entry for entry in running if entry[1] is not job]
+            _add_time(run, time.time() - started)
+            if code == 0:
+                _finish(study, run)
                 continue
-        write_summary(run)
-        write_report(study)
+            failed += 1
+            output = f"; its output: {job.log_path}" if job.log_path else ""
+            log(f"study {study.name}: {run.row.name} seed {run.seed} failed (exit status {code}){output}")
+            stopping = stopping or not keep_going
+        if running and not ended:
+            time.sleep(0.2)
     write_report(study)
     return failed
+
+
+def _finish(study: StudySpec, run: PlannedRun) -> None:
+    write_summary(run)
+    write_report(study)
 
 
 def _discard(run: PlannedRun) -> None:
@@ -85,23 +111,22 @@ def _discard(run: PlannedRun) -> None:
         shutil.rmtree(run.run_dir, ignore_errors=True)
 
 
-def _train(run: PlannedRun, launcher: Sequence[str], *, resume: bool) -> int:
-    """Train (or resume) one run in its own process; the wall time adds up in the run directory."""
+def _command(run: PlannedRun, launcher: Sequence[str], *, resume: bool) -> list[str]:
+    """The command that trains (or resumes) one run in its own process."""
     start = list(launcher) or [sys.executable, *TRAIN_MODULE]
     if resume:
-        command = [*start, "--resume", str(run.run_dir)]
-    else:
-        shutil.rmtree(run.run_dir, ignore_errors=True)  # a start that never reached a checkpoint
-        command = [*start, *run.train_args()]
-    started = time.perf_counter()
-    code = subprocess.run(command).returncode
-    elapsed = time.perf_counter() - started
+        return [*start, "--resume", str(run.run_dir)]
+    shutil.rmtree(run.run_dir, ignore_errors=True)  # a start that never reached a checkpoint
+    return [*start, *run.train_args()]
+
+
+def _add_time(run: PlannedRun, elapsed: float) -> None:
+    """The wall time of a run's training commands adds up in its run directory."""
     if run.run_dir.is_dir():
         record = run.run_dir / STUDY_TIME
         previous = json.loads(record.read_text()) if record.is_file() else {"wall_s": 0.0, "attempts": 0}
         total = {"wall_s": previous["wall_s"] + elapsed, "attempts": previous["attempts"] + 1}
         record.write_text(json.dumps(total))
-    return code
 
 
 def write_summary(run: PlannedRun) -> dict:
