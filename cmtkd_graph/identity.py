@@ -83,19 +83,20 @@ def code_identity() -> dict[str, Any]:
     have uncommitted changes (``dirty``); both None for an installed wheel."""
     package = Path(__file__).resolve().parent
     commit = dirty = None
-    try:
-        top = _git(package, "rev-parse", "--show-toplevel")
-        if top and (Path(top) / package.name).resolve() == package:
-            commit = _git(package, "rev-parse", "HEAD")
-            status = _git(package, "status", "--porcelain", "--untracked-files=no")
-            dirty = None if status is None else bool(status)
-    except OSError:  # no git on the machine
-        pass
+    top = git(package, "rev-parse", "--show-toplevel")
+    if top and (Path(top) / package.name).resolve() == package:
+        commit = git(package, "rev-parse", "HEAD")
+        status = git(package, "status", "--porcelain", "--untracked-files=no")
+        dirty = None if status is None else bool(status)
     return {"version": __version__, "commit": commit, "dirty": dirty}
 
 
-def _git(where: Path, *args: str) -> str | None:
-    result = subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=30)
+def git(where: Path, *args: str) -> str | None:
+    """``git -C where ARGS``'s output, or None where it fails (not a repository, no git installed)."""
+    try:
+        result = subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=30)
+    except OSError:
+        return None
     return result.stdout.strip() if result.returncode == 0 else None
 
 

@@ -398,6 +398,7 @@ def test_rows_trained_on_different_machines_are_marked_in_the_table(tmp_path, mo
         summary = {
             "seed": run.seed,
             "key": run.key,
+            "identity": run.identity,
             "accuracy": {"acc1/student": 50.0 + run.seed},
             "wall_s": 600.0 * (run.seed + 1),
             "images_per_s": 100.0,
@@ -507,6 +508,7 @@ def test_the_report_tests_the_comparisons_the_study_names(tmp_path, monkeypatch)
         summary = {
             "seed": run.seed,
             "key": run.key,
+            "identity": run.identity,
             "accuracy": {"acc1/student": values[run.row.name, run.seed]},
             "wall_s": 60.0,
             "images_per_s": 100.0,
@@ -593,6 +595,7 @@ def test_gpu_runs_show_their_tflops_and_share_of_the_peak(tmp_path, monkeypatch)
     summary = {
         "seed": 0,
         "key": run.key,
+        "identity": run.identity,
         "accuracy": {"acc1/student": 70.0},
         "wall_s": 300.0,
         "images_per_s": 9000.0,

@@ -9,7 +9,6 @@ import hashlib
 import json
 import re
 import shlex
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import yaml
 
 from cmtkd_graph.checkpoint import LATEST, checkpoints_dir
 from cmtkd_graph.errors import SpecError, UserError, did_you_mean
-from cmtkd_graph.identity import digest, flatten, source_identity, spec_content, weight_sources
+from cmtkd_graph.identity import digest, flatten, git, source_identity, spec_content, weight_sources
 from cmtkd_graph.spec import Spec
 from cmtkd_graph.spec.io import find_spec_file, load_spec, read_spec_file
 from cmtkd_graph.study.spec import ROW_REFERENCE, RowSpec, StudySpec
@@ -246,23 +245,15 @@ def carry_over(run: PlannedRun, summary: dict) -> dict:
 
 def _added_in(path: Path) -> str | None:
     """The commit that last added ``path`` to git, if it is in a repository."""
-    found = _git(path.parent, "log", "--diff-filter=A", "-n", "1", "--format=%H", "--", path.name)
+    found = git(path.parent, "log", "--diff-filter=A", "-n", "1", "--format=%H", "--", path.name)
     return found or None
 
 
 def _spec_file_at(spec_file: str, commit: str) -> dict | None:
     """The spec file's content at ``commit`` (None where git does not know it)."""
     path = find_spec_file(spec_file).resolve()
-    text = _git(path.parent, "show", f"{commit}:./{path.name}")
+    text = git(path.parent, "show", f"{commit}:./{path.name}")
     return yaml.safe_load(text) if text else None
-
-
-def _git(where: Path, *args: str) -> str | None:
-    try:
-        result = subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=30)
-    except OSError:
-        return None
-    return result.stdout.strip() if result.returncode == 0 else None
 
 
 def persist_carried_over(runs: Sequence[PlannedRun]) -> int:
