@@ -64,12 +64,17 @@ def test_study_files_are_validated_with_one_line_per_problem(tmp_path):
         f"{path}: metrics[0]: unknown metric 'acc2/x': acc1/ or acc5/ followed by student, combined, "
         "teachers or teacher<k>",
     ]
-    rows = [{"name": "a", "set": ["teachers[0].weights={row:b}/student.safetensors"]}, {"name": "a"}]
+    rows = [
+        {"name": "a", "set": ["teachers[0].weights={row:b}/student.safetensors"]},
+        {"name": "a"},
+        {"name": "stale"},
+    ]
     with pytest.raises(UserError) as err:
         load_study(write_study(tmp_path, rows))
     assert str(err.value).splitlines() == [
         f"{path}: rows[0].set: {{row:b}} must name an earlier row",
         f"{path}: rows[1].name: 'a' is used twice",
+        f"{path}: rows[2].name: 'stale' is reserved (--redo stale); choose another name",
     ]
     # each row's spec is validated with its overrides before anything trains
     write_study(tmp_path, [{"name": "ok"}, {"name": "bad", "set": ["train.epoch=2"]}])

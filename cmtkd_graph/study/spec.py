@@ -97,6 +97,8 @@ class StudySpec(Strict):
         for i, row in enumerate(self.rows):
             if row.name in seen:
                 problems.append(f"rows[{i}].name: {row.name!r} is used twice")
+            if row.name == "stale":
+                problems.append(f"rows[{i}].name: 'stale' is reserved (--redo stale); choose another name")
             for ref in ROW_REFERENCE.findall(" ".join(row.set)):
                 if ref not in seen:
                     problems.append(f"rows[{i}].set: {{row:{ref}}} must name an earlier row")
