@@ -60,9 +60,9 @@ def run_study(
     queue = plan(study, rows)  # statuses afresh after the discards
     executor = LocalExecutor(jobs)
     running: list[tuple[PlannedRun, LocalJob, float]] = []
-    failed, stopping = 0, False
+    failed, stopping, changed = 0, False, True
     while (queue and not stopping) or running:
-        for run in list(queue):
+        for run in list(queue) if changed else []:  # statuses change only when a run ends
             if stopping or executor.free_slots == 0:
                 break
             run = PlannedRun(study, run.row, run.seed)  # its identity may have changed with an upstream run
@@ -82,6 +82,7 @@ def run_study(
                 running.append((run, executor.start(command, run.run_dir.with_suffix(".log")), time.time()))
             queue = [r for r in queue if (r.row.name, r.seed) != (run.row.name, run.seed)]
         ended = [(run, job, t, code) for run, job, t in running if (code := executor.poll(job)) is not None]
+        changed = bool(ended) or not running
         for run, job, started, code in ended:
             running = [entry for entry in running if entry[1] is not job]
             _add_time(run, time.time() - started)
