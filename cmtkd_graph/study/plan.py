@@ -88,6 +88,11 @@ class PlannedRun:
         recorded = self.summary()
         if recorded and recorded.get("identity") and not self.changes():
             return recorded["key"]
+        return self._present_key
+
+    @functools.cached_property
+    def _present_key(self) -> str:
+        """The key of the present identity (known)."""
         return digest(self.identity)[:8]
 
     @property
@@ -155,6 +160,12 @@ class PlannedRun:
         data = json.loads(self.summary_path.read_text())
         return data if "identity" in data else carry_over(self, data)
 
+    def discard_summary(self) -> None:
+        """Delete the committed summary (``--redo``); the run is then planned as if it had none."""
+        self.summary_path.unlink(missing_ok=True)
+        for cached in ("_summary", "_changes"):
+            self.__dict__.pop(cached, None)
+
     def status(self) -> Literal["done", "stale", "finished", "resume", "new", "waits"]:
         """done: summarised with the present identity; stale: summarised, but the spec, an input or the
         version changed since (retrained only with ``--redo stale``); finished: trained, not yet
@@ -171,7 +182,8 @@ class PlannedRun:
 
     def waiting_for(self) -> dict[str, str]:
         """The upstream rows without a current result, with their status."""
-        return {u.row.name: u.status() for u in self.upstream() if u.status() != "done"}
+        statuses = {u.row.name: u.status() for u in self.upstream()}
+        return {name: status for name, status in statuses.items() if status != "done"}
 
     def changes(self) -> list[str]:
         """What differs between the run its summary describes and the run the study asks for now, in
@@ -180,6 +192,10 @@ class PlannedRun:
         A setting the summary does not record and the spec leaves at its default is a field added to
         the schema after the run was trained, not a change: a new field's default keeps the old
         behaviour (docs/studies.md#run-identity-and-stale-runs)."""
+        return self._changes
+
+    @functools.cached_property
+    def _changes(self) -> list[str]:
         summary = self.summary()
         if summary is None:
             return []
@@ -188,7 +204,7 @@ class PlannedRun:
         recorded = summary.get("identity")
         if recorded is None:
             return [summary.get("stale", "trained with other settings")]
-        if summary.get("key") == digest(self.identity)[:8]:
+        if summary.get("key") == self._present_key:
             return []
         explicit = set(flatten(self._spec.model_dump(mode="json", exclude_defaults=True)))
         now = self.identity["spec"]
@@ -239,8 +255,13 @@ def carry_over(run: PlannedRun, summary: dict) -> dict:
     if run.identity is None:
         return {**summary, "identity": None}
     code = {"version": __version__, "commit": commit, "dirty": False if commit else None}
-    key = digest(run.identity)[:8]
-    return {**summary, "key": key, "identity": run.identity, "code": code, "carried_over": summary["key"]}
+    return {
+        **summary,
+        "key": run._present_key,
+        "identity": run.identity,
+        "code": code,
+        "carried_over": summary["key"],
+    }
 
 
 def _added_in(path: Path) -> str | None:

@@ -106,8 +106,7 @@ def _finish(study: StudySpec, run: PlannedRun) -> None:
 
 def _discard(run: PlannedRun) -> None:
     """--redo: forget a run's summary and its run directory."""
-    run.summary_path.unlink(missing_ok=True)
-    run.__dict__.pop("_summary", None)
+    run.discard_summary()
     if run.key is not None:
         shutil.rmtree(run.run_dir, ignore_errors=True)
 
