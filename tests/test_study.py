@@ -48,6 +48,25 @@ def write_study(tmp_path: Path, rows: list[dict], **extra) -> Path:
     return path
 
 
+def write_summary_by_hand(run: PlannedRun, top1: float, **fields) -> dict:
+    """A run summary in the present form (the run's key and identity) with the report's fields, for tests
+    of the report that train nothing."""
+    summary = {
+        "seed": run.seed,
+        "key": run.key,
+        "identity": run.identity,
+        "accuracy": {"acc1/student": top1},
+        "wall_s": 60.0,
+        "images_per_s": 100.0,
+        "importance_plot": None,
+        "machine": "CPU: test",
+        **fields,
+    }
+    run.summary_path.parent.mkdir(parents=True, exist_ok=True)
+    run.summary_path.write_text(json.dumps(summary))
+    return summary
+
+
 def study_cli(tmp_path: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return run_module(["study", "study.yaml", *args], cwd=tmp_path, module="cmtkd_graph", timeout=timeout)
 
@@ -306,9 +325,7 @@ def test_a_field_added_to_the_schema_later_does_not_make_runs_stale(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     study = StudySpec.model_validate({"name": "s", "base": "quickstart", "rows": [{"name": "x"}]})
     run = plan(study)[0]
-    summary = {"seed": 0, "key": run.key, "identity": run.identity, "accuracy": {"acc1/student": 50.0}}
-    run.summary_path.parent.mkdir(parents=True)
-    run.summary_path.write_text(json.dumps(summary))
+    summary = write_summary_by_hand(run, 50.0)
     assert plan(study)[0].status() == "done"
     for missing, status in [("train.max_minutes", "done"), ("train.epochs", "stale")]:
         spec = {k: v for k, v in run.identity["spec"].items() if k != missing}
@@ -399,18 +416,9 @@ def test_rows_trained_on_different_machines_are_marked_in_the_table(tmp_path, mo
     )
     machines = {("x", 0): "CPU: Intel Xeon", ("x", 1): "CPU: AMD EPYC", ("y", 0): "CPU: AMD EPYC"}
     for run in plan(study):
-        run.summary_path.parent.mkdir(parents=True, exist_ok=True)
-        summary = {
-            "seed": run.seed,
-            "key": run.key,
-            "identity": run.identity,
-            "accuracy": {"acc1/student": 50.0 + run.seed},
-            "wall_s": 600.0 * (run.seed + 1),
-            "images_per_s": 100.0,
-            "importance_plot": None,
-            "machine": machines[run.row.name, run.seed],
-        }
-        run.summary_path.write_text(json.dumps(summary))
+        write_summary_by_hand(
+            run, 50.0 + run.seed, wall_s=600.0 * (run.seed + 1), machine=machines[run.row.name, run.seed]
+        )
     text = write_report(study).read_text()
     assert "| Time per run | Images/s | Machine | Paper |" in text
     teachers = "0: W4A4 trained, 1: W8A8 trained"  # the quickstart's, labelling the teacher columns
@@ -509,18 +517,7 @@ def test_the_report_tests_the_comparisons_the_study_names(tmp_path, monkeypatch)
     )
     values = {("x", 0): 60.0, ("x", 1): 62.0, ("x", 2): 61.0, ("y", 0): 55.0, ("y", 1): 58.0, ("z", 0): 59.0}
     for run in plan(study):
-        run.summary_path.parent.mkdir(parents=True, exist_ok=True)
-        summary = {
-            "seed": run.seed,
-            "key": run.key,
-            "identity": run.identity,
-            "accuracy": {"acc1/student": values[run.row.name, run.seed]},
-            "wall_s": 60.0,
-            "images_per_s": 100.0,
-            "importance_plot": None,
-            "machine": "CPU: test",
-        }
-        run.summary_path.write_text(json.dumps(summary))
+        write_summary_by_hand(run, values[run.row.name, run.seed])
     text = write_report(study).read_text()
     results = json.loads((study.output_path / "results.json").read_text())
     x_vs_y, z_vs_y = results["comparisons"]
@@ -596,20 +593,15 @@ def test_gpu_runs_show_their_tflops_and_share_of_the_peak(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     study = StudySpec.model_validate({"name": "s", "base": "quickstart", "rows": [{"name": "x"}]})
     (run,) = plan(study)
-    run.summary_path.parent.mkdir(parents=True)
-    summary = {
-        "seed": 0,
-        "key": run.key,
-        "identity": run.identity,
-        "accuracy": {"acc1/student": 70.0},
-        "wall_s": 300.0,
-        "images_per_s": 9000.0,
-        "importance_plot": None,
-        "machine": "GPU: test",
-        "train_gflop_per_image": 13.3,
-        "peak_bf16_tflops": 989.0,
-    }
-    run.summary_path.write_text(json.dumps(summary))
+    write_summary_by_hand(
+        run,
+        70.0,
+        wall_s=300.0,
+        images_per_s=9000.0,
+        machine="GPU: test",
+        train_gflop_per_image=13.3,
+        peak_bf16_tflops=989.0,
+    )
     text = write_report(study).read_text()
     assert "| Time per run | Images/s | TFLOP/s | % of bf16 peak | Paper |" in text
     assert "| 5.0 min | 9000 | 119.7 | 12.1 % |  |" in text  # 9000 x 13.3 GFLOP = 119.7 TFLOP/s of 989
