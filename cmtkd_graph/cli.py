@@ -65,12 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true", help="only rewrite the results from the summaries")
     p.add_argument("--keep-going", action="store_true", help="go on with the next run after a failure")
     p.add_argument(
+        "--executor",
+        choices=["local", "slurm", "ray"],
+        help="where runs train (default: the study file's executor.name, local): processes here, Slurm "
+        "jobs through submitit, or Ray actors; settings in the study file's executor section",
+    )
+    p.add_argument(
         "--jobs",
         type=_positive_int,
-        default=1,
+        default=None,
         metavar="N",
-        help="train up to N independent runs at once on this machine, each on its share of the cores "
-        "(output in RUN_DIR.log)",
+        help="local: train up to N independent runs at once on this machine, each on its share of the "
+        "cores (output in RUN_DIR.log; default: executor.local.jobs, 1)",
     )
     p.add_argument(
         "--launcher",
@@ -203,7 +209,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     study = load_study(args.study)
     if args.dry_run:
-        dry_run(study, args.rows, args.redo)
+        dry_run(study, args.rows, args.redo, executor=args.executor, jobs=args.jobs)
         return 0
     if args.report:
         persist_carried_over(plan(study))
@@ -216,6 +222,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         launcher=shlex.split(args.launcher),
         keep_going=args.keep_going,
         jobs=args.jobs,
+        executor=args.executor,
     )
     print(
         f"study {study.name}: {'all runs done' if not failed else f'{failed} run(s) failed'}; "

@@ -18,7 +18,7 @@ import cmtkd_graph as cg
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.spec.io import find_spec_file
 from cmtkd_graph.study import PlannedRun, StudySpec, load_study, persist_carried_over, plan
-from cmtkd_graph.study.executor import core_shares
+from cmtkd_graph.study.executors import core_shares
 
 from .conftest import run_module
 

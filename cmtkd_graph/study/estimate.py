@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from cmtkd_graph.study.executors import make_executor
 from cmtkd_graph.study.plan import STALE, PlannedRun, check_rows, plan
+from cmtkd_graph.study.run import job_place, submitted_earlier
 from cmtkd_graph.study.spec import StudySpec
 
 
@@ -34,10 +36,23 @@ def estimate(run: PlannedRun) -> tuple[float, str]:
     return training + eval_seconds, label if precision else f"{label} (auto decides at start)"
 
 
-def dry_run(study: StudySpec, rows: Sequence[str] = (), redo: Sequence[str] = (), log=print) -> float:
-    """List the runs, each with its status and estimated time; the estimated total of those to train."""
+def dry_run(
+    study: StudySpec,
+    rows: Sequence[str] = (),
+    redo: Sequence[str] = (),
+    log=print,
+    *,
+    executor: str | None = None,
+    jobs: int | None = None,
+) -> float:
+    """List where the runs would go, each run with its status (and its job where one was submitted
+    already) and estimated time; the estimated total of those to train."""
     check_rows(study)
+    engine = make_executor(study, executor, jobs=jobs)
+    engine.check()
+    log(f"executor {engine.where()}")
     runs = plan(study, rows)
+    submitted = {(run.row.name, run.seed): job for run, job in submitted_earlier(engine, runs)}
     estimates: dict[str, tuple[float, str]] = {}
     total = 0.0
     for run in runs:
@@ -53,6 +68,10 @@ def dry_run(study: StudySpec, rows: Sequence[str] = (), redo: Sequence[str] = ()
             continue
         if status == "waits":
             status = f"waits for {', '.join(run.waiting_for())}"
+        if (run.row.name, run.seed) in submitted:
+            where = job_place(submitted[run.row.name, run.seed])
+            log(f"  {run.row.name:<28} seed {run.seed}  {status}, submitted already: {where}")
+            continue
         if run.row.name not in estimates:
             estimates[run.row.name] = estimate(run)
         seconds, precision = estimates[run.row.name]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 
@@ -14,10 +13,17 @@ from cmtkd_graph.identity import code_identity, file_sha256, read_identity
 from cmtkd_graph.metrics import read_metrics
 from cmtkd_graph.runtime.precision import machine_line
 from cmtkd_graph.runtime.throughput import bf16_peak_tflops, train_flops_per_image
-from cmtkd_graph.study.executor import LocalExecutor, LocalJob
+from cmtkd_graph.study.executors import (
+    RESUME_AUTO,
+    Executor,
+    Job,
+    Submission,
+    make_executor,
+    read_record,
+    write_record,
+)
 from cmtkd_graph.study.plan import (
     STALE,
-    TRAIN_MODULE,
     PlannedRun,
     check_rows,
     persist_carried_over,
@@ -37,18 +43,22 @@ def run_study(
     redo: Sequence[str] = (),
     launcher: Sequence[str] = (),
     keep_going: bool = False,
-    jobs: int = 1,
+    jobs: int | None = None,
+    executor: str | None = None,
     log=print,
 ) -> int:
-    """Train every run not yet done, ``jobs`` at a time, writing the report after each; the number of
-    runs that failed or could not start.
+    """Train every run not yet done where ``executor`` says (default: the study file's), writing the
+    report after each; the number of runs that failed or could not start.
 
     A run starts once the rows it reads (``{row:NAME}``) have a current result; runs that do not depend
-    on each other train concurrently. ``redo``: rows to train again, or ``stale``: every run whose
-    spec, inputs or version changed since it was summarised (upstream rows first, so their dependents
-    then read the new weights). After a failure the runs already started finish; without
-    ``keep_going`` no new one starts."""
+    on each other train concurrently (locally ``jobs`` at a time). Runs that an earlier study process
+    submitted and that still train are found again, not submitted twice. ``redo``: rows to train
+    again, or ``stale``: every run whose spec, inputs or version changed since it was summarised
+    (upstream rows first, so their dependents then read the new weights). After a failure the runs
+    already started finish; without ``keep_going`` no new one starts."""
     check_rows(study)
+    engine = make_executor(study, executor, jobs=jobs, launcher=launcher)
+    engine.check()  # bad settings, an unreachable cluster: one line before anything is submitted
     persist_carried_over(plan(study))
     redo_rows = [name for name in redo if name != STALE]
     plan(study, redo_rows, "--redo")  # checks the names
@@ -58,17 +68,21 @@ def run_study(
         if (run.row.name in redo_rows and run.status() != "new") or (run.row.name, run.seed) in stale:
             _discard(run)
     queue = plan(study, rows)  # statuses afresh after the discards
-    executor = LocalExecutor(jobs)
-    running: list[tuple[PlannedRun, LocalJob, float]] = []
+    running: list[tuple[PlannedRun, Job, float]] = []
+    for run, job in submitted_earlier(engine, queue):
+        log(f"study {study.name}: {run.row.name} seed {run.seed} still in {job_place(job)}: {run.run_dir}")
+        running.append((run, job, time.time()))
+        queue = [r for r in queue if r is not run]
     failed, stopping, changed = 0, False, True
     while (queue and not stopping) or running:
+        ready: list[PlannedRun] = []
         for run in list(queue) if changed else []:  # statuses change only when a run ends
-            if stopping or executor.free_slots == 0:
+            if stopping or len(ready) >= engine.capacity():
                 break
             run = PlannedRun(study, run.row, run.seed)  # its identity may have changed with an upstream run
             status = run.status()
             if status == "waits":
-                pending = {r.row.name for r in queue} | {r.row.name for r, _, _ in running}
+                pending = {r.row.name for r in [*queue, *ready]} | {r.row.name for r, _, _ in running}
                 if pending & set(run.waiting_for()):
                     continue  # its upstream run is still to come
                 why = ", ".join(f"row {name} is {st}" for name, st in run.waiting_for().items())
@@ -78,10 +92,16 @@ def run_study(
                 _finish(study, run)
             elif status not in ("done", "stale"):
                 log(f"study {study.name}: {run.row.name} seed {run.seed} ({status}): {run.run_dir}")
-                command = _command(run, launcher, resume=status == "resume")
-                running.append((run, executor.start(command, run.run_dir.with_suffix(".log")), time.time()))
+                if status == "new":
+                    shutil.rmtree(run.run_dir, ignore_errors=True)  # a start that never reached a checkpoint
+                ready.append(run)
             queue = [r for r in queue if (r.row.name, r.seed) != (run.row.name, run.seed)]
-        ended = [(run, job, t, code) for run, job, t in running if (code := executor.poll(job)) is not None]
+        for run, job in zip(ready, engine.submit([submission(run) for run in ready]), strict=True):
+            write_record(job)
+            if engine.name != "local":
+                log(f"study {study.name}: {run.row.name} seed {run.seed} submitted ({job_place(job)})")
+            running.append((run, job, time.time()))
+        ended = [(run, job, t, code) for run, job, t in running if (code := engine.poll(job)) is not None]
         changed = bool(ended) or not running
         for run, job, started, code in ended:
             running = [entry for entry in running if entry[1] is not job]
@@ -94,9 +114,40 @@ def run_study(
             log(f"study {study.name}: {run.row.name} seed {run.seed} failed (exit status {code}){output}")
             stopping = stopping or not keep_going
         if running and not ended:
-            time.sleep(0.2)
+            time.sleep(engine.poll_interval)
     write_report(study)
     return failed
+
+
+def submission(run: PlannedRun) -> Submission:
+    """What an executor needs of a run: the same command starts, resumes and continues it after a
+    requeue (``--resume auto``)."""
+    return Submission(
+        f"{run.study.name}/{run.row.name}/seed{run.seed}", run.run_dir, (*run.train_args(), *RESUME_AUTO)
+    )
+
+
+def submitted_earlier(engine: Executor, runs: Sequence[PlannedRun]) -> list[tuple[PlannedRun, Job]]:
+    """Runs not yet finished whose job, submitted by an earlier study process, still trains or waits."""
+    found = []
+    for run in runs:
+        if run.key is None or run.status() not in ("new", "resume"):
+            continue
+        sub = submission(run)
+        record = read_record(sub)
+        if record and record.get("executor") == engine.name and (job := engine.find(sub, record)):
+            found.append((run, job))
+    return found
+
+
+def job_place(job: Job) -> str:
+    """Where a submitted run trains, in words."""
+    record = job.record
+    if record.get("executor") == "slurm":
+        return f"Slurm job {record['job_id']}"
+    if record.get("executor") == "ray":
+        return f"Ray actor {record['actor']}"
+    return f"process {record.get('pid')}"
 
 
 def _finish(study: StudySpec, run: PlannedRun) -> None:
@@ -109,15 +160,6 @@ def _discard(run: PlannedRun) -> None:
     run.discard_summary()
     if run.key is not None:
         shutil.rmtree(run.run_dir, ignore_errors=True)
-
-
-def _command(run: PlannedRun, launcher: Sequence[str], *, resume: bool) -> list[str]:
-    """The command that trains (or resumes) one run in its own process."""
-    start = list(launcher) or [sys.executable, *TRAIN_MODULE]
-    if resume:
-        return [*start, "--resume", str(run.run_dir)]
-    shutil.rmtree(run.run_dir, ignore_errors=True)  # a start that never reached a checkpoint
-    return [*start, *run.train_args()]
 
 
 def _add_time(run: PlannedRun, elapsed: float) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
@@ -62,6 +62,69 @@ class ReferenceSpec(Strict):
     metric: Metric
 
 
+class LocalSettings(Strict):
+    """``--executor local``: processes on the machine that runs the study."""
+
+    jobs: int = Field(1, ge=1, description="runs at once, each on its share of the cores (--jobs overrides)")
+
+
+class SlurmSettings(Strict):
+    """``--executor slurm``: one Slurm job per run (job arrays), through submitit."""
+
+    partition: str | None = Field(None, description="default: the cluster's default partition")
+    account: str | None = None
+    qos: str | None = None
+    time_min: int = Field(
+        24 * 60, ge=1, description="time limit of a job; at its end the run checkpoints and is requeued"
+    )
+    nodes: int = Field(1, ge=1, description="nodes per run (one accelerate launch per node)")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per run on each of its nodes")
+    processes_per_node: int | None = Field(
+        None, ge=1, description="training processes per node (default: gpus_per_node, or 1)"
+    )
+    cpus_per_process: int = Field(1, ge=1, description="CPUs per training process")
+    mem_gb: float | None = Field(None, gt=0, description="memory per node (default: the partition's)")
+    sbatch: list[str] = Field(
+        default_factory=list, description="extra sbatch options, e.g. --constraint=a100, --exclusive"
+    )
+    setup: list[str] = Field(
+        default_factory=list, description="shell lines run before training, e.g. module load cuda"
+    )
+    signal_delay_s: int = Field(
+        120, ge=10, description="SIGUSR1 this long before the time limit: checkpoint, requeue"
+    )
+    max_requeues: int = Field(3, ge=0, description="requeues after time limits (preemptions are not counted)")
+    array_parallelism: int = Field(256, ge=1, description="jobs of one array running at once")
+    folder: str | None = Field(
+        None, description="submitit's files and the jobs' logs (default: <runs_dir>/slurm)"
+    )
+
+
+class RaySettings(Strict):
+    """``--executor ray``: one Ray actor per run, on a cluster."""
+
+    address: str | None = Field(
+        None, description="a running cluster (host:port, ray://host:port, auto); default: a local one"
+    )
+    num_cpus: float = Field(1, gt=0, description="CPUs per run")
+    num_gpus: float = Field(
+        0, ge=0, description="GPUs per run (one node; accelerate launch as --launcher for several)"
+    )
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per run")
+    namespace: str = Field("cmtkd_graph", description="where the runs' named actors live")
+
+
+class ExecutorSettings(Strict):
+    """Where the runs train, and each executor's settings (``--executor`` picks one)."""
+
+    name: Literal["local", "slurm", "ray"] = Field(
+        "local", description="the executor used without --executor"
+    )
+    local: LocalSettings = Field(default_factory=LocalSettings)
+    slurm: SlurmSettings = Field(default_factory=SlurmSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
+
+
 class StudySpec(Strict):
     """A study: a base spec, common overrides, the rows and what the table shows."""
 
@@ -89,6 +152,7 @@ class StudySpec(Strict):
     report: str | None = Field(None, description="the Markdown report (default: <output_dir>/results.md)")
     runs_dir: str = Field("runs/study-{name}", description="the training run directories")
     notes: str = Field("", description="Markdown shown above the table: the setting and why")
+    executor: ExecutorSettings = Field(default_factory=ExecutorSettings, description="where runs train")
 
     @model_validator(mode="after")
     def _check_rows(self) -> StudySpec:
