@@ -123,6 +123,10 @@ def _kill(pid_file: Path) -> None:
         pass
 
 
+# a test cluster on 127.0.0.1 without Ray's token authentication (its nodes and the study share none)
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
 @contextmanager
 def ray_cluster(folder: Path, cpus_per_node: int = 1) -> Iterator[str]:
     """A head node and a second node on 127.0.0.1 (``ray start``); yields the head's address. ``folder``
@@ -130,7 +134,7 @@ def ray_cluster(folder: Path, cpus_per_node: int = 1) -> Iterator[str]:
     ray = [sys.executable, "-m", "ray.scripts.scripts"]
     port = free_port()
     address = f"127.0.0.1:{port}"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(folder)}
+    env = {**os.environ, **RAY_ENV, "RAY_TMPDIR": str(folder)}
     common = ["--num-cpus", str(cpus_per_node), "--num-gpus", "0", "--node-ip-address", "127.0.0.1",
               "--disable-usage-stats"]  # fmt: skip
     try:

@@ -9,6 +9,7 @@ The actor ends once the study has read its exit status."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +53,7 @@ class RayExecutor:
         ray = require("ray", "ray", "--executor ray")
         s = self.settings
         if not ray.is_initialized():
+            _check_reachable(s.address)
             try:
                 ray.init(address=s.address, namespace=s.namespace, log_to_driver=False,
                          configure_logging=False, include_dashboard=False)  # fmt: skip
@@ -126,6 +128,21 @@ class RayExecutor:
         if code is not None:
             ray.kill(job.handle)
         return code
+
+
+def _check_reachable(address: str | None) -> None:
+    """A host:port (or ray://host:port) that does not answer is one line at once (ray.init would
+    retry for minutes)."""
+    if address is None or address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=10).close()
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"executor.ray.address: cannot reach a Ray cluster at {address!r} ({err}); start one with "
+            "`ray start --head` or give the head node's host:port"
+        ) from None
 
 
 def actor_name(submission: Submission) -> str:
