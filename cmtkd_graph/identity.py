@@ -20,7 +20,8 @@ from typing import Any
 from cmtkd_graph.version import __version__
 
 IDENTITY = "identity.json"
-NOT_CONTENT = ("train.output_dir", "train.progress_bar")  # where a run writes and how chatty, not what
+# where a run writes, how chatty it is and where its metrics are also sent, not what it trains
+NOT_CONTENT = ("train.output_dir", "train.progress_bar", "train.log_with")
 
 
 def digest(data: Any) -> str:

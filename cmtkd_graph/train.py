@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from cmtkd_graph import trackers
 from cmtkd_graph.checkpoint import (
     LATEST,
     checkpoints_dir,
@@ -267,8 +268,7 @@ class Trainer:
             log.info(
                 f"resumed from {checkpoint} at step {self.state['step']}, epoch {self.state['epoch'] + 1}"
             )
-        if accelerator.is_main_process and spec.train.tensorboard:
-            accelerator.init_trackers("tensorboard")
+        trackers.start(accelerator, spec, run_dir)
         teachers = spec.resolved_teachers()
         several_archs = any(t.arch != spec.student.arch for t in teachers)
         self.teacher_labels = [
@@ -453,8 +453,7 @@ class Trainer:
             "images_per_s": images_per_s,
         }
         self.metrics.write(record)
-        if self.spec.train.tensorboard:
-            acc.log({k: v for k, v in record.items() if isinstance(v, float)}, step=record["step"])
+        trackers.log(acc, self.spec, record)
         return record
 
     # ------------------------------------------------------------------ evaluation
@@ -469,8 +468,7 @@ class Trainer:
         }
         self.model.train()
         self.metrics.write(record)
-        if self.spec.train.tensorboard:
-            acc.log({k: v for k, v in record.items() if k.startswith("acc")}, step=record["step"])
+        trackers.log(acc, self.spec, record)
         if acc.is_main_process:
             log.info(eval_line(record))
             if self.system.teachers is not None:  # fusion importance, or a method's instance weights
@@ -511,8 +509,7 @@ class Trainer:
             if plot.exists():
                 log.info(f"  importance plot: {plot}")
             log.info(f"  metrics: {self.run_dir / 'metrics.jsonl'}")
-        if self.spec.train.tensorboard:
-            acc.end_training()
+        trackers.finish(acc, self.spec, self.run_dir)
 
     def _write_rank_report(self) -> None:
         """``RUN_DIR/ranks/rank-<i>.json``: what each process saw (world size, a checksum of its weights),

@@ -109,13 +109,15 @@ def test_the_study_file_example_is_a_valid_study(tmp_path):
     from cmtkd_graph.study import check_rows, load_study
 
     page = (REPO / "docs" / "studies.md").read_text()
-    (example,) = re.findall(r"```yaml\n(.*?)\n```", page, flags=re.S)
+    example, cluster = re.findall(r"```yaml\n(.*?)\n```", page, flags=re.S)
     data = yaml.safe_load(example)
+    data.update(yaml.safe_load(cluster))  # the executor settings of "Running on a cluster"
     data["rows"][1]["spec"] = "resnet18"  # the example names a file relative to a checkout
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(data))
     study = load_study(tmp_path / "study.yaml")
     check_rows(study)
     assert [r.name for r in study.rows] == ["single_w2a2", "cmtkd"] and study.rows[0].seeds == 3
+    assert study.executor.name == "slurm" and study.executor.slurm.gpus_per_node == 4
 
 
 def test_the_architecture_page_shows_the_model_family_table():

@@ -57,7 +57,15 @@ def train_here(tmp_path: Path, *extra: str, run: str = "run") -> Path:
 
 def test_short_run_learns_and_writes_every_artefact(tmp_path, fashion_mnist):
     # 48 steps: after 24 the eval accuracy still depends on the seed and on float rounding (8-31 %)
-    run_dir, result = train(tmp_path, "train.epochs=3", "data.train_subset=512", "train.tensorboard=true")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # a real local MLflow store
+    run_dir, result = train(
+        tmp_path,
+        "train.epochs=3",
+        "data.train_subset=512",
+        "train.tensorboard=true",
+        "train.log_with=[mlflow]",
+        env={"MLFLOW_TRACKING_URI": store},
+    )
     records = read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
@@ -93,6 +101,27 @@ def test_short_run_learns_and_writes_every_artefact(tmp_path, fashion_mnist):
     assert "layer1.0.conv1.weight" in student and "fc.weight" in student  # torchvision names
     assert not any(k.startswith("teachers.") for k in student)
     assert "done: " in result.stderr and "final student" in result.stderr
+    _mlflow_holds_what_the_run_logged(store, run_dir, records, final)
+
+
+def _mlflow_holds_what_the_run_logged(store: str, run_dir: Path, records: list[dict], final: dict) -> None:
+    """The MLflow run has the spec as parameters, every scalar of metrics.jsonl at its step, and the
+    importance plot and final.json as artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    run_id = json.loads((run_dir / "trackers.json").read_text())["mlflow"]
+    run = client.get_run(run_id)
+    params = run.data.params
+    assert params["optim.lr"] == "0.01" and params["teachers.1.weight_bits"] == "8"
+    assert params["student.arch"] == "resnet18" and run.info.run_name == run_dir.name
+    steps = [r for r in records if r["kind"] == "train"]
+    history = {m.step: m.value for m in client.get_metric_history(run_id, "loss/total")}
+    assert history == {r["step"]: pytest.approx(r["loss/total"]) for r in steps}
+    importance = client.get_metric_history(run_id, "importance/layer1/1")
+    assert importance[-1].value == pytest.approx(steps[-1]["importance/layer1"][1])
+    assert run.data.metrics["acc1/combined"] == pytest.approx(final["accuracy"]["acc1/combined"])
+    assert {a.path for a in client.list_artifacts(run_id)} == {"importance.png", "final.json"}
 
 
 def test_resume_gives_bit_identical_weights(tmp_path, fashion_mnist, fresh_accelerate):

@@ -21,6 +21,7 @@ import torch
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.runtime.precision import Precision
 from cmtkd_graph.spec import Spec
+from cmtkd_graph.trackers import check_installed, trackers
 
 log = logging.getLogger("cmtkd_graph")
 
@@ -31,6 +32,7 @@ def make_accelerator(spec: Spec, run_dir: Path, precision: Precision):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
+    check_installed(trackers(spec))
     cpu = not torch.cuda.is_available()
     mixed = precision.mixed_precision
     if mixed == "fp16" and cpu:
@@ -41,7 +43,7 @@ def make_accelerator(spec: Spec, run_dir: Path, precision: Precision):
             project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")
         ),
         "dataloader_config": DataLoaderConfiguration(use_seedable_sampler=True),
-        "log_with": "tensorboard" if spec.train.tensorboard else None,
+        "log_with": trackers(spec) or None,
     }
     if mixed is not None:
         kwargs["mixed_precision"] = mixed

@@ -424,7 +424,17 @@ class TrainSpec(Strict):
         description="CPU threads per process: auto = available cores / processes on this machine "
         "(accelerate launch would otherwise set 1), env = keep OMP_NUM_THREADS, or a number",
     )
-    tensorboard: bool = False
+    tensorboard: bool = Field(
+        False, description="TensorBoard events in RUN_DIR/tensorboard (log_with: [tensorboard])"
+    )
+    log_with: list[Literal["tensorboard", "mlflow", "wandb", "aim", "comet_ml", "clearml", "dvclive"]] = (
+        Field(
+            default_factory=list,
+            description="experiment trackers (Accelerate's): the metrics.jsonl scalars, the spec as "
+            "parameters, importance.png and final.json as artifacts; each reads its own settings from the "
+            "environment (MLFLOW_TRACKING_URI, WANDB_MODE, ...)",
+        )
+    )
     progress_bar: bool = True
 
 
