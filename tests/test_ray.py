@@ -22,22 +22,13 @@ from cmtkd_graph.study import load_study, plan
 from cmtkd_graph.study.executors import make_executor
 
 from .clusters import RAY_ENV, free_port, ray_cluster
-from .test_study import SINGLE, write_study
+from .test_study import SINGLE, kd_row, write_study
 
 pytest.importorskip("ray", reason="the [ray] extra (.ci/run installs it)")
 
 ROWS = [
     {"name": "single", "set": SINGLE, "seeds": 2},
-    {
-        "name": "kd",
-        "set": [
-            "method=kd",
-            "distill={alpha: 1.0, beta: 0.5, tau: 2.0}",
-            "teachers=[{weight_bits: 2, act_bits: 2, trainable: false, "
-            "weights: '{row:single}/student.safetensors'}]",
-            "train.max_steps=2",
-        ],
-    },
+    kd_row("single", "train.max_steps=2"),
 ]
 
 

@@ -26,7 +26,7 @@ from cmtkd_graph.study.executors import make_executor
 from cmtkd_graph.study.executors.slurm import _gpus
 
 from .clusters import slurm_cluster
-from .test_study import COMMON, SINGLE, write_study
+from .test_study import COMMON, SINGLE, kd_row, write_study
 
 pytest.importorskip("submitit", reason="the [slurm] extra (.ci/run installs it)")
 
@@ -34,16 +34,7 @@ pytest.importorskip("submitit", reason="the [slurm] extra (.ci/run installs it)"
 ROWS = [
     {"name": "teacher", "set": SINGLE},
     {"name": "twin", "set": SINGLE},
-    {
-        "name": "kd",
-        "set": [
-            "method=kd",
-            "distill={alpha: 1.0, beta: 0.5, tau: 2.0}",
-            "teachers=[{weight_bits: 2, act_bits: 2, trainable: false, "
-            "weights: '{row:teacher}/student.safetensors'}]",
-            "train.max_steps=2",
-        ],
-    },
+    kd_row("teacher", "train.max_steps=2"),
 ]
 LONGER = [*COMMON, "data.train_subset=320", "data.batch_size=8"]  # 40 steps: time to signal one
 

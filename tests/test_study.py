@@ -41,6 +41,16 @@ COMMON = [
 SINGLE = ["method=single", "teachers=[]", "distill={}"]
 
 
+def kd_row(upstream: str, *extra: str) -> dict:
+    """Row kd: plain KD from row ``upstream``'s trained student ({row:...} resolves to its run directory)."""
+    weights = f"{{row:{upstream}}}/student.safetensors"
+    teacher = f"{{weight_bits: 2, act_bits: 2, trainable: false, weights: '{weights}'}}"
+    return {
+        "name": "kd",
+        "set": ["method=kd", "distill={alpha: 1.0, beta: 0.5, tau: 2.0}", f"teachers=[{teacher}]", *extra],
+    }
+
+
 def write_study(tmp_path: Path, rows: list[dict], **extra) -> Path:
     study = {"name": "toy", "base": "quickstart", "set": COMMON, "rows": rows, **extra}
     path = tmp_path / "study.yaml"
@@ -131,15 +141,7 @@ def test_study_trains_every_run_then_skips_them_and_reports(tmp_path, fashion_mn
     rows = [
         {"name": "single", "label": "W2A2 alone", "set": SINGLE, "seeds": 2, "paper": "72.9"},
         {"name": "cmtkd", "label": "CMT-KD", "set": ["train.max_steps=2"]},
-        {  # distils from row single's trained student: {row:...} resolves to its run directory
-            "name": "kd",
-            "set": [
-                "method=kd",
-                "distill={alpha: 1.0, beta: 0.5, tau: 2.0}",
-                "teachers=[{weight_bits: 2, act_bits: 2, trainable: false, "
-                "weights: '{row:single}/student.safetensors'}]",
-            ],
-        },
+        kd_row("single"),
     ]
     write_study(tmp_path, rows, report="docs/results.md", output_dir="docs/results")
     dry = study_cli(tmp_path, "--dry-run")
