@@ -114,6 +114,11 @@ def test_a_study_runs_on_slurm_and_a_preempted_run_is_requeued_and_continues(
 
     submitted = sorted(p.name for p in (tmp_path / "runs/study-toy/slurm").rglob("*_submitted.pkl"))
     assert len(submitted) == 3, submitted  # teacher and twin in one array, kd later; none twice
+    scripts = [p.read_text() for p in (tmp_path / "runs/study-toy/slurm").rglob("*_submission.sh")]
+    for script in scripts:  # SIGUSR1 (training's stop signal) 30 s before the time limit
+        assert "#SBATCH --signal=USR1@30" in script and "#SBATCH --time=30" in script
+        assert "#SBATCH --cpus-per-task=1" in script
+    assert sum("#SBATCH --array=0-1%2\n" in script for script in scripts) == 1  # teacher and twin
     twin_log = next((tmp_path / "runs/study-toy/slurm").rglob(f"{job_id}_0_log.out"))
     assert "cmtkd_graph: preempted (training exit status 75); requeued" in twin_log.read_text()
     twin_starts, twin_end = _job_times(twin_log)

@@ -174,9 +174,13 @@ class SlurmExecutor:
 
     def _executor(self):
         import submitit
+        from submitit.slurm.slurm import SlurmJobEnvironment
 
         s = self.settings
-        os.environ["SUBMITIT_PREEMPT_SIGNAL"] = PREEMPT_SIGNAL  # read by submitit here and in the job
+        # submitit reads its preemption signal when imported: here (already done) and in the job (from
+        # the environment sbatch passes on); training checkpoints on SIGUSR1, not on submitit's USR2
+        os.environ["SUBMITIT_PREEMPT_SIGNAL"] = PREEMPT_SIGNAL
+        SlurmJobEnvironment.USR_SIG = PREEMPT_SIGNAL
         executor = submitit.SlurmExecutor(folder=str(self.folder / "%j"), max_num_timeout=s.max_requeues)
         extra = {}
         for line in s.sbatch:
