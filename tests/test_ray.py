@@ -96,7 +96,13 @@ def test_an_unreachable_cluster_or_a_run_larger_than_any_node_is_one_line(tmp_pa
     study = load_study(
         write_study(tmp_path, ROWS[:1], executor={"ray": {"address": ray_address, "num_gpus": 2}})
     )
-    with pytest.raises(
-        UserError, match=r"executor.ray: a run asks for CPU 1, GPU 2; the cluster's largest node has"
-    ):
-        make_executor(study, "ray").check()
+    import ray
+
+    try:
+        with pytest.raises(
+            UserError, match=r"executor.ray: a run asks for CPU 1, GPU 2; the cluster's largest node has"
+        ):
+            make_executor(study, "ray").check()  # connects this test process to the cluster ...
+    finally:
+        ray.shutdown()  # ... which must leave before the fixture stops the cluster: Ray ends a driver whose
+        # cluster goes away (it took the pytest worker with it)
