@@ -33,3 +33,18 @@ def test_memory_bench_smoke():
     for mode in ("off", "on"):
         assert re.search(rf"quickstart, activation_checkpointing {mode} +\d+ MiB +\d+ MiB", result.stdout)
     assert re.search(r"checkpointing keeps x0\.\d\d of the activations", result.stdout), result.stdout
+
+
+def test_deploy_bench_smoke(cifar10_jpeg):
+    result = run_module(
+        ["--smoke", "--images", str(cifar10_jpeg / "test"), "--limit", "20"], cwd=REPO, module="bench.deploy"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert out.startswith("CPU: ")
+    for backend in ("PyTorch", "onnxruntime"):
+        assert re.search(rf"{backend} +batch +1: float \d+\.\d ms; ", out), out
+    assert re.search(r"inference form \d+\.\d ms \(x\d+\.\d\d\)", out)
+    assert re.search(r"student\.onnx \d+\.\d ms \(x\d+\.\d\d\)", out)
+    # each backend against the trained student on real images
+    assert re.search(r"inference form on 20 real images: top-1 agreement \d+\.\d%", out), out

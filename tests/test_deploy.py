@@ -21,6 +21,7 @@ import cmtkd_graph as cg
 from cmtkd_graph.data import build_datasets
 from cmtkd_graph.deploy.codes import CODES_FILE, decode_weight, quantized_layers
 from cmtkd_graph.deploy.export import export
+from cmtkd_graph.deploy.inference import IntegerWeightConv2d
 from cmtkd_graph.deploy.integer import FLOAT64_EXACT, integer_conv2d, integer_matmul, integer_student
 from cmtkd_graph.deploy.packing import pack_codes, packed_bytes, unpack_codes
 from cmtkd_graph.deploy.predict import format_predictions, predict
@@ -425,3 +426,84 @@ def test_packing_is_little_endian_four_two_bit_codes_to_a_byte():
         packed = pack_codes(codes, bits)
         assert packed.numel() == (1001 * bits + 7) // 8
         assert torch.equal(unpack_codes(packed, bits, 1001), codes)
+
+
+# ------------------------------------------------------------------------------------ inference form
+def test_inference_form_agrees_with_the_trained_student_on_real_images(trained_run, exported):
+    spec = cg.load_spec(exported / "spec.yaml")
+    images, _ = real_images(spec, n=100)
+    student = cg.load_student(exported)
+    form = cg.load_student(exported, inference=True)
+    # weights decoded once, BatchNorm folded: no quantizer with a latent weight, no BN left
+    modules = dict(form.named_modules())
+    assert sum(isinstance(m, IntegerWeightConv2d) for m in modules.values()) == 19
+    assert not [n for n, m in modules.items() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert not [n for n in modules if n.endswith("weight_quantizer")]
+    assert all(not p.requires_grad for p in form.parameters())
+    assert all(p.requires_grad for p in student.parameters())  # the student is left as it was
+    with torch.no_grad():
+        expected = student(images)
+        got = form(images)
+    assert_agrees_but_at_boundaries(got.numpy(), expected.numpy())
+    agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
+    assert agreement >= 0.99, agreement
+
+
+def test_folded_batchnorm_equals_conv_then_batchnorm_hand_computed():
+    """conv (integer weights 1 and -3, scale 0.5) then BN (gamma 2, beta 1, mean 3, var 3, eps 1):
+    folded, scale 0.5 * 2 / 2 = 0.5 and bias 1 + (0 - 3) * 1 = -2; the codes do not change."""
+    from torch import fx, nn
+
+    from cmtkd_graph.deploy.inference import fold_batchnorm
+    from cmtkd_graph.quantizers.base import mid_rise_grid
+
+    conv = IntegerWeightConv2d(1, 1, 1, bias=False)
+    conv._set_integer_weight(torch.tensor([[[[1]]]]), torch.tensor([0.5]), mid_rise_grid(2))
+    bn = nn.BatchNorm2d(1, eps=1.0).eval()
+    bn.weight.data.fill_(2.0)
+    bn.bias.data.fill_(1.0)
+    bn.running_mean.fill_(3.0)
+    bn.running_var.fill_(3.0)
+    class Tracer(fx.Tracer):  # the integer-weight conv is one node, as in a student's graph
+        def is_leaf_module(self, m, name):
+            return isinstance(m, IntegerWeightConv2d) or super().is_leaf_module(m, name)
+
+    root = _ConvBN(conv, bn)
+    model = fx.GraphModule(root, Tracer().trace(root))
+    x = torch.tensor([[[[4.0, -2.0]]]])
+    expected = model(x)  # (0.5 * 4 - 3) * 2 / 2 + 1 = 0; (0.5 * -2 - 3) + 1 = -3
+    assert torch.equal(expected, torch.tensor([[[[0.0, -3.0]]]]))
+    assert fold_batchnorm(model) == ["bn"]
+    model.recompile()
+    folded = model.get_submodule("conv")
+    assert torch.equal(folded.scale, torch.tensor([0.5])) and folded.bias.item() == -2.0
+    assert torch.equal(folded.integers, torch.tensor([[[[1]]]], dtype=torch.int32))
+    assert torch.equal(model(x), expected)
+    assert not [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+class _ConvBN(torch.nn.Module):
+    def __init__(self, conv, bn):
+        super().__init__()
+        self.conv, self.bn = conv, bn
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def test_batchnorm_with_another_reader_of_its_convolution_is_not_folded():
+    from torch import fx, nn
+
+    from cmtkd_graph.deploy.inference import fold_batchnorm
+
+    class TwoReaders(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2).eval()
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    model = fx.symbolic_trace(TwoReaders().eval())
+    assert fold_batchnorm(model) == []

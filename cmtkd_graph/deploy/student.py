@@ -104,14 +104,22 @@ def build_student(spec: Spec) -> fx.GraphModule:
     return build_network(spec.student, spec).eval()
 
 
-def load_student(path: str | Path, *, checkpoint: str | None = None) -> fx.GraphModule:
+def load_student(
+    path: str | Path, *, checkpoint: str | None = None, inference: bool = False
+) -> fx.GraphModule:
     """The trained student of an export, run or checkpoint directory, in eval mode, on the CPU.
 
     ``student(images)`` returns the logits, bit-identical on CPU to the trained system's student.
+    ``inference=True``: its inference form (``deploy.inference``: weights decoded once, BatchNorm
+    folded), the same levels computed faster; its logits agree within float rounding of BatchNorm.
     """
     source = find_student(path, checkpoint=checkpoint)
     student = build_student(source.spec)
     load_state(student, source.state, origin=source.origin)
+    if inference:
+        from cmtkd_graph.deploy.inference import inference_form
+
+        return inference_form(student)
     return student
 
 

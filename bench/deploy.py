@@ -1,0 +1,211 @@
+"""Deployment speed: the low-bit student against its float network, in the same runtime, on this machine.
+
+For each model (resnet18 at 32x32 with the CIFAR stem and at 224x224; mobilenet_v2 at 224x224; HWGQ
+W2A2 and LSQ W4A4 students) and each backend, the student's latency (batch 1) and throughput (batch 64)
+against the float network of the same architecture, timed interleaved in one run (best of ``--repeat``
+rounds, each round runs every candidate once):
+
+* PyTorch: the float network; the student as training built it (``load_student``: weight quantizers and
+  BatchNorm run on every call); its inference form (``load_student(..., inference=True)``: weights
+  decoded once, BatchNorm folded).
+* onnxruntime: the float network exported to ONNX; ``student.onnx`` of ``cmtkd-graph export`` (exact
+  sub-byte QuantizeLinear/DequantizeLinear).
+
+Students have random weights unless ``--run DIR`` gives a trained run or export (its model is then
+the only one timed); with ``--images ROOT`` (an image folder, e.g. CIFAR-10's ``test/``), every
+backend's top-1 agreement with the trained student and its largest logit difference on those images.
+
+    python -m bench.deploy [--models resnet18-32,...] [--repeat 7] [--run DIR --images ROOT] [--smoke]
+
+``--smoke``: one small model at batch 1 and 2, one round (what CI runs, so the script keeps working).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import cmtkd_graph as cg
+from cmtkd_graph.deploy.student import SPEC_FILE, STUDENT_FILE, build_student, find_student, load_student
+from cmtkd_graph.runtime.precision import machine_line
+from cmtkd_graph.spec import Spec
+from cmtkd_graph.spec.io import apply_override, dump_spec, validate_spec
+
+CIFAR = ["surgery=[cifar_stem]", "data.image_size=32"]
+MODELS = {  # name -> (base spec, overrides)
+    "resnet18-32-hwgq-w2a2": ("resnet18", CIFAR),
+    "resnet18-224-hwgq-w2a2": ("resnet18", ["surgery=[]", "data.image_size=224"]),
+    "mobilenet_v2-224-hwgq-w2a2": (
+        "resnet18",
+        ["student.arch=mobilenet_v2", "surgery=[]", "data.image_size=224"],
+    ),
+    "mobilenet_v2-224-lsq-w4a4": (
+        "resnet18",
+        [
+            "student.arch=mobilenet_v2",
+            "surgery=[]",
+            "data.image_size=224",
+            "quantizer.name=lsq",
+            "student.weight_bits=4",
+            "student.act_bits=4",
+        ],
+    ),
+}
+COMMON = ["student.kwargs={num_classes: 10}", "teachers=[]", "method=single", "distill={}"]
+FLOAT = ["student.weight_bits=32", "student.act_bits=32"]
+
+
+def student_spec(name: str, smoke: bool) -> Spec:
+    base, overrides = MODELS[name]
+    extra = ["data.image_size=32"] if smoke else []
+    return cg.load_spec(base, [*COMMON, *overrides, *extra])
+
+
+def float_network(spec: Spec) -> torch.nn.Module:
+    """The student's architecture in float (same surgery), with BatchNorm statistics like the student's."""
+    data = spec.model_dump(mode="json")
+    for override in FLOAT:
+        apply_override(data, override)
+    return build_student(validate_spec(data))
+
+
+def as_run_dir(spec: Spec, student: torch.nn.Module, directory: Path) -> Path:
+    """A directory ``cmtkd-graph export`` and ``load_student`` read: the spec and the student's weights."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / SPEC_FILE).write_text(dump_spec(spec))
+    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(directory / STUDENT_FILE))
+    return directory
+
+
+def torch_candidates(run: Path, spec: Spec) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    floating = float_network(spec).eval()
+    student = load_student(run)
+    form = load_student(run, inference=True)
+    return {"float": floating, "student": student, "inference form": form}
+
+
+def onnx_candidates(run: Path, spec: Spec, work: Path) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The float network and ``student.onnx`` in onnxruntime; empty when the export extra is missing."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        print("  onnxruntime: not installed (pip install 'cmtkd-graph[export]'), skipped")
+        return {}
+    from cmtkd_graph.deploy.export import export
+
+    export(run, work / "export", formats=("torch", "onnx"))
+    float_file = work / "float.onnx"
+    sample = torch.randn(1, *spec.data.input_shape())
+    torch.onnx.export(
+        float_network(spec).eval(),
+        (sample,),
+        str(float_file),
+        dynamo=True,
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+        input_names=["images"],
+        output_names=["logits"],
+        verbose=False,
+    )
+
+    def session(path: Path):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = torch.get_num_threads()
+        s = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return lambda x: torch.from_numpy(s.run(None, {"images": x.numpy()})[0])
+
+    return {"float": session(float_file), "student.onnx": session(work / "export" / "student.onnx")}
+
+
+def interleaved(candidates: dict, x: torch.Tensor, repeat: int) -> dict[str, float]:
+    """Best time per candidate over ``repeat`` rounds; each round runs every candidate once, in turn."""
+    best = dict.fromkeys(candidates, float("inf"))
+    with torch.inference_mode():
+        for fn in candidates.values():  # warm-up
+            fn(x)
+        for _ in range(repeat):
+            for name, fn in candidates.items():
+                start = time.perf_counter()
+                fn(x)
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def agreement(candidates: dict, reference: torch.Tensor, images: torch.Tensor) -> dict[str, str]:
+    out = {}
+    with torch.inference_mode():
+        for name, fn in candidates.items():
+            got = fn(images)
+            top1 = (got.argmax(1) == reference.argmax(1)).float().mean().item()
+            largest = (got - reference).abs().max().item()
+            out[name] = f"top-1 agreement {100 * top1:.1f}%, largest logit difference {largest:.3g}"
+    return out
+
+
+def real_images(spec: Spec, root: str, limit: int) -> torch.Tensor:
+    from cmtkd_graph.deploy.predict import read_images
+
+    files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    step = max(1, len(files) // limit)  # spread over the classes of a sorted folder
+    return read_images(files[::step][:limit], spec)
+
+
+def bench_model(name: str, run: Path, spec: Spec, args, work: Path) -> None:
+    print(f"\n{name}: input {'x'.join(map(str, spec.data.input_shape()))}")
+    backends = {"PyTorch": torch_candidates(run, spec), "onnxruntime": onnx_candidates(run, spec, work)}
+    batches = (1, 2) if args.smoke else (1, 64)
+    for backend, candidates in backends.items():
+        if not candidates:
+            continue
+        for batch in batches:
+            x = torch.randn(batch, *spec.data.input_shape(), generator=torch.Generator().manual_seed(0))
+            times = interleaved(candidates, x, args.repeat)
+            base = times["float"]
+            cells = ", ".join(
+                f"{k} {1e3 * t:.1f} ms (x{base / t:.2f})" for k, t in times.items() if k != "float"
+            )
+            print(f"  {backend:11s} batch {batch:3d}: float {1e3 * base:.1f} ms; {cells}")
+        if args.images:
+            images = real_images(spec, args.images, args.limit)
+            with torch.inference_mode():
+                reference = load_student(run)(images)
+            for k, line in agreement(
+                {k: v for k, v in candidates.items() if k != "float"}, reference, images
+            ).items():
+                print(f"  {backend:11s} {k} on {len(images)} real images: {line}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--run", help="a trained run or export directory: time and check its student")
+    parser.add_argument("--images", help="an image folder (e.g. data/cifar10/test) for the agreement")
+    parser.add_argument("--limit", type=int, default=1000, help="at most this many real images")
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    if args.smoke:
+        args.repeat = 1
+    print(machine_line())
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if args.run:
+            spec = find_student(args.run).spec
+            bench_model(f"{spec.student.arch} from {args.run}", Path(args.run), spec, args, work)
+            return
+        names = ["resnet18-32-hwgq-w2a2"] if args.smoke else args.models.split(",")
+        for name in names:
+            torch.manual_seed(0)
+            spec = student_spec(name, args.smoke)
+            run = as_run_dir(spec, build_student(spec), work / name / "run")
+            bench_model(name, run, spec, args, work / name)
+
+
+if __name__ == "__main__":
+    main()

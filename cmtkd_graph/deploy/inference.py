@@ -1,0 +1,246 @@
+"""The student's inference form: what the trained student computes, without the training machinery.
+
+Three in-place passes over a copy of the student, each a small function over the graph:
+
+* ``decode_weights``: every weight quantizer runs once, now. A quantized conv/linear layer becomes an
+  :class:`IntegerWeightConv2d` / :class:`IntegerWeightLinear`, a plain float layer whose weight is its
+  integer codes times a per-output-channel scale, kept beside it (``integers``, ``scale``) for the
+  integer exports. Other layers with quantized weights (attention) get their decoded weights as
+  constants.
+* ``fold_batchnorm``: a BatchNorm whose only input is a convolution called once, and which is that
+  convolution's only reader, is folded into it: ``scale *= gamma / sqrt(var + eps)``, the bias becomes
+  ``beta + (bias - mean) * gamma / sqrt(var + eps)``. The integer codes do not change.
+* ``requantize_activations``: every activation quantizer becomes an :class:`ActivationRequantizer`,
+  the quantizer's own integer mapping times its (now constant) scale, with no autograd wrapper.
+
+Weights and activations stay exactly the trained student's levels; only BatchNorm's folding reorders
+float arithmetic, so an activation within float rounding of a quantizer's decision boundary can take
+the neighbouring level. ``tests/test_inference.py`` states the agreement on real images.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, fx, nn
+
+from cmtkd_graph.passes.graph_pass import finish
+from cmtkd_graph.passes.tracer import copy_graph_module, replace_submodule
+from cmtkd_graph.quantizers import Quantizer
+from cmtkd_graph.quantizers.base import IntegerGrid
+from cmtkd_graph.quantizers.layers import QuantConv2d, QuantLinear
+
+WEIGHT_QUANTIZER = "weight_quantizer"
+INPUT_QUANTIZER = "input_quantizer"
+
+
+class _IntegerWeights:
+    """What both integer-weight layers hold: ``weight == integers * scale`` (per output channel)."""
+
+    integers: Tensor  # int32, the weight's shape
+    scale: Tensor  # float32, (C_out,)
+    grid: IntegerGrid
+
+    def _set_integer_weight(self, integers: Tensor, scale: Tensor, grid: IntegerGrid) -> None:
+        self.grid = grid
+        self.register_buffer("integers", integers.to(torch.int32))
+        self.register_buffer("scale", scale.reshape(-1).float().expand(integers.shape[0]).clone())
+        self.update_weight()
+
+    def update_weight(self) -> None:
+        """``weight`` from ``integers`` and ``scale`` (after folding changed the scale)."""
+        shape = (-1,) + (1,) * (self.integers.dim() - 1)
+        weight = self.integers.float() * self.scale.view(shape)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, integers {self.grid.qmin}..{self.grid.qmax}"
+
+
+class IntegerWeightConv2d(_IntegerWeights, nn.Conv2d):
+    """A convolution whose weight is integer codes times a per-output-channel scale, decoded once."""
+
+    @classmethod
+    def from_quantized(cls, layer: QuantConv2d) -> IntegerWeightConv2d:
+        new = cls(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+            bias=layer.bias is not None,
+            padding_mode=layer.padding_mode,
+            device="meta",
+        )
+        _take_quantized(new, layer)
+        return new
+
+
+class IntegerWeightLinear(_IntegerWeights, nn.Linear):
+    """A linear layer whose weight is integer codes times a per-output-channel scale, decoded once."""
+
+    @classmethod
+    def from_quantized(cls, layer: QuantLinear) -> IntegerWeightLinear:
+        new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        _take_quantized(new, layer)
+        return new
+
+
+@torch.no_grad()
+def _take_quantized(new: _IntegerWeights, layer: QuantConv2d | QuantLinear) -> None:
+    integer = layer.weight_quantizer.to_integers(layer.weight)
+    new._set_integer_weight(integer.q, integer.scale, integer.grid)
+    if layer.bias is not None:
+        new.bias = nn.Parameter(layer.bias.detach().float().clone(), requires_grad=False)
+    quantizer = getattr(layer, INPUT_QUANTIZER, None)
+    if quantizer is not None:
+        new.input_quantizer = quantizer
+    new.train(False)
+
+
+class DecodedWeight(nn.Module):
+    """In place of a weight quantizer of another layer type: the decoded weight, whatever it is given."""
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)
+
+    def forward(self, _latent: Tensor) -> Tensor:
+        return self.weight
+
+
+class ActivationRequantizer(nn.Module):
+    """An activation quantizer for inference: its integers times its scale, no autograd wrapper.
+
+    ``quantizer`` stays a child (its grid, scale and signedness are what the integer exports read).
+    """
+
+    def __init__(self, quantizer: Quantizer):
+        super().__init__()
+        self.quantizer = quantizer
+        self.grid: IntegerGrid = quantizer.grid
+        self.register_buffer("step", quantizer.input_scale().detach().float().reshape(()).clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, scale = self.quantizer.integers(x.float())
+        return q.mul_(scale).to(x.dtype)
+
+
+@torch.no_grad()
+def decode_weights(student: fx.GraphModule) -> None:
+    """In place: every weight quantizer applied once (see module docstring)."""
+    for name, module in list(student.named_modules()):
+        if isinstance(module, QuantConv2d):
+            replace_submodule(student, name, IntegerWeightConv2d.from_quantized(module))
+        elif isinstance(module, QuantLinear):
+            replace_submodule(student, name, IntegerWeightLinear.from_quantized(module))
+    for name, module in list(student.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, Quantizer) and child_name.endswith(WEIGHT_QUANTIZER):
+                latent = module.get_parameter(child_name.removesuffix("_quantizer"))
+                path = f"{name}.{child_name}" if name else child_name
+                replace_submodule(student, path, DecodedWeight(child(latent.detach().float())))
+
+
+@torch.no_grad()
+def fold_batchnorm(student: fx.GraphModule) -> list[str]:
+    """In place: fold each foldable BatchNorm2d into its convolution; returns the folded BN paths."""
+    calls: dict[str, int] = {}
+    for node in student.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    folded = []
+    for node in list(student.graph.nodes):
+        if node.op != "call_module" or calls[node.target] != 1:
+            continue
+        bn = student.get_submodule(node.target)
+        if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or len(node.args) != 1:
+            continue
+        conv_node = node.args[0]
+        if not (
+            isinstance(conv_node, fx.Node)
+            and conv_node.op == "call_module"
+            and calls[conv_node.target] == 1
+            and len(conv_node.users) == 1
+        ):
+            continue
+        conv = student.get_submodule(conv_node.target)
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        _fold_into(student, conv_node.target, conv, bn)
+        node.replace_all_uses_with(conv_node)
+        student.graph.erase_node(node)
+        parent, _, name = node.target.rpartition(".")
+        delattr(student.get_submodule(parent) if parent else student, name)
+        folded.append(node.target)
+    return folded
+
+
+def _fold_into(student: fx.GraphModule, path: str, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    factor = 1.0 / torch.sqrt(bn.running_var.float() + bn.eps)
+    if bn.weight is not None:
+        factor = bn.weight.detach().float() * factor
+    bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros_like(factor)
+    shift = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(factor)
+    new_bias = nn.Parameter(shift + (bias - bn.running_mean.float()) * factor, requires_grad=False)
+    if isinstance(conv, IntegerWeightConv2d):
+        conv.scale.mul_(factor)
+        conv.update_weight()
+        conv.bias = new_bias
+        return
+    folded = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+        device="meta",
+    )
+    folded.weight = nn.Parameter(conv.weight.detach().float() * factor.view(-1, 1, 1, 1), requires_grad=False)
+    folded.bias = new_bias
+    for child_name, child in conv.named_children():  # an input quantizer of a layer kept float
+        folded.add_module(child_name, child)
+    replace_submodule(student, path, folded.eval())
+
+
+def requantize_activations(student: fx.GraphModule) -> None:
+    """In place: every activation quantizer (a graph node) becomes an :class:`ActivationRequantizer`."""
+    for node in student.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = student.get_submodule(node.target)
+        if isinstance(module, Quantizer):
+            replace_submodule(student, node.target, ActivationRequantizer(module))
+
+
+def inference_form(student: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the trained ``student`` for inference (see module docstring), in eval mode, on its device.
+
+    Its parameters do not require gradients (they share storage with ``student``'s where a pass left a
+    layer as it was); ``student`` itself is left as it is.
+    """
+    form = copy_graph_module(student).eval()
+    decode_weights(form)
+    fold_batchnorm(form)
+    requantize_activations(form)
+    for module in form.modules():
+        for name, parameter in list(module._parameters.items()):
+            if parameter is not None and parameter.requires_grad:
+                module._parameters[name] = nn.Parameter(parameter.detach(), requires_grad=False)
+    return finish(form).eval()
+
+
+__all__ = [
+    "ActivationRequantizer",
+    "IntegerWeightConv2d",
+    "IntegerWeightLinear",
+    "decode_weights",
+    "fold_batchnorm",
+    "inference_form",
+    "requantize_activations",
+]
