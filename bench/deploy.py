@@ -9,7 +9,8 @@ rounds, each round runs every candidate once):
   BatchNorm run on every call); its inference form (``load_student(..., inference=True)``: weights
   decoded once, BatchNorm folded).
 * onnxruntime: the float network exported to ONNX; ``student.onnx`` of ``cmtkd-graph export`` (exact
-  sub-byte QuantizeLinear/DequantizeLinear).
+  sub-byte QuantizeLinear/DequantizeLinear); ``student-int8.onnx`` (integer kernels; calibrated on
+  ``--images``, so only with them), with how many quantized layers run on integer kernels.
 
 Students have random weights unless ``--run DIR`` gives a trained run or export (its model is then
 the only one timed); with ``--images ROOT`` (an image folder, e.g. CIFAR-10's ``test/``), every
@@ -90,7 +91,9 @@ def torch_candidates(run: Path, spec: Spec) -> dict[str, Callable[[torch.Tensor]
     return {"float": floating, "student": student, "inference form": form}
 
 
-def onnx_candidates(run: Path, spec: Spec, work: Path) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+def onnx_candidates(
+    run: Path, spec: Spec, work: Path, images: str | None
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """The float network and ``student.onnx`` in onnxruntime; empty when the export extra is missing."""
     try:
         import onnxruntime as ort
@@ -99,7 +102,8 @@ def onnx_candidates(run: Path, spec: Spec, work: Path) -> dict[str, Callable[[to
         return {}
     from cmtkd_graph.deploy.export import export
 
-    export(run, work / "export", formats=("torch", "onnx"))
+    formats = ("torch", "onnx", "onnx-int8") if images else ("torch", "onnx")
+    manifest = export(run, work / "export", formats=formats, calibration=images)
     float_file = work / "float.onnx"
     sample = torch.randn(1, *spec.data.input_shape())
     torch.onnx.export(
@@ -120,7 +124,15 @@ def onnx_candidates(run: Path, spec: Spec, work: Path) -> dict[str, Callable[[to
         s = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return lambda x: torch.from_numpy(s.run(None, {"images": x.numpy()})[0])
 
-    return {"float": session(float_file), "student.onnx": session(work / "export" / "student.onnx")}
+    candidates = {"float": session(float_file), "student.onnx": session(work / "export" / "student.onnx")}
+    int8 = manifest.get("onnx_int8") or {}
+    if int8.get("file"):
+        print(
+            f"  student-int8.onnx: {int8['integer_layers']} of {int8['quantized_layers']} quantized layers "
+            f"on integer kernels in onnxruntime's optimized graph; {int8['why']}"
+        )
+        candidates["student-int8.onnx"] = session(work / "export" / "student-int8.onnx")
+    return candidates
 
 
 def interleaved(candidates: dict, x: torch.Tensor, repeat: int) -> dict[str, float]:
@@ -158,7 +170,10 @@ def real_images(spec: Spec, root: str, limit: int) -> torch.Tensor:
 
 def bench_model(name: str, run: Path, spec: Spec, args, work: Path) -> None:
     print(f"\n{name}: input {'x'.join(map(str, spec.data.input_shape()))}")
-    backends = {"PyTorch": torch_candidates(run, spec), "onnxruntime": onnx_candidates(run, spec, work)}
+    backends = {
+        "PyTorch": torch_candidates(run, spec),
+        "onnxruntime": onnx_candidates(run, spec, work, args.images),
+    }
     batches = (1, 2) if args.smoke else (1, 64)
     for backend, candidates in backends.items():
         if not candidates:

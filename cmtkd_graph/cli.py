@@ -114,14 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export the student: safetensors, packed integer codes, ONNX")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run, one of its checkpoints, or an export")
     p.add_argument("--out", required=True, help="directory to write the export into")
-    p.add_argument("--format", choices=["all", "torch", "codes", "onnx"], default="all")
+    p.add_argument("--format", choices=["all", "torch", "codes", "onnx", "onnx-int8"], default="all")
+    p.add_argument(
+        "--calibration",
+        metavar="IMAGE_FOLDER",
+        help="real images for the onnx-int8 export's calibration and check (default: the run's eval data)",
+    )
     p.add_argument("--checkpoint", help="latest or a checkpoint path (default: the run's final student)")
 
     p = sub.add_parser("predict", help="class and probability per image, from an exported student")
     p.add_argument("directory", metavar="DIR", help="an export (or run) directory")
     p.add_argument("images", metavar="IMAGE", nargs="+")
     p.add_argument("--top", type=int, default=1, help="classes to show per image (default 1)")
-    p.add_argument("--backend", choices=["torch", "integer", "onnx"], default="torch")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "torch", "inference", "integer", "onnx", "onnx-int8"],
+        default="auto",
+        help="default auto: the fastest usable backend on this machine (timed; the choice goes to stderr)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
     return parser
 
@@ -272,7 +282,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cmtkd_graph.deploy.export import FORMATS, export, summary
 
     formats = FORMATS if args.format == "all" else ("torch", args.format)
-    manifest = export(args.run_dir, args.out, formats=formats, checkpoint=args.checkpoint)
+    manifest = export(
+        args.run_dir, args.out, formats=formats, checkpoint=args.checkpoint, calibration=args.calibration
+    )
     print(summary(manifest, Path(args.out)))
     return 0
 
@@ -280,7 +292,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from cmtkd_graph.deploy.predict import format_predictions, predict
 
-    results = predict(args.directory, args.images, top=args.top, backend=args.backend)
+    results = predict(
+        args.directory,
+        args.images,
+        top=args.top,
+        backend=args.backend,
+        report=lambda line: print(line, file=sys.stderr),
+    )
     print(json.dumps(results, indent=1) if args.json else format_predictions(results))
     return 0
 

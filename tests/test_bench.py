@@ -46,5 +46,7 @@ def test_deploy_bench_smoke(cifar10_jpeg):
         assert re.search(rf"{backend} +batch +1: float \d+\.\d ms; ", out), out
     assert re.search(r"inference form \d+\.\d ms \(x\d+\.\d\d\)", out)
     assert re.search(r"student\.onnx \d+\.\d ms \(x\d+\.\d\d\)", out)
+    assert re.search(r"student-int8\.onnx \d+\.\d ms \(x\d+\.\d\d\)", out), out
+    assert re.search(r"student-int8\.onnx: 19 of 19 quantized layers on integer kernels", out), out
     # each backend against the trained student on real images
     assert re.search(r"inference form on 20 real images: top-1 agreement \d+\.\d%", out), out

@@ -7,6 +7,8 @@ adapters so that there is something to leave out of the export) is trained once 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -344,10 +346,19 @@ def test_eval_under_accelerate_launch_counts_each_image_once(trained_run, tmp_pa
 
 def test_predict_names_classes_with_every_backend(exported, cifar10_jpeg):
     images = sorted((cifar10_jpeg / "test").glob("*/*.jpg"))[:3]
-    outputs = [predict(exported, images, top=2, backend=b) for b in ("torch", "integer", "onnx")]
-    result = cli("predict", str(exported), *map(str, images), "--top", "2", "--json")
+    outputs = [
+        predict(exported, images, top=2, backend=b)
+        for b in ("torch", "integer", "onnx", "inference", "onnx-int8")
+    ]
+    result = cli("predict", str(exported), *map(str, images), "--top", "2", "--json", "--backend", "torch")
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout) == json.loads(json.dumps(outputs[0], default=str))
+    # auto: the fastest usable backend here, named with the times it compared
+    result = cli("predict", str(exported), *map(str, images))
+    assert result.returncode == 0, result.stderr[-2000:]
+    chosen = re.fullmatch(r"backend: (\S+) \(fastest here for one image: (.*)\)\n", result.stderr)
+    assert chosen and chosen[1] in {"inference", "onnx", "onnx-int8"}, result.stderr
+    assert {"inference", "onnx"} <= set(re.findall(r"([\w-]+) \d+\.\d ms", chosen[2]))
     classes = sorted(p.name for p in (cifar10_jpeg / "test").iterdir())
     for r in outputs[0]:
         assert len(r["predictions"]) == 2 and r["predictions"][0]["class"] in classes
@@ -355,9 +366,10 @@ def test_predict_names_classes_with_every_backend(exported, cifar10_jpeg):
     assert [r["predictions"][0]["class"] for r in outputs[0]] == [
         r["predictions"][0]["class"] for r in outputs[1]
     ]
-    assert [r["predictions"][0]["index"] for r in outputs[0]] == [
-        r["predictions"][0]["index"] for r in outputs[2]
-    ]
+    for other in outputs[2:]:
+        assert [r["predictions"][0]["index"] for r in outputs[0]] == [
+            r["predictions"][0]["index"] for r in other
+        ]
     assert format_predictions(outputs[0]).startswith(f"{images[0]}: ")
     missing = cli("predict", str(exported), "no-such-image.jpg")
     assert (
@@ -464,6 +476,7 @@ def test_folded_batchnorm_equals_conv_then_batchnorm_hand_computed():
     bn.bias.data.fill_(1.0)
     bn.running_mean.fill_(3.0)
     bn.running_var.fill_(3.0)
+
     class Tracer(fx.Tracer):  # the integer-weight conv is one node, as in a student's graph
         def is_leaf_module(self, m, name):
             return isinstance(m, IntegerWeightConv2d) or super().is_leaf_module(m, name)
@@ -507,3 +520,56 @@ def test_batchnorm_with_another_reader_of_its_convolution_is_not_folded():
 
     model = fx.symbolic_trace(TwoReaders().eval())
     assert fold_batchnorm(model) == []
+
+
+# ------------------------------------------------------------------------------------ int8 ONNX
+def test_int8_onnx_runs_every_quantized_convolution_on_integer_kernels(exported):
+    """onnxruntime's optimized graph (not the intent) puts all 19 quantized convolutions of the W2A2
+    resnet18 on QLinearConv, and the model agrees with the trained student on real images."""
+    import onnx
+    import onnxruntime as ort
+
+    manifest = json.loads((exported / "manifest.json").read_text())
+    int8 = manifest["onnx_int8"]
+    assert manifest["files"]["onnx-int8"] == "student-int8.onnx" and int8["integer_layers"] == 19
+    quantized = [r for r in manifest["layers"] if "onnx_int8" in r]
+    assert len(quantized) == 19 and {r["onnx_int8"]["kernel"] for r in quantized} == {"QLinearConv"}
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(exported.parent / "optimized.onnx")
+    ort.InferenceSession(str(exported / "student-int8.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(exported.parent / "optimized.onnx")).graph.node]
+    # the only float convolution left is the full-precision first layer
+    assert ops.count("QLinearConv") == 19 and sum(op in {"Conv", "FusedConv"} for op in ops) <= 1, ops
+    spec = cg.load_spec(exported / "spec.yaml")
+    images, _ = real_images(spec, n=100)
+    session = ort.InferenceSession(str(exported / "student-int8.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        expected = cg.load_student(exported)(images).numpy()
+    agreement = (got.argmax(1) == expected.argmax(1)).mean()
+    assert agreement >= 0.95, agreement
+    assert int8["check_images"] == 50 and int8["usable"] == (int8["top1_agreement"] >= 0.99)
+    assert f"{100 * int8['top1_agreement']:.1f}%" in int8["why"]
+
+
+def test_int8_export_without_real_images_is_one_line_naming_the_fix(trained_run, tmp_path, cifar10_jpeg):
+    moved = tmp_path / "run"  # the run, its data gone
+    shutil.copytree(trained_run, moved)
+    spec = (moved / "spec.yaml").read_text().replace(str(cifar10_jpeg), "/nonexistent/cifar10")
+    (moved / "spec.yaml").write_text(spec)
+    result = cli("export", str(moved), "--out", str(tmp_path / "a"), "--format", "onnx-int8")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: onnx-int8 export: its calibration needs real images")
+    assert result.stderr.strip().endswith("give --calibration IMAGE_FOLDER")
+    # among all formats, the others are written and the manifest says why int8 is not
+    result = cli("export", str(moved), "--out", str(tmp_path / "all"))
+    assert result.returncode == 0 and "onnx-int8 skipped: onnx-int8 export: its calibration" in result.stdout
+    # an image folder instead of the run's data
+    result = cli(
+        "export", str(moved), "--out", str(tmp_path / "b"), "--format", "onnx-int8",
+        "--calibration", str(cifar10_jpeg / "test"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["onnx_int8"]["calibration"] == f"50 images of {cifar10_jpeg / 'test'}"
+    assert (tmp_path / "b" / "student-int8.onnx").is_file() and "onnx" not in manifest["files"]

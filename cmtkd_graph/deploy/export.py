@@ -4,6 +4,9 @@
 * ``codes``: ``codes.safetensors``, the integer codes of every quantized layer packed to their
   bit-width with their scales (``deploy.codes``); ``deploy.integer`` runs them on integers.
 * ``onnx``: ``student.onnx`` with QuantizeLinear/DequantizeLinear pairs (``deploy.onnx_export``).
+* ``onnx-int8``: ``student-int8.onnx``, the form onnxruntime runs on integer kernels
+  (``deploy.onnx_int8``), calibrated and checked on real images (the run's evaluation data, or
+  ``calibration``: an image folder).
 
 ``manifest.json`` describes them all: per layer the bits, codes used, packed size, MACs and BOPs, how
 the integer reference and the ONNX graph compute it; for the model the packed against the float size
@@ -39,8 +42,10 @@ from cmtkd_graph.spec.io import dump_spec
 
 log = logging.getLogger("cmtkd_graph")
 
-FORMATS = ("torch", "codes", "onnx")
+FORMATS = ("torch", "codes", "onnx", "onnx-int8")
 ONNX_FILE = "student.onnx"
+ONNX_INT8_FILE = "student-int8.onnx"
+CALIBRATION_IMAGES = 256  # and as many again to check the agreement
 MANIFEST_VERSION = 1
 
 
@@ -50,9 +55,11 @@ def export(
     *,
     formats: tuple[str, ...] = FORMATS,
     checkpoint: str | None = None,
+    calibration: str | Path | None = None,
 ) -> dict:
     """Write the student of ``source`` (a run, checkpoint or export directory) into ``out``; return the
-    manifest. Formats whose optional packages are missing (ONNX) are skipped with a note in it."""
+    manifest. Formats whose optional packages are missing (ONNX) are skipped with a note in it; so is
+    ``onnx-int8`` among all formats when no real images are at hand (asked for alone, that is an error)."""
     found = find_student(source, checkpoint=checkpoint)
     out = Path(out).expanduser()
     if out.resolve() == Path(source).expanduser().resolve():
@@ -76,6 +83,12 @@ def export(
         manifest["onnx"] = _onnx(student, layers, manifest, out / ONNX_FILE, found.spec)
         if manifest["onnx"].get("file"):
             manifest["files"]["onnx"] = ONNX_FILE
+    if "onnx-int8" in formats:
+        manifest["onnx_int8"] = _onnx_int8(
+            student, manifest, out / ONNX_INT8_FILE, found.spec, calibration, required=len(formats) <= 2
+        )
+        if manifest["onnx_int8"].get("file"):
+            manifest["files"]["onnx-int8"] = ONNX_INT8_FILE
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
     if found.run_dir is not None and (found.run_dir / "importance.png").is_file():
         shutil.copy(found.run_dir / "importance.png", out / "importance.png")
@@ -105,6 +118,56 @@ def _onnx(
             "skipped": f"torch {torch.__version__}'s ONNX exporter failed ({problem}); the ONNX export is "
             "tested with the versions in constraints.txt",
         }
+
+
+def _onnx_int8(
+    student: fx.GraphModule, manifest: dict, path: Path, spec: Spec, calibration, *, required: bool
+) -> dict:
+    try:
+        from cmtkd_graph.deploy.onnx_int8 import export_int8_onnx
+    except ImportError as err:
+        missing = getattr(err, "name", None) or "onnx"
+        return {"file": None, "skipped": f"{missing} is not installed; `pip install 'cmtkd-graph[export]'`"}
+    try:
+        images, source = calibration_images(spec, calibration)
+    except UserError as err:
+        if required:
+            raise
+        return {"file": None, "skipped": str(err)}
+    half = len(images) // 2
+    return export_int8_onnx(
+        student, manifest["layers"], path, calibration=images[:half], check=images[half:], source=source
+    )
+
+
+def calibration_images(spec: Spec, folder: str | Path | None) -> tuple[torch.Tensor, str]:
+    """Real images for the int8 export: ``folder`` (an image folder), else the run's evaluation data;
+    up to ``2 x CALIBRATION_IMAGES``, spread over the set (folders are sorted by class)."""
+    wanted = 2 * CALIBRATION_IMAGES
+    if folder is not None:
+        from cmtkd_graph.deploy.predict import read_images
+
+        root = Path(folder).expanduser()
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+        if len(files) < 2:
+            raise UserError(f"--calibration: {root} holds fewer than 2 images (.jpg/.jpeg/.png)")
+        picked = [files[int(i)] for i in torch.linspace(0, len(files) - 1, min(wanted, len(files)))]
+        return read_images(picked, spec), f"{root}"
+    from cmtkd_graph.data import build_datasets
+
+    try:
+        dataset = build_datasets(spec.data).eval
+    except UserError as err:
+        raise UserError(
+            f"onnx-int8 export: its calibration needs real images and the run's data cannot be read ({err}); "
+            "give --calibration IMAGE_FOLDER"
+        ) from None
+    indices = torch.linspace(0, len(dataset) - 1, min(wanted, len(dataset))).long().unique().tolist()
+    if len(indices) < 2:
+        raise UserError(
+            "onnx-int8 export: the run's evaluation data has fewer than 2 images; give --calibration"
+        )
+    return torch.stack([dataset[i][0] for i in indices]), f"the run's evaluation data ({spec.data.dataset})"
 
 
 def _manifest(found, student: fx.GraphModule, layers: list[QuantizedLayer]) -> dict:
@@ -254,6 +317,14 @@ def summary(manifest: dict, out: Path) -> str:
     lines.append(f"  {len(quantized)} of {len(manifest['layers'])} layers quantized; files:")
     for fmt, name in manifest["files"].items():
         lines.append(f"    {fmt:6s} {out / name}")
+    int8 = manifest.get("onnx_int8")
+    if int8 and int8.get("skipped"):
+        lines.append(f"  onnx-int8 skipped: {int8['skipped']}")
+    elif int8:
+        lines.append(
+            f"  onnx-int8: {int8['integer_layers']} of {int8['quantized_layers']} quantized layers on "
+            f"onnxruntime's integer kernels; {int8['why']}"
+        )
     onnx = manifest.get("onnx")
     if onnx and onnx.get("skipped"):
         lines.append(f"  onnx skipped: {onnx['skipped']}")

@@ -1,13 +1,18 @@
 """``cmtkd-graph predict DIR IMAGE...``: class and probability per image, from an exported student.
 
 Images are prepared as the run's evaluation prepared its data (resize/centre-crop to the input size,
-the dataset's mean/std; grey where the dataset's record says so), then run by the PyTorch student, the integer
-reference or onnxruntime (``--backend``).
+the dataset's mean/std; grey where the dataset's record says so), then run by one of ``BACKENDS``:
+the PyTorch student as trained (``torch``), its inference form (``inference``), the integer reference
+(``integer``), onnxruntime on ``student.onnx`` (``onnx``) or on ``student-int8.onnx`` (``onnx-int8``).
+``auto`` (the default) times the usable ones on this machine and takes the fastest: onnx-int8 only
+where the export found it within the agreement bound, onnxruntime only where it is installed.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,7 +23,8 @@ from cmtkd_graph.errors import UserError
 from cmtkd_graph.registry import DATASETS
 from cmtkd_graph.spec import Spec
 
-BACKENDS = ("torch", "integer", "onnx")
+BACKENDS = ("auto", "torch", "inference", "integer", "onnx", "onnx-int8")
+FILES = {"onnx": "student.onnx", "onnx-int8": "student-int8.onnx"}
 
 
 def read_images(paths: list[str | Path], spec: Spec) -> Tensor:
@@ -45,9 +51,15 @@ def read_images(paths: list[str | Path], spec: Spec) -> Tensor:
 
 
 def predict(
-    directory: str | Path, images: list[str | Path], *, top: int = 1, backend: str = "torch"
+    directory: str | Path,
+    images: list[str | Path],
+    *,
+    top: int = 1,
+    backend: str = "auto",
+    report: Callable[[str], None] | None = None,
 ) -> list[dict]:
-    """Per image: its path and the ``top`` classes with their probabilities."""
+    """Per image: its path and the ``top`` classes with their probabilities. ``report`` receives one
+    line naming the backend ``auto`` chose and why."""
     if backend not in BACKENDS:
         raise UserError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     if not images:
@@ -55,7 +67,11 @@ def predict(
     directory = Path(directory).expanduser()
     spec = find_student(directory).spec
     batch = read_images(images, spec)
-    logits = _logits(directory, batch, backend)
+    if backend == "auto":
+        backend, why = fastest_backend(directory, tuple(batch.shape[1:]))
+        if report is not None:
+            report(f"backend: {backend} ({why})")
+    logits = runner(directory, backend)(batch)
     probabilities = torch.softmax(logits.float(), dim=1)
     classes = _classes(directory)
     values, indices = probabilities.topk(min(top, probabilities.shape[1]), dim=1)
@@ -73,25 +89,73 @@ def predict(
     return results
 
 
-def _logits(directory: Path, batch: Tensor, backend: str) -> Tensor:
-    if backend == "onnx":
-        onnx_file = directory / "student.onnx"
-        if not onnx_file.is_file():
-            raise UserError(f"{directory}: no student.onnx; export with --format onnx first")
+def runner(directory: Path, backend: str) -> Callable[[Tensor], Tensor]:
+    """``images -> logits`` of one backend (see module docstring)."""
+    if backend in FILES:
+        file = directory / FILES[backend]
+        if not file.is_file():
+            raise UserError(f"{directory}: no {FILES[backend]}; export with --format {backend} first")
         try:
             import onnxruntime as ort
         except ImportError:
-            raise UserError("--backend onnx needs onnxruntime: pip install 'cmtkd-graph[export]'") from None
-        session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-        return torch.from_numpy(session.run(None, {"images": batch.numpy()})[0])
+            raise UserError(
+                f"--backend {backend} needs onnxruntime: pip install 'cmtkd-graph[export]'"
+            ) from None
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+        return lambda batch: torch.from_numpy(session.run(None, {"images": batch.numpy()})[0])
     if backend == "integer":
         from cmtkd_graph.deploy.integer import integer_student
 
         model = integer_student(directory)
     else:
-        model = load_student(directory)
-    with torch.no_grad():
-        return model(batch)
+        model = load_student(directory, inference=backend == "inference")
+
+    def run(batch: Tensor) -> Tensor:
+        with torch.no_grad():
+            return model(batch)
+
+    return run
+
+
+def usable_backends(directory: Path) -> dict[str, str]:
+    """The backends ``auto`` may take here, and why each other one is left out."""
+    manifest_file = directory / MANIFEST_FILE
+    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+    left_out = {}
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        left_out["onnx"] = left_out["onnx-int8"] = "onnxruntime is not installed"
+    for backend, file in FILES.items():
+        if backend not in left_out and not (directory / file).is_file():
+            left_out[backend] = f"no {file}"
+    int8 = manifest.get("onnx_int8") or {}
+    if "onnx-int8" not in left_out and not int8.get("usable", False):
+        left_out["onnx-int8"] = int8.get("why", "the export did not check it")
+    return left_out
+
+
+def fastest_backend(directory: Path, input_shape: tuple[int, ...], repeat: int = 5) -> tuple[str, str]:
+    """The backend with the lowest latency for one image here (interleaved, best of ``repeat``)."""
+    left_out = usable_backends(directory)
+    candidates = {b: runner(directory, b) for b in ("inference", "onnx", "onnx-int8") if b not in left_out}
+    x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
+    best = dict.fromkeys(candidates, float("inf"))
+    for fn in candidates.values():
+        fn(x)
+    for _ in range(repeat):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn(x)
+            best[name] = min(best[name], time.perf_counter() - start)
+    chosen = min(best, key=best.get)
+    timed = ", ".join(f"{b} {1e3 * t:.1f} ms" for b, t in sorted(best.items(), key=lambda kv: kv[1]))
+    skipped = "; ".join(f"{b}: {why}" for b, why in left_out.items())
+    return chosen, f"fastest here for one image: {timed}" + (
+        f"; not considered: {skipped}" if skipped else ""
+    )
 
 
 def _classes(directory: Path) -> list[str] | None:

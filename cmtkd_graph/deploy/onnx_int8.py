@@ -1,0 +1,470 @@
+"""ONNX export that onnxruntime runs on integer kernels (``student-int8.onnx``).
+
+Written node by node from the student's inference form (``deploy.inference``: BatchNorm folded), in the
+QuantizeLinear/DequantizeLinear ("QDQ") format that onnxruntime's optimizer fuses into ``QLinearConv``
+and ``QLinearMatMul``:
+
+* a quantized layer's input: ``QuantizeLinear`` to uint8 (int8 for signed grids) with the quantizer's
+  scale, a ``Clip`` on the integers to the quantizer's grid (0..3 for 2 bits: the saturation stays on
+  the 8-bit type, where the fusion still happens), then ``DequantizeLinear``: exactly the trained
+  levels;
+* its weight: ``DequantizeLinear`` of int8 integers with a per-output-channel scale (the folded
+  BatchNorm's factor included; a negative factor flips the integers' sign); its bias: int32 on the
+  scale ``s_input * s_weight``, as the fused kernel adds it;
+* its output: onnxruntime fuses a convolution only when its output is quantized, so where the trained
+  student keeps it in float (a residual branch before its addition) it gets an 8-bit
+  ``QuantizeLinear``/``DequantizeLinear`` with a symmetric scale calibrated on real images (largest
+  magnitude seen / 127). This is the one approximation the trained student does not make; where the
+  output only feeds the next layer's quantizer (through a ReLU) that quantizer is the output's
+  quantization and nothing is added.
+
+Everything else (the float first convolution and classifier, residual additions, pooling) is float, as
+in the trained student. A layer whose grid an 8-bit kernel cannot hold (mid-rise activations, weights
+beyond int8) keeps the exact sub-byte form's float arithmetic; the manifest says which kernel
+onnxruntime chose for every layer, read from its optimized graph, and how well the export agrees with
+the trained student on the calibration images.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+from torch import Tensor, fx, nn
+
+from cmtkd_graph.deploy.inference import ActivationRequantizer, IntegerWeightConv2d, IntegerWeightLinear
+from cmtkd_graph.errors import UserError
+
+OPSET = 21
+INT8_KERNELS = {"QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger"}
+INT8_MAX = 127
+
+
+@dataclass
+class _Builder:
+    """The ONNX graph being written: nodes, initializers, and names of the FX values."""
+
+    nodes: list = field(default_factory=list)
+    initializers: list = field(default_factory=list)
+    names: dict = field(default_factory=dict)  # fx.Node -> ONNX value name
+    count: int = 0
+
+    def constant(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def node(self, op: str, inputs: list[str], name: str, **attributes) -> str:
+        self.count += 1
+        output = f"{name}:{op}:{self.count}"
+        self.nodes.append(
+            helper.make_node(op, inputs, [output], name=f"{name}/{op}_{self.count}", **attributes)
+        )
+        return output
+
+
+def _grid_type(grid) -> tuple[int, type, int] | None:
+    """(ONNX type, numpy type, zero point) of an 8-bit tensor holding ``grid``'s integers, or None."""
+    if grid.step != 1:
+        return None  # mid-rise: odd integers, no zero level
+    if grid.qmin >= 0 and grid.qmax <= 255:
+        return TensorProto.UINT8, np.uint8, 0
+    if grid.qmin >= -128 and grid.qmax <= INT8_MAX:
+        return TensorProto.INT8, np.int8, 0
+    return None
+
+
+def _exact_levels(b: _Builder, x: str, requantizer: ActivationRequantizer, name: str) -> str:
+    """``x`` on the quantizer's grid as Q -> Clip -> DQ (see module docstring)."""
+    quantizer, grid = requantizer.quantizer, requantizer.grid
+    scale = float(requantizer.step)
+    onnx_type = _grid_type(grid)
+    if onnx_type is None or getattr(quantizer, "caffe_rounding", False):
+        raise _NotInteger(f"{name}: its {grid.bits}-bit grid has no 8-bit form")
+    _, np_type, zero = onnx_type
+    s = b.constant(f"{name}.scale", np.array(scale, np.float32))
+    z = b.constant(f"{name}.zero_point", np.array(zero, np_type))
+    q = b.node("QuantizeLinear", [x, s, z], name)
+    low = b.constant(f"{name}.qmin", np.array(grid.qmin, np_type))
+    high = b.constant(f"{name}.qmax", np.array(grid.qmax, np_type))
+    clipped = b.node("Clip", [q, low, high], name)
+    return b.node("DequantizeLinear", [clipped, s, z], name)
+
+
+class _NotInteger(Exception):
+    """A layer that stays on float arithmetic (the reason is the message)."""
+
+
+def _integer_weight(b: _Builder, layer, input_scale: float, name: str) -> tuple[str, str | None]:
+    """DequantizeLinear of the int8 weight and of the int32 bias. A linear layer's weight is stored
+    transposed (in x out, scale per column), the operand order of the MatMul onnxruntime fuses."""
+    integers = layer.integers.to(torch.int64)
+    scale = layer.scale.double()
+    sign = torch.where(scale < 0, -1, 1)
+    integers = integers * sign.view(-1, *([1] * (integers.dim() - 1)))
+    scale = scale.abs().clamp(min=1e-30)
+    linear = isinstance(layer, nn.Linear)
+    if linear:
+        integers = integers.t()
+    w = b.constant(f"{name}.weight_integers", integers.contiguous().numpy().astype(np.int8))
+    ws = b.constant(f"{name}.weight_scale", scale.float().numpy())
+    wz = b.constant(f"{name}.weight_zero_point", np.zeros(len(scale), np.int8))
+    weight = b.node("DequantizeLinear", [w, ws, wz], name, axis=1 if linear else 0)
+    if layer.bias is None:
+        return weight, None
+    bias_scale = (scale * input_scale).float()
+    bias_integers = torch.round(layer.bias.double() / bias_scale.double()).clamp(-(2**31), 2**31 - 1)
+    bq = b.constant(f"{name}.bias_integers", bias_integers.numpy().astype(np.int32))
+    bs = b.constant(f"{name}.bias_scale", bias_scale.numpy())
+    bz = b.constant(f"{name}.bias_zero_point", np.zeros(len(scale), np.int32))
+    return weight, b.node("DequantizeLinear", [bq, bs, bz], name, axis=0)
+
+
+def _float_weight(b: _Builder, layer: nn.Module, name: str) -> tuple[str, str | None]:
+    weight = b.constant(f"{name}.weight", layer.weight.detach().float().numpy())
+    bias = None if layer.bias is None else b.constant(f"{name}.bias", layer.bias.detach().float().numpy())
+    return weight, bias
+
+
+def _conv_attributes(conv: nn.Conv2d) -> dict:
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise UserError(f"int8 ONNX export: padding {conv.padding!r}/{conv.padding_mode} is not supported")
+    return {
+        "strides": list(conv.stride),
+        "pads": [conv.padding[0], conv.padding[1], conv.padding[0], conv.padding[1]],
+        "dilations": list(conv.dilation),
+        "group": conv.groups,
+        "kernel_shape": list(conv.kernel_size),
+    }
+
+
+def _layer(b: _Builder, module: nn.Module, x: str, name: str, input_scale: float | None) -> str:
+    """A conv or linear layer; integer weights when its input was quantized just before."""
+    integer = input_scale is not None and isinstance(module, IntegerWeightConv2d | IntegerWeightLinear)
+    weight, bias = (
+        _integer_weight(b, module, input_scale, name) if integer else _float_weight(b, module, name)
+    )
+    inputs = [x, weight] + ([bias] if bias else [])
+    if isinstance(module, nn.Conv2d):
+        return b.node("Conv", inputs, name, **_conv_attributes(module))
+    if integer:  # QLinearMatMul fusion: MatMul with the (transposed) weight, then the bias
+        y = b.node("MatMul", [x, weight], name)
+        return b.node("Add", [y, bias], name) if bias else y
+    return b.node("Gemm", inputs, name, transB=1)
+
+
+@dataclass
+class Int8Plan:
+    """What the export decided per quantized layer: integer or float, and the output's 8-bit scale."""
+
+    integer: dict[str, str] = field(default_factory=dict)  # layer -> "" or why it stays float
+    output_scales: dict[str, float] = field(default_factory=dict)
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.ReLU)
+    return node.op == "call_function" and node.target in (F.relu, torch.relu)
+
+
+def _requantized_by_next_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a layer's output reaches nothing but one activation quantizer (through a ReLU)."""
+    users = list(node.users)
+    if len(users) == 1 and _is_relu(gm, users[0]):
+        users = list(users[0].users)
+    return (
+        len(users) == 1
+        and users[0].op == "call_module"
+        and isinstance(gm.get_submodule(users[0].target), ActivationRequantizer)
+    )
+
+
+def _quantized_input(gm: fx.GraphModule, node: fx.Node) -> ActivationRequantizer | None:
+    source = node.args[0] if node.args else None
+    if isinstance(source, fx.Node) and source.op == "call_module":
+        module = gm.get_submodule(source.target)
+        if isinstance(module, ActivationRequantizer):
+            return module
+    return None
+
+
+def calibrate(form: fx.GraphModule, images: Tensor) -> dict[str, float]:
+    """Largest magnitude of every conv/linear output on ``images`` (the 8-bit output scales' range)."""
+    largest: dict[str, float] = {}
+    hooks = []
+    for name, module in form.named_modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+
+            def record(_m, _args, out, name=name):
+                largest[name] = max(largest.get(name, 0.0), float(out.detach().abs().max()))
+
+            hooks.append(module.register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            for batch in images.split(64):
+                form(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return largest
+
+
+def build_int8_onnx(form: fx.GraphModule, calibration: Tensor) -> tuple[onnx.ModelProto, Int8Plan]:
+    """The QDQ model of the inference form ``form`` (see module docstring) and the per-layer plan."""
+    largest = calibrate(form, calibration)
+    b, plan = _Builder(), Int8Plan()
+    for node in form.graph.nodes:
+        b.names[node] = _emit(b, form, node, plan, largest)
+    output = next(n for n in form.graph.nodes if n.op == "output")
+    result = output.args[0]
+    graph = helper.make_graph(
+        b.nodes,
+        "student_int8",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", *calibration.shape[1:]])],
+        [helper.make_tensor_value_info(b.names[result], TensorProto.FLOAT, ["batch", None])],
+        b.initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.graph.output[0].name = b.names[result]
+    _rename_output(model, "logits")
+    onnx.checker.check_model(model, full_check=True)
+    return model, plan
+
+
+def _rename_output(model: onnx.ModelProto, new: str) -> None:
+    old = model.graph.output[0].name
+    for n in model.graph.node:
+        for i, name in enumerate(n.output):
+            if name == old:
+                n.output[i] = new
+        for i, name in enumerate(n.input):
+            if name == old:
+                n.input[i] = new
+    model.graph.output[0].name = new
+
+
+def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, largest: dict) -> str | None:
+    args = [b.names[a] if isinstance(a, fx.Node) else a for a in node.args]
+    if node.op == "placeholder":
+        return "images"
+    if node.op == "output":
+        return None
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        name = node.target
+        if isinstance(module, ActivationRequantizer):
+            try:
+                return _exact_levels(b, args[0], module, name)
+            except _NotInteger:
+                return _float_levels(b, args[0], module, name)
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            return _emit_layer(b, gm, node, module, args[0], plan, largest)
+        if isinstance(module, nn.ReLU):
+            return b.node("Relu", [args[0]], name)
+        if isinstance(module, nn.ReLU6 | nn.Hardtanh):
+            low, high = (0.0, 6.0) if isinstance(module, nn.ReLU6) else (module.min_val, module.max_val)
+            lo = b.constant(f"{name}.min", np.array(low, np.float32))
+            hi = b.constant(f"{name}.max", np.array(high, np.float32))
+            return b.node("Clip", [args[0], lo, hi], name)
+        if isinstance(module, nn.MaxPool2d):
+            return b.node("MaxPool", [args[0]], name, **_pool_attributes(module))
+        if isinstance(module, nn.AdaptiveAvgPool2d) and _one_by_one(module.output_size):
+            return b.node("GlobalAveragePool", [args[0]], name)
+        if isinstance(module, nn.Flatten) and module.end_dim == -1:
+            return b.node("Flatten", [args[0]], name, axis=module.start_dim)
+        if isinstance(module, nn.Dropout | nn.Identity):
+            return args[0]
+        raise UserError(_unsupported(f"{name} ({type(module).__name__})"))
+    if node.op == "call_function":
+        target = node.target
+        if target in (operator.add, torch.add) and len(args) == 2 and not node.kwargs:
+            return b.node("Add", args, node.name)
+        if target in (F.relu, torch.relu):
+            return b.node("Relu", [args[0]], node.name)
+        if target is torch.flatten and args[1:] in ([1], []) and not node.kwargs:
+            return b.node("Flatten", [args[0]], node.name, axis=args[1] if len(args) > 1 else 0)
+        if target is F.adaptive_avg_pool2d and _one_by_one(args[1]):
+            return b.node("GlobalAveragePool", [args[0]], node.name)
+        if target is F.dropout:
+            return args[0]
+    if node.op == "call_method" and node.target == "flatten" and args[1:] == [1]:
+        return b.node("Flatten", [args[0]], node.name, axis=1)
+    raise UserError(_unsupported(f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)})"))
+
+
+def _unsupported(what: str) -> str:
+    return (
+        f"int8 ONNX export: {what} is not one of the operations it writes (conv, linear, ReLU/ReLU6, "
+        "add, max/global-average pooling, flatten); export --format onnx (exact Q/DQ) instead"
+    )
+
+
+def _one_by_one(size) -> bool:
+    return size in (1, (1, 1), [1, 1])
+
+
+def _pool_attributes(pool: nn.MaxPool2d) -> dict:
+    pair = lambda v: list(v) if isinstance(v, tuple | list) else [v, v]
+    padding, kernel, stride = (
+        pair(pool.padding),
+        pair(pool.kernel_size),
+        pair(pool.stride or pool.kernel_size),
+    )
+    return {
+        "kernel_shape": kernel,
+        "strides": stride,
+        "pads": padding + padding,
+        "dilations": pair(pool.dilation),
+        "ceil_mode": int(pool.ceil_mode),
+    }
+
+
+def _float_levels(b: _Builder, x: str, requantizer: ActivationRequantizer, name: str) -> str:
+    """A grid without an 8-bit form (mid-rise): the levels computed in float, as Round and Clip."""
+    grid, scale = requantizer.grid, float(requantizer.step)
+    half = b.constant(f"{name}.scale", np.array(scale, np.float32))
+    if grid.step == 2:  # odd integers: 2 round((x - s) / 2s) + 1, clipped
+        double = b.constant(f"{name}.double_scale", np.array(2 * scale, np.float32))
+        k = b.node("Round", [b.node("Div", [b.node("Sub", [x, half], name), double], name)], name)
+        lo = b.constant(f"{name}.kmin", np.array((grid.qmin - 1) // 2, np.float32))
+        hi = b.constant(f"{name}.kmax", np.array((grid.qmax - 1) // 2, np.float32))
+        return b.node("Add", [b.node("Mul", [b.node("Clip", [k, lo, hi], name), double], name), half], name)
+    raise UserError(f"int8 ONNX export: {name}: its grid has no exact form here (caffe rounding)")
+
+
+def _emit_layer(
+    b: _Builder, gm: fx.GraphModule, node: fx.Node, module: nn.Module, x: str, plan: Int8Plan, largest: dict
+) -> str:
+    name = node.target
+    requantizer = _quantized_input(gm, node)
+    input_scale = None
+    if requantizer is not None and isinstance(module, IntegerWeightConv2d | IntegerWeightLinear):
+        if _grid_type(requantizer.grid) is None:
+            plan.integer[name] = f"its {requantizer.grid.bits}-bit input grid (mid-rise) has no 8-bit form"
+        elif module.integers.abs().max() > INT8_MAX:
+            plan.integer[name] = "its weight integers do not fit int8"
+        else:
+            input_scale = float(requantizer.step)
+            plan.integer[name] = ""
+    if input_scale is None:  # float arithmetic (decoded weights where they are quantized)
+        return _layer(b, module, x, name, None)
+    y = _layer(b, module, x, name, input_scale)
+    if _requantized_by_next_layer(gm, node):
+        return y
+    scale = max(largest.get(name, 0.0), 1e-12) / INT8_MAX
+    plan.output_scales[name] = scale
+    s = b.constant(f"{name}.output_scale", np.array(scale, np.float32))
+    z = b.constant(f"{name}.output_zero_point", np.array(0, np.int8))
+    return b.node("DequantizeLinear", [b.node("QuantizeLinear", [y, s, z], name), s, z], name)
+
+
+def session(path: Path | str, *, optimized: Path | None = None, threads: int = 0) -> ort.InferenceSession:
+    """An onnxruntime CPU session (``optimized``: also write the graph onnxruntime will run)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if optimized is not None:
+        options.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def kernels(optimized: onnx.ModelProto, layers: list[str]) -> dict[str, str]:
+    """Per layer, the operator onnxruntime's optimized graph runs it with (nodes keep the layer's name)."""
+    plumbing = {"QuantizeLinear", "DequantizeLinear", "Clip", "Transpose"}
+    found: dict[str, str] = {}
+    for n in optimized.graph.node:
+        if n.op_type in plumbing:
+            continue
+        for layer in layers:
+            if n.name.startswith(f"{layer}/") and (layer not in found or n.op_type in INT8_KERNELS):
+                found[layer] = n.op_type
+    return found
+
+
+AGREEMENT_BOUND = 0.99
+"""Least top-1 agreement with the trained student (on the export's check images) for ``predict`` to
+choose the int8 model on its own."""
+
+
+def export_int8_onnx(
+    student: fx.GraphModule,
+    records: list[dict],
+    path: Path,
+    *,
+    calibration: Tensor,
+    check: Tensor,
+    source: str,
+) -> dict:
+    """Write ``path`` from the trained ``student``; add each layer's kernel to its manifest record; return
+    the manifest's ``onnx_int8`` section (kernels from onnxruntime's optimized graph, agreement)."""
+    from cmtkd_graph.deploy.inference import inference_form
+
+    model, plan = build_int8_onnx(inference_form(student), calibration)
+    onnx.save(model, str(path))
+    optimized_file = path.with_suffix(".optimized.onnx")
+    try:
+        runner = session(path, optimized=optimized_file)
+        used = kernels(onnx.load(str(optimized_file)), list(plan.integer))
+    finally:
+        optimized_file.unlink(missing_ok=True)
+    for record in records:
+        name = record["name"]
+        if name not in plan.integer:
+            continue
+        why = plan.integer[name]
+        record["onnx_int8"] = {
+            "kernel": used.get(name, "?"),
+            "integer": used.get(name) in INT8_KERNELS,
+            "why": why
+            or (
+                "8-bit output calibrated"
+                if name in plan.output_scales
+                else "output requantized by the next layer's quantizer"
+            ),
+        }
+    (got,) = runner.run(None, {"images": check.numpy()})
+    with torch.no_grad():
+        expected = student(check).numpy()
+    top1 = float((got.argmax(1) == expected.argmax(1)).mean())
+    integer_layers = sum(1 for name in plan.integer if used.get(name) in INT8_KERNELS)
+    chosen = top1 >= AGREEMENT_BOUND
+    return {
+        "file": path.name,
+        "opset": OPSET,
+        "runtime": ort.__version__,
+        "calibration": f"{len(calibration)} images of {source}",
+        "check_images": len(check),
+        "top1_agreement": top1,
+        "max_abs_diff": float(np.abs(got - expected).max()),
+        "integer_layers": integer_layers,
+        "quantized_layers": len(plan.integer),
+        "calibrated_outputs": len(plan.output_scales),
+        "usable": chosen,
+        "why": (
+            f"top-1 agreement {100 * top1:.1f}% with the trained student on {len(check)} images"
+            + (
+                ""
+                if chosen
+                else f", below the {100 * AGREEMENT_BOUND:.0f}% bound: predict does not choose it"
+            )
+        ),
+        "bytes": path.stat().st_size,
+    }
+
+
+__all__ = [
+    "AGREEMENT_BOUND",
+    "Int8Plan",
+    "build_int8_onnx",
+    "calibrate",
+    "export_int8_onnx",
+    "kernels",
+    "session",
+]
