@@ -315,6 +315,15 @@ def test_onnx_export_of_mobilenet_v2(tmp_path, cifar10_jpeg):
     assert_agrees_but_at_boundaries(got, expected)
     assert_agrees_but_at_boundaries(got_int, expected)
     assert_layers_equal_within_float_rounding(integer, fake, images)
+    # int8: signed 4-bit inputs as uint8 with a zero point, ReLU6 left to the quantizer where its bound is
+    # above the top level: every quantized layer (depthwise included) on QLinearConv
+    int8 = manifest["onnx_int8"]
+    assert int8["integer_layers"] == int8["quantized_layers"] == 51, int8
+    session = ort.InferenceSession(
+        str(tmp_path / "out" / "student-int8.onnx"), providers=["CPUExecutionProvider"]
+    )
+    (got_int8,) = session.run(None, {"images": images.numpy()})
+    assert (got_int8.argmax(1) == expected.argmax(1)).mean() >= 0.9
 
 
 # ------------------------------------------------------------------------------------ eval and predict

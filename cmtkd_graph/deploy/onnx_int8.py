@@ -4,8 +4,8 @@ Written node by node from the student's inference form (``deploy.inference``: Ba
 QuantizeLinear/DequantizeLinear ("QDQ") format that onnxruntime's optimizer fuses into ``QLinearConv``
 and ``QLinearMatMul``:
 
-* a quantized layer's input: ``QuantizeLinear`` to uint8 (int8 for signed grids) with the quantizer's
-  scale, a ``Clip`` on the integers to the quantizer's grid (0..3 for 2 bits: the saturation stays on
+* a quantized layer's input: ``QuantizeLinear`` to uint8 (signed grids shifted by a zero point) with
+  the quantizer's scale, a ``Clip`` on the integers to the quantizer's grid (0..3 for 2 bits: the saturation stays on
   the 8-bit type, where the fusion still happens), then ``DequantizeLinear``: exactly the trained
   levels;
 * its weight: ``DequantizeLinear`` of int8 integers with a per-output-channel scale (the folded
@@ -13,16 +13,16 @@ and ``QLinearMatMul``:
   scale ``s_input * s_weight``, as the fused kernel adds it;
 * its output: onnxruntime fuses a convolution only when its output is quantized, so where the trained
   student keeps it in float (a residual branch before its addition) it gets an 8-bit
-  ``QuantizeLinear``/``DequantizeLinear`` with a symmetric scale calibrated on real images (largest
-  magnitude seen / 127). This is the one approximation the trained student does not make; where the
-  output only feeds the next layer's quantizer (through a ReLU) that quantizer is the output's
-  quantization and nothing is added.
+  ``QuantizeLinear``/``DequantizeLinear`` (uint8 around 128) with a scale calibrated on real images
+  (largest magnitude seen / 127). This is the one approximation the trained student does not make;
+  where the output only feeds the next layer's quantizer (through a ReLU, or a ReLU6 whose bound lies
+  above the quantizer's top level) that quantizer is the output's quantization and nothing is added.
 
 Everything else (the float first convolution and classifier, residual additions, pooling) is float, as
 in the trained student. A layer whose grid an 8-bit kernel cannot hold (mid-rise activations, weights
 beyond int8) keeps the exact sub-byte form's float arithmetic; the manifest says which kernel
 onnxruntime chose for every layer, read from its optimized graph, and how well the export agrees with
-the trained student on the calibration images.
+the trained student on as many real images again (not those it was calibrated on).
 """
 
 from __future__ import annotations
@@ -70,14 +70,12 @@ class _Builder:
 
 
 def _grid_type(grid) -> tuple[int, type, int] | None:
-    """(ONNX type, numpy type, zero point) of an 8-bit tensor holding ``grid``'s integers, or None."""
-    if grid.step != 1:
+    """(ONNX type, numpy type, zero point) of the uint8 tensor holding ``grid``'s integers (signed grids
+    shifted by a zero point: onnxruntime fuses a convolution only when its input and output have the same
+    8-bit type, and uint8 is the one its x86 kernels take), or None."""
+    if grid.step != 1 or grid.qmax - grid.qmin > 255:
         return None  # mid-rise: odd integers, no zero level
-    if grid.qmin >= 0 and grid.qmax <= 255:
-        return TensorProto.UINT8, np.uint8, 0
-    if grid.qmin >= -128 and grid.qmax <= INT8_MAX:
-        return TensorProto.INT8, np.int8, 0
-    return None
+    return TensorProto.UINT8, np.uint8, -grid.qmin
 
 
 def _exact_levels(b: _Builder, x: str, requantizer: ActivationRequantizer, name: str) -> str:
@@ -91,8 +89,8 @@ def _exact_levels(b: _Builder, x: str, requantizer: ActivationRequantizer, name:
     s = b.constant(f"{name}.scale", np.array(scale, np.float32))
     z = b.constant(f"{name}.zero_point", np.array(zero, np_type))
     q = b.node("QuantizeLinear", [x, s, z], name)
-    low = b.constant(f"{name}.qmin", np.array(grid.qmin, np_type))
-    high = b.constant(f"{name}.qmax", np.array(grid.qmax, np_type))
+    low = b.constant(f"{name}.qmin", np.array(grid.qmin + zero, np_type))
+    high = b.constant(f"{name}.qmax", np.array(grid.qmax + zero, np_type))
     clipped = b.node("Clip", [q, low, high], name)
     return b.node("DequantizeLinear", [clipped, s, z], name)
 
@@ -173,16 +171,37 @@ def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in (F.relu, torch.relu)
 
 
-def _requantized_by_next_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether a layer's output reaches nothing but one activation quantizer (through a ReLU)."""
+def _only_quantizer(gm: fx.GraphModule, node: fx.Node) -> ActivationRequantizer | None:
+    """The activation quantizer that is ``node``'s only reader, if it is one."""
     users = list(node.users)
-    if len(users) == 1 and _is_relu(gm, users[0]):
-        users = list(users[0].users)
-    return (
-        len(users) == 1
-        and users[0].op == "call_module"
-        and isinstance(gm.get_submodule(users[0].target), ActivationRequantizer)
-    )
+    if len(users) == 1 and users[0].op == "call_module":
+        module = gm.get_submodule(users[0].target)
+        if isinstance(module, ActivationRequantizer):
+            return module
+    return None
+
+
+def _redundant_clip(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A ReLU6/hardtanh(0, m) read only by an unsigned quantizer whose top level is below m: the
+    quantizer's own saturation (at 0 and at its top level) already does what the clip does."""
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if not isinstance(module, nn.ReLU6 | nn.Hardtanh):
+        return False
+    low, high = (0.0, 6.0) if isinstance(module, nn.ReLU6) else (module.min_val, module.max_val)
+    quantizer = _only_quantizer(gm, node)
+    if quantizer is None or _grid_type(quantizer.grid) is None or low != 0.0:
+        return False
+    grid = quantizer.grid
+    return grid.qmin == 0 and (grid.qmax + 0.5) * float(quantizer.step) <= high
+
+
+def _requantized_by_next_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a layer's output reaches nothing but one activation quantizer (through a ReLU, or a clip
+    that quantizer makes redundant)."""
+    users = list(node.users)
+    if len(users) == 1 and (_is_relu(gm, users[0]) or _redundant_clip(gm, users[0])):
+        node = users[0]
+    return _only_quantizer(gm, node) is not None
 
 
 def _quantized_input(gm: fx.GraphModule, node: fx.Node) -> ActivationRequantizer | None:
@@ -267,6 +286,8 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
             return _emit_layer(b, gm, node, module, args[0], plan, largest)
         if isinstance(module, nn.ReLU):
             return b.node("Relu", [args[0]], name)
+        if _redundant_clip(gm, node):
+            return args[0]
         if isinstance(module, nn.ReLU6 | nn.Hardtanh):
             low, high = (0.0, 6.0) if isinstance(module, nn.ReLU6) else (module.min_val, module.max_val)
             lo = b.constant(f"{name}.min", np.array(low, np.float32))
@@ -360,7 +381,7 @@ def _emit_layer(
     scale = max(largest.get(name, 0.0), 1e-12) / INT8_MAX
     plan.output_scales[name] = scale
     s = b.constant(f"{name}.output_scale", np.array(scale, np.float32))
-    z = b.constant(f"{name}.output_zero_point", np.array(0, np.int8))
+    z = b.constant(f"{name}.output_zero_point", np.array(128, np.uint8))
     return b.node("DequantizeLinear", [b.node("QuantizeLinear", [y, s, z], name), s, z], name)
 
 
