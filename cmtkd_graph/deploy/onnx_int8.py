@@ -5,9 +5,9 @@ QuantizeLinear/DequantizeLinear ("QDQ") format that onnxruntime's optimizer fuse
 and ``QLinearMatMul``:
 
 * a quantized layer's input: ``QuantizeLinear`` to uint8 (signed grids shifted by a zero point) with
-  the quantizer's scale, a ``Clip`` on the integers to the quantizer's grid (0..3 for 2 bits: the saturation stays on
-  the 8-bit type, where the fusion still happens), then ``DequantizeLinear``: exactly the trained
-  levels;
+  the quantizer's scale, a ``Clip`` on the integers to the quantizer's grid (0..3 for 2 bits: the
+  saturation stays on the 8-bit type, where the fusion still happens), then ``DequantizeLinear``:
+  exactly the trained levels;
 * its weight: ``DequantizeLinear`` of int8 integers with a per-output-channel scale (the folded
   BatchNorm's factor included; a negative factor flips the integers' sign); its bias: int32 on the
   scale ``s_input * s_weight``, as the fused kernel adds it;
