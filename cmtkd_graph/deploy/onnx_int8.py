@@ -99,14 +99,28 @@ class _NotInteger(Exception):
     """A layer that stays on float arithmetic (the reason is the message)."""
 
 
-def _integer_weight(b: _Builder, layer, input_scale: float, name: str) -> tuple[str, str | None]:
+def _integer_weight(
+    b: _Builder, layer, input_scale: float, name: str, input_levels: int
+) -> tuple[str, str | None]:
     """DequantizeLinear of the int8 weight and of the int32 bias. A linear layer's weight is stored
-    transposed (in x out, scale per column), the operand order of the MatMul onnxruntime fuses."""
+    transposed (in x out, scale per column), the operand order of the MatMul onnxruntime fuses.
+
+    The fused kernel adds the bias as integers on the scale ``s_input * s_weight``: with 2- or 4-bit
+    grids that unit is coarse (a BatchNorm-folded bias would move by up to half of it in every output).
+    So each channel's integers are multiplied by the largest m that keeps them within int8 (scale / m):
+    the same weights, a bias m times finer. Where the input has more than 64 levels the integers stay
+    within +-63, so that AVX2's pairwise 16-bit sums of uint8 x int8 products cannot saturate.
+    """
     integers = layer.integers.to(torch.int64)
     scale = layer.scale.double()
     sign = torch.where(scale < 0, -1, 1)
-    integers = integers * sign.view(-1, *([1] * (integers.dim() - 1)))
-    scale = scale.abs().clamp(min=1e-30)
+    shape = (-1, *([1] * (integers.dim() - 1)))
+    integers = integers * sign.view(shape)
+    limit = INT8_MAX if input_levels <= 64 else 63
+    largest = integers.reshape(len(scale), -1).abs().amax(dim=1).clamp(min=1)
+    multiplier = (limit // largest).clamp(min=1)
+    integers = integers * multiplier.view(shape)
+    scale = (scale.abs() / multiplier.double()).clamp(min=1e-30)
     linear = isinstance(layer, nn.Linear)
     if linear:
         integers = integers.t()
@@ -142,12 +156,15 @@ def _conv_attributes(conv: nn.Conv2d) -> dict:
     }
 
 
-def _layer(b: _Builder, module: nn.Module, x: str, name: str, input_scale: float | None) -> str:
+def _layer(
+    b: _Builder, module: nn.Module, x: str, name: str, input_scale: float | None, input_levels: int = 0
+) -> str:
     """A conv or linear layer; integer weights when its input was quantized just before."""
     integer = input_scale is not None and isinstance(module, IntegerWeightConv2d | IntegerWeightLinear)
-    weight, bias = (
-        _integer_weight(b, module, input_scale, name) if integer else _float_weight(b, module, name)
-    )
+    if integer:
+        weight, bias = _integer_weight(b, module, input_scale, name, input_levels)
+    else:
+        weight, bias = _float_weight(b, module, name)
     inputs = [x, weight] + ([bias] if bias else [])
     if isinstance(module, nn.Conv2d):
         return b.node("Conv", inputs, name, **_conv_attributes(module))
@@ -375,7 +392,8 @@ def _emit_layer(
             plan.integer[name] = ""
     if input_scale is None:  # float arithmetic (decoded weights where they are quantized)
         return _layer(b, module, x, name, None)
-    y = _layer(b, module, x, name, input_scale)
+    grid = requantizer.grid
+    y = _layer(b, module, x, name, input_scale, grid.qmax - grid.qmin + 1)
     if _requantized_by_next_layer(gm, node):
         return y
     scale = max(largest.get(name, 0.0), 1e-12) / INT8_MAX
