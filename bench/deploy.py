@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 import cmtkd_graph as cg
+from cmtkd_graph.deploy.predict import interleaved_times
 from cmtkd_graph.deploy.student import SPEC_FILE, STUDENT_FILE, build_student, find_student, load_student
 from cmtkd_graph.runtime.precision import machine_line
 from cmtkd_graph.spec import Spec
@@ -135,20 +135,6 @@ def onnx_candidates(
     return candidates
 
 
-def interleaved(candidates: dict, x: torch.Tensor, repeat: int) -> dict[str, float]:
-    """Best time per candidate over ``repeat`` rounds; each round runs every candidate once, in turn."""
-    best = dict.fromkeys(candidates, float("inf"))
-    with torch.inference_mode():
-        for fn in candidates.values():  # warm-up
-            fn(x)
-        for _ in range(repeat):
-            for name, fn in candidates.items():
-                start = time.perf_counter()
-                fn(x)
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
-
-
 def agreement(candidates: dict, reference: torch.Tensor, images: torch.Tensor) -> dict[str, str]:
     out = {}
     with torch.inference_mode():
@@ -180,7 +166,7 @@ def bench_model(name: str, run: Path, spec: Spec, args, work: Path) -> None:
             continue
         for batch in batches:
             x = torch.randn(batch, *spec.data.input_shape(), generator=torch.Generator().manual_seed(0))
-            times = interleaved(candidates, x, args.repeat)
+            times = interleaved_times(candidates, x, args.repeat)
             base = times["float"]
             cells = ", ".join(
                 f"{k} {1e3 * t:.1f} ms (x{base / t:.2f})" for k, t in times.items() if k != "float"

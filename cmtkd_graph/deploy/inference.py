@@ -27,7 +27,7 @@ from cmtkd_graph.passes.graph_pass import finish
 from cmtkd_graph.passes.tracer import copy_graph_module, replace_submodule
 from cmtkd_graph.quantizers import Quantizer
 from cmtkd_graph.quantizers.base import IntegerGrid
-from cmtkd_graph.quantizers.layers import QuantConv2d, QuantLinear
+from cmtkd_graph.quantizers.layers import QuantConv2d, QuantLinear, conv_arguments
 
 WEIGHT_QUANTIZER = "weight_quantizer"
 INPUT_QUANTIZER = "input_quantizer"
@@ -61,18 +61,7 @@ class IntegerWeightConv2d(_IntegerWeights, nn.Conv2d):
 
     @classmethod
     def from_quantized(cls, layer: QuantConv2d) -> IntegerWeightConv2d:
-        new = cls(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            groups=layer.groups,
-            bias=layer.bias is not None,
-            padding_mode=layer.padding_mode,
-            device="meta",
-        )
+        new = cls(**conv_arguments(layer), bias=layer.bias is not None, device="meta")
         _take_quantized(new, layer)
         return new
 
@@ -189,18 +178,7 @@ def _fold_into(student: fx.GraphModule, path: str, conv: nn.Conv2d, bn: nn.Batch
         conv.update_weight()
         conv.bias = new_bias
         return
-    folded = nn.Conv2d(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=True,
-        padding_mode=conv.padding_mode,
-        device="meta",
-    )
+    folded = nn.Conv2d(**conv_arguments(conv), bias=True, device="meta")
     folded.weight = nn.Parameter(conv.weight.detach().float() * factor.view(-1, 1, 1, 1), requires_grad=False)
     folded.bias = new_bias
     for child_name, child in conv.named_children():  # an input quantizer of a layer kept float

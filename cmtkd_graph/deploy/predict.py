@@ -137,19 +137,27 @@ def usable_backends(directory: Path) -> dict[str, str]:
     return left_out
 
 
+def interleaved_times(candidates: dict[str, Callable], x: Tensor, repeat: int) -> dict[str, float]:
+    """Best time per candidate over ``repeat`` rounds after one warm-up; each round runs every candidate
+    once, in turn, so that the machine's drifts touch them all alike."""
+    best = dict.fromkeys(candidates, float("inf"))
+    with torch.inference_mode():
+        for fn in candidates.values():
+            fn(x)
+        for _ in range(repeat):
+            for name, fn in candidates.items():
+                start = time.perf_counter()
+                fn(x)
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def fastest_backend(directory: Path, input_shape: tuple[int, ...], repeat: int = 5) -> tuple[str, str]:
     """The backend with the lowest latency for one image here (interleaved, best of ``repeat``)."""
     left_out = usable_backends(directory)
     candidates = {b: runner(directory, b) for b in ("inference", "onnx", "onnx-int8") if b not in left_out}
     x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
-    best = dict.fromkeys(candidates, float("inf"))
-    for fn in candidates.values():
-        fn(x)
-    for _ in range(repeat):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn(x)
-            best[name] = min(best[name], time.perf_counter() - start)
+    best = interleaved_times(candidates, x, repeat)
     chosen = min(best, key=best.get)
     timed = ", ".join(f"{b} {1e3 * t:.1f} ms" for b, t in sorted(best.items(), key=lambda kv: kv[1]))
     skipped = "; ".join(f"{b}: {why}" for b, why in left_out.items())

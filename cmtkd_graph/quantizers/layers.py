@@ -33,6 +33,20 @@ class _WeightQuantized:
         return f"{super().extra_repr()}, weight_bits={bits}" if bits is not None else super().extra_repr()
 
 
+def conv_arguments(layer: nn.Conv2d) -> dict[str, Any]:
+    """The constructor arguments of ``layer``'s shape and hyperparameters (not its bias, device, weights)."""
+    return {
+        "in_channels": layer.in_channels,
+        "out_channels": layer.out_channels,
+        "kernel_size": layer.kernel_size,
+        "stride": layer.stride,
+        "padding": layer.padding,
+        "dilation": layer.dilation,
+        "groups": layer.groups,
+        "padding_mode": layer.padding_mode,
+    }
+
+
 class QuantConv2d(_WeightQuantized, nn.Conv2d):
     """``nn.Conv2d`` computing with ``weight_quantizer(weight)``."""
 
@@ -41,15 +55,8 @@ class QuantConv2d(_WeightQuantized, nn.Conv2d):
         """The quantized twin of ``layer``, sharing its very Parameter objects and hyperparameters."""
         with no_init_on_meta():
             new = cls(
-                layer.in_channels,
-                layer.out_channels,
-                layer.kernel_size,
-                stride=layer.stride,
-                padding=layer.padding,
-                dilation=layer.dilation,
-                groups=layer.groups,
+                **conv_arguments(layer),
                 bias=layer.bias is not None,
-                padding_mode=layer.padding_mode,
                 device="meta",  # placeholders only: replaced by the shared parameters below
                 weight_quantizer=weight_quantizer,
             )
