@@ -139,11 +139,17 @@ def agreement(candidates: dict, reference: torch.Tensor, images: torch.Tensor) -
     out = {}
     with torch.inference_mode():
         for name, fn in candidates.items():
-            got = fn(images)
+            got = in_batches(fn, images)
             top1 = (got.argmax(1) == reference.argmax(1)).float().mean().item()
             largest = (got - reference).abs().max().item()
             out[name] = f"top-1 agreement {100 * top1:.1f}%, largest logit difference {largest:.3g}"
     return out
+
+
+def in_batches(
+    fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, size: int = 250
+) -> torch.Tensor:
+    return torch.cat([fn(batch) for batch in images.split(size)])
 
 
 def real_images(spec: Spec, root: str, limit: int) -> torch.Tensor:
@@ -175,7 +181,7 @@ def bench_model(name: str, run: Path, spec: Spec, args, work: Path) -> None:
         if args.images:
             images = real_images(spec, args.images, args.limit)
             with torch.inference_mode():
-                reference = load_student(run)(images)
+                reference = in_batches(load_student(run), images)
             for k, line in agreement(
                 {k: v for k, v in candidates.items() if k != "float"}, reference, images
             ).items():
