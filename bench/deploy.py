@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 import cmtkd_graph as cg
-from cmtkd_graph.deploy.predict import interleaved_times
+from cmtkd_graph.deploy.predict import image_files, interleaved_times
 from cmtkd_graph.deploy.student import SPEC_FILE, STUDENT_FILE, build_student, find_student, load_student
 from cmtkd_graph.runtime.precision import machine_line
 from cmtkd_graph.spec import Spec
@@ -155,7 +155,7 @@ def in_batches(
 def real_images(spec: Spec, root: str, limit: int) -> torch.Tensor:
     from cmtkd_graph.deploy.predict import read_images
 
-    files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    files = image_files(Path(root))
     step = max(1, len(files) // limit)  # spread over the classes of a sorted folder
     return read_images(files[::step][:limit], spec)
 

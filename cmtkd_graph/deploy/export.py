@@ -85,7 +85,7 @@ def export(
             manifest["files"]["onnx"] = ONNX_FILE
     if "onnx-int8" in formats:
         manifest["onnx_int8"] = _onnx_int8(
-            student, manifest, out / ONNX_INT8_FILE, found.spec, calibration, required=len(formats) <= 2
+            student, manifest, out / ONNX_INT8_FILE, found.spec, calibration, required=formats != FORMATS
         )
         if manifest["onnx_int8"].get("file"):
             manifest["files"]["onnx-int8"] = ONNX_INT8_FILE
@@ -145,10 +145,10 @@ def calibration_images(spec: Spec, folder: str | Path | None) -> tuple[torch.Ten
     up to ``2 x CALIBRATION_IMAGES``, spread over the set (folders are sorted by class)."""
     wanted = 2 * CALIBRATION_IMAGES
     if folder is not None:
-        from cmtkd_graph.deploy.predict import read_images
+        from cmtkd_graph.deploy.predict import image_files, read_images
 
         root = Path(folder).expanduser()
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+        files = image_files(root)
         if len(files) < 2:
             raise UserError(f"--calibration: {root} holds fewer than 2 images (.jpg/.jpeg/.png)")
         picked = [files[int(i)] for i in torch.linspace(0, len(files) - 1, min(wanted, len(files)))]

@@ -89,11 +89,11 @@ def _take_quantized(new: _IntegerWeights, layer: QuantConv2d | QuantLinear) -> N
 
 
 class DecodedWeight(nn.Module):
-    """In place of a weight quantizer of another layer type: the decoded weight, whatever it is given."""
+    """In place of a weight quantizer: returns the decoded weight, whatever it is given."""
 
-    def __init__(self, weight: Tensor):
+    def __init__(self, q: Tensor, scale: Tensor):
         super().__init__()
-        self.register_buffer("weight", weight)
+        self.register_buffer("weight", q.float() * scale)
 
     def forward(self, _latent: Tensor) -> Tensor:
         return self.weight
@@ -129,7 +129,8 @@ def decode_weights(student: fx.GraphModule) -> None:
             if isinstance(child, Quantizer) and child_name.endswith(WEIGHT_QUANTIZER):
                 latent = module.get_parameter(child_name.removesuffix("_quantizer"))
                 path = f"{name}.{child_name}" if name else child_name
-                replace_submodule(student, path, DecodedWeight(child(latent.detach().float())))
+                decoded = child.to_integers(latent)
+                replace_submodule(student, path, DecodedWeight(decoded.q, decoded.scale))
 
 
 @torch.no_grad()

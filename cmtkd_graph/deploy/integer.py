@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from cmtkd_graph.deploy.codes import CODES_FILE, decode_weight, float_state
+from cmtkd_graph.deploy.inference import DecodedWeight
 from cmtkd_graph.deploy.student import MANIFEST_FILE, build_student, find_student, load_state
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.passes.graph_pass import finish
@@ -103,17 +104,6 @@ def integer_conv2d(
     out_h = (h + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
     out_w = (w + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
     return out.reshape(n, q_w.shape[0], out_h, out_w)
-
-
-class DecodedWeight(nn.Module):
-    """In place of a weight quantizer: returns the decoded weight, whatever it is given."""
-
-    def __init__(self, q: Tensor, scale: Tensor):
-        super().__init__()
-        self.register_buffer("weight", q.float() * scale)
-
-    def forward(self, _latent: Tensor) -> Tensor:
-        return self.weight
 
 
 def integer_student(path: str | Path) -> fx.GraphModule:

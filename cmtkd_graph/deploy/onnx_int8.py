@@ -267,7 +267,6 @@ def build_int8_onnx(form: fx.GraphModule, calibration: Tensor) -> tuple[onnx.Mod
         b.initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.graph.output[0].name = b.names[result]
     _rename_output(model, "logits")
     onnx.checker.check_model(model, full_check=True)
     return model, plan

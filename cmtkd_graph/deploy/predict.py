@@ -27,6 +27,11 @@ BACKENDS = ("auto", "torch", "inference", "integer", "onnx", "onnx-int8")
 FILES = {"onnx": "student.onnx", "onnx-int8": "student-int8.onnx"}
 
 
+def image_files(root: Path) -> list[Path]:
+    """The JPEG and PNG files under ``root``, sorted (an image folder: by class, then name)."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+
+
 def read_images(paths: list[str | Path], spec: Spec) -> Tensor:
     """A batch of images prepared like the run's evaluation data."""
     from PIL import Image, UnidentifiedImageError
