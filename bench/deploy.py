@@ -11,6 +11,9 @@ rounds, each round runs every candidate once):
 * onnxruntime: the float network exported to ONNX; ``student.onnx`` of ``cmtkd-graph export`` (exact
   sub-byte QuantizeLinear/DequantizeLinear); ``student-int8.onnx`` (integer kernels; calibrated on
   ``--images``, so only with them), with how many quantized layers run on integer kernels.
+* OpenVINO: the float network in fp32 (and in bf16, OpenVINO's default on CPUs that have it; the
+  ratios are against fp32); ``student-openvino.xml`` (integer kernels with a float epilogue; checked
+  on ``--images``, so only with them).
 
 Students have random weights unless ``--run DIR`` gives a trained run or export (its model is then
 the only one timed); with ``--images ROOT`` (an image folder, e.g. CIFAR-10's ``test/``), every
@@ -91,19 +94,17 @@ def torch_candidates(run: Path, spec: Spec) -> dict[str, Callable[[torch.Tensor]
     return {"float": floating, "student": student, "inference form": form}
 
 
-def onnx_candidates(
-    run: Path, spec: Spec, work: Path, images: str | None
-) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """The float network and ``student.onnx`` in onnxruntime; empty when the export extra is missing."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        print("  onnxruntime: not installed (pip install 'cmtkd-graph[export]'), skipped")
-        return {}
-    from cmtkd_graph.deploy.export import export
+def exported(run: Path, spec: Spec, work: Path, images: str | None) -> tuple[Path, dict, Path | None]:
+    """``cmtkd-graph export`` of the student (the integer formats only with real images to check them
+    on) and the float network in ONNX; (export directory, manifest, float.onnx or None without ONNX)."""
+    from cmtkd_graph.deploy.export import FORMATS, export
 
-    formats = ("torch", "onnx", "onnx-int8") if images else ("torch", "onnx")
-    manifest = export(run, work / "export", formats=formats, calibration=images)
+    formats = FORMATS if images else ("torch", "onnx")
+    manifest = export(run, work / "export", formats=formats, images=images)
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        return work / "export", manifest, None
     float_file = work / "float.onnx"
     sample = torch.randn(1, *spec.data.input_shape())
     torch.onnx.export(
@@ -116,6 +117,18 @@ def onnx_candidates(
         output_names=["logits"],
         verbose=False,
     )
+    return work / "export", manifest, float_file
+
+
+def onnx_candidates(export_dir: Path, manifest: dict, float_file: Path | None) -> dict[str, Callable]:
+    """The float network, ``student.onnx`` and ``student-int8.onnx`` in onnxruntime."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        print("  onnxruntime: not installed (pip install 'cmtkd-graph[export]'), skipped")
+        return {}
+    if float_file is None:
+        return {}
 
     def session(path: Path):
         options = ort.SessionOptions()
@@ -124,14 +137,39 @@ def onnx_candidates(
         s = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return lambda x: torch.from_numpy(s.run(None, {"images": x.numpy()})[0])
 
-    candidates = {"float": session(float_file), "student.onnx": session(work / "export" / "student.onnx")}
+    candidates = {"float": session(float_file), "student.onnx": session(export_dir / "student.onnx")}
     int8 = manifest.get("onnx_int8") or {}
     if int8.get("file"):
         print(
             f"  student-int8.onnx: {int8['integer_layers']} of {int8['quantized_layers']} quantized layers "
             f"on integer kernels in onnxruntime's optimized graph; {int8['why']}"
         )
-        candidates["student-int8.onnx"] = session(work / "export" / "student-int8.onnx")
+        candidates["student-int8.onnx"] = session(export_dir / "student-int8.onnx")
+    return candidates
+
+
+def openvino_candidates(export_dir: Path, manifest: dict, float_file: Path | None) -> dict[str, Callable]:
+    """The float network (fp32, and bf16 where OpenVINO would pick it by default on this CPU) and
+    ``student-openvino.xml`` in OpenVINO."""
+    section = manifest.get("openvino") or {}
+    if not section.get("file") or float_file is None:
+        why = section.get("skipped", "needs --images (the export checks it on them)")
+        print(f"  OpenVINO: {why}; skipped")
+        return {}
+    import openvino as ov
+
+    from cmtkd_graph.deploy.openvino_export import compile_model, runner
+
+    threads = torch.get_num_threads()
+    candidates = {"float": runner(compile_model(float_file, threads=threads))}
+    if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        properties = {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": threads}
+        candidates["float bf16"] = runner(ov.Core().compile_model(str(float_file), "CPU", properties))
+    print(
+        f"  student-openvino.xml: {section['integer_layers']} of {section['quantized_layers']} quantized "
+        f"layers on integer kernels in OpenVINO's compiled model; {section['why']}"
+    )
+    candidates["student-openvino.xml"] = runner(compile_model(export_dir / section["file"], threads=threads))
     return candidates
 
 
@@ -162,9 +200,11 @@ def real_images(spec: Spec, root: str, limit: int) -> torch.Tensor:
 
 def bench_model(name: str, run: Path, spec: Spec, args, work: Path) -> None:
     print(f"\n{name}: input {'x'.join(map(str, spec.data.input_shape()))}")
+    export_dir, manifest, float_file = exported(run, spec, work, args.images)
     backends = {
         "PyTorch": torch_candidates(run, spec),
-        "onnxruntime": onnx_candidates(run, spec, work, args.images),
+        "onnxruntime": onnx_candidates(export_dir, manifest, float_file),
+        "OpenVINO": openvino_candidates(export_dir, manifest, float_file),
     }
     batches = (1, 2) if args.smoke else (1, 64)
     for backend, candidates in backends.items():

@@ -114,11 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export the student: safetensors, packed integer codes, ONNX")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run, one of its checkpoints, or an export")
     p.add_argument("--out", required=True, help="directory to write the export into")
-    p.add_argument("--format", choices=["all", "torch", "codes", "onnx", "onnx-int8"], default="all")
     p.add_argument(
+        "--format", choices=["all", "torch", "codes", "onnx", "onnx-int8", "openvino"], default="all"
+    )
+    p.add_argument(
+        "--images",
         "--calibration",
+        dest="images",
         metavar="IMAGE_FOLDER",
-        help="real images for the onnx-int8 export's calibration and check (default: the run's eval data)",
+        help="real images to calibrate and check the integer exports on (default: the run's eval data)",
     )
     p.add_argument("--checkpoint", help="latest or a checkpoint path (default: the run's final student)")
 
@@ -128,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=1, help="classes to show per image (default 1)")
     p.add_argument(
         "--backend",
-        choices=["auto", "torch", "inference", "integer", "onnx", "onnx-int8"],
+        choices=["auto", "torch", "inference", "integer", "onnx", "onnx-int8", "openvino"],
         default="auto",
         help="default auto: the fastest usable backend on this machine (timed; the choice goes to stderr)",
     )
@@ -282,9 +286,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cmtkd_graph.deploy.export import FORMATS, export, summary
 
     formats = FORMATS if args.format == "all" else ("torch", args.format)
-    manifest = export(
-        args.run_dir, args.out, formats=formats, checkpoint=args.checkpoint, calibration=args.calibration
-    )
+    manifest = export(args.run_dir, args.out, formats=formats, checkpoint=args.checkpoint, images=args.images)
     print(summary(manifest, Path(args.out)))
     return 0
 

@@ -42,11 +42,13 @@ def test_deploy_bench_smoke(cifar10_jpeg):
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert out.startswith("CPU: ")
-    for backend in ("PyTorch", "onnxruntime"):
+    for backend in ("PyTorch", "onnxruntime", "OpenVINO"):
         assert re.search(rf"{backend} +batch +1: float \d+\.\d ms; ", out), out
     assert re.search(r"inference form \d+\.\d ms \(x\d+\.\d\d\)", out)
     assert re.search(r"student\.onnx \d+\.\d ms \(x\d+\.\d\d\)", out)
     assert re.search(r"student-int8\.onnx \d+\.\d ms \(x\d+\.\d\d\)", out), out
     assert re.search(r"student-int8\.onnx: 19 of 19 quantized layers on integer kernels", out), out
+    assert re.search(r"student-openvino\.xml \d+\.\d ms \(x\d+\.\d\d\)", out), out
+    assert re.search(r"student-openvino\.xml: 19 of 19 quantized layers on integer kernels", out), out
     # each backend against the trained student on real images
     assert re.search(r"inference form on 20 real images: top-1 agreement \d+\.\d%", out), out

@@ -357,7 +357,7 @@ def test_predict_names_classes_with_every_backend(exported, cifar10_jpeg):
     images = sorted((cifar10_jpeg / "test").glob("*/*.jpg"))[:3]
     outputs = [
         predict(exported, images, top=2, backend=b)
-        for b in ("torch", "integer", "onnx", "inference", "onnx-int8")
+        for b in ("torch", "integer", "onnx", "inference", "onnx-int8", "openvino")
     ]
     result = cli("predict", str(exported), *map(str, images), "--top", "2", "--json", "--backend", "torch")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -366,8 +366,8 @@ def test_predict_names_classes_with_every_backend(exported, cifar10_jpeg):
     result = cli("predict", str(exported), *map(str, images))
     assert result.returncode == 0, result.stderr[-2000:]
     chosen = re.fullmatch(r"backend: (\S+) \(fastest here for one image: (.*)\)\n", result.stderr)
-    assert chosen and chosen[1] in {"inference", "onnx", "onnx-int8"}, result.stderr
-    assert {"inference", "onnx"} <= set(re.findall(r"([\w-]+) \d+\.\d ms", chosen[2]))
+    assert chosen and chosen[1] in {"inference", "onnx", "onnx-int8", "openvino"}, result.stderr
+    assert {"inference", "onnx", "openvino"} <= set(re.findall(r"([\w-]+) \d+\.\d ms", chosen[2]))
     classes = sorted(p.name for p in (cifar10_jpeg / "test").iterdir())
     for r in outputs[0]:
         assert len(r["predictions"]) == 2 and r["predictions"][0]["class"] in classes
@@ -384,6 +384,29 @@ def test_predict_names_classes_with_every_backend(exported, cifar10_jpeg):
     assert (
         missing.returncode == 2 and missing.stderr.strip() == "error: no-such-image.jpg: no such image file"
     )
+
+
+def test_a_runtime_that_is_not_installed_is_one_line_naming_what_to_install(exported, cifar10_jpeg):
+    image = str(sorted((cifar10_jpeg / "test").glob("*/*.jpg"))[0])
+    missing = (("openvino", "openvino", "openvino"), ("onnx-int8", "onnxruntime", "export"))
+    for backend, package, extra in missing:
+        code = (
+            f"import sys; sys.modules[{package!r}] = None\n"  # `import` of it now raises ImportError
+            "from cmtkd_graph.cli import main\n"
+            f"sys.exit(main(['predict', {str(exported)!r}, {image!r}, '--backend', {backend!r}]))\n"
+        )
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+        assert result.returncode == 2 and result.stderr == (
+            f"error: --backend {backend} needs {package}: pip install 'cmtkd-graph[{extra}]'\n"
+        ), result.stderr
+    # auto leaves it out and says why
+    code = (
+        "import sys; sys.modules['openvino'] = None\n"
+        "from cmtkd_graph.cli import main\n"
+        f"sys.exit(main(['predict', {str(exported)!r}, {image!r}]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0 and "openvino: openvino is not installed" in result.stderr, result.stderr
 
 
 def test_export_without_onnx_writes_the_other_formats_and_says_what_to_install(trained_run, tmp_path):
@@ -561,24 +584,51 @@ def test_int8_onnx_runs_every_quantized_convolution_on_integer_kernels(exported)
     assert f"{100 * int8['top1_agreement']:.1f}%" in int8["why"]
 
 
-def test_int8_export_without_real_images_is_one_line_naming_the_fix(trained_run, tmp_path, cifar10_jpeg):
+def test_integer_exports_without_real_images_are_one_line_naming_the_fix(trained_run, tmp_path, cifar10_jpeg):
     moved = tmp_path / "run"  # the run, its data gone
     shutil.copytree(trained_run, moved)
     spec = (moved / "spec.yaml").read_text().replace(str(cifar10_jpeg), "/nonexistent/cifar10")
     (moved / "spec.yaml").write_text(spec)
-    result = cli("export", str(moved), "--out", str(tmp_path / "a"), "--format", "onnx-int8")
-    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("error: onnx-int8 export: its calibration needs real images")
-    assert result.stderr.strip().endswith("give --calibration IMAGE_FOLDER")
-    # among all formats, the others are written and the manifest says why int8 is not
+    for fmt in ("onnx-int8", "openvino"):
+        result = cli("export", str(moved), "--out", str(tmp_path / fmt), "--format", fmt)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(f"error: {fmt} export: it is checked on real images")
+        assert result.stderr.strip().endswith("give --images IMAGE_FOLDER")
+    # among all formats, the others are written and the manifest says why the integer ones are not
     result = cli("export", str(moved), "--out", str(tmp_path / "all"))
-    assert result.returncode == 0 and "onnx-int8 skipped: onnx-int8 export: its calibration" in result.stdout
-    # an image folder instead of the run's data
-    result = cli(
-        "export", str(moved), "--out", str(tmp_path / "b"), "--format", "onnx-int8",
-        "--calibration", str(cifar10_jpeg / "test"),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert manifest["onnx_int8"]["calibration"] == f"50 images of {cifar10_jpeg / 'test'}"
-    assert (tmp_path / "b" / "student-int8.onnx").is_file() and "onnx" not in manifest["files"]
+    assert result.returncode == 0 and "onnx-int8 skipped: it is checked on real images" in result.stdout
+    assert "openvino skipped: it is checked on real images" in result.stdout
+    # an image folder instead of the run's data (--calibration: the option's earlier name)
+    for option in ("--images", "--calibration"):
+        result = cli(
+            "export", str(moved), "--out", str(tmp_path / option), "--format", "onnx-int8",
+            option, str(cifar10_jpeg / "test"),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        manifest = json.loads((tmp_path / option / "manifest.json").read_text())
+        assert manifest["onnx_int8"]["calibration"] == f"50 images of {cifar10_jpeg / 'test'}"
+        assert (tmp_path / option / "student-int8.onnx").is_file() and "onnx" not in manifest["files"]
+
+
+# ------------------------------------------------------------------------------------ OpenVINO
+def test_openvino_runs_every_quantized_convolution_on_integer_kernels_with_the_students_rounding(exported):
+    """The compiled model's runtime graph (not the intent) runs all 19 quantized convolutions in 8-bit
+    integers, and the float epilogue keeps the trained student's logits: top-1 agreement on real images,
+    logits within float rounding."""
+    from cmtkd_graph.deploy.openvino_export import compile_model, kernels, runner
+
+    manifest = json.loads((exported / "manifest.json").read_text())
+    section = manifest["openvino"]
+    assert manifest["files"]["openvino"] == "student-openvino.xml" and section["integer_layers"] == 19
+    quantized = [r for r in manifest["layers"] if "openvino" in r]
+    assert len(quantized) == 19 and {r["openvino"]["precision"] for r in quantized} <= {"u8", "i8"}
+    compiled = compile_model(exported / "student-openvino.xml")
+    used = kernels(compiled, [r["name"] for r in quantized])
+    assert {precision for _, precision in used.values()} <= {"u8", "i8"} and len(used) == 19, used
+    spec = cg.load_spec(exported / "spec.yaml")
+    images, _ = real_images(spec, n=100)
+    got = runner(compiled)(images)
+    with torch.no_grad():
+        expected = cg.load_student(exported)(images)
+    assert (got.argmax(1) == expected.argmax(1)).float().mean() >= 0.99
+    assert section["check_images"] == 100 and section["usable"] == (section["top1_agreement"] >= 0.99)

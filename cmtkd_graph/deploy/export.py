@@ -6,7 +6,9 @@
 * ``onnx``: ``student.onnx`` with QuantizeLinear/DequantizeLinear pairs (``deploy.onnx_export``).
 * ``onnx-int8``: ``student-int8.onnx``, the form onnxruntime runs on integer kernels
   (``deploy.onnx_int8``), calibrated and checked on real images (the run's evaluation data, or
-  ``calibration``: an image folder).
+  ``images``: an image folder).
+* ``openvino``: ``student-openvino.xml``/``.bin``, the form OpenVINO runs on integer kernels with the
+  trained student's own rounding (``deploy.openvino_export``), checked on the same real images.
 
 ``manifest.json`` describes them all: per layer the bits, codes used, packed size, MACs and BOPs, how
 the integer reference and the ONNX graph compute it; for the model the packed against the float size
@@ -15,6 +17,7 @@ and the BOPs against the float network's.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -42,9 +45,10 @@ from cmtkd_graph.spec.io import dump_spec
 
 log = logging.getLogger("cmtkd_graph")
 
-FORMATS = ("torch", "codes", "onnx", "onnx-int8")
+FORMATS = ("torch", "codes", "onnx", "onnx-int8", "openvino")
 ONNX_FILE = "student.onnx"
 ONNX_INT8_FILE = "student-int8.onnx"
+OPENVINO_FILE = "student-openvino.xml"
 CALIBRATION_IMAGES = 256  # and as many again to check the agreement
 MANIFEST_VERSION = 1
 
@@ -55,11 +59,12 @@ def export(
     *,
     formats: tuple[str, ...] = FORMATS,
     checkpoint: str | None = None,
-    calibration: str | Path | None = None,
+    images: str | Path | None = None,
 ) -> dict:
     """Write the student of ``source`` (a run, checkpoint or export directory) into ``out``; return the
-    manifest. Formats whose optional packages are missing (ONNX) are skipped with a note in it; so is
-    ``onnx-int8`` among all formats when no real images are at hand (asked for alone, that is an error)."""
+    manifest. Formats whose optional packages are missing are skipped with a note in it; so are the
+    integer formats (``onnx-int8``, ``openvino``) among all formats when no real images are at hand for
+    their check (``images``, else the run's evaluation data). Asked for alone, either is an error."""
     found = find_student(source, checkpoint=checkpoint)
     out = Path(out).expanduser()
     if out.resolve() == Path(source).expanduser().resolve():
@@ -83,12 +88,16 @@ def export(
         manifest["onnx"] = _onnx(student, layers, manifest, out / ONNX_FILE, found.spec)
         if manifest["onnx"].get("file"):
             manifest["files"]["onnx"] = ONNX_FILE
-    if "onnx-int8" in formats:
-        manifest["onnx_int8"] = _onnx_int8(
-            student, manifest, out / ONNX_INT8_FILE, found.spec, calibration, required=formats != FORMATS
-        )
-        if manifest["onnx_int8"].get("file"):
-            manifest["files"]["onnx-int8"] = ONNX_INT8_FILE
+    required, real = formats != FORMATS, functools.cache(lambda: calibration_images(found.spec, images))
+    for name, file, write in (
+        ("onnx-int8", ONNX_INT8_FILE, _onnx_int8),
+        ("openvino", OPENVINO_FILE, _openvino),
+    ):
+        if name in formats:
+            section = _integer_format(name, write, student, manifest, out / file, real, required=required)
+            manifest[name.replace("-", "_")] = section
+            if section.get("file"):
+                manifest["files"][name] = file
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
     if found.run_dir is not None and (found.run_dir / "importance.png").is_file():
         shutil.copy(found.run_dir / "importance.png", out / "importance.png")
@@ -120,29 +129,44 @@ def _onnx(
         }
 
 
-def _onnx_int8(
-    student: fx.GraphModule, manifest: dict, path: Path, spec: Spec, calibration, *, required: bool
+EXTRAS = {"onnx-int8": "export", "openvino": "openvino"}  # format -> the extra that installs it
+
+
+def _integer_format(
+    name: str, write, student: fx.GraphModule, manifest: dict, path: Path, real, *, required: bool
 ) -> dict:
+    """An integer format's manifest section: written and checked on real images (``real()``), or why
+    not (asked for alone, the reason is an error)."""
     try:
-        from cmtkd_graph.deploy.onnx_int8 import export_int8_onnx
+        return write(student, manifest, path, real)
     except ImportError as err:
-        missing = getattr(err, "name", None) or "onnx"
-        return {"file": None, "skipped": f"{missing} is not installed; `pip install 'cmtkd-graph[export]'`"}
-    try:
-        images, source = calibration_images(spec, calibration)
+        problem = f"{err.name or 'a package'} is not installed: pip install 'cmtkd-graph[{EXTRAS[name]}]'"
     except UserError as err:
-        if required:
-            raise
-        return {"file": None, "skipped": str(err)}
-    half = len(images) // 2
+        problem = str(err)
+    if required:
+        raise UserError(f"{name} export: {problem}") from None
+    return {"file": None, "skipped": problem}
+
+
+def _onnx_int8(student: fx.GraphModule, manifest: dict, path: Path, real) -> dict:
+    from cmtkd_graph.deploy.onnx_int8 import export_int8_onnx
+
+    images, source = real()  # every other image calibrates, the rest check: both spread over the set
     return export_int8_onnx(
-        student, manifest["layers"], path, calibration=images[:half], check=images[half:], source=source
+        student, manifest["layers"], path, calibration=images[0::2], check=images[1::2], source=source
     )
 
 
+def _openvino(student: fx.GraphModule, manifest: dict, path: Path, real) -> dict:
+    from cmtkd_graph.deploy.openvino_export import export_openvino
+
+    images, source = real()
+    return export_openvino(student, manifest["layers"], path, check=images, source=source)
+
+
 def calibration_images(spec: Spec, folder: str | Path | None) -> tuple[torch.Tensor, str]:
-    """Real images for the int8 export: ``folder`` (an image folder), else the run's evaluation data;
-    up to ``2 x CALIBRATION_IMAGES``, spread over the set (folders are sorted by class)."""
+    """Real images for the integer exports: ``folder`` (an image folder), else the run's evaluation
+    data; up to ``2 x CALIBRATION_IMAGES``, spread over the set (folders are sorted by class)."""
     wanted = 2 * CALIBRATION_IMAGES
     if folder is not None:
         from cmtkd_graph.deploy.predict import image_files, read_images
@@ -150,7 +174,7 @@ def calibration_images(spec: Spec, folder: str | Path | None) -> tuple[torch.Ten
         root = Path(folder).expanduser()
         files = image_files(root)
         if len(files) < 2:
-            raise UserError(f"--calibration: {root} holds fewer than 2 images (.jpg/.jpeg/.png)")
+            raise UserError(f"--images: {root} holds fewer than 2 images (.jpg/.jpeg/.png)")
         picked = [files[int(i)] for i in torch.linspace(0, len(files) - 1, min(wanted, len(files)))]
         return read_images(picked, spec), f"{root}"
     from cmtkd_graph.data import build_datasets
@@ -159,14 +183,12 @@ def calibration_images(spec: Spec, folder: str | Path | None) -> tuple[torch.Ten
         dataset = build_datasets(spec.data).eval
     except UserError as err:
         raise UserError(
-            f"onnx-int8 export: its calibration needs real images and the run's data cannot be read ({err}); "
-            "give --calibration IMAGE_FOLDER"
+            f"it is checked on real images and the run's data cannot be read ({err}); "
+            "give --images IMAGE_FOLDER"
         ) from None
     indices = torch.linspace(0, len(dataset) - 1, min(wanted, len(dataset))).long().unique().tolist()
     if len(indices) < 2:
-        raise UserError(
-            "onnx-int8 export: the run's evaluation data has fewer than 2 images; give --calibration"
-        )
+        raise UserError("the run's evaluation data has fewer than 2 images; give --images IMAGE_FOLDER")
     return torch.stack([dataset[i][0] for i in indices]), f"the run's evaluation data ({spec.data.dataset})"
 
 
@@ -316,15 +338,16 @@ def summary(manifest: dict, out: Path) -> str:
     quantized = [layer for layer in manifest["layers"] if layer["weights"]]
     lines.append(f"  {len(quantized)} of {len(manifest['layers'])} layers quantized; files:")
     for fmt, name in manifest["files"].items():
-        lines.append(f"    {fmt:6s} {out / name}")
-    int8 = manifest.get("onnx_int8")
-    if int8 and int8.get("skipped"):
-        lines.append(f"  onnx-int8 skipped: {int8['skipped']}")
-    elif int8:
-        lines.append(
-            f"  onnx-int8: {int8['integer_layers']} of {int8['quantized_layers']} quantized layers on "
-            f"onnxruntime's integer kernels; {int8['why']}"
-        )
+        lines.append(f"    {fmt:9s} {out / name}")
+    for name, runtime in (("onnx-int8", "onnxruntime"), ("openvino", "OpenVINO")):
+        section = manifest.get(name.replace("-", "_"))
+        if section and section.get("skipped"):
+            lines.append(f"  {name} skipped: {section['skipped']}")
+        elif section:
+            lines.append(
+                f"  {name}: {section['integer_layers']} of {section['quantized_layers']} quantized layers on "
+                f"{runtime}'s integer kernels; {section['why']}"
+            )
     onnx = manifest.get("onnx")
     if onnx and onnx.get("skipped"):
         lines.append(f"  onnx skipped: {onnx['skipped']}")

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
@@ -55,6 +54,7 @@ class _Builder:
     initializers: list = field(default_factory=list)
     names: dict = field(default_factory=dict)  # fx.Node -> ONNX value name
     count: int = 0
+    float_epilogue: bool = False  # biases and unquantized outputs in float (see build_int8_onnx)
 
     def constant(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(numpy_helper.from_array(array, name))
@@ -100,7 +100,7 @@ class _NotInteger(Exception):
 
 
 def _integer_weight(
-    b: _Builder, layer, input_scale: float, name: str, input_levels: int
+    b: _Builder, layer, input_scale: float, name: str, input_levels: int, output_steps: Tensor | None
 ) -> tuple[str, str | None]:
     """DequantizeLinear of the int8 weight and of the int32 bias. A linear layer's weight is stored
     transposed (in x out, scale per column), the operand order of the MatMul onnxruntime fuses.
@@ -121,6 +121,11 @@ def _integer_weight(
     multiplier = (limit // largest).clamp(min=1)
     integers = integers * multiplier.view(shape)
     scale = (scale.abs() / multiplier.double()).clamp(min=1e-30)
+    bias_integers = None
+    if layer.bias is not None:  # on the scale the fused kernel adds it: s_input * s_weight
+        bias_integers = torch.round(layer.bias.double() / (scale * input_scale)).clamp(-(2**31), 2**31 - 1)
+    if output_steps is not None:  # the layer's output in units of its channels' 8-bit steps
+        scale = scale / output_steps.double()
     linear = isinstance(layer, nn.Linear)
     if linear:
         integers = integers.t()
@@ -128,10 +133,11 @@ def _integer_weight(
     ws = b.constant(f"{name}.weight_scale", scale.float().numpy())
     wz = b.constant(f"{name}.weight_zero_point", np.zeros(len(scale), np.int8))
     weight = b.node("DequantizeLinear", [w, ws, wz], name, axis=1 if linear else 0)
-    if layer.bias is None:
+    if bias_integers is None:
         return weight, None
+    if b.float_epilogue:  # the runtime adds it in float after the int32 accumulation: exact
+        return weight, b.constant(f"{name}.bias", layer.bias.detach().float().numpy())
     bias_scale = (scale * input_scale).float()
-    bias_integers = torch.round(layer.bias.double() / bias_scale.double()).clamp(-(2**31), 2**31 - 1)
     bq = b.constant(f"{name}.bias_integers", bias_integers.numpy().astype(np.int32))
     bs = b.constant(f"{name}.bias_scale", bias_scale.numpy())
     bz = b.constant(f"{name}.bias_zero_point", np.zeros(len(scale), np.int32))
@@ -157,12 +163,19 @@ def _conv_attributes(conv: nn.Conv2d) -> dict:
 
 
 def _layer(
-    b: _Builder, module: nn.Module, x: str, name: str, input_scale: float | None, input_levels: int = 0
+    b: _Builder,
+    module: nn.Module,
+    x: str,
+    name: str,
+    input_scale: float | None,
+    input_levels: int = 0,
+    output_steps: Tensor | None = None,
 ) -> str:
-    """A conv or linear layer; integer weights when its input was quantized just before."""
+    """A conv or linear layer; integer weights when its input was quantized just before (its output
+    divided by ``output_steps`` per channel, when given)."""
     integer = input_scale is not None and isinstance(module, IntegerWeightConv2d | IntegerWeightLinear)
     if integer:
-        weight, bias = _integer_weight(b, module, input_scale, name, input_levels)
+        weight, bias = _integer_weight(b, module, input_scale, name, input_levels, output_steps)
     else:
         weight, bias = _float_weight(b, module, name)
     inputs = [x, weight] + ([bias] if bias else [])
@@ -179,7 +192,7 @@ class Int8Plan:
     """What the export decided per quantized layer: integer or float, and the output's 8-bit scale."""
 
     integer: dict[str, str] = field(default_factory=dict)  # layer -> "" or why it stays float
-    output_scales: dict[str, float] = field(default_factory=dict)
+    output_scales: dict[str, Tensor] = field(default_factory=dict)  # per output channel
 
 
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -230,15 +243,16 @@ def _quantized_input(gm: fx.GraphModule, node: fx.Node) -> ActivationRequantizer
     return None
 
 
-def calibrate(form: fx.GraphModule, images: Tensor) -> dict[str, float]:
-    """Largest magnitude of every conv/linear output on ``images`` (the 8-bit output scales' range)."""
-    largest: dict[str, float] = {}
+def calibrate(form: fx.GraphModule, images: Tensor) -> dict[str, Tensor]:
+    """Largest magnitude of every conv/linear output channel on ``images`` (the 8-bit output scales)."""
+    largest: dict[str, Tensor] = {}
     hooks = []
     for name, module in form.named_modules():
         if isinstance(module, nn.Conv2d | nn.Linear):
 
             def record(_m, _args, out, name=name):
-                largest[name] = max(largest.get(name, 0.0), float(out.detach().abs().max()))
+                channels = out.detach().abs().transpose(0, 1).flatten(1).amax(dim=1)
+                largest[name] = torch.maximum(largest[name], channels) if name in largest else channels
 
             hooks.append(module.register_forward_hook(record))
     try:
@@ -251,10 +265,19 @@ def calibrate(form: fx.GraphModule, images: Tensor) -> dict[str, float]:
     return largest
 
 
-def build_int8_onnx(form: fx.GraphModule, calibration: Tensor) -> tuple[onnx.ModelProto, Int8Plan]:
-    """The QDQ model of the inference form ``form`` (see module docstring) and the per-layer plan."""
-    largest = calibrate(form, calibration)
-    b, plan = _Builder(), Int8Plan()
+def build_int8_onnx(
+    form: fx.GraphModule, image_shape: tuple[int, ...], calibration: Tensor | None
+) -> tuple[onnx.ModelProto, Int8Plan]:
+    """The QDQ model of the inference form ``form`` for images of ``image_shape`` (C, H, W) and the
+    per-layer plan.
+
+    With ``calibration`` images (onnxruntime): outputs the trained student keeps in float get 8 bits
+    per channel, and biases are int32 on the scale ``s_input * s_weight``, as its fused kernels need.
+    Without (a runtime whose integer convolution ends in a float epilogue, as OpenVINO's does): those
+    outputs and every bias stay float, so the only rounding is the trained student's own.
+    """
+    largest = None if calibration is None else calibrate(form, calibration)
+    b, plan = _Builder(float_epilogue=calibration is None), Int8Plan()
     for node in form.graph.nodes:
         b.names[node] = _emit(b, form, node, plan, largest)
     output = next(n for n in form.graph.nodes if n.op == "output")
@@ -262,7 +285,7 @@ def build_int8_onnx(form: fx.GraphModule, calibration: Tensor) -> tuple[onnx.Mod
     graph = helper.make_graph(
         b.nodes,
         "student_int8",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", *calibration.shape[1:]])],
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", *image_shape])],
         [helper.make_tensor_value_info(b.names[result], TensorProto.FLOAT, ["batch", None])],
         b.initializers,
     )
@@ -392,18 +415,34 @@ def _emit_layer(
     if input_scale is None:  # float arithmetic (decoded weights where they are quantized)
         return _layer(b, module, x, name, None)
     grid = requantizer.grid
-    y = _layer(b, module, x, name, input_scale, grid.qmax - grid.qmin + 1)
-    if _requantized_by_next_layer(gm, node):
-        return y
-    scale = max(largest.get(name, 0.0), 1e-12) / INT8_MAX
-    plan.output_scales[name] = scale
-    s = b.constant(f"{name}.output_scale", np.array(scale, np.float32))
-    z = b.constant(f"{name}.output_zero_point", np.array(128, np.uint8))
-    return b.node("DequantizeLinear", [b.node("QuantizeLinear", [y, s, z], name), s, z], name)
+    levels = grid.qmax - grid.qmin + 1
+    if largest is None or _requantized_by_next_layer(gm, node):
+        return _layer(b, module, x, name, input_scale, levels)
+    # The output gets 8 bits per channel: QLinearConv's output scale is one number, so channel c's
+    # float output is divided by its step inside the layer (weight and bias scales), quantized with
+    # scale 1, and a per-channel DequantizeLinear multiplies the steps back.
+    steps = output_steps(largest[name])
+    plan.output_scales[name] = steps
+    y = _layer(b, module, x, name, input_scale, levels, steps)
+    one = b.constant(f"{name}.output_scale", np.array(1.0, np.float32))
+    zero = b.constant(f"{name}.output_zero_point", np.array(128, np.uint8))
+    q = b.node("QuantizeLinear", [y, one, zero], name)
+    step = b.constant(f"{name}.output_steps", steps.numpy())
+    zeros = b.constant(f"{name}.output_zero_points", np.full(len(steps), 128, np.uint8))
+    return b.node("DequantizeLinear", [q, step, zeros], name, axis=1)
 
 
-def session(path: Path | str, *, optimized: Path | None = None, threads: int = 0) -> ort.InferenceSession:
+def output_steps(largest: Tensor) -> Tensor:
+    """Each output channel's 8-bit step: its largest magnitude on the calibration images over 127 (a
+    channel that stayed near zero there gets a step no finer than 1/10,000 of the layer's largest)."""
+    floor = max(float(largest.max()), 1e-12) / INT8_MAX * 1e-4
+    return (largest.double() / INT8_MAX).clamp(min=floor).float()
+
+
+def session(path: Path | str, *, optimized: Path | None = None, threads: int = 0):
     """An onnxruntime CPU session (``optimized``: also write the graph onnxruntime will run)."""
+    import onnxruntime as ort  # here: the OpenVINO export uses this module without it
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
@@ -442,9 +481,11 @@ def export_int8_onnx(
 ) -> dict:
     """Write ``path`` from the trained ``student``; add each layer's kernel to its manifest record; return
     the manifest's ``onnx_int8`` section (kernels from onnxruntime's optimized graph, agreement)."""
+    import onnxruntime as ort
+
     from cmtkd_graph.deploy.inference import inference_form
 
-    model, plan = build_int8_onnx(inference_form(student), calibration)
+    model, plan = build_int8_onnx(inference_form(student), tuple(check.shape[1:]), calibration)
     onnx.save(model, str(path))
     optimized_file = path.with_suffix(".optimized.onnx")
     try:

@@ -3,9 +3,10 @@
 Images are prepared as the run's evaluation prepared its data (resize/centre-crop to the input size,
 the dataset's mean/std; grey where the dataset's record says so), then run by one of ``BACKENDS``:
 the PyTorch student as trained (``torch``), its inference form (``inference``), the integer reference
-(``integer``), onnxruntime on ``student.onnx`` (``onnx``) or on ``student-int8.onnx`` (``onnx-int8``).
-``auto`` (the default) times the usable ones on this machine and takes the fastest: onnx-int8 only
-where the export found it within the agreement bound, onnxruntime only where it is installed.
+(``integer``), onnxruntime on ``student.onnx`` (``onnx``) or on ``student-int8.onnx`` (``onnx-int8``),
+OpenVINO on ``student-openvino.xml`` (``openvino``). ``auto`` (the default) times the usable ones on
+this machine and takes the fastest: the integer exports only where the export found them within the
+agreement bound, a runtime only where it is installed.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from cmtkd_graph.errors import UserError
 from cmtkd_graph.registry import DATASETS
 from cmtkd_graph.spec import Spec
 
-BACKENDS = ("auto", "torch", "inference", "integer", "onnx", "onnx-int8")
-FILES = {"onnx": "student.onnx", "onnx-int8": "student-int8.onnx"}
+BACKENDS = ("auto", "torch", "inference", "integer", "onnx", "onnx-int8", "openvino")
+FILES = {"onnx": "student.onnx", "onnx-int8": "student-int8.onnx", "openvino": "student-openvino.xml"}
+RUNTIMES = {"onnx": "onnxruntime", "onnx-int8": "onnxruntime", "openvino": "openvino"}  # backend -> package
+EXTRAS = {"onnxruntime": "export", "openvino": "openvino"}  # package -> the extra that installs it
 
 
 def image_files(root: Path) -> list[Path]:
@@ -100,12 +103,16 @@ def runner(directory: Path, backend: str) -> Callable[[Tensor], Tensor]:
         file = directory / FILES[backend]
         if not file.is_file():
             raise UserError(f"{directory}: no {FILES[backend]}; export with --format {backend} first")
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise UserError(
-                f"--backend {backend} needs onnxruntime: pip install 'cmtkd-graph[export]'"
-            ) from None
+        if not _installed(RUNTIMES[backend]):
+            package = RUNTIMES[backend]
+            extra = EXTRAS[package]
+            raise UserError(f"--backend {backend} needs {package}: pip install 'cmtkd-graph[{extra}]'")
+        if backend == "openvino":
+            from cmtkd_graph.deploy import openvino_export
+
+            return openvino_export.runner(openvino_export.compile_model(file))
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
@@ -129,17 +136,26 @@ def usable_backends(directory: Path) -> dict[str, str]:
     manifest_file = directory / MANIFEST_FILE
     manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
     left_out = {}
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        left_out["onnx"] = left_out["onnx-int8"] = "onnxruntime is not installed"
     for backend, file in FILES.items():
-        if backend not in left_out and not (directory / file).is_file():
+        if not _installed(RUNTIMES[backend]):
+            left_out[backend] = f"{RUNTIMES[backend]} is not installed"
+        elif not (directory / file).is_file():
             left_out[backend] = f"no {file}"
-    int8 = manifest.get("onnx_int8") or {}
-    if "onnx-int8" not in left_out and not int8.get("usable", False):
-        left_out["onnx-int8"] = int8.get("why", "the export did not check it")
+    for backend in ("onnx-int8", "openvino"):
+        section = manifest.get(backend.replace("-", "_")) or {}
+        if backend not in left_out and not section.get("usable", False):
+            left_out[backend] = section.get("why", "the export did not check it")
     return left_out
+
+
+def _installed(package: str) -> bool:
+    import importlib
+
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        return False
+    return True
 
 
 def interleaved_times(candidates: dict[str, Callable], x: Tensor, repeat: int) -> dict[str, float]:
@@ -160,7 +176,7 @@ def interleaved_times(candidates: dict[str, Callable], x: Tensor, repeat: int) -
 def fastest_backend(directory: Path, input_shape: tuple[int, ...], repeat: int = 5) -> tuple[str, str]:
     """The backend with the lowest latency for one image here (interleaved, best of ``repeat``)."""
     left_out = usable_backends(directory)
-    candidates = {b: runner(directory, b) for b in ("inference", "onnx", "onnx-int8") if b not in left_out}
+    candidates = {b: runner(directory, b) for b in ("inference", *FILES) if b not in left_out}
     x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
     best = interleaved_times(candidates, x, repeat)
     chosen = min(best, key=best.get)
