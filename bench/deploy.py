@@ -223,7 +223,7 @@ def bench_model(name: str, run: Path, spec: Spec, args, work: Path) -> None:
             with torch.inference_mode():
                 reference = in_batches(load_student(run), images)
             for k, line in agreement(
-                {k: v for k, v in candidates.items() if k != "float"}, reference, images
+                {k: v for k, v in candidates.items() if not k.startswith("float")}, reference, images
             ).items():
                 print(f"  {backend:11s} {k} on {len(images)} real images: {line}")
 

@@ -140,7 +140,7 @@ def machine_key(device: torch.device) -> dict:
 
 
 def cpu_model_and_flags() -> tuple[str, list[str]]:
-    """The CPU's model name and its flags that matter for speed (AVX-512, bf16, AMX), from /proc/cpuinfo."""
+    """The CPU's model name and its flags that matter for speed (AVX-512, bf16, VNNI, AMX), from cpuinfo."""
     model, flags = platform.processor() or platform.machine(), []
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -151,7 +151,7 @@ def cpu_model_and_flags() -> tuple[str, list[str]]:
         if name.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
             model = value.strip()
         elif name.strip() == "flags":
-            wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx")
+            wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx")
             flags = sorted(f for f in value.split() if f.startswith(wanted))
             break
     return model, flags
