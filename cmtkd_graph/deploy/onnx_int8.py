@@ -13,8 +13,9 @@ and ``QLinearMatMul``:
   scale ``s_input * s_weight``, as the fused kernel adds it;
 * its output: onnxruntime fuses a convolution only when its output is quantized, so where the trained
   student keeps it in float (a residual branch before its addition) it gets an 8-bit
-  ``QuantizeLinear``/``DequantizeLinear`` (uint8 around 128) with a scale calibrated on real images
-  (largest magnitude seen / 127). This is the one approximation the trained student does not make;
+  ``QuantizeLinear``/``DequantizeLinear`` (uint8 around 128) with a step per channel calibrated on real
+  images (largest magnitude seen / 127). This and the int32 bias are the approximations the trained
+  student does not make (``build_int8_onnx`` without calibration leaves both in float, for OpenVINO);
   where the output only feeds the next layer's quantizer (through a ReLU, or a ReLU6 whose bound lies
   above the quantizer's top level) that quantizer is the output's quantization and nothing is added.
 
@@ -121,8 +122,8 @@ def _integer_weight(
     multiplier = (limit // largest).clamp(min=1)
     integers = integers * multiplier.view(shape)
     scale = (scale.abs() / multiplier.double()).clamp(min=1e-30)
-    bias_integers = None
-    if layer.bias is not None:  # on the scale the fused kernel adds it: s_input * s_weight
+    bias_integers = None  # on the scale the fused kernel adds it (s_input * s_weight), where it needs them
+    if layer.bias is not None and not b.float_epilogue:
         bias_integers = torch.round(layer.bias.double() / (scale * input_scale)).clamp(-(2**31), 2**31 - 1)
     if output_steps is not None:  # the layer's output in units of its channels' 8-bit steps
         scale = scale / output_steps.double()
@@ -133,7 +134,7 @@ def _integer_weight(
     ws = b.constant(f"{name}.weight_scale", scale.float().numpy())
     wz = b.constant(f"{name}.weight_zero_point", np.zeros(len(scale), np.int8))
     weight = b.node("DequantizeLinear", [w, ws, wz], name, axis=1 if linear else 0)
-    if bias_integers is None:
+    if layer.bias is None:
         return weight, None
     if b.float_epilogue:  # the runtime adds it in float after the int32 accumulation: exact
         return weight, b.constant(f"{name}.bias", layer.bias.detach().float().numpy())
