@@ -471,6 +471,24 @@ AGREEMENT_BOUND = 0.99
 choose the int8 model on its own."""
 
 
+def agreement(student: fx.GraphModule, images: Tensor, logits: np.ndarray) -> dict:
+    """How an integer export's ``logits`` on ``images`` agree with the trained ``student``: the manifest's
+    top1_agreement, max_abs_diff, usable (at least ``AGREEMENT_BOUND``) and why."""
+    with torch.no_grad():
+        expected = student(images).numpy()
+    top1 = float((logits.argmax(1) == expected.argmax(1)).mean())
+    usable = top1 >= AGREEMENT_BOUND
+    why = f"top-1 agreement {100 * top1:.1f}% with the trained student on {len(images)} images"
+    if not usable:
+        why += f", below the {100 * AGREEMENT_BOUND:.0f}% bound: predict does not choose it"
+    return {
+        "top1_agreement": top1,
+        "max_abs_diff": float(np.abs(logits - expected).max()),
+        "usable": usable,
+        "why": why,
+    }
+
+
 def export_int8_onnx(
     student: fx.GraphModule,
     records: list[dict],
@@ -510,31 +528,17 @@ def export_int8_onnx(
             ),
         }
     (got,) = runner.run(None, {"images": check.numpy()})
-    with torch.no_grad():
-        expected = student(check).numpy()
-    top1 = float((got.argmax(1) == expected.argmax(1)).mean())
     integer_layers = sum(1 for name in plan.integer if used.get(name) in INT8_KERNELS)
-    chosen = top1 >= AGREEMENT_BOUND
     return {
         "file": path.name,
         "opset": OPSET,
         "runtime": ort.__version__,
         "calibration": f"{len(calibration)} images of {source}",
         "check_images": len(check),
-        "top1_agreement": top1,
-        "max_abs_diff": float(np.abs(got - expected).max()),
+        **agreement(student, check, got),
         "integer_layers": integer_layers,
         "quantized_layers": len(plan.integer),
         "calibrated_outputs": len(plan.output_scales),
-        "usable": chosen,
-        "why": (
-            f"top-1 agreement {100 * top1:.1f}% with the trained student on {len(check)} images"
-            + (
-                ""
-                if chosen
-                else f", below the {100 * AGREEMENT_BOUND:.0f}% bound: predict does not choose it"
-            )
-        ),
         "bytes": path.stat().st_size,
     }
 
@@ -542,6 +546,7 @@ def export_int8_onnx(
 __all__ = [
     "AGREEMENT_BOUND",
     "Int8Plan",
+    "agreement",
     "build_int8_onnx",
     "calibrate",
     "export_int8_onnx",

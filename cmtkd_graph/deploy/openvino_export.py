@@ -19,13 +19,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import openvino as ov
 import torch
 from torch import Tensor, fx
 
 from cmtkd_graph.deploy.inference import inference_form
-from cmtkd_graph.deploy.onnx_int8 import AGREEMENT_BOUND, build_int8_onnx
+from cmtkd_graph.deploy.onnx_int8 import agreement, build_int8_onnx
 
 INTEGER_PRECISIONS = {"u8", "i8"}
 PROPERTIES = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
@@ -80,22 +79,14 @@ def export_openvino(
             }
     run = runner(compiled)
     got = torch.cat([run(batch) for batch in check.split(64)]).numpy()
-    with torch.no_grad():
-        expected = student(check).numpy()
-    top1 = float((got.argmax(1) == expected.argmax(1)).mean())
-    chosen = top1 >= AGREEMENT_BOUND
     return {
         "file": path.name,
         "runtime": f"openvino {ov.__version__.split('-')[0]}",
         "check": f"{len(check)} images of {source}",
         "check_images": len(check),
-        "top1_agreement": top1,
-        "max_abs_diff": float(np.abs(got - expected).max()),
+        **agreement(student, check, got),
         "integer_layers": sum(1 for kernel in used.values() if kernel[1] in INTEGER_PRECISIONS),
         "quantized_layers": len(plan.integer),
-        "usable": chosen,
-        "why": f"top-1 agreement {100 * top1:.1f}% with the trained student on {len(check)} images"
-        + ("" if chosen else f", below the {100 * AGREEMENT_BOUND:.0f}% bound: predict does not choose it"),
         "bytes": path.stat().st_size + path.with_suffix(".bin").stat().st_size,
     }
 
