@@ -7,7 +7,8 @@ rounds, each round runs every candidate once):
 
 * PyTorch: the float network; the student as training built it (``load_student``: weight quantizers and
   BatchNorm run on every call); its inference form (``load_student(..., inference=True)``: weights
-  decoded once, BatchNorm folded).
+  decoded once, BatchNorm folded) on float kernels and on oneDNN's int8 kernels (the default where
+  this PyTorch has them).
 * onnxruntime: the float network exported to ONNX; ``student.onnx`` of ``cmtkd-graph export`` (exact
   sub-byte QuantizeLinear/DequantizeLinear); ``student-int8.onnx`` (integer kernels; calibrated on
   ``--images``, so only with them), with how many quantized layers run on integer kernels.
@@ -88,10 +89,25 @@ def as_run_dir(spec: Spec, student: torch.nn.Module, directory: Path) -> Path:
 
 
 def torch_candidates(run: Path, spec: Spec) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    floating = float_network(spec).eval()
-    student = load_student(run)
-    form = load_student(run, inference=True)
-    return {"float": floating, "student": student, "inference form": form}
+    """The float network, the student as trained, its inference form on float kernels and (where this
+    PyTorch has oneDNN's int8 convolution) on integer kernels, ``load_student(..., inference=True)``."""
+    from cmtkd_graph.deploy.onednn_int8 import OneDNNInt8Conv2d, integer_kernels_available
+
+    candidates = {
+        "float": float_network(spec).eval(),
+        "student": load_student(run),
+        "inference form, float kernels": load_student(run, inference=True, integer_kernels=False),
+    }
+    if integer_kernels_available():
+        form = load_student(run, inference=True, integer_kernels=True)
+        layers = [m for m in form.modules() if isinstance(m, OneDNNInt8Conv2d)]
+        chained = sum(m._input_is_codes for m in layers)
+        print(
+            f"  inference form: {len(layers)} quantized convolutions on oneDNN's int8 kernels, {chained} of "
+            "them reading the uint8 codes the previous kernel wrote"
+        )
+        candidates["inference form"] = form
+    return candidates
 
 
 def exported(run: Path, spec: Spec, work: Path, images: str | None) -> tuple[Path, dict, Path | None]:
@@ -123,7 +139,9 @@ def exported(run: Path, spec: Spec, work: Path, images: str | None) -> tuple[Pat
 def onnx_candidates(export_dir: Path, manifest: dict, float_file: Path | None) -> dict[str, Callable]:
     """The float network, ``student.onnx`` and ``student-int8.onnx`` in onnxruntime."""
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
+
+        from cmtkd_graph.deploy import onnx_int8
     except ImportError:
         print("  onnxruntime: not installed (pip install 'cmtkd-graph[export]'), skipped")
         return {}
@@ -131,10 +149,7 @@ def onnx_candidates(export_dir: Path, manifest: dict, float_file: Path | None) -
         return {}
 
     def session(path: Path):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = torch.get_num_threads()
-        s = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        s = onnx_int8.session(path, threads=torch.get_num_threads())
         return lambda x: torch.from_numpy(s.run(None, {"images": x.numpy()})[0])
 
     candidates = {"float": session(float_file), "student.onnx": session(export_dir / "student.onnx")}

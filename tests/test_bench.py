@@ -45,6 +45,8 @@ def test_deploy_bench_smoke(cifar10_jpeg):
     for backend in ("PyTorch", "onnxruntime", "OpenVINO"):
         assert re.search(rf"{backend} +batch +1: float \d+\.\d ms; ", out), out
     assert re.search(r"inference form \d+\.\d ms \(x\d+\.\d\d\)", out)
+    assert re.search(r"inference form, float kernels \d+\.\d ms \(x\d+\.\d\d\)", out)
+    assert "inference form: 19 quantized convolutions on oneDNN's int8 kernels, 8 of them" in out, out
     assert re.search(r"student\.onnx \d+\.\d ms \(x\d+\.\d\d\)", out)
     assert re.search(r"student-int8\.onnx \d+\.\d ms \(x\d+\.\d\d\)", out), out
     assert re.search(r"student-int8\.onnx: 19 of 19 quantized layers on integer kernels", out), out

@@ -23,8 +23,16 @@ import cmtkd_graph as cg
 from cmtkd_graph.data import build_datasets
 from cmtkd_graph.deploy.codes import CODES_FILE, decode_weight, quantized_layers
 from cmtkd_graph.deploy.export import export
-from cmtkd_graph.deploy.inference import IntegerWeightConv2d
+from cmtkd_graph.deploy.inference import ActivationRequantizer, IntegerWeightConv2d
 from cmtkd_graph.deploy.integer import FLOAT64_EXACT, integer_conv2d, integer_matmul, integer_student
+from cmtkd_graph.deploy.onednn_int8 import (
+    OneDNNInt8Conv2d,
+    chain_integer_convolutions,
+    fits,
+    integer_kernels_available,
+    rounds_plainly,
+    use_integer_kernels,
+)
 from cmtkd_graph.deploy.packing import pack_codes, packed_bytes, unpack_codes
 from cmtkd_graph.deploy.predict import format_predictions, predict
 from cmtkd_graph.deploy.student import build_student
@@ -33,6 +41,10 @@ from cmtkd_graph.evaluation.run import evaluate_run
 from .conftest import launch_two_processes, run_module
 
 REPO = Path(__file__).resolve().parents[1]
+
+INT8_KERNELS = pytest.mark.skipif(
+    not integer_kernels_available(), reason="this PyTorch build has no oneDNN int8 convolution"
+)
 
 
 def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -477,7 +489,7 @@ def test_inference_form_agrees_with_the_trained_student_on_real_images(trained_r
     spec = cg.load_spec(exported / "spec.yaml")
     images, _ = real_images(spec, n=100)
     student = cg.load_student(exported)
-    form = cg.load_student(exported, inference=True)
+    form = cg.load_student(exported, inference=True, integer_kernels=False)
     # weights decoded once, BatchNorm folded: no quantizer with a latent weight, no BN left
     modules = dict(form.named_modules())
     assert sum(isinstance(m, IntegerWeightConv2d) for m in modules.values()) == 19
@@ -489,6 +501,28 @@ def test_inference_form_agrees_with_the_trained_student_on_real_images(trained_r
         expected = student(images)
         got = form(images)
     assert_agrees_but_at_boundaries(got.numpy(), expected.numpy())
+    agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
+    assert agreement >= 0.99, agreement
+
+
+@INT8_KERNELS
+def test_the_default_inference_form_runs_oneDNN_int8_kernels_and_agrees_on_real_images(exported):
+    """The default inference form on this CPU: all 19 quantized convolutions on oneDNN's int8 kernel,
+    the 8 that follow a block's first convolution reading the uint8 codes it writes; its logits are
+    the float form's on real images (but at level boundaries), its top-1 the trained student's."""
+    spec = cg.load_spec(exported / "spec.yaml")
+    images, _ = real_images(spec, n=100)
+    student = cg.load_student(exported)
+    form = cg.load_student(exported, inference=True)
+    floating = cg.load_student(exported, inference=True, integer_kernels=False)
+    layers = {n: m for n, m in form.named_modules() if isinstance(m, OneDNNInt8Conv2d)}
+    assert len(layers) == 19
+    assert sorted(n for n, m in layers.items() if m._input_is_codes) == [
+        f"layer{i}.{j}.conv2" for i in range(1, 5) for j in range(2)
+    ]
+    with torch.no_grad():
+        expected, reference, got = student(images), floating(images), form(images)
+    assert_agrees_but_at_boundaries(got.numpy(), reference.numpy())
     agreement = (got.argmax(1) == expected.argmax(1)).float().mean().item()
     assert agreement >= 0.99, agreement
 
@@ -552,6 +586,128 @@ def test_batchnorm_with_another_reader_of_its_convolution_is_not_folded():
 
     model = fx.symbolic_trace(TwoReaders().eval())
     assert fold_batchnorm(model) == []
+
+
+# ------------------------------------------------------------------------------------ oneDNN int8 in PyTorch
+def _requantizers() -> dict[str, ActivationRequantizer]:
+    from cmtkd_graph.quantizers.hwgq import HalfWaveQuantizer, SignedMidRiseQuantizer
+    from cmtkd_graph.quantizers.lsq import LSQQuantizer
+
+    lsq = LSQQuantizer(4, signed=True, per_sample=True)
+    lsq.step.data.fill_(0.21)
+    return {
+        "hwgq unsigned 2-bit": ActivationRequantizer(HalfWaveQuantizer(2)),
+        "hwgq mid-rise 2-bit": ActivationRequantizer(SignedMidRiseQuantizer(2)),
+        "lsq signed 4-bit": ActivationRequantizer(lsq),
+    }
+
+
+def _integer_conv(c_in: int, c_out: int, groups: int, stride: int, seed: int) -> IntegerWeightConv2d:
+    from cmtkd_graph.quantizers.base import mid_rise_grid
+
+    g = torch.Generator().manual_seed(seed)
+    conv = IntegerWeightConv2d(c_in, c_out, 3, stride=stride, padding=1, groups=groups, bias=True)
+    integers = 2 * torch.randint(0, 4, conv.weight.shape, generator=g) - 3  # odd -3..3
+    scale = 0.01 + 0.05 * torch.rand(c_out, generator=g)
+    scale[::3] *= -1  # a BatchNorm with negative gamma folds into a negative scale
+    conv._set_integer_weight(integers, scale, mid_rise_grid(2))
+    conv.bias = torch.nn.Parameter(torch.randn(c_out, generator=g), requires_grad=False)
+    return conv.eval()
+
+
+@INT8_KERNELS
+@pytest.mark.parametrize("requantizer", ["hwgq unsigned 2-bit", "hwgq mid-rise 2-bit", "lsq signed 4-bit"])
+@pytest.mark.parametrize(("groups", "stride"), [(1, 1), (16, 2)])
+def test_int8_convolution_computes_the_requantizer_then_the_convolution(requantizer, groups, stride):
+    """oneDNN's uint8 x int8 kernel with a float32 epilogue against the float inference form's two
+    modules: the same levels (zero points for signed grids, negative scales, depthwise, stride)."""
+    quantize = _requantizers()[requantizer]
+    conv = _integer_conv(16, 16, groups, stride, seed=groups)
+    x = 2 * torch.randn(4, 16, 9, 9, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = conv(quantize(x))
+        layer = OneDNNInt8Conv2d(quantize, conv)
+        codes = layer.codes(x)
+        got = layer(x)
+    q, _ = quantize.quantizer.integers(x)
+    assert codes.dtype == torch.uint8 and torch.equal(codes.float(), q - quantize.grid.qmin)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
+
+
+def _chain(requantize_in, conv_in, requantize_out, conv_out) -> torch.fx.GraphModule:
+    from torch import fx, nn
+
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q1, self.conv1, self.relu, self.q2, self.conv2 = (
+                requantize_in,
+                conv_in,
+                nn.ReLU(),
+                requantize_out,
+                conv_out,
+            )
+
+        def forward(self, x):
+            return self.conv2(self.q2(self.relu(self.conv1(self.q1(x)))))
+
+    class Tracer(fx.Tracer):  # the inference form's modules are nodes, as in a student's graph
+        def is_leaf_module(self, m, name):
+            leaf = isinstance(m, IntegerWeightConv2d | ActivationRequantizer)
+            return leaf or super().is_leaf_module(m, name)
+
+    root = Chain().eval()
+    return fx.GraphModule(root, Tracer().trace(root))
+
+
+@INT8_KERNELS
+def test_chained_int8_convolutions_hand_the_next_layer_its_codes():
+    """conv -> ReLU -> requantizer -> conv: the first kernel writes the second's uint8 codes (ReLU,
+    clamp and rounding in its epilogue), the ReLU node goes, the logits stay the float form's."""
+    quantizers = _requantizers()
+    model = _chain(
+        quantizers["hwgq mid-rise 2-bit"],
+        _integer_conv(16, 16, 1, 1, 0),
+        quantizers["hwgq unsigned 2-bit"],
+        _integer_conv(16, 8, 1, 2, 1),
+    )
+    x = 2 * torch.randn(4, 16, 9, 9, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(x)
+        assert use_integer_kernels(model) == {}
+        assert chain_integer_convolutions(model) == 1
+        model.recompile()
+        writer = model.get_submodule("conv1")
+        written = writer(x)
+        got = model(x)
+    assert [n.target for n in model.graph.nodes if n.op == "call_module"] == ["conv1", "conv2"]
+    assert written.dtype == torch.uint8 and written.max() <= 3
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
+
+
+def test_what_does_not_fit_int8_kernels_stays_float_and_says_why():
+    from cmtkd_graph.quantizers.base import mid_rise_grid, unsigned_grid
+
+    assert fits(unsigned_grid(2), torch.tensor([-3, 3])) is None
+    assert fits(unsigned_grid(4), torch.tensor([127])) is None  # 2 x 15 x 127 = 3810
+    assert fits(mid_rise_grid(8), torch.tensor([1])) == "activation codes 0..510 do not fit uint8"
+    assert fits(unsigned_grid(2), torch.tensor([-128])) == "weight integers up to 128 do not fit int8"
+    assert fits(unsigned_grid(8), torch.tensor([127])) == (  # 2 x 255 x 127 = 64770
+        "activation codes 0..255 times weights up to 127 could overflow int16 pairs"
+    )
+
+
+def test_only_requantizers_that_round_plainly_take_codes_from_a_kernels_epilogue():
+    from cmtkd_graph.quantizers.hwgq import HalfWaveQuantizer
+    from cmtkd_graph.quantizers.lsq import LSQQuantizer
+
+    quantizers = _requantizers()
+    assert rounds_plainly(quantizers["hwgq unsigned 2-bit"])
+    assert rounds_plainly(quantizers["lsq signed 4-bit"])
+    assert rounds_plainly(ActivationRequantizer(LSQQuantizer(2, signed=False, per_sample=True)))
+    assert not rounds_plainly(quantizers["hwgq mid-rise 2-bit"])  # odd integers: no zero level
+    assert not rounds_plainly(ActivationRequantizer(HalfWaveQuantizer(2, caffe_rounding=True)))
 
 
 # ------------------------------------------------------------------------------------ int8 ONNX

@@ -15,7 +15,8 @@ Three in-place passes over a copy of the student, each a small function over the
 
 Weights and activations stay exactly the trained student's levels; only BatchNorm's folding reorders
 float arithmetic, so an activation within float rounding of a quantizer's decision boundary can take
-the neighbouring level. ``tests/test_inference.py`` states the agreement on real images.
+the neighbouring level. ``tests/test_deploy.py`` states the agreement on real images. On x86
+CPUs ``deploy.onednn_int8`` then puts the quantized convolutions on oneDNN's int8 kernels.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Images are prepared as the run's evaluation prepared its data (resize/centre-crop to the input size,
 the dataset's mean/std; grey where the dataset's record says so), then run by one of ``BACKENDS``:
-the PyTorch student as trained (``torch``), its inference form (``inference``), the integer reference
+the PyTorch student as trained (``torch``), its inference form (``inference``; on oneDNN's int8 kernels
+where this PyTorch has them), the integer reference
 (``integer``), onnxruntime on ``student.onnx`` (``onnx``) or on ``student-int8.onnx`` (``onnx-int8``),
 OpenVINO on ``student-openvino.xml`` (``openvino``). ``auto`` (the default) times the usable ones on
 this machine and takes the fastest: the integer exports only where the export found them within the
@@ -111,11 +112,9 @@ def runner(directory: Path, backend: str) -> Callable[[Tensor], Tensor]:
             from cmtkd_graph.deploy import openvino_export
 
             return openvino_export.runner(openvino_export.compile_model(file))
-        import onnxruntime as ort
+        from cmtkd_graph.deploy.onnx_int8 import session as onnx_session
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+        session = onnx_session(file)
         return lambda batch: torch.from_numpy(session.run(None, {"images": batch.numpy()})[0])
     if backend == "integer":
         from cmtkd_graph.deploy.integer import integer_student

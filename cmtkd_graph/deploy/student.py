@@ -105,22 +105,43 @@ def build_student(spec: Spec) -> fx.GraphModule:
 
 
 def load_student(
-    path: str | Path, *, checkpoint: str | None = None, inference: bool = False
+    path: str | Path,
+    *,
+    checkpoint: str | None = None,
+    inference: bool = False,
+    integer_kernels: bool | None = None,
 ) -> fx.GraphModule:
     """The trained student of an export, run or checkpoint directory, in eval mode, on the CPU.
 
     ``student(images)`` returns the logits, bit-identical on CPU to the trained system's student.
     ``inference=True``: its inference form (``deploy.inference``: weights decoded once, BatchNorm
     folded), the same levels computed faster; its logits agree within float rounding of BatchNorm.
+    ``integer_kernels`` (inference form only; default: where this PyTorch has them): its quantized
+    convolutions on oneDNN's int8 kernels (``deploy.onednn_int8``), with the same float epilogue.
     """
     source = find_student(path, checkpoint=checkpoint)
     student = build_student(source.spec)
     load_state(student, source.state, origin=source.origin)
-    if inference:
-        from cmtkd_graph.deploy.inference import inference_form
+    if not inference:
+        return student
+    from cmtkd_graph.deploy.inference import inference_form
+    from cmtkd_graph.deploy.onednn_int8 import (
+        chain_integer_convolutions,
+        integer_kernels_available,
+        use_integer_kernels,
+    )
+    from cmtkd_graph.passes.graph_pass import finish
 
-        return inference_form(student)
-    return student
+    form = inference_form(student)
+    if integer_kernels is None:
+        integer_kernels = integer_kernels_available()
+    elif integer_kernels and not integer_kernels_available():
+        raise UserError("integer_kernels=True: this PyTorch build has no oneDNN int8 convolution (x86 CPUs)")
+    if integer_kernels:
+        use_integer_kernels(form)
+        chain_integer_convolutions(form)
+        finish(form)
+    return form
 
 
 def load_state(module: torch.nn.Module, state: dict[str, Tensor], *, origin: Path) -> None:

@@ -83,9 +83,11 @@ class HalfWaveQuantizer(Quantizer):
         return (2**self.bits - 1) * self.step
 
     def _codes(self, clipped: torch.Tensor) -> torch.Tensor:
-        k = clipped.div(self.step).round_()
-        if self.caffe_rounding:
-            k = torch.maximum(k, (clipped > 0).to(k.dtype))  # positive inputs never map to 0
+        """Works in place on ``clipped`` (always a fresh tensor: clamp's result)."""
+        positive = (clipped > 0) if self.caffe_rounding else None
+        k = clipped.div_(self.step).round_()
+        if positive is not None:
+            k = torch.maximum(k, positive.to(k.dtype))  # positive inputs never map to 0
         return k
 
     def extra_repr(self) -> str:

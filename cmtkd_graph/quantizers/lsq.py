@@ -85,8 +85,8 @@ class LSQQuantizer(Quantizer):
 
     def integers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.step.detach().float()
-        u = (x / s).clamp(self.qn, self.qp)
-        return (torch.where(u >= 0, 1.0, -1.0) if self.binary else torch.round(u)), s
+        u = (x / s).clamp_(self.qn, self.qp)  # one allocation: inference runs this per activation
+        return (torch.where(u >= 0, 1.0, -1.0) if self.binary else u.round_()), s
 
     @torch.no_grad()
     def _initialize_once(self, x: torch.Tensor) -> None:
