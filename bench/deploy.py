@@ -80,6 +80,17 @@ def float_network(spec: Spec) -> torch.nn.Module:
     return build_student(validate_spec(data))
 
 
+def random_student(spec: Spec) -> torch.nn.Module:
+    """The spec's student with random weights, its data-dependent quantizer steps (LSQ) set as training
+    sets them, from a first batch (here random images), and BatchNorm as built."""
+    student = build_student(spec)
+    state = {k: v.clone() for k, v in student.state_dict().items() if "running_" in k or "num_batches" in k}
+    with torch.no_grad():
+        student.train()(torch.randn(8, *spec.data.input_shape(), generator=torch.Generator().manual_seed(1)))
+    student.load_state_dict(state, strict=False)
+    return student.eval()
+
+
 def as_run_dir(spec: Spec, student: torch.nn.Module, directory: Path) -> Path:
     """A directory ``cmtkd-graph export`` and ``load_student`` read: the spec and the student's weights."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -265,7 +276,7 @@ def main() -> None:
         for name in names:
             torch.manual_seed(0)
             spec = student_spec(name, args.smoke)
-            run = as_run_dir(spec, build_student(spec), work / name / "run")
+            run = as_run_dir(spec, random_student(spec), work / name / "run")
             bench_model(name, run, spec, args, work / name)
 
 
