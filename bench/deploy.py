@@ -112,7 +112,7 @@ def torch_candidates(run: Path, spec: Spec) -> dict[str, Callable[[torch.Tensor]
     if integer_kernels_available():
         form = load_student(run, inference=True, integer_kernels=True)
         layers = [m for m in form.modules() if isinstance(m, OneDNNInt8Conv2d)]
-        chained = sum(m._input_is_codes for m in layers)
+        chained = sum(m.reads_codes for m in layers)
         print(
             f"  inference form: {len(layers)} quantized convolutions on oneDNN's int8 kernels, {chained} of "
             "them reading the uint8 codes the previous kernel wrote"

@@ -517,7 +517,7 @@ def test_the_default_inference_form_runs_oneDNN_int8_kernels_and_agrees_on_real_
     floating = cg.load_student(exported, inference=True, integer_kernels=False)
     layers = {n: m for n, m in form.named_modules() if isinstance(m, OneDNNInt8Conv2d)}
     assert len(layers) == 19
-    assert sorted(n for n, m in layers.items() if m._input_is_codes) == [
+    assert sorted(n for n, m in layers.items() if m.reads_codes) == [
         f"layer{i}.{j}.conv2" for i in range(1, 5) for j in range(2)
     ]
     with torch.no_grad():

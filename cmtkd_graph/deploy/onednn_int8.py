@@ -11,6 +11,10 @@ of the inference form into one :class:`OneDNNInt8Conv2d`: the requantizer's inte
 own mapping, computed as before) become uint8 codes, the convolution runs on the integer kernel. A pair
 stays as it was where the integers do not fit: activation codes beyond 0..255, weights beyond int8, or
 products that could overflow the int16 pairs of CPUs without VNNI (``2 * codes * |weight| > 32767``).
+
+:func:`chain_integer_convolutions` then lets a layer whose only reader is another such layer write that
+reader's uint8 codes itself (clamp, scale and rounding in the kernel's epilogue), so the float tensor
+between two quantized convolutions is never written: on mobilenet_v2 that is most of the gain.
 """
 
 from __future__ import annotations
@@ -82,6 +86,16 @@ class OneDNNInt8Conv2d(nn.Module):
         if self._offset:
             q = q.sub_(self._offset)
         return q.to(torch.uint8, memory_format=torch.channels_last)
+
+    @property
+    def reads_codes(self) -> bool:
+        """Whether its input is the uint8 codes the previous layer wrote (not floats)."""
+        return self._input_is_codes
+
+    @property
+    def writes_codes(self) -> bool:
+        """Whether its output is the next layer's uint8 codes (not floats)."""
+        return self._output is not None
 
     def emit_codes(self, low: float, high: float, codes_for: OneDNNInt8Conv2d) -> None:
         """Output ``codes_for``'s uint8 codes instead of floats: ``round(clamp(y, low, high) / s) - qmin``
