@@ -602,11 +602,15 @@ def _requantizers() -> dict[str, ActivationRequantizer]:
     }
 
 
-def _integer_conv(c_in: int, c_out: int, groups: int, stride: int, seed: int) -> IntegerWeightConv2d:
+def _integer_conv(
+    c_in: int, c_out: int, groups: int, stride: int, seed: int, kernel: int = 3
+) -> IntegerWeightConv2d:
     from cmtkd_graph.quantizers.base import mid_rise_grid
 
     g = torch.Generator().manual_seed(seed)
-    conv = IntegerWeightConv2d(c_in, c_out, 3, stride=stride, padding=1, groups=groups, bias=True)
+    conv = IntegerWeightConv2d(
+        c_in, c_out, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=True
+    )
     integers = 2 * torch.randint(0, 4, conv.weight.shape, generator=g) - 3  # odd -3..3
     scale = 0.01 + 0.05 * torch.rand(c_out, generator=g)
     scale[::3] *= -1  # a BatchNorm with negative gamma folds into a negative scale
@@ -711,6 +715,54 @@ def test_only_requantizers_that_round_plainly_take_codes_from_a_kernels_epilogue
 
 
 # ------------------------------------------------------------------------------------ int8 ONNX
+def test_int8_onnx_writes_mid_rise_levels_shifted_into_the_bias_of_a_padding_free_convolution(tmp_path):
+    """HWGQ's mid-rise activations (odd multiples of s, no zero level) have no uint8 form, but minus s
+    they are multiples of 2s: read by a 1x1 convolution, the export writes them so and adds
+    s * sum(w) to its bias. Without calibration (float epilogue) onnxruntime's logits equal the
+    inference form's; with it, onnxruntime runs the convolution on QLinearConv."""
+    from torch import fx, nn
+
+    from cmtkd_graph.deploy.onnx_int8 import build_int8_onnx, kernels, session
+    from cmtkd_graph.quantizers.hwgq import SignedMidRiseQuantizer
+
+    class MidRiseThen1x1(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.conv = (
+                ActivationRequantizer(SignedMidRiseQuantizer(2)),
+                _integer_conv(16, 8, 1, 1, 3, 1),
+            )
+
+        def forward(self, x):
+            return torch.flatten(self.conv(self.q(x)), 1)
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m, name):
+            leaf = isinstance(m, IntegerWeightConv2d | ActivationRequantizer)
+            return leaf or super().is_leaf_module(m, name)
+
+    root = MidRiseThen1x1().eval()
+    form = fx.GraphModule(root, Tracer().trace(root))
+    x = 2 * torch.randn(8, 16, 5, 5, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = form(x).numpy()
+    exact, plan = build_int8_onnx(form, (16, 5, 5), None)
+    assert plan.integer == {"conv": ""}
+    assert [n.op_type for n in exact.graph.node][:3] == ["Sub", "QuantizeLinear", "Clip"]
+    (tmp_path / "exact.onnx").write_bytes(exact.SerializeToString())
+    got = session(tmp_path / "exact.onnx").run(None, {"images": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5)
+
+    calibrated, _ = build_int8_onnx(form, (16, 5, 5), x)
+    (tmp_path / "int8.onnx").write_bytes(calibrated.SerializeToString())
+    optimized = tmp_path / "optimized.onnx"
+    got = session(tmp_path / "int8.onnx", optimized=optimized).run(None, {"images": x.numpy()})[0]
+    import onnx
+
+    assert kernels(onnx.load(str(optimized)), ["conv"]) == {"conv": "QLinearConv"}
+    assert np.abs(got - expected).max() <= 0.02 * np.abs(expected).max()  # 8-bit output steps
+
+
 def test_int8_onnx_runs_every_quantized_convolution_on_integer_kernels(exported):
     """onnxruntime's optimized graph (not the intent) puts all 19 quantized convolutions of the W2A2
     resnet18 on QLinearConv, and the model agrees with the trained student on real images."""

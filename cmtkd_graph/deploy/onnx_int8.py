@@ -20,10 +20,13 @@ and ``QLinearMatMul``:
   above the quantizer's top level) that quantizer is the output's quantization and nothing is added.
 
 Everything else (the float first convolution and classifier, residual additions, pooling) is float, as
-in the trained student. A layer whose grid an 8-bit kernel cannot hold (mid-rise activations, weights
-beyond int8) keeps the exact sub-byte form's float arithmetic; the manifest says which kernel
-onnxruntime chose for every layer, read from its optimized graph, and how well the export agrees with
-the trained student on as many real images again (not those it was calibrated on).
+in the trained student. Mid-rise activations (odd multiples of s) have no uint8 form; read by a layer
+without padding they are written minus s (multiples of 2s, ``Sub`` before the ``QuantizeLinear``) and
+the layer's bias gains ``s * sum(w)``. A layer whose grid an 8-bit kernel cannot hold otherwise
+(mid-rise inputs of padded convolutions, weights beyond int8) keeps the exact sub-byte form's float
+arithmetic; the manifest says which kernel onnxruntime chose for every layer, read from its optimized
+graph, and how well the export agrees with the trained student on as many real images again (not those
+it was calibrated on).
 """
 
 from __future__ import annotations
@@ -96,12 +99,47 @@ def _exact_levels(b: _Builder, x: str, requantizer: ActivationRequantizer, name:
     return b.node("DequantizeLinear", [clipped, s, z], name)
 
 
+def _shifted_mid_rise(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A mid-rise requantizer (odd integers k, levels k s) whose only reader is an integer-weight layer
+    without padding: its levels are written shifted by -s, ``(k - 1) / 2`` on the uint8 grid of step
+    2s, and the layer adds ``s * sum(w)`` to its bias, exact where no padding meets a shifted zero."""
+    module = gm.get_submodule(node.target)
+    if not isinstance(module, ActivationRequantizer) or module.grid.step != 2 or module.grid.bits > 8:
+        return False
+    users = list(node.users)
+    if len(users) != 1 or users[0].op != "call_module" or users[0].args[:1] != (node,):
+        return False
+    layer = gm.get_submodule(users[0].target)
+    if isinstance(layer, IntegerWeightConv2d):
+        return not any(layer.padding) and layer.integers.abs().max() <= INT8_MAX
+    return isinstance(layer, IntegerWeightLinear) and layer.integers.abs().max() <= INT8_MAX
+
+
+def _shifted_levels(b: _Builder, x: str, requantizer: ActivationRequantizer, name: str) -> str:
+    """Mid-rise levels minus s, ``2s * round((x - s) / 2s)`` clipped, as Sub -> Q -> Clip -> DQ."""
+    grid, half = requantizer.grid, float(requantizer.step)
+    kmin, kmax = (grid.qmin - 1) // 2, (grid.qmax - 1) // 2
+    s = b.constant(f"{name}.scale", np.array(half, np.float32))
+    double = b.constant(f"{name}.double_scale", np.array(2 * half, np.float32))
+    z = b.constant(f"{name}.zero_point", np.array(-kmin, np.uint8))
+    q = b.node("QuantizeLinear", [b.node("Sub", [x, s], name), double, z], name)
+    low = b.constant(f"{name}.qmin", np.array(0, np.uint8))
+    high = b.constant(f"{name}.qmax", np.array(kmax - kmin, np.uint8))
+    return b.node("DequantizeLinear", [b.node("Clip", [q, low, high], name), double, z], name)
+
+
 class _NotInteger(Exception):
     """A layer that stays on float arithmetic (the reason is the message)."""
 
 
 def _integer_weight(
-    b: _Builder, layer, input_scale: float, name: str, input_levels: int, output_steps: Tensor | None
+    b: _Builder,
+    layer,
+    input_scale: float,
+    name: str,
+    input_levels: int,
+    output_steps: Tensor | None,
+    bias_shift: Tensor | None = None,
 ) -> tuple[str, str | None]:
     """DequantizeLinear of the int8 weight and of the int32 bias. A linear layer's weight is stored
     transposed (in x out, scale per column), the operand order of the MatMul onnxruntime fuses.
@@ -122,9 +160,12 @@ def _integer_weight(
     multiplier = (limit // largest).clamp(min=1)
     integers = integers * multiplier.view(shape)
     scale = (scale.abs() / multiplier.double()).clamp(min=1e-30)
+    bias = None if layer.bias is None else layer.bias.detach().double()
+    if bias_shift is not None:
+        bias = bias_shift if bias is None else bias + bias_shift
     bias_integers = None  # on the scale the fused kernel adds it (s_input * s_weight), where it needs them
-    if layer.bias is not None and not b.float_epilogue:
-        bias_integers = torch.round(layer.bias.double() / (scale * input_scale)).clamp(-(2**31), 2**31 - 1)
+    if bias is not None and not b.float_epilogue:
+        bias_integers = torch.round(bias / (scale * input_scale)).clamp(-(2**31), 2**31 - 1)
     if output_steps is not None:  # the layer's output in units of its channels' 8-bit steps
         scale = scale / output_steps.double()
     linear = isinstance(layer, nn.Linear)
@@ -134,10 +175,10 @@ def _integer_weight(
     ws = b.constant(f"{name}.weight_scale", scale.float().numpy())
     wz = b.constant(f"{name}.weight_zero_point", np.zeros(len(scale), np.int8))
     weight = b.node("DequantizeLinear", [w, ws, wz], name, axis=1 if linear else 0)
-    if layer.bias is None:
+    if bias is None:
         return weight, None
     if b.float_epilogue:  # the runtime adds it in float after the int32 accumulation: exact
-        return weight, b.constant(f"{name}.bias", layer.bias.detach().float().numpy())
+        return weight, b.constant(f"{name}.bias", bias.float().numpy())
     bias_scale = (scale * input_scale).float()
     bq = b.constant(f"{name}.bias_integers", bias_integers.numpy().astype(np.int32))
     bs = b.constant(f"{name}.bias_scale", bias_scale.numpy())
@@ -171,12 +212,13 @@ def _layer(
     input_scale: float | None,
     input_levels: int = 0,
     output_steps: Tensor | None = None,
+    bias_shift: Tensor | None = None,
 ) -> str:
     """A conv or linear layer; integer weights when its input was quantized just before (its output
-    divided by ``output_steps`` per channel, when given)."""
+    divided by ``output_steps`` per channel, when given; ``bias_shift`` added to its bias)."""
     integer = input_scale is not None and isinstance(module, IntegerWeightConv2d | IntegerWeightLinear)
     if integer:
-        weight, bias = _integer_weight(b, module, input_scale, name, input_levels, output_steps)
+        weight, bias = _integer_weight(b, module, input_scale, name, input_levels, output_steps, bias_shift)
     else:
         weight, bias = _float_weight(b, module, name)
     inputs = [x, weight] + ([bias] if bias else [])
@@ -318,6 +360,8 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
         module = gm.get_submodule(node.target)
         name = node.target
         if isinstance(module, ActivationRequantizer):
+            if _shifted_mid_rise(gm, node):
+                return _shifted_levels(b, args[0], module, name)
             try:
                 return _exact_levels(b, args[0], module, name)
             except _NotInteger:
@@ -405,8 +449,12 @@ def _emit_layer(
     name = node.target
     requantizer = _quantized_input(gm, node)
     input_scale = None
+    shifted = requantizer is not None and _shifted_mid_rise(gm, node.args[0])
     if requantizer is not None and isinstance(module, IntegerWeightConv2d | IntegerWeightLinear):
-        if _grid_type(requantizer.grid) is None:
+        if shifted:  # the input is its levels minus s on a grid of step 2s (see _shifted_mid_rise)
+            input_scale = 2 * float(requantizer.step)
+            plan.integer[name] = ""
+        elif _grid_type(requantizer.grid) is None:
             plan.integer[name] = f"its {requantizer.grid.bits}-bit input grid (mid-rise) has no 8-bit form"
         elif module.integers.abs().max() > INT8_MAX:
             plan.integer[name] = "its weight integers do not fit int8"
@@ -416,15 +464,19 @@ def _emit_layer(
     if input_scale is None:  # float arithmetic (decoded weights where they are quantized)
         return _layer(b, module, x, name, None)
     grid = requantizer.grid
-    levels = grid.qmax - grid.qmin + 1
+    levels = (grid.qmax - grid.qmin) // grid.step + 1
+    shift = None
+    if shifted:  # what the shifted input lacks: s times the sum of each output channel's weights
+        weight = module.weight.detach().double()
+        shift = float(requantizer.step) * weight.sum(dim=tuple(range(1, weight.dim())))
     if largest is None or _requantized_by_next_layer(gm, node):
-        return _layer(b, module, x, name, input_scale, levels)
+        return _layer(b, module, x, name, input_scale, levels, bias_shift=shift)
     # The output gets 8 bits per channel: QLinearConv's output scale is one number, so channel c's
     # float output is divided by its step inside the layer (weight and bias scales), quantized with
     # scale 1, and a DequantizeLinear (scale 1) and a Mul by the steps bring the channels back.
     steps = output_steps(largest[name])
     plan.output_scales[name] = steps
-    y = _layer(b, module, x, name, input_scale, levels, steps)
+    y = _layer(b, module, x, name, input_scale, levels, steps, bias_shift=shift)
     one = b.constant(f"{name}.output_scale", np.array(1.0, np.float32))
     zero = b.constant(f"{name}.output_zero_point", np.array(128, np.uint8))
     q = b.node("QuantizeLinear", [y, one, zero], name)
