@@ -134,13 +134,19 @@ def decode_weights(student: fx.GraphModule) -> None:
                 replace_submodule(student, path, DecodedWeight(decoded.q, decoded.scale))
 
 
+def module_calls(gm: fx.GraphModule) -> dict[str, int]:
+    """How many graph nodes call each submodule (a pass may only fuse a module called once)."""
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
 @torch.no_grad()
 def fold_batchnorm(student: fx.GraphModule) -> list[str]:
     """In place: fold each foldable BatchNorm2d into its convolution; returns the folded BN paths."""
-    calls: dict[str, int] = {}
-    for node in student.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = module_calls(student)
     folded = []
     for node in list(student.graph.nodes):
         if node.op != "call_module" or calls[node.target] != 1:

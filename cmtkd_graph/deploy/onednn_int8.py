@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor, fx, nn
 
-from cmtkd_graph.deploy.inference import ActivationRequantizer, IntegerWeightConv2d
+from cmtkd_graph.deploy.inference import ActivationRequantizer, IntegerWeightConv2d, module_calls
 from cmtkd_graph.quantizers.base import IntegerGrid
 
 INT16_PAIR = 32767  # two uint8 x int8 products are summed in int16 by vpmaddubsw (CPUs without VNNI)
@@ -157,10 +157,7 @@ def use_integer_kernels(form: fx.GraphModule) -> dict[str, str]:
     A pair is a requantizer node whose only reader is a call of an :class:`IntegerWeightConv2d` with it
     as its only argument, the convolution called once.
     """
-    calls: dict[str, int] = {}
-    for node in form.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = module_calls(form)
     left: dict[str, str] = {}
     for node in list(form.graph.nodes):
         if node.op != "call_module" or not isinstance(form.get_submodule(node.target), IntegerWeightConv2d):
