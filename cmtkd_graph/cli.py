@@ -153,7 +153,12 @@ def _names(text: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _COMMANDS[args.command](args)
+        status = _COMMANDS[args.command](args)
+        if args.command in ("train", "eval"):  # under `accelerate launch` they joined a process group
+            from cmtkd_graph.runtime.process import end_processes
+
+            end_processes()
+        return status
     except BrokenPipeError:  # `cmtkd-graph taps resnet50 | head`
         sys.stderr.close()
         return 0

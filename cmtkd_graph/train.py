@@ -46,6 +46,7 @@ from cmtkd_graph.runtime.precision import Precision, recorded_precision, resolve
 from cmtkd_graph.runtime.precision import write_record as write_precision_record
 from cmtkd_graph.runtime.process import (
     distributed_state,
+    end_processes,
     log_to_file,
     make_accelerator,
     set_cpu_threads,
@@ -557,6 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args.spec, args.overrides, resume=args.resume)
+        end_processes()
     except UserError as err:
         if int(os.environ.get("RANK", "0")) == 0:
             for line in user_error_lines(err):
@@ -565,6 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Preempted as stopped:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"preempted: {stopped}", file=sys.stderr)
+        end_processes()
         return EXIT_PREEMPTED
     return 0
 

@@ -365,6 +365,21 @@ def test_eval_under_accelerate_launch_counts_each_image_once(trained_run, tmp_pa
     assert {k: v for k, v in record.items() if k.startswith("acc")} == final["accuracy"]
 
 
+def test_eval_command_destroys_the_process_group_it_ran_in(trained_run, tmp_path):
+    # left to interpreter exit, gloo's threads can abort a launched process after its work is done
+    # ("terminate called without an active exception", exit -6): the entry point tears the group down
+    script = f"""
+import torch.distributed as dist
+from cmtkd_graph.cli import main
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+status = main(["eval", "{trained_run}", "--out", "{tmp_path / 'eval.json'}"])
+print("status", status, "group left", dist.is_initialized())
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "status 0 group left False" in result.stdout, result.stdout[-2000:]
+
+
 def test_predict_names_classes_with_every_backend(exported, cifar10_jpeg):
     images = sorted((cifar10_jpeg / "test").glob("*/*.jpg"))[:3]
     outputs = [

@@ -67,6 +67,18 @@ def distributed_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def end_processes() -> None:
+    """Destroy the process group a launched process joined, before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's worker threads can outlive the objects they hold and the
+    process dies with "terminate called without an active exception" (SIGABRT, exit -6) after its
+    work is done. A no-op in a process that joined no group. Called by the command-line entry
+    points on their way out, not by ``run``/``evaluate_run``, whose caller may still need the group.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def set_cpu_threads(spec: Spec, state) -> None:
     """Use the machine's cores: ``accelerate launch`` sets OMP_NUM_THREADS=1 for CPU processes.
 
