@@ -20,9 +20,13 @@ Students have random weights unless ``--run DIR`` gives a trained run or export 
 the only one timed); with ``--images ROOT`` (an image folder, e.g. CIFAR-10's ``test/``), every
 backend's top-1 agreement with the trained student and its largest logit difference on those images.
 
-    python -m bench.deploy [--models resnet18-32,...] [--repeat 7] [--run DIR --images ROOT] [--smoke]
+    python -m bench.deploy [--models resnet18-32,...] [--backends PyTorch,onnxruntime,OpenVINO]
+                           [--repeat 7] [--run DIR --images ROOT] [--smoke]
 
 ``--smoke``: one small model at batch 1 and 2, one round (what CI runs, so the script keeps working).
+What an AVX2-only CPU's instruction path gives, on a CPU with more: ``ONEDNN_MAX_CPU_ISA=AVX2
+ATEN_CPU_CAPABILITY=avx2 python -m bench.deploy --backends PyTorch`` (oneDNN's int8 kernels then run
+``jit_uni_int8:avx2``, without VNNI; the memory system stays this machine's).
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ MODELS = {  # name -> (base spec, overrides)
         ],
     ),
 }
+BACKENDS = ("PyTorch", "onnxruntime", "OpenVINO")
 COMMON = ["student.kwargs={num_classes: 10}", "teachers=[]", "method=single", "distill={}"]
 FLOAT = ["student.weight_bits=32", "student.act_bits=32"]
 
@@ -226,12 +231,13 @@ def real_images(spec: Spec, root: str, limit: int) -> torch.Tensor:
 
 def bench_model(name: str, run: Path, spec: Spec, args, work: Path) -> None:
     print(f"\n{name}: input {'x'.join(map(str, spec.data.input_shape()))}")
-    export_dir, manifest, float_file = exported(run, spec, work, args.images)
-    backends = {
-        "PyTorch": torch_candidates(run, spec),
-        "onnxruntime": onnx_candidates(export_dir, manifest, float_file),
-        "OpenVINO": openvino_candidates(export_dir, manifest, float_file),
-    }
+    backends = {"PyTorch": torch_candidates(run, spec)} if "PyTorch" in args.backends else {}
+    if {"onnxruntime", "OpenVINO"} & set(args.backends):
+        export_dir, manifest, float_file = exported(run, spec, work, args.images)
+        if "onnxruntime" in args.backends:
+            backends["onnxruntime"] = onnx_candidates(export_dir, manifest, float_file)
+        if "OpenVINO" in args.backends:
+            backends["OpenVINO"] = openvino_candidates(export_dir, manifest, float_file)
     batches = (1, 2) if args.smoke else (1, 64)
     for backend, candidates in backends.items():
         if not candidates:
@@ -257,12 +263,21 @@ def bench_model(name: str, run: Path, spec: Spec, args, work: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument(
+        "--backends",
+        type=lambda text: text.split(","),
+        default=list(BACKENDS),
+        help=f"some of {','.join(BACKENDS)} (default: all)",
+    )
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--run", help="a trained run or export directory: time and check its student")
     parser.add_argument("--images", help="an image folder (e.g. data/cifar10/test) for the agreement")
     parser.add_argument("--limit", type=int, default=1000, help="at most this many real images")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
+    unknown = set(args.backends) - set(BACKENDS)
+    if unknown:
+        parser.error(f"--backends: {', '.join(sorted(unknown))} not among {', '.join(BACKENDS)}")
     if args.smoke:
         args.repeat = 1
     print(machine_line())

@@ -54,3 +54,12 @@ def test_deploy_bench_smoke(cifar10_jpeg):
     assert re.search(r"student-openvino\.xml: 19 of 19 quantized layers on integer kernels", out), out
     # each backend against the trained student on real images
     assert re.search(r"inference form on 20 real images: top-1 agreement \d+\.\d%", out), out
+
+
+def test_deploy_bench_times_only_the_backends_asked_for():
+    result = run_module(["--smoke", "--backends", "PyTorch"], cwd=REPO, module="bench.deploy")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"PyTorch +batch +1: float \d+\.\d ms; ", result.stdout), result.stdout
+    assert "onnxruntime" not in result.stdout and "OpenVINO" not in result.stdout, result.stdout
+    wrong = run_module(["--smoke", "--backends", "PyTorch,tensorrt"], cwd=REPO, module="bench.deploy")
+    assert wrong.returncode == 2 and "--backends: tensorrt not among" in wrong.stderr, wrong.stderr[-2000:]

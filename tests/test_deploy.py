@@ -371,8 +371,8 @@ def test_eval_command_destroys_the_process_group_it_ran_in(trained_run, tmp_path
     script = f"""
 import torch.distributed as dist
 from cmtkd_graph.cli import main
-dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
-status = main(["eval", "{trained_run}", "--out", "{tmp_path / 'eval.json'}"])
+dist.init_process_group("gloo", init_method="file://{tmp_path / "store"}", rank=0, world_size=1)
+status = main(["eval", "{trained_run}", "--out", "{tmp_path / "eval.json"}"])
 print("status", status, "group left", dist.is_initialized())
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
@@ -730,14 +730,40 @@ def test_only_requantizers_that_round_plainly_take_codes_from_a_kernels_epilogue
 
 
 # ------------------------------------------------------------------------------------ int8 ONNX
+def _inference_form_graph(root: torch.nn.Module) -> torch.fx.GraphModule:
+    """A hand-built model traced as the inference form is: its requantizers and integer layers whole."""
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m, name):
+            leaf = isinstance(m, IntegerWeightConv2d | ActivationRequantizer)
+            return leaf or super().is_leaf_module(m, name)
+
+    return torch.fx.GraphModule(root, Tracer().trace(root))
+
+
+def _int8_onnx_run(form, x: torch.Tensor, tmp_path: Path, *, calibrated: bool):
+    """``form``'s int8 ONNX (float epilogue, or calibrated on ``x``), its plan, onnxruntime's logits on
+    ``x`` and the graph onnxruntime optimized it into."""
+    import onnx
+
+    from cmtkd_graph.deploy.onnx_int8 import build_int8_onnx, session
+
+    model, plan = build_int8_onnx(form, tuple(x.shape[1:]), x if calibrated else None)
+    path = tmp_path / ("int8.onnx" if calibrated else "exact.onnx")
+    path.write_bytes(model.SerializeToString())
+    optimized = path.with_suffix(".optimized.onnx")
+    logits = session(path, optimized=optimized).run(None, {"images": x.numpy()})[0]
+    return model, plan, logits, onnx.load(str(optimized))
+
+
 def test_int8_onnx_writes_mid_rise_levels_shifted_into_the_bias_of_a_padding_free_convolution(tmp_path):
     """HWGQ's mid-rise activations (odd multiples of s, no zero level) have no uint8 form, but minus s
     they are multiples of 2s: read by a 1x1 convolution, the export writes them so and adds
     s * sum(w) to its bias. Without calibration (float epilogue) onnxruntime's logits equal the
     inference form's; with it, onnxruntime runs the convolution on QLinearConv."""
-    from torch import fx, nn
+    from torch import nn
 
-    from cmtkd_graph.deploy.onnx_int8 import build_int8_onnx, kernels, session
+    from cmtkd_graph.deploy.onnx_int8 import kernels
     from cmtkd_graph.quantizers.hwgq import SignedMidRiseQuantizer
 
     class MidRiseThen1x1(nn.Module):
@@ -751,31 +777,60 @@ def test_int8_onnx_writes_mid_rise_levels_shifted_into_the_bias_of_a_padding_fre
         def forward(self, x):
             return torch.flatten(self.conv(self.q(x)), 1)
 
-    class Tracer(fx.Tracer):
-        def is_leaf_module(self, m, name):
-            leaf = isinstance(m, IntegerWeightConv2d | ActivationRequantizer)
-            return leaf or super().is_leaf_module(m, name)
-
     root = MidRiseThen1x1().eval()
-    form = fx.GraphModule(root, Tracer().trace(root))
+    form = _inference_form_graph(root)
     x = 2 * torch.randn(8, 16, 5, 5, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = form(x).numpy()
-    exact, plan = build_int8_onnx(form, (16, 5, 5), None)
+    exact, plan, got, _ = _int8_onnx_run(form, x, tmp_path, calibrated=False)
     assert plan.integer == {"conv": ""}
     assert [n.op_type for n in exact.graph.node][:3] == ["Sub", "QuantizeLinear", "Clip"]
-    (tmp_path / "exact.onnx").write_bytes(exact.SerializeToString())
-    got = session(tmp_path / "exact.onnx").run(None, {"images": x.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5)
 
-    calibrated, _ = build_int8_onnx(form, (16, 5, 5), x)
-    (tmp_path / "int8.onnx").write_bytes(calibrated.SerializeToString())
-    optimized = tmp_path / "optimized.onnx"
-    got = session(tmp_path / "int8.onnx", optimized=optimized).run(None, {"images": x.numpy()})[0]
-    import onnx
-
-    assert kernels(onnx.load(str(optimized)), ["conv"]) == {"conv": "QLinearConv"}
+    _, _, got, optimized = _int8_onnx_run(form, x, tmp_path, calibrated=True)
+    assert kernels(optimized, ["conv"]) == {"conv": "QLinearConv"}
     assert np.abs(got - expected).max() <= 0.02 * np.abs(expected).max()  # 8-bit output steps
+
+
+def test_int8_onnx_puts_the_mid_rise_shift_into_the_bias_of_the_layer_that_writes_it(tmp_path):
+    """Where an integer layer's only reader is such a shifted requantizer, the layer's bias subtracts s
+    (no Sub between them), so that onnxruntime fuses the layer with its QuantizeLinear: both
+    convolutions on QLinearConv; logits equal to the inference form's in the float epilogue."""
+    import onnx
+    from torch import nn
+
+    from cmtkd_graph.deploy.onnx_int8 import kernels
+    from cmtkd_graph.quantizers.hwgq import SignedMidRiseQuantizer
+
+    class ConvMidRise1x1(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q0, self.conv0 = _requantizers()["hwgq unsigned 2-bit"], _integer_conv(16, 16, 1, 1, 5)
+            self.q, self.conv = (
+                ActivationRequantizer(SignedMidRiseQuantizer(2)),
+                _integer_conv(16, 8, 1, 1, 3, 1),
+            )
+
+        def forward(self, x):
+            return torch.flatten(self.conv(self.q(self.conv0(self.q0(x)))), 1)
+
+    root = ConvMidRise1x1().eval()
+    form = _inference_form_graph(root)
+    x = torch.randn(8, 16, 5, 5, generator=torch.Generator().manual_seed(6)).abs()
+    with torch.no_grad():
+        expected = form(x).numpy()
+    exact, plan, got, _ = _int8_onnx_run(form, x, tmp_path, calibrated=False)
+    assert plan.integer == {"conv0": "", "conv": ""}
+    assert "Sub" not in {n.op_type for n in exact.graph.node}
+    bias = next(i for i in exact.graph.initializer if i.name == "conv0.bias")
+    shifted = onnx.numpy_helper.to_array(bias) - root.conv0.bias.detach().numpy()
+    np.testing.assert_allclose(shifted, -float(root.q.step), rtol=1e-6)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+    _, _, got, optimized = _int8_onnx_run(form, x, tmp_path, calibrated=True)
+    found = kernels(optimized, ["conv0", "conv"])
+    assert found == {"conv0": "QLinearConv", "conv": "QLinearConv"}, found
+    assert np.abs(got - expected).max() <= 0.02 * np.abs(expected).max()
 
 
 def test_int8_onnx_runs_every_quantized_convolution_on_integer_kernels(exported):

@@ -59,6 +59,7 @@ class _Builder:
     names: dict = field(default_factory=dict)  # fx.Node -> ONNX value name
     count: int = 0
     float_epilogue: bool = False  # biases and unquantized outputs in float (see build_int8_onnx)
+    shift_in_bias: set = field(default_factory=set)  # shifted requantizers whose -s a layer's bias holds
 
     def constant(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(numpy_helper.from_array(array, name))
@@ -116,13 +117,15 @@ def _shifted_mid_rise(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _shifted_levels(b: _Builder, x: str, requantizer: ActivationRequantizer, name: str) -> str:
-    """Mid-rise levels minus s, ``2s * round((x - s) / 2s)`` clipped, as Sub -> Q -> Clip -> DQ."""
+    """Mid-rise levels minus s, ``2s * round((x - s) / 2s)`` clipped, as Sub -> Q -> Clip -> DQ (no Sub
+    where the layer that writes ``x`` took the -s into its bias)."""
     grid, half = requantizer.grid, float(requantizer.step)
     kmin, kmax = (grid.qmin - 1) // 2, (grid.qmax - 1) // 2
-    s = b.constant(f"{name}.scale", np.array(half, np.float32))
     double = b.constant(f"{name}.double_scale", np.array(2 * half, np.float32))
     z = b.constant(f"{name}.zero_point", np.array(-kmin, np.uint8))
-    q = b.node("QuantizeLinear", [b.node("Sub", [x, s], name), double, z], name)
+    if name not in b.shift_in_bias:
+        x = b.node("Sub", [x, b.constant(f"{name}.scale", np.array(half, np.float32))], name)
+    q = b.node("QuantizeLinear", [x, double, z], name)
     low = b.constant(f"{name}.qmin", np.array(0, np.uint8))
     high = b.constant(f"{name}.qmax", np.array(kmax - kmin, np.uint8))
     return b.node("DequantizeLinear", [b.node("Clip", [q, low, high], name), double, z], name)
@@ -470,6 +473,15 @@ def _emit_layer(
         weight = module.weight.detach().double()
         shift = float(requantizer.step) * weight.sum(dim=tuple(range(1, weight.dim())))
     if largest is None or _requantized_by_next_layer(gm, node):
+        readers = list(node.users)
+        reader = readers[0] if len(readers) == 1 else None
+        if reader is not None and reader.op == "call_module" and _shifted_mid_rise(gm, reader):
+            # its only reader subtracts s before quantizing (_shifted_levels): the bias does it instead,
+            # so that the Conv -> QuantizeLinear pair stays one QLinearConv in onnxruntime
+            step = float(gm.get_submodule(reader.target).step)
+            minus_s = torch.full((module.integers.shape[0],), -step, dtype=torch.float64)
+            shift = minus_s if shift is None else shift + minus_s
+            b.shift_in_bias.add(reader.target)
         return _layer(b, module, x, name, input_scale, levels, bias_shift=shift)
     # The output gets 8 bits per channel: QLinearConv's output scale is one number, so channel c's
     # float output is divided by its step inside the layer (weight and bias scales), quantized with

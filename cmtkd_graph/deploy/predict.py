@@ -157,15 +157,22 @@ def _installed(package: str) -> bool:
     return True
 
 
+QUIET_S = 0.05
+"""Pause before each timed call: the idle worker threads of the candidate that ran before (onnxruntime's
+spin after each run) stop competing for the cores. Without it, on 2 cores, onnxruntime sessions timed
+in turn slowed each other by up to 3x at batch 1 (mobilenet_v2: float 4.6-16 ms from run to run)."""
+
+
 def interleaved_times(candidates: dict[str, Callable], x: Tensor, repeat: int) -> dict[str, float]:
     """Best time per candidate over ``repeat`` rounds after one warm-up; each round runs every candidate
-    once, in turn, so that the machine's drifts touch them all alike."""
+    once, in turn, so that the machine's drifts touch them all alike, each on a quiet machine (QUIET_S)."""
     best = dict.fromkeys(candidates, float("inf"))
     with torch.inference_mode():
         for fn in candidates.values():
             fn(x)
         for _ in range(repeat):
             for name, fn in candidates.items():
+                time.sleep(QUIET_S)
                 start = time.perf_counter()
                 fn(x)
                 best[name] = min(best[name], time.perf_counter() - start)
