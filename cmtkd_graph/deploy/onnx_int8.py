@@ -104,7 +104,7 @@ def _shifted_mid_rise(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A mid-rise requantizer (odd integers k, levels k s) whose only reader is an integer-weight layer
     without padding: its levels are written shifted by -s, ``(k - 1) / 2`` on the uint8 grid of step
     2s, and the layer adds ``s * sum(w)`` to its bias, exact where no padding meets a shifted zero."""
-    module = gm.get_submodule(node.target)
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
     if not isinstance(module, ActivationRequantizer) or module.grid.step != 2 or module.grid.bits > 8:
         return False
     users = list(node.users)
@@ -474,8 +474,7 @@ def _emit_layer(
         shift = float(requantizer.step) * weight.sum(dim=tuple(range(1, weight.dim())))
     if largest is None or _requantized_by_next_layer(gm, node):
         readers = list(node.users)
-        reader = readers[0] if len(readers) == 1 else None
-        if reader is not None and reader.op == "call_module" and _shifted_mid_rise(gm, reader):
+        if len(readers) == 1 and _shifted_mid_rise(gm, reader := readers[0]):
             # its only reader subtracts s before quantizing (_shifted_levels): the bias does it instead,
             # so that the Conv -> QuantizeLinear pair stays one QLinearConv in onnxruntime
             step = float(gm.get_submodule(reader.target).step)
