@@ -63,3 +63,19 @@ def test_deploy_bench_times_only_the_backends_asked_for():
     assert "onnxruntime" not in result.stdout and "OpenVINO" not in result.stdout, result.stdout
     wrong = run_module(["--smoke", "--backends", "PyTorch,tensorrt"], cwd=REPO, module="bench.deploy")
     assert wrong.returncode == 2 and "--backends: tensorrt not among" in wrong.stderr, wrong.stderr[-2000:]
+
+
+def test_bitserial_bench_is_exact_on_every_kernel_variant():
+    """W2A2, W1A2 and W1A1 on a 64-channel layer, a channel tail (96 = 64 + 32) with 40 output channels
+    at stride 2, and a 1x1 stride-2 layer: the bench exits with an error unless the bit-serial kernel
+    equals the float64 convolution of the same integers and oneDNN's int8 layer with the same epilogue."""
+    result = run_module(["--smoke"], cwd=REPO, module="bench.bitserial")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert out.startswith("CPU: ") and "bit-serial kernel compiled with -march=native: " in out
+    for bits in ("W2A2", "W1A2", "W1A1"):
+        assert f"resnet18 32x32, {bits}, batch 1" in out, out
+    assert len(re.findall(r" exact +\d+ +\d+ +\d+ +bit-serial x\d+\.\d\d of int8", out)) == 9, out
+    assert len(re.findall(r"all 3 convolutions: bit-serial \d+\.\d\d ms, oneDNN int8 \d+\.\d\d ms", out)) == 3
+    wrong = run_module(["--smoke", "--bits", "W4A4"], cwd=REPO, module="bench.bitserial")
+    assert wrong.returncode == 2 and "1 or 2 bit planes each" in wrong.stderr, wrong.stderr[-2000:]
