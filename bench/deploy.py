@@ -105,12 +105,15 @@ def as_run_dir(spec: Spec, student: torch.nn.Module, directory: Path) -> Path:
 
 
 def torch_candidates(run: Path, spec: Spec) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """The float network, the student as trained, its inference form on float kernels and (where this
-    PyTorch has oneDNN's int8 convolution) on integer kernels, ``load_student(..., inference=True)``."""
+    """The float network (as torchvision runs it, and in channels-last, which can be faster on CPUs), the
+    student as trained, its inference form on float kernels and (where this PyTorch has oneDNN's int8
+    convolution) on integer kernels, ``load_student(..., inference=True)``."""
     from cmtkd_graph.deploy.onednn_int8 import OneDNNInt8Conv2d, integer_kernels_available
 
+    float_cl = float_network(spec).eval().to(memory_format=torch.channels_last)
     candidates = {
         "float": float_network(spec).eval(),
+        "float, channels_last": lambda x: float_cl(x.contiguous(memory_format=torch.channels_last)),
         "student": load_student(run),
         "inference form, float kernels": load_student(run, inference=True, integer_kernels=False),
     }

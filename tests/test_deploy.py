@@ -603,6 +603,78 @@ def test_batchnorm_with_another_reader_of_its_convolution_is_not_folded():
     assert fold_batchnorm(model) == []
 
 
+class _Stem(torch.nn.Module):
+    """A float stem with two max poolings, the second reading the first's output through a convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.MaxPool2d(3, 2, 1)
+        self.conv2, self.pool2 = torch.nn.Conv2d(8, 8, 1), torch.nn.MaxPool2d(2)
+
+    def forward(self, x):
+        y = self.pool(torch.relu(self.conv(x)))
+        return self.pool2(self.conv2(y)), y
+
+
+def test_a_pool_in_channels_last_pools_a_channels_last_copy_with_the_same_values():
+    from torch import fx
+
+    from cmtkd_graph.deploy.inference import pool_in_channels_last
+
+    form = fx.symbolic_trace(_Stem().eval())
+    x = torch.randn(2, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = form(x)
+    pool_in_channels_last(form, ["pool"])
+    copies = [n for n in form.graph.nodes if n.op == "call_method" and n.target == "contiguous"]
+    assert len(copies) == 1 and copies[0].kwargs == {"memory_format": torch.channels_last}
+    assert list(copies[0].users) == [next(n for n in form.graph.nodes if n.target == "pool")]
+    with torch.no_grad():
+        after = form(x)
+    assert after[1].is_contiguous(memory_format=torch.channels_last)  # the pool's output: channels-last
+    assert not before[1].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(before[1], after[1])  # a maximum is exact in any layout
+    # the convolution after it may sum in another order on a channels-last input: float rounding only
+    torch.testing.assert_close(before[0], after[0], rtol=1e-5, atol=1e-6)
+
+
+def test_which_pools_are_faster_in_channels_last_is_measured_without_changing_the_form():
+    from torch import fx
+
+    from cmtkd_graph.deploy.inference import pools_faster_in_channels_last
+
+    form = fx.symbolic_trace(_Stem().eval())
+    code = form.code
+    faster = pools_faster_in_channels_last(form, torch.randn(1, 3, 64, 64), repeat=2)
+    assert set(faster) <= {"pool", "pool2"}  # the answer is this machine's; the form is not touched
+    assert form.code == code
+    assert not any(m._forward_pre_hooks for m in form.modules())  # the hooks that saw the inputs are gone
+
+
+@INT8_KERNELS
+def test_the_int8_form_of_resnet18_at_224_computes_the_same_logits_with_its_pool_in_channels_last():
+    """load_student applies the measured choice; either way the int8 form's logits are the same bit for
+    bit (the pool's reader is a requantizer, whose codes the int8 kernels read channels-last anyway)."""
+    from cmtkd_graph.passes.graph_pass import finish
+
+    from cmtkd_graph.deploy.inference import inference_form, max_pools, pool_in_channels_last
+
+    spec = cg.load_spec("resnet18", ["surgery=[]", "data.image_size=224", "teachers=[]", "method=single",
+                                     "distill={}", "student.kwargs={num_classes: 10}"])  # fmt: skip
+    form = inference_form(build_student(spec))
+    use_integer_kernels(form)
+    chain_integer_convolutions(form)
+    finish(form)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = form(x)
+        pool_in_channels_last(form, [n.target for n in max_pools(form)])
+        after = form(x)
+    assert [n.target for n in max_pools(form)] == ["maxpool"]
+    assert "contiguous(memory_format = torch.channels_last)" in form.code
+    assert torch.equal(before, after)
+
+
 # ------------------------------------------------------------------------------------ oneDNN int8 in PyTorch
 def _requantizers() -> dict[str, ActivationRequantizer]:
     from cmtkd_graph.quantizers.hwgq import HalfWaveQuantizer, SignedMidRiseQuantizer
