@@ -17,7 +17,15 @@ import yaml
 import cmtkd_graph as cg
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.spec.io import find_spec_file
-from cmtkd_graph.study import PlannedRun, StudySpec, load_study, persist_carried_over, plan
+from cmtkd_graph.study import (
+    PlannedRun,
+    StudySpec,
+    dry_run,
+    load_study,
+    persist_carried_over,
+    plan,
+    run_study,
+)
 from cmtkd_graph.study.executors import core_shares
 
 from .conftest import run_module
@@ -373,6 +381,41 @@ def test_summaries_from_before_run_identities_are_carried_over(tmp_path, monkeyp
     Path("mine.yaml").write_text(yaml.safe_dump({**spec, "train": {**spec["train"], "epochs": 7}}))
     x0 = plan(study)[0]
     assert x0.status() == "stale" and x0.changes() == [f"spec file mine.yaml changed since {commit[:7]}"]
+
+
+def test_the_dry_run_shows_a_row_waiting_for_a_redone_row_whose_files_are_elsewhere(
+    tmp_path, monkeypatch, fashion_mnist
+):
+    """Rows single and single4 are done (committed summaries) but their run directories are not on this
+    machine, as after a checkout: the dry run says that both = average of the two cannot start and names
+    the fix; with --redo single, that it waits for single and still needs single4's files (the dry run
+    used to stop with an error line even then). The real run stops with the same fix."""
+    monkeypatch.chdir(tmp_path)
+    teacher = "{{weight_bits: {1}, act_bits: {1}, trainable: false, weights: '{{row:{0}}}/{2}'}}"
+    pairs = (("single", 2), ("single4", 4))
+    teachers = ", ".join(teacher.format(row, bits, "student.safetensors") for row, bits in pairs)
+    both = {"name": "both", "set": ["method=average_teacher", "distill={alpha: 1.0, beta: 0.5, tau: 2.0}",
+                                    f"teachers=[{teachers}]"]}  # fmt: skip
+    rows = [{"name": "single", "set": SINGLE}, {"name": "single4", "set": [*SINGLE, "student.weight_bits=4"]}]
+    study = load_study(write_study(tmp_path, [*rows, both]))
+    for run in plan(study, ["single", "single4"]):
+        write_summary_by_hand(run, 50.0)
+
+    def dry(*args) -> dict[str, str]:
+        lines: list[str] = []
+        dry_run(study, *args, log=lines.append)
+        return {line.split()[0]: line for line in lines if line.startswith("  ") and " seed 0 " in line}
+
+    fix = "which is not on this machine; train it again with --redo"
+    assert f"new, cannot start: needs the finished run of row(s) single,single4, {fix} single,single4" in (
+        dry(["both"])["both"]
+    )
+    lines = dry(["single", "both"], ["single"])
+    assert "new (redo)" in lines["single"], lines
+    waits = "waits for single (--redo), cannot start: needs the finished run of row(s) single4"
+    assert f"{waits}, {fix} single4" in lines["both"], lines
+    with pytest.raises(UserError, match="train it again with --redo single"):
+        run_study(study, rows=["both"], log=lambda _: None)
 
 
 def test_an_interrupted_study_resumes_its_run_from_the_checkpoint(tmp_path, fashion_mnist):

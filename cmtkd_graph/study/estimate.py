@@ -55,10 +55,15 @@ def dry_run(
     submitted = {(run.row.name, run.seed): job for run, job in submitted_earlier(engine, runs)}
     estimates: dict[str, tuple[float, str]] = {}
     total = 0.0
+    retrained = {name for name in redo if name != STALE}  # rows whose files a dependent must wait for
     for run in runs:
         status = run.status()
+        waits_for = sorted(retrained & {upstream.row.name for upstream in run.upstream()})
         if run.row.name in redo or (status == "stale" and STALE in redo):
             status = "new (redo)"
+            retrained.add(run.row.name)
+        elif waits_for and status not in ("done", "stale"):
+            status = f"waits for {', '.join(waits_for)} (--redo)"
         if status in ("done", "stale"):
             commit = ((run.summary() or {}).get("code") or {}).get("commit")
             trained = f"  (commit {commit[:7]})" if commit else ""
@@ -68,6 +73,13 @@ def dry_run(
             continue
         if status == "waits":
             status = f"waits for {', '.join(run.waiting_for())}"
+        missing = [u.row.name for u in run.upstream() if u.row.name not in retrained and _elsewhere(u)]
+        if missing:  # done on another machine: this one has no files to read
+            names = ",".join(missing)
+            status += (
+                f", cannot start: needs the finished run of row(s) {names}, which is not on this machine; "
+                f"train it again with --redo {names}"
+            )
         if (run.row.name, run.seed) in submitted:
             where = job_place(submitted[run.row.name, run.seed])
             log(f"  {run.row.name:<28} seed {run.seed}  {status}, submitted already: {where}")
@@ -80,6 +92,11 @@ def dry_run(
         log(f"      {run.shown_command(resolve=False)}")
     log(f"estimated time of the runs to train: {_duration(total)}")
     return total
+
+
+def _elsewhere(run: PlannedRun) -> bool:
+    """Whether ``run`` is done (a committed summary) but its run directory is not on this machine."""
+    return run.status() == "done" and not (run.run_dir / "final.json").is_file()
 
 
 def _duration(seconds: float) -> str:

@@ -119,12 +119,12 @@ def run_study(
     return failed
 
 
-def submission(run: PlannedRun) -> Submission:
+def submission(run: PlannedRun, *, resolve: bool = True) -> Submission:
     """What an executor needs of a run: the same command starts, resumes and continues it after a
-    requeue (``--resume auto``)."""
-    return Submission(
-        f"{run.study.name}/{run.row.name}/seed{run.seed}", run.run_dir, (*run.train_args(), *RESUME_AUTO)
-    )
+    requeue (``--resume auto``). ``resolve=False``: ``{row:NAME}`` left unresolved (finding a submitted
+    job needs its name and directory only, not the files of the rows it reads)."""
+    args = (*run.train_args(resolve=resolve), *RESUME_AUTO)
+    return Submission(f"{run.study.name}/{run.row.name}/seed{run.seed}", run.run_dir, args)
 
 
 def submitted_earlier(engine: Executor, runs: Sequence[PlannedRun]) -> list[tuple[PlannedRun, Job]]:
@@ -133,7 +133,7 @@ def submitted_earlier(engine: Executor, runs: Sequence[PlannedRun]) -> list[tupl
     for run in runs:
         if run.key is None or run.status() not in ("new", "resume"):
             continue
-        sub = submission(run)
+        sub = submission(run, resolve=False)
         record = read_record(sub)
         if record and record.get("executor") == engine.name and (job := engine.find(sub, record)):
             found.append((run, job))
