@@ -33,7 +33,7 @@ def test_each_node_of_a_multi_node_slurm_job_launches_its_share_of_the_processes
     assert single == [sys.executable, "-m", "cmtkd_graph.train", "quickstart"]
 
 
-def test_a_local_run_of_an_earlier_study_process_is_found_while_it_lives(tmp_path):
+def test_a_local_run_of_an_earlier_study_process_is_found_and_holds_a_slot_while_it_lives(tmp_path):
     run_dir = tmp_path / "runs" / "seed0-abcd1234"
     submission = Submission("toy/single/seed0", run_dir, ())
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(run_dir)])
@@ -44,12 +44,14 @@ def test_a_local_run_of_an_earlier_study_process_is_found_while_it_lives(tmp_pat
     try:
         job = executor.find(submission, record)
         assert job is not None and executor.poll(job) is None
+        assert executor.capacity() == 0  # with --jobs 1 nothing else starts while it trains
         assert executor.find(Submission("toy/single/seed1", tmp_path / "other", ()), record) is None
     finally:
         process.kill()
         process.wait()
     assert executor.find(submission, record) is None
     assert executor.poll(job) == 1  # it ended without its final results
+    assert executor.capacity() == 1  # and its slot is free again
 
 
 def test_a_missing_engine_or_tracker_is_one_line_naming_what_to_install(monkeypatch):

@@ -9,6 +9,7 @@ import socket
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from cmtkd_graph.study.executors.base import Job, Submission, train_command
 
@@ -62,9 +63,12 @@ class LocalExecutor:
     def poll(self, job: Job) -> int | None:
         """The job's exit status once it has ended (its slot is then free again), else None. A process
         of an earlier study process (found again) ended well when its run has its final results."""
-        if isinstance(job.handle, int):
-            if _alive(job.handle, job.submission.run_dir):
+        if isinstance(job.handle, _Adopted):
+            pid, share = job.handle
+            if _alive(pid, job.submission.run_dir):
                 return None
+            if share is not None and share not in self._free:
+                self._free.append(share)
             return 0 if (job.submission.run_dir / "final.json").is_file() else 1
         process, share, log_file = job.handle
         code = process.poll()
@@ -75,14 +79,24 @@ class LocalExecutor:
         return code
 
     def find(self, submission: Submission, record: dict) -> Job | None:
-        """A training process started by an earlier study process that is still alive on this machine
-        (it does not take one of this process's slots)."""
+        """A training process started by an earlier study process that is still alive on this machine.
+        It takes one of this process's slots while it lives (``jobs`` is how many run at once, whoever
+        started them), or none if all are taken by others found before it."""
         pid = record.get("pid")
         if record.get("host") != socket.gethostname() or not isinstance(pid, int):
             return None
         if not _alive(pid, submission.run_dir):
             return None
-        return Job(submission, record, submission.log_path if submission.log_path.is_file() else None, pid)
+        share = self._free.pop(0) if self._free else None
+        log = submission.log_path if submission.log_path.is_file() else None
+        return Job(submission, record, log, _Adopted(pid, share))
+
+
+class _Adopted(NamedTuple):
+    """The handle of a job found again: its process and the slot it holds (None: none was free)."""
+
+    pid: int
+    share: int | None
 
 
 def _record(pid: int) -> dict:
