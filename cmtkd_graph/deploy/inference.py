@@ -245,12 +245,15 @@ def pools_faster_in_channels_last(form: fx.GraphModule, example: Tensor, repeat:
     EPYC), but the layers after a pool then get channels-last inputs too, which float convolutions may
     run slower; so the whole form is timed both ways, on this machine, not assumed.
     """
+    pools = max_pools(form)
+    if not pools:
+        return []
     inputs: dict[str, Tensor] = {}
     hooks = [
         form.get_submodule(node.target).register_forward_pre_hook(
             lambda _m, args, name=node.target: inputs.setdefault(name, args[0])
         )
-        for node in max_pools(form)
+        for node in pools
     ]
     try:
         form(example)
