@@ -706,6 +706,27 @@ def _integer_conv(
     return conv.eval()
 
 
+@pytest.mark.parametrize("name", ["hwgq unsigned 2-bit", "hwgq mid-rise 2-bit", "lsq signed 4-bit"])
+def test_codes_in_one_pass_equal_the_requantizers_codes_where_they_are_used(name):
+    """torch.quantize_per_tensor + a clamp of the bytes replaces the requantizer's five float passes for
+    unit-step grids (unsigned, LSQ), not for HWGQ's mid-rise grid (step 2); where it is used its codes
+    equal the requantizer's on NCHW and channels-last input, and come out channels-last."""
+    from cmtkd_graph.deploy.onednn_int8 import one_pass_codes, quantizes_in_one_pass
+
+    requantizer = _requantizers()[name]
+    assert quantizes_in_one_pass(requantizer) == (name != "hwgq mid-rise 2-bit")
+    if name == "hwgq mid-rise 2-bit":
+        return
+    grid, s = requantizer.grid, float(requantizer.step)
+    x = 3 * s * torch.randn(2, 16, 9, 9, generator=torch.Generator().manual_seed(0))
+    q, _ = requantizer.quantizer.integers(x.clone())
+    for layout in (torch.contiguous_format, torch.channels_last):
+        codes = one_pass_codes(x.contiguous(memory_format=layout), s, -grid.qmin, grid.qmax - grid.qmin)
+        assert codes.dtype == torch.uint8 and codes.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(codes.long(), (q - grid.qmin).long())
+        assert int(codes.max()) == grid.qmax - grid.qmin and int(codes.min()) == 0  # both ends saturate
+
+
 @INT8_KERNELS
 @pytest.mark.parametrize("requantizer", ["hwgq unsigned 2-bit", "hwgq mid-rise 2-bit", "lsq signed 4-bit"])
 @pytest.mark.parametrize(("groups", "stride"), [(1, 1), (16, 2)])

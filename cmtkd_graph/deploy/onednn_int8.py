@@ -20,6 +20,7 @@ between two quantized convolutions is never written: on mobilenet_v2 that is mos
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, fx, nn
@@ -71,6 +72,7 @@ class OneDNNInt8Conv2d(nn.Module):
         self._w_scale = (scale * sign).float().contiguous()
         self._w_zero_point = torch.zeros(integers.shape[0], dtype=torch.int64)
         self._bias = None if conv.bias is None else conv.bias.detach().float().contiguous()
+        self._one_pass = quantizes_in_one_pass(requantizer)  # codes by torch.quantize_per_tensor
         self._input_is_codes = False  # set by chain_integer_convolutions: the previous layer writes codes
         self._output: tuple[float, int, float, float] | None = None  # (scale, zero point, low, high)
         self._geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
@@ -82,6 +84,8 @@ class OneDNNInt8Conv2d(nn.Module):
 
     def codes(self, x: Tensor) -> Tensor:
         """uint8 codes (channels-last, as the kernel reads them) of the requantizer's integers of ``x``."""
+        if self._one_pass:
+            return one_pass_codes(x, self._x_scale, self._x_zero_point, self._top)
         q, _ = self.requantizer.quantizer.integers(x.float())
         if self._offset:
             q = q.sub_(self._offset)
@@ -148,6 +152,30 @@ def rounds_plainly(requantizer: ActivationRequantizer) -> bool:
     x = torch.linspace((grid.qmin - 2) * s, (grid.qmax + 2) * s, 40001)
     q, _ = requantizer.quantizer.integers(x.clone())
     return bool(torch.equal(q, torch.round(torch.clamp(x, grid.qmin * s, grid.qmax * s) / s)))
+
+
+def one_pass_codes(x: Tensor, scale: float, zero_point: int, top: int) -> Tensor:
+    """``clamp(round(x / scale) + zero_point, 0, top)`` as uint8, channels-last: one vectorized pass over
+    the float tensor (``torch.quantize_per_tensor``) and a clamp of its bytes, where the requantizer's own
+    mapping makes five float passes (at batch 64 on resnet18's 56x56 maps: 4.9 ms against 22.7 ms)."""
+    with warnings.catch_warnings():  # it is deprecated (quantized tensors), said once per process
+        warnings.simplefilter("ignore", UserWarning)
+        codes = torch.quantize_per_tensor(x.float(), scale, zero_point, torch.quint8).int_repr()
+    codes = codes.clamp_(0, top)
+    return codes.contiguous(memory_format=torch.channels_last) if codes.dim() == 4 else codes
+
+
+def quantizes_in_one_pass(requantizer: ActivationRequantizer) -> bool:
+    """Whether :func:`one_pass_codes` gives the requantizer's codes: a unit-step grid that rounds plainly,
+    this PyTorch has ``torch.quantize_per_tensor``, and on a dense sweep of the range the codes agree (it
+    multiplies by the inverse scale, which could round differently at a level boundary)."""
+    grid, s = requantizer.grid, float(requantizer.step)
+    top = grid.qmax - grid.qmin
+    if not hasattr(torch, "quantize_per_tensor") or top > 255 or not rounds_plainly(requantizer):
+        return False
+    x = torch.linspace((grid.qmin - 2) * s, (grid.qmax + 2) * s, 40001)
+    q, _ = requantizer.quantizer.integers(x.clone())
+    return bool(torch.equal(one_pass_codes(x, s, -grid.qmin, top), (q - grid.qmin).to(torch.uint8)))
 
 
 def use_integer_kernels(form: fx.GraphModule) -> dict[str, str]:
@@ -242,6 +270,8 @@ __all__ = [
     "chain_integer_convolutions",
     "fits",
     "integer_kernels_available",
+    "one_pass_codes",
+    "quantizes_in_one_pass",
     "rounds_plainly",
     "use_integer_kernels",
 ]
