@@ -73,7 +73,8 @@ def dry_run(
             continue
         if status == "waits":
             status = f"waits for {', '.join(run.waiting_for())}"
-        missing = [u.row.name for u in run.upstream() if u.row.name not in retrained and _elsewhere(u)]
+        upstream = [u for u in run.upstream() if u.row.name not in retrained]
+        missing = [u.row.name for u in upstream if u.trained_elsewhere()]
         if missing:  # done on another machine: this one has no files to read
             names = ",".join(missing)
             status += (
@@ -92,11 +93,6 @@ def dry_run(
         log(f"      {run.shown_command(resolve=False)}")
     log(f"estimated time of the runs to train: {_duration(total)}")
     return total
-
-
-def _elsewhere(run: PlannedRun) -> bool:
-    """Whether ``run`` is done (a committed summary) but its run directory is not on this machine."""
-    return run.status() == "done" and not (run.run_dir / "final.json").is_file()
 
 
 def _duration(seconds: float) -> str:

@@ -131,7 +131,7 @@ class PlannedRun:
         if target.key is None or not (target.run_dir / "final.json").is_file():
             fix = (
                 f"train it again with --redo {row_name}"
-                if target.status() == "done"
+                if target.trained_elsewhere()
                 else f"train row {row_name} first"
             )
             raise UserError(
@@ -139,6 +139,11 @@ class PlannedRun:
                 f"is not on this machine; {fix}"
             )
         return target.run_dir
+
+    def trained_elsewhere(self) -> bool:
+        """Whether the run is done (a committed summary) but its run directory, its weights, is not on
+        this machine (trained on another)."""
+        return self.status() == "done" and not (self.run_dir / "final.json").is_file()
 
     def train_args(self, *, resolve: bool = True) -> list[str]:
         """The arguments of ``python -m cmtkd_graph.train`` for this run."""

@@ -67,16 +67,20 @@ class LocalExecutor:
             pid, share = job.handle
             if _alive(pid, job.submission.run_dir):
                 return None
-            if share is not None and share not in self._free:
-                self._free.append(share)
+            self._release(share)
             return 0 if (job.submission.run_dir / "final.json").is_file() else 1
         process, share, log_file = job.handle
         code = process.poll()
-        if code is not None and share not in self._free:
-            self._free.append(share)
-            if log_file is not None:
-                log_file.close()
+        if code is not None and self._release(share) and log_file is not None:
+            log_file.close()
         return code
+
+    def _release(self, share: int | None) -> bool:
+        """Free ``share`` once (polling an ended job again frees nothing); whether it was freed now."""
+        if share is None or share in self._free:
+            return False
+        self._free.append(share)
+        return True
 
     def find(self, submission: Submission, record: dict) -> Job | None:
         """A training process started by an earlier study process that is still alive on this machine.
