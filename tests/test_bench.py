@@ -79,3 +79,18 @@ def test_bitserial_bench_is_exact_on_every_kernel_variant():
     assert len(re.findall(r"all 3 convolutions: bit-serial \d+\.\d\d ms, oneDNN int8 \d+\.\d\d ms", out)) == 3
     wrong = run_module(["--smoke", "--bits", "W4A4"], cwd=REPO, module="bench.bitserial")
     assert wrong.returncode == 2 and "1 or 2 bit planes each" in wrong.stderr, wrong.stderr[-2000:]
+
+
+def test_rounding_bench_compares_the_two_layouts_of_each_network():
+    """Float, W8A8 and W2A2 resnet18 in NCHW and channels_last: a loss, a gradient difference and four
+    stages each; the float network's stages agree to rounding, and only the quantized ones have codes."""
+    result = run_module(["--smoke"], cwd=REPO, module="bench.rounding")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert out.startswith("CPU: ")
+    for name in ("full precision", "W8A8", "W2A2"):
+        assert re.search(rf"  {name} +loss \d\.\d{{6}} vs \d\.\d{{6}} +gradient \d\.\de[+-]\d\d", out), out
+    float_part = out.split("  full precision")[1].split("  W8A8")[0]
+    differences = [float(d) for d in re.findall(r"layer\d: output (\S+?)\n", float_part)]
+    assert len(differences) == 4 and max(differences) < 1e-4, float_part
+    assert len(re.findall(r"activation codes that differ +\d+\.\d\d %", out)) == 8, out
