@@ -17,6 +17,7 @@ from cmtkd_graph.errors import UserError
 
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
+RESUMED = "resumed from"  # how the run's log (train.log) starts the line of each resumption
 
 
 def checkpoints_dir(run_dir: Path) -> Path:

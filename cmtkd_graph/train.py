@@ -30,6 +30,7 @@ import torch
 from cmtkd_graph import trackers
 from cmtkd_graph.checkpoint import (
     LATEST,
+    RESUMED,
     checkpoints_dir,
     latest_checkpoint,
     read_trainer_state,
@@ -257,18 +258,18 @@ class Trainer:
         # which `load_state` would unpickle without restriction.
         self.scheduler = build_scheduler(optimizer, spec, self.steps_per_epoch)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
-        self.state = {"epoch": 0, "batches_in_epoch": 0, "step": 0}
+        # seconds: training time of the earlier processes of this run (None: resumed from a checkpoint
+        # written before runs recorded it)
+        self.state = {"epoch": 0, "batches_in_epoch": 0, "step": 0, "seconds": 0.0}
         self.compile_reported = False
         self.last_checkpoint: Path | None = None
         if checkpoint is not None:
             _load_state(accelerator, checkpoint)
-            self.state = read_trainer_state(checkpoint)
+            self.state = {"seconds": None, **read_trainer_state(checkpoint)}
             self._restore_scheduler(self.state.pop("scheduler", None))
             self.last_checkpoint = checkpoint
             self.metrics.truncate_after(self.state["step"])
-            log.info(
-                f"resumed from {checkpoint} at step {self.state['step']}, epoch {self.state['epoch'] + 1}"
-            )
+            log.info(f"{RESUMED} {checkpoint} at step {self.state['step']}, epoch {self.state['epoch'] + 1}")
         trackers.start(accelerator, spec, run_dir)
         teachers = spec.resolved_teachers()
         several_archs = any(t.arch != spec.student.arch for t in teachers)
@@ -310,8 +311,9 @@ class Trainer:
             if self.spec.optim.schedule.step_every == "epoch" and epoch_done:
                 self.scheduler.step()  # before the checkpoint, so a resumed run starts at the next lr
             if t.checkpoints and (last or (epoch_done and self.state["epoch"] % t.checkpoint_every == 0)):
-                state = {**self.state, "scheduler": self.scheduler.state_dict()}
-                self.last_checkpoint = save_checkpoint(self.acc, self.run_dir, state, t.keep_checkpoints)
+                self.last_checkpoint = save_checkpoint(
+                    self.acc, self.run_dir, self._state_to_save(), t.keep_checkpoints
+                )
         if not final_eval:
             final_eval = self.evaluate()
         self._finish(final_eval)
@@ -401,11 +403,21 @@ class Trainer:
 
     def _stop_here(self) -> None:
         """Checkpoint the step just taken (mid-epoch: resume continues from the next batch) and stop."""
-        state = {**self.state, "scheduler": self.scheduler.state_dict()}
-        checkpoint = save_checkpoint(self.acc, self.run_dir, state, self.spec.train.keep_checkpoints)
+        checkpoint = save_checkpoint(
+            self.acc, self.run_dir, self._state_to_save(), self.spec.train.keep_checkpoints
+        )
         name = self.stop[0] if self.stop else "a stop signal (on another process)"
         log.info(f"{name}: stopping at step {self.state['step']} with checkpoint {checkpoint}")
         raise Preempted(name, self.state["step"], checkpoint)
+
+    def _seconds(self) -> float | None:
+        """Training time of the whole run so far (this process since ``fit`` began, plus the earlier
+        processes'): what a run costs, without the waits between its processes."""
+        before = self.state["seconds"]
+        return None if before is None else round(before + time.perf_counter() - self.started, 1)
+
+    def _state_to_save(self) -> dict:
+        return {**self.state, "seconds": self._seconds(), "scheduler": self.scheduler.state_dict()}
 
     def _out_of_time(self) -> bool:
         """``train.max_minutes`` have passed since training started in this process (every process
@@ -499,6 +511,7 @@ class Trainer:
                     **{k.split("/", 1)[1]: v for k, v in final_eval.items() if k.startswith("importance/")},
                 },
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                "seconds": self._seconds(),
                 "precision": self.precision.to_json(),
                 "classes": self.bundle.classes,
             }

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 import cmtkd_graph as cg
+from cmtkd_graph.checkpoint import latest_checkpoint, read_trainer_state
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.spec.io import find_spec_file
 from cmtkd_graph.study import (
@@ -407,8 +408,9 @@ def test_the_dry_run_shows_a_row_waiting_for_a_redone_row_whose_files_are_elsewh
         return {line.split()[0]: line for line in lines if line.startswith("  ") and " seed 0 " in line}
 
     fix = "which is not on this machine; train it again with --redo"
-    assert f"new, cannot start: needs the finished run of row(s) single,single4, {fix} single,single4" in (
-        dry(["both"])["both"]
+    assert (
+        f"new, cannot start: needs the finished run of row(s) single,single4, {fix} single,single4"
+        in (dry(["both"])["both"])
     )
     lines = dry(["single", "both"], ["single"])
     assert "new (redo)" in lines["single"], lines
@@ -439,6 +441,8 @@ def test_an_interrupted_study_resumes_its_run_from_the_checkpoint(tmp_path, fash
     proc.wait()
     assert latest.is_file(), proc.stdout.read().decode()[-2000:]
     assert not (tmp_path / run.run_dir / "final.json").exists()
+    seconds_before = read_trainer_state(latest_checkpoint(tmp_path / run.run_dir))["seconds"]
+    assert seconds_before > 0
     dry = study_cli(tmp_path, "--dry-run")
     assert " resume " in dry.stdout, dry.stdout
 
@@ -448,7 +452,21 @@ def test_an_interrupted_study_resumes_its_run_from_the_checkpoint(tmp_path, fash
     summary = json.loads((tmp_path / run.summary_path).read_text())
     assert summary["steps"] == 4 * 8  # all four epochs of 256 / 32
     assert [p["epoch"] for p in summary["curve"]] == [1, 2, 3, 4]
-    assert json.loads((tmp_path / run.run_dir / "study-time.json").read_text())["attempts"] == 1
+    # the trainer's own time, both processes: the killed one's up to its checkpoint, then the resumed one's
+    assert summary["wall_s"] > seconds_before
+
+
+def test_a_run_trained_before_runs_timed_themselves_has_a_time_only_if_every_process_was_timed(tmp_path):
+    from cmtkd_graph.study.run import training_seconds
+
+    assert training_seconds(tmp_path, {"seconds": 12.5}) == 12.5
+    assert training_seconds(tmp_path, {"seconds": None}) is None  # resumed a checkpoint without the record
+    assert training_seconds(tmp_path, {}) is None  # no study timed it
+    (tmp_path / "study-time.json").write_text(json.dumps({"wall_s": 37.0, "attempts": 1}))
+    (tmp_path / "train.log").write_text("started\nresumed from a\nresumed from b\ndone\n")
+    assert training_seconds(tmp_path, {}) is None  # three processes, one of them timed
+    (tmp_path / "study-time.json").write_text(json.dumps({"wall_s": 600.0, "attempts": 3}))
+    assert training_seconds(tmp_path, {}) == 600.0
 
 
 def test_rows_trained_on_different_machines_are_marked_in_the_table(tmp_path, monkeypatch):

@@ -104,7 +104,10 @@ def setup_logging(main: bool) -> None:
     log.addHandler(console)
 
 
+TRAIN_LOG = "train.log"  # in the run directory
+
+
 def log_to_file(run_dir: Path) -> None:
-    file = logging.FileHandler(run_dir / "train.log")
+    file = logging.FileHandler(run_dir / TRAIN_LOG)
     file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(file)

@@ -8,10 +8,13 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
+from cmtkd_graph.checkpoint import RESUMED
 from cmtkd_graph.identity import code_identity, file_sha256, read_identity
 from cmtkd_graph.metrics import read_metrics
 from cmtkd_graph.runtime.precision import machine_line
+from cmtkd_graph.runtime.process import TRAIN_LOG
 from cmtkd_graph.runtime.throughput import bf16_peak_tflops, train_flops_per_image
 from cmtkd_graph.study.executors import (
     RESUME_AUTO,
@@ -32,7 +35,8 @@ from cmtkd_graph.study.plan import (
 from cmtkd_graph.study.report import write_report
 from cmtkd_graph.study.spec import StudySpec
 
-STUDY_TIME = "study-time.json"  # in a run directory: wall time of the training commands, summed
+STUDY_TIME = "study-time.json"  # in a run directory trained before runs timed themselves: the wall time
+# of the training commands a study process saw end, summed
 OUTPUT = "student.safetensors"  # the file other rows read ({row:NAME}/student.safetensors), hashed
 
 
@@ -68,10 +72,10 @@ def run_study(
         if (run.row.name in redo_rows and run.status() != "new") or (run.row.name, run.seed) in stale:
             _discard(run)
     queue = plan(study, rows)  # statuses afresh after the discards
-    running: list[tuple[PlannedRun, Job, float]] = []
+    running: list[tuple[PlannedRun, Job]] = []
     for run, job in submitted_earlier(engine, queue):
         log(f"study {study.name}: {run.row.name} seed {run.seed} still in {job_place(job)}: {run.run_dir}")
-        running.append((run, job, time.time()))
+        running.append((run, job))
         queue = [r for r in queue if r is not run]
     failed, stopping, changed = 0, False, True
     while (queue and not stopping) or running:
@@ -82,7 +86,7 @@ def run_study(
             run = PlannedRun(study, run.row, run.seed)  # its identity may have changed with an upstream run
             status = run.status()
             if status == "waits":
-                pending = {r.row.name for r in [*queue, *ready]} | {r.row.name for r, _, _ in running}
+                pending = {r.row.name for r in [*queue, *ready]} | {r.row.name for r, _ in running}
                 if pending & set(run.waiting_for()):
                     continue  # its upstream run is still to come
                 why = ", ".join(f"row {name} is {st}" for name, st in run.waiting_for().items())
@@ -100,12 +104,11 @@ def run_study(
             write_record(job)
             if engine.name != "local":
                 log(f"study {study.name}: {run.row.name} seed {run.seed} submitted ({job_place(job)})")
-            running.append((run, job, time.time()))
-        ended = [(run, job, t, code) for run, job, t in running if (code := engine.poll(job)) is not None]
+            running.append((run, job))
+        ended = [(run, job, code) for run, job in running if (code := engine.poll(job)) is not None]
         changed = bool(ended) or not running
-        for run, job, started, code in ended:
+        for run, job, code in ended:
             running = [entry for entry in running if entry[1] is not job]
-            _add_time(run, time.time() - started)
             if code == 0:
                 _finish(study, run)
                 continue
@@ -162,21 +165,25 @@ def _discard(run: PlannedRun) -> None:
         shutil.rmtree(run.run_dir, ignore_errors=True)
 
 
-def _add_time(run: PlannedRun, elapsed: float) -> None:
-    """The wall time of a run's training commands adds up in its run directory."""
-    if run.run_dir.is_dir():
-        record = run.run_dir / STUDY_TIME
-        previous = json.loads(record.read_text()) if record.is_file() else {"wall_s": 0.0, "attempts": 0}
-        total = {"wall_s": previous["wall_s"] + elapsed, "attempts": previous["attempts"] + 1}
-        record.write_text(json.dumps(total))
+def training_seconds(run_dir: Path, final: dict) -> float | None:
+    """What a finished run cost: the trainer's own time (``seconds`` in final.json: every process of
+    the run, without the waits between them or in a queue; None when one process resumed a checkpoint
+    written before runs recorded it). A run trained before that has the time its study processes saw
+    its training commands take, if they saw every one of them (one per start or resumption in its log)."""
+    if "seconds" in final:
+        return final["seconds"]
+    timing, log_file = run_dir / STUDY_TIME, run_dir / TRAIN_LOG
+    if not timing.is_file():
+        return None
+    record = json.loads(timing.read_text())
+    processes = 1 + (log_file.read_text().count(RESUMED) if log_file.is_file() else 0)
+    return record["wall_s"] if record["attempts"] >= processes else None
 
 
 def write_summary(run: PlannedRun) -> dict:
     """The committed record of a finished run (and a copy of its importance plot, if any)."""
     final = json.loads((run.run_dir / "final.json").read_text())
     records = read_metrics(run.run_dir / "metrics.jsonl")
-    timing = run.run_dir / STUDY_TIME
-    wall = json.loads(timing.read_text())["wall_s"] if timing.is_file() else None
     speeds = sorted(r["images_per_s"] for r in records if r.get("kind") == "train")
     plot = None
     if (run.run_dir / "importance.png").is_file():
@@ -196,7 +203,7 @@ def write_summary(run: PlannedRun) -> dict:
         "processes": final["processes"],
         "precision": final["precision"]["mixed_precision"] or "accelerate config",
         "channels_last": final["precision"]["channels_last"],
-        "wall_s": wall,
+        "wall_s": training_seconds(run.run_dir, final),
         "images_per_s": speeds[len(speeds) // 2] if speeds else None,  # median over the logging windows
         "curve": training_curve(records),
         "importance": final["importance"],
