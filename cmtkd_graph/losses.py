@@ -248,10 +248,16 @@ def rkd_distance(student: Tensor, teacher: Tensor) -> Tensor:
     s, t = _at_least_float32(student), _at_least_float32(teacher.detach())
     with torch.no_grad():
         t_d = _pairwise_distances(t)
-        t_d = t_d / t_d[t_d > 0].mean()
+        t_d = t_d / _mean_of_positive(t_d)
     s_d = _pairwise_distances(s)
-    s_d = s_d / s_d[s_d > 0].mean()
+    s_d = s_d / _mean_of_positive(s_d)
     return F.smooth_l1_loss(s_d, t_d)
+
+
+def _mean_of_positive(distances: Tensor) -> Tensor:
+    """``distances[distances > 0].mean()`` for entries >= 0, without indexing by a mask: no sync with the
+    device, and countable on the meta device (a run's FLOPs are counted there)."""
+    return distances.sum() / (distances > 0).sum()
 
 
 def rkd_angle(student: Tensor, teacher: Tensor) -> Tensor:

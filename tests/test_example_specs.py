@@ -20,8 +20,13 @@ CIFAR100_SPECS = [p for p in SPECS if "cifar100" in p.read_text() and "dataset: 
 
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
-def test_every_spec_builds_its_system_on_the_meta_device(path):
+def test_every_spec_builds_its_system_and_counts_its_steps_flops_on_the_meta_device(path):
+    """On the meta device, as a study's run summary counts a step's FLOPs: every method's objective must
+    run there (no indexing by a data-dependent mask)."""
+    from cmtkd_graph.runtime.throughput import train_flops_per_image
+
     spec = cg.load_spec(path)
+    assert train_flops_per_image(spec) > 0
     system = cg.build_system(spec, device="meta", load=False)
     assert system.student is not None
     expected = {"single": 0}.get(spec.method, len(spec.teachers))
