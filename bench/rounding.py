@@ -1,5 +1,5 @@
 """How far does a last-bit difference travel through a quantized network? Why the same seed on two CPUs
-trains two different networks (docs/results.md#budget-machines-and-what-is-not-done-yet).
+trains two different networks (docs/results.md, the note on the retrained rows at the top).
 
 The study's network (resnet18, ImageNet stem, 32x32, batch 64, training mode) in full precision, W8A8
 and W2A2: one forward and backward of the same weights on the same batch, once in NCHW and once in
