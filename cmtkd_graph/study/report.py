@@ -346,7 +346,8 @@ def write_chart(study: StudySpec, rows: list[dict], lines: list[dict], out: Path
         return None
     k = len(study.chart)
     height = 0.8 / k
-    fig, ax = plt.subplots(figsize=(8, (0.3 + 0.22 * k) * len(done) + 1.6))
+    fig_height = (0.3 + 0.22 * k) * len(done) + 1.6
+    fig, ax = plt.subplots(figsize=(8, fig_height))
     colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"]
     for j, metric in enumerate(study.chart):
         ys, means, errors = [], [], []
@@ -372,10 +373,12 @@ def write_chart(study: StudySpec, rows: list[dict], lines: list[dict], out: Path
     )
     ax.set_xlim(0, 100)
     ax.set_ylim(-0.6, len(done) - 0.4)
-    ax.set_xlabel("top-1 / top-5 accuracy (%), axis from 0")
+    kinds = sorted({f"top-{m.split('/')[0].removeprefix('acc')}" for m in study.chart})
+    ax.set_xlabel(f"{' / '.join(kinds)} accuracy (%), axis from 0")
     ax.set_title(study.name, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), fontsize=7, ncol=1, frameon=False)
+    # below the axis label, at a fixed distance whatever the number of rows
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.55 / fig_height), fontsize=7, ncol=1, frameon=False)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
