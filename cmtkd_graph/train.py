@@ -43,6 +43,8 @@ from cmtkd_graph.errors import UserError
 from cmtkd_graph.evaluation.accuracy import eval_line, evaluate
 from cmtkd_graph.identity import write_identity
 from cmtkd_graph.metrics import MetricsLog, plot_importance, read_metrics
+from cmtkd_graph.runtime.budget import BudgetFit, fit_to_budget, recorded_fit
+from cmtkd_graph.runtime.budget import write_record as write_budget_record
 from cmtkd_graph.runtime.precision import Precision, recorded_precision, resolve_precision
 from cmtkd_graph.runtime.precision import write_record as write_precision_record
 from cmtkd_graph.runtime.process import (
@@ -91,14 +93,16 @@ def run(spec_path: str | None, overrides: Sequence[str] = (), *, resume: str | N
         saved = resume_dir / "spec.yaml"
         if spec_path is None and not saved.is_file():
             raise UserError(f"--resume: {saved} not found (is {resume_dir} a run directory?)")
-        spec = load_spec(spec_path or saved, overrides)
+        source = spec_path or saved
+        spec = load_spec(source, overrides)
         checkpoint = latest_checkpoint(resume_dir)
-        recorded = recorded_precision(resume_dir)
+        recorded, recorded_length = recorded_precision(resume_dir), recorded_fit(resume_dir)
     else:
         if spec_path is None:
             raise UserError("a spec is required (a YAML file or a packaged example such as quickstart)")
-        spec = load_spec(spec_path, overrides)
-        checkpoint, recorded = None, None
+        source = spec_path
+        spec = load_spec(source, overrides)
+        checkpoint, recorded, recorded_length = None, None, None
 
     from cmtkd_graph.data import build_datasets
 
@@ -108,6 +112,10 @@ def run(spec_path: str | None, overrides: Sequence[str] = (), *, resume: str | N
     with state.main_process_first():  # missing data is reported before any probing
         bundle = build_datasets(spec.data)
     precision = resolve_precision(spec, state, recorded=recorded)
+    length = None
+    if spec.train.fit_to_budget:
+        length = _fit_length(spec, state, precision, bundle, recorded_length, resumed=checkpoint is not None)
+        spec = load_spec(source, [*overrides, *length.overrides])
     accelerator = make_accelerator(spec, Path(spec.run_dir), precision)
     new_dir = fresh_dir or (_new_run_dir(spec) if accelerator.is_main_process else None)
     run_dir = [Path(resume) if resume else new_dir]
@@ -121,6 +129,8 @@ def run(spec_path: str | None, overrides: Sequence[str] = (), *, resume: str | N
         (run_dir / "spec.yaml").write_text(dump_spec(spec))
         write_identity(run_dir, spec, resumed=resume is not None)
         write_precision_record(run_dir, precision)
+        if length is not None:
+            write_budget_record(run_dir, length)
         log_to_file(run_dir)
     accelerator.wait_for_everyone()
     log.info(
@@ -128,6 +138,8 @@ def run(spec_path: str | None, overrides: Sequence[str] = (), *, resume: str | N
         f"device {accelerator.device}, {torch.get_num_threads()} CPU thread(s) per process"
     )
     log.info(f"precision: {precision.describe()}")
+    if length is not None:
+        log.info(length.describe())
     set_seed(spec.train.seed)
     trainer = None
     try:
@@ -138,6 +150,28 @@ def run(spec_path: str | None, overrides: Sequence[str] = (), *, resume: str | N
         if resume is None and main and (trainer is None or trainer.state["step"] == 0):
             _remove_failed_run(run_dir)
         raise
+
+
+def _fit_length(
+    spec: Spec, state, precision: Precision, bundle: DataBundle, recorded: BudgetFit | None, *, resumed: bool
+) -> BudgetFit:
+    """train.fit_to_budget: the run's length, timed on the main process and shared with every process;
+    a resumed run keeps the length it was fitted to at its start."""
+    from accelerate.utils import broadcast_object_list
+
+    if recorded is not None:
+        return recorded
+    if resumed:
+        raise UserError(
+            "train.fit_to_budget: this run started without it (no budget.json), and a run's length cannot "
+            "change halfway; resume it without train.fit_to_budget"
+        )
+    fit: list[BudgetFit | None] = [None]
+    if state.is_main_process:
+        fit = [fit_to_budget(spec, state.device, precision, bundle, state.num_processes)]
+    if state.num_processes > 1:
+        broadcast_object_list(fit)
+    return fit[0]
 
 
 AUTO = "auto"

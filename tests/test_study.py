@@ -644,10 +644,18 @@ def test_the_full_scale_gpu_study_runs_on_a_cpu_in_a_tiny_mode(tmp_path, cifar10
     assert summary["steps"] == 2 and summary["channels_last"] is True
     assert summary["train_gflop_per_image"] == pytest.approx(13.316, abs=0.01)  # 4 CIFAR-stem resnet18s
     assert summary["peak_bf16_tflops"] is None
+    budget = summary["budget"]  # fitted to 5 minutes: as many of the 120 epochs as this CPU trains in them
+    assert budget["minutes"] == 5 and 1 <= budget["epochs"] <= 120 and budget["steps_per_epoch"] == 200 // 16
+    epochs = budget["epochs"]
+    milestones = f"{round(50 * epochs / 120, 4):g}, {round(100 * epochs / 120, 4):g}"  # the paper's 50, 100
+    compressed = [f"train.epochs={epochs}", f"optim.schedule.milestones=[{milestones}]"]
+    assert budget["overrides"] == (compressed if epochs < 120 else [])
+    assert budget["epochs_trained"] == round(2 / 12, 2)  # max_steps stopped it
     report = (tmp_path / "out" / "results.md").read_text()
     assert (
         "| CMT-KD (W2A2 student; teachers 4/6/8-bit), 5 minutes | 1/1 |" in report and "TFLOP/s" not in report
     )
+    assert f"| {budget['epochs_trained']:g} of 120 |" in report and "| Epochs trained |" in report
 
 
 def test_gpu_runs_show_their_tflops_and_share_of_the_peak(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from cmtkd_graph.metrics import read_metrics
@@ -184,6 +185,31 @@ def test_a_run_on_a_time_budget_stops_and_finishes(tmp_path, fashion_mnist, fres
     final = json.loads((run_dir / "final.json").read_text())
     assert final["steps"] == 1 and "acc1/student" in final["accuracy"]
     assert (run_dir / "student.safetensors").is_file()
+
+
+def test_a_run_fitted_to_its_budget_ends_its_schedule(tmp_path, fashion_mnist, fresh_accelerate):
+    """train.fit_to_budget: of 1000 requested epochs the run trains the few that fit in 12 seconds, with
+    the lr drop moved from epoch 500 to the middle of those, and records the fit."""
+    schedule = "optim.schedule={name: multistep, milestones: [500], gamma: 0.1}"
+    run_dir = train_here(
+        tmp_path, "method=single", "teachers=[]", "distill={}", "train.epochs=1000", schedule,
+        "train.max_minutes=0.2", "train.fit_to_budget=true", "train.checkpoints=false",
+        "train.eval_every=1000", "train.log_every=1",
+    )  # fmt: skip
+    fit = json.loads((run_dir / "budget.json").read_text())
+    epochs = fit["epochs"]
+    assert 1 <= epochs < 1000 and fit["requested_epochs"] == 1000 and fit["steps_per_epoch"] == 8
+    assert fit["overrides"][:2] == [f"train.epochs={epochs}", f"optim.schedule.milestones=[{epochs / 2:g}]"]
+    saved = yaml.safe_load((run_dir / "spec.yaml").read_text())
+    assert saved["train"]["epochs"] == epochs and saved["optim"]["schedule"]["milestones"] == [epochs / 2]
+    final = json.loads((run_dir / "final.json").read_text())
+    steps = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(steps) == final["steps"] <= 8 * epochs  # max_minutes stops it early only if the fit was wrong
+    for record in steps:  # the lr drops at half the fitted length (milestone 500 of 1000)
+        dropped = record["step"] >= 8 * epochs / 2  # logged after the step: the lr of the next one
+        assert record["lr/student"] == pytest.approx(0.001 if dropped else 0.01), record["step"]
+    if final["steps"] < 8 * epochs:
+        assert final["seconds"] >= 12
 
 
 def test_resume_at_an_epoch_boundary_keeps_an_epoch_stepped_schedule(

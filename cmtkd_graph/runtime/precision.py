@@ -296,11 +296,17 @@ def pick(seconds_per_step: dict[str, float]) -> str:
 
 
 def probe(
-    spec: Spec, device: torch.device, batch_per_process: int, options: list[tuple[str | None, bool]]
+    spec: Spec,
+    device: torch.device,
+    batch_per_process: int,
+    options: list[tuple[str | None, bool]],
+    *,
+    repeat: int = PROBE_STEPS,
+    summary: Callable[[list[float]], float] = min,
 ) -> dict[str, float]:
-    """Seconds per training step of each candidate: the best of ``PROBE_STEPS`` rounds after a warm-up,
-    the candidates taking turns in every round, so that a machine slowing down or speeding up meanwhile
-    (other jobs, frequency scaling) affects all of them alike.
+    """Seconds per training step of each candidate: the best (``summary``) of ``repeat`` rounds after a
+    warm-up, the candidates taking turns in every round, so that a machine slowing down or speeding up
+    meanwhile (other jobs, frequency scaling) affects all of them alike.
 
     Runs under a forked RNG, so a probed run trains exactly as an unprobed one with the same choice.
     """
@@ -331,7 +337,7 @@ def probe(
                 optimizer.zero_grad(set_to_none=True)
 
             steps[_label(mixed or "no", channels_last)] = step
-        return interleaved_best(steps, device=device)
+        return interleaved_best(steps, repeat, device=device, summary=summary)
 
 
 def interleaved_best(
@@ -339,18 +345,21 @@ def interleaved_best(
     repeat: int = PROBE_STEPS,
     warmup: int = 1,
     device: torch.device | None = None,
+    summary: Callable[[list[float]], float] = min,
 ) -> dict[str, float]:
     """Best wall time (s) of each callable over `repeat` rounds after `warmup` calls each.
 
     The callables alternate within every round, so drift of a shared machine (another job starting,
-    turbo clocks) hits all of them alike; the best of the rounds is the least disturbed one. On CUDA
-    the device is synchronised around each call so the time is the kernels', not the launch's.
+    turbo clocks) hits all of them alike; the best of the rounds is the least disturbed one, the one to
+    compare candidates by. ``summary=statistics.median`` gives a typical call instead (what planning a
+    run's length needs). On CUDA the device is synchronised around each call so the time is the
+    kernels', not the launch's.
     """
     sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else None
     for step in steps.values():
         for _ in range(warmup):  # allocations, oneDNN primitive caches, cuDNN autotuning
             step()
-    best = dict.fromkeys(steps, float("inf"))
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeat):
         for name, step in steps.items():
             if sync:
@@ -359,5 +368,5 @@ def interleaved_best(
             step()
             if sync:
                 sync(device)
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            seconds[name].append(time.perf_counter() - start)
+    return {name: summary(times) for name, times in seconds.items()}

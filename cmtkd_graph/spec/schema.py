@@ -390,6 +390,12 @@ class TrainSpec(Strict):
         description="stop after this many minutes of training (then evaluate and save as after max_steps): a "
         "run on a time budget; a resumed run gets the budget again",
     )
+    fit_to_budget: bool = Field(
+        False,
+        description="with max_minutes: time the training step first and train as many whole epochs as the "
+        "budget holds (train.epochs at most), the schedule's warm-up and milestones scaled in proportion, "
+        "so the run ends its schedule instead of stopping at a high lr (RUN_DIR/budget.json)",
+    )
     seed: int = 0
     output_dir: str = Field("runs/{name}", description="run directory; {name} is the spec's name")
     mixed_precision: Annotated[Literal["auto", "no", "fp16", "bf16"] | None, BeforeValidator(_yaml_no)] = (
@@ -436,6 +442,12 @@ class TrainSpec(Strict):
         )
     )
     progress_bar: bool = True
+
+    @model_validator(mode="after")
+    def _budget_to_fit(self) -> TrainSpec:
+        if self.fit_to_budget and self.max_minutes is None:
+            raise ValueError("fit_to_budget needs a budget: set train.max_minutes too")
+        return self
 
 
 class Spec(Strict):

@@ -45,6 +45,8 @@ def row_results(study: StudySpec) -> list[dict]:
                 "by_seed": by_seed,
                 "accuracy": {name: _stats(values) for name, values in sorted(accuracy.items())},
                 "wall_s": _stats([s["wall_s"] for s in summaries if s["wall_s"] is not None]),
+                "epochs": _stats([s["budget"]["epochs_trained"] for s in summaries if s.get("budget")]),
+                "requested_epochs": runs[0].unresolved_spec().train.epochs,
                 "images_per_s": _stats([s["images_per_s"] for s in summaries if s["images_per_s"]]),
                 "tflops": _stats(
                     [s["images_per_s"] * s["train_gflop_per_image"] / 1e3 for s in summaries if _has_flops(s)]
@@ -198,7 +200,10 @@ def markdown(
     if study.notes.strip():
         lines += [study.notes.strip(), ""]
     on_gpu = any(r["peak_bf16_tflops"] for r in rows)  # throughput against the hardware's peak
-    header = ["Row", "Seeds", "Teachers", *[_title(c) for c in columns], "Time per run", "Images/s"]
+    fitted = any(r["epochs"]["mean"] is not None for r in rows)  # runs fitted to a time budget
+    header = ["Row", "Seeds", "Teachers", *[_title(c) for c in columns]]
+    header += ["Epochs trained"] if fitted else []
+    header += ["Time per run", "Images/s"]
     header += ["TFLOP/s", "% of bf16 peak"] if on_gpu else []
     header += ["Machine", "Paper"] if len(machines) > 1 else ["Paper"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -215,6 +220,7 @@ def markdown(
                     seeds,
                     r["teachers"],
                     *cells,
+                    *([_epochs(r)] if fitted else []),
                     f"{wall / 60:.1f} min" if wall is not None else "–",
                     f"{speed:.0f}" if speed is not None else "–",
                     *(_throughput(r) if on_gpu else []),
@@ -291,6 +297,12 @@ def _commits_text(commits: dict[str, str]) -> str:
         return f"commit {next(iter(by_commit))}"
     parts = [f"{label} (seed{'s' if len(s) > 1 else ''} {', '.join(s)})" for label, s in by_commit.items()]
     return "commits " + ", ".join(parts)
+
+
+def _epochs(row: dict) -> str:
+    """Epochs a budget-fitted row trained, of the epochs its spec asks for."""
+    trained = row["epochs"]["mean"]
+    return "–" if trained is None else f"{trained:g} of {row['requested_epochs']}"
 
 
 def _throughput(row: dict) -> list[str]:

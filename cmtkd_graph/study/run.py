@@ -8,11 +8,13 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from cmtkd_graph.checkpoint import RESUMED
 from cmtkd_graph.identity import code_identity, file_sha256, read_identity
 from cmtkd_graph.metrics import read_metrics
+from cmtkd_graph.runtime.budget import recorded_fit
 from cmtkd_graph.runtime.precision import machine_line
 from cmtkd_graph.runtime.process import TRAIN_LOG
 from cmtkd_graph.runtime.throughput import bf16_peak_tflops, train_flops_per_image
@@ -180,6 +182,15 @@ def training_seconds(run_dir: Path, final: dict) -> float | None:
     return record["wall_s"] if record["attempts"] >= processes else None
 
 
+def fitted_length(run_dir: Path, steps: int) -> dict | None:
+    """A run fitted to its time budget (train.fit_to_budget): its fit and the epochs it trained (fewer
+    than fitted where max_minutes stopped it); None for a run of fixed length."""
+    fit = recorded_fit(run_dir)
+    if fit is None:
+        return None
+    return {**asdict(fit), "epochs_trained": round(steps / fit.steps_per_epoch, 2)}
+
+
 def write_summary(run: PlannedRun) -> dict:
     """The committed record of a finished run (and a copy of its importance plot, if any)."""
     final = json.loads((run.run_dir / "final.json").read_text())
@@ -200,6 +211,7 @@ def write_summary(run: PlannedRun) -> dict:
         "command": run.shown_command(),
         "accuracy": final["accuracy"],
         "steps": final["steps"],
+        "budget": fitted_length(run.run_dir, final["steps"]),
         "processes": final["processes"],
         "precision": final["precision"]["mixed_precision"] or "accelerate config",
         "channels_last": final["precision"]["channels_last"],
