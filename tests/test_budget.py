@@ -21,6 +21,17 @@ def test_the_epochs_that_fit_count_steps_and_evaluations_in_90_percent_of_the_bu
     assert fitted_epochs(0.01, 120, 0.1, 100, 2.0, eval_every=1) == 1  # none fits: max_minutes stops it
 
 
+def test_the_log_line_says_what_fitted():
+    fit = BudgetFit(0.2, 1000, 2, 0.562, 8, 0.749, ["train.epochs=2", "optim.schedule.milestones=[1]"])
+    assert fit.describe() == (
+        "train.fit_to_budget: 8 steps of 0.562 s per epoch (timed) and 0.749 s per evaluation: 2 of 1000 "
+        "epochs fit in 0.2 min; training with train.epochs=2, optim.schedule.milestones=[1]"
+    )
+    tight = BudgetFit(0.05, 40, 1, 0.562, 8, 0.749, ["train.epochs=1"])  # 5.2 s of 2.7 planned
+    assert tight.describe().endswith("(not even one fits: max_minutes stops the run within its first epoch)")
+    assert BudgetFit(5, 3, 3, 0.1, 8, 0.1).describe().endswith("all of 3 epochs fit in 5 min")
+
+
 def test_the_schedule_is_the_same_schedule_compressed():
     spec = load_spec(
         "resnet18",

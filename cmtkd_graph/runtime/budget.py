@@ -58,7 +58,11 @@ class BudgetFit:
             f"(timed) and {self.eval_seconds:.3g} s per evaluation: {fits} of {self.requested_epochs} "
             f"epochs fit in {self.minutes:g} min"
         )
-        return line + (f"; training with {', '.join(self.overrides)}" if self.overrides else "")
+        line += f"; training with {', '.join(self.overrides)}" if self.overrides else ""
+        one_epoch = self.steps_per_epoch * self.seconds_per_step + self.eval_seconds
+        if self.epochs == 1 and one_epoch > PLANNED_SHARE * 60 * self.minutes:
+            line += " (not even one fits: max_minutes stops the run within its first epoch)"
+        return line
 
 
 def fitted_epochs(
