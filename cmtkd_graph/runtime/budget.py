@@ -18,7 +18,6 @@ cores) or a machine busy with other work takes longer than planned.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -27,8 +26,6 @@ from pathlib import Path
 import torch
 
 from cmtkd_graph.spec import Spec
-
-log = logging.getLogger("cmtkd_graph")
 
 RUN_FILE = "budget.json"
 # The share of the budget a fitted run plans to use: loading, logging and checkpoints add to the timed
@@ -59,10 +56,24 @@ class BudgetFit:
             f"epochs fit in {self.minutes:g} min"
         )
         line += f"; training with {', '.join(self.overrides)}" if self.overrides else ""
-        one_epoch = self.steps_per_epoch * self.seconds_per_step + self.eval_seconds
+        one_epoch = run_seconds(1, self.steps_per_epoch, self.seconds_per_step, self.eval_seconds, 1)
         if self.epochs == 1 and one_epoch > PLANNED_SHARE * 60 * self.minutes:
             line += " (not even one fits: max_minutes stops the run within its first epoch)"
         return line
+
+
+def run_seconds(
+    epochs: int, steps_per_epoch: int, seconds_per_step: float, eval_seconds: float, eval_every: int
+) -> float:
+    """Planned seconds of ``epochs``: their steps and the evaluations (every ``eval_every`` epochs and
+    after the last)."""
+    return epochs * steps_per_epoch * seconds_per_step + math.ceil(epochs / eval_every) * eval_seconds
+
+
+def evaluation_seconds(seconds_per_step: float, eval_images: float, images_per_step: int) -> float:
+    """Planned seconds of one evaluation: a forward pass of every network, ``EVAL_COST`` of a training
+    step per image."""
+    return EVAL_COST * seconds_per_step * eval_images / images_per_step
 
 
 def fitted_epochs(
@@ -74,15 +85,13 @@ def fitted_epochs(
     eval_every: int,
 ) -> int:
     """The most whole epochs, at least 1 and at most ``requested_epochs``, whose steps and evaluations
-    (every ``eval_every`` epochs and after the last) take at most ``PLANNED_SHARE`` of the budget."""
-
-    def seconds(epochs: int) -> float:
-        evaluations = math.ceil(epochs / eval_every)  # every eval_every epochs, and after the last
-        return epochs * steps_per_epoch * seconds_per_step + evaluations * eval_seconds
-
+    (:func:`run_seconds`) take at most ``PLANNED_SHARE`` of the budget."""
     budget = PLANNED_SHARE * 60 * minutes
     epochs = requested_epochs
-    while epochs > 1 and seconds(epochs) > budget:
+    while (
+        epochs > 1
+        and run_seconds(epochs, steps_per_epoch, seconds_per_step, eval_seconds, eval_every) > budget
+    ):
         epochs -= 1
     return epochs
 
@@ -121,8 +130,7 @@ def fit_to_budget(spec: Spec, device: torch.device, precision, bundle, processes
     timed = probe(spec, device, per_process, [option], repeat=TIMED_STEPS, summary=statistics.median)
     step = next(iter(timed.values())) * accum
     per_epoch = steps_per_epoch(spec, len(bundle.train))
-    eval_images = len(bundle.eval) / processes
-    eval_seconds = EVAL_COST * step * eval_images / (per_process * accum)
+    eval_seconds = evaluation_seconds(step, len(bundle.eval) / processes, per_process * accum)
     epochs = fitted_epochs(t.max_minutes, t.epochs, step, per_epoch, eval_seconds, t.eval_every)
     return BudgetFit(
         minutes=t.max_minutes,

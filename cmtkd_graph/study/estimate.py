@@ -17,6 +17,7 @@ def estimate(run: PlannedRun) -> tuple[float, str]:
     import torch
 
     from cmtkd_graph.data import build_datasets
+    from cmtkd_graph.runtime.budget import evaluation_seconds
     from cmtkd_graph.runtime.precision import known_precision, probe
 
     spec = run.unresolved_spec()  # weights are not loaded
@@ -30,7 +31,7 @@ def estimate(run: PlannedRun) -> tuple[float, str]:
     steps_per_epoch = math.ceil(len(bundle.train) / spec.data.batch_size)
     steps = min(spec.train.max_steps or math.inf, steps_per_epoch * spec.train.epochs)
     evaluations = math.ceil(spec.train.epochs / spec.train.eval_every)
-    eval_seconds = evaluations * len(bundle.eval) * step / spec.data.batch_size / 3  # forward only
+    eval_seconds = evaluations * evaluation_seconds(step, len(bundle.eval), spec.data.batch_size)
     label = f"{option[0] or 'fp32'}{' channels_last' if option[1] else ''}"
     training = min(steps * step, 60 * (spec.train.max_minutes or math.inf))  # a budgeted run stops on time
     return training + eval_seconds, label if precision else f"{label} (auto decides at start)"

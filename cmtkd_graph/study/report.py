@@ -29,6 +29,7 @@ def row_results(study: StudySpec) -> list[dict]:
         runs = plan(study, [row.name])
         done = [(r, s) for r in runs if (s := r.summary()) is not None]
         summaries = [s for _, s in done]
+        spec = runs[0].unresolved_spec()
         accuracy: dict[str, list[float]] = {}
         by_seed: dict[str, dict[int, float]] = {}
         for s in summaries:
@@ -39,14 +40,14 @@ def row_results(study: StudySpec) -> list[dict]:
             {
                 "name": row.name,
                 "label": row.title,
-                "teachers": teachers_text(runs[0].unresolved_spec().resolved_teachers()),
+                "teachers": teachers_text(spec.resolved_teachers()),
                 "seeds": row.seeds,
                 "finished": [s["seed"] for s in summaries],
                 "by_seed": by_seed,
                 "accuracy": {name: _stats(values) for name, values in sorted(accuracy.items())},
                 "wall_s": _stats([s["wall_s"] for s in summaries if s["wall_s"] is not None]),
                 "epochs": _stats([s["budget"]["epochs_trained"] for s in summaries if s.get("budget")]),
-                "requested_epochs": runs[0].unresolved_spec().train.epochs,
+                "requested_epochs": spec.train.epochs,
                 "images_per_s": _stats([s["images_per_s"] for s in summaries if s["images_per_s"]]),
                 "tflops": _stats(
                     [s["images_per_s"] * s["train_gflop_per_image"] / 1e3 for s in summaries if _has_flops(s)]
