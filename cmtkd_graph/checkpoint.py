@@ -8,12 +8,15 @@ moment leaves ``latest`` pointing at the previous complete checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from cmtkd_graph.errors import UserError
+from cmtkd_graph.errors import UserError, first_line
+
+log = logging.getLogger("cmtkd_graph")
 
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
@@ -53,7 +56,9 @@ def latest_checkpoint(run_dir: Path) -> Path:
     pointer = checkpoints_dir(run_dir) / LATEST
     if not pointer.is_file():
         raise UserError(f"--resume: {run_dir} has no complete checkpoint ({pointer} is missing)")
-    name = json.loads(pointer.read_text())["checkpoint"]
+    name = _read_json(pointer).get("checkpoint")
+    if not isinstance(name, str) or not name.startswith("step-"):
+        raise UserError(f"--resume: {pointer} names no checkpoint ({name!r}); the file is damaged")
     path = checkpoints_dir(run_dir) / name
     if not (path / TRAINER_STATE).is_file():
         raise UserError(f"--resume: checkpoint {path} is incomplete or was deleted")
@@ -61,7 +66,47 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 
 def read_trainer_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / TRAINER_STATE).read_text())
+    return _read_json(checkpoint / TRAINER_STATE)
+
+
+def check_checkpoint(checkpoint: Path, process_index: int = 0) -> None:
+    """Before a resumed run writes anything: its checkpoint's files are whole, or one line naming the
+    damaged one. A random-state file that cannot be read only warns (accelerate would skip it
+    silently): the run continues, with fresh random states, not bit-identical to an uninterrupted one."""
+    from safetensors import SafetensorError, safe_open
+
+    state = read_trainer_state(checkpoint)
+    if not isinstance(state.get("step"), int) or not isinstance(state.get("epoch"), int):
+        raise UserError(f"--resume: {checkpoint / TRAINER_STATE} has no step/epoch; the file was changed")
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):  # a cut file fails here: its header covers more
+                pass
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise UserError(
+                f"--resume: {file} is damaged ({first_line(err)}); restore it or start the run again"
+            ) from None
+    random_states = checkpoint / f"random_states_{process_index}.pkl"
+    if random_states.is_file():
+        from accelerate.utils.other import load
+
+        try:
+            load(random_states)
+        except Exception as err:  # a cut pickle fails in many ways
+            log.warning(
+                f"warning: {random_states} cannot be read ({first_line(err)}); the run continues with "
+                "fresh random states, so it is not bit-identical to an uninterrupted one"
+            )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"--resume: {path} is damaged (not JSON: {first_line(err)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--resume: {path} is damaged (not a JSON object)")
+    return data
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="real images to calibrate and check the integer exports on (default: the run's eval data)",
     )
     p.add_argument("--checkpoint", help="latest or a checkpoint path (default: the run's final student)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out even if it holds files other than an earlier export (which is always replaced)",
+    )
 
     p = sub.add_parser("predict", help="class and probability per image, from an exported student")
     p.add_argument("directory", metavar="DIR", help="an export (or run) directory")
@@ -232,7 +237,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         return 0
     if args.report:
         persist_carried_over(plan(study))
-        print(f"wrote {write_report(study)}")
+        print(f"wrote {write_report(study).absolute()}")
         return 0
     failed = run_study(
         study,
@@ -245,7 +250,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     )
     print(
         f"study {study.name}: {'all runs done' if not failed else f'{failed} run(s) failed'}; "
-        f"results in {study.report_path}"
+        f"results in {study.report_path.absolute()}"
     )
     return 1 if failed else 0
 
@@ -286,13 +291,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
     from cmtkd_graph.deploy.export import FORMATS, export, summary
 
     formats = FORMATS if args.format == "all" else ("torch", args.format)
-    manifest = export(args.run_dir, args.out, formats=formats, checkpoint=args.checkpoint, images=args.images)
-    print(summary(manifest, Path(args.out)))
+    manifest = export(
+        args.run_dir,
+        args.out,
+        formats=formats,
+        checkpoint=args.checkpoint,
+        images=args.images,
+        force=args.force,
+    )
+    print(summary(manifest, Path(os.path.abspath(Path(args.out).expanduser()))))
     return 0
 
 

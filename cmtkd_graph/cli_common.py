@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from cmtkd_graph.errors import UserError
+from cmtkd_graph.errors import UserError, shorten
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75
@@ -38,8 +38,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+MAX_ERROR_LINES = 50
+MAX_LINE_CHARACTERS = 1000
+
+
 def user_error_lines(err: UserError) -> list[str]:
-    """The lines to print for a user error (one per problem)."""
+    """The lines to print for a user error (one per problem; at most MAX_ERROR_LINES, each cut to
+    MAX_LINE_CHARACTERS: whatever a hostile input holds, the report stays short)."""
     # A UserError raised in a DataLoader worker is re-raised with the worker's traceback as its text;
     # the user needs only its last line.
     lines = []
@@ -47,5 +52,7 @@ def user_error_lines(err: UserError) -> list[str]:
         if "Original Traceback" in problem:
             tail = [line for line in problem.strip().splitlines() if line.strip()][-1]
             problem = tail.split(": ", 1)[1] if ": " in tail else tail
-        lines.append(problem)
+        lines.append(shorten(problem, MAX_LINE_CHARACTERS))
+    if len(lines) > MAX_ERROR_LINES:
+        lines = [*lines[: MAX_ERROR_LINES - 1], f"... and {len(lines) - MAX_ERROR_LINES + 1} more problems"]
     return lines

@@ -30,3 +30,18 @@ def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
     """' (did you mean a, b?)' or '' when nothing is close."""
     near = closest(word, choices, n=n)
     return f" (did you mean {', '.join(near)}?)" if near else ""
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's text (its type's name if it has none), cut to ``limit``:
+    what a one-line error quotes of a library's long explanation."""
+    text = str(err).strip()
+    return shorten(text.splitlines()[0] if text else type(err).__name__, limit)
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """``text``, or its start and how much was cut: a value echoed in an error line stays readable
+    however long the value is."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from cmtkd_graph.errors import UserError
+from cmtkd_graph.errors import UserError, first_line
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -35,7 +35,7 @@ def read_tensors(path: Path, *, what: str) -> dict[str, Any]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
-            problem = _first_line(err)
+            problem = first_line(err)
             raise UserError(f"{what}: {path} is not a readable safetensors file ({problem})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -46,7 +46,7 @@ def read_tensors(path: Path, *, what: str) -> dict[str, Any]:
             "torch.save(model.state_dict(), ...) or use safetensors"
         ) from None
     except Exception as err:  # truncated or foreign files fail in many ways
-        raise UserError(f"{what}: {path} is not a readable PyTorch file ({_first_line(err)})") from None
+        raise UserError(f"{what}: {path} is not a readable PyTorch file ({first_line(err)})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{what}: {path} holds a {type(obj).__name__}, not a state_dict")
     return obj
@@ -81,19 +81,14 @@ def read_cifar_pickle(path: Path) -> Any:
         return _CifarUnpickler(io.BytesIO(data), encoding="latin1").load()
     except pickle.UnpicklingError as err:
         raise UserError(
-            f"{path}: refused, not a CIFAR python batch ({_first_line(err)}); loading it could run code. "
+            f"{path}: refused, not a CIFAR python batch ({first_line(err)}); loading it could run code. "
             "Re-extract the archive from https://www.cs.toronto.edu/~kriz/cifar.html"
         ) from None
     except Exception as err:  # a damaged pickle can fail in many ways
         raise UserError(
-            f"{path}: not a readable CIFAR python batch ({type(err).__name__}: {_first_line(err)}); "
+            f"{path}: not a readable CIFAR python batch ({type(err).__name__}: {first_line(err)}); "
             "re-extract the archive or re-download it"
         ) from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def refused_global(err: pickle.UnpicklingError) -> str:
@@ -102,4 +97,4 @@ def refused_global(err: pickle.UnpicklingError) -> str:
         line = line.strip()
         if line.startswith("WeightsUnpickler error:"):
             return line.removeprefix("WeightsUnpickler error:").strip()
-    return _first_line(err)
+    return first_line(err)

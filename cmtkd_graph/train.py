@@ -27,11 +27,10 @@ from pathlib import Path
 
 import torch
 
-from cmtkd_graph import trackers
+from cmtkd_graph import run_directory, trackers
 from cmtkd_graph.checkpoint import (
-    LATEST,
     RESUMED,
-    checkpoints_dir,
+    check_checkpoint,
     latest_checkpoint,
     read_trainer_state,
     save_checkpoint,
@@ -39,7 +38,7 @@ from cmtkd_graph.checkpoint import (
 from cmtkd_graph.cli_common import EXIT_PREEMPTED, EXIT_USER_ERROR, add_train_args, user_error_lines
 from cmtkd_graph.data.bundle import DataBundle
 from cmtkd_graph.data.device import DeviceBatches
-from cmtkd_graph.errors import UserError
+from cmtkd_graph.errors import UserError, first_line
 from cmtkd_graph.evaluation.accuracy import eval_line, evaluate
 from cmtkd_graph.identity import write_identity
 from cmtkd_graph.metrics import MetricsLog, plot_importance, read_metrics
@@ -57,99 +56,94 @@ from cmtkd_graph.runtime.process import (
 )
 from cmtkd_graph.safe_files import refused_global
 from cmtkd_graph.spec import Spec
-from cmtkd_graph.spec.io import dump_spec, load_spec
+from cmtkd_graph.spec.io import apply_overrides, dump_spec, load_spec, validate_spec
 
 log = logging.getLogger("cmtkd_graph")
 
 
-def _new_run_dir(spec: Spec) -> Path:
-    """``spec.run_dir``, or ``<run_dir>-1``, ``-2``... if it is taken: a new run never overwrites another."""
-    base = Path(spec.run_dir)
-    candidate, i = base, 0
-    while candidate.exists() and any(candidate.iterdir()):
-        i += 1
-        candidate = base.with_name(f"{base.name}-{i}")
-    return candidate
-
-
-def run(spec_path: str | None, overrides: Sequence[str] = (), *, resume: str | None = None) -> Path:
+def run(spec_path: str | Spec | None, overrides: Sequence[str] = (), *, resume: str | None = None) -> Path:
     """Train as the spec says; returns the run directory.
 
-    ``resume``: a run directory to continue from its last checkpoint, or ``"auto"``: the spec's own run
-    directory, continued where it has a checkpoint and started fresh in it otherwise (what a scheduler
-    that requeues a preempted job runs every time). SIGTERM or SIGUSR1 stops training at the next
+    ``spec_path``: a spec file, a packaged example's name, or a :class:`Spec`. ``resume``: a run
+    directory to continue from its last checkpoint, or ``"auto"``: the spec's own run directory,
+    continued where it has a checkpoint and started fresh in it otherwise (what a scheduler that
+    requeues a preempted job runs every time). The run directory is locked while training and
+    cleaned up as ``cmtkd_graph.run_directory`` says. SIGTERM or SIGUSR1 stops training at the next
     optimizer step with a checkpoint and raises :class:`Preempted`.
     """
-    from accelerate.utils import broadcast_object_list, set_seed
+    from accelerate.utils import set_seed
 
-    fresh_dir = None
-    if resume == AUTO:
-        if spec_path is None:
-            raise UserError("--resume auto: give the spec too (its train.output_dir is the run directory)")
-        resume, fresh_dir = _auto_resume(Path(load_spec(spec_path, overrides).run_dir))
-
-    if resume is not None:
-        resume_dir = Path(resume)
-        saved = resume_dir / "spec.yaml"
-        if spec_path is None and not saved.is_file():
-            raise UserError(f"--resume: {saved} not found (is {resume_dir} a run directory?)")
-        source = spec_path or saved
-        spec = load_spec(source, overrides)
-        checkpoint = latest_checkpoint(resume_dir)
-        recorded, recorded_length = recorded_precision(resume_dir), recorded_fit(resume_dir)
+    if spec_path is None and resume in (None, AUTO):
+        raise UserError(
+            "a spec is required (a YAML file or a packaged example such as quickstart)"
+            if resume is None
+            else "--resume auto: give the spec too (its train.output_dir is the run directory)"
+        )
+    if resume in (None, AUTO):
+        mode, target = ("new" if resume is None else "auto"), Path(_load(spec_path, overrides).run_dir)
     else:
-        if spec_path is None:
-            raise UserError("a spec is required (a YAML file or a packaged example such as quickstart)")
-        source = spec_path
-        spec = load_spec(source, overrides)
-        checkpoint, recorded, recorded_length = None, None, None
-
-    from cmtkd_graph.data import build_datasets
+        mode, target = "resume", Path(resume)
+        if spec_path is None and not (target / "spec.yaml").is_file():
+            raise UserError(f"--resume: {target / 'spec.yaml'} not found (is {target} a run directory?)")
 
     state = distributed_state()
     setup_logging(state.is_main_process)
-    set_cpu_threads(spec, state)
-    with state.main_process_first():  # missing data is reported before any probing
-        bundle = build_datasets(spec.data)
-    precision = resolve_precision(spec, state, recorded=recorded)
-    length = None
-    if spec.train.fit_to_budget:
-        length = _fit_length(spec, state, precision, bundle, recorded_length, resumed=checkpoint is not None)
-        spec = load_spec(source, [*overrides, *length.overrides])
-    accelerator = make_accelerator(spec, Path(spec.run_dir), precision)
-    new_dir = fresh_dir or (_new_run_dir(spec) if accelerator.is_main_process else None)
-    run_dir = [Path(resume) if resume else new_dir]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(run_dir)
-    run_dir = run_dir[0]
-    accelerator.project_configuration.project_dir = str(run_dir)
-    main = accelerator.is_main_process
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "spec.yaml").write_text(dump_spec(spec))
-        write_identity(run_dir, spec, resumed=resume is not None)
-        write_precision_record(run_dir, precision)
-        if length is not None:
-            write_budget_record(run_dir, length)
-        log_to_file(run_dir)
-    accelerator.wait_for_everyone()
-    log.info(
-        f"run {run_dir}: {accelerator.num_processes} process(es), {accelerator.distributed_type}, "
-        f"device {accelerator.device}, {torch.get_num_threads()} CPU thread(s) per process"
-    )
-    log.info(f"precision: {precision.describe()}")
-    if length is not None:
-        log.info(length.describe())
-    set_seed(spec.train.seed)
-    trainer = None
+    directory = run_directory.take(state, target, mode)
+    run_dir, main, trainer = directory.path, state.is_main_process, None
     try:
+        source = spec_path if spec_path is not None else run_dir / "spec.yaml"
+        spec = _load(source, overrides)
+        checkpoint = latest_checkpoint(run_dir) if directory.resumed else None
+        if checkpoint is not None:
+            check_checkpoint(checkpoint, state.process_index)
+        recorded = recorded_precision(run_dir) if directory.resumed else None
+        recorded_length = recorded_fit(run_dir) if directory.resumed else None
+
+        from cmtkd_graph.data import build_datasets
+
+        set_cpu_threads(spec, state)
+        with state.main_process_first():  # missing data is reported before any probing
+            bundle = build_datasets(spec.data)
+        precision = resolve_precision(spec, state, recorded=recorded)
+        length = None
+        if spec.train.fit_to_budget:
+            length = _fit_length(spec, state, precision, bundle, recorded_length, resumed=directory.resumed)
+            spec = _load(source, [*overrides, *length.overrides])
+        accelerator = make_accelerator(spec, run_dir, precision)
+        if main:
+            (run_dir / "spec.yaml").write_text(dump_spec(spec))
+            write_identity(run_dir, spec, resumed=directory.resumed)
+            write_precision_record(run_dir, precision)
+            if length is not None:
+                write_budget_record(run_dir, length)
+            log_to_file(run_dir)
+        accelerator.wait_for_everyone()
+        log.info(
+            f"run {run_dir}: {accelerator.num_processes} process(es), {accelerator.distributed_type}, "
+            f"device {accelerator.device}, {torch.get_num_threads()} CPU thread(s) per process"
+        )
+        log.info(f"precision: {precision.describe()}")
+        if length is not None:
+            log.info(length.describe())
+        set_seed(spec.train.seed)
         with stop_signals() as stop:
             trainer = Trainer(spec, accelerator, run_dir, checkpoint, precision, bundle, stop=stop)
             return trainer.fit()
     except BaseException:
-        if resume is None and main and (trainer is None or trainer.state["step"] == 0):
-            _remove_failed_run(run_dir)
+        if main and (trainer is None or trainer.state["step"] == 0):
+            directory.remove_failed_start()  # a fresh start only; nothing that was there before
         raise
+    finally:
+        directory.release()
+
+
+def _load(source: str | Path | Spec, overrides: Sequence[str]) -> Spec:
+    """The spec from a file or packaged example, or a :class:`Spec` given as it is, with ``overrides``."""
+    if isinstance(source, Spec):
+        if not overrides:
+            return source
+        return validate_spec(apply_overrides(source.model_dump(mode="json"), overrides))
+    return load_spec(source, overrides)
 
 
 def _fit_length(
@@ -210,30 +204,6 @@ def stop_signals():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def _auto_resume(run_dir: Path) -> tuple[str | None, Path]:
-    """``--resume auto``: (the directory to resume, or None) and the directory a fresh start uses."""
-    if (checkpoints_dir(run_dir) / LATEST).is_file():
-        return str(run_dir), run_dir
-    if (run_dir / "final.json").is_file():
-        raise UserError(
-            f"--resume auto: {run_dir} holds a finished run without checkpoints; nothing to continue "
-            "(remove it to train again)"
-        )
-    return None, run_dir  # nothing to continue: a start that never reached a checkpoint starts again
-
-
-def _remove_failed_run(run_dir: Path) -> None:
-    """A new run that failed before its first optimizer step (missing data, a bad weights path) leaves
-    nothing behind: its directory holds only the spec and the log of the failure."""
-    import shutil
-
-    for handler in list(log.handlers):
-        if isinstance(handler, logging.FileHandler):
-            handler.close()
-            log.removeHandler(handler)
-    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 class Trainer:
@@ -583,6 +553,8 @@ def _load_state(accelerator, checkpoint: Path) -> None:
     damaged file reported in one line."""
     import pickle
 
+    from safetensors import SafetensorError
+
     try:
         accelerator.load_state(str(checkpoint))
     except pickle.UnpicklingError as err:
@@ -590,9 +562,8 @@ def _load_state(accelerator, checkpoint: Path) -> None:
             f"--resume: {checkpoint} holds a file with objects other than tensors, which could run code "
             f"when loaded; refused ({refused_global(err)})"
         ) from None
-    except (OSError, RuntimeError, ValueError) as err:
-        problem = str(err).strip().splitlines()[0]
-        raise UserError(f"--resume: {checkpoint} could not be loaded ({problem})") from None
+    except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as err:
+        raise UserError(f"--resume: {checkpoint} could not be loaded ({first_line(err)})") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

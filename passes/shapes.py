@@ -9,7 +9,7 @@ import torch
 from cmtkd_graph.passes.tracer import copy_graph_module, qualname
 from torch import fx
 
-from cmtkd_graph.errors import UserError
+from cmtkd_graph.errors import UserError, first_line
 
 
 def propagate_shapes(gm: fx.GraphModule, input_shape: Sequence[int]) -> dict[fx.Node, torch.Size]:
@@ -34,7 +34,7 @@ def propagate_shapes(gm: fx.GraphModule, input_shape: Sequence[int]) -> dict[fx.
             raise UserError(channels) from None
         where = f" at node {qualname(interpreter.current)}" if interpreter.current is not None else ""
         raise UserError(
-            f"the model does not run on inputs of shape {list(input_shape)}{where}: {_first_line(err)} "
+            f"the model does not run on inputs of shape {list(input_shape)}{where}: {first_line(err)} "
             "(check data.image_size and the model's minimum input size)"
         ) from None
     finally:
@@ -106,10 +106,6 @@ def _channel_mismatch(gm: fx.GraphModule, interpreter: _Recorder) -> str | None:
         "(data.grey_to_rgb: repeat) or give the model a 1-channel stem (data.grey_to_rgb: none together "
         "with surgery: [grey_input])"
     )
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def shape_of(node: fx.Node) -> tuple[int, ...] | None:

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import cmtkd_graph as cg
+from cmtkd_graph import cli as cg_cli
 from cmtkd_graph.data import build_datasets
 from cmtkd_graph.deploy.codes import CODES_FILE, decode_weight, quantized_layers
 from cmtkd_graph.deploy.export import export
@@ -454,6 +455,120 @@ def test_export_without_onnx_writes_the_other_formats_and_says_what_to_install(t
         "manifest.json",
     }
     assert not (tmp_path / "out" / "student.onnx").exists()
+
+
+def cli_here(argv: list[str], capsys) -> tuple[int, str, list[str]]:
+    """``cmtkd-graph ARGV`` in this process: exit status, stdout and its ``error:`` lines (no traceback)."""
+    status = cg_cli.main(argv)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err, err[-3000:]
+    return status, out, [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+def test_a_new_export_replaces_the_previous_one_whole(trained_run, exported, tmp_path, cifar10_jpeg, capsys):
+    """Issue #46, 3: `export --format torch` over a full export left the old ONNX/OpenVINO files, which
+    `predict --backend onnx` then served."""
+    out = tmp_path / "student"
+    shutil.copytree(exported, out)  # an earlier, complete export
+    status, _, _ = cli_here(["export", str(trained_run), "--out", str(out), "--format", "torch"], capsys)
+    assert status == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == sorted([*manifest["sha256"], "manifest.json"])
+    assert not (out / "student.onnx").exists() and not (out / "student-openvino.bin").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+    image = str(sorted((cifar10_jpeg / "test").glob("*/*.jpg"))[0])
+    status, _, errors = cli_here(["predict", str(out), image, "--backend", "onnx"], capsys)
+    assert status == 2 and errors == [f"error: {out}: no student.onnx; export with --format onnx first"]
+
+
+def test_a_changed_file_of_an_export_is_refused_by_predict_and_load_student(
+    exported, tmp_path, cifar10_jpeg, capsys
+):
+    image = str(sorted((cifar10_jpeg / "test").glob("*/*.jpg"))[0])
+    for name, backend in (
+        ("student.onnx", "onnx"),
+        ("student-openvino.bin", "openvino"),
+        ("codes.safetensors", "integer"),
+    ):
+        out = tmp_path / name
+        shutil.copytree(exported, out)
+        with open(out / name, "ab") as f:
+            f.write(b"\0")
+        status, _, errors = cli_here(["predict", str(out), image, "--backend", backend], capsys)
+        assert status == 2 and len(errors) == 1, errors
+        assert errors[0].startswith(
+            f"error: {out / name}: its content differs from what manifest.json recorded"
+        )
+        if backend != "integer":  # auto does not serve it either
+            status, _, errors = cli_here(["predict", str(out), image], capsys)
+            assert status == 2 and "its content differs" in errors[0]
+    changed = tmp_path / "changed"
+    shutil.copytree(exported, changed)
+    state = load_file(changed / "student.safetensors")
+    next(iter(state.values())).add_(1)
+    save_file(state, changed / "student.safetensors")
+    with pytest.raises(cg.UserError, match=r"student\.safetensors: its content differs"):
+        cg.load_student(changed)
+
+
+def test_a_damaged_model_file_in_an_export_without_hashes_is_one_line(
+    exported, tmp_path, cifar10_jpeg, capsys
+):
+    """Issue #46, 6: a corrupt .onnx or OpenVINO file was a raw traceback (exports written before the
+    manifest recorded hashes are still read)."""
+    out = tmp_path / "old"
+    shutil.copytree(exported, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["sha256"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "student.onnx").write_bytes(b"not a model")
+    (out / "student-openvino.xml").write_text("<net")
+    image = str(sorted((cifar10_jpeg / "test").glob("*/*.jpg"))[0])
+    for backend, runtime in (("onnx", "onnxruntime"), ("openvino", "openvino")):
+        status, _, errors = cli_here(["predict", str(out), image, "--backend", backend], capsys)
+        assert status == 2 and len(errors) == 1 and f"{runtime} cannot load it" in errors[0], errors
+
+
+def test_export_refuses_a_directory_that_is_not_an_export_unless_forced(trained_run, tmp_path, capsys):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = ["export", str(trained_run), "--out", str(out), "--format", "torch"]
+    status, _, errors = cli_here(argv, capsys)
+    assert (
+        status == 2
+        and len(errors) == 1
+        and "not an export (notes.txt)" in errors[0]
+        and "--force" in errors[0]
+    )
+    assert (out / "notes.txt").read_text() == "mine"
+    status, _, errors = cli_here([*argv, "--force"], capsys)
+    assert status == 0 and not (out / "notes.txt").exists() and (out / "manifest.json").is_file()
+    status, _, errors = cli_here(
+        ["export", str(trained_run), "--out", str(trained_run.parent), "--force"], capsys
+    )
+    assert (
+        status == 2 and "contains the source directory" in errors[0] and (trained_run / "spec.yaml").is_file()
+    )
+
+
+def test_a_png_decompression_bomb_is_one_line(exported, tmp_path, capsys):
+    """Issue #46, 6: PIL's DecompressionBombError is not an OSError and was a raw traceback. The file
+    declares 30000 x 30000 pixels in a few bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = tmp_path / "bomb.png"
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    status, _, errors = cli_here(["predict", str(exported), str(bomb), "--backend", "torch"], capsys)
+    assert status == 2 and errors == [
+        f"error: {bomb}: not a readable image (DecompressionBombError: Image size (900000000 pixels) exceeds "
+        "limit of 178956970 pixels, could be decompression bomb DOS attack.)"
+    ]
 
 
 def test_integer_conv_matches_float_conv_hand_checked():

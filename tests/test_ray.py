@@ -79,7 +79,7 @@ def test_a_study_runs_on_a_ray_cluster_two_runs_at_once(tmp_path, fashion_mnist,
     assert max(started["single/0"], started["single/1"]) < min(ended["single/0"], ended["single/1"])
     assert started["kd/0"] >= ended["single/0"]  # kd reads single's seed 0
     for d in runs.values():  # each run trained once: one start in its log, never a second submission
-        assert (d / "train.log").read_text().count(" run runs/") == 1
+        assert (d / "train.log").read_text().count(f" run {d}: ") == 1
     summaries = sorted(p.relative_to(tmp_path / "studies/toy/runs").as_posix()
                        for p in (tmp_path / "studies/toy/runs").rglob("*.json"))  # fmt: skip
     assert summaries == ["kd/seed0.json", "single/seed0.json", "single/seed1.json"]

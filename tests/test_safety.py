@@ -148,3 +148,96 @@ def test_resume_refuses_a_malicious_optimizer_state_and_checkpoints_hold_no_cust
     )
     assert "--resume" in line and "refused" in line and ".open" in line
     assert not marker.exists()
+
+
+# --- hostile or careless inputs are bounded and end in one line (issue #46, 4-7) ----------------------
+
+
+def cli_errors(argv: list[str], capsys) -> list[str]:
+    """The ``error:`` lines of ``cmtkd-graph ARGV`` run in this process, which must exit 2 without a
+    traceback."""
+    from cmtkd_graph import cli
+
+    status = cli.main(argv)
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err, err[-3000:]
+    return [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+ALIAS_BOMB = "\n".join(
+    ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    + ["name: *a8", "student: {arch: resnet18, weight_bits: 2, act_bits: 2}", "data: {dataset: cifar10}"]
+)
+
+
+@pytest.mark.timeout(60)
+def test_a_yaml_alias_bomb_is_refused_before_it_is_built(tmp_path, capsys):
+    """9 aliases x 9 levels (387 million values once expanded) took 11.6 GB and printed a 2 GB line."""
+    spec = tmp_path / "bomb.yaml"
+    spec.write_text(ALIAS_BOMB)
+    (line,) = cli_errors(["validate", str(spec), "--no-build"], capsys)
+    assert "expands to more than 100000 values" in line and len(line) < 300
+    (line,) = cli_errors(
+        ["validate", "quickstart", "--no-build", "--set", f"taps.teachers={ALIAS_BOMB}"], capsys
+    )
+    assert "invalid YAML" in line or "expands to more than" in line
+
+
+@pytest.mark.timeout(60)
+def test_large_deep_and_recursive_yaml_is_one_line(tmp_path, capsys):
+    big = tmp_path / "big.yaml"
+    big.write_text("name: x\nnotes: [" + "1, " * 600_000 + "1]\n")  # the 54 MB list, in small
+    (line,) = cli_errors(["validate", str(big), "--no-build"], capsys)
+    assert "bytes; a spec file may have at most 1048576" in line
+    for depth in (100, 1000, 5000):  # deeper than the interpreter's recursion limit too
+        deep = tmp_path / f"deep{depth}.yaml"
+        deep.write_text("name: " + "[" * depth + "]" * depth + "\n")
+        (line,) = cli_errors(["validate", str(deep), "--no-build"], capsys)
+        assert "nested too deeply (at most 64 levels)" in line
+    recursive = tmp_path / "recursive.yaml"
+    recursive.write_text("name: &a [*a]\n")
+    (line,) = cli_errors(["validate", str(recursive), "--no-build"], capsys)
+    assert "refers to a value that contains it" in line or "invalid YAML" in line
+
+
+def test_long_values_are_cut_in_error_lines_and_long_names_refused(tmp_path, capsys):
+    (line,) = cli_errors(
+        ["validate", "quickstart", "--no-build", "--set", "train.epochs=" + "9x" * 50_000], capsys
+    )
+    assert line.startswith("error: train.epochs: ") and "more characters" in line and len(line) < 300
+    (line,) = cli_errors(["validate", "quickstart", "--no-build", "--set", "name=" + "n" * 200], capsys)
+    assert line == "error: name: at most 128 characters, got 200"
+
+
+def test_a_spec_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    spec = tmp_path / "latin1.yaml"
+    spec.write_bytes("name: café\n".encode("latin-1"))
+    (line,) = cli_errors(["validate", str(spec), "--no-build"], capsys)
+    assert line == f"error: {spec}: not UTF-8 text (byte 0xe9 at offset 9); save it as UTF-8"
+
+
+@pytest.mark.parametrize(
+    "override, complaint",
+    [
+        ("optim.lr=1e309", "optim.lr: Input should be a finite number"),
+        ("optim.lr=.nan", "optim.lr: Input should be a finite number"),
+        ("train.seed=4294967296", "train.seed: Input should be less than or equal to 4294967295"),
+        ("data.std=[0, 0, 0]", "data.std: every value must be > 0"),
+    ],
+)
+def test_values_train_would_choke_on_are_refused_by_validate(capsys, override, complaint):
+    (line,) = cli_errors(["validate", "quickstart", "--no-build", "--set", override], capsys)
+    assert complaint in line
+
+
+@pytest.mark.parametrize("where", ["name", "row"])
+def test_a_study_or_row_named_dot_dot_is_refused(tmp_path, where):
+    """A study or row named `..` wrote results.json/results.png over the working directory's."""
+    from cmtkd_graph.study import load_study
+
+    study = tmp_path / "study.yaml"
+    names = {"name": ("..", "a"), "row": ("s", "..")}[where]
+    study.write_text(f"name: '{names[0]}'\nbase: quickstart\nrows: [{{name: '{names[1]}'}}]\n")
+    with pytest.raises(UserError, match=r"must name one directory"):
+        load_study(study)

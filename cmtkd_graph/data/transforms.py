@@ -14,7 +14,6 @@ from collections.abc import Callable
 import torch
 from torchvision.transforms import v2
 
-from cmtkd_graph.errors import UserError
 from cmtkd_graph.registry import DATASETS
 from cmtkd_graph.spec import IMAGENET_LIKE_MIN_SIZE, DataSpec
 
@@ -91,26 +90,14 @@ def _geometry(spec: DataSpec, size: int, native_size: int | None) -> tuple[list,
 
 
 def mean_std(spec: DataSpec, channels: int) -> tuple[list[float] | None, list[float] | None]:
+    """The per-channel mean and std to normalise with (checked when the spec was read), or None."""
     if not spec.normalize:
-        if spec.mean is not None or spec.std is not None:
-            raise UserError("data.mean/std are given but data.normalize is false: drop them or normalize")
         return None, None
     record = DATASETS.get(spec.dataset)  # its training set's per-channel mean and std
-    mean = _per_channel("mean", spec.mean if spec.mean is not None else list(record.mean), channels)
-    std = _per_channel("std", spec.std if spec.std is not None else list(record.std), channels)
-    if min(std) <= 0:
-        raise UserError(f"data.std: every value must be > 0, got {std}")
-    return mean, std
+    mean = spec.mean if spec.mean is not None else list(record.mean)
+    std = spec.std if spec.std is not None else list(record.std)
+    return _per_channel(mean, channels), _per_channel(std, channels)
 
 
-def _per_channel(name: str, values: list[float], channels: int) -> list[float]:
-    if any(not 0 <= v <= 1 for v in values):
-        raise UserError(f"data.{name}: values must be in [0, 1] units, got {values} (divide 0..255 by 255)")
-    if len(values) == 1:
-        return values * channels
-    if len(values) != channels:
-        raise UserError(
-            f"data.{name}: expected 1 or {channels} values (one per input channel, in [0, 1] "
-            f"units), got {len(values)}: {values}"
-        )
-    return list(values)
+def _per_channel(values: list[float], channels: int) -> list[float]:
+    return list(values) * channels if len(values) == 1 else list(values)

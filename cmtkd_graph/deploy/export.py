@@ -20,7 +20,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -38,7 +40,8 @@ from cmtkd_graph.deploy.student import (
     find_student,
     load_state,
 )
-from cmtkd_graph.errors import UserError
+from cmtkd_graph.errors import UserError, first_line
+from cmtkd_graph.identity import file_sha256
 from cmtkd_graph.passes.shapes import propagate_shapes
 from cmtkd_graph.spec import Spec
 from cmtkd_graph.spec.io import dump_spec
@@ -50,7 +53,8 @@ ONNX_FILE = "student.onnx"
 ONNX_INT8_FILE = "student-int8.onnx"
 OPENVINO_FILE = "student-openvino.xml"
 CALIBRATION_IMAGES = 256  # and as many again to check the agreement
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the SHA-256 of every file
+EXPORT_FORMAT = "cmtkd_graph export"
 
 
 def export(
@@ -60,16 +64,33 @@ def export(
     formats: tuple[str, ...] = FORMATS,
     checkpoint: str | None = None,
     images: str | Path | None = None,
+    force: bool = False,
 ) -> dict:
     """Write the student of ``source`` (a run, checkpoint or export directory) into ``out``; return the
     manifest. Formats whose optional packages are missing are skipped with a note in it; so are the
     integer formats (``onnx-int8``, ``openvino``) among all formats when no real images are at hand for
-    their check (``images``, else the run's evaluation data). Asked for alone, either is an error."""
+    their check (``images``, else the run's evaluation data). Asked for alone, either is an error.
+
+    The export is complete or absent: it is written into a temporary directory beside ``out`` that
+    then replaces ``out``, so no file of an earlier export survives into it. ``out`` may be new, empty
+    or an earlier export; anything else is replaced only with ``force``. The manifest records the
+    SHA-256 of every file, which ``predict`` and ``load_student`` check before they read one."""
     found = find_student(source, checkpoint=checkpoint)
-    out = Path(out).expanduser()
-    if out.resolve() == Path(source).expanduser().resolve():
-        raise UserError(f"--out: {out} is the source directory; export into a new directory")
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(os.path.abspath(Path(out).expanduser()))
+    _check_destination(out, Path(os.path.abspath(Path(source).expanduser())), force=force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = _unique_sibling(out, "export")
+    try:
+        manifest = _write(found, staging, formats, images)
+        _replace(out, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write(found, out: Path, formats: tuple[str, ...], images: str | Path | None) -> dict:
+    """Every file of the export, written into the (new, empty) directory ``out``."""
     student = build_student(found.spec)
     load_state(student, found.state, origin=found.origin)
     propagate_shapes(student, (1, *found.spec.data.input_shape()))
@@ -98,10 +119,64 @@ def export(
             manifest[name.replace("-", "_")] = section
             if section.get("file"):
                 manifest["files"][name] = file
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
     if found.run_dir is not None and (found.run_dir / "importance.png").is_file():
         shutil.copy(found.run_dir / "importance.png", out / "importance.png")
+    manifest["sha256"] = {p.name: file_sha256(p) for p in sorted(out.iterdir()) if p.is_file()}
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def _check_destination(out: Path, source: Path, *, force: bool) -> None:
+    """``out`` may be replaced by the export: it is new, empty or an earlier export (or ``force``), and
+    holds neither the source nor the working directory."""
+    real = out.resolve()
+    for inside, what in (
+        (source.resolve(), "the source directory"),
+        (Path.cwd().resolve(), "the working directory"),
+    ):
+        if inside == real or real in inside.parents:
+            raise UserError(f"--out: {out} is or contains {what}; export into a new directory")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out: {out} is a file; give a directory")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries or force or _is_export(out):
+        return
+    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    raise UserError(
+        f"--out: {out} holds files that are not an export ({shown}); choose a new directory, or add "
+        "--force to replace it and everything in it"
+    )
+
+
+def _is_export(directory: Path) -> bool:
+    try:
+        return json.loads((directory / MANIFEST_FILE).read_text()).get("format") == EXPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _unique_sibling(out: Path, role: str) -> Path:
+    """A new, empty, hidden directory beside ``out`` (the same file system, so renames are atomic)."""
+    while True:
+        candidate = out.with_name(f".{out.name}.{role}-{uuid.uuid4().hex[:12]}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+
+
+def _replace(out: Path, staging: Path) -> None:
+    """Put the complete export ``staging`` in the place of ``out`` (whatever ``out`` held goes)."""
+    old = None
+    if out.exists() and any(out.iterdir()):
+        old = _unique_sibling(out, "old")
+        os.replace(out, old / out.name)
+    os.replace(staging, out)  # onto nothing, or onto an empty directory
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _onnx(
@@ -121,7 +196,7 @@ def _onnx(
     except torch.onnx.OnnxExporterError as err:
         # e.g. torch 2.5's exporter cannot translate BatchNorm with today's onnxscript: the other
         # formats are still written; the tested pair is in constraints.txt
-        problem = str(err).strip().splitlines()[0]
+        problem = first_line(err)
         return {
             "file": None,
             "skipped": f"torch {torch.__version__}'s ONNX exporter failed ({problem}); the ONNX export is "
@@ -201,7 +276,7 @@ def _manifest(found, student: fx.GraphModule, layers: list[QuantizedLayer]) -> d
     float_bops = sum(cost.bops(r["macs"], cost.FLOAT_BITS, cost.FLOAT_BITS) for r in records)
     classes = _classes(found.run_dir)
     return {
-        "format": "cmtkd_graph export",
+        "format": EXPORT_FORMAT,
         "version": MANIFEST_VERSION,
         "source": str(found.origin),
         "model": {

@@ -14,7 +14,6 @@ with the fake-quantized student (within float rounding) proves the codes are com
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -23,7 +22,14 @@ from torch import Tensor, fx, nn
 
 from cmtkd_graph.deploy.codes import CODES_FILE, decode_weight, float_state
 from cmtkd_graph.deploy.inference import DecodedWeight
-from cmtkd_graph.deploy.student import MANIFEST_FILE, build_student, find_student, load_state
+from cmtkd_graph.deploy.student import (
+    MANIFEST_FILE,
+    build_student,
+    export_file,
+    find_student,
+    load_state,
+    read_manifest,
+)
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.passes.graph_pass import finish
 from cmtkd_graph.passes.tracer import replace_submodule
@@ -115,9 +121,9 @@ def integer_student(path: str | Path) -> fx.GraphModule:
             f"{path}: no {CODES_FILE} with its {MANIFEST_FILE}; run `cmtkd-graph export RUN_DIR --out {path} "
             "--format codes` first"
         )
-    manifest = json.loads(manifest_file.read_text())
+    manifest = read_manifest(path)
     spec = find_student(path).spec
-    tensors = read_tensors(codes_file, what="codes")
+    tensors = read_tensors(export_file(path, CODES_FILE), what="codes")
     student = build_student(spec)
     return integer_from_codes(student, tensors, manifest["layers"], origin=codes_file)
 

@@ -20,8 +20,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cmtkd_graph.deploy.student import MANIFEST_FILE, find_student, load_student
-from cmtkd_graph.errors import UserError
+from cmtkd_graph.deploy.student import (
+    MANIFEST_FILE,
+    export_file,
+    find_student,
+    load_student,
+    read_manifest,
+)
+from cmtkd_graph.errors import UserError, first_line
 from cmtkd_graph.registry import DATASETS
 from cmtkd_graph.spec import Spec
 
@@ -38,7 +44,7 @@ def image_files(root: Path) -> list[Path]:
 
 def read_images(paths: list[str | Path], spec: Spec) -> Tensor:
     """A batch of images prepared like the run's evaluation data."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     from cmtkd_graph.data.transforms import build_transforms
 
@@ -54,8 +60,9 @@ def read_images(paths: list[str | Path], spec: Spec) -> Tensor:
                 batch.append(prepare(image.convert("L" if grey else "RGB")))
         except FileNotFoundError:
             raise UserError(f"{path}: no such image file") from None
-        except (UnidentifiedImageError, OSError) as err:
-            raise UserError(f"{path}: not a readable image ({err})") from None
+        except Exception as err:  # PIL: damaged files, decompression bombs (not OSErrors), ...
+            problem = f"{type(err).__name__}: {first_line(err)}"
+            raise UserError(f"{path}: not a readable image ({problem})") from None
     return torch.stack(batch)
 
 
@@ -101,9 +108,9 @@ def predict(
 def runner(directory: Path, backend: str) -> Callable[[Tensor], Tensor]:
     """``images -> logits`` of one backend (see module docstring)."""
     if backend in FILES:
-        file = directory / FILES[backend]
-        if not file.is_file():
+        if not (directory / FILES[backend]).is_file():
             raise UserError(f"{directory}: no {FILES[backend]}; export with --format {backend} first")
+        file = export_file(directory, FILES[backend])
         if not _installed(RUNTIMES[backend]):
             package = RUNTIMES[backend]
             extra = EXTRAS[package]
@@ -111,11 +118,17 @@ def runner(directory: Path, backend: str) -> Callable[[Tensor], Tensor]:
         if backend == "openvino":
             from cmtkd_graph.deploy import openvino_export
 
-            return openvino_export.runner(openvino_export.compile_model(file))
-        from cmtkd_graph.deploy.onnx_int8 import session as onnx_session
+            export_file(directory, file.with_suffix(".bin").name)  # the weights the .xml names
+            load = lambda: openvino_export.runner(openvino_export.compile_model(file))
+        else:
+            from cmtkd_graph.deploy.onnx_int8 import session as onnx_session
 
-        session = onnx_session(file)
-        return lambda batch: torch.from_numpy(session.run(None, {"images": batch.numpy()})[0])
+            load = lambda: onnx_runner(onnx_session(file))
+        try:
+            return load()
+        except Exception as err:  # the runtimes report a damaged model file in many ways
+            problem = first_line(err)
+            raise UserError(f"{file}: {RUNTIMES[backend]} cannot load it ({problem}); export again") from None
     if backend == "integer":
         from cmtkd_graph.deploy.integer import integer_student
 
@@ -130,15 +143,20 @@ def runner(directory: Path, backend: str) -> Callable[[Tensor], Tensor]:
     return run
 
 
+def onnx_runner(session) -> Callable[[Tensor], Tensor]:
+    """``images -> logits`` of an onnxruntime session."""
+    return lambda batch: torch.from_numpy(session.run(None, {"images": batch.numpy()})[0])
+
+
 def usable_backends(directory: Path) -> dict[str, str]:
     """The backends ``auto`` may take here, and why each other one is left out."""
-    manifest_file = directory / MANIFEST_FILE
-    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+    manifest = read_manifest(directory) or {}
+    listed = manifest.get("sha256")  # an export that records its files: only those are part of it
     left_out = {}
     for backend, file in FILES.items():
         if not _installed(RUNTIMES[backend]):
             left_out[backend] = f"{RUNTIMES[backend]} is not installed"
-        elif not (directory / file).is_file():
+        elif not (directory / file).is_file() or (listed is not None and file not in listed):
             left_out[backend] = f"no {file}"
     for backend in ("onnx-int8", "openvino"):
         section = manifest.get(backend.replace("-", "_")) or {}

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, fx
 
-from cmtkd_graph.errors import UserError
+from cmtkd_graph.errors import UserError, first_line
 from cmtkd_graph.safe_files import read_tensors
 from cmtkd_graph.spec import Spec
 
@@ -62,7 +62,8 @@ def find_student(
             return StudentSource(spec, _checkpoint_student(origin), origin, run_dir)
         return StudentSource(spec, _student_keys(read_tensors(origin, what="--checkpoint")), origin, run_dir)
     if (path / STUDENT_FILE).is_file():
-        return StudentSource(spec, read_tensors(path / STUDENT_FILE, what="student"), path, run_dir)
+        file = export_file(path, STUDENT_FILE) if run_dir is None else path / STUDENT_FILE
+        return StudentSource(spec, read_tensors(file, what="student"), path, run_dir)
     if run_dir is not None:  # an unfinished run: its last checkpoint
         origin = resolve_checkpoint(run_dir, "latest")
         return StudentSource(spec, _checkpoint_student(origin), origin, run_dir)
@@ -169,7 +170,46 @@ def _spec(directory: Path, overrides: Sequence[str] = ()) -> Spec:
     file = directory / SPEC_FILE
     if not file.is_file():
         raise UserError(f"{directory} has no {SPEC_FILE} (is it a run directory?)")
-    return load_spec(file, overrides)
+    return load_spec(export_file(directory, SPEC_FILE), overrides)
+
+
+def read_manifest(directory: Path) -> dict | None:
+    """An export directory's ``manifest.json`` (None where there is none: a run directory)."""
+    import json
+
+    file = directory / MANIFEST_FILE
+    if not file.is_file():
+        return None
+    try:
+        manifest = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{file}: damaged ({first_line(err)}); export again") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{file}: damaged (not a JSON object); export again")
+    return manifest
+
+
+def export_file(directory: Path, name: str) -> Path:
+    """``directory/name``, checked against the SHA-256 its export's manifest records: a file changed or
+    left over from another export is refused in one line, never served. Exports written before the
+    manifest recorded hashes, and run directories, are read as they are."""
+    from cmtkd_graph.identity import file_sha256
+
+    path = directory / name
+    manifest = read_manifest(directory)
+    if manifest is None or "sha256" not in manifest:
+        return path
+    recorded = manifest["sha256"].get(name)
+    if recorded is None:
+        raise UserError(f"{path}: not part of this export ({MANIFEST_FILE} lists no such file); export again")
+    if not path.is_file():
+        raise UserError(f"{path}: missing from this export; export again")
+    if file_sha256(path) != recorded:
+        raise UserError(
+            f"{path}: its content differs from what {MANIFEST_FILE} recorded at export (changed or replaced "
+            "since); export again"
+        )
+    return path
 
 
 def _checkpoint_student(checkpoint: Path) -> dict[str, Tensor]:

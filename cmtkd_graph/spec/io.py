@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from cmtkd_graph.errors import SpecError, closest
+from cmtkd_graph.errors import SpecError, closest, first_line, shorten
 from cmtkd_graph.spec.schema import Spec
 
 _SEGMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)$")
@@ -28,10 +28,7 @@ def load_spec(path: str | Path, overrides: typing.Sequence[str] = ()) -> Spec:
     ``path`` may also name a packaged example (``"quickstart"``, ``"resnet18"``).
     Raises :class:`SpecError` with one line per problem.
     """
-    data = read_spec_file(path)
-    for item in overrides:
-        apply_override(data, item)
-    return validate_spec(data)
+    return validate_spec(apply_overrides(read_spec_file(path), overrides))
 
 
 def validate_spec(data: Any) -> Spec:
@@ -63,18 +60,90 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
     return read_yaml_mapping(find_spec_file(path), "a spec")
 
 
+MAX_FILE_BYTES = 1 << 20
+"""A spec or study file larger than this is refused before it is parsed (the largest here: ~8 KB)."""
+MAX_NODES = 100_000
+"""YAML values after aliases are expanded: an alias bomb (9 aliases x 9 levels) is refused, not built."""
+MAX_DEPTH = 64
+"""Nesting depth of a YAML value (a spec nests 4 levels)."""
+
+
 def read_yaml_mapping(file: Path, what: str) -> dict[str, Any]:
-    """A YAML file that must hold a mapping; a syntax error names its line and column."""
+    """A YAML file that must hold a mapping; a syntax error names its line and column. Bounded: a file
+    too large, not UTF-8, nested too deep or expanding too far through aliases is one line."""
+    size = file.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise SpecError(f"{file}: {size} bytes; {what} file may have at most {MAX_FILE_BYTES} (1 MiB)")
     try:
-        data = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise SpecError(f"{file}: invalid YAML{where}: {problem}") from None
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        byte = err.object[err.start]
+        raise SpecError(
+            f"{file}: not UTF-8 text (byte 0x{byte:02x} at offset {err.start}); save it as UTF-8"
+        ) from None
+    data = parse_yaml(text, where=str(file))
     if not isinstance(data, dict):
         raise SpecError(f"{file}: {what} must be a YAML mapping (key: value), got {type(data).__name__}")
     return data
+
+
+def parse_yaml(text: str, *, where: str) -> Any:
+    """``yaml.safe_load`` of ``text``, refusing values that expand beyond :data:`MAX_NODES` or nest
+    deeper than :data:`MAX_DEPTH` before they are built; errors name ``where``."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_size(node, where)
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or first_line(err)
+        raise SpecError(f"{where}: invalid YAML{at}: {problem}") from None
+    except RecursionError:
+        raise SpecError(f"{where}: nested too deeply (at most {MAX_DEPTH} levels)") from None
+    finally:
+        loader.dispose()
+
+
+def _check_size(root: yaml.Node, where: str) -> None:
+    """Count the nodes of ``root`` as if its aliases were expanded (each shared node counted once per
+    use, computed once), and its depth, without building anything."""
+    expanded: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_: set[int] = set()  # on the current path from the root
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in expanded:
+            continue
+        children = _children(node)
+        if not children_done:
+            if id(node) in open_:
+                raise SpecError(f"{where}: a YAML alias refers to a value that contains it")
+            open_.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in expanded)
+            continue
+        open_.discard(id(node))
+        expanded[id(node)] = 1 + sum(expanded[id(c)] for c in children)
+        depth[id(node)] = 1 + max((depth[id(c)] for c in children), default=0)
+        if expanded[id(node)] > MAX_NODES:
+            raise SpecError(
+                f"{where}: the YAML expands to more than {MAX_NODES} values (aliases included); refused"
+            )
+        if depth[id(node)] > MAX_DEPTH:
+            raise SpecError(f"{where}: nested too deeply (at most {MAX_DEPTH} levels)")
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
 
 
 def parse_key_path(key: str) -> list[str | int]:
@@ -92,30 +161,38 @@ def parse_key_path(key: str) -> list[str | int]:
     return parts
 
 
+def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """``data`` with each ``key.path=value`` of ``overrides`` applied (in place; returned too)."""
+    for item in overrides:
+        apply_override(data, item)
+    return data
+
+
 def apply_override(data: dict[str, Any], item: str) -> None:
     """Apply one ``key.path=value`` override in place (the value is parsed as a YAML scalar/flow value)."""
     key, eq, raw = item.partition("=")
+    shown = shorten(item, 80)
     key = key.strip()
     if not eq or not key:
-        raise SpecError(f"override {item!r}: expected key.path=value, e.g. train.epochs=1")
+        raise SpecError(f"override {shown!r}: expected key.path=value, e.g. train.epochs=1")
     try:
         path = parse_key_path(key)
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except (ValueError, yaml.YAMLError) as err:
-        raise SpecError(f"override {item!r}: {str(err).splitlines()[0]}") from None
+        value = parse_yaml(raw, where=f"override {shorten(key, 80)}") if raw.strip() else None
+    except ValueError as err:
+        raise SpecError(f"override {shown!r}: {first_line(err)}") from None
     node: Any = data
     for i, seg in enumerate(path):
         last = i == len(path) - 1
         where = format_loc(path[: i + 1])
         if isinstance(seg, int):
             if not isinstance(node, list):
-                raise SpecError(f"override {item!r}: {format_loc(path[:i])} is not a list")
+                raise SpecError(f"override {shown!r}: {format_loc(path[:i])} is not a list")
             if not -len(node) <= seg < len(node):
                 raise SpecError(
-                    f"override {item!r}: {format_loc(path[:i])} has {len(node)} entries, no [{seg}]"
+                    f"override {shown!r}: {format_loc(path[:i])} has {len(node)} entries, no [{seg}]"
                 )
         elif not isinstance(node, dict):
-            raise SpecError(f"override {item!r}: {format_loc(path[:i])} is not a mapping")
+            raise SpecError(f"override {shown!r}: {format_loc(path[:i])} is not a mapping")
         if last:
             node[seg] = value
         else:
@@ -123,7 +200,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
                 node[seg] = [] if isinstance(path[i + 1], int) else {}
             node = node[seg]
             if not isinstance(node, dict | list):
-                raise SpecError(f"override {item!r}: {where} is a value, not a mapping")
+                raise SpecError(f"override {shown!r}: {where} is a value, not a mapping")
 
 
 def format_loc(loc: typing.Sequence[str | int]) -> str:
@@ -144,7 +221,7 @@ def format_errors(err: ValidationError) -> list[str]:
         elif e["type"] == "missing":
             msg = "required"
         elif e["type"] not in {"value_error", "assertion_error"} and "input" in e:
-            msg = f"{msg}, got {e['input']!r}"
+            msg = f"{msg}, got {shorten(repr(e['input']), 80)}"
         where = format_loc(loc)
         for problem in msg.split("\n"):
             named = re.match(r"^([\w\[\].]+): ", problem)

@@ -31,7 +31,28 @@ FULL_PRECISION = 32
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown keys are errors, and so are inf and nan where a number is expected (YAML reads 1e309 as
+    inf)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+MAX_NAME_LENGTH = 128
+
+
+def check_name(value: str) -> str:
+    """A name that becomes one directory (a run's, a study's, a row's): no path separator, not ``.``
+    or ``..``, printable, at most MAX_NAME_LENGTH characters."""
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValueError(f"at most {MAX_NAME_LENGTH} characters, got {len(value)}")
+    if not value or value in {".", ".."} or "/" in value or "\\" in value or not value.isprintable():
+        raise ValueError(
+            f"must name one directory (no '/', '\\', control characters; not '.' or '..'), got {value!r}"
+        )
+    return value
+
+
+Name = Annotated[str, AfterValidator(check_name)]
 
 
 def _check_bits(value: int) -> int:
@@ -313,9 +334,35 @@ class DataSpec(Strict):
                     "data.corrupt_images: skip needs pipeline: workers; the device pipeline decodes every "
                     "image before training"
                 )
+        problems += self._normalisation_problems()
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _normalisation_problems(self) -> list[str]:
+        if not self.normalize:
+            given = self.mean is not None or self.std is not None
+            return (
+                ["data.mean/std are given but data.normalize is false: drop them or normalize"]
+                if given
+                else []
+            )
+        problems = []
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if values is None:
+                continue
+            if any(not 0 <= v <= 1 for v in values):
+                problems.append(
+                    f"data.{name}: values must be in [0, 1] units, got {values} (divide 0..255 by 255)"
+                )
+            elif len(values) not in (1, self.in_channels):
+                problems.append(
+                    f"data.{name}: expected 1 or {self.in_channels} values (one per input channel), "
+                    f"got {len(values)}"
+                )
+        if self.std is not None and any(v <= 0 for v in self.std):
+            problems.append(f"data.std: every value must be > 0 (it divides), got {self.std}")
+        return problems
 
     @property
     def input_size(self) -> int:
@@ -396,7 +443,7 @@ class TrainSpec(Strict):
         "budget holds (train.epochs at most), the schedule's warm-up and milestones scaled in proportion, "
         "so the run ends its schedule instead of stopping at a high lr (RUN_DIR/budget.json)",
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed, 0..2^32-1")
     output_dir: str = Field("runs/{name}", description="run directory; {name} is the spec's name")
     mixed_precision: Annotated[Literal["auto", "no", "fp16", "bf16"] | None, BeforeValidator(_yaml_no)] = (
         Field(
@@ -453,7 +500,7 @@ class TrainSpec(Strict):
 class Spec(Strict):
     """A distillation experiment."""
 
-    name: str = Field(description="experiment name (used in the run directory)")
+    name: Name = Field(description="experiment name: the run directory's name (no '/', not '.' or '..')")
     method: Annotated[str, AfterValidator(_check_method)] = Field(
         "cmtkd",
         description="registered method: cmtkd (the paper), single (student alone), kd (Hinton KD from one "

@@ -12,6 +12,7 @@ from pydantic import AfterValidator, Field, ValidationError, model_validator
 from cmtkd_graph.errors import SpecError, UserError, did_you_mean
 from cmtkd_graph.spec import Strict
 from cmtkd_graph.spec.io import format_loc, read_yaml_mapping
+from cmtkd_graph.spec.schema import Name
 
 ROW_REFERENCE = re.compile(r"\{row:([A-Za-z0-9_.-]+)\}")
 METRIC = re.compile(r"^acc[15]/(student|combined|teachers|teacher\d+)$")
@@ -28,7 +29,7 @@ def _check_metric(name: str) -> str:
 class RowSpec(Strict):
     """One row of the table: a spec (the study's base unless given) with overrides, run ``seeds`` times."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="identifier (run directories, --rows)")
+    name: Name = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="identifier (run directories, --rows)")
     label: str | None = Field(None, description="text in the table (default: name)")
     spec: str | None = Field(None, description="spec file or packaged example (default: the study's base)")
     set: list[str] = Field(default_factory=list, description="overrides, after the study's own")
@@ -128,7 +129,7 @@ class ExecutorSettings(Strict):
 class StudySpec(Strict):
     """A study: a base spec, common overrides, the rows and what the table shows."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Name = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     base: str = Field(description="spec file or packaged example every row starts from")
     set: list[str] = Field(default_factory=list, description="overrides for every row (before the row's)")
     rows: list[RowSpec] = Field(min_length=1)

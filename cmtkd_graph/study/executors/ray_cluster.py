@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cmtkd_graph.errors import UserError
+from cmtkd_graph.errors import UserError, first_line
 from cmtkd_graph.study.executors.base import Job, Submission, require, train_command
 
 if TYPE_CHECKING:
@@ -58,9 +58,8 @@ class RayExecutor:
                 ray.init(address=s.address, namespace=s.namespace, log_to_driver=False,
                          configure_logging=False, include_dashboard=False)  # fmt: skip
             except (ConnectionError, RuntimeError, ValueError) as err:
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise UserError(
-                    f"executor.ray.address: cannot reach a Ray cluster at {s.address!r} ({first})"
+                    f"executor.ray.address: cannot reach a Ray cluster at {s.address!r} ({first_line(err)})"
                 ) from None
         need = {"CPU": s.num_cpus, "GPU": s.num_gpus, **s.resources}
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
