@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cmtkd_graph.errors import UserError, first_line
+from cmtkd_graph.safe_files import read_json_object
 
 log = logging.getLogger("cmtkd_graph")
 
@@ -100,13 +101,7 @@ def check_checkpoint(checkpoint: Path, process_index: int = 0) -> None:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"--resume: {path} is damaged (not JSON: {first_line(err)})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"--resume: {path} is damaged (not a JSON object)")
-    return data
+    return read_json_object(path, what="--resume", fix="restore it or start the run again")
 
 
 def _prune(root: Path, keep: int) -> None:

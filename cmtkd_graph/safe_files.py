@@ -91,6 +91,19 @@ def read_cifar_pickle(path: Path) -> Any:
         ) from None
 
 
+def read_json_object(path: Path, *, what: str, fix: str) -> dict[str, Any]:
+    """The JSON object in ``path``, or one line: ``WHAT: PATH is damaged (...); FIX``."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{what}: {path} is damaged (not JSON: {first_line(err)}); {fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what}: {path} is damaged (not a JSON object); {fix}")
+    return data
+
+
 def refused_global(err: pickle.UnpicklingError) -> str:
     """What ``torch.load(weights_only=True)`` refused (e.g. a global), from its long explanation."""
     for line in str(err).splitlines():

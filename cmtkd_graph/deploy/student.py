@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, fx
 
-from cmtkd_graph.errors import UserError, first_line
-from cmtkd_graph.safe_files import read_tensors
+from cmtkd_graph.errors import UserError
+from cmtkd_graph.safe_files import read_json_object, read_tensors
 from cmtkd_graph.spec import Spec
 
 SPEC_FILE = "spec.yaml"
@@ -175,18 +175,10 @@ def _spec(directory: Path, overrides: Sequence[str] = ()) -> Spec:
 
 def read_manifest(directory: Path) -> dict | None:
     """An export directory's ``manifest.json`` (None where there is none: a run directory)."""
-    import json
-
     file = directory / MANIFEST_FILE
     if not file.is_file():
         return None
-    try:
-        manifest = json.loads(file.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"{file}: damaged ({first_line(err)}); export again") from None
-    if not isinstance(manifest, dict):
-        raise UserError(f"{file}: damaged (not a JSON object); export again")
-    return manifest
+    return read_json_object(file, what="export", fix="export again")
 
 
 def export_file(directory: Path, name: str) -> Path:
