@@ -44,10 +44,27 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+REVISION = "revision of "
+
+
 def spec_content(spec) -> dict[str, Any]:
-    """The resolved spec as key paths and values, without the fields that do not change what is trained."""
+    """The resolved spec as key paths and values, without the fields that do not change what is trained,
+    and the revision of each of its components whose computation was revised (:func:`revisions`)."""
     flat = flatten(spec.model_dump(mode="json"))
-    return {k: v for k, v in flat.items() if not k.startswith(NOT_CONTENT)}
+    return {**{k: v for k, v in flat.items() if not k.startswith(NOT_CONTENT)}, **revisions(spec)}
+
+
+def revisions(spec) -> dict[str, int]:
+    """``{"revision of method ctkd": 2}``: the spec's method and quantizer family where their ``revision``
+    is above 1. A component raises it when what it computes for the same spec changes (a new reading of
+    its source), so that exactly the runs that used it become stale; the keys of the others stay."""
+    from cmtkd_graph.registry import METHODS, QUANTIZERS
+
+    found = {
+        f"method {spec.method}": getattr(METHODS.get(spec.method), "revision", 1),
+        f"quantizer {spec.quantizer.name}": getattr(QUANTIZERS.get(spec.quantizer.name), "revision", 1),
+    }
+    return {REVISION + name: number for name, number in found.items() if number > 1}
 
 
 def weight_sources(spec) -> dict[str, str]:

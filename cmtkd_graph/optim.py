@@ -6,7 +6,9 @@ Groups (each has a ``name`` used in logs):
 * ``student`` / ``teacher{k}`` — model weights, weight decay by that model's weight bit-width
   (``weight_decay_low_bits`` up to ``low_bits`` bits, else ``weight_decay``);
 * ``importance`` — the fusion logits, their own lr (default lr / 10), no weight decay;
-* ``quantizers`` — learned quantizer parameters (LSQ steps, PACT clipping), no weight decay;
+* ``quantizers`` — learned quantizer parameters (LSQ steps), no weight decay;
+* ``quantizers/student``, ``quantizers/teacher{k}`` — learned quantizer parameters with an L2 decay of
+  their own (PACT's clipping levels: lambda_alpha, by default the network's weight decay);
 * ``adapters`` — FitNet adapters;
 * the method's own groups (e.g. AMTML-KD's ``weighting``), from ``system.method.parameter_groups``.
 
@@ -28,21 +30,27 @@ from cmtkd_graph.spec import FULL_PRECISION, OptimSpec, ScheduleSpec, Spec
 
 
 def _role_of_parameters(
-    module: nn.Module,
-) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
-    """Split ``module``'s trainable parameters into (weights, quantizer params, fusion logits)."""
+    module: nn.Module, weight_decay: float = 0.0
+) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter], list[tuple[nn.Parameter, float]]]:
+    """Split ``module``'s trainable parameters into (weights, quantizer params, fusion logits, quantizer
+    params with an L2 decay of their own and that decay), ``weight_decay`` being the module's."""
     special: dict[int, str] = {}
+    decay: dict[int, float] = {}
     for sub in module.modules():
         if isinstance(sub, Quantizer):
             special.update({id(p): "quantizer" for p in sub.parameters()})
+            decay.update({id(p): sub.parameter_decay(weight_decay) for p in sub.parameters()})
         elif isinstance(sub, Fusion):
             special.update({id(p): "fusion" for p in sub.parameters()})
-    weights, quant, fusion = [], [], []
+    weights, quant, fusion, decayed = [], [], [], []
     for p in module.parameters():
         if not p.requires_grad:
             continue
+        if decay.get(id(p)):
+            decayed.append((p, decay[id(p)]))
+            continue
         {"quantizer": quant, "fusion": fusion}.get(special.get(id(p)), weights).append(p)
-    return weights, quant, fusion
+    return weights, quant, fusion, decayed
 
 
 def weight_decay_for(bits: int, optim: OptimSpec) -> float:
@@ -61,13 +69,27 @@ def parameter_groups(system: nn.Module, spec: Spec) -> list[dict]:
     quantizer_params: list[nn.Parameter] = []
     fusion_params: list[nn.Parameter] = []
 
+    assigned: set[int] = set()  # a parameter two networks share (CTKD's stem) joins the first's group
+
     def add_model(name: str, module: nn.Module, bits: int) -> None:
-        weights, quant, fusion = _role_of_parameters(module)
+        decay = weight_decay_for(bits, o)
+        weights, quant, fusion, decayed = _role_of_parameters(module, decay)
+        weights = [p for p in weights if id(p) not in assigned]
+        assigned.update(id(p) for p in weights)
         quantizer_params.extend(quant)
         fusion_params.extend(fusion)
         if weights:
+            groups.append({"name": name, "params": weights, "lr": o.lr, "weight_decay": decay})
+        for value in sorted({d for _, d in decayed}):  # e.g. PACT's clipping levels (lambda_alpha)
+            params = [p for p, d in decayed if d == value]
+            suffix = "" if len({d for _, d in decayed}) == 1 else f"-{value:g}"
             groups.append(
-                {"name": name, "params": weights, "lr": o.lr, "weight_decay": weight_decay_for(bits, o)}
+                {
+                    "name": f"quantizers/{name}{suffix}",
+                    "params": params,
+                    "lr": o.quantizer_lr,
+                    "weight_decay": value,
+                }
             )
 
     add_model("student", system.student, spec.student.weight_bits)
@@ -75,7 +97,7 @@ def parameter_groups(system: nn.Module, spec: Spec) -> list[dict]:
         for k, teacher in enumerate(spec.teachers):
             add_model(f"teacher{k}", system.teachers.get_submodule(f"teacher{k}"), teacher.weight_bits)
         if hasattr(system.teachers, "fusion"):  # composed teachers
-            _, _, fusion = _role_of_parameters(system.teachers.get_submodule("fusion"))
+            _, _, fusion, _ = _role_of_parameters(system.teachers.get_submodule("fusion"))
             fusion_params.extend(fusion)
     if fusion_params:
         groups.append(

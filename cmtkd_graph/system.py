@@ -215,7 +215,12 @@ class DistillationSystem(nn.Module):
             out.each_teacher_logits = tuple(t[EACH_LOGITS])
             out.teacher_logits = t.get(LOGITS)
             out.shared_features = dict(t.get(SHARED, {}))
-            out.hints = dict(t[SHARED]) if SHARED in t else dict(t.get(FEATURES, {}))
+            features = t.get(FEATURES, {})
+            hints = {k: v for k, v in features.items() if not k.endswith(LEARNER)}
+            out.hints = dict(t[SHARED]) if SHARED in t else hints
+            out.teacher_features = {
+                k.removesuffix(LEARNER): v for k, v in features.items() if k.endswith(LEARNER)
+            }
         self.method.complete(self.method_context, out)
         if labels is None:
             return out
@@ -276,6 +281,8 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
     student = make(spec.student, "student")
     teacher_specs = spec.resolved_teachers()
     teachers = [make(t, f"teacher{k}") for k, t in enumerate(teacher_specs)]
+    for line in method.share_parameters(student, teachers):
+        log.info(f"{spec.method}: {line}")
 
     feature_loss = spec.distill.feature_loss != "none"
     student_taps: list[Tap] = []
@@ -303,6 +310,12 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
             student_taps, hint_taps = _hint_pairs(method, student, teachers, teacher_specs, spec, networks)
             for j, (s_tap, t_tap) in enumerate(zip(student_taps, hint_taps, strict=True)):
                 exposed[method.hint_teacher(j, len(teachers))][s_tap.name] = t_tap
+            learner = method.hint_learner()
+            if learner is not None:
+                learner_taps = _learner_taps(teachers[learner], teacher_specs[learner], spec, student_taps)
+                networks[learner + 1].taps = learner_taps
+                for s_tap, l_tap in zip(student_taps, learner_taps, strict=True):
+                    exposed[learner][s_tap.name + LEARNER] = l_tap
         composed = stack_teachers(teachers, exposed)
     if composed is not None:
         inplace_where_safe.in_place(composed)  # the graph is final: activations and adds in place where safe
@@ -370,6 +383,23 @@ def _hint_pairs(
     for k in resolved:
         networks[k + 1].taps = [h for j, h in enumerate(hints) if method.hint_teacher(j, len(teachers)) == k]
     return student_taps, hints
+
+
+LEARNER = "@learner"
+"""The output key suffix of a teacher tap that learns from the hints (``Method.hint_learner``)."""
+
+
+def _learner_taps(
+    teacher: fx.GraphModule, model: ModelSpec, spec: Spec, student_taps: list[Tap]
+) -> list[Tap]:
+    """The taps of a teacher that learns from the hints, as many as the student's, at the same positions."""
+    label = f"the learning teacher ({model.arch})"
+    taps = resolve_taps(teacher, spec.taps.teachers, arch=model.arch, model=label)
+    if len(taps) != len(student_taps):
+        raise UserError(
+            f"taps: the student has {len(student_taps)} taps but {label} has {len(taps)}; list taps.teachers"
+        )
+    return taps
 
 
 def _warn_constant_attention(spec: Spec, taps: list[Tap]) -> None:

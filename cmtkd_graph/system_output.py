@@ -23,6 +23,8 @@ class SystemOutput:
     each_teacher_logits: tuple[Tensor, ...] = ()
     shared_features: dict[str, Tensor] = field(default_factory=dict)  # CMT-KD's shared knowledge
     hints: dict[str, Tensor] = field(default_factory=dict)  # the teacher feature each student tap learns
+    # a teacher's taps that learn from the hints instead of the student's (Method.hint_learner)
+    teacher_features: dict[str, Tensor] = field(default_factory=dict)
     extras: dict[str, Tensor] = field(default_factory=dict)  # method-specific values (student extras...)
     stats: dict[str, Tensor] = field(default_factory=dict)  # logged vectors, e.g. mean instance weights
 

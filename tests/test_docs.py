@@ -148,3 +148,26 @@ def test_every_registered_method_and_quantizer_has_its_section_on_the_methods_pa
     for name in METHODS:
         assert name in anchors(page)
         assert f"docs/methods.md#{name}" in METHODS.get(name).source, name
+
+
+def test_every_page_names_a_machine_by_its_letter_in_the_machines_table():
+    """docs/machines.md is the one table of machines: the letter a study's report gives a machine (its
+    recorded description, in sorted order) is the table's letter for that description."""
+    import json
+    import re
+
+    table = {
+        m[1]: m[0]
+        for m in re.findall(
+            r"^\| ([A-Z]) \|.*\| `([^`]+)` \|$", (REPO / "docs/machines.md").read_text(), re.M
+        )
+    }
+    studied = 0
+    for results in sorted((REPO / "docs").glob("results*/runs")):
+        machines = sorted({json.loads(f.read_text())["machine"] for f in results.rglob("seed*.json")})
+        if len(machines) < 2:
+            continue  # one machine: the report names it, without a letter
+        for i, machine in enumerate(machines):
+            assert table.get(machine) == chr(ord("A") + i), (results, machine)
+            studied += 1
+    assert studied >= 3

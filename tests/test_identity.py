@@ -81,3 +81,17 @@ def test_a_run_resumed_with_other_code_says_so(tmp_path):
     assert resumed["code"] == older["code"]  # who started it
     assert [r["code"] for r in resumed["resumed_with"]] == [code_identity()]
     assert write_identity(tmp_path, spec, resumed=True)["resumed_with"] == resumed["resumed_with"]
+
+
+def test_a_revised_component_is_part_of_the_identity_of_the_runs_that_use_it(monkeypatch):
+    """A method or quantizer that computes otherwise for the same spec raises its ``revision``: the
+    runs that use it change identity, the others keep theirs (no key changes for revision 1)."""
+    from cmtkd_graph.methods.cmtkd import CMTKD
+    from cmtkd_graph.methods.ctkd import CTKD
+
+    quickstart = load_spec("quickstart")
+    before = spec_content(quickstart)
+    assert not [k for k in before if k.startswith("revision of")]
+    assert spec_content(load_spec("ctkd"))["revision of method ctkd"] == CTKD.revision == 2
+    monkeypatch.setattr(CMTKD, "revision", 2)
+    assert spec_content(quickstart) == {**before, "revision of method cmtkd": 2}

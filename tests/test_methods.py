@@ -4,6 +4,7 @@ implementation written here with plain torchvision models; a plug-in method trai
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -385,30 +386,57 @@ def test_ctkd_refuses_weights_for_the_scratch_teacher(capsys):
     ]
 
 
-def test_ctkd_matches_an_eager_implementation(tmp_path, batch):
-    x, y = batch
-    teachers = [
+def released_ctkd_loss(ys, y_t_auto, g_s, g_t, targets, *, beta, gamma, batch_size):
+    """The loss of CTKD's released code with an expert teacher, transcribed from
+    github.com/HaoranZhao1988/CTKD at 238e9fe (train.py, ``h(sample)``; utils.py, ``at``/``at_loss``) in
+    today's torch. Its names: ``ys`` the student's logits, ``y_t_auto`` the scratch teacher's, ``g_s``
+    the scratch teacher's groups followed by the student's, ``g_t`` the expert's; its ``beta`` weighs
+    the attention term, its ``gamma`` the squared distance (this project's gamma and beta)."""
+
+    def at(x):  # utils.py: normalize(x.pow(2).mean(1).view(x.size(0), -1)), p=2, eps 1e-12
+        a = x.pow(2).mean(1).view(x.size(0), -1)
+        return a / torch.norm(a, 2, 1, keepdim=True).clamp(min=1e-12)
+
+    def at_loss(x, y):
+        return (at(x) - at(y)).pow(2).mean()
+
+    loss_groups = [at_loss(x, y) for x, y in zip(g_s, g_t, strict=False)]  # zip stops at the expert's
+    y_tech_temp = y_t_auto.detach()  # Variable(y_t_auto.data, requires_grad=False)
+    return (
+        beta * sum(loss_groups)
+        + F.cross_entropy(y_t_auto, targets)
+        + F.cross_entropy(ys, targets)
+        + gamma * ((y_tech_temp - ys) * (y_tech_temp - ys)).sum() / batch_size
+    )
+
+
+def ctkd_teachers(tmp_path: Path) -> list[dict]:
+    expert = checkpoint(tmp_path, "resnet34", 3)
+    return [
         {"weight_bits": 32, "act_bits": 32},  # scratch teacher
-        {
-            "arch": "resnet34",
-            "weight_bits": 32,
-            "act_bits": 32,
-            "trainable": False,
-            "weights": str(checkpoint(tmp_path, "resnet34", 3)),
-        },
+        {"arch": "resnet34", "weight_bits": 32, "act_bits": 32, "trainable": False, "weights": str(expert)},
     ]
-    spec = spec_for("ctkd", teachers, {})
+
+
+def test_ctkd_is_its_released_code_values_and_gradients(tmp_path, batch):
+    """The composed system against the released loss above on eager torchvision networks: the scratch
+    teacher on the student's stem convolution, the expert's attention maps on the scratch teacher's
+    stages, the student guided by the scratch teacher's detached logits."""
+    x, y = batch
+    spec = spec_for("ctkd", ctkd_teachers(tmp_path), {})
     d = spec.distill
-    assert (d.alpha, d.beta, d.tau, d.gamma, d.feature_loss) == (1.0, 1.0, 2.0, 100.0, "attention")
+    assert (d.alpha, d.beta, d.tau, d.gamma, d.feature_loss) == (1.0, 0.5, None, 1000.0, "attention")
+    assert d.options == {"expert_guides": "scratch", "share_stem": True}
     torch.manual_seed(0)
     system = cg.build_system(spec)
     system.train()
     scratch_graph = system.teachers.get_submodule("teacher0")
+    assert scratch_graph.get_submodule("conv1").weight is system.student.get_submodule("conv1").weight
     student = eager_resnet("resnet18", system.student.state_dict()).train()
     scratch = eager_resnet("resnet18", scratch_graph.state_dict()).train()
+    scratch.conv1.weight = student.conv1.weight  # the released code's shared conv0
     expert = eager_resnet("resnet34", system.teachers.get_submodule("teacher1").state_dict()).eval()
     expert_bn = bn_stats(system.teachers.get_submodule("teacher1"))
-    scratch_bn = bn_stats(scratch_graph)
 
     out = system(x)
     assert out.teacher_logits is None  # no combined teacher
@@ -416,32 +444,58 @@ def test_ctkd_matches_an_eager_implementation(tmp_path, batch):
     terms["total"].backward()
 
     zs, fs = eager_forward(student, x)
-    z_scratch, _ = eager_forward(scratch, x)
+    z_scratch, f_scratch = eager_forward(scratch, x)
     with torch.no_grad():
         _, f_expert = eager_forward(expert, x)
-    ce_s, ce_scratch = F.cross_entropy(zs, y), F.cross_entropy(z_scratch, y)
-    kd = kl(F.softmax(z_scratch.detach() / 2.0, 1), zs, 2.0)
-    hints = sum(at_loss(f_expert[j], fs[j]) for j in range(4))
-    total = ce_s + ce_scratch + kd + 100.0 * hints
-    total.backward()
-
-    expected = {
-        "ce_student": ce_s,
-        "ce_scratch": ce_scratch,
-        "kd_student": kd,
-        "feature": hints,
-        "total": total,
-    }
-    for name, value in expected.items():
-        torch.testing.assert_close(terms[name], value, rtol=1e-5, atol=1e-5, msg=name)
-    student_grads_match(system, student)
+    released = released_ctkd_loss(
+        zs, z_scratch, f_scratch + fs, f_expert, y, beta=1000.0, gamma=0.5, batch_size=x.shape[0]
+    )
+    released.backward()
+    torch.testing.assert_close(terms["total"], released, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        terms["feature"], sum(at_loss(f_expert[j], f_scratch[j]) for j in range(4)), rtol=1e-5, atol=1e-6
+    )
+    student_grads_match(system, student)  # conv1's gradient: the student's and the scratch teacher's
     eager_scratch = dict(scratch.named_parameters())
     for name, p in scratch_graph.named_parameters():
-        grads_close(p.grad, eager_scratch[name].grad, name)
+        if name != "conv1.weight":  # the student's (above)
+            grads_close(p.grad, eager_scratch[name].grad, name)
     expert_graph = system.teachers.get_submodule("teacher1")
     assert all(p.grad is None and not p.requires_grad for p in expert_graph.parameters())
     assert all(torch.equal(v, expert_bn[n]) for n, v in bn_stats(expert_graph).items())
-    assert any(not torch.equal(v, scratch_bn[n]) for n, v in bn_stats(scratch_graph).items())  # it trains
+
+
+def test_ctkd_as_the_paper_reads_the_expert_guides_the_student(tmp_path, batch):
+    x, y = batch
+    options = {"expert_guides": "student", "share_stem": False}
+    spec = spec_for("ctkd", ctkd_teachers(tmp_path), {"options": options})
+    system = cg.build_system(spec)
+    system.train()
+    scratch_graph = system.teachers.get_submodule("teacher0")
+    assert scratch_graph.get_submodule("conv1").weight is not system.student.get_submodule("conv1").weight
+    out = system(x)
+    terms = system.losses(out, y)
+    student = eager_resnet("resnet18", system.student.state_dict()).train()
+    expert = eager_resnet("resnet34", system.teachers.get_submodule("teacher1").state_dict()).eval()
+    _, fs = eager_forward(student, x)
+    with torch.no_grad():
+        _, f_expert = eager_forward(expert, x)
+    torch.testing.assert_close(
+        terms["feature"], sum(at_loss(f_expert[j], fs[j]) for j in range(4)), rtol=1e-5, atol=1e-6
+    )
+    assert not out.teacher_features
+
+
+@pytest.mark.parametrize(
+    "distill, problem",
+    [
+        ({"tau": 2.0}, "distill.tau: ctkd has no temperature"),
+        ({"feature_loss": "fitnet"}, "distill.feature_loss: fitnet regresses the student's features"),
+    ],
+)
+def test_ctkd_refuses_settings_its_objective_has_no_place_for(tmp_path, distill, problem):
+    with pytest.raises(cg.SpecError, match=re.escape(problem)):
+        spec_for("ctkd", ctkd_teachers(tmp_path), distill)
 
 
 @pytest.mark.parametrize(
@@ -596,6 +650,43 @@ def test_example_specs_train_on_real_cifar10(name, tmp_path, cifar10_jpeg, fresh
         assert lines[0]["lr/weighting"] == 0.1
     else:
         assert "acc1/combined" not in final["accuracy"] and "loss/ce_scratch" in lines[0]
+
+
+def test_ctkd_with_its_shared_stem_checkpoints_resumes_and_evaluates(
+    tmp_path, cifar10_jpeg, fresh_accelerate
+):
+    """The stem the scratch teacher shares with the student is one tensor in a checkpoint (saved under the
+    student's name): a resumed run ties it again, and eval and load_student read the checkpoint."""
+    from safetensors import safe_open
+
+    from cmtkd_graph.evaluation.run import evaluate_run
+    from cmtkd_graph.train import run
+
+    spec = cg.load_spec("ctkd")
+    overrides = [
+        *teacher_overrides(spec, tmp_path),
+        f"data.root={cifar10_jpeg}",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "data.eval_subset=20",
+        "train.max_steps=1",
+        f"train.output_dir={tmp_path / 'run'}",
+        "train.progress_bar=false",
+        "train.mixed_precision=no",
+        "train.channels_last=false",
+    ]
+    run_dir = run("ctkd", overrides)
+    checkpoint = run_dir / "checkpoints" / "step-00000001"
+    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
+        stems = [k for k in f.keys() if k.endswith("conv1.weight") and "layer" not in k]  # noqa: SIM118
+    assert stems == ["student.conv1.weight", "teachers.teacher1.conv1.weight"]  # the expert: its own
+    shared = "ctkd: first layer shared: the scratch teacher's conv1 computes with the student's conv1 weight"
+    assert shared in (run_dir / "train.log").read_text()
+    run("ctkd", [*overrides, "train.max_steps=2"], resume=str(run_dir))
+    assert json.loads((run_dir / "final.json").read_text())["steps"] == 2
+    record = evaluate_run(run_dir, checkpoint="latest")
+    assert {"acc1/student", "acc1/teacher0", "acc1/teacher1"} <= set(record)
+    cg.load_student(run_dir, checkpoint="latest")
 
 
 def test_amtml_kd_trains_data_parallel_in_two_processes(tmp_path, cifar10_jpeg):

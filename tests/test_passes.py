@@ -475,3 +475,34 @@ def test_add_into_adds_in_place_only_what_its_first_operand_can_hold():
     assert add_into(row, b).shape == (2, 3) and torch.equal(
         row, torch.ones(1, 3)
     )  # broadcasting: a new tensor
+
+
+def test_sharing_a_first_layer_ties_one_parameter_and_says_so():
+    """passes/share.py: the target's first conv computes with the source's weight (one Parameter, so one
+    gradient from both networks); networks whose first layers differ share nothing and say why."""
+    import torch
+    from cmtkd_graph.passes.share import share_first_layer_in_place
+    from cmtkd_graph.passes.tracer import trace
+    from torchvision.models import mobilenet_v2, resnet18
+
+    student, teacher = trace(resnet18(num_classes=10)), trace(resnet18(num_classes=10))
+    line = share_first_layer_in_place(student, teacher, ("student", "teacher"))
+    assert line == "first layer shared: the teacher's conv1 computes with the student's conv1 weight"
+    assert teacher.conv1.weight is student.conv1.weight
+    assert sum(p is student.conv1.weight for p in [*student.parameters(), *teacher.parameters()]) == 2
+    x = torch.randn(2, 3, 32, 32)
+    (student(x).sum() + teacher(x).sum()).backward()
+    alone = trace(resnet18(num_classes=10))
+    alone.load_state_dict(student.state_dict())
+    alone(x).sum().backward()
+    assert not torch.allclose(student.conv1.weight.grad, alone.conv1.weight.grad)  # both networks' terms
+
+    other = trace(mobilenet_v2(num_classes=10))
+    line = share_first_layer_in_place(student, other, ("student", "teacher"))
+    assert line.startswith(
+        "first layer not shared: the student's conv1 weight [64, 3, 7, 7] and the teacher's"
+    )
+    assert (
+        other.get_submodule(line.split("teacher's ")[1].split(" weight")[0]).weight
+        is not student.conv1.weight
+    )

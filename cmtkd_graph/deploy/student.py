@@ -153,12 +153,19 @@ def load_student(
 
 
 def load_state(module: torch.nn.Module, state: dict[str, Tensor], *, origin: Path) -> None:
-    """Load ``state`` strictly, reporting a mismatch (another architecture, a damaged file) in one line."""
+    """Load ``state`` strictly, reporting a mismatch (another architecture, a damaged file) in one line.
+    A parameter two networks share (CTKD's stem) is saved once, under its first name: its other names
+    are not missing."""
     result = module.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        names_of.setdefault(id(tensor), []).append(name)
+    aliases = {n for names in names_of.values() if any(m in state for m in names) for n in names}
+    missing = [k for k in result.missing_keys if k not in aliases]
+    if missing or result.unexpected_keys:
         parts = []
-        if result.missing_keys:
-            parts.append(f"missing {_few(result.missing_keys)}")
+        if missing:
+            parts.append(f"missing {_few(missing)}")
         if result.unexpected_keys:
             parts.append(f"unexpected {_few(result.unexpected_keys)}")
         raise UserError(f"{origin}: the weights do not fit the spec's student ({'; '.join(parts)})")

@@ -99,6 +99,9 @@ class Method:
     frozen_teachers_only: ClassVar[bool] = False  # every teacher is loaded (weights:) and frozen
     feature_losses: ClassVar[tuple[str, ...]] = ("none",)  # allowed distill.feature_loss; first = default
     mutual_learning: ClassVar[bool | None] = None  # None: not supported; else the default
+    revision: ClassVar[int] = 1
+    """Raised when the method's computation for a given spec changes (a new reading, a new default):
+    runs trained before are then stale (docs/studies.md#run-identity-and-stale-runs)."""
     defaults: ClassVar[dict[str, float]] = {"alpha": 1.0, "beta": 0.5, "tau": 2.0}
     gamma_defaults: ClassVar[dict[str, float]] = {"attention": 100.0, "fitnet": 1.0, "none": 0.0}
     Options: ClassVar[type[MethodOptions]] = MethodOptions
@@ -215,6 +218,17 @@ class Method:
     def hint_teacher(self, tap_index: int, num_teachers: int) -> int:
         """Side-by-side methods with a feature loss: the teacher student tap ``tap_index`` learns from."""
         return 0
+
+    def hint_learner(self) -> int | None:
+        """Side-by-side methods with a feature loss: which network's taps learn from the hints, the
+        student (None, the default) or the teacher of that index (``out.teacher_features``, keyed by
+        the student tap at the same position)."""
+        return None
+
+    def share_parameters(self, student: fx.GraphModule, teachers: list[fx.GraphModule]) -> list[str]:
+        """Tie parameters between the built networks before they are arranged (in place); one log line
+        per decision. Default: nothing shared."""
+        return []
 
     def student_extras(self, student: fx.GraphModule) -> dict[str, str]:
         """Other student nodes the method reads (output key -> node name), returned under ``extras``."""

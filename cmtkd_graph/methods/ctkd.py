@@ -1,33 +1,53 @@
-"""``method: ctkd`` — Collaborative Teaching KD (Zhao et al., *Highlight every step: knowledge
-distillation via collaborative teaching*, 2019).
+"""``method: ctkd`` — Collaborative Teaching KD (Zhao, Sun, Dong, Chen, Dong, *Highlight every step:
+knowledge distillation via collaborative teaching*, arXiv 1907.09643, 2019), as its released code
+computes it: github.com/HaoranZhao1988/CTKD, ``train.py`` and ``utils.py`` at commit 238e9fe.
 
 Two teachers with different jobs: a **scratch teacher** (``teachers[0]``) trains from scratch with the
-student and guides it step by step through its temporary logits; a pretrained **expert teacher**
-(``teachers[1]``, frozen) guides the student's intermediate features to the critical regions through
-attention maps. The loss weights are not in our sources; this project reads the method as
+student, on the student's own stem convolution, and guides it step by step through its temporary
+logits; a pretrained, frozen **expert teacher** (``teachers[1]``) passes on its attention maps:
 
-    L = alpha (CE_S + CE_scratch) + beta tau^2 KL(softmax(z_scratch / tau) || softmax(z_S / tau))
-        + gamma sum_taps AT(F_expert, F_S)
+    L = alpha (CE_S + CE_scratch) + beta ||sg(z_scratch) - z_S||^2 / B + gamma sum_j AT(F_G^j, F_expert^j)
 
-with the scratch teacher's logits detached in the student's KD term (the scratch teacher learns from
-the labels only) and defaults alpha 1, beta 1, tau 2, gamma 100 (attention; the weight CMT-KD uses).
+where ``sg`` stops the gradient (the scratch teacher learns from the labels only), the squared distance
+is summed over the batch and the classes, and G, the network the expert guides, is in the released
+code the **scratch teacher** (``distill.options.expert_guides: scratch``, the default: the code zips
+the expert's three groups with the first three of ``[g0, g1, g2, gs0, gs1, gs2]``, which are the
+scratch teacher's), and in the paper's text the student (``expert_guides: student``).
 
-The reading, its defaults and why: docs/methods.md#ctkd.
+Defaults and why: docs/methods.md#ctkd.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
+import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, fx
 
 from cmtkd_graph import losses
-from cmtkd_graph.methods.base import LogitsLoss, Method, MethodContext, feature_text, register_method
+from cmtkd_graph.methods.base import (
+    LogitsLoss,
+    Method,
+    MethodContext,
+    MethodOptions,
+    feature_text,
+    register_method,
+)
+from cmtkd_graph.passes.share import share_first_layer_in_place
 from cmtkd_graph.spec import Spec
 from cmtkd_graph.system_output import SystemOutput
 
 SCRATCH, EXPERT = 0, 1
+
+
+class CTKDOptions(MethodOptions):
+    expert_guides: Literal["scratch", "student"] = "scratch"
+    """Whose tap features learn the expert's attention maps: the scratch teacher's (the released code)
+    or the student's (the paper's text)."""
+    share_stem: bool = True
+    """The scratch teacher computes with the student's first layer (the released code's shared
+    ``conv0``), where the two first layers have the same shape."""
 
 
 @register_method("ctkd")
@@ -37,18 +57,22 @@ class CTKD(Method):
         "expert teacher the attention maps"
     )
     formula = (
-        "alpha (CE_S + CE_scratch) + beta tau^2 KL(softmax(z_scratch / tau) || softmax(z_S / tau)) "
-        "+ gamma sum_l AT(F_expert^l, F_S^l), z_scratch detached in the KL"
+        "alpha (CE_S + CE_scratch) + beta ||sg(z_scratch) - z_S||^2 / B "
+        "+ gamma sum_l AT(F_G^l, F_expert^l), G the scratch teacher (released code) or the student"
     )
     source = (
-        "Zhao et al. 2019; no code was published and the abstract gives no loss weights: alpha 1, beta 1, "
-        "tau 2, gamma 100 are this project's reading (docs/methods.md#ctkd)"
+        "Zhao et al. 2019, as the released code computes it (HaoranZhao1988/CTKD at 238e9fe): L2 on the "
+        "logits, the expert's attention on the scratch teacher, a shared stem; the loss weights are this "
+        "project's reading, the code's defaults being 0 (docs/methods.md#ctkd)"
     )
+    revision = 2  # 1: the abstract's reading (KL from the scratch teacher, the expert guiding the student)
     arrangement = "side_by_side"
     min_teachers = max_teachers = 2
     teacher_roles = ("scratch", "expert")
     feature_losses = ("attention", "fitnet", "none")
-    defaults: ClassVar[dict[str, float]] = {"alpha": 1.0, "beta": 1.0, "tau": 2.0}
+    defaults: ClassVar[dict[str, float]] = {"alpha": 1.0, "beta": 0.5}
+    gamma_defaults: ClassVar[dict[str, float]] = {"attention": 1000.0, "fitnet": 1.0, "none": 0.0}
+    Options = CTKDOptions
 
     @classmethod
     def check_teachers(cls, spec: Spec) -> None:
@@ -69,27 +93,65 @@ class CTKD(Method):
                 "and `trainable: false`"
             )
 
+    @classmethod
+    def check(cls, spec: Spec, options: CTKDOptions) -> None:
+        d = spec.distill
+        if d.tau is not None:
+            raise ValueError(
+                "distill.tau: ctkd has no temperature (the scratch teacher's logits guide the student "
+                "through a squared distance); remove it"
+            )
+        if options.expert_guides == "scratch" and d.feature_loss == "fitnet":
+            raise ValueError(
+                "distill.feature_loss: fitnet regresses the student's features; with the expert guiding "
+                "the scratch teacher (distill.options.expert_guides: scratch) use attention or none"
+            )
+
     def hint_teacher(self, tap_index: int, num_teachers: int) -> int:
         return EXPERT
+
+    def hint_learner(self) -> int | None:
+        return SCRATCH if self.options.expert_guides == "scratch" else None
+
+    def share_parameters(self, student: fx.GraphModule, teachers: list[fx.GraphModule]) -> list[str]:
+        if not self.options.share_stem:
+            return []
+        return [share_first_layer_in_place(student, teachers[SCRATCH], ("student", "scratch teacher"))]
 
     def losses(self, ctx: MethodContext, out: SystemOutput, labels: Tensor) -> dict[str, Tensor]:
         d = self.distill
         scratch = out.each_teacher_logits[SCRATCH]
         terms = self.student_ce(out, labels)
         terms["ce_scratch"] = F.cross_entropy(scratch.float(), labels)
-        terms["kd_student"] = losses.soft_kl(scratch.detach(), out.student_logits, d.tau)
-        total = d.alpha * (terms["ce_student"] + terms["ce_scratch"]) + d.beta * terms["kd_student"]
-        terms["total"] = self.add_feature_terms(ctx, out, terms, total)
+        terms["l2_student"] = logit_distance(scratch.detach(), out.student_logits)
+        total = d.alpha * (terms["ce_student"] + terms["ce_scratch"]) + d.beta * terms["l2_student"]
+        if self.hint_learner() is None:
+            terms["total"] = self.add_feature_terms(ctx, out, terms, total)
+            return terms
+        if d.feature_loss != "none" and out.hints:
+            guided = out.teacher_features
+            per_tap = {name: losses.attention_loss(hint, guided[name]) for name, hint in out.hints.items()}
+            terms.update({f"feature/{name}": value for name, value in per_tap.items()})
+            terms["feature"] = torch.stack(list(per_tap.values())).sum()
+            total = total + d.gamma * terms["feature"]
+        terms["total"] = total
         return terms
 
     def logits_loss(self) -> LogitsLoss:
-        return LogitsLoss("KD from the scratch teacher", (SCRATCH,))
+        return LogitsLoss("L2 to the scratch teacher's logits", (SCRATCH,))
 
     @classmethod
     def describe(cls, spec: Spec) -> str:
         d = spec.distill
+        guided = d.options.get("expert_guides", "scratch")
         return (
-            f"{d.alpha:g} (CE_S + CE_scratch) + {d.beta:g} KD_S (from the scratch teacher, tau {d.tau:g})"
+            f"{d.alpha:g} (CE_S + CE_scratch) + {d.beta:g} ||z_scratch - z_S||^2 / B"
             + feature_text(spec)
-            + (" (from the expert teacher)" if d.feature_loss != "none" else "")
+            + (f" (from the expert teacher, on the {guided}'s taps)" if d.feature_loss != "none" else "")
         )
+
+
+def logit_distance(target: Tensor, logits: Tensor) -> Tensor:
+    """``((target - logits) ** 2).sum() / B``: the released code's step-by-step guidance, a squared
+    distance summed over the classes and averaged over the batch."""
+    return (target.float() - logits.float()).pow(2).sum() / logits.shape[0]

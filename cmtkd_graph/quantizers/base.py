@@ -133,6 +133,11 @@ class Quantizer(nn.Module):
         q, scale = self.integers(x.detach().float())
         return IntegerTensor(q, scale, self.grid)
 
+    def parameter_decay(self, weight_decay: float) -> float:
+        """The L2 coefficient of this quantizer's learned parameters, given the weight decay of the network
+        it quantizes: none by default (a learned step is not pulled towards 0)."""
+        return 0.0
+
     def input_scale(self) -> torch.Tensor:
         """The scale of an activation quantizer, which does not depend on its input."""
         return self.integers(torch.zeros((), device=_device_of(self)))[1].reshape(())
@@ -168,6 +173,8 @@ class QuantizerFamily:
 
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions
+    revision: ClassVar[int] = 1
+    """Raised when what the family computes for the same spec changes (runs trained before become stale)."""
 
     def __init__(self, options: BaseModel | None = None):
         self.options = options if options is not None else self.Options()

@@ -1,6 +1,7 @@
 """PACT (Choi et al., 2018), a baseline: activations clipped at a learned alpha, then quantized uniformly.
 
-Weights use DoReFa's weight quantizer, as in the PACT paper.
+Weights use DoReFa's weight quantizer, as in the PACT paper. The clipping level alpha is regularised
+by L2 (the paper's lambda_alpha), by default with the weight decay of the network it quantizes.
 
 Formulas and the reference implementation: docs/methods.md#pact.
 """
@@ -33,9 +34,14 @@ class PACTQuantizer(Quantizer):
     rounding error is ignored.
     """
 
-    def __init__(self, bits: int, signed: bool, init_alpha: float):
+    def __init__(self, bits: int, signed: bool, init_alpha: float, alpha_decay: float | None = None):
         super().__init__(bits, signed)
         self.alpha = nn.Parameter(torch.tensor(float(init_alpha)))
+        self.alpha_decay = alpha_decay
+
+    def parameter_decay(self, weight_decay: float) -> float:
+        """lambda_alpha: ``alpha_decay``, or the network's weight decay where it is None."""
+        return weight_decay if self.alpha_decay is None else self.alpha_decay
 
     @property
     def grid(self) -> IntegerGrid:
@@ -68,6 +74,9 @@ class PACTOptions(BaseModel):
 
     init_alpha: float = Field(10.0, gt=0)
     """Initial clipping level alpha of every activation quantizer."""
+    alpha_decay: float | None = Field(None, ge=0)
+    """L2 coefficient of alpha (the paper's lambda_alpha, applied as weight decay); None: the weight decay
+    of the network the quantizer is in (the paper sets lambda_alpha = lambda); 0: none."""
 
 
 @register_quantizer("pact")
@@ -75,9 +84,11 @@ class PACT(QuantizerFamily):
     """Learned-clip activations, DoReFa weights."""
 
     Options = PACTOptions
+    revision = 2  # 1: alpha without decay
 
     def activation(self, bits: int, signed: bool) -> Quantizer:
-        return PACTQuantizer(bits, signed, init_alpha=self.options.init_alpha)
+        o = self.options
+        return PACTQuantizer(bits, signed, init_alpha=o.init_alpha, alpha_decay=o.alpha_decay)
 
     def weight(self, bits: int) -> Quantizer:
         return DoReFaWeightQuantizer(bits)

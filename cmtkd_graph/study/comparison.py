@@ -1,6 +1,8 @@
 """Comparisons between two rows of a study: the difference of their means with its 95 % confidence
-interval and Welch's t-test, and, where both rows ran the same seeds (same ``train.seed``: the same
-initialisation and data order), the paired t-test over those seeds.
+interval and Welch's t-test, and, where both rows ran the same seeds on one machine (same
+``train.seed``: the same initialisation and data order; one machine: the same kernels, since the same
+seed on another CPU is another sample), the paired t-test over those seeds; Holm's adjustment of the
+Welch p-values of all the comparisons a page makes.
 
 The Student t distribution is computed here (regularized incomplete beta function by its continued
 fraction), so that the report needs no scipy; ``tests/test_study.py`` checks it against scipy.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 CONFIDENCE = 0.95
@@ -47,16 +50,43 @@ class Comparison:
         return asdict(self)
 
 
-def compare(a: str, b: str, metric: str, seeds_a: dict[int, float], seeds_b: dict[int, float]) -> Comparison:
-    """Compare two rows' values of ``metric``, each given per seed (seed -> value)."""
+def compare(
+    a: str,
+    b: str,
+    metric: str,
+    seeds_a: dict[int, float],
+    seeds_b: dict[int, float],
+    pairable: Iterable[int] | None = None,
+) -> Comparison:
+    """Compare two rows' values of ``metric``, each given per seed (seed -> value); ``pairable``: the
+    seeds that may be paired (both rows trained them on one machine; default: every shared seed)."""
     values_a, values_b = list(seeds_a.values()), list(seeds_b.values())
     difference = statistics.fmean(values_a) - statistics.fmean(values_b) if values_a and values_b else None
     welch = welch_test(values_a, values_b) if len(values_a) > 1 and len(values_b) > 1 else None
-    shared = sorted(set(seeds_a) & set(seeds_b))
+    shared = sorted(set(seeds_a) & set(seeds_b) & (set(pairable) if pairable is not None else set(seeds_a)))
     paired = (
         paired_test([seeds_a[s] for s in shared], [seeds_b[s] for s in shared]) if len(shared) > 1 else None
     )
     return Comparison(a, b, metric, values_a, values_b, difference, welch, paired, len(shared))
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of ``p_values`` (in their order): the i-th smallest times (m - i),
+    never below the one before, at most 1. It keeps the chance of any false finding among the m tests
+    at the level, which one p-value below 0.05 among many does not."""
+    m = len(p_values)
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, index in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def smallest_permutation_p(n_a: int, n_b: int) -> float:
+    """The smallest two-sided p an exact permutation test of two groups of n_a and n_b values can give:
+    2 of the C(n_a + n_b, n_a) ways to split them (0.10 for 3 against 3)."""
+    return min(1.0, 2 / math.comb(n_a + n_b, n_a))
 
 
 def welch_test(a: list[float], b: list[float]) -> TTest:

@@ -1,5 +1,7 @@
 """``cmtkd-graph study --dry-run``: every run with its status and an estimated time, from a short probe
-of its training step (in the precision the run will use, where that is known already)."""
+of its training step (in the precision the run will use, where that is known already), and the FLOPs
+it will compute with what they take on a GPU: measured where the dry run runs on one, else at an
+assumed share of an H100's bf16 peak (said as such)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,16 @@ from cmtkd_graph.study.plan import STALE, PlannedRun, check_rows, plan
 from cmtkd_graph.study.run import job_place, submitted_earlier
 from cmtkd_graph.study.spec import StudySpec
 
+ASSUMED_GPU = "H100"
+ASSUMED_SHARE_OF_PEAK = 0.25
+"""What a CMT-KD step reaches of a GPU's dense bf16 peak, assumed for estimates made without a GPU (small
+convolutions and the quantizers' elementwise work keep it far below the peak); a GPU's own dry run
+measures instead."""
+
 
 def estimate(run: PlannedRun) -> tuple[float, str]:
-    """Estimated seconds of a run from a short probe of its training step, and the precision timed."""
+    """Estimated seconds of a run from a short probe of its training step, and the precision timed (with
+    the run's FLOPs and, without a GPU here, their time on an assumed GPU)."""
     import torch
 
     from cmtkd_graph.data import build_datasets
@@ -34,7 +43,26 @@ def estimate(run: PlannedRun) -> tuple[float, str]:
     eval_seconds = evaluations * evaluation_seconds(step, len(bundle.eval), spec.data.batch_size)
     label = f"{option[0] or 'fp32'}{' channels_last' if option[1] else ''}"
     training = min(steps * step, 60 * (spec.train.max_minutes or math.inf))  # a budgeted run stops on time
-    return training + eval_seconds, label if precision else f"{label} (auto decides at start)"
+    label = label if precision else f"{label} (auto decides at start)"
+    return training + eval_seconds, f"{label}; {_flops_text(spec, steps, step, device)}"
+
+
+def _flops_text(spec, steps: int, step: float, device) -> str:
+    """The run's training FLOPs and what they take on a GPU: this one's measured rate, or an assumed one."""
+    from cmtkd_graph.runtime.throughput import BF16_PEAK_TFLOPS, bf16_peak_tflops, train_flops_per_image
+
+    total = train_flops_per_image(spec) * spec.data.batch_size * steps
+    text = f"{total / 1e15:.1f} PFLOP"
+    if device.type == "cuda":
+        peak = bf16_peak_tflops()
+        reached = total / max(steps * step, 1e-9) / 1e12
+        share = f", {100 * reached / peak:.0f} % of its bf16 peak" if peak else ""
+        return f"{text}, measured here: {reached:.0f} TFLOP/s{share}"
+    rate = ASSUMED_SHARE_OF_PEAK * BF16_PEAK_TFLOPS[ASSUMED_GPU] * 1e12
+    return (
+        f"{text}: ~{_duration(total / rate)} on an {ASSUMED_GPU} at an assumed "
+        f"{100 * ASSUMED_SHARE_OF_PEAK:.0f} % of its bf16 peak (no GPU here to measure it)"
+    )
 
 
 def dry_run(

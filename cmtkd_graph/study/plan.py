@@ -18,7 +18,7 @@ import yaml
 
 from cmtkd_graph.checkpoint import LATEST, checkpoints_dir
 from cmtkd_graph.errors import SpecError, UserError, did_you_mean
-from cmtkd_graph.identity import digest, flatten, git, source_identity, spec_content, weight_sources
+from cmtkd_graph.identity import REVISION, digest, flatten, git, source_identity, spec_content, weight_sources
 from cmtkd_graph.spec import Spec
 from cmtkd_graph.spec.io import find_spec_file, load_spec, read_spec_file
 from cmtkd_graph.study.spec import ROW_REFERENCE, RowSpec, StudySpec
@@ -213,8 +213,18 @@ class PlannedRun:
             return []
         explicit = set(flatten(self._spec.model_dump(mode="json", exclude_defaults=True)))
         now = self.identity["spec"]
-        added = {k for k in set(now) - set(recorded["spec"]) if not _set_in(k, explicit)}
-        reasons = _changed_settings(recorded["spec"], {k: v for k, v in now.items() if k not in added})
+        new_keys = set(now) - set(recorded["spec"])
+        added = {k for k in new_keys if not (_set_in(k, explicit) or k.startswith(REVISION))}
+        old_spec = recorded["spec"]
+        reasons = [
+            f"{k.removeprefix(REVISION)} computes otherwise: revision {old_spec.get(k, 1)} -> {now.get(k, 1)}"
+            for k in sorted(set(now) | set(old_spec))
+            if k.startswith(REVISION) and old_spec.get(k, 1) != now.get(k, 1)
+        ]
+        reasons += _changed_settings(
+            {k: v for k, v in old_spec.items() if not k.startswith(REVISION)},
+            {k: v for k, v in now.items() if k not in added and not k.startswith(REVISION)},
+        )
         for field in sorted(set(recorded["inputs"]) | set(self.identity["inputs"])):
             old, new = recorded["inputs"].get(field), self.identity["inputs"].get(field)
             if old == new:

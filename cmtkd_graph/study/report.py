@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 
 from cmtkd_graph.spec import FULL_PRECISION, ModelSpec
-from cmtkd_graph.study.comparison import Comparison, compare
+from cmtkd_graph.study.comparison import Comparison, compare, holm, smallest_permutation_p
 from cmtkd_graph.study.plan import plan
 from cmtkd_graph.study.spec import StudySpec
 
@@ -32,6 +32,7 @@ def row_results(study: StudySpec) -> list[dict]:
         spec = runs[0].unresolved_spec()
         accuracy: dict[str, list[float]] = {}
         by_seed: dict[str, dict[int, float]] = {}
+        machine_by_seed = {s["seed"]: s["machine"] for s in summaries}
         for s in summaries:
             for name, value in s["accuracy"].items():
                 accuracy.setdefault(name, []).append(value)
@@ -44,6 +45,7 @@ def row_results(study: StudySpec) -> list[dict]:
                 "seeds": row.seeds,
                 "finished": [s["seed"] for s in summaries],
                 "by_seed": by_seed,
+                "machine_by_seed": machine_by_seed,
                 "accuracy": {name: _stats(values) for name, values in sorted(accuracy.items())},
                 "wall_s": _stats([s["wall_s"] for s in summaries if s["wall_s"] is not None]),
                 "epochs": _stats([s["budget"]["epochs_trained"] for s in summaries if s.get("budget")]),
@@ -98,8 +100,10 @@ def comparisons(study: StudySpec, rows: list[dict]) -> list[Comparison]:
     for a, b, metrics in study.compared_pairs():
         for metric in metrics:
             seeds_a, seeds_b = by_name[a]["by_seed"].get(metric, {}), by_name[b]["by_seed"].get(metric, {})
+            machines_a, machines_b = by_name[a]["machine_by_seed"], by_name[b]["machine_by_seed"]
+            one_machine = [s for s in seeds_a if s in seeds_b and machines_a.get(s) == machines_b.get(s)]
             if seeds_a and seeds_b:
-                out.append(compare(a, b, metric, seeds_a, seeds_b))
+                out.append(compare(a, b, metric, seeds_a, seeds_b, pairable=one_machine))
     return out
 
 
@@ -263,10 +267,16 @@ def markdown(
             for p in r["importance_plots"]
         )
         commits = _commits_text(r["commits"])
+        stale = ", ".join(sorted(r["stale"], key=int))
         lines.append(
             f"- {r['label']}: `{r['command']}`"
             + (f" — {commits}" if commits else "")
             + (f" — importance: {plots}" if plots else "")
+            + (
+                f" — seed {stale} (stale) was trained before the changes listed under the table"
+                if stale
+                else ""
+            )
         )
     if any(c.endswith("†") for r in rows for c in r["commits"].values()):
         lines += [
@@ -316,24 +326,38 @@ def _throughput(row: dict) -> list[str]:
 def comparison_table(study: StudySpec, tests: list[Comparison]) -> list[str]:
     """One line per comparison and metric: the mean difference, its 95 % CI and Welch's p, and the
     paired test where the rows share seeds; a one-seed row gets no test."""
+    tested = [c for c in tests if c.welch is not None]
+    adjusted = dict(zip(map(id, tested), holm([c.welch.p for c in tested]), strict=True))
     lines = [
-        "Comparisons (difference of the means, first row minus second; Welch's t-test, and the paired "
-        "t-test over the seeds both rows ran, which share initialisation and data order):",
+        "Comparisons (difference of the means, first row minus second; Welch's t-test; Holm's adjustment "
+        f"of its p for the {len(tested)} tests of this table; and the paired t-test over the seeds both "
+        "rows ran on one machine, which share initialisation, data order and kernels: the same seed on "
+        "another CPU is another sample):",
         "",
-        "| Comparison | Metric | Seeds | Difference | 95 % CI (Welch) | Welch p | Paired p |",
-        "|---|---|---|---|---|---|---|",
+        "| Comparison | Metric | Seeds | Difference | 95 % CI (Welch) | Welch p | Holm p | Paired p |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in tests:
         seeds = f"{len(c.values_a)} vs {len(c.values_b)}"
         if c.welch is None:
-            ci, welch = "one seed: no test", "–"
+            ci, welch, corrected = "one seed: no test", "–", "–"
         else:
             ci, welch = f"[{c.welch.low:+.2f}, {c.welch.high:+.2f}]", _p(c.welch.p)
+            corrected = _p(adjusted[id(c)])
         paired = f"{_p(c.paired.p)} ({c.pairs} pairs)" if c.paired is not None else "–"
         title = f"{study.row(c.a).title} vs {study.row(c.b).title}"
         lines.append(
-            f"| {title} | {_title(c.metric)} | {seeds} | {c.difference:+.2f} | {ci} | {welch} | {paired} |"
+            f"| {title} | {_title(c.metric)} | {seeds} | {c.difference:+.2f} | {ci} | {welch} | {corrected} "
+            f"| {paired} |"
         )
+    sizes = sorted({(len(c.values_a), len(c.values_b)) for c in tested})
+    if sizes:
+        floors = ", ".join(f"{a} vs {b}: {smallest_permutation_p(a, b):.2f}" for a, b in sizes)
+        lines += [
+            "",
+            "With so few seeds the t-tests lean on their normal model: an exact permutation test, which "
+            f"needs none, cannot give a p below {floors}.",
+        ]
     return lines
 
 
