@@ -589,16 +589,38 @@ def test_the_report_tests_the_comparisons_the_study_names(tmp_path, monkeypatch)
     assert x_vs_y["difference"] == pytest.approx(61.0 - 56.5)
     assert x_vs_y["paired"]["difference"] == pytest.approx(((60 - 55) + (62 - 58)) / 2)  # seeds 0 and 1
     welch, paired = x_vs_y["welch"], x_vs_y["paired"]
-    assert (
+    assert (  # one test in the table: Holm's p is Welch's
         f"| x vs y | student top-1 | 3 vs 2 | +4.50 | [{welch['low']:+.2f}, {welch['high']:+.2f}] "
-        f"| {welch['p']:.3f} | {paired['p']:.3f} (2 pairs) |" in text
+        f"| {welch['p']:.3f} | {welch['p']:.3f} | {paired['p']:.3f} (2 pairs) |" in text
     )
     assert (
         z_vs_y["welch"] is None
-        and "| z vs y | student top-1 | 1 vs 2 | +2.50 | one seed: no test | – | – |" in text
+        and "| z vs y | student top-1 | 1 vs 2 | +2.50 | one seed: no test | – | – | – |" in text
     )
+    assert "an exact permutation test, which needs none, cannot give a p below 3 vs 2: 0.20." in text
     assert "Reference: y's level: 56.50 (student top-1 of y)." in text
     assert "| x | 3/3 | 0: W4A4 trained, 1: W8A8 trained |" in text  # what the teacher columns hold
+
+    # seed 1 of y trained on another machine: the same seed there is another sample, not a pair
+    y1 = next(r for r in plan(study) if (r.row.name, r.seed) == ("y", 1))
+    write_summary_by_hand(y1, 58.0, machine="CPU: elsewhere")
+    write_report(study)
+    x_vs_y = json.loads((study.output_path / "results.json").read_text())["comparisons"][0]
+    assert x_vs_y["pairs"] == 1 and x_vs_y["paired"] is None
+
+
+def test_holms_adjustment_and_the_permutation_floor_hand_computed():
+    from cmtkd_graph.study.comparison import holm, smallest_permutation_p
+
+    # sorted 0.01, 0.02, 0.04 times 3, 2, 1 -> 0.03, 0.04, 0.04 (never below the one before); at most 1
+    assert holm([0.04, 0.01, 0.02]) == pytest.approx([0.04, 0.03, 0.04])
+    assert (
+        holm([0.3, 0.6]) == pytest.approx([0.6, 0.6])
+        and holm([0.6]) == [0.6]
+        and holm([0.9, 0.8]) == [1.0, 1.0]
+    )
+    assert smallest_permutation_p(3, 3) == pytest.approx(0.1)  # 2 of C(6, 3) = 20 splits
+    assert smallest_permutation_p(3, 2) == pytest.approx(0.2)
 
 
 def test_comparisons_and_references_must_name_rows():
@@ -646,6 +668,8 @@ def test_the_papers_setting_on_a_gpu_runs_on_a_cpu_in_a_tiny_mode(tmp_path, tiny
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
     dry = study_cli(tmp_path, "--dry-run", "--rows", "cmtkd,single_w2a2_long")
     assert dry.returncode == 0, dry.stderr[-3000:]
+    study["rows"][1]["seeds"] = 1  # train one seed of CMT-KD here
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
     estimates = re.findall(
         r"PFLOP: ~\S+ (?:min|h) on an H100 at an assumed 25 % of its bf16 peak", dry.stdout
     )
@@ -657,7 +681,8 @@ def test_the_papers_setting_on_a_gpu_runs_on_a_cpu_in_a_tiny_mode(tmp_path, tiny
     assert summary["train_gflop_per_image"] == pytest.approx(13.4, abs=0.1)  # 4 CIFAR-stem resnet18s
     assert summary["peak_bf16_tflops"] is None
     report = (tmp_path / "out" / "results.md").read_text()
-    assert "| CMT-KD (W2A2 student; teachers 4/6/8-bit) | 1/3 |" in report and "TFLOP/s" not in report
+    assert "| CMT-KD (W2A2 student; teachers 4/6/8-bit) | 1/1 |" in report, report
+    assert "TFLOP/s" not in report
     assert "rows are the paper's setting; the 480-epoch control is not in the paper" in report
 
 

@@ -23,6 +23,7 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, fx
 
 from cmtkd_graph import losses
@@ -42,12 +43,16 @@ SCRATCH, EXPERT = 0, 1
 
 
 class CTKDOptions(MethodOptions):
-    expert_guides: Literal["scratch", "student"] = "scratch"
-    """Whose tap features learn the expert's attention maps: the scratch teacher's (the released code)
-    or the student's (the paper's text)."""
-    share_stem: bool = True
-    """The scratch teacher computes with the student's first layer (the released code's shared
-    ``conv0``), where the two first layers have the same shape."""
+    expert_guides: Literal["scratch", "student"] = Field(
+        "scratch",
+        description="whose tap features learn the expert's attention maps: the scratch teacher's (the "
+        "released code) or the student's (the paper's text)",
+    )
+    share_stem: bool = Field(
+        True,
+        description="the scratch teacher computes with the student's first layer (the released code's "
+        "shared conv0), where the two first layers have one shape",
+    )
 
 
 @register_method("ctkd")
