@@ -10,8 +10,8 @@ student = cg.load_student("runs/resnet18")  # after training (or an export): the
 """
 
 # Importing the package registers every built-in component in the tables of ``cmtkd_graph.registry``,
-# which the spec checks names against: the datasets, quantizers, surgery passes and methods.
-from cmtkd_graph import data, methods, quantizers  # noqa: F401  (registration)
+# which the spec checks names against: the tasks, datasets, quantizers, surgery passes and methods.
+from cmtkd_graph import data, methods, quantizers, tasks  # noqa: F401  (registration)
 from cmtkd_graph.deploy import integer_student, load_student
 from cmtkd_graph.errors import SpecError, UserError
 from cmtkd_graph.passes import surgery  # noqa: F401  (registration)

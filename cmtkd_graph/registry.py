@@ -78,3 +78,5 @@ SURGERIES: Registry[Callable[..., Any]] = Registry("surgery pass")
 """``surgery[].name`` -> an in-place pass ``fn(gm, **options)`` (``cmtkd_graph.passes.surgery``)."""
 DATASETS: Registry[Any] = Registry("dataset")
 """``data.dataset`` -> a ``cmtkd_graph.data.record.DatasetRecord`` subclass."""
+TASKS: Registry[Any] = Registry("task")
+"""``task:`` -> a ``cmtkd_graph.tasks.Task`` subclass."""

@@ -57,6 +57,9 @@ def test_wheel_contains_the_passes_as_a_subpackage(wheel):
         assert f"cmtkd_graph/methods/{method}.py" in names
     for module in ("student", "codes", "packing", "cost", "integer", "onnx_export", "export", "predict"):
         assert f"cmtkd_graph/deploy/{module}.py" in names
+    for package in (REPO / "cmtkd_graph").rglob("__init__.py"):  # every subpackage is listed in pyproject
+        assert package.relative_to(REPO).as_posix() in names, package
+    assert "cmtkd_graph/tasks/classification.py" in names
     assert not any(n.startswith("passes/") for n in names)  # no generic top-level module
     assert "cmtkd_graph/specs/quickstart.yaml" in names and "cmtkd_graph/specs/amtml_kd.yaml" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

@@ -110,16 +110,20 @@ MALFORMED = [
     (
         lambda d: d["student"].update(arch="resnet81"),
         None,
-        "student.arch: unknown torchvision classification model 'resnet81'; "
-        "did you mean resnet18, resnet152, "
-        "resnet101, resnet50, resnet34? (see torchvision.models.list_models(module=torchvision.models))",
+        "student.arch: unknown torchvision model 'resnet81'; did you mean resnet18, resnet152, "
+        "resnet101, resnet50, resnet34? (the builders of the tasks: classification (torchvision.models))",
     ),
     (
         lambda d: d["teachers"][0].update(arch="vit_b_61"),
         None,
-        "teachers[0].arch: unknown torchvision classification model 'vit_b_61'; "
-        "did you mean vit_b_16, vit_l_16, "
-        "vit_h_14, vit_b_32, vit_l_32? (see torchvision.models.list_models(module=torchvision.models))",
+        "teachers[0].arch: unknown torchvision model 'vit_b_61'; did you mean vit_b_16, vit_l_16, "
+        "vit_h_14, vit_b_32, vit_l_32? (the builders of the tasks: classification (torchvision.models))",
+    ),
+    (
+        lambda d: d["student"].update(arch="deeplabv3_resnet50"),
+        None,
+        "student.arch: 'deeplabv3_resnet50' is a torchvision builder of a task this version does not "
+        "train; the tasks: classification (torchvision.models)",
     ),
     (
         lambda d: d.update(quantizer={"name": "hwgqq"}),
@@ -314,3 +318,34 @@ def test_schema_is_json_schema_with_descriptions(capsys):
 def test_every_example_spec_validates(path):
     spec = cg.load_spec(path)
     assert spec.name
+
+
+def test_the_task_is_the_students_unless_written_and_every_network_and_the_data_must_fit_it():
+    """Tasks are registered like methods (cmtkd_graph.tasks): the spec's task is inferred from the
+    student's builder and left unwritten, so that runs trained before tasks were named keep their
+    identity; a network or a dataset of another task is one line."""
+    from cmtkd_graph.data.fashion_mnist import FashionMNIST
+    from cmtkd_graph.registry import TASKS
+    from cmtkd_graph.tasks import Task, register_task
+
+    spec = cg.load_spec("quickstart")
+    assert spec.task is None and spec.resolved_task == "classification"
+    assert cg.load_spec("quickstart", ["task=classification"]).resolved_task == "classification"
+
+    @register_task("toy_task")
+    class Toy(Task):
+        builder_modules = ("torchvision.models.optical_flow",)
+
+    try:
+        assert Toy.model_names() == ("raft_large", "raft_small")
+        with pytest.raises(cg.SpecError) as err:
+            cg.load_spec("quickstart", ["task=toy_task"])
+        assert err.value.problems == [
+            "student.arch: resnet18 is a classification model; the spec's task is toy_task",
+            "data.dataset: fashion_mnist holds classification data; the spec's task is toy_task",
+        ]
+        assert FashionMNIST.task == "classification"
+        with pytest.raises(cg.SpecError, match=r"teachers\[0\]\.arch: raft_small is a toy_task model"):
+            cg.load_spec("quickstart", ["teachers[0].arch=raft_small"])
+    finally:
+        TASKS.unregister("toy_task")

@@ -27,6 +27,7 @@ class DatasetRecord:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for the spec reference: what it is and where it is read from
+    task: ClassVar[str] = "classification"  # the task its samples are for (cmtkd_graph.tasks)
     native_size: ClassVar[int | None] = None  # side of its square images; None: files of any size
     grey: ClassVar[bool] = False  # 1-channel images (repeated to RGB unless data.grey_to_rgb: none)
     mean: ClassVar[tuple[float, ...]] = (0.485, 0.456, 0.406)  # per channel, [0, 1] (default: ImageNet's)

@@ -17,7 +17,8 @@ def _millions(n: int) -> str:
 
 def spec_summary(spec: Spec, system: DistillationSystem | None = None, *, source: str = "spec") -> str:
     o, t, data = spec.optim, spec.train, spec.data
-    rows = [("experiment", f"{spec.name} (method {spec.method})")]
+    task = spec.resolved_task + ("" if spec.task else f" (inferred from {spec.student.arch})")
+    rows = [("experiment", f"{spec.name} (method {spec.method}, task {task})")]
     s = spec.student
     surgery = ", ".join(x.name for x in spec.surgery_for(s)) or "none"
     rows.append(("student", f"{s.arch} {s.bits_label}, quantizer {spec.quantizer.name}, surgery {surgery}"))

@@ -1,4 +1,5 @@
-"""Building torchvision classification models by name, and loading initial weights into them."""
+"""Building torchvision models by name (the builders the registered tasks cover), and loading initial
+weights into them."""
 
 from __future__ import annotations
 
@@ -13,25 +14,37 @@ from cmtkd_graph.errors import UserError, closest
 from cmtkd_graph.safe_files import TORCH_SUFFIXES, read_tensors
 
 
-@functools.cache
-def classification_models() -> tuple[str, ...]:
-    """Names of torchvision's classification builders (``list_models(module=torchvision.models)``)."""
-    import torchvision
+def model_names() -> tuple[str, ...]:
+    """The torchvision builders the registered tasks cover (``cmtkd_graph.tasks``), in task order."""
+    from cmtkd_graph.registry import TASKS
 
-    return tuple(torchvision.models.list_models(module=torchvision.models))
+    return tuple(name for task in TASKS for name in TASKS.get(task).model_names())
 
 
 def check_arch(name: str) -> str:
-    """Return ``name`` if it is a torchvision classification model, else raise with close names."""
-    names = classification_models()
-    if name not in names:
-        near = closest(name, names, n=5, cutoff=0.5)
-        hint = f"; did you mean {', '.join(near)}?" if near else ""
+    """Return ``name`` if a registered task covers it, else raise with close names (or, for a torchvision
+    builder of another kind, the tasks that are supported)."""
+
+    from cmtkd_graph.registry import TASKS
+
+    names = model_names()
+    if name in names:
+        return name
+    tasks = ", ".join(f"{t} ({', '.join(TASKS.get(t).builder_modules)})" for t in TASKS)
+    if name in _every_torchvision_builder():
         raise ValueError(
-            f"unknown torchvision classification model {name!r}{hint} "
-            "(see torchvision.models.list_models(module=torchvision.models))"
+            f"{name!r} is a torchvision builder of a task this version does not train; the tasks: {tasks}"
         )
-    return name
+    near = closest(name, names, n=5, cutoff=0.5)
+    hint = f"; did you mean {', '.join(near)}?" if near else ""
+    raise ValueError(f"unknown torchvision model {name!r}{hint} (the builders of the tasks: {tasks})")
+
+
+@functools.cache
+def _every_torchvision_builder() -> frozenset[str]:
+    import torchvision
+
+    return frozenset(torchvision.models.list_models())
 
 
 def build_model(arch: str, kwargs: dict[str, Any] | None = None) -> nn.Module:

@@ -25,7 +25,7 @@ from pydantic import (
 
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.models.builders import check_arch
-from cmtkd_graph.registry import DATASETS, METHODS, QUANTIZERS, SURGERIES, Registry
+from cmtkd_graph.registry import DATASETS, METHODS, QUANTIZERS, SURGERIES, TASKS, Registry
 
 FULL_PRECISION = 32
 
@@ -91,6 +91,10 @@ def _check_dataset(name: str) -> str:
 
 def _check_method(name: str) -> str:
     return _known(METHODS, name)
+
+
+def _check_task(name: str) -> str:
+    return _known(TASKS, name)
 
 
 def _registered_names(registry: Registry):
@@ -501,6 +505,12 @@ class Spec(Strict):
     """A distillation experiment."""
 
     name: Name = Field(description="experiment name: the run directory's name (no '/', not '.' or '..')")
+    task: Annotated[str, AfterValidator(_check_task)] | None = Field(
+        None,
+        description="what the models compute: a registered task (classification); default: the task whose "
+        "torchvision builders include the student's",
+        json_schema_extra=_registered_names(TASKS),
+    )
     method: Annotated[str, AfterValidator(_check_method)] = Field(
         "cmtkd",
         description="registered method: cmtkd (the paper), single (student alone), kd (Hinton KD from one "
@@ -530,7 +540,8 @@ class Spec(Strict):
     def _resolve(self) -> Spec:
         """The method's checks and defaults, then every other default that depends on another field."""
         if self.student.arch is None:
-            raise ValueError("student.arch: required (a torchvision classification model such as resnet18)")
+            raise ValueError("student.arch: required (a torchvision model such as resnet18)")
+        self._check_task_fits()
         METHODS.get(self.method).resolve(self)
         o = self.optim
         o.importance_lr = o.importance_lr if o.importance_lr is not None else o.lr / 10
@@ -539,6 +550,33 @@ class Spec(Strict):
         if self.data.eval_batch_size is None:
             self.data.eval_batch_size = self.data.batch_size
         return self
+
+    @property
+    def resolved_task(self) -> str:
+        """``task``, or the task whose builders include the student's (left unwritten in the spec, so
+        that runs trained before tasks were named keep their identity)."""
+        from cmtkd_graph.tasks import task_of_model
+
+        return self.task or task_of_model(self.student.arch) or "classification"
+
+    def _check_task_fits(self) -> None:
+        """Every network's builder and the dataset belong to the spec's task."""
+        from cmtkd_graph.tasks import task_of_model
+
+        task = self.resolved_task
+        models = [("student", self.student), *((f"teachers[{i}]", t) for i, t in enumerate(self.teachers))]
+        problems = [
+            f"{where}.arch: {m.arch} is a {task_of_model(m.arch)} model; the spec's task is {task}"
+            for where, m in models
+            if m.arch is not None and task_of_model(m.arch) != task
+        ]
+        data_task = DATASETS.get(self.data.dataset).task
+        if data_task != task:
+            problems.append(
+                f"data.dataset: {self.data.dataset} holds {data_task} data; the spec's task is {task}"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
 
     def resolved_teachers(self) -> list[ModelSpec]:
         """Teachers with the student's arch/kwargs/surgery filled in where they give none."""
