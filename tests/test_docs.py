@@ -171,3 +171,32 @@ def test_every_page_names_a_machine_by_its_letter_in_the_machines_table():
             assert table.get(machine) == chr(ord("A") + i), (results, machine)
             studied += 1
     assert studied >= 3
+
+
+def test_the_layout_table_lists_every_module_of_the_package():
+    layout = (REPO / "docs/architecture.md").read_text().split("## Layout")[1].split("\n## ")[0]
+    modules = [*(REPO / "cmtkd_graph").rglob("*.py"), *(REPO / "passes").glob("*.py")]
+    missing = [
+        m.relative_to(REPO).as_posix()
+        for m in modules
+        if m.name != "__init__.py"
+        and f"`{m.name}`" not in layout
+        and m.relative_to(REPO).as_posix() not in layout
+    ]
+    assert not missing, f"docs/architecture.md#layout does not name {missing}"
+
+
+def test_every_repository_file_a_page_names_exists():
+    """A page that names a file of the repository (`studies/x.yaml`, `specs/y.yaml`, `bench/z.py`,
+    `cmtkd_graph/...`) names one that is there."""
+    import re
+
+    folders = "studies|specs|bench|tests|cmtkd_graph|passes|docs"
+    named = re.compile(rf"`((?:{folders})/[a-z0-9_./-]+\.(?:yaml|py|md))`")
+    missing = [
+        f"{page.name}: {path}"
+        for page in PAGES
+        for path in named.findall(page.read_text())
+        if not (REPO / path).exists()
+    ]
+    assert not missing, missing

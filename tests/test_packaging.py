@@ -115,3 +115,29 @@ def test_constraints_pin_every_dependency_within_its_declared_range():
         assert req.specifier.contains(pins[name]), f"constraints.txt pins {name}=={pins[name]} outside {req}"
     torch_req = next(r for r in declared if r.name == "torch")
     assert not any(s.operator == "==" for s in torch_req.specifier)  # a range, never an exact pin
+
+
+def test_the_python_the_readme_names_is_the_one_the_pinned_packages_need():
+    """README and pyproject name one Python floor, and no package pinned in constraints.txt needs a
+    newer one (numpy 2.4, scipy 1.17, networkx 3.6 and matplotlib 3.11 need 3.11)."""
+    import re
+    import tomllib
+    from importlib.metadata import PackageNotFoundError, metadata
+
+    floor = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert floor == ">=3.11"
+    assert "with Python 3.11+" in (REPO / "README.md").read_text()
+    needed = []
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if "==" not in line or line.startswith("#"):
+            continue
+        name = line.split("==")[0]
+        try:
+            requires = metadata(name).get("Requires-Python") or ""
+        except PackageNotFoundError:
+            continue
+        found = re.search(r">=\s*3\.(\d+)", requires)
+        if found:
+            needed.append((int(found[1]), name))
+    assert needed and max(needed)[0] <= 11, max(needed)
+    assert max(needed)[0] == 11  # the floor is needed: some pin requires exactly it

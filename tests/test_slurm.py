@@ -166,3 +166,16 @@ def test_bad_slurm_settings_are_one_line_before_anything_is_submitted(tmp_path, 
 
 def test_gpus_are_read_from_the_nodes_gres():
     assert _gpus("gpu:a100:4(S:0-1),shard:8") == 4 and _gpus("gpu:2") == 2 and _gpus("(null)") == 0
+
+
+def test_a_machine_without_slurm_skips_the_cluster_tests_and_ci_fails_them(monkeypatch):
+    """A user without Slurm, munge or root gets a skip with the reason; CI (CI=true, .ci/run) a failure,
+    since there every cluster test must run."""
+    from .clusters import missing_requirement
+
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="sbatch not found"):
+        missing_requirement("sbatch not found")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"sbatch not found \(CI runs every cluster test"):
+        missing_requirement("sbatch not found")
