@@ -80,9 +80,10 @@ def parameter_groups(system: nn.Module, spec: Spec) -> list[dict]:
         fusion_params.extend(fusion)
         if weights:
             groups.append({"name": name, "params": weights, "lr": o.lr, "weight_decay": decay})
-        for value in sorted({d for _, d in decayed}):  # e.g. PACT's clipping levels (lambda_alpha)
+        values = sorted({d for _, d in decayed})  # e.g. PACT's clipping levels (lambda_alpha)
+        for value in values:
             params = [p for p, d in decayed if d == value]
-            suffix = "" if len({d for _, d in decayed}) == 1 else f"-{value:g}"
+            suffix = "" if len(values) == 1 else f"-{value:g}"
             groups.append(
                 {
                     "name": f"quantizers/{name}{suffix}",

@@ -79,11 +79,12 @@ def run(spec_path: str | Spec | None, overrides: Sequence[str] = (), *, resume: 
             if resume is None
             else "--resume auto: give the spec too (its train.output_dir is the run directory)"
         )
+    given = _load(spec_path, overrides) if spec_path is not None else None
     if resume in (None, AUTO):
-        mode, target = ("new" if resume is None else "auto"), Path(_load(spec_path, overrides).run_dir)
+        mode, target = ("new" if resume is None else "auto"), Path(given.run_dir)
     else:
         mode, target = "resume", Path(resume)
-        if spec_path is None and not (target / "spec.yaml").is_file():
+        if given is None and not (target / "spec.yaml").is_file():
             raise UserError(f"--resume: {target / 'spec.yaml'} not found (is {target} a run directory?)")
 
     state = distributed_state()
@@ -92,7 +93,7 @@ def run(spec_path: str | Spec | None, overrides: Sequence[str] = (), *, resume: 
     run_dir, main, trainer = directory.path, state.is_main_process, None
     try:
         source = spec_path if spec_path is not None else run_dir / "spec.yaml"
-        spec = _load(source, overrides)
+        spec = given if given is not None else _load(source, overrides)
         checkpoint = latest_checkpoint(run_dir) if directory.resumed else None
         if checkpoint is not None:
             check_checkpoint(checkpoint, state.process_index)

@@ -283,23 +283,31 @@ class Method:
         d = self.distill
         if d.feature_loss == "none" or not out.hints:
             return total
-        per_tap = feature_terms(out, d.feature_loss, ctx.adapters, detach=d.detach_shared)
+        learners = out.student_features if self.hint_learner() is None else out.teacher_features
+        per_tap = feature_terms(out, d.feature_loss, ctx.adapters, detach=d.detach_shared, learners=learners)
         terms.update({f"feature/{name}": value for name, value in per_tap.items()})
         terms["feature"] = torch.stack(list(per_tap.values())).sum()
         return total + d.gamma * terms["feature"]
 
 
 def feature_terms(
-    out: SystemOutput, feature_loss: str, adapters: nn.ModuleDict, *, detach: bool = False
+    out: SystemOutput,
+    feature_loss: str,
+    adapters: nn.ModuleDict,
+    *,
+    detach: bool = False,
+    learners: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """d(F^l, F_S^l) at every tap l: the attention or FitNet distance between the teacher feature the
     student tap learns from (``out.hints``) and the student's tap
-    (docs/methods.md#feature-distillation-eq-4-6)."""
+    (docs/methods.md#feature-distillation-eq-4-6), or, with ``learners``, the tap of the network that
+    learns from the hints (``Method.hint_learner``)."""
+    learners = out.student_features if learners is None else learners
     result = {}
     for name, hint in out.hints.items():
         if detach:
             hint = hint.detach()
-        student = out.student_features[name]
+        student = learners[name]
         if feature_loss == "attention":
             result[name] = losses.attention_loss(hint, student)
         else:

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, fx
 
-from cmtkd_graph import losses
 from cmtkd_graph.methods.base import (
     LogitsLoss,
     Method,
@@ -130,16 +128,7 @@ class CTKD(Method):
         terms["ce_scratch"] = F.cross_entropy(scratch.float(), labels)
         terms["l2_student"] = logit_distance(scratch.detach(), out.student_logits)
         total = d.alpha * (terms["ce_student"] + terms["ce_scratch"]) + d.beta * terms["l2_student"]
-        if self.hint_learner() is None:
-            terms["total"] = self.add_feature_terms(ctx, out, terms, total)
-            return terms
-        if d.feature_loss != "none" and out.hints:
-            guided = out.teacher_features
-            per_tap = {name: losses.attention_loss(hint, guided[name]) for name, hint in out.hints.items()}
-            terms.update({f"feature/{name}": value for name, value in per_tap.items()})
-            terms["feature"] = torch.stack(list(per_tap.values())).sum()
-            total = total + d.gamma * terms["feature"]
-        terms["total"] = total
+        terms["total"] = self.add_feature_terms(ctx, out, terms, total)  # on the hint learner's taps
         return terms
 
     def logits_loss(self) -> LogitsLoss:
