@@ -27,6 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cmtkd-graph",
         description="Collaborative multi-teacher knowledge distillation for low-bit torchvision models.",
     )
+    parser.add_argument(
+        "--plugin",
+        dest="plugins",
+        action="append",
+        default=[],
+        metavar="MODULE|FILE.py",
+        help="import components of your own first (repeatable; a spec's plugins: and installed plugins "
+        "are loaded anyway)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("validate", help="check a spec (and build its graphs on the meta device)")
@@ -84,6 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CMD",
         help="start each run with CMD instead of `python -m cmtkd_graph.train`, e.g. "
         "'accelerate launch --multi_gpu --num_processes 2 -m cmtkd_graph.train'",
+    )
+
+    p = sub.add_parser("data", help="get the data the example specs and studies read")
+    data = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    from cmtkd_graph.data.prepare import RECIPES
+
+    q = data.add_parser(
+        "prepare",
+        help="download (or take --from) a dataset, verify its checksums, lay it out for its spec",
+        description="; ".join(
+            f"{r.name}: {r.summary} (default root {r.default_root})" for r in RECIPES.values()
+        ),
+    )
+    q.add_argument("name", choices=sorted(RECIPES), metavar="NAME", help=", ".join(sorted(RECIPES)))
+    q.add_argument("--root", help="the folder to make (new or empty; default: where the example specs look)")
+    q.add_argument(
+        "--from",
+        dest="source",
+        metavar="PATH",
+        help="an archive or folder you already have, instead of downloading (verified the same way)",
     )
 
     p = sub.add_parser("inspect", help="dump or summarise the rewritten graphs")
@@ -158,6 +187,9 @@ def _names(text: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from cmtkd_graph.plugins import load_plugins
+
+        load_plugins(args.plugins)
         status = _COMMANDS[args.command](args)
         if args.command in ("train", "eval"):  # under `accelerate launch` they joined a process group
             from cmtkd_graph.runtime.process import end_processes
@@ -323,7 +355,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from cmtkd_graph.data.prepare import prepare
+
+    print(prepare(args.name, args.root, args.source))
+    return 0
+
+
 _COMMANDS = {
+    "data": cmd_data,
     "validate": cmd_validate,
     "schema": cmd_schema,
     "taps": cmd_taps,

@@ -20,8 +20,9 @@ from typing import Any
 from cmtkd_graph.version import __version__
 
 IDENTITY = "identity.json"
-# where a run writes, how chatty it is and where its metrics are also sent, not what it trains
-NOT_CONTENT = ("train.output_dir", "train.progress_bar", "train.log_with")
+# where a run writes, how chatty it is, where its metrics are also sent and how evaluation is batched,
+# not what it trains
+NOT_CONTENT = ("train.output_dir", "train.progress_bar", "train.log_with", "data.eval_batch_size")
 
 
 def digest(data: Any) -> str:
@@ -71,6 +72,20 @@ def weight_sources(spec) -> dict[str, str]:
     """Every weights source the spec reads, by key path: files, torchvision weight names, placeholders."""
     models = {"student": spec.student, **{f"teachers[{i}]": t for i, t in enumerate(spec.teachers)}}
     return {f"{name}.weights": m.weights for name, m in models.items() if m.weights}
+
+
+def plugin_sources(spec) -> dict[str, str]:
+    """The source file of each plugin the spec names, by key path (``plugins[0]``): its code is part of
+    what trains, so a run's identity holds its hash (of the module's own file, not of what it imports)."""
+    from cmtkd_graph.plugins import plugin_file
+
+    files = {f"plugins[{i}]": plugin_file(ref) for i, ref in enumerate(spec.plugins)}
+    return {key: str(file) for key, file in files.items() if file is not None}
+
+
+def input_sources(spec) -> dict[str, str]:
+    """Every file or published name a run reads besides the spec: weights, then plugins."""
+    return {**weight_sources(spec), **plugin_sources(spec)}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -123,7 +138,7 @@ def run_identity(spec) -> dict[str, Any]:
     the code."""
     return {
         "spec_sha256": digest(spec_content(spec)),
-        "inputs": {field: source_identity(src) for field, src in weight_sources(spec).items()},
+        "inputs": {field: source_identity(src) for field, src in input_sources(spec).items()},
         "code": code_identity(),
     }
 

@@ -57,7 +57,8 @@ class Registry(Generic[T]):
         except KeyError:
             raise UserError(
                 f"unknown {self.kind} {name!r}{did_you_mean(name, self._items)}; "
-                f"known: {', '.join(sorted(self._items))}"
+                f"known: {', '.join(sorted(self._items))} (one of your own: name its module under the "
+                "spec's plugins:)"
             ) from None
 
     def names(self) -> list[str]:

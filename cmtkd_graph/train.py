@@ -111,6 +111,9 @@ def run(spec_path: str | Spec | None, overrides: Sequence[str] = (), *, resume: 
             length = _fit_length(spec, state, precision, bundle, recorded_length, resumed=directory.resumed)
             spec = _load(source, [*overrides, *length.overrides])
         accelerator = make_accelerator(spec, run_dir, precision)
+        if spec.data.eval_batch_size is None:  # recorded in spec.yaml: what evaluation used
+            steps = accelerator.num_processes * accelerator.gradient_accumulation_steps
+            spec.data.eval_batch_size = max(spec.data.batch_size // steps, 1)
         if main:
             (run_dir / "spec.yaml").write_text(dump_spec(spec))
             write_identity(run_dir, spec, resumed=directory.resumed)
@@ -185,6 +188,17 @@ class Preempted(Exception):
         )
 
 
+def host_group(accelerator):
+    """The process group for host values (the stop flags): None for one process or where the default
+    group is gloo already (CPU runs); else a gloo group beside the accelerator's (NCCL's), so that
+    agreeing on a flag never waits for the device's queued work."""
+    if accelerator.num_processes == 1:
+        return None
+    import torch.distributed as dist
+
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
 @contextlib.contextmanager
 def stop_signals():
     """While training: SIGTERM and SIGUSR1 (what Slurm sends before it kills or requeues a job) only
@@ -241,7 +255,7 @@ class Trainer:
             self.bundle,
             spec.data,
             train_batch_size=per_process,
-            eval_batch_size=spec.data.eval_batch_size or per_process,
+            eval_batch_size=spec.data.eval_batch_size or per_process,  # set by run(); the API may not
             seed=t.seed,
             device=accelerator.device,
             rank=accelerator.process_index,
@@ -268,6 +282,10 @@ class Trainer:
         self.state = {"epoch": 0, "batches_in_epoch": 0, "step": 0, "seconds": 0.0}
         self.compile_reported = False
         self.last_checkpoint: Path | None = None
+        # The step of the first non-finite loss (0: none), kept on the device and read only where a run
+        # writes or reports (_check_finite): no host sync per step.
+        self.first_nonfinite = torch.zeros((), dtype=torch.long, device=accelerator.device)
+        self.host_group = host_group(accelerator)
         if checkpoint is not None:
             _load_state(accelerator, checkpoint)
             self.state = {"seconds": None, **read_trainer_state(checkpoint)}
@@ -312,13 +330,16 @@ class Trainer:
             epoch_done = self.state["batches_in_epoch"] == 0
             last = (epoch_done and self.state["epoch"] >= t.epochs) or stop
             if last or (epoch_done and self.state["epoch"] % t.eval_every == 0):
+                self._check_finite()
                 final_eval = self.evaluate()
             if self.spec.optim.schedule.step_every == "epoch" and epoch_done:
                 self.scheduler.step()  # before the checkpoint, so a resumed run starts at the next lr
             if t.checkpoints and (last or (epoch_done and self.state["epoch"] % t.checkpoint_every == 0)):
+                self._check_finite()
                 self.last_checkpoint = save_checkpoint(
                     self.acc, self.run_dir, self._state_to_save(), t.keep_checkpoints
                 )
+        self._check_finite()
         if not final_eval:
             final_eval = self.evaluate()
         self._finish(final_eval)
@@ -355,7 +376,7 @@ class Trainer:
             self.system.epoch.fill_(self.state["step"] / self.steps_per_epoch)  # as the lr schedule sees it
             with acc.accumulate(self.model):
                 out, terms = self.model(images, labels)
-                self._check_finite(terms)
+                self._note_nonfinite(terms)
                 acc.backward(terms["total"])
                 if acc.sync_gradients and self.spec.optim.grad_clip:
                     acc.clip_grad_norm_(self.model.parameters(), self.spec.optim.grad_clip)
@@ -381,11 +402,13 @@ class Trainer:
             if self.spec.optim.schedule.step_every == "iteration":
                 self.scheduler.step()
             step = self.state["step"]
-            if self._asked_to_stop():
+            asked_to_stop, out_of_time = self._stop_flags()
+            if asked_to_stop:
                 bar.close()
-                self._stop_here()
-            reached_max = (t.max_steps is not None and step >= t.max_steps) or self._out_of_time()
+                self._stop_here({name: value / window_batches for name, value in window.items()})
+            reached_max = (t.max_steps is not None and step >= t.max_steps) or out_of_time
             if step % t.log_every == 0 or reached_max:
+                self._check_finite({name: value / window_batches for name, value in window.items()})
                 elapsed = time.perf_counter() - window_start
                 record = self._train_record(window, stats, window_batches, window_images / max(elapsed, 1e-9))
                 bar.set_postfix(loss=f"{record['loss/total']:.3f}", img_s=f"{record['images_per_s']:.0f}")
@@ -399,15 +422,24 @@ class Trainer:
         self.state["batches_in_epoch"] = 0
         return False
 
-    def _asked_to_stop(self) -> bool:
-        """A stop signal reached any process (all processes stop at the same step)."""
-        asked = torch.tensor(float(bool(self.stop)), device=self.acc.device)
-        if self.acc.num_processes > 1:
-            asked = self.acc.reduce(asked, reduction="sum")
-        return bool(asked.item())
+    def _stop_flags(self) -> tuple[bool, bool]:
+        """(a stop signal reached any process, ``train.max_minutes`` have passed on the main process's
+        clock): every process stops at the same step. Host values only: one process reads its own;
+        several sum theirs over a CPU (gloo) group, which does not wait for the accelerator."""
+        asked = bool(self.stop)
+        minutes = self.spec.train.max_minutes
+        over = minutes is not None and time.perf_counter() - self.started >= 60 * minutes
+        if self.acc.num_processes == 1:
+            return asked, over
+        import torch.distributed as dist
 
-    def _stop_here(self) -> None:
+        flags = torch.tensor([float(asked), float(over and self.acc.is_main_process)])
+        dist.all_reduce(flags, group=self.host_group)
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def _stop_here(self, means: dict[str, torch.Tensor]) -> None:
         """Checkpoint the step just taken (mid-epoch: resume continues from the next batch) and stop."""
+        self._check_finite(means)
         checkpoint = save_checkpoint(
             self.acc, self.run_dir, self._state_to_save(), self.spec.train.keep_checkpoints
         )
@@ -424,30 +456,34 @@ class Trainer:
     def _state_to_save(self) -> dict:
         return {**self.state, "seconds": self._seconds(), "scheduler": self.scheduler.state_dict()}
 
-    def _out_of_time(self) -> bool:
-        """``train.max_minutes`` have passed since training started in this process (every process
-        stops at the same step: the main process's clock decides)."""
-        if self.spec.train.max_minutes is None:
-            return False
-        over = torch.tensor(
-            float(time.perf_counter() - self.started >= 60 * self.spec.train.max_minutes),
-            device=self.acc.device,
-        )
-        if self.acc.num_processes > 1:
-            over = self.acc.reduce(over * float(self.acc.is_main_process), reduction="sum")
-        return bool(over.item())
+    def _note_nonfinite(self, terms: dict[str, torch.Tensor]) -> None:
+        """Remember (on the device, no sync) the step of the first micro-batch whose loss is not finite."""
+        bad = ~torch.isfinite(terms["total"].detach())
+        first = bad & (self.first_nonfinite == 0)
+        self.first_nonfinite = torch.where(first, self.state["step"] + 1, self.first_nonfinite)
 
-    def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
-        bad = (~torch.isfinite(terms["total"].detach())).float()
-        if self.acc.num_processes > 1:
-            bad = self.acc.reduce(bad, reduction="sum")  # every rank stops together, none hangs
-        if bad.item() > 0:
-            values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items() if "/" not in k)
-            where = self.last_checkpoint or "none was written yet"
-            raise UserError(
-                f"step {self.state['step'] + 1}: the loss is not finite ({values}) on at least one process; "
-                f"training stopped. Last good checkpoint: {where}"
-            )
+    def _check_finite(self, means: dict[str, torch.Tensor] | None = None) -> None:
+        """Stop with one line if any process has seen a non-finite loss. Called where the run writes or
+        reports (a metrics line, an evaluation, a checkpoint, the student), so that no checkpoint, metric
+        or result is written from weights that a non-finite step has reached; every process calls it at
+        the same step. ``means``: the loss terms' means since the last metrics line, for the message."""
+        first = self.first_nonfinite
+        if self.acc.num_processes > 1:  # the earliest step of any process: max of (big - step)
+            import torch.distributed as dist
+
+            big = 1 << 62
+            first = torch.where(first > 0, big - first, 0)
+            dist.all_reduce(first, op=dist.ReduceOp.MAX)
+            first = torch.where(first > 0, big - first, 0)
+        step = int(first)
+        if step == 0:
+            return
+        values = ", ".join(f"{k}={float(v):.4g}" for k, v in (means or {}).items() if "/" not in k)
+        where = self.last_checkpoint or "none was written yet"
+        raise UserError(
+            f"step {step}: the loss is not finite{f' ({values})' if values else ''} on at least one process; "
+            f"training stopped at step {self.state['step']}. Last good checkpoint: {where}"
+        )
 
     def _train_record(self, window: dict, stats: dict, batches: int, images_per_s: float) -> dict:
         """One ``metrics.jsonl`` line: the window's mean loss terms and method statistics (e.g. AMTML-KD's

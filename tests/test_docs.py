@@ -187,16 +187,36 @@ def test_the_layout_table_lists_every_module_of_the_package():
 
 
 def test_every_repository_file_a_page_names_exists():
-    """A page that names a file of the repository (`studies/x.yaml`, `specs/y.yaml`, `bench/z.py`,
-    `cmtkd_graph/...`) names one that is there."""
+    """A page, a spec, a study, a benchmark or pyproject.toml that names a file of the repository
+    (`studies/x.yaml`, `specs/y.yaml`, `bench/z.py`, `cmtkd_graph/...`), in text or in a command, names one
+    that is there; one that cites a section of a page (README, "Installing") cites a heading it has."""
     import re
 
     folders = "studies|specs|bench|tests|cmtkd_graph|passes|docs"
-    named = re.compile(rf"`((?:{folders})/[a-z0-9_./-]+\.(?:yaml|py|md))`")
+    named = re.compile(rf"(?<![\w/.-])((?:{folders})/[A-Za-z0-9_./-]+\.(?:yaml|py|md))\b")
+    citing = [
+        *PAGES,
+        REPO / "pyproject.toml",
+        *(REPO / "specs").glob("*.yaml"),
+        *(REPO / "studies").glob("*.yaml"),
+    ]
+    citing += sorted((REPO / "bench").glob("*.py"))
     missing = [
-        f"{page.name}: {path}"
-        for page in PAGES
-        for path in named.findall(page.read_text())
-        if not (REPO / path).exists()
+        f"{file.name}: {path}"
+        for file in citing
+        for path in named.findall(file.read_text())
+        if not (REPO / path).exists() and not re.search(r"\*|[A-Z]{3,}", path)
     ]
     assert not missing, missing
+    section = re.compile(r"\((README|docs/[a-z0-9_-]+\.md), \"([^\"]+)\"\)")
+    absent = [
+        f"{file.name}: {page}, {title!r}"
+        for file in citing
+        for page, title in section.findall(file.read_text())
+        if not re.search(
+            rf"^#+ {re.escape(title)}$",
+            (REPO / (page + ".md" if page == "README" else page)).read_text(),
+            re.M | re.I,
+        )
+    ]
+    assert not absent, absent

@@ -128,13 +128,15 @@ MALFORMED = [
     (
         lambda d: d.update(quantizer={"name": "hwgqq"}),
         None,
-        "quantizer.name: unknown quantizer 'hwgqq' (did you mean hwgq?); known: dorefa, hwgq, lsq, pact",
+        "quantizer.name: unknown quantizer 'hwgqq' (did you mean hwgq?); known: dorefa, hwgq, lsq, pact "
+        "(one of your own: name its module under the spec's plugins:)",
     ),
     (
         lambda d: d.update(surgery=["cifar_stm"]),
         None,
         "surgery[0].name: unknown surgery pass 'cifar_stm' (did you mean cifar_stem?); "
-        "known: bn_after_every_layer, cifar_stem, grey_input",
+        "known: bn_after_every_layer, cifar_stem, grey_input "
+        "(one of your own: name its module under the spec's plugins:)",
     ),
     (
         lambda d: d.update(train={"epochs": "ten"}),
@@ -161,7 +163,8 @@ MALFORMED = [
         lambda d: d.update(method="cmtdk"),
         None,
         "method: unknown method 'cmtdk' (did you mean cmtkd, ctkd?); "
-        "known: amtml_kd, average_teacher, cmtkd, ctkd, kd, single",
+        "known: amtml_kd, average_teacher, cmtkd, ctkd, kd, single "
+        "(one of your own: name its module under the spec's plugins:)",
     ),
     (lambda d: d.pop("data"), None, "data: required"),
     (lambda d: d.pop("student"), None, "student: required"),
@@ -191,7 +194,8 @@ MALFORMED = [
         lambda d: d["data"].update(dataset="imagenet"),
         None,
         "data.dataset: unknown dataset 'imagenet' (did you mean imagefolder?); "
-        "known: cifar10, cifar100, fashion_mnist, imagefolder",
+        "known: cifar10, cifar100, fashion_mnist, imagefolder "
+        "(one of your own: name its module under the spec's plugins:)",
     ),
     (
         lambda d: d["data"].update(batch_size=0),

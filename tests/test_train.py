@@ -13,6 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import cmtkd_graph as cg
 from cmtkd_graph.metrics import read_metrics
 
 from .conftest import launch_two_machines, launch_two_processes, run_module
@@ -512,3 +513,51 @@ def test_no_import_cycles_between_the_command_line_training_and_inspection_modul
     assert "cmtkd_graph.inspection.output" not in imports("inspection/graph")
     assert "cmtkd_graph.train" in imports("cli")
     assert "cmtkd_graph.inspection.graph" in imports("inspection/output")
+
+
+SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+def test_the_training_step_reads_nothing_back_from_the_device(
+    tmp_path, fashion_mnist, fresh_accelerate, monkeypatch
+):
+    """Between metrics lines a step makes no host read of a tensor (each would wait for a GPU's queued
+    work): the finite check and the stop check read host values or wait for the next metrics line. The
+    reads are counted from the project's own code (the data pipeline's host-side work aside)."""
+    from cmtkd_graph.train import run
+
+    reads: list[str] = []
+    package = str(Path(cg.__file__).parent)
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(package) and "/data/" not in caller:
+                reads.append(f"{name} {Path(caller).name}:{sys._getframe(1).f_lineno}")
+            return original(self, *args, **kwargs)
+
+        return read
+
+    def steps(n: int) -> list[str]:
+        reads.clear()
+        with monkeypatch.context() as patch:
+            for name in SYNCS:
+                patch.setattr(torch.Tensor, name, counting(name))
+            run(
+                "quickstart",
+                [
+                    *SMALL,
+                    "train.log_every=100",
+                    f"train.max_steps={n}",
+                    "train.checkpoints=false",
+                    f"train.output_dir={tmp_path / str(n)}",
+                ],
+            )
+        return list(reads)
+
+    few, more = steps(2), steps(5)
+    from collections import Counter
+
+    assert len(more) == len(few), Counter(more) - Counter(few)  # the reads that grow with the steps

@@ -25,6 +25,7 @@ from pydantic import (
 
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.models.builders import check_arch
+from cmtkd_graph.plugins import PluginError, load_entry_points, load_plugin
 from cmtkd_graph.registry import DATASETS, METHODS, QUANTIZERS, SURGERIES, TASKS, Registry
 
 FULL_PRECISION = 32
@@ -97,6 +98,23 @@ def _check_task(name: str) -> str:
     return _known(TASKS, name)
 
 
+def _load_plugin(ref: str) -> str:
+    """Import a plugin the spec names (validated first, so that its components' names are known)."""
+    try:
+        load_plugin(ref)
+    except PluginError as err:
+        raise ValueError(str(err)) from None
+    return ref
+
+
+def _load_installed(refs: list[str]) -> list[str]:
+    load_entry_points()
+    return refs
+
+
+PluginRef = Annotated[str, AfterValidator(_load_plugin)]
+
+
 def _registered_names(registry: Registry):
     """``json_schema_extra`` listing a registry's names as the field's enum (editor completion), read
     when the schema is generated, so that components registered later are listed too."""
@@ -111,7 +129,8 @@ class SurgerySpec(Strict):
     """A model-surgery pass run on the traced float model before quantization."""
 
     name: Annotated[str, AfterValidator(_check_surgery)] = Field(
-        description="registered surgery pass: bn_after_every_layer, cifar_stem, grey_input"
+        description="registered surgery pass: bn_after_every_layer, cifar_stem, grey_input",
+        json_schema_extra=_registered_names(SURGERIES),
     )
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the pass")
 
@@ -163,7 +182,7 @@ class QuantizerSpec(Strict):
     """Which quantizer family quantizes weights and activations, and the first/last layer rule."""
 
     name: Annotated[str, AfterValidator(_check_quantizer)] = Field(
-        "hwgq", description="hwgq, lsq, dorefa, pact"
+        "hwgq", description="hwgq, lsq, dorefa, pact", json_schema_extra=_registered_names(QUANTIZERS)
     )
     options: dict[str, Any] = Field(
         default_factory=dict, description="family options, e.g. {caffe_rounding: true}"
@@ -271,7 +290,10 @@ class DataSpec(Strict):
     )
     batch_size: int = Field(256, ge=1, description="total batch size per optimizer step, over all processes")
     eval_batch_size: int | None = Field(
-        None, ge=1, description="per-process evaluation batch (default: batch_size)"
+        None,
+        ge=1,
+        description="per-process evaluation batch (default: the per-process training batch, batch_size / "
+        "processes / accumulation steps; a run's spec.yaml records the value it used)",
     )
     num_workers: int = Field(2, ge=0, description="data-loading worker processes per training process")
     pipeline: Literal["workers", "device"] = Field(
@@ -505,6 +527,13 @@ class Spec(Strict):
     """A distillation experiment."""
 
     name: Name = Field(description="experiment name: the run directory's name (no '/', not '.' or '..')")
+    plugins: Annotated[list[PluginRef], AfterValidator(_load_installed)] = Field(
+        default_factory=list,
+        validate_default=True,
+        description="modules of your own components, imported before any name is looked up: module "
+        "names (my_package.my_method) or .py files (relative to the working directory); installed "
+        "plugins (entry points cmtkd_graph.plugins) are always loaded",
+    )
     task: Annotated[str, AfterValidator(_check_task)] | None = Field(
         None,
         description="what the models compute: a registered task (classification); default: the task whose "
@@ -515,6 +544,7 @@ class Spec(Strict):
         "cmtkd",
         description="registered method: cmtkd (the paper), single (student alone), kd (Hinton KD from one "
         "teacher), average_teacher, amtml_kd, ctkd (see the methods below the table)",
+        json_schema_extra=_registered_names(METHODS),
     )
     student: ModelSpec
     teachers: list[ModelSpec] = Field(default_factory=list)
@@ -547,8 +577,6 @@ class Spec(Strict):
         o.importance_lr = o.importance_lr if o.importance_lr is not None else o.lr / 10
         o.quantizer_lr = o.quantizer_lr if o.quantizer_lr is not None else o.lr
         o.adapter_lr = o.adapter_lr if o.adapter_lr is not None else o.lr
-        if self.data.eval_batch_size is None:
-            self.data.eval_batch_size = self.data.batch_size
         return self
 
     @property

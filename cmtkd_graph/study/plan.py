@@ -18,7 +18,16 @@ import yaml
 
 from cmtkd_graph.checkpoint import LATEST, checkpoints_dir
 from cmtkd_graph.errors import SpecError, UserError, did_you_mean
-from cmtkd_graph.identity import REVISION, digest, flatten, git, source_identity, spec_content, weight_sources
+from cmtkd_graph.identity import (
+    NOT_CONTENT,
+    REVISION,
+    digest,
+    flatten,
+    git,
+    input_sources,
+    source_identity,
+    spec_content,
+)
 from cmtkd_graph.spec import Spec
 from cmtkd_graph.spec.io import find_spec_file, load_spec, read_spec_file
 from cmtkd_graph.study.spec import ROW_REFERENCE, RowSpec, StudySpec
@@ -59,7 +68,7 @@ class PlannedRun:
         None while an upstream run has no current result."""
         spec = self._spec
         inputs = {}
-        for field, source in weight_sources(spec).items():
+        for field, source in input_sources(spec).items():
             match = PLACEHOLDER.match(source)
             if match is None:
                 inputs[field] = source_identity(source)
@@ -215,7 +224,8 @@ class PlannedRun:
         now = self.identity["spec"]
         new_keys = set(now) - set(recorded["spec"])
         added = {k for k in new_keys if not (_set_in(k, explicit) or k.startswith(REVISION))}
-        old_spec = recorded["spec"]
+        # a key since counted as not content (NOT_CONTENT) is no change
+        old_spec = {k: v for k, v in recorded["spec"].items() if not k.startswith(NOT_CONTENT)}
         reasons = [
             f"{k.removeprefix(REVISION)} computes otherwise: revision {old_spec.get(k, 1)} -> {now.get(k, 1)}"
             for k in sorted(set(now) | set(old_spec))
@@ -234,7 +244,8 @@ class PlannedRun:
             elif old.get("row") and old.get("row") == new.get("row") and old["key"] == new["key"]:
                 reasons.append(f"{field}: row {new['row']} was trained again")
             else:
-                reasons.append(f"{field}: the weights changed")
+                what = "the plugin's code" if field.startswith("plugins[") else "the weights"
+                reasons.append(f"{field}: {what} changed")
         if recorded["version"] != self.identity["version"]:
             reasons.append(f"project version {recorded['version']} -> {self.identity['version']}")
         return reasons
