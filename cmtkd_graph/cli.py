@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="default auto: the fastest usable backend on this machine (timed; the choice goes to stderr)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
+    p.add_argument("--masks", metavar="DIR", help="segmentation: write each image's class map (PNG) here")
     return parser
 
 
@@ -350,6 +351,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         top=args.top,
         backend=args.backend,
         report=lambda line: print(line, file=sys.stderr),
+        masks=args.masks,
     )
     print(json.dumps(results, indent=1) if args.json else format_predictions(results))
     return 0

@@ -158,7 +158,9 @@ class FitNetAdapter(nn.Module):
         return f"student_shape={self.student_shape}, teacher_shape={self.teacher_shape}"
 
 
-def kdcl_min_logit(teacher_logits: Tensor, student_logits: Tensor, target: Tensor) -> Tensor:
+def kdcl_min_logit(
+    teacher_logits: Tensor, student_logits: Tensor, target: Tensor, *, may_ignore: bool = False
+) -> Tensor:
     """The KDCL-MinLogit ensemble target z (paper eq. 7;
     docs/methods.md#mutual-learning-kdcl-minlogit-eq-7-9).
 
@@ -169,7 +171,10 @@ def kdcl_min_logit(teacher_logits: Tensor, student_logits: Tensor, target: Tenso
     towards each other through.
 
     ``teacher_logits`` is the combined teacher z_T and ``student_logits`` the student's, both
-    ``[B, classes]``; ``target`` holds class indices ``[B]``.
+    ``[B, classes]``; ``target`` holds class indices ``[B]``. With ``may_ignore`` a sample labelled
+    ``IGNORE`` (< 0: a segmentation pixel without a label) has no class to align on: its target is the
+    combined teacher's logits, so the student still learns from the teachers there and the teacher's term
+    is zero (without it, no extra work is done for labels that are always classes).
     """
     if teacher_logits.dim() != 2 or teacher_logits.shape != student_logits.shape:
         raise ValueError(
@@ -182,12 +187,15 @@ def kdcl_min_logit(teacher_logits: Tensor, student_logits: Tensor, target: Tenso
             f"{target.dtype} of shape {tuple(target.shape)}"
         )
     with torch.no_grad():
-        index = target.long().unsqueeze(1)
+        index = (target.long().clamp_min(0) if may_ignore else target.long()).unsqueeze(1)
         teacher = _at_least_float32(teacher_logits)
         student = _at_least_float32(student_logits)
         shifted_teacher = teacher - teacher.gather(1, index)
         shifted_student = student - student.gather(1, index)
-        return torch.minimum(shifted_teacher, shifted_student)
+        target_z = torch.minimum(shifted_teacher, shifted_student)
+        if may_ignore:
+            target_z = torch.where(target.unsqueeze(1) >= 0, target_z, teacher)
+        return target_z
 
 
 def _check_soft_kl_inputs(target: Tensor, logits: Tensor, tau: float) -> None:

@@ -68,7 +68,11 @@ def _load_module(name: str) -> ModuleType:
     if cwd not in sys.path and "" not in sys.path:
         sys.path.append(cwd)  # found from where the command runs, as `python -m` finds it
     try:
-        return importlib.import_module(name)
+        found = importlib.util.find_spec(name)
+        origin = Path(found.origin).resolve() if found is not None and found.origin else None
+        if origin in _FILES:  # loaded already as a .py file: its components are registered
+            return _FILES[origin]
+        module = importlib.import_module(name)
     except ModuleNotFoundError as err:
         if err.name and (name == err.name or name.startswith(err.name + ".")):
             raise PluginError(
@@ -78,6 +82,9 @@ def _load_module(name: str) -> ModuleType:
         raise _failed(name, err) from None
     except Exception as err:  # the plugin's own code failed: one line, with where it failed
         raise _failed(name, err) from None
+    if getattr(module, "__file__", None):
+        _FILES.setdefault(Path(module.__file__).resolve(), module)
+    return module
 
 
 def _load_file(ref: str) -> ModuleType:
@@ -88,6 +95,11 @@ def _load_file(ref: str) -> ModuleType:
         raise PluginError(f"plugin {ref!r}: no such file ({path}); paths are relative to {Path.cwd()}")
     if path.suffix != ".py":
         raise PluginError(f"plugin {ref!r}: a plugin file must be Python source ending in .py")
+    for module in list(sys.modules.values()):  # imported already by its module name
+        file = getattr(module, "__file__", None)
+        if file and Path(file).resolve() == path:
+            _FILES[path] = module
+            return module
     tag = hashlib.sha256(str(path).encode()).hexdigest()[:8]
     name = f"cmtkd_graph_plugin_{path.stem.replace('-', '_')}_{tag}"
     spec = importlib.util.spec_from_file_location(name, path)
@@ -135,8 +147,24 @@ def load_entry_points() -> tuple[str, ...]:
 
 
 def load_plugins(refs: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """The installed plugins, then each of ``refs``; returns ``refs`` (a spec field's validator)."""
+    """The installed plugins, then each of ``refs``; returns ``refs``."""
     load_entry_points()
     for ref in refs:
         load_plugin(ref)
     return list(refs)
+
+
+def load_spec_plugins(data: object) -> object:
+    """Before a spec is validated: the installed plugins and those its ``plugins:`` names (a list of
+    strings), so that every name after them is known. A plugin that fails is the one line reported (what
+    it registers would be reported missing too, each with a hint the user already followed)."""
+    load_entry_points()
+    refs = data.get("plugins") if isinstance(data, dict) else None
+    if isinstance(refs, list):
+        for i, ref in enumerate(refs):
+            if isinstance(ref, str):
+                try:
+                    load_plugin(ref)
+                except PluginError as err:
+                    raise PluginError(f"plugins[{i}]: {err}") from None
+    return data

@@ -41,6 +41,7 @@ from cmtkd_graph.passes.tracer import copy_graph_module, trace
 from cmtkd_graph.quantizers import build_quantizer_family
 from cmtkd_graph.spec import ModelSpec, Spec, SurgerySpec
 from cmtkd_graph.system_output import SystemOutput
+from cmtkd_graph.tasks import task_record
 
 log = logging.getLogger("cmtkd_graph")
 
@@ -66,7 +67,7 @@ def _float_graph(model: ModelSpec, surgery: list[SurgerySpec], device: str | tor
     """``float_network`` before code generation. The traced graph belongs to this function alone, so
     the passes run in place, and the caller generates code once, after its own passes."""
     gm = trace(_instantiate(model, device), train=True)
-    keep_main_output.in_place(gm)
+    keep_main_output.in_place(gm, key=task_record(model.arch).main_output)
     explicit_activations.in_place(gm)
     for step in surgery:
         run_surgery(gm, step.name, step.options, in_place=True)
@@ -150,6 +151,7 @@ class DistillationSystem(nn.Module):
     ):
         super().__init__()
         self.spec = spec
+        self.task = task_record(spec.student.arch)  # what the outputs mean (looked up once, not per step)
         self.student = student
         self.teachers = teachers
         self.adapters = adapters
@@ -175,7 +177,9 @@ class DistillationSystem(nn.Module):
     def method_context(self) -> MethodContext:
         """What the method's step hooks see of this system (its modules, the adapters, teacher_trains,
         the epoch)."""
-        return MethodContext(self.method_modules, self.adapters, self.teacher_trains, self.epoch)
+        return MethodContext(
+            self.method_modules, self.adapters, self.teacher_trains, self.epoch, self.task.labels_may_ignore
+        )
 
     def _freeze(self) -> None:
         for k in self.frozen_teachers:
@@ -194,7 +198,7 @@ class DistillationSystem(nn.Module):
         for node in self.student.graph.nodes:
             if node.op == "output":
                 val = node.args[0][LOGITS].meta.get("val")
-                return None if val is None else int(val.shape[-1])
+                return None if val is None else int(val.shape[1])  # [B, classes, ...]
         return None
 
     def forward(
@@ -227,8 +231,10 @@ class DistillationSystem(nn.Module):
         return out, self.losses(out, labels)
 
     def losses(self, out: SystemOutput, labels: Tensor) -> dict[str, Tensor]:
-        """Every term of the method's objective, plus ``total`` (see ``cmtkd_graph.methods``)."""
-        return self.method.losses(self.method_context, out, labels)
+        """Every term of the method's objective, plus ``total`` (see ``cmtkd_graph.methods``), on the
+        task's samples (a segmentation network's pixels)."""
+        task = self.task
+        return self.method.losses(self.method_context, out.as_samples(task), task.sample_labels(labels))
 
     def importance(self) -> dict[str, Tensor]:
         """Softmax importance weights per tap (and ``output``), each a Tensor[K] (detached)."""

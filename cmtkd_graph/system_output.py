@@ -6,11 +6,13 @@ holds only what they share.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from cmtkd_graph.tasks.base import Task
 
 
 @dataclass
@@ -27,6 +29,18 @@ class SystemOutput:
     teacher_features: dict[str, Tensor] = field(default_factory=dict)
     extras: dict[str, Tensor] = field(default_factory=dict)  # method-specific values (student extras...)
     stats: dict[str, Tensor] = field(default_factory=dict)  # logged vectors, e.g. mean instance weights
+
+    def as_samples(self, task) -> SystemOutput:
+        """The same output with every logits tensor as the task's samples [N, classes] (a segmentation
+        network's pixels; classification's are its images, unchanged)."""
+        if task.sample_logits is Task.sample_logits:
+            return self
+        return replace(
+            self,
+            student_logits=task.sample_logits(self.student_logits),
+            teacher_logits=None if self.teacher_logits is None else task.sample_logits(self.teacher_logits),
+            each_teacher_logits=tuple(task.sample_logits(z) for z in self.each_teacher_logits),
+        )
 
 
 def combined_from_probabilities(each_logits: tuple[Tensor, ...], weights: Tensor | None = None) -> Tensor:

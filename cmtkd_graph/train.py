@@ -38,6 +38,7 @@ from cmtkd_graph.checkpoint import (
 from cmtkd_graph.cli_common import EXIT_PREEMPTED, EXIT_USER_ERROR, add_train_args, user_error_lines
 from cmtkd_graph.data.bundle import DataBundle
 from cmtkd_graph.data.device import DeviceBatches
+from cmtkd_graph.data.loaders import eval_batch_size
 from cmtkd_graph.errors import UserError, first_line
 from cmtkd_graph.evaluation.accuracy import eval_line, evaluate
 from cmtkd_graph.identity import write_identity
@@ -57,6 +58,7 @@ from cmtkd_graph.runtime.process import (
 from cmtkd_graph.safe_files import refused_global
 from cmtkd_graph.spec import Spec
 from cmtkd_graph.spec.io import apply_overrides, dump_spec, load_spec, validate_spec
+from cmtkd_graph.tasks import task_record
 
 log = logging.getLogger("cmtkd_graph")
 
@@ -112,8 +114,10 @@ def run(spec_path: str | Spec | None, overrides: Sequence[str] = (), *, resume: 
             spec = _load(source, [*overrides, *length.overrides])
         accelerator = make_accelerator(spec, run_dir, precision)
         if spec.data.eval_batch_size is None:  # recorded in spec.yaml: what evaluation used
-            steps = accelerator.num_processes * accelerator.gradient_accumulation_steps
-            spec.data.eval_batch_size = max(spec.data.batch_size // steps, 1)
+            size = eval_batch_size(
+                spec.data, accelerator.num_processes, accelerator.gradient_accumulation_steps
+            )
+            spec = spec.model_copy(update={"data": spec.data.model_copy(update={"eval_batch_size": size})})
         if main:
             (run_dir / "spec.yaml").write_text(dump_spec(spec))
             write_identity(run_dir, spec, resumed=directory.resumed)
@@ -239,6 +243,7 @@ class Trainer:
         from cmtkd_graph.system import build_system
 
         self.spec, self.acc, self.run_dir = spec, accelerator, run_dir
+        self.task = task_record(spec.student.arch)
         self.stop = stop if stop is not None else []  # the stop signals received (stop_signals)
         self.precision = precision
         self.channels_last = precision.channels_last
@@ -518,13 +523,13 @@ class Trainer:
             "kind": "eval",
             "step": self.state["step"],
             "epoch": self.state["epoch"],
-            **evaluate(self.model, self.eval_loader, acc, channels_last=self.channels_last),
+            **evaluate(self.model, self.eval_loader, acc, task=self.task, channels_last=self.channels_last),
         }
         self.model.train()
         self.metrics.write(record)
         trackers.log(acc, self.spec, record)
         if acc.is_main_process:
-            log.info(eval_line(record))
+            log.info(eval_line(record, self.task))
             if self.system.teachers is not None:  # fusion importance, or a method's instance weights
                 plot_importance(
                     read_metrics(self.run_dir / "metrics.jsonl"),
@@ -546,7 +551,9 @@ class Trainer:
                 "run_dir": str(self.run_dir),
                 "steps": self.state["step"],
                 "processes": acc.num_processes,
-                "accuracy": {k: v for k, v in final_eval.items() if k.startswith("acc")},
+                "accuracy": {
+                    k: v for k, v in final_eval.items() if k.split("/")[0] in self.task.metric_titles
+                },
                 "importance": {
                     **{tap: w.tolist() for tap, w in self.system.importance().items()},
                     **{k.split("/", 1)[1]: v for k, v in final_eval.items() if k.startswith("importance/")},
@@ -559,7 +566,7 @@ class Trainer:
             (self.run_dir / "final.json").write_text(json.dumps(summary, indent=1))
             plot = self.run_dir / "importance.png"
             log.info(f"done: {self.run_dir}")
-            log.info("  " + eval_line(final_eval))
+            log.info("  " + eval_line(final_eval, self.task))
             log.info(f"  final student: {self.run_dir / 'student.safetensors'}")
             if plot.exists():
                 log.info(f"  importance plot: {plot}")

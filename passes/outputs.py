@@ -16,8 +16,9 @@ from torch import fx
 
 
 @graph_pass
-def keep_main_output(gm: fx.GraphModule) -> None:
-    """Make the graph return only the main logits tensor.
+def keep_main_output(gm: fx.GraphModule, key: str = LOGITS) -> None:
+    """Make the graph return only the main logits tensor (``key`` of a dict output: ``out`` for
+    torchvision's segmentation models, whose task says so).
 
     GoogLeNet / Inception v3 traced in training mode return ``(logits, aux...)``; the auxiliary heads
     are not part of CMT-KD, so they are removed with their modules (a torchvision checkpoint then
@@ -30,8 +31,8 @@ def keep_main_output(gm: fx.GraphModule) -> None:
         value = value.args[fields.index(LOGITS) if LOGITS in fields else 0]
     if isinstance(value, tuple | list) and value and isinstance(value[0], fx.Node):
         value = value[0]
-    elif isinstance(value, dict) and isinstance(value.get(LOGITS), fx.Node):
-        value = value[LOGITS]
+    elif isinstance(value, dict) and isinstance(value.get(key), fx.Node):
+        value = value[key]
     if not isinstance(value, fx.Node):
         raise ValueError(f"cannot find the logits among the model outputs {value!r}")
     if value is out.args[0]:

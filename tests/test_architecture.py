@@ -231,6 +231,7 @@ def test_the_built_in_datasets_keep_their_facts():
         "cifar10": (32, False, True, True),
         "cifar100": (32, False, True, True),
         "fashion_mnist": (28, True, False, False),
+        "fashion_scenes": (64, False, True, False),
         "imagefolder": (224, False, True, False),
     }
 

@@ -76,6 +76,10 @@ def test_a_users_components_work_through_every_verb_and_a_study(project):
     )
     shown = ok(cli(project, "validate", "teacher.yaml"))
     assert "stripes" in shown, shown
+    # the same file named as a module too (--plugin) is one plugin, loaded once
+    assert "stripes" in ok(
+        cli(project, "--plugin", "my_components", "validate", "teacher.yaml", "--no-build")
+    )
     ok(cli(project, "train", "teacher.yaml"))
     teacher_dir = project / "runs" / "teacher"
     identity = json.loads((teacher_dir / "identity.json").read_text())

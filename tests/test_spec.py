@@ -111,19 +111,21 @@ MALFORMED = [
         lambda d: d["student"].update(arch="resnet81"),
         None,
         "student.arch: unknown torchvision model 'resnet81'; did you mean resnet18, resnet152, "
-        "resnet101, resnet50, resnet34? (the builders of the tasks: classification (torchvision.models))",
+        "resnet101, resnet50, resnet34? (the builders of the tasks: classification (torchvision.models), "
+        "segmentation (torchvision.models.segmentation))",
     ),
     (
         lambda d: d["teachers"][0].update(arch="vit_b_61"),
         None,
         "teachers[0].arch: unknown torchvision model 'vit_b_61'; did you mean vit_b_16, vit_l_16, "
-        "vit_h_14, vit_b_32, vit_l_32? (the builders of the tasks: classification (torchvision.models))",
+        "vit_h_14, vit_b_32, vit_l_32? (the builders of the tasks: classification (torchvision.models), "
+        "segmentation (torchvision.models.segmentation))",
     ),
     (
-        lambda d: d["student"].update(arch="deeplabv3_resnet50"),
+        lambda d: d["student"].update(arch="r3d_18"),
         None,
-        "student.arch: 'deeplabv3_resnet50' is a torchvision builder of a task this version does not "
-        "train; the tasks: classification (torchvision.models)",
+        "student.arch: 'r3d_18' is a torchvision builder of a task this version does not train; the "
+        "tasks: classification (torchvision.models), segmentation (torchvision.models.segmentation)",
     ),
     (
         lambda d: d.update(quantizer={"name": "hwgqq"}),
@@ -194,7 +196,7 @@ MALFORMED = [
         lambda d: d["data"].update(dataset="imagenet"),
         None,
         "data.dataset: unknown dataset 'imagenet' (did you mean imagefolder?); "
-        "known: cifar10, cifar100, fashion_mnist, imagefolder "
+        "known: cifar10, cifar100, fashion_mnist, fashion_scenes, imagefolder "
         "(one of your own: name its module under the spec's plugins:)",
     ),
     (

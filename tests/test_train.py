@@ -252,6 +252,8 @@ def test_two_cpu_processes_train_one_model(tmp_path, fashion_mnist):
     train_lines = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train_lines] == [2, 4]  # batch 32 = 2 processes x 16: 4 steps/epoch
     assert "MULTI_CPU" in result.stderr
+    saved = yaml.safe_load((run_dir / "spec.yaml").read_text())
+    assert saved["data"]["eval_batch_size"] == 16  # the per-process training batch, recorded
 
 
 def test_sigterm_stops_two_processes_with_a_checkpoint_and_resume_auto_finishes_bit_identically(

@@ -61,6 +61,11 @@ def build_loaders(
     return train, evaluation
 
 
+def eval_batch_size(data: DataSpec, processes: int, accumulation: int = 1) -> int:
+    """The per-process evaluation batch: ``data.eval_batch_size``, else the per-process training batch."""
+    return data.eval_batch_size or max(data.batch_size // (processes * accumulation), 1)
+
+
 def build_eval_loader(
     bundle: DataBundle, spec: DataSpec, dataset: Dataset, *, batch_size: int, seed: int
 ) -> DataLoader:

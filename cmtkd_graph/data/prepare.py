@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import shutil
 import tarfile
 import tempfile
@@ -64,21 +65,43 @@ def prepare(name: str, root: str | Path | None = None, source: str | Path | None
     target = Path(root if root is not None else r.default_root).expanduser()
     if source is not None and not Path(source).expanduser().exists():
         raise UserError(f"--from {source}: no such file or folder")
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--root {target}: a file, not a folder")
     if target.exists() and any(target.iterdir()):
         taken = [p.name for p in target.iterdir()]
         raise UserError(
             f"{target} is not empty ({', '.join(sorted(taken)[:5])}); prepare into a new or empty folder"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    except OSError as err:
+        raise UserError(f"--root {target}: cannot write beside it ({first_line(err)})") from None
     try:
         done = r.make(staging, None if source is None else Path(source).expanduser())
-        target.mkdir(exist_ok=True)
-        for entry in staging.iterdir():
-            entry.rename(target / entry.name)
+        _move_in(staging, target)
+    except OSError as err:  # a full disk, a permission: one line, and nothing left half made
+        raise UserError(f"preparing {name} into {target} failed: {first_line(err)}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return f"{done}; {target} is ready (data: {{dataset: {r.dataset}, root: {target}}})"
+
+
+def _move_in(staging: Path, target: Path) -> None:
+    """Move every entry of ``staging`` into ``target`` (another file system too); on a failure, take back
+    what was moved, so that ``target`` is as it was."""
+    created = not target.exists()
+    target.mkdir(exist_ok=True)
+    moved: list[Path] = []
+    try:
+        for entry in sorted(staging.iterdir()):
+            moved.append(Path(shutil.move(str(entry), str(target / entry.name))))
+    except OSError:
+        for path in moved:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
 
 
 # ---------------------------------------------------------------------------- checks and transfers
@@ -103,7 +126,7 @@ def download(url: str, to: Path) -> Path:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(to, "wb") as out:
             shutil.copyfileobj(response, out, 1 << 20)
-    except OSError as err:
+    except (OSError, http.client.HTTPException) as err:
         raise UserError(
             f"could not download {url} ({first_line(err)}); on a machine without internet, fetch it "
             "elsewhere and pass it with --from"
@@ -122,7 +145,11 @@ def extract(archive: Path, into: Path) -> None:
                 z.extractall(into)
             return
         with tarfile.open(archive) as t:
-            t.extractall(into, filter="data")  # no absolute paths, no '..', no links out, no devices
+            for member in t.getmembers():  # what filter="data" refuses too (Python < 3.11.4 has none)
+                inside = (into / member.name).resolve().is_relative_to(into.resolve())
+                if not inside or member.issym() or member.islnk() or member.isdev():
+                    raise UserError(f"{archive}: member {member.name!r} is a link or points outside; refused")
+            t.extractall(into, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as err:
         raise UserError(f"{archive}: not a readable .tar.gz or .zip archive ({first_line(err)})") from None
 
@@ -246,14 +273,12 @@ def _folder_holding(tree: Path, names: tuple[str, ...]) -> Path | None:
 def prepare_image_folders(staging: Path, source: Path | None, *, url: str, digest: str, title: str) -> str:
     """Image folders (train/, test/) from an archive or folder, kept only if their content digest is
     ``digest``."""
-    unpacked = staging / ".unpacked"
-    unpacked.mkdir()
-    if source is None:
-        extract(download(url, staging / ".download"), unpacked)
-    elif source.is_dir():
+    if source is not None and source.is_dir():
         unpacked = source
     else:
-        extract(source, unpacked)
+        unpacked = staging / ".unpacked"
+        unpacked.mkdir()
+        extract(source if source is not None else download(url, staging / ".download"), unpacked)
     top = _folder_holding(unpacked, SPLITS)
     if top is None:
         raise UserError(f"{source or url}: no folder holding {' and '.join(SPLITS)}/ inside")

@@ -38,6 +38,7 @@ class DatasetRecord:
     default_root: ClassVar[str | None] = None  # data.root when the spec gives none
     has_eval_split_choice: ClassVar[bool] = False  # data.eval_split names the evaluation folder
     reads_files_on_demand: ClassVar[bool] = False  # images decoded per access (data.corrupt_images: skip)
+    device_pipeline: ClassVar[bool] = True  # data.pipeline: device can decode it (one label per image)
 
     @classmethod
     def input_size(cls) -> int:

@@ -30,6 +30,7 @@ from cmtkd_graph.deploy.student import (
 from cmtkd_graph.errors import UserError, first_line
 from cmtkd_graph.registry import DATASETS
 from cmtkd_graph.spec import Spec
+from cmtkd_graph.tasks import task_record
 
 BACKENDS = ("auto", "torch", "inference", "integer", "onnx", "onnx-int8", "openvino")
 FILES = {"onnx": "student.onnx", "onnx-int8": "student-int8.onnx", "openvino": "student-openvino.xml"}
@@ -73,9 +74,11 @@ def predict(
     top: int = 1,
     backend: str = "auto",
     report: Callable[[str], None] | None = None,
+    masks: str | Path | None = None,
 ) -> list[dict]:
-    """Per image: its path and the ``top`` classes with their probabilities. ``report`` receives one
-    line naming the backend ``auto`` chose and why."""
+    """Per image: its path and the ``top`` classes with their probabilities (segmentation: the classes
+    covering most pixels, and with ``masks`` a PNG of each pixel's class index written there).
+    ``report`` receives one line naming the backend ``auto`` chose and why."""
     if backend not in BACKENDS:
         raise UserError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     if not images:
@@ -88,20 +91,23 @@ def predict(
         if report is not None:
             report(f"backend: {backend} ({why})")
     logits = runner(directory, backend)(batch)
-    probabilities = torch.softmax(logits.float(), dim=1)
-    classes = _classes(directory)
-    values, indices = probabilities.topk(min(top, probabilities.shape[1]), dim=1)
-    results = []
-    for path, p, i in zip(images, values.tolist(), indices.tolist(), strict=True):
-        results.append(
-            {
-                "image": str(path),
-                "predictions": [
-                    {"class": classes[c] if classes else str(c), "index": c, "probability": q}
-                    for c, q in zip(i, p, strict=True)
-                ],
-            }
-        )
+    task = task_record(spec.student.arch)
+    results = [
+        {"image": str(path), "predictions": answers}
+        for path, answers in zip(images, task.predictions(logits, _classes(directory), top), strict=True)
+    ]
+    maps = task.masks(logits)
+    if masks is not None and maps is None:
+        raise UserError(f"--masks: a {spec.resolved_task} model predicts no per-pixel classes")
+    if masks is not None:
+        from PIL import Image
+
+        folder = Path(masks).expanduser()
+        folder.mkdir(parents=True, exist_ok=True)
+        for result, mask in zip(results, maps.cpu().numpy(), strict=True):
+            path = folder / f"{Path(result['image']).stem}.png"
+            Image.fromarray(mask, mode="L").save(path)  # each pixel: its class index
+            result["mask"] = str(path)
     return results
 
 
@@ -225,6 +231,13 @@ def _classes(directory: Path) -> list[str] | None:
 def format_predictions(results: list[dict]) -> str:
     lines = []
     for r in results:
-        best = ", ".join(f"{p['class']} {100 * p['probability']:.1f}%" for p in r["predictions"])
+        best = ", ".join(
+            f"{p['class']} {100 * p['share']:.1f}% of pixels"
+            if "share" in p
+            else f"{p['class']} {100 * p['probability']:.1f}%"
+            for p in r["predictions"]
+        )
+        if "mask" in r:
+            best += f" (mask: {r['mask']})"
         lines.append(f"{r['image']}: {best}")
     return "\n".join(lines)

@@ -1,27 +1,29 @@
-"""Top-1/top-5 of the student, each teacher and the combined teacher: one pass over a loader.
+"""The task's metrics (classification: top-1/top-5; segmentation: mIoU, pixel accuracy) of the student,
+each teacher and the combined teacher: one pass over a loader.
 
 Shared by training (``Trainer.evaluate``) and ``cmtkd-graph eval`` (``evaluation.run``). Under
-``accelerate launch`` each process sees its shard and the counts are gathered with
-``gather_for_metrics``, which drops the samples the last batch repeats to even out the shards: every
-image is counted once.
+``accelerate launch`` each process sees its shard; each image's metric row (``Task.metric_rows``) is
+gathered with ``gather_for_metrics``, which drops the samples the last batch repeats to even out the
+shards: every image is counted once.
 """
 
 from __future__ import annotations
 
 import torch
 
-from cmtkd_graph.metrics import topk_correct
+from cmtkd_graph.tasks import Task
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, *, channels_last: bool = False) -> dict:
-    """``{"samples": N, "acc1/student": %, "acc5/student": %, ..., "importance/<stat>": [...]}``.
+def evaluate(model, loader, accelerator, *, task: type[Task], channels_last: bool = False) -> dict:
+    """``{"samples": N, "acc1/student": %, "acc5/student": %, ..., "importance/<stat>": [...]}`` (the
+    metric names are the task's: ``miou/student``...).
 
     Leaves ``model`` in eval mode. ``importance/<stat>`` are the method's statistics (e.g. AMTML-KD's
     instance weights) averaged over the images.
     """
     model.eval()
-    correct: dict[str, dict[int, int]] = {}
+    states: dict[str, torch.Tensor] = {}
     stats: dict[str, torch.Tensor] = {}
     seen, stats_seen = 0, 0
     for images, labels in loader:
@@ -35,17 +37,14 @@ def evaluate(model, loader, accelerator, *, channels_last: bool = False) -> dict
         for name, value in out.stats.items():  # batch means, weighted by the batch size
             stats[name] = stats.get(name, 0.0) + value.float() * labels.shape[0]
         stats_seen += labels.shape[0] if out.stats else 0
-        gathered = accelerator.gather_for_metrics((labels, *[z.float() for z in named.values()]))
-        labels_all, logits_all = gathered[0], gathered[1:]
-        seen += labels_all.shape[0]
-        for name, z in zip(named, logits_all, strict=True):
-            for k, c in topk_correct(z, labels_all).items():
-                correct.setdefault(name, {}).setdefault(k, 0)
-                correct[name][k] += c
+        rows = [task.metric_rows(z.float(), labels) for z in named.values()]
+        gathered = accelerator.gather_for_metrics(rows)
+        seen += gathered[0].shape[0]
+        for name, row in zip(named, gathered, strict=True):
+            states[name] = states.get(name, 0) + row.sum(0)
     record: dict = {"samples": seen}
-    for name, counts in correct.items():
-        for k, c in counts.items():
-            record[f"acc{k}/{name}"] = 100.0 * c / max(seen, 1)
+    for name, state in states.items():
+        record.update({f"{key}/{name}": value for key, value in task.metric_values(state.cpu()).items()})
     for name, total in sorted(stats.items()):
         pair = torch.cat([total.flatten(), total.new_tensor([stats_seen])])  # one reduce: sum and count
         pair = accelerator.reduce(pair, reduction="sum") if accelerator.num_processes > 1 else pair
@@ -53,11 +52,14 @@ def evaluate(model, loader, accelerator, *, channels_last: bool = False) -> dict
     return record
 
 
-def eval_line(record: dict) -> str:
+def eval_line(record: dict, task: type[Task]) -> str:
     """``eval (top-1/top-5 %, N images): student a/b, combined c/d, teacher0 ...``."""
+    keys = list(task.metric_titles)
+    first = keys[0]
     parts = []
-    teachers = sorted(k.split("/")[1] for k in record if k.startswith("acc1/teacher"))
+    teachers = sorted(k.split("/")[1] for k in record if k.startswith(f"{first}/teacher"))
     for name in ["student", "combined", *teachers]:
-        if f"acc1/{name}" in record:
-            parts.append(f"{name} {record[f'acc1/{name}']:.2f}/{record.get(f'acc5/{name}', 0):.2f}")
-    return f"eval (top-1/top-5 %, {record['samples']} images): " + ", ".join(parts)
+        if f"{first}/{name}" in record:
+            parts.append(f"{name} " + "/".join(f"{record.get(f'{k}/{name}', 0):.2f}" for k in keys))
+    titles = "/".join(title.removesuffix(" %") for title in task.metric_titles.values())
+    return f"eval ({titles} %, {record['samples']} images): " + ", ".join(parts)

@@ -27,8 +27,10 @@ from cmtkd_graph.deploy.student import (
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.evaluation.accuracy import evaluate
 from cmtkd_graph.passes.common import LOGITS
+from cmtkd_graph.registry import TASKS
 from cmtkd_graph.safe_files import read_tensors
 from cmtkd_graph.system_output import SystemOutput
+from cmtkd_graph.tasks import task_record
 
 log = logging.getLogger("cmtkd_graph")
 SPLITS = ("test", "train")
@@ -55,7 +57,7 @@ def evaluate_run(
 ) -> dict:
     """Evaluate ``run_dir``; write the result as JSON (main process) and return it."""
     from cmtkd_graph.data import build_datasets
-    from cmtkd_graph.data.loaders import build_eval_loader
+    from cmtkd_graph.data.loaders import build_eval_loader, eval_batch_size
     from cmtkd_graph.runtime.precision import fixed_precision, recorded_precision
     from cmtkd_graph.runtime.process import make_accelerator, set_cpu_threads
     from cmtkd_graph.spec.io import load_spec
@@ -84,7 +86,7 @@ def evaluate_run(
     with accelerator.main_process_first():
         bundle = build_datasets(spec.data)
     dataset = bundle.eval if split == "test" else bundle.train_eval
-    batch = spec.data.eval_batch_size or spec.data.batch_size // accelerator.num_processes
+    batch = eval_batch_size(spec.data, accelerator.num_processes, accelerator.gradient_accumulation_steps)
     loader = build_eval_loader(bundle, spec.data, dataset, batch_size=batch, seed=spec.train.seed)
     model, loader = accelerator.prepare(model, loader)
     record = {
@@ -92,7 +94,14 @@ def evaluate_run(
         "state": str(source),
         "split": split,
         "processes": accelerator.num_processes,
-        **evaluate(model, loader, accelerator, channels_last=precision.channels_last),
+        "task": spec.resolved_task,
+        **evaluate(
+            model,
+            loader,
+            accelerator,
+            task=task_record(spec.student.arch),
+            channels_last=precision.channels_last,
+        ),
     }
     if accelerator.is_main_process:
         path = Path(out) if out else run_dir / "eval" / f"{_label(source)}-{split}.json"
@@ -119,19 +128,22 @@ def _label(source: Path) -> str:
 
 
 def table(record: dict, recorded: dict | None = None) -> str:
-    """The networks' accuracies; with ``recorded`` (final.json's), those beside them."""
-    names = [k.split("/", 1)[1] for k in record if k.startswith("acc1/")]
-    header = f"{'network':10s} {'top-1 %':>8s} {'top-5 %':>8s}"
+    """The networks' metrics (the task's: top-1/top-5, mIoU/pixel accuracy); with ``recorded``
+    (final.json's), the first of them beside."""
+    titles = TASKS.get(record.get("task", "classification")).metric_titles
+    keys, first = list(titles), next(iter(titles))
+    names = [k.split("/", 1)[1] for k in record if k.startswith(f"{first}/")]
+    header = f"{'network':10s} " + " ".join(f"{titles[k]:>12s}" for k in keys)
     if recorded:
-        header += f" {'final.json top-1':>17s}"
+        header += f" {'final.json ' + titles[first].removesuffix(' %'):>20s}"
     lines = [
         f"{record['split']} split, {record['samples']} images, state {record['state']}",
         header,
     ]
     for name in names:
-        line = f"{name:10s} {record[f'acc1/{name}']:8.2f} {record.get(f'acc5/{name}', float('nan')):8.2f}"
-        if recorded and f"acc1/{name}" in recorded:
-            line += f" {recorded[f'acc1/{name}']:17.2f}"
+        line = f"{name:10s} " + " ".join(f"{record.get(f'{k}/{name}', float('nan')):12.2f}" for k in keys)
+        if recorded and f"{first}/{name}" in recorded:
+            line += f" {recorded[f'{first}/{name}']:20.2f}"
         lines.append(line)
     if "written" in record:
         lines.append(f"written to {record['written']}")

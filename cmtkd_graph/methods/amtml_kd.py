@@ -143,6 +143,11 @@ class AMTMLKD(Method):
         "decay 0.1; phases 80 + 200 epochs (docs/methods.md#amtml_kd)"
     )
     arrangement = "side_by_side"
+    tasks = ("classification",)
+    tasks_reason = (
+        "its teacher weights are learned per image from the last feature map and its relational terms "
+        "compare every pair of samples (per pixel, (H W)^2 pairs)"
+    )
     min_teachers = 1
     frozen_teachers_only = True
     feature_losses = ("attention", "fitnet", "none")

@@ -82,6 +82,7 @@ class MethodContext:
     adapters: nn.ModuleDict  # FitNet adapters, keyed by fusion_key(tap)
     teacher_trains: bool  # at least one teacher is trained (its cross-entropy is a loss term)
     epoch: Tensor  # 0-dim: the fractional epoch of the step being trained (0 outside training)
+    labels_may_ignore: bool = False  # a label may be IGNORE (a segmentation pixel without a class)
 
 
 class Method:
@@ -100,6 +101,10 @@ class Method:
     feature_losses: ClassVar[tuple[str, ...]] = ("none",)  # allowed distill.feature_loss; first = default
     mutual_learning: ClassVar[bool | None] = None  # None: not supported; else the default
     revision: ClassVar[int] = 1
+    # the tasks its terms have a meaning for, and why not the others (None: every task; its terms read
+    # samples [N, classes], which a task makes of its outputs)
+    tasks: ClassVar[tuple[str, ...] | None] = None
+    tasks_reason: ClassVar[str] = ""
     """Raised when the method's computation for a given spec changes (a new reading, a new default):
     runs trained before are then stale (docs/studies.md#run-identity-and-stale-runs)."""
     defaults: ClassVar[dict[str, float]] = {"alpha": 1.0, "beta": 0.5, "tau": 2.0}

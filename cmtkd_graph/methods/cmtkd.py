@@ -42,7 +42,9 @@ class CMTKD(Method):
         d = self.distill
         terms, total = self.cross_entropy_terms(ctx, out, labels)
         if d.mutual_learning:
-            z = losses.kdcl_min_logit(out.teacher_logits, out.student_logits, labels)
+            z = losses.kdcl_min_logit(
+                out.teacher_logits, out.student_logits, labels, may_ignore=ctx.labels_may_ignore
+            )
             terms["kl_student"] = losses.soft_kl(z, out.student_logits, d.tau)
             terms["kl_teacher"] = losses.soft_kl(z, out.teacher_logits, d.tau)
             total = total + d.beta * (terms["kl_student"] + terms["kl_teacher"])

@@ -51,9 +51,13 @@ def build_model(arch: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     """Build an untrained torchvision model (weights are loaded later, into the rewritten graph)."""
     import torchvision
 
+    from cmtkd_graph.tasks import task_record
+
     check_arch(arch)
     try:
-        return torchvision.models.get_model(arch, weights=None, **(kwargs or {}))
+        return torchvision.models.get_model(
+            arch, weights=None, **{**task_record(arch).builder_defaults, **(kwargs or {})}
+        )
     except TypeError as err:
         raise UserError(f"{arch}: bad builder kwargs {kwargs}: {err}") from None
 

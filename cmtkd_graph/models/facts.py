@@ -73,6 +73,22 @@ FAMILIES: tuple[Family, ...] = (
         note="the four stages; their maps are NHWC",
     ),
 )
+SEGMENTATION_FAMILIES: tuple[Family, ...] = (
+    Family(
+        "segmentation resnet",
+        ("fcn_resnet", "deeplabv3_resnet"),
+        FixedTaps(("backbone.layer1", "backbone.layer2", "backbone.layer3", "backbone.layer4")),
+        note="the backbone's four stages (layer3 and layer4 are dilated: they keep layer2's resolution, "
+        "which the resolution rule cannot see)",
+    ),
+    Family(
+        "segmentation mobilenet_v3",
+        ("deeplabv3_mobilenet_v3", "lraspp_mobilenet_v3"),
+        FixedTaps(("backbone.3", "backbone.6", "backbone.12", "backbone.16")),
+        note="the MobileNetV3-Large backbone's stage ends at strides 4, 8 and 16, and its last map",
+    ),
+)
+FAMILIES = FAMILIES + SEGMENTATION_FAMILIES
 GENERIC = Family("generic", (), StageEnds(), note="every other model: the end of every stage, from the graph")
 
 

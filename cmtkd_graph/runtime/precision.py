@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from cmtkd_graph.spec import Spec
+from cmtkd_graph.tasks import task_record
 
 log = logging.getLogger("cmtkd_graph")
 
@@ -318,7 +319,8 @@ def probe(
         base = build_system(spec, load=False).to(device)
         classes = base.num_classes() or 2
         images = torch.randn(batch_per_process, *spec.data.input_shape(), device=device)
-        labels = torch.randint(0, classes, (batch_per_process,), device=device)
+        task = task_record(spec.student.arch)
+        labels = task.example_labels(batch_per_process, classes, spec.data.input_shape(), device)
         steps = {}
         for mixed, channels_last in options:
             system = copy.deepcopy(base)

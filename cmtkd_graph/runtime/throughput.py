@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from cmtkd_graph.spec import Spec
+from cmtkd_graph.tasks import task_record
 
 # Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' data sheets, by a fragment of
 # torch.cuda.get_device_name(); SXM and PCIe/NVL boards differ, so the fragment names the board.
@@ -35,7 +36,7 @@ def train_flops_per_image(spec: Spec) -> float:
     system = build_system(spec, device="meta", load=False)
     batch = 2
     images = torch.zeros(batch, *spec.data.input_shape(), device="meta")
-    labels = torch.zeros(batch, dtype=torch.long, device="meta")
+    labels = task_record(spec.student.arch).example_labels(batch, 2, spec.data.input_shape(), "meta")
     with FlopCounterMode(display=False) as counter:
         _, terms = system(images, labels)
         terms["total"].backward()

@@ -25,7 +25,7 @@ from pydantic import (
 
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.models.builders import check_arch
-from cmtkd_graph.plugins import PluginError, load_entry_points, load_plugin
+from cmtkd_graph.plugins import load_spec_plugins
 from cmtkd_graph.registry import DATASETS, METHODS, QUANTIZERS, SURGERIES, TASKS, Registry
 
 FULL_PRECISION = 32
@@ -98,23 +98,6 @@ def _check_task(name: str) -> str:
     return _known(TASKS, name)
 
 
-def _load_plugin(ref: str) -> str:
-    """Import a plugin the spec names (validated first, so that its components' names are known)."""
-    try:
-        load_plugin(ref)
-    except PluginError as err:
-        raise ValueError(str(err)) from None
-    return ref
-
-
-def _load_installed(refs: list[str]) -> list[str]:
-    load_entry_points()
-    return refs
-
-
-PluginRef = Annotated[str, AfterValidator(_load_plugin)]
-
-
 def _registered_names(registry: Registry):
     """``json_schema_extra`` listing a registry's names as the field's enum (editor completion), read
     when the schema is generated, so that components registered later are listed too."""
@@ -161,6 +144,7 @@ class ModelSpec(Strict):
     trainable: bool = Field(True, description="false: frozen (eval mode, no gradient), e.g. a loaded teacher")
     surgery: list[SurgerySpec] | None = Field(None, description="overrides the top-level surgery list")
 
+    _load_plugins = model_validator(mode="before")(load_spec_plugins)  # before any name is looked up
     _normalise_surgery = model_validator(mode="before")(
         lambda data: (
             {**data, "surgery": _surgery_list(data["surgery"])}
@@ -278,7 +262,7 @@ class DataSpec(Strict):
 
     dataset: Annotated[str, AfterValidator(_check_dataset)] = Field(
         description="registered dataset: cifar10/cifar100 (torchvision format), imagefolder (train/ + "
-        "val|test/), fashion_mnist (see cmtkd_graph/data/)",
+        "val|test/), fashion_mnist; fashion_scenes (segmentation) (see cmtkd_graph/data/)",
         json_schema_extra=_registered_names(DATASETS),
     )
     root: str | None = Field(
@@ -331,6 +315,12 @@ class DataSpec(Strict):
             problems.append(
                 f"data.download: only {'/'.join(_datasets_that('downloadable'))} can be downloaded; "
                 f"{self.dataset}: {record.how_to_get}"
+            )
+        if self.pipeline == "device" and not record.device_pipeline:
+            problems.append(
+                "data.pipeline: device decodes class-labelled images "
+                f"({'/'.join(_datasets_that('device_pipeline'))}); {self.dataset} is read by the loader's "
+                "workers: set data.pipeline: workers"
             )
         if self.eval_split is not None and not record.has_eval_split_choice:
             problems.append(
@@ -527,17 +517,16 @@ class Spec(Strict):
     """A distillation experiment."""
 
     name: Name = Field(description="experiment name: the run directory's name (no '/', not '.' or '..')")
-    plugins: Annotated[list[PluginRef], AfterValidator(_load_installed)] = Field(
+    plugins: list[str] = Field(
         default_factory=list,
-        validate_default=True,
         description="modules of your own components, imported before any name is looked up: module "
         "names (my_package.my_method) or .py files (relative to the working directory); installed "
         "plugins (entry points cmtkd_graph.plugins) are always loaded",
     )
     task: Annotated[str, AfterValidator(_check_task)] | None = Field(
         None,
-        description="what the models compute: a registered task (classification); default: the task whose "
-        "torchvision builders include the student's",
+        description="what the models compute: a registered task (classification, segmentation); default: "
+        "the task whose torchvision builders include the student's",
         json_schema_extra=_registered_names(TASKS),
     )
     method: Annotated[str, AfterValidator(_check_method)] = Field(
@@ -558,6 +547,7 @@ class Spec(Strict):
     optim: OptimSpec = Field(default_factory=OptimSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
 
+    _load_plugins = model_validator(mode="before")(load_spec_plugins)  # before any name is looked up
     _normalise_surgery = model_validator(mode="before")(
         lambda data: (
             {**data, "surgery": _surgery_list(data["surgery"])}
@@ -598,6 +588,12 @@ class Spec(Strict):
             for where, m in models
             if m.arch is not None and task_of_model(m.arch) != task
         ]
+        method = METHODS.get(self.method)
+        if method.tasks is not None and task not in method.tasks:
+            problems.append(
+                f"method: {self.method} is for {', '.join(method.tasks)} ({method.tasks_reason}); the spec's "
+                f"task is {task}: use {', '.join(m for m in METHODS if METHODS.get(m).tasks is None)}"
+            )
         data_task = DATASETS.get(self.data.dataset).task
         if data_task != task:
             problems.append(

@@ -14,22 +14,95 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import ClassVar
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
 
 from cmtkd_graph.registry import TASKS
 
+IGNORE = -100
+"""The label of a sample no loss counts (``F.cross_entropy``'s default ``ignore_index``): a task maps its
+datasets' own ignore label (255 in segmentation masks) to it."""
+
 
 class Task:
-    """Base class of a task record (see the module docstring). Class attributes are the facts."""
+    """Base class of a task record (see the module docstring). Class attributes are the facts; the
+    methods say how the task's outputs become samples and metrics. The defaults are classification's:
+    one sample per image, logits [B, classes]."""
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line: what the models of this task compute
     builder_modules: ClassVar[tuple[str, ...]] = ()  # torchvision modules whose list_models() it covers
+    main_output: ClassVar[str] = "logits"  # the key of the prediction where a model returns a dict
+    builder_defaults: ClassVar[dict[str, Any]] = {}  # builder kwargs unless the spec sets them
+    labels_may_ignore: ClassVar[bool] = False  # a sample's label may be IGNORE (no class: counted nowhere)
+    # metric key -> heading; the first is the one a run is judged by (final.json, studies)
+    metric_titles: ClassVar[dict[str, str]] = {"acc1": "top-1 %", "acc5": "top-5 %"}
 
     @classmethod
     def model_names(cls) -> tuple[str, ...]:
         """The torchvision builders of this task (``list_models(module=...)`` of its modules)."""
         return _builders(cls.builder_modules)
+
+    @classmethod
+    def label_shape(cls, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of one sample's label for an input of ``input_shape`` (C, H, W): () for a class."""
+        return ()
+
+    @classmethod
+    def example_labels(
+        cls, batch: int, classes: int, input_shape: tuple[int, ...], device: str | torch.device = "cpu"
+    ) -> Tensor:
+        """Random labels of a batch (probes and FLOP counts run the objective on them)."""
+        shape = (batch, *cls.label_shape(input_shape))
+        if torch.device(device).type == "meta":
+            return torch.zeros(shape, dtype=torch.long, device=device)
+        return torch.randint(0, classes, shape, device=device)
+
+    # ---------------------------------------------------------------- the objective's samples
+    @staticmethod
+    def sample_logits(logits: Tensor) -> Tensor:
+        """The logits as samples [N, classes], what every loss term of a method reads."""
+        return logits
+
+    @staticmethod
+    def sample_labels(labels: Tensor) -> Tensor:
+        """The labels as samples [N] (class indices, or :data:`IGNORE`)."""
+        return labels
+
+    # ---------------------------------------------------------------- predict
+    @classmethod
+    def predictions(cls, logits: Tensor, classes: list[str], top: int) -> list[list[dict]]:
+        """Per image, its ``top`` answers: ``{"class", "index", "probability"}``."""
+        values, indices = torch.softmax(logits.float(), dim=1).topk(min(top, logits.shape[1]), dim=1)
+        name = (lambda c: classes[c]) if classes else str
+        return [
+            [{"class": name(c), "index": c, "probability": q} for c, q in zip(i, p, strict=True)]
+            for p, i in zip(values.tolist(), indices.tolist(), strict=True)
+        ]
+
+    @classmethod
+    def masks(cls, logits: Tensor) -> Tensor | None:
+        """Per image, a map of the predicted classes (uint8 [B, H, W]) where the task has one; else None."""
+        return None
+
+    # ---------------------------------------------------------------- evaluation
+    @classmethod
+    def metric_rows(cls, logits: Tensor, labels: Tensor) -> Tensor:
+        """What each sample of a batch adds to a network's metrics, one row per image [B, S]: rows are
+        gathered over processes (each image counted once) and summed. Classification: [1, top-1 hit,
+        top-5 hit]."""
+        k = min(5, logits.shape[1])
+        hits = logits.topk(k, dim=1).indices == labels[:, None]
+        return torch.stack([torch.ones_like(hits[:, 0]), hits[:, :1].any(1), hits.any(1)], 1).float()
+
+    @classmethod
+    def metric_values(cls, state: Tensor) -> dict[str, float | list[float | None]]:
+        """The metrics of the summed rows, in %: ``{"acc1": ..., "acc5": ...}`` (a task may add lists,
+        e.g. per-class values; the keys of ``metric_titles`` are the scalars a run is reported by)."""
+        seen = max(int(state[0]), 1)
+        return {"acc1": 100.0 * int(state[1]) / seen, "acc5": 100.0 * int(state[2]) / seen}
 
 
 @functools.cache
@@ -51,3 +124,8 @@ def register_task(name: str):
 def task_of_model(arch: str) -> str | None:
     """The registered task whose builders include ``arch`` (None: no task has it)."""
     return next((name for name in TASKS if arch in TASKS.get(name).model_names()), None)
+
+
+def task_record(arch: str) -> type[Task]:
+    """The task record of a builder (classification for a name no task has: the spec refuses those)."""
+    return TASKS.get(task_of_model(arch) or "classification")
