@@ -43,17 +43,24 @@ def image_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
 
 
-def read_images(paths: list[str | Path], spec: Spec) -> Tensor:
-    """A batch of images prepared like the run's evaluation data."""
+def read_images(paths: list[str | Path], spec: Spec, *, whole: bool = False) -> Tensor:
+    """A batch of images prepared like the run's evaluation data; ``whole``: each image resized to the
+    model's input as a whole, nothing cropped (a per-pixel answer is then mapped back onto it)."""
     from PIL import Image
+    from torchvision.transforms import v2
 
-    from cmtkd_graph.data.transforms import build_transforms
+    from cmtkd_graph.data.transforms import ScaleNormalize, build_transforms, mean_std
 
     data = spec.data
     grey = DATASETS.get(data.dataset).grey  # read as grey, repeated to the model's channels
     _, prepare = build_transforms(
         data, size=data.input_size, native_size=None, in_channels=data.in_channels, grey_source=grey
     )
+    if whole:
+        size = data.input_size
+        prepare = v2.Compose(
+            [v2.PILToTensor(), v2.Resize((size, size)), ScaleNormalize(*mean_std(data, data.in_channels))]
+        )
     batch = []
     for path in map(Path, paths):
         try:
@@ -85,13 +92,14 @@ def predict(
         raise UserError("give at least one image file")
     directory = Path(directory).expanduser()
     spec = find_student(directory).spec
-    batch = read_images(images, spec)
+    task = task_record(spec.student.arch)
+    per_pixel = task.label_shape(spec.data.input_shape()) != ()
+    batch = read_images(images, spec, whole=per_pixel)
     if backend == "auto":
         backend, why = fastest_backend(directory, tuple(batch.shape[1:]))
         if report is not None:
             report(f"backend: {backend} ({why})")
     logits = runner(directory, backend)(batch)
-    task = task_record(spec.student.arch)
     results = [
         {"image": str(path), "predictions": answers}
         for path, answers in zip(images, task.predictions(logits, _classes(directory), top), strict=True)
@@ -104,9 +112,19 @@ def predict(
 
         folder = Path(masks).expanduser()
         folder.mkdir(parents=True, exist_ok=True)
-        for result, mask in zip(results, maps.cpu().numpy(), strict=True):
-            path = folder / f"{Path(result['image']).stem}.png"
-            Image.fromarray(mask, mode="L").save(path)  # each pixel: its class index
+        stems = [Path(r["image"]).stem for r in results]
+        for i, (result, mask) in enumerate(zip(results, maps.cpu(), strict=True)):
+            with Image.open(result["image"]) as original:
+                width, height = original.size
+            # back onto the image as given: each pixel takes the class of the nearest input pixel
+            mask = torch.nn.functional.interpolate(
+                mask[None, None].float(), size=(height, width), mode="nearest"
+            )
+            name = stems[i] if stems.count(stems[i]) == 1 else f"{i:04d}-{stems[i]}"
+            path = folder / f"{name}.png"
+            Image.fromarray(mask[0, 0].to(torch.uint8).numpy(), mode="L").save(
+                path
+            )  # a class index per pixel
             result["mask"] = str(path)
     return results
 

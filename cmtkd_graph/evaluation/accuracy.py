@@ -41,7 +41,7 @@ def evaluate(model, loader, accelerator, *, task: type[Task], channels_last: boo
         gathered = accelerator.gather_for_metrics(rows)
         seen += gathered[0].shape[0]
         for name, row in zip(named, gathered, strict=True):
-            states[name] = states.get(name, 0) + row.sum(0)
+            states[name] = states.get(name, 0) + row.long().sum(0)  # counts, exact at any size
     record: dict = {"samples": seen}
     for name, state in states.items():
         record.update({f"{key}/{name}": value for key, value in task.metric_values(state.cpu()).items()})

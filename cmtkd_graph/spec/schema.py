@@ -588,6 +588,12 @@ class Spec(Strict):
             for where, m in models
             if m.arch is not None and task_of_model(m.arch) != task
         ]
+        record = TASKS.get(task)
+        problems += [
+            f"{where}.kwargs.{problem}"
+            for where, m in models
+            if (problem := record.kwargs_problem(m.kwargs or {})) is not None
+        ]
         method = METHODS.get(self.method)
         if method.tasks is not None and task not in method.tasks:
             problems.append(

@@ -46,6 +46,11 @@ class Task:
         return _builders(cls.builder_modules)
 
     @classmethod
+    def kwargs_problem(cls, kwargs: dict[str, Any]) -> str | None:
+        """What is wrong with a network's builder ``kwargs`` for this task (None: nothing)."""
+        return None
+
+    @classmethod
     def label_shape(cls, input_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape of one sample's label for an input of ``input_shape`` (C, H, W): () for a class."""
         return ()

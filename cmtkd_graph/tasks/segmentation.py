@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from cmtkd_graph.tasks.base import IGNORE, Task, register_task
+from cmtkd_graph.tasks.base import Task, register_task
 
 
 @register_task("segmentation")
@@ -34,6 +34,14 @@ class Segmentation(Task):
     # torchvision's default fetches ImageNet backbone weights; the spec's weights: decides instead
     builder_defaults: ClassVar[dict[str, Any]] = {"weights_backbone": None}
     metric_titles: ClassVar[dict[str, str]] = {"miou": "mIoU %", "pixacc": "pixel acc. %"}
+
+    @classmethod
+    def kwargs_problem(cls, kwargs: dict[str, Any]) -> str | None:
+        if kwargs.get("aux_loss"):
+            return (
+                "aux_loss: the auxiliary head is not trained in this version (it would be removed); drop it"
+            )
+        return None
 
     @classmethod
     def label_shape(cls, input_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -80,7 +88,7 @@ class Segmentation(Task):
         classes = logits.shape[1]
         predicted = logits.argmax(1).flatten(1)
         truth = labels.flatten(1)
-        counted = truth != IGNORE
+        counted = (truth >= 0) & (truth < classes)  # IGNORE, and a label the model has no class for
         index = torch.where(counted, truth * classes + predicted, classes * classes)  # ignored: one bin more
         offsets = torch.arange(len(index), device=index.device)[:, None] * (classes * classes + 1)
         bins = torch.bincount((index + offsets).flatten(), minlength=len(index) * (classes * classes + 1))
