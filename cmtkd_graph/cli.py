@@ -263,8 +263,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     import shlex
 
     from cmtkd_graph.study import dry_run, load_study, persist_carried_over, plan, run_study, write_report
+    from cmtkd_graph.study.plan import check_metrics
 
     study = load_study(args.study)
+    check_metrics(study)
     if args.dry_run:
         dry_run(study, args.rows, args.redo, executor=args.executor, jobs=args.jobs)
         return 0

@@ -192,3 +192,39 @@ def _items() -> tuple[torch.Tensor, torch.Tensor]:
 
     items, labels = read_fashion_mnist(None).eval
     return items[:3, 0], labels[:3]
+
+
+def test_a_study_of_segmentation_rows_reports_their_metrics(tmp_path, fashion_mnist):
+    from cmtkd_graph.errors import UserError
+    from cmtkd_graph.study.plan import check_metrics
+    from cmtkd_graph.study.report import _title
+    from cmtkd_graph.study.run import training_curve
+    from cmtkd_graph.study.spec import load_study
+
+    rows = [{"name": "alone", "set": ["method=single", "teachers=[]", "distill={}"]}, {"name": "cmtkd"}]
+    study = {
+        "name": "seg",
+        "base": "quickstart",
+        "set": [
+            f"student.arch={BUILDERS[-1]}",
+            "student.kwargs={num_classes: 11}",
+            SCENES,
+            "taps={teachers: auto}",
+        ],
+        "rows": rows,
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(json.dumps(study))
+    with pytest.raises(UserError) as err:  # the default columns are top-1: every cell would be empty
+        check_metrics(load_study(path))
+    assert err.value.problems[0] == (
+        "rows (alone): a segmentation run reports miou, pixacc; the study's metrics name none of them: "
+        "set metrics: [miou/student, pixacc/student, ...]"
+    )
+    path.write_text(
+        json.dumps({**study, "metrics": ["miou/student", "miou/combined"], "chart": ["miou/student"]})
+    )
+    check_metrics(load_study(path))
+    assert _title("miou/combined") == "combined mIoU" and _title("acc1/student") == "student top-1"
+    curve = training_curve([{"kind": "eval", "epoch": 1, "miou/student": 7.3, "iou/student": [1.0, None]}])
+    assert curve == [{"epoch": 1, "miou/student": 7.3}]

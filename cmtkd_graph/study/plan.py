@@ -316,6 +316,28 @@ def persist_carried_over(runs: Sequence[PlannedRun]) -> int:
     return written
 
 
+def check_metrics(study: StudySpec) -> None:
+    """Every row reports at least one of the study's metrics: a row of another task (segmentation: mIoU)
+    under the default top-1 columns would leave its cells empty; one line per such row."""
+    from cmtkd_graph.registry import TASKS
+
+    keys = {m.split("/")[0] for m in study.metrics}
+    problems = []
+    for row in study.rows:
+        try:
+            task = PlannedRun(study, row, 0).unresolved_spec().resolved_task
+        except UserError:
+            continue  # reported where the row is planned or trained, as before
+        own = TASKS.get(task).metric_titles
+        if not keys & set(own):
+            problems.append(
+                f"rows ({row.name}): a {task} run reports {', '.join(own)}; the study's metrics name none of "
+                f"them: set metrics: [{', '.join(f'{k}/student' for k in own)}, ...]"
+            )
+    if problems:
+        raise UserError(problems)
+
+
 def plan(study: StudySpec, rows: Sequence[str] = (), option: str = "--rows") -> list[PlannedRun]:
     """Every (row, seed) in order; ``rows`` limits it to those rows (an unknown name is an error about
     the command-line ``option`` that gave it)."""

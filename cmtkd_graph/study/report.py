@@ -178,8 +178,11 @@ def metric_columns(study: StudySpec, rows: list[dict]) -> list[str]:
 
 
 def _title(metric: str) -> str:
+    """``student top-1``, ``combined mIoU``: the network and its task's heading of the metric."""
+    from cmtkd_graph.study.spec import metric_keys
+
     k, who = metric.split("/")
-    return f"{who} top-{k.removeprefix('acc')}"
+    return f"{who} {metric_keys()[k].removesuffix(' %')}"
 
 
 def _cell(stats: dict) -> str:

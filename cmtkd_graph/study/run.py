@@ -242,6 +242,13 @@ def _code(run: PlannedRun) -> dict:
     }
 
 
+def _metric(key: str, value: object) -> bool:
+    """An evaluation record's task metric (``acc1/student``, ``miou/teacher0``; not the per-class lists)."""
+    from cmtkd_graph.study.spec import metric_keys
+
+    return key.split("/")[0] in metric_keys() and isinstance(value, int | float)
+
+
 def training_curve(records: list[dict]) -> list[dict]:
     """Per evaluation: the epoch, its accuracies and the mean training loss terms since the last one."""
     curve, losses = [], {}
@@ -251,7 +258,7 @@ def training_curve(records: list[dict]) -> list[dict]:
                 if k.startswith("loss/"):
                     losses.setdefault(k, []).append(v)
         elif r.get("kind") == "eval":
-            point = {"epoch": r["epoch"], **{k: round(v, 2) for k, v in r.items() if k.startswith("acc")}}
+            point = {"epoch": r["epoch"], **{k: round(v, 2) for k, v in r.items() if _metric(k, v)}}
             point.update({k: round(sum(v) / len(v), 4) for k, v in losses.items()})
             curve.append(point)
             losses = {}

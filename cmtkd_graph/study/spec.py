@@ -15,13 +15,22 @@ from cmtkd_graph.spec.io import format_loc, read_yaml_mapping
 from cmtkd_graph.spec.schema import Name
 
 ROW_REFERENCE = re.compile(r"\{row:([A-Za-z0-9_.-]+)\}")
-METRIC = re.compile(r"^acc[15]/(student|combined|teachers|teacher\d+)$")
+NETWORK = re.compile(r"^(student|combined|teachers|teacher\d+)$")
+
+
+def metric_keys() -> dict[str, str]:
+    """Every registered task's metric keys and headings (``acc1``: ``top-1 %``, ``miou``: ``mIoU %``)."""
+    from cmtkd_graph.registry import TASKS
+
+    return {key: title for task in TASKS for key, title in TASKS.get(task).metric_titles.items()}
 
 
 def _check_metric(name: str) -> str:
-    if not METRIC.match(name):
+    key, _, who = name.partition("/")
+    if key not in metric_keys() or not NETWORK.match(who):
         raise ValueError(
-            f"unknown metric {name!r}: acc1/ or acc5/ followed by student, combined, teachers or teacher<k>"
+            f"unknown metric {name!r}: {', '.join(k + '/' for k in metric_keys())} (a task's metric) "
+            "followed by student, combined, teachers or teacher<k>"
         )
     return name
 
