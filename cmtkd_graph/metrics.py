@@ -1,8 +1,9 @@
-"""What a run records: ``metrics.jsonl`` lines, top-k accuracy, and the importance figure.
+"""What a run records: ``metrics.jsonl`` lines and the importance figure.
 
 ``metrics.jsonl`` has one JSON object per line; training lines carry ``"kind": "train"`` (loss terms,
-learning rates, importance weights per tap, throughput), evaluation lines ``"kind": "eval"``
-(top-1 / top-5 of the student, of every teacher and of the combined teacher).
+learning rates, importance weights per tap, throughput), evaluation lines ``"kind": "eval"`` (the task's
+metrics, e.g. top-1 / top-5, of the student, of every teacher and of the combined teacher: the task
+record computes them, ``cmtkd_graph.tasks``).
 """
 
 from __future__ import annotations
@@ -12,15 +13,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor
-
-
-def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:
-    """Number of samples whose label is among the top-k logits, for each k (k capped at #classes)."""
-    kmax = min(max(ks), logits.shape[1])
-    top = logits.topk(kmax, dim=1).indices
-    hit = top == labels[:, None]
-    return {k: int(hit[:, : min(k, kmax)].any(dim=1).sum()) for k in ks}
 
 
 class MetricsLog:

@@ -260,7 +260,7 @@ class Trainer:
             self.bundle,
             spec.data,
             train_batch_size=per_process,
-            eval_batch_size=spec.data.eval_batch_size or per_process,  # set by run(); the API may not
+            eval_batch_size=eval_batch_size(spec.data, world, accum),
             seed=t.seed,
             device=accelerator.device,
             rank=accelerator.process_index,

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cmtkd_graph.errors import UserError, first_line
+from cmtkd_graph.identity import file_sha256
 
 
 @dataclass(frozen=True)
@@ -105,20 +106,10 @@ def _move_in(staging: Path, target: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- checks and transfers
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def md5_file(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
+    """The MD5 torchvision publishes for its archives (a checksum here, not security)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
 
 
 def download(url: str, to: Path) -> Path:
@@ -190,7 +181,8 @@ def _fashion_mnist(staging: Path, source: Path | None) -> str:
             raise UserError(f"--from {source}: {name} is missing (Fashion-MNIST's four *-ubyte.gz files)")
         else:
             shutil.copyfile(source / name, file)
-        if md5_file(file) == md5:
+        found_md5 = md5_file(file)
+        if found_md5 == md5:
             continue
         try:
             content = hashlib.sha256(gzip.decompress(file.read_bytes())).hexdigest()
@@ -199,7 +191,7 @@ def _fashion_mnist(staging: Path, source: Path | None) -> str:
         if content != content_sha256:
             raise UserError(
                 f"{source / name if source else FASHION_MNIST_URL + name}: not Fashion-MNIST's {name} "
-                f"(MD5 {md5_file(file)}, content SHA-256 {content}; expected MD5 {md5} or content "
+                f"(MD5 {found_md5}, content SHA-256 {content}; expected MD5 {md5} or content "
                 f"{content_sha256})"
             )
     return f"Fashion-MNIST: 4 files verified ({'downloaded' if source is None else f'from {source}'})"
@@ -223,10 +215,9 @@ def _cifar(title: str, builder: str, staging: Path, source: Path | None) -> str:
     archive = source / cls.filename if source.is_dir() else source
     if not archive.is_file():
         raise UserError(f"--from {source}: {cls.filename} not found")
-    if md5_file(archive) != cls.tgz_md5:
-        raise UserError(
-            f"{archive}: not {title}'s {cls.filename} (MD5 {md5_file(archive)}, expected {cls.tgz_md5})"
-        )
+    found_md5 = md5_file(archive)
+    if found_md5 != cls.tgz_md5:
+        raise UserError(f"{archive}: not {title}'s {cls.filename} (MD5 {found_md5}, expected {cls.tgz_md5})")
     extract(archive, staging)
     return f"{title}: {archive.name} MD5 verified and extracted"
 
@@ -254,7 +245,7 @@ SPLITS = ("train", "test")
 def folder_digest(top: Path, splits: tuple[str, ...] = SPLITS) -> tuple[str, int]:
     """The content digest of ``top/<split>/**`` files and how many there are."""
     lines = sorted(
-        f"{p.relative_to(top).as_posix()}\t{sha256_file(p)}\n"
+        f"{p.relative_to(top).as_posix()}\t{file_sha256(p)}\n"
         for split in splits
         for p in (top / split).rglob("*")
         if p.is_file()

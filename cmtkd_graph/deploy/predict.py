@@ -122,9 +122,8 @@ def predict(
             )
             name = stems[i] if stems.count(stems[i]) == 1 else f"{i:04d}-{stems[i]}"
             path = folder / f"{name}.png"
-            Image.fromarray(mask[0, 0].to(torch.uint8).numpy(), mode="L").save(
-                path
-            )  # a class index per pixel
+            pixels = mask[0, 0].to(torch.uint8).numpy()  # a class index per pixel
+            Image.fromarray(pixels, mode="L").save(path)
             result["mask"] = str(path)
     return results
 

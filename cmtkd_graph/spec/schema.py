@@ -144,7 +144,6 @@ class ModelSpec(Strict):
     trainable: bool = Field(True, description="false: frozen (eval mode, no gradient), e.g. a loaded teacher")
     surgery: list[SurgerySpec] | None = Field(None, description="overrides the top-level surgery list")
 
-    _load_plugins = model_validator(mode="before")(load_spec_plugins)  # before any name is looked up
     _normalise_surgery = model_validator(mode="before")(
         lambda data: (
             {**data, "surgery": _surgery_list(data["surgery"])}
