@@ -60,6 +60,27 @@ def fashion_mnist() -> Path:
 
 
 @pytest.fixture(scope="session")
+def fashion_scenes(tmp_path_factory, fashion_mnist) -> Path:
+    """A VOC-layout root made by the real ``data prepare fashion_scenes`` from the first 300 training and
+    90 test items of the real Fashion-MNIST: 100 training and 30 evaluation scenes."""
+    import gzip
+
+    from cmtkd_graph.data.prepare import prepare
+
+    items = tmp_path_factory.mktemp("fashion-items")
+    for prefix, count in (("train", 300), ("t10k", 90)):
+        for kind, header in (("images", 16), ("labels", 8)):
+            name = f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte.gz"
+            raw = bytearray(gzip.decompress((fashion_mnist / name).read_bytes()))
+            raw[4:8] = count.to_bytes(4, "big")  # the first dimension: how many
+            size = 28 * 28 if kind == "images" else 1
+            (items / name).write_bytes(gzip.compress(bytes(raw[: header + count * size])))
+    root = tmp_path_factory.mktemp("scenes") / "fashion_scenes"
+    prepare("fashion_scenes", root, items)
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_cifar100(tmp_path_factory) -> Path:
     """A CIFAR-100 root in torchvision's python-pickle format: 200 train / 100 test images."""
     root = tmp_path_factory.mktemp("cifar100")

@@ -163,7 +163,7 @@ def repository_data() -> list[tuple[str, str, str | None]]:
 
 def test_every_spec_and_study_reads_data_that_one_command_makes():
     makers = {(r.dataset, r.default_root) for r in RECIPES.values()}
-    debian = {("fashion_mnist", None), ("fashion_scenes", None)}  # data.root unset: Debian's package
+    debian = {("fashion_mnist", None)}  # data.root unset: Debian's package
     imagenet = (
         "resnet18_imagenet.yaml",
         "imagefolder",

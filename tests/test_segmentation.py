@@ -5,6 +5,7 @@ matrix, the generated scenes, and a W2A2 student trained, evaluated, exported an
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
 
 import cmtkd_graph as cg
 from cmtkd_graph.data import build_datasets
 from cmtkd_graph.data.scenes import SCENE_CLASSES, make_scene
+from cmtkd_graph.data.segmentation_files import UNLABELLED, BadMaskError, voc_palette
 from cmtkd_graph.losses import kdcl_min_logit
 from cmtkd_graph.models.facts import family_of
 from cmtkd_graph.quantizers.layers import QuantConv2d
@@ -33,20 +36,33 @@ BUILDERS = [
     "deeplabv3_mobilenet_v3_large",
     "lraspp_mobilenet_v3_large",
 ]
-SCENES = "data={dataset: fashion_scenes, batch_size: 8, num_workers: 0, train_subset: 64, eval_subset: 16}"
 
 
-def scene_spec(arch: str, *extra: str) -> cg.Spec:
+def scenes(root: Path) -> str:
+    """The data of a spec: the session's prepared scenes (conftest's fashion_scenes)."""
+    return (
+        f"data={{dataset: fashion_scenes, root: {root}, batch_size: 8, num_workers: 0, train_subset: 64, "
+        "eval_subset: 16}"
+    )
+
+
+def scene_spec(root: Path, arch: str, *extra: str) -> cg.Spec:
     return cg.load_spec(
         "quickstart",
-        [f"student.arch={arch}", "student.kwargs={num_classes: 11}", SCENES, "taps={teachers: auto}", *extra],
+        [
+            f"student.arch={arch}",
+            "student.kwargs={num_classes: 11}",
+            scenes(root),
+            "taps={teachers: auto}",
+            *extra,
+        ],
     )
 
 
 @pytest.mark.parametrize("arch", BUILDERS)
-def test_every_segmentation_builder_is_composed_with_quantizers_and_backbone_taps(arch, fashion_mnist):
+def test_every_segmentation_builder_is_composed_with_quantizers_and_backbone_taps(arch, fashion_scenes):
     assert set(SEGMENTATION.model_names()) == set(BUILDERS)
-    spec = scene_spec(arch)
+    spec = scene_spec(fashion_scenes, arch)
     assert spec.resolved_task == "segmentation"
     system = cg.build_system(spec, device="meta", load=False)
     assert system.num_classes() == 11
@@ -104,17 +120,32 @@ def test_miou_and_pixel_accuracy_from_a_hand_counted_confusion_matrix():
     assert with_absent["iou"][3] is None and with_absent["miou"] == pytest.approx(values["miou"])
 
 
-def test_fashion_scenes_are_reproducible_and_augmented_with_their_masks(fashion_mnist):
+def test_fashion_scenes_are_made_once_in_the_voc_layout_and_read_back_exactly(fashion_scenes):
     items = torch.zeros(3, 28, 28, dtype=torch.uint8)
     items[:, 4:24, 4:24] = 200
     items[:, 3, 4:24] = 40  # a faint rim row
     image, mask = make_scene(items, torch.tensor([0, 3, 9]), 64, seed=7)
     again, same = make_scene(items, torch.tensor([0, 3, 9]), 64, seed=7)
     assert torch.equal(image, again) and torch.equal(mask, same)
-    assert set(mask.unique().tolist()) <= {IGNORE, 0, 1, 4, 10} and (mask == IGNORE).any()
-    spec = scene_spec("lraspp_mobilenet_v3_large")
-    bundle = build_datasets(spec.data)
+    assert set(mask.unique().tolist()) <= {UNLABELLED, 0, 1, 4, 10} and (mask == UNLABELLED).any()
+
+    # the prepared root (conftest: the real command on 300 + 90 real items): VOC's layout and lists
+    lists = fashion_scenes / "ImageSets" / "Segmentation"
+    assert (lists / "train.txt").read_text().split() == [f"train_{i:06d}" for i in range(100)]
+    assert (lists / "val.txt").read_text().split() == [f"val_{i:06d}" for i in range(30)]
+    png = Image.open(fashion_scenes / "SegmentationClass" / "val_000001.png")
+    assert png.mode == "P" and png.getpalette()[3:6] == [128, 0, 0]  # VOC's colour of class 1
+    items, labels = _items(slice(3, 6))
+    image, mask = make_scene(items, labels, 64, seed=(1 << 30) + 1)  # evaluation scene 1
+    assert np.array_equal(np.array(png), mask.numpy())
+    jpeg = np.array(Image.open(fashion_scenes / "JPEGImages" / "val_000001.jpg")).astype(float)
+    assert np.abs(jpeg - image.permute(1, 2, 0).numpy()).mean() < 3.5  # JPEG, quality 95
+
+    bundle = build_datasets(scene_spec(fashion_scenes, "lraspp_mobilenet_v3_large").data)
     assert bundle.classes == SCENE_CLASSES and bundle.num_classes == 11
+    assert (len(bundle.train), len(bundle.eval)) == (64, 16)
+    _, read = bundle.eval[1]  # the reader: unlabelled 255 -> IGNORE
+    assert torch.equal(read, mask.long().masked_fill(mask == UNLABELLED, IGNORE))
     for index in range(8):  # after the random crop and flip, the objects are where their mask is
         x, m = bundle.train[index]
         assert x.shape == (3, 64, 64) and m.shape == (64, 64) and m.dtype == torch.long
@@ -122,14 +153,106 @@ def test_fashion_scenes_are_reproducible_and_augmented_with_their_masks(fashion_
         assert brightness[m > 0].mean() > brightness[m == 0].mean() + 1.0
 
 
-def test_methods_and_pipelines_that_do_not_apply_are_one_line(fashion_mnist):
+def test_voc_palette_is_vocs():
+    palette = voc_palette()
+    assert palette[:4] == [(0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0)]
+    assert palette[15] == (192, 128, 128)  # person
+    assert palette[255] == (224, 224, 192)  # the boundary colour
+    assert len(set(palette)) == 256
+
+
+def _as_mask_folders(scenes: Path, root: Path, rgb_eval: bool) -> None:
+    """The first 6 training and 3 evaluation scenes as image/mask folders: grey masks of class indices
+    for training, RGB colour masks (read through labelmap.txt) for evaluation when ``rgb_eval``."""
+    palette = np.array(voc_palette(), dtype=np.uint8)
+    for split, count in (("train", 6), ("val", 3)):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir()
+        for i in range(count):
+            name = f"{split}_{i:06d}"
+            shutil.copy(scenes / "JPEGImages" / f"{name}.jpg", root / split / "images" / f"{name}.jpg")
+            mask = np.array(Image.open(scenes / "SegmentationClass" / f"{name}.png"))
+            written = Image.fromarray(palette[mask]) if split == "val" and rgb_eval else Image.fromarray(mask)
+            written.save(root / split / "masks" / f"{name}.png")
+
+
+def test_mask_folders_read_grey_and_colour_masks_as_the_voc_reader_does(fashion_scenes, tmp_path):
+    root = tmp_path / "folders"
+    _as_mask_folders(fashion_scenes, root, rgb_eval=True)
+    shutil.copy(fashion_scenes / "labelmap.txt", root)
+    plain = "data.augment={crop: none, hflip: false}", "data.normalize=false", "data.image_size=64"
+    spec = scene_spec(root, BUILDERS[-1], "data.dataset=mask_folders", *plain)
+    voc = build_datasets(scene_spec(fashion_scenes, BUILDERS[-1], *plain).data)
+    folders = build_datasets(spec.data)
+    assert folders.classes == SCENE_CLASSES and (len(folders.train), len(folders.eval)) == (6, 3)
+    for split in ("train", "eval"):
+        for i in range(len(getattr(folders, split))):
+            x, m = getattr(folders, split)[i]
+            y, n = getattr(voc, split)[i]
+            assert torch.equal(m, n) and torch.equal(x, y)
+
+    (root / "labelmap.txt").unlink()  # names alone: grey masks still read, colour ones cannot be
+    (root / "classes.txt").write_text("\n".join(SCENE_CLASSES) + "\n")
+    folders = build_datasets(spec.data)
+    assert torch.equal(folders.train[0][1], voc.train[0][1])
+    with pytest.raises(
+        BadMaskError, match=r"val_000000.png is an RGB image: its colours need the data root's"
+    ):
+        folders.eval[0]
+    (root / "classes.txt").unlink()
+    with pytest.raises(cg.UserError, match=r"no labelmap.txt or classes.txt; write the class names there"):
+        build_datasets(spec.data)
+
+
+def test_bad_masks_and_layouts_are_one_line_naming_the_file(fashion_scenes, tmp_path):
+    root = tmp_path / "folders"
+    _as_mask_folders(fashion_scenes, root, rgb_eval=False)
+    shutil.copy(fashion_scenes / "labelmap.txt", root)
+    data = scene_spec(root, BUILDERS[-1], "data.dataset=mask_folders").data
+    bad = root / "val" / "masks" / "val_000001.png"
+    values = np.array(Image.open(bad))
+    Image.fromarray(values[:, :60]).save(root / "val" / "masks" / "val_000002.png")
+    values[5, 7] = 12  # neither a class (0..10) nor 255
+    Image.fromarray(values).save(bad)
+    bundle = build_datasets(data)
+    loader = torch.utils.data.DataLoader(bundle.eval, batch_size=1, num_workers=1)
+    error = _first_error(loader)  # raised in a worker process, one line in this one
+    assert isinstance(error, BadMaskError) and "\n" not in str(error)
+    assert str(error).startswith(f"mask {bad}: value 12 is not a class (0..10) nor the unlabelled value 255;")
+    with pytest.raises(
+        BadMaskError, match=r"val_000002.png is 60x64 but its image .*val_000002.jpg is 64x64"
+    ):
+        bundle.eval[2]
+
+    (root / "val" / "masks" / "val_000000.png").unlink()
+    with pytest.raises(
+        cg.UserError, match=r"no mask .*val_000000.png for .*val_000000.jpg; every image needs"
+    ):
+        build_datasets(data)
+    voc = scene_spec(fashion_scenes, BUILDERS[-1], "data.eval_split=test").data
+    with pytest.raises(cg.UserError, match=r"test.txt: no such split list \(found: train, val\)"):
+        build_datasets(voc)
+
+
+def _first_error(loader) -> Exception:
+    try:
+        list(loader)
+    except Exception as e:
+        e.__traceback__ = None  # no reference cycle keeping the workers to the garbage collector
+        return e
+    raise AssertionError("the loader raised nothing")
+
+
+def test_methods_and_pipelines_that_do_not_apply_are_one_line(fashion_scenes):
     with pytest.raises(cg.SpecError, match=r"^method: amtml_kd is for classification \(its teacher weights"):
         teacher = "{weights: x, trainable: false, weight_bits: 32, act_bits: 32}"
-        scene_spec("lraspp_mobilenet_v3_large", "method=amtml_kd", f"teachers=[{teacher}]")
+        scene_spec(fashion_scenes, "lraspp_mobilenet_v3_large", "method=amtml_kd", f"teachers=[{teacher}]")
     with pytest.raises(cg.SpecError, match=r"^student.kwargs.aux_loss: the auxiliary head is not trained"):
-        scene_spec("lraspp_mobilenet_v3_large", "student.kwargs={num_classes: 11, aux_loss: true}")
+        scene_spec(
+            fashion_scenes, "lraspp_mobilenet_v3_large", "student.kwargs={num_classes: 11, aux_loss: true}"
+        )
     with pytest.raises(cg.SpecError, match=r"data.pipeline: device decodes class-labelled images"):
-        scene_spec("lraspp_mobilenet_v3_large", "data.pipeline=device")
+        scene_spec(fashion_scenes, "lraspp_mobilenet_v3_large", "data.pipeline=device")
     with pytest.raises(cg.SpecError, match=r"data.dataset: fashion_mnist holds classification data"):
         cg.load_spec("quickstart", ["student.arch=lraspp_mobilenet_v3_large"])
 
@@ -142,11 +265,11 @@ def cli(cwd: Path, *args: str) -> str:
     return result.stdout
 
 
-def test_a_w2a2_segmentation_student_trains_evaluates_exports_and_predicts_masks(tmp_path, fashion_mnist):
+def test_a_w2a2_segmentation_student_trains_evaluates_exports_and_predicts_masks(tmp_path, fashion_scenes):
     sets = [
         "student.arch=lraspp_mobilenet_v3_large",
         "student.kwargs={num_classes: 11}",
-        SCENES,
+        scenes(fashion_scenes),
         "taps={teachers: auto}",
         "train.max_steps=2",
         "train.log_every=1",
@@ -181,20 +304,23 @@ def test_a_w2a2_segmentation_student_trains_evaluates_exports_and_predicts_masks
     )
     shares = [p["share"] for p in answer[0]["predictions"]]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
-    mask = np.array(Image.open(tmp_path / answer[0]["mask"]))
+    png = Image.open(tmp_path / answer[0]["mask"])  # a colour image of class indices
+    assert png.mode == "P" and png.getpalette()[: 3 * 11] == [v for c in voc_palette()[:11] for v in c]
+    mask = np.array(png)
     assert mask.shape == (80, 96) and mask.max() < 11
     top = answer[0]["predictions"][0]
     assert top["share"] == pytest.approx((mask == top["index"]).mean(), abs=0.03)
 
 
-def _items() -> tuple[torch.Tensor, torch.Tensor]:
+def _items(span: slice = slice(0, 3)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real Fashion-MNIST test items (Debian's package)."""
     from cmtkd_graph.data.fashion_mnist import read_fashion_mnist
 
     items, labels = read_fashion_mnist(None).eval
-    return items[:3, 0], labels[:3]
+    return items[span, 0], labels[span]
 
 
-def test_a_study_of_segmentation_rows_reports_their_metrics(tmp_path, fashion_mnist):
+def test_a_study_of_segmentation_rows_reports_their_metrics(tmp_path, fashion_scenes):
     from cmtkd_graph.errors import UserError
     from cmtkd_graph.study.plan import check_metrics
     from cmtkd_graph.study.report import _title
@@ -208,7 +334,7 @@ def test_a_study_of_segmentation_rows_reports_their_metrics(tmp_path, fashion_mn
         "set": [
             f"student.arch={BUILDERS[-1]}",
             "student.kwargs={num_classes: 11}",
-            SCENES,
+            scenes(fashion_scenes),
             "taps={teachers: auto}",
         ],
         "rows": rows,
@@ -228,3 +354,120 @@ def test_a_study_of_segmentation_rows_reports_their_metrics(tmp_path, fashion_mn
     assert _title("miou/combined") == "combined mIoU" and _title("acc1/student") == "student top-1"
     curve = training_curve([{"kind": "eval", "epoch": 1, "miou/student": 7.3, "iou/student": [1.0, None]}])
     assert curve == [{"epoch": 1, "miou/student": 7.3}]
+
+
+def eager_fcn(bits: int) -> torch.nn.Module:
+    """torchvision's FCN-ResNet50 with every convolution but the stem and the last quantized by hand."""
+    from tests.test_compose import EagerQuantConv
+
+    model = torchvision.models.segmentation.fcn_resnet50(num_classes=5, weights_backbone=None)
+    for name, module in list(model.named_modules()):
+        if (
+            isinstance(module, torch.nn.Conv2d)
+            and name not in ("backbone.conv1", "classifier.4")
+            and bits < 32
+        ):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, EagerQuantConv(module, bits))
+    return model
+
+
+STAGES = ["layer1", "layer2", "layer3", "layer4"]
+TAPS = {stage: f"backbone.{stage}" for stage in STAGES}  # the system's names of the stages
+
+
+def eager_segmentation_cmtkd(student, teachers, logits, x):
+    """CMT-KD's forward pass for FCN written directly from docs/tasks.md: shared knowledge at the backbone
+    stages feeds every teacher's next stage and its head; the heads' maps are upsampled to the input."""
+
+    def stem(m):
+        b = m.backbone
+        return b.maxpool(b.relu(b.bn1(b.conv1(x))))
+
+    def head(m, h):
+        return F.interpolate(m.classifier(h), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    s, student_features = stem(student), {}
+    for stage in STAGES:
+        s = student_features[TAPS[stage]] = getattr(student.backbone, stage)(s)
+    hs, shared = [stem(t) for t in teachers], {}
+    for stage in STAGES:
+        fs = [getattr(t.backbone, stage)(h) for t, h in zip(teachers, hs, strict=True)]
+        w = torch.softmax(logits[TAPS[stage]], 0)
+        shared[TAPS[stage]] = sum(w[k] * fs[k] for k in range(len(fs)))
+        hs = [shared[TAPS[stage]]] * len(teachers)
+    zs = [head(t, h) for t, h in zip(teachers, hs, strict=True)]
+    w = torch.softmax(logits["output"], 0)
+    return head(student, s), student_features, sum(w[k] * zs[k] for k in range(len(zs))), zs, shared
+
+
+def test_composed_segmentation_system_equals_eager_cmtkd_values_and_gradients():
+    from tests.test_compose import graph_name
+
+    torch.manual_seed(0)
+    spec = cg.load_spec(
+        "quickstart",
+        [
+            "student.arch=fcn_resnet50",
+            "student.kwargs={num_classes: 5}",
+            "teachers=[{weight_bits: 4, act_bits: 4}, {weight_bits: 8, act_bits: 8}]",
+            "taps={teachers: auto}",  # the backbone's stages
+            "data={dataset: voc, root: unused, image_size: 32}",
+        ],
+    )
+    system = cg.build_system(spec)
+    assert list(system.importance()) == [*TAPS.values(), "output"]
+    fusion = {
+        name: system.teachers.get_submodule(f"fusion.{name.replace('.', '_')}")
+        for name in system.importance()
+    }
+    with torch.no_grad():
+        for module in fusion.values():
+            module.logits.copy_(torch.randn(2))
+    student, teachers = eager_fcn(2), [eager_fcn(4), eager_fcn(8)]
+    logits = {name: torch.nn.Parameter(module.logits.detach().clone()) for name, module in fusion.items()}
+    sources = [system.student, system.teachers.teacher0, system.teachers.teacher1]
+    for model, source in zip([student, *teachers], sources, strict=True):
+        state = source.state_dict()
+        model.load_state_dict({k: state[graph_name(k)].clone() for k in model.state_dict()})
+    for model in [system, student, *teachers]:  # the heads' dropout: off in both, batch norm as trained
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.eval()
+
+    x = torch.randn(2, 3, 32, 32)
+    out = system(x)
+    s_logits, s_feats, combined, zs, shared = eager_segmentation_cmtkd(student, teachers, logits, x)
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert out.student_logits.shape == (2, 5, 32, 32)
+    close(out.student_logits, s_logits)
+    close(out.teacher_logits, combined)
+    for k in range(2):
+        close(out.each_teacher_logits[k], zs[k])
+    for tap in TAPS.values():
+        close(out.shared_features[tap], shared[tap])
+        close(out.student_features[tap], s_feats[tap])
+
+    # the same per-pixel objective through both: identical gradients, importance logits included
+    labels = torch.randint(0, 5, (2, 32, 32))
+    labels[:, :4] = IGNORE
+
+    def objective(s, c, sh):
+        return (
+            F.cross_entropy(s, labels, ignore_index=IGNORE)
+            + F.kl_div(F.log_softmax(s, 1), F.softmax(c, 1), reduction="batchmean")
+            + sum(sh[tap].pow(2).mean() for tap in TAPS.values())
+        )
+
+    objective(out.student_logits, out.teacher_logits, out.shared_features).backward()
+    objective(s_logits, combined, shared).backward()
+    checked = 0
+    for eager, graph in zip([student, *teachers], sources, strict=True):
+        for name, p in eager.named_parameters():
+            if p.grad is not None:
+                close(graph.get_parameter(graph_name(name)).grad, p.grad)
+                checked += 1
+    assert checked >= 3 * 160
+    for name, module in fusion.items():
+        assert module.logits.grad.abs().sum() > 0
+        close(module.logits.grad, logits[name].grad)

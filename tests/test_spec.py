@@ -196,7 +196,7 @@ MALFORMED = [
         lambda d: d["data"].update(dataset="imagenet"),
         None,
         "data.dataset: unknown dataset 'imagenet' (did you mean imagefolder?); "
-        "known: cifar10, cifar100, fashion_mnist, fashion_scenes, imagefolder "
+        "known: cifar10, cifar100, fashion_mnist, fashion_scenes, imagefolder, mask_folders, voc "
         "(one of your own: name its module under the spec's plugins:)",
     ),
     (

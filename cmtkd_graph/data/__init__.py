@@ -1,13 +1,19 @@
 """Datasets, transforms and loaders declared by the spec's `data:` section.
 
 Each dataset is a record (``record.py``) in a file of its own, registered by name: ``cifar.py``
-(cifar10, cifar100), ``fashion_mnist.py``, ``imagefolder.py``, ``scenes.py`` (fashion_scenes, for
-segmentation). ``build_datasets(spec.data)`` reads the data into a `DataBundle`; ``build_loaders``
-batches it. With ``corrupt_images: skip``, ``DataBundle.skipped_images()`` tells how many unreadable
+(cifar10, cifar100), ``fashion_mnist.py``, ``imagefolder.py``, ``segmentation_files.py`` (voc,
+mask_folders), ``scenes.py`` (fashion_scenes). ``build_datasets(spec.data)`` reads the data into a
+`DataBundle`; ``build_loaders`` batches it. With ``corrupt_images: skip``, ``DataBundle.skipped_images()`` tells how many unreadable
 images were found and dropped so far (distinct files, seen across DataLoader worker processes).
 """
 
-from cmtkd_graph.data import cifar, fashion_mnist, imagefolder, scenes  # noqa: F401  (register the datasets)
+from cmtkd_graph.data import (  # noqa: F401  (register the datasets)
+    cifar,
+    fashion_mnist,
+    imagefolder,
+    scenes,
+    segmentation_files,
+)
 from cmtkd_graph.data.bundle import DataBundle, build_datasets
 from cmtkd_graph.data.imagefolder import CorruptImageError, CorruptImageWarning, DropSkipped
 from cmtkd_graph.data.loaders import build_loaders

@@ -80,20 +80,31 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int] | None:
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as file:
-                image = file.convert("RGB")
-        except Exception as e:  # PIL reports damaged files with many exception types
-            reason = f"{type(e).__name__}: {e}"
-            if self.corrupt_images == "error":
-                raise CorruptImageError(
-                    f"unreadable image {path} ({reason}); repair or delete it, or set "
-                    "`data.corrupt_images: skip` to drop unreadable images"
-                ) from e
-            self._unreadable[index] = True
-            warnings.warn(f"skipped unreadable image {path} ({reason})", CorruptImageWarning, stacklevel=2)
+        image = self.decode(index, path)
+        if image is None:
             return None
         return (self.transform(image) if self.transform is not None else image), label
+
+    def decode(self, index: int, path: str) -> Image.Image | None:
+        """The RGB image of sample ``index``'s file ``path``; None when unreadable and skipped."""
+        try:
+            with Image.open(path) as file:
+                return file.convert("RGB")
+        except Exception as e:  # PIL reports damaged files with many exception types
+            return self.unreadable(index, path, e)
+
+    def unreadable(self, index: int, path: str, error: Exception) -> None:
+        """Raise `CorruptImageError` for ``path``, or (``corrupt_images: skip``) count sample ``index``
+        as skipped and warn."""
+        reason = f"{type(error).__name__}: {error}"
+        if self.corrupt_images == "error":
+            raise CorruptImageError(
+                f"unreadable image {path} ({reason}); repair or delete it, or set "
+                "`data.corrupt_images: skip` to drop unreadable images"
+            ) from error
+        self._unreadable[index] = True
+        warnings.warn(f"skipped unreadable image {path} ({reason})", CorruptImageWarning, stacklevel=3)
+        return None
 
 
 class DropSkipped:

@@ -12,6 +12,7 @@ fashion_mnist   the four ``*-idx?-ubyte.gz`` files      ``data: {dataset: fashio
 cifar10         ``cifar-10-batches-py/``                 ``data: {dataset: cifar10, root: DIR}``
 cifar100        ``cifar-100-python/``                    ``data: {dataset: cifar100, root: DIR}``
 cifar10_jpeg    ``train/<class>/*.jpg``, ``test/...``    ``data: {dataset: imagefolder, root: DIR}``
+fashion_scenes  VOC layout: ``JPEGImages/``, ...         ``data: {dataset: fashion_scenes, root: DIR}``
 ==============  ======================================  ==========================================
 
 Nothing is written into ``--root`` until everything is verified: a failed or refused preparation leaves
@@ -195,6 +196,20 @@ def _fashion_mnist(staging: Path, source: Path | None) -> str:
                 f"{content_sha256})"
             )
     return f"Fashion-MNIST: 4 files verified ({'downloaded' if source is None else f'from {source}'})"
+
+
+@recipe(
+    "fashion_scenes",
+    "segmentation scenes made from Fashion-MNIST, in the Pascal VOC layout",
+    "fashion_scenes",
+    "data/fashion_scenes",
+)
+def _fashion_scenes(staging: Path, source: Path | None) -> str:
+    """Made from the Fashion-MNIST files in ``--from`` (default: Debian's dataset-fashion-mnist); the same
+    scenes on every machine (docs/tasks.md)."""
+    from cmtkd_graph.data.scenes import write_scenes
+
+    return write_scenes(staging, None if source is None else str(source))
 
 
 # ---------------------------------------------------------------------------- CIFAR (python batches)

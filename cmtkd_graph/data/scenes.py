@@ -1,32 +1,28 @@
-"""``fashion_scenes``: a segmentation dataset made from Fashion-MNIST, for tests, examples and quick runs.
+"""``fashion_scenes``: a segmentation dataset made from Fashion-MNIST, for tests, examples and quick runs,
+written once in the Pascal VOC layout by ``cmtkd-graph data prepare fashion_scenes`` and read by the
+``voc`` reader like any VOC folder.
 
-Each scene is a square RGB image (``data.image_size``, default 64) with three Fashion-MNIST items
+Each scene is a 64x64 RGB image (a JPEG, as VOC's are) with three Fashion-MNIST items
 (training scenes from the training images, evaluation scenes from the test images, three consecutive
 items per scene), each tinted with a colour and pasted at a random place over a dark, noisy
 background; later items cover earlier ones. The mask gives every pixel its item's class + 1 where the
-item is drawn (grey value > 76 of 255), 0 (background) where nothing is, and ``IGNORE`` on the faint rim
-of each item (grey value 13..76), as Pascal VOC marks object boundaries. Scene ``i`` is the same on every
-machine (its placement comes from a generator seeded with ``i``), so runs and tests are reproducible.
-
-Needs the Fashion-MNIST files (Debian's ``dataset-fashion-mnist``, or ``data.root``).
+item is drawn (grey value > 76 of 255), 0 (background) where nothing is, and 255 (unlabelled) on the
+faint rim of each item (grey value 13..76), as Pascal VOC marks object boundaries; masks are palette PNGs
+with VOC's colours. Scene ``i`` of a split is the same on every machine (its placement comes from a
+generator seeded with ``i``): 20,000 training scenes from the 60,000 training items, 3,333 evaluation
+scenes from the 10,000 test items.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
+from PIL import Image
 
-from cmtkd_graph.data.bundle import DataBundle
-from cmtkd_graph.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, read_fashion_mnist
-from cmtkd_graph.data.record import DatasetRecord, register_dataset
-from cmtkd_graph.data.transforms import ScaleNormalize, mean_std
-from cmtkd_graph.errors import UserError
-from cmtkd_graph.spec import DataSpec
-from cmtkd_graph.tasks import IGNORE
+from cmtkd_graph.data.fashion_mnist import FASHION_MNIST_CLASSES, read_fashion_mnist
+from cmtkd_graph.data.record import register_dataset
+from cmtkd_graph.data.segmentation_files import UNLABELLED, VOCSegmentation, voc_palette
 
 ITEMS_PER_SCENE = 3
 DRAWN = 76  # grey value above which an item's pixel is labelled with its class
@@ -37,10 +33,11 @@ SCENE_CLASSES = ["background", *FASHION_MNIST_CLASSES]
 def make_scene(
     items: torch.Tensor, labels: torch.Tensor, size: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One scene: uint8 image [3, size, size] and int64 mask [size, size] from ``items`` [k, 28, 28]."""
+    """One scene: uint8 image [3, size, size] and uint8 mask [size, size] (255: unlabelled) from
+    ``items`` [k, 28, 28]."""
     g = torch.Generator().manual_seed(seed)
     image = torch.randint(0, 24, (3, size, size), generator=g, dtype=torch.uint8)
-    mask = torch.zeros(size, size, dtype=torch.long)
+    mask = torch.zeros(size, size, dtype=torch.uint8)
     side = items.shape[-1]
     for item, label in zip(items, labels, strict=True):
         top, left = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=g))
@@ -52,104 +49,55 @@ def make_scene(
         window[:, grey >= RIM] = tinted[:, grey >= RIM]
         area = mask[top : top + side, left : left + side]
         area[drawn] = int(label) + 1
-        area[rim] = IGNORE
+        area[rim] = UNLABELLED
     return image, mask
 
 
-class FashionScenes(Dataset):
-    """Scenes made on access from the items of one Fashion-MNIST split; ``transform`` takes and returns
-    (tv_tensors.Image, tv_tensors.Mask)."""
-
-    def __init__(
-        self,
-        items: torch.Tensor,
-        labels: torch.Tensor,
-        size: int,
-        count: int,
-        seed: int,
-        transform: Callable | None = None,
-    ):
-        self.items, self.labels, self.size, self.count, self.seed = items, labels, size, count, seed
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= index < self.count:
-            raise IndexError(index)
-        span = slice(index * ITEMS_PER_SCENE, (index + 1) * ITEMS_PER_SCENE)
-        image, mask = make_scene(self.items[span, 0], self.labels[span], self.size, self.seed + index)
-        if self.transform is not None:
-            image, mask = self.transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
-        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)
+SCENE_SIZE = 64
+JPEG_QUALITY = 95
 
 
-def segmentation_transforms(spec: DataSpec, in_channels: int) -> tuple[Callable, Callable]:
-    """(train, eval) transforms of (image, mask) pairs: the same crop and flip for both (the mask padded
-    with IGNORE), then the image alone scaled and normalised."""
-    augment = spec.augment
-    crop = augment.crop or "random_crop"
-    if crop == "random_resized_crop":
-        raise UserError("data.augment.crop: random_resized_crop is not offered for segmentation masks yet")
-    geometry = []
-    if crop == "random_crop":
-        fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE}
-        geometry.append(v2.RandomCrop(spec.input_size, padding=augment.padding, fill=fill))
-    if augment.hflip if augment.hflip is not None else DATASETS_HFLIP:
-        geometry.append(v2.RandomHorizontalFlip())
-    image_only = ImageOnly(ScaleNormalize(*mean_std(spec, in_channels)))
-    return v2.Compose([*geometry, image_only]), image_only
-
-
-class ImageOnly(torch.nn.Module):
-    """Apply ``transform`` to the image of an (image, mask) pair (scaling and normalising)."""
-
-    def __init__(self, transform: Callable):
-        super().__init__()
-        self.transform = transform
-
-    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return tv_tensors.wrap(self.transform(image), like=image), mask
-
-
-DATASETS_HFLIP = True  # scenes have no handedness
+def write_scenes(root: Path, fashion_root: str | None) -> str:
+    """Every scene of the Fashion-MNIST files in ``fashion_root`` (default: Debian's) into ``root`` in
+    the VOC layout, with ``labelmap.txt`` naming the classes; returns what was written."""
+    splits = read_fashion_mnist(fashion_root)
+    palette = voc_palette()
+    flat_palette = [v for colour in palette for v in colour]
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    counts = []
+    for split, (items, labels), seed in (("train", splits.train, 0), ("val", splits.eval, 1 << 30)):
+        ids = []
+        for index in range(len(items) // ITEMS_PER_SCENE):
+            span = slice(index * ITEMS_PER_SCENE, (index + 1) * ITEMS_PER_SCENE)
+            image, mask = make_scene(items[span, 0], labels[span], SCENE_SIZE, seed + index)
+            name = f"{split}_{index:06d}"
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(
+                root / "JPEGImages" / f"{name}.jpg",
+                quality=JPEG_QUALITY,
+                subsampling=0,  # 4:4:4: sharp colours
+            )
+            png = Image.fromarray(mask.numpy(), mode="P")
+            png.putpalette(flat_palette)
+            png.save(root / "SegmentationClass" / f"{name}.png")
+            ids.append(name)
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+        counts.append(f"{len(ids)} {split}")
+    lines = ["# label:color_rgb:parts:actions"]
+    lines += [f"{name}:{','.join(map(str, palette[i]))}::" for i, name in enumerate(SCENE_CLASSES)]
+    (root / "labelmap.txt").write_text("\n".join(lines) + "\n")
+    return f"fashion scenes: {' and '.join(counts)} scenes written in the VOC layout"
 
 
 @register_dataset("fashion_scenes")
-class FashionScenesRecord(DatasetRecord):
+class FashionScenes(VOCSegmentation):
     summary = (
-        "segmentation scenes made from Fashion-MNIST: background + 10 classes, rims ignored "
-        f"(data.root default: {FASHION_MNIST_ROOT})"
+        "segmentation scenes made from Fashion-MNIST (background + 10 classes, rims unlabelled), in the VOC "
+        "layout (data.root default: data/fashion_scenes)"
     )
-    task = "segmentation"
-    native_size = 64
-    mean = (0.1302, 0.1323, 0.1317)  # of 600 training scenes at 64 px
+    native_size = SCENE_SIZE
+    mean = (0.1302, 0.1323, 0.1317)  # of 600 training scenes
     std = (0.1897, 0.1939, 0.1930)
-    hflip = DATASETS_HFLIP
-    how_to_get = "install Fashion-MNIST with `apt-get install dataset-fashion-mnist`"
-    default_root = FASHION_MNIST_ROOT
-    device_pipeline = False
-
-    @classmethod
-    def read(cls, spec: DataSpec) -> DataBundle:
-        size = spec.input_size
-        if size < 28:
-            raise UserError(f"data.image_size: fashion_scenes needs at least 28 (an item's side), got {size}")
-        splits = read_fashion_mnist(spec.root)
-        train_tf, eval_tf = segmentation_transforms(spec, 3)
-
-        def scenes(split, seed: int, subset: int | None, transform) -> FashionScenes:
-            items, labels = split
-            count = len(items) // ITEMS_PER_SCENE
-            return FashionScenes(items, labels, size, min(count, subset or count), seed, transform)
-
-        return DataBundle(
-            train=scenes(splits.train, 0, spec.train_subset, train_tf),
-            eval=scenes(splits.eval, 1 << 30, spec.eval_subset, eval_tf),
-            num_classes=len(SCENE_CLASSES),
-            classes=list(SCENE_CLASSES),
-            in_channels=3,
-            image_size=size,
-            train_eval=scenes(splits.train, 0, spec.train_subset, eval_tf),
-        )
+    hflip = True  # scenes have no handedness
+    how_to_get = "make them with `cmtkd-graph data prepare fashion_scenes` (from dataset-fashion-mnist)"
+    default_root = "data/fashion_scenes"

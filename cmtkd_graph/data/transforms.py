@@ -4,7 +4,8 @@ Small images (CIFAR, Fashion-MNIST, image folders under 64 px): RandomCrop(size,
 horizontal flip, evaluated as is (resized first when image_size is not the native size; folders are
 resized and centre-cropped to a square). ImageNet-like folders: RandomResizedCrop(size) + flip, evaluated
 as Resize(size / 0.875) + CenterCrop(size). In-memory datasets are transformed as uint8 tensors
-(fast); image folders as PIL images, converted to a tensor after the crop.
+(fast); image folders as PIL images, converted to a tensor after the crop. Segmentation pairs (image,
+mask) take the same geometry together (``build_segmentation_transforms``).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from cmtkd_graph.registry import DATASETS
 from cmtkd_graph.spec import IMAGENET_LIKE_MIN_SIZE, DataSpec
+from cmtkd_graph.tasks import IGNORE
 
 EVAL_CROP_FRACTION = 0.875
 """ImageNet-like evaluation: resize to size / 0.875 (256 for 224), then centre-crop size."""
@@ -66,7 +69,35 @@ def build_transforms(
     return v2.Compose([*train_geometry, *tail]), v2.Compose([*eval_geometry, *tail])
 
 
-def _geometry(spec: DataSpec, size: int, native_size: int | None) -> tuple[list, list]:
+def build_segmentation_transforms(
+    spec: DataSpec, *, size: int, native_size: int | None
+) -> tuple[Callable, Callable]:
+    """(train, eval) transforms of (image, mask) pairs: a uint8 ``tv_tensors.Image`` [3, H, W] and a
+    ``tv_tensors.Mask`` [H, W] take the same geometry (the mask resized by nearest neighbour, padded with
+    ``IGNORE``), then the image alone is scaled and normalised. Images of any size are evaluated resized
+    and centre-cropped to ``size`` without classification's 0.875 margin, so that no labelled border of the
+    image is cut from the metric."""
+    train_geometry, eval_geometry = _geometry(spec, size, native_size, masks=True)
+    image_only = ImageOnly(ScaleNormalize(*mean_std(spec, 3)))
+    return v2.Compose([*train_geometry, image_only]), v2.Compose([*eval_geometry, image_only])
+
+
+class ImageOnly(torch.nn.Module):
+    """Apply ``transform`` to the image of an (image, mask) pair (scaling and normalising)."""
+
+    def __init__(self, transform: Callable):
+        super().__init__()
+        self.transform = transform
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tv_tensors.wrap(self.transform(image), like=image), mask
+
+
+MASK_FILL = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE}
+"""Padding of an (image, mask) pair: black image, unlabelled mask."""
+
+
+def _geometry(spec: DataSpec, size: int, native_size: int | None, masks: bool = False) -> tuple[list, list]:
     augment = spec.augment
     imagenet_like = native_size is None and size >= IMAGENET_LIKE_MIN_SIZE
     crop = augment.crop or ("random_resized_crop" if imagenet_like else "random_crop")
@@ -75,12 +106,12 @@ def _geometry(spec: DataSpec, size: int, native_size: int | None) -> tuple[list,
     if native_size is None:  # any size and aspect: resize the short side, then make it square
         fit = [v2.Resize(size), v2.CenterCrop(size)]
         resized = [v2.Resize(round(size / EVAL_CROP_FRACTION)), v2.CenterCrop(size)]
-        evaluation = resized if imagenet_like else fit
+        evaluation = resized if imagenet_like and not masks else fit
     else:  # square images: only a resize when the model wants another size
         fit = [] if native_size == size else [v2.Resize(size)]
         evaluation = fit
     train = {
-        "random_crop": [*fit, v2.RandomCrop(size, padding=augment.padding)],
+        "random_crop": [*fit, v2.RandomCrop(size, padding=augment.padding, fill=MASK_FILL if masks else 0)],
         "random_resized_crop": [v2.RandomResizedCrop(size)],
         "none": fit,
     }[crop]

@@ -84,7 +84,8 @@ def predict(
     masks: str | Path | None = None,
 ) -> list[dict]:
     """Per image: its path and the ``top`` classes with their probabilities (segmentation: the classes
-    covering most pixels, and with ``masks`` a PNG of each pixel's class index written there).
+    covering most pixels, and with ``masks`` a palette PNG of each pixel's class index written there,
+    coloured as VOC colours its classes).
     ``report`` receives one line naming the backend ``auto`` chose and why."""
     if backend not in BACKENDS:
         raise UserError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
@@ -110,6 +111,8 @@ def predict(
     if masks is not None:
         from PIL import Image
 
+        from cmtkd_graph.data.segmentation_files import voc_palette
+
         folder = Path(masks).expanduser()
         folder.mkdir(parents=True, exist_ok=True)
         stems = [Path(r["image"]).stem for r in results]
@@ -122,8 +125,10 @@ def predict(
             )
             name = stems[i] if stems.count(stems[i]) == 1 else f"{i:04d}-{stems[i]}"
             path = folder / f"{name}.png"
-            pixels = mask[0, 0].to(torch.uint8).numpy()  # a class index per pixel
-            Image.fromarray(pixels, mode="L").save(path)
+            # a class index per pixel, shown in VOC's colours (a palette PNG: VOC readers take it back)
+            image = Image.fromarray(mask[0, 0].to(torch.uint8).numpy(), mode="P")
+            image.putpalette([value for colour in voc_palette() for value in colour])
+            image.save(path)
             result["mask"] = str(path)
     return results
 

@@ -261,7 +261,8 @@ class DataSpec(Strict):
 
     dataset: Annotated[str, AfterValidator(_check_dataset)] = Field(
         description="registered dataset: cifar10/cifar100 (torchvision format), imagefolder (train/ + "
-        "val|test/), fashion_mnist; fashion_scenes (segmentation) (see cmtkd_graph/data/)",
+        "val|test/), fashion_mnist; for segmentation voc (Pascal VOC layout), mask_folders (images/ + "
+        "masks/), fashion_scenes (see cmtkd_graph/data/, docs/tasks.md)",
         json_schema_extra=_registered_names(DATASETS),
     )
     root: str | None = Field(
@@ -269,7 +270,9 @@ class DataSpec(Strict):
     )
     download: bool = Field(False, description="cifar only: download if missing (needs internet)")
     eval_split: str | None = Field(
-        None, description="imagefolder: evaluation folder (default: val, else test)"
+        None,
+        description="imagefolder, mask_folders: evaluation folder (default: val, else test); voc: the "
+        "evaluation list of ImageSets/Segmentation (default: val)",
     )
     batch_size: int = Field(256, ge=1, description="total batch size per optimizer step, over all processes")
     eval_batch_size: int | None = Field(
@@ -297,7 +300,7 @@ class DataSpec(Strict):
         description="fashion_mnist: repeat the grey channel 3x, or none (use the grey_input surgery)",
     )
     corrupt_images: Literal["error", "skip"] = Field(
-        "error", description="imagefolder: unreadable image handling"
+        "error", description="imagefolder, voc, mask_folders: unreadable image handling"
     )
     train_subset: int | None = Field(
         None, ge=1, description="use only the first N training samples (quick runs)"
