@@ -27,6 +27,8 @@ from cmtkd_graph.quantizers.layers import QuantConv2d
 from cmtkd_graph.registry import TASKS
 from cmtkd_graph.tasks import IGNORE
 
+from .conftest import REPO, launch_two_processes
+
 SEGMENTATION = TASKS.get("segmentation")
 BUILDERS = [
     "fcn_resnet50",
@@ -266,11 +268,13 @@ def cli(cwd: Path, *args: str) -> str:
 
 
 def test_a_w2a2_segmentation_student_trains_evaluates_exports_and_predicts_masks(tmp_path, fashion_scenes):
+    """specs/segmentation_quickstart.yaml in tiny mode: two training processes, resumed by one; eval,
+    export and predict on what they trained."""
     sets = [
-        "student.arch=lraspp_mobilenet_v3_large",
-        "student.kwargs={num_classes: 11}",
-        scenes(fashion_scenes),
-        "taps={teachers: auto}",
+        f"data.root={fashion_scenes}",
+        "data.batch_size=8",
+        "data.train_subset=64",
+        "data.eval_subset=16",
         "train.max_steps=2",
         "train.log_every=1",
         "train.progress_bar=false",
@@ -278,11 +282,16 @@ def test_a_w2a2_segmentation_student_trains_evaluates_exports_and_predicts_masks
         "train.channels_last=false",
         f"train.output_dir={tmp_path / 'run'}",
     ]
-    cli(tmp_path, "train", "quickstart", *[a for s in sets for a in ("--set", s)])
+    overrides = [a for s in sets for a in ("--set", s)]
+    spec = str(REPO / "specs" / "segmentation_quickstart.yaml")
+    two = launch_two_processes(["cmtkd_graph.train", spec, *overrides], cwd=tmp_path, port=29571)
+    assert two.returncode == 0, two.stderr[-3000:]
     run = tmp_path / "run"
+    assert "2 process(es)" in two.stdout + two.stderr
+    cli(tmp_path, "train", "--resume", str(run), "--set", "train.max_steps=3")
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in lines if r["kind"] == "train"]
-    assert [r["step"] for r in train] == [1, 2] and all(r["loss/kl_student"] > 0 for r in train)
+    assert [r["step"] for r in train] == [1, 2, 3] and all(r["loss/kl_student"] > 0 for r in train)
     final = json.loads((run / "final.json").read_text())
     assert set(final["accuracy"]) == {
         f"{m}/{n}" for m in ("miou", "pixacc") for n in ("student", "combined", "teacher0", "teacher1")
@@ -358,7 +367,7 @@ def test_a_study_of_segmentation_rows_reports_their_metrics(tmp_path, fashion_sc
 
 def eager_fcn(bits: int) -> torch.nn.Module:
     """torchvision's FCN-ResNet50 with every convolution but the stem and the last quantized by hand."""
-    from tests.test_compose import EagerQuantConv
+    from .test_compose import EagerQuantConv
 
     model = torchvision.models.segmentation.fcn_resnet50(num_classes=5, weights_backbone=None)
     for name, module in list(model.named_modules()):
@@ -402,7 +411,7 @@ def eager_segmentation_cmtkd(student, teachers, logits, x):
 
 
 def test_composed_segmentation_system_equals_eager_cmtkd_values_and_gradients():
-    from tests.test_compose import graph_name
+    from .test_compose import graph_name
 
     torch.manual_seed(0)
     spec = cg.load_spec(
