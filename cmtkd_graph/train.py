@@ -562,6 +562,7 @@ class Trainer:
                 "seconds": self._seconds(),
                 "precision": self.precision.to_json(),
                 "classes": self.bundle.classes,
+                **({"colours": self.bundle.colours} if self.bundle.colours else {}),
             }
             (self.run_dir / "final.json").write_text(json.dumps(summary, indent=1))
             plot = self.run_dir / "importance.png"

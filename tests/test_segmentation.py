@@ -206,6 +206,47 @@ def test_mask_folders_read_grey_and_colour_masks_as_the_voc_reader_does(fashion_
         build_datasets(spec.data)
 
 
+def test_the_mask_files_and_layouts_users_have_are_read(fashion_scenes, tmp_path):
+    """1-bit and grey+alpha masks, VOC ids whose images are PNGs, labelmap lines without a colour, a
+    scenes root that lost its labelmap.txt, and an all-skipped batch's empty masks."""
+    voc = tmp_path / "voc"
+    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (voc / "JPEGImages").mkdir()
+    (voc / "SegmentationClass").mkdir()
+    masks = {}
+    for split, ids in (("train", ["train_000000", "train_000001"]), ("val", ["val_000000"])):
+        (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        for i in ids:
+            Image.open(fashion_scenes / "JPEGImages" / f"{i}.jpg").save(voc / "JPEGImages" / f"{i}.png")
+            masks[i] = np.array(Image.open(fashion_scenes / "SegmentationClass" / f"{i}.png"))
+    foreground = (masks["train_000000"] > 0) & (masks["train_000000"] < 255)
+    Image.fromarray(foreground).save(voc / "SegmentationClass" / "train_000000.png")  # mode "1"
+    with_alpha = Image.fromarray(
+        np.stack([foreground.astype(np.uint8), np.full_like(foreground, 255, np.uint8)], -1)
+    )
+    with_alpha.save(voc / "SegmentationClass" / "train_000001.png")  # mode "LA"
+    Image.fromarray(foreground.astype(np.uint8)).save(voc / "SegmentationClass" / "val_000000.png")
+    (voc / "labelmap.txt").write_text("# label:color_rgb:parts:actions\nbackground:::\nitem:::\n")
+    data = scene_spec(
+        voc, BUILDERS[-1], "data.dataset=voc", "data.image_size=64", "data.augment={crop: none, hflip: false}"
+    ).data
+    bundle = build_datasets(data)
+    assert bundle.classes == ["background", "item"]
+    for i in range(2):
+        assert torch.equal(bundle.train[i][1], torch.from_numpy(foreground).long())
+
+    scenes_copy = tmp_path / "scenes"
+    shutil.copytree(fashion_scenes, scenes_copy, ignore=shutil.ignore_patterns("labelmap.txt"))
+    assert build_datasets(scene_spec(scenes_copy, BUILDERS[-1]).data).classes == SCENE_CLASSES  # not VOC's
+
+    from cmtkd_graph.data import DropSkipped
+
+    images, labels = DropSkipped((3, 64, 64), (64, 64))([None, None])
+    assert images.shape == (0, 3, 64, 64) and labels.shape == (0, 64, 64)
+    rows = SEGMENTATION.metric_rows(torch.empty(0, 11, 64, 64), labels)
+    assert rows.shape == (0, 121)
+
+
 def test_bad_masks_and_layouts_are_one_line_naming_the_file(fashion_scenes, tmp_path):
     root = tmp_path / "folders"
     _as_mask_folders(fashion_scenes, root, rgb_eval=False)
@@ -296,7 +337,7 @@ def test_a_w2a2_segmentation_student_trains_evaluates_exports_and_predicts_masks
     assert set(final["accuracy"]) == {
         f"{m}/{n}" for m in ("miou", "pixacc") for n in ("student", "combined", "teacher0", "teacher1")
     }
-    assert final["classes"] == SCENE_CLASSES
+    assert final["classes"] == SCENE_CLASSES and final["colours"][1] == [128, 0, 0]  # labelmap.txt's
 
     table = cli(tmp_path, "eval", str(run))
     assert "mIoU %" in table and "pixel acc. %" in table and "final.json mIoU" in table
@@ -304,7 +345,12 @@ def test_a_w2a2_segmentation_student_trains_evaluates_exports_and_predicts_masks
     assert record["task"] == "segmentation" and record["samples"] == 16
     assert record["miou/student"] == pytest.approx(final["accuracy"]["miou/student"])
 
-    cli(tmp_path, "export", str(run), "--out", "exported", "--format", "torch")
+    cli(tmp_path, "export", str(run), "--out", "exported", "--format", "all")
+    manifest = json.loads((tmp_path / "exported" / "manifest.json").read_text())
+    onnx = manifest["onnx"]  # exact Q/DQ ONNX, checked per image over all of its pixels
+    assert onnx["check_images"] == 8 and onnx["images_within_tolerance"] <= 8  # images, not pixels
+    assert onnx["top1_agreement"] > 0.99
+    assert "(Hardswish) is not one of the operations it writes" in manifest["onnx_int8"]["skipped"]
     scene, _ = make_scene(*_items(), 64, seed=3)
     # a photo of another size: resized whole for the model, the mask mapped back onto it
     Image.fromarray(scene.permute(1, 2, 0).numpy()).resize((96, 80)).save(tmp_path / "scene.png")

@@ -21,6 +21,7 @@ class DataBundle:
     in_channels: int  # 3, or 1 for grey images with grey_to_rgb: none
     image_size: int  # the model input size
     train_eval: torch.utils.data.Dataset  # the training samples with the evaluation transform
+    colours: list[tuple[int, int, int]] | None = None  # segmentation: each class's colour, if declared
 
     def skipped_images(self) -> int:
         """Distinct unreadable images skipped so far in both splits (``corrupt_images: skip``; else 0)."""

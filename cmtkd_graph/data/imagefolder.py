@@ -111,16 +111,17 @@ class DropSkipped:
     """Collate function: ``default_collate`` of the samples that are not None (skipped unreadable images).
 
     A batch whose every image was skipped comes out empty but well-formed: images (0, *image_shape)
-    and labels (0,), so that the caller's loop need not special-case it.
+    and labels (0, *label_shape) (a mask per image for segmentation), so that the caller's loop need
+    not special-case it.
     """
 
-    def __init__(self, image_shape: tuple[int, ...]):
-        self.image_shape = tuple(image_shape)
+    def __init__(self, image_shape: tuple[int, ...], label_shape: tuple[int, ...] = ()):
+        self.image_shape, self.label_shape = tuple(image_shape), tuple(label_shape)
 
     def __call__(self, batch: list):
         kept = [sample for sample in batch if sample is not None]
         if not kept:
-            return torch.empty(0, *self.image_shape), torch.empty(0, dtype=torch.long)
+            return torch.empty(0, *self.image_shape), torch.empty(0, *self.label_shape, dtype=torch.long)
         return default_collate(kept)
 
 

@@ -10,7 +10,9 @@ from cmtkd_graph.data.device import DeviceBatches, device_batches
 from cmtkd_graph.data.imagefolder import DropSkipped
 from cmtkd_graph.data.seeding import SeededSamples
 from cmtkd_graph.errors import UserError
+from cmtkd_graph.registry import DATASETS, TASKS
 from cmtkd_graph.spec import DataSpec
+from cmtkd_graph.tasks import IGNORE  # noqa: F401  (importing the tasks registers them in TASKS)
 
 
 def build_loaders(
@@ -83,9 +85,15 @@ def build_eval_loader(
 
 
 def _common(bundle: DataBundle, spec: DataSpec) -> dict:
+    image_shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
     return dict(
         num_workers=spec.num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=spec.num_workers > 0,
-        collate_fn=DropSkipped((bundle.in_channels, bundle.image_size, bundle.image_size)),
+        collate_fn=DropSkipped(image_shape, _label_shape(spec, image_shape)),
     )
+
+
+def _label_shape(spec: DataSpec, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of one sample's label: () for a class, (H, W) for a mask (the dataset's task says)."""
+    return TASKS.get(DATASETS.get(spec.dataset).task).label_shape(image_shape)

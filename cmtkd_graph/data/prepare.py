@@ -15,6 +15,10 @@ cifar10_jpeg    ``train/<class>/*.jpg``, ``test/...``    ``data: {dataset: image
 fashion_scenes  VOC layout: ``JPEGImages/``, ...         ``data: {dataset: fashion_scenes, root: DIR}``
 ==============  ======================================  ==========================================
 
+``fashion_scenes`` is not downloaded: it is generated, the same on every machine, from the Fashion-MNIST
+files in ``--from`` (a folder of the four ``*-ubyte.gz`` files; default Debian's), which it reads as they
+are (``prepare fashion_mnist`` is the one that verifies them).
+
 Nothing is written into ``--root`` until everything is verified: a failed or refused preparation leaves
 it as it was.
 """

@@ -101,3 +101,5 @@ class FashionScenes(VOCSegmentation):
     hflip = True  # scenes have no handedness
     how_to_get = "make them with `cmtkd-graph data prepare fashion_scenes` (from dataset-fashion-mnist)"
     default_root = "data/fashion_scenes"
+    default_classes = SCENE_CLASSES  # when labelmap.txt is gone: never VOC's
+    default_colours = voc_palette()[: len(SCENE_CLASSES)]

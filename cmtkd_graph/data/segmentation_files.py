@@ -3,10 +3,10 @@
 
 A mask is a PNG of class indices: a palette PNG (VOC's ``SegmentationClass/``: the index is the class,
 the palette only colours it) or a grey one, with 255 for "not labelled" (VOC's object boundaries), which
-becomes ``IGNORE``. An RGB mask (what annotation tools such as CVAT export) is read through the colours
-of ``labelmap.txt``. The class names come from ``labelmap.txt`` (CVAT's and VOC exports'
-``name:r,g,b::`` lines) or ``classes.txt`` (one name per line) in the data root; a VOC root without
-either has VOC's 21 classes.
+becomes ``IGNORE`` (so a binary mask must mark its foreground 1, not 255). An RGB mask (what annotation
+tools such as CVAT export) is read through the colours of ``labelmap.txt``. The class names come from
+``labelmap.txt`` (CVAT's and VOC exports' ``name:r,g,b::`` lines) or ``classes.txt`` (one name per line)
+in the data root; a VOC root without either has VOC's 21 classes.
 
 A mask value that is neither a class nor 255, a colour no class has, or a mask whose size differs from
 its image's stops the run with one line naming the file and the value; an image or mask PIL cannot
@@ -64,7 +64,8 @@ class BadMaskError(CorruptImageError):
 
 
 def read_labels(root: Path) -> tuple[list[str], list[Colour] | None] | None:
-    """The class names (and colours, from ``labelmap.txt``) a data root declares, or None."""
+    """The class names (and colours, from ``labelmap.txt``) a data root declares, or None. A labelmap
+    line may leave its colour empty (``cat:::``); the colours are then None (RGB masks cannot be read)."""
     labelmap, names_file = root / "labelmap.txt", root / "classes.txt"
     if labelmap.is_file():
         names, colours = [], []
@@ -72,16 +73,19 @@ def read_labels(root: Path) -> tuple[list[str], list[Colour] | None] | None:
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             name, _, rest = line.partition(":")
+            colour = rest.partition(":")[0].strip()
             try:
-                r, g, b = (int(v) for v in rest.partition(":")[0].split(","))
+                rgb = tuple(int(v) for v in colour.split(",")) if colour else None
+                if rgb is not None and (len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb)):
+                    raise ValueError
             except ValueError:
                 raise UserError(
                     f"{labelmap}:{number}: expected 'name:r,g,b::' (e.g. 'background:0,0,0::'), got {line!r}"
                 ) from None
             names.append(name.strip())
-            colours.append((r, g, b))
+            colours.append(rgb)
         if names:
-            return names, colours
+            return names, (None if None in colours else colours)
         raise UserError(f"{labelmap}: no class lines ('name:r,g,b::')")
     if names_file.is_file():
         names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
@@ -98,8 +102,10 @@ def read_mask(path: str, num_classes: int, colours: list[Colour] | None) -> torc
         mode = file.mode
         if mode in ("RGB", "RGBA"):
             values = _indices_of_colours(np.asarray(file.convert("RGB")), path, colours)
-        elif mode in ("P", "L", "I", "I;16"):
+        elif mode in ("P", "L", "1", "I", "I;16"):  # "1": a two-class mask of 0 and 1
             values = np.asarray(file).astype(np.int64)
+        elif mode in ("LA", "PA"):  # the index channel; the alpha channel is not a label
+            values = np.asarray(file.getchannel(0)).astype(np.int64)
         else:
             raise BadMaskError(f"mask {path}: PIL mode {mode}; expected a palette, grey or RGB PNG")
     mask = torch.from_numpy(values)
@@ -181,6 +187,18 @@ def _with_mask(images: list[Path], mask_dir: Path, what: str) -> list[tuple[str,
     return pairs
 
 
+def _image_of(folder: Path, image_id: str, listing: Path) -> Path:
+    """``folder/<id>.jpg`` (VOC's), else the id with another image extension (exports that keep the
+    original files, e.g. Datumaro's)."""
+    jpeg = folder / f"{image_id}.jpg"
+    if jpeg.is_file():
+        return jpeg
+    for extension in IMAGE_EXTENSIONS:
+        if (folder / f"{image_id}{extension}").is_file():
+            return folder / f"{image_id}{extension}"
+    raise UserError(f"{listing} names {image_id}, but {folder} has no {image_id}.jpg (nor .png, ...)")
+
+
 class SegmentationFolders(DatasetRecord):
     """What the two file layouts share: the classes of the root, the transforms and the bundle."""
 
@@ -232,6 +250,7 @@ class SegmentationFolders(DatasetRecord):
             in_channels=3,
             image_size=size,
             train_eval=files(train, eval_tf),
+            colours=None if colours is None else [tuple(c) for c in colours],
         )
 
 
@@ -261,10 +280,7 @@ class VOCSegmentation(SegmentationFolders):
                     "lists each split's image ids in ImageSets/Segmentation/<split>.txt"
                 )
             ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
-            images = [root / "JPEGImages" / f"{i}.jpg" for i in ids]
-            absent = [p for p in images if not p.is_file()]
-            if absent:
-                raise UserError(f"{listing} names {absent[0].stem}, but {absent[0]} does not exist")
+            images = [_image_of(root / "JPEGImages", i, listing) for i in ids]
             return _with_mask(images, root / "SegmentationClass", str(listing))
 
         return split("train"), split(spec.eval_split or "val")

@@ -74,9 +74,9 @@ def build_segmentation_transforms(
 ) -> tuple[Callable, Callable]:
     """(train, eval) transforms of (image, mask) pairs: a uint8 ``tv_tensors.Image`` [3, H, W] and a
     ``tv_tensors.Mask`` [H, W] take the same geometry (the mask resized by nearest neighbour, padded with
-    ``IGNORE``), then the image alone is scaled and normalised. Images of any size are evaluated resized
-    and centre-cropped to ``size`` without classification's 0.875 margin, so that no labelled border of the
-    image is cut from the metric."""
+    ``IGNORE``), then the image alone is scaled and normalised. Images of any size are evaluated with
+    their short side resized to ``size`` and centre-cropped to a square, without classification's 0.875
+    margin (the long side's ends are not scored)."""
     train_geometry, eval_geometry = _geometry(spec, size, native_size, masks=True)
     image_only = ImageOnly(ScaleNormalize(*mean_std(spec, 3)))
     return v2.Compose([*train_geometry, image_only]), v2.Compose([*eval_geometry, image_only])

@@ -274,7 +274,7 @@ def _manifest(found, student: fx.GraphModule, layers: list[QuantizedLayer]) -> d
     macs = sum(r["macs"] for r in records)
     student_bops = sum(r["bops"] for r in records)
     float_bops = sum(cost.bops(r["macs"], cost.FLOAT_BITS, cost.FLOAT_BITS) for r in records)
-    classes = _classes(found.run_dir)
+    classes, colours = _labels(found.run_dir)
     return {
         "format": EXPORT_FORMAT,
         "version": MANIFEST_VERSION,
@@ -288,6 +288,7 @@ def _manifest(found, student: fx.GraphModule, layers: list[QuantizedLayer]) -> d
             "last_layer_bits": spec.quantizer.last_layer_bits,
             "input_shape": list(spec.data.input_shape()),
             "classes": classes,
+            **({"colours": colours} if colours else {}),
         },
         "files": {},
         "size": {
@@ -393,11 +394,13 @@ def _sizes(student: fx.GraphModule, layers: list[QuantizedLayer]) -> tuple[int, 
     return float_total, packed
 
 
-def _classes(run_dir: Path | None) -> list[str] | None:
+def _labels(run_dir: Path | None) -> tuple[list[str] | None, list | None]:
+    """The class names and (segmentation datasets that declare them) colours the run recorded."""
     final = run_dir / "final.json" if run_dir is not None else None
     if final is None or not final.is_file():
-        return None
-    return json.loads(final.read_text()).get("classes")
+        return None, None
+    recorded = json.loads(final.read_text())
+    return recorded.get("classes"), recorded.get("colours")
 
 
 def summary(manifest: dict, out: Path) -> str:

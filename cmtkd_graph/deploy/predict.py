@@ -85,7 +85,7 @@ def predict(
 ) -> list[dict]:
     """Per image: its path and the ``top`` classes with their probabilities (segmentation: the classes
     covering most pixels, and with ``masks`` a palette PNG of each pixel's class index written there,
-    coloured as VOC colours its classes).
+    in the colours of the dataset's labelmap.txt, else VOC's).
     ``report`` receives one line naming the backend ``auto`` chose and why."""
     if backend not in BACKENDS:
         raise UserError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
@@ -108,6 +108,8 @@ def predict(
     maps = task.masks(logits)
     if masks is not None and maps is None:
         raise UserError(f"--masks: a {spec.resolved_task} model predicts no per-pixel classes")
+    if masks is not None and logits.shape[1] > 255:  # 255 reads back as "not labelled"
+        raise UserError(f"--masks: {logits.shape[1]} classes do not fit a palette PNG (at most 255)")
     if masks is not None:
         from PIL import Image
 
@@ -115,6 +117,8 @@ def predict(
 
         folder = Path(masks).expanduser()
         folder.mkdir(parents=True, exist_ok=True)
+        declared = _recorded(directory, "colours") or []  # the dataset's labelmap.txt, if it had one
+        palette = [tuple(c) for c in declared] + voc_palette()[len(declared) :]
         stems = [Path(r["image"]).stem for r in results]
         for i, (result, mask) in enumerate(zip(results, maps.cpu(), strict=True)):
             with Image.open(result["image"]) as original:
@@ -125,9 +129,9 @@ def predict(
             )
             name = stems[i] if stems.count(stems[i]) == 1 else f"{i:04d}-{stems[i]}"
             path = folder / f"{name}.png"
-            # a class index per pixel, shown in VOC's colours (a palette PNG: VOC readers take it back)
+            # a class index per pixel, in the dataset's colours (a palette PNG: VOC readers take it back)
             image = Image.fromarray(mask[0, 0].to(torch.uint8).numpy(), mode="P")
-            image.putpalette([value for colour in voc_palette() for value in colour])
+            image.putpalette([value for colour in palette for value in colour])
             image.save(path)
             result["mask"] = str(path)
     return results
@@ -240,13 +244,18 @@ def fastest_backend(directory: Path, input_shape: tuple[int, ...], repeat: int =
 
 
 def _classes(directory: Path) -> list[str] | None:
+    return _recorded(directory, "classes")
+
+
+def _recorded(directory: Path, key: str) -> list | None:
+    """What the export's manifest (``model.<key>``) or the run's ``final.json`` recorded of the data."""
     for name in (MANIFEST_FILE, "final.json"):
         file = directory / name
         if file.is_file():
             data = json.loads(file.read_text())
-            classes = data.get("model", {}).get("classes") if name == MANIFEST_FILE else data.get("classes")
-            if classes:
-                return classes
+            value = data.get("model", {}).get(key) if name == MANIFEST_FILE else data.get(key)
+            if value:
+                return value
     return None
 
 

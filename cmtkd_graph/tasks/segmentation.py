@@ -92,7 +92,7 @@ class Segmentation(Task):
         index = torch.where(counted, truth * classes + predicted, classes * classes)  # ignored: one bin more
         offsets = torch.arange(len(index), device=index.device)[:, None] * (classes * classes + 1)
         bins = torch.bincount((index + offsets).flatten(), minlength=len(index) * (classes * classes + 1))
-        return bins.view(len(index), -1)[:, :-1].float()
+        return bins.view(len(index), classes * classes + 1)[:, :-1].float()  # an empty batch: [0, C*C]
 
     @classmethod
     def metric_values(cls, state: Tensor) -> dict[str, float | list[float | None]]:
