@@ -139,15 +139,17 @@ def list_samples(split_dir: Path, classes: list[str]) -> list[Sample]:
     """(path, class index) of every image file, sorted by class then file name; no file is opened."""
     samples = []
     for index, name in enumerate(classes):
-        files = sorted(
-            e.path
-            for e in os.scandir(split_dir / name)
-            if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
-        )
-        samples += [(path, index) for path in files]
+        samples += [(path, index) for path in image_paths(split_dir / name)]
     if not samples:
         raise UserError(f"no image files in {split_dir}/<class>/ (extensions: {' '.join(IMAGE_EXTENSIONS)})")
     return samples
+
+
+def image_paths(folder: Path) -> list[str]:
+    """The image files directly in ``folder`` (by extension), sorted; none is opened."""
+    return sorted(
+        e.path for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+    )
 
 
 def pick_eval_split(root: Path, eval_split: str | None) -> str:

@@ -12,7 +12,6 @@ from cmtkd_graph.data.seeding import SeededSamples
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.registry import DATASETS, TASKS
 from cmtkd_graph.spec import DataSpec
-from cmtkd_graph.tasks import IGNORE  # noqa: F401  (importing the tasks registers them in TASKS)
 
 
 def build_loaders(

@@ -26,7 +26,7 @@ from cmtkd_graph.data.segmentation_files import UNLABELLED, VOCSegmentation, voc
 
 ITEMS_PER_SCENE = 3
 DRAWN = 76  # grey value above which an item's pixel is labelled with its class
-RIM = 13  # grey values RIM..DRAWN are the item's rim: IGNORE
+RIM = 13  # grey values RIM..DRAWN are the item's rim: unlabelled (255)
 SCENE_CLASSES = ["background", *FASHION_MNIST_CLASSES]
 
 

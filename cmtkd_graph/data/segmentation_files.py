@@ -15,7 +15,6 @@ decode is a `CorruptImageError` (or skipped and counted with ``data.corrupt_imag
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,13 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
 from cmtkd_graph.data.bundle import DataBundle
-from cmtkd_graph.data.imagefolder import IMAGE_EXTENSIONS, CorruptImageError, ImageFiles, pick_eval_split
+from cmtkd_graph.data.imagefolder import (
+    IMAGE_EXTENSIONS,
+    CorruptImageError,
+    ImageFiles,
+    image_paths,
+    pick_eval_split,
+)
 from cmtkd_graph.data.record import DatasetRecord, register_dataset
 from cmtkd_graph.data.transforms import build_segmentation_transforms
 from cmtkd_graph.errors import UserError
@@ -56,6 +61,14 @@ def voc_palette() -> list[Colour]:
             value >>= 3
         colours.append((rgb[0], rgb[1], rgb[2]))
     return colours
+
+
+def _code(r, g, b):
+    """One integer per colour (of ints or of integer arrays): 0xRRGGBB."""
+    return (r << 16) | (g << 8) | b
+
+
+_BOUNDARY_CODE = _code(*voc_palette()[UNLABELLED])  # VOC's boundary colour reads as unlabelled
 
 
 class BadMaskError(CorruptImageError):
@@ -125,11 +138,10 @@ def _indices_of_colours(rgb: np.ndarray, path: str, colours: list[Colour] | None
             f"mask {path} is an RGB image: its colours need the data root's labelmap.txt "
             "('name:r,g,b::' per class), or write masks of class indices"
         )
-    codes = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    codes = _code(*(rgb[..., channel].astype(np.int64) for channel in range(3)))
     unique, inverse = np.unique(codes, return_inverse=True)
-    index_of = {(r << 16) | (g << 8) | b: i for i, (r, g, b) in enumerate(colours)}
-    boundary = voc_palette()[UNLABELLED]
-    index_of.setdefault((boundary[0] << 16) | (boundary[1] << 8) | boundary[2], UNLABELLED)
+    index_of = {_code(*colour): i for i, colour in enumerate(colours)}
+    index_of.setdefault(_BOUNDARY_CODE, UNLABELLED)
     missing = [int(c) for c in unique if int(c) not in index_of]
     if missing:
         c = missing[0]
@@ -190,10 +202,7 @@ def _with_mask(images: list[Path], mask_dir: Path, what: str) -> list[tuple[str,
 def _image_of(folder: Path, image_id: str, listing: Path) -> Path:
     """``folder/<id>.jpg`` (VOC's), else the id with another image extension (exports that keep the
     original files, e.g. Datumaro's)."""
-    jpeg = folder / f"{image_id}.jpg"
-    if jpeg.is_file():
-        return jpeg
-    for extension in IMAGE_EXTENSIONS:
+    for extension in IMAGE_EXTENSIONS:  # .jpg first
         if (folder / f"{image_id}{extension}").is_file():
             return folder / f"{image_id}{extension}"
     raise UserError(f"{listing} names {image_id}, but {folder} has no {image_id}.jpg (nor .png, ...)")
@@ -250,7 +259,7 @@ class SegmentationFolders(DatasetRecord):
             in_channels=3,
             image_size=size,
             train_eval=files(train, eval_tf),
-            colours=None if colours is None else [tuple(c) for c in colours],
+            colours=colours,
         )
 
 
@@ -299,11 +308,6 @@ class MaskFolders(SegmentationFolders):
             folder = root / name / "images"
             if not folder.is_dir():
                 raise UserError(f"{folder}: not a directory; expected {root}/{name}/images/ and masks/")
-            images = sorted(
-                Path(e.path)
-                for e in os.scandir(folder)
-                if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
-            )
-            return _with_mask(images, root / name / "masks", str(folder))
+            return _with_mask(list(map(Path, image_paths(folder))), root / name / "masks", str(folder))
 
         return split("train"), split(pick_eval_split(root, spec.eval_split))
