@@ -46,12 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="print the spec reference of docs/spec.md instead")
 
     p = sub.add_parser("taps", help="list the tap-able nodes of a torchvision model and the auto choice")
-    p.add_argument("arch", help="torchvision classification model, e.g. resnet18")
+    p.add_argument("arch", help="torchvision model, e.g. resnet18, lraspp_mobilenet_v3_large, r3d_18")
     p.add_argument("--input-size", type=int, default=224, help="input height/width (default 224)")
+    p.add_argument("--frames", type=int, default=16, help="video models: frames per clip (default 16)")
     p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--surgery", action="append", default=[], help="surgery pass to run first (repeatable)")
-    p.add_argument("--all", action="store_true", help="list every node, not only 4-D/3-D feature maps")
+    p.add_argument("--all", action="store_true", help="list every node, not only feature maps and tokens")
 
     p = sub.add_parser(
         "train", help="train in this process, as `python -m cmtkd_graph.train` (several: accelerate launch)"
@@ -160,9 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace --out even if it holds files other than an earlier export (which is always replaced)",
     )
 
-    p = sub.add_parser("predict", help="class and probability per image, from an exported student")
+    p = sub.add_parser("predict", help="class and probability per image (or clip), from an exported student")
     p.add_argument("directory", metavar="DIR", help="an export (or run) directory")
-    p.add_argument("images", metavar="IMAGE", nargs="+")
+    p.add_argument(
+        "images", metavar="IMAGE", nargs="+", help="image files (video: clip files or frame folders)"
+    )
     p.add_argument("--top", type=int, default=1, help="classes to show per image (default 1)")
     p.add_argument(
         "--backend",
@@ -242,6 +245,7 @@ def cmd_taps(args: argparse.Namespace) -> int:
             num_classes=args.num_classes,
             surgery=args.surgery,
             everything=args.all,
+            frames=args.frames,
         )
     )
     return 0

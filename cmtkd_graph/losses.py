@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-CONV_RANK = 4  # [B, C, H, W]
+MAP_RANKS = (4, 5)  # conv maps [B, C, H, W] and, of video models, [B, C, T, H, W]
 TOKEN_RANK = 3  # [B, N, D]
 
 
@@ -30,9 +30,10 @@ def _at_least_float32(x: Tensor) -> Tensor:
 
 
 def _check_feature_rank(x: Tensor, name: str) -> None:
-    if x.dim() not in (CONV_RANK, TOKEN_RANK):
+    if x.dim() not in (*MAP_RANKS, TOKEN_RANK):
         raise ValueError(
-            f"{name} must be a conv map [B, C, H, W] or token features [B, N, D], got shape {tuple(x.shape)}"
+            f"{name} must be a conv map [B, C, (T,) H, W] or token features [B, N, D], got shape "
+            f"{tuple(x.shape)}"
         )
 
 
@@ -42,8 +43,8 @@ def match_sizes(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     When the teacher and student taps differ in size, the larger one is adaptive-average-pooled to the
     smaller one (docs/methods.md#feature-distillation-eq-4-6).
 
-    - Conv maps ``[B, C, H, W]``: each spatial axis is pooled to the smaller of the two sizes
-      (so ``4x2`` against ``2x4`` gives ``2x2`` for both).
+    - Conv maps ``[B, C, H, W]`` (and clips' ``[B, C, T, H, W]``): each spatial (and time) axis is
+      pooled to the smaller of the two sizes (so ``4x2`` against ``2x4`` gives ``2x2`` for both).
     - Token features ``[B, N, D]``: the token axis is treated as a 1-D sequence and pooled with
       ``adaptive_avg_pool1d`` to the shorter length, i.e. windows of consecutive tokens are
       averaged in order. A class token, if present, is averaged into the first window; a tap
@@ -59,10 +60,11 @@ def match_sizes(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
             f"cannot match feature sizes {tuple(a.shape)} and {tuple(b.shape)}: "
             "both must have the same rank and batch size"
         )
-    if a.dim() == CONV_RANK:
-        target_hw = (min(a.shape[2], b.shape[2]), min(a.shape[3], b.shape[3]))
-        a = a if tuple(a.shape[2:]) == target_hw else F.adaptive_avg_pool2d(a, target_hw)
-        b = b if tuple(b.shape[2:]) == target_hw else F.adaptive_avg_pool2d(b, target_hw)
+    if a.dim() in MAP_RANKS:
+        target = tuple(min(m, n) for m, n in zip(a.shape[2:], b.shape[2:], strict=True))
+        pool = F.adaptive_avg_pool2d if a.dim() == 4 else F.adaptive_avg_pool3d
+        a = a if tuple(a.shape[2:]) == target else pool(a, target)
+        b = b if tuple(b.shape[2:]) == target else pool(b, target)
         return a, b
     tokens = min(a.shape[1], b.shape[1])
     a = a if a.shape[1] == tokens else _pool_tokens(a, tokens)
@@ -80,13 +82,14 @@ def attention_map(feature: Tensor) -> Tensor:
     docs/methods.md#feature-distillation-eq-4-6).
 
     As in their reference code: the mean over channels of ``F**2``, flattened per sample and
-    L2-normalised over positions. Conv maps give ``[B, H*W]``; token features ``[B, N, D]``
+    L2-normalised over positions. Conv maps give ``[B, H*W]`` (clips ``[B, T*H*W]``: one map over time
+    and space); token features ``[B, N, D]``
     (``D`` is the channel axis) give ``[B, N]``. Normalising makes the map independent of the
     feature scale, which differs between bit-widths.
     """
     _check_feature_rank(feature, "feature")
     feature = _at_least_float32(feature)
-    channel_axis = 1 if feature.dim() == CONV_RANK else 2
+    channel_axis = 1 if feature.dim() in MAP_RANKS else 2
     energy = feature.pow(2).mean(dim=channel_axis).flatten(start_dim=1)
     return F.normalize(energy, p=2, dim=1)
 
@@ -124,7 +127,8 @@ class FitNetAdapter(nn.Module):
     Built from the per-sample tap shapes (no batch axis):
 
     - conv maps ``(C, H, W)``: 1x1 ``Conv2d(Cs -> Ct, bias=False)`` + ``BatchNorm2d(Ct)``; the
-      spatial size is kept (:func:`fitnet_loss` pools it to the teacher's);
+      spatial size is kept (:func:`fitnet_loss` pools it to the teacher's); clips' ``(C, T, H, W)``
+      alike with ``Conv3d`` / ``BatchNorm3d``;
     - token features ``(N, D)``: ``Linear(Ds -> Dt)``.
 
     Used only during training; it is not part of the exported student.
@@ -133,20 +137,23 @@ class FitNetAdapter(nn.Module):
     def __init__(self, student_shape: Sequence[int], teacher_shape: Sequence[int]):
         super().__init__()
         student_shape, teacher_shape = tuple(student_shape), tuple(teacher_shape)
-        if len(student_shape) != len(teacher_shape) or len(student_shape) not in (
-            CONV_RANK - 1,
-            TOKEN_RANK - 1,
-        ):
+        ranks = (*(r - 1 for r in MAP_RANKS), TOKEN_RANK - 1)
+        if len(student_shape) != len(teacher_shape) or len(student_shape) not in ranks:
             raise ValueError(
-                f"FitNetAdapter supports conv taps (C, H, W) or token taps (N, D) of the same kind for "
+                f"FitNetAdapter supports conv taps (C, (T,) H, W) or token taps (N, D) of the same kind for "
                 f"student and teacher, got student {student_shape} and teacher {teacher_shape}"
             )
         self.student_shape = student_shape
         self.teacher_shape = teacher_shape
-        if len(student_shape) == CONV_RANK - 1:  # (C, H, W): channels first
+        if len(student_shape) == 3:  # (C, H, W): channels first
             self.regressor: nn.Module = nn.Sequential(
                 nn.Conv2d(student_shape[0], teacher_shape[0], kernel_size=1, bias=False),
                 nn.BatchNorm2d(teacher_shape[0]),
+            )
+        elif len(student_shape) == 4:  # (C, T, H, W)
+            self.regressor = nn.Sequential(
+                nn.Conv3d(student_shape[0], teacher_shape[0], kernel_size=1, bias=False),
+                nn.BatchNorm3d(teacher_shape[0]),
             )
         else:  # (N, D): channels last
             self.regressor = nn.Linear(student_shape[1], teacher_shape[1])

@@ -45,6 +45,7 @@ from cmtkd_graph.identity import write_identity
 from cmtkd_graph.metrics import MetricsLog, plot_importance, read_metrics
 from cmtkd_graph.runtime.budget import BudgetFit, fit_to_budget, recorded_fit
 from cmtkd_graph.runtime.budget import write_record as write_budget_record
+from cmtkd_graph.runtime.layout import channels_last_module, channels_last_tensor
 from cmtkd_graph.runtime.precision import Precision, recorded_precision, resolve_precision
 from cmtkd_graph.runtime.precision import write_record as write_precision_record
 from cmtkd_graph.runtime.process import (
@@ -269,7 +270,7 @@ class Trainer:
         system = build_system(spec)
         self._check_classes(system, self.bundle.num_classes)
         if self.channels_last:
-            system = system.to(memory_format=torch.channels_last)
+            system = channels_last_module(system)
         if t.compile:
             system.compile(options=precision.compile_options())
         optimizer = build_optimizer(system, spec)
@@ -377,7 +378,7 @@ class Trainer:
         step_start = time.perf_counter()
         for images, labels in loader:
             if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+                images = channels_last_tensor(images)
             self.system.epoch.fill_(self.state["step"] / self.steps_per_epoch)  # as the lr schedule sees it
             with acc.accumulate(self.model):
                 out, terms = self.model(images, labels)

@@ -24,10 +24,11 @@ SHARED = "shared"  # CMT-KD's shared knowledge by tap name
 
 
 def quantizable_layer_types() -> tuple[type[nn.Module], ...]:
-    """Conv, linear and the attention modules torchvision runs functionally: the layers we quantize."""
+    """2-D and 3-D convs, linear and the attention modules torchvision runs functionally: the layers
+    we quantize."""
     from cmtkd_graph.quantizers.attention import ATTENTION_TYPES
 
-    return (nn.Conv2d, nn.Linear, *ATTENTION_TYPES)
+    return (nn.Conv2d, nn.Conv3d, nn.Linear, *ATTENTION_TYPES)
 
 
 def find_layers(gm: fx.GraphModule) -> list[fx.Node]:
@@ -89,9 +90,10 @@ def copy_teacher_node(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node
 
 
 def to_nchw(graph: fx.Graph, node: fx.Node) -> fx.Node:
-    """A node permuting a channels-last map (Swin's NHWC stages) to NCHW, as every loss expects.
+    """A node moving the channels of a channels-last map (Swin's [B, H, W, C] stages, Video Swin's
+    [B, T, H, W, C]) to axis 1, as every loss expects.
 
     Inserted at the graph's current insertion point; the original node is left as it is."""
-    permuted = graph.call_function(torch.permute, (node, (0, 3, 1, 2)))
+    permuted = graph.call_function(torch.movedim, (node, -1, 1))
     permuted.meta["qualname"] = f"{node.meta.get('qualname', node.name)}.to_nchw"
     return permuted

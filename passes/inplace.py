@@ -32,12 +32,11 @@ import torch
 from cmtkd_graph.passes.graph_pass import graph_pass
 from torch import fx, nn
 
-from cmtkd_graph.quantizers.layers import QuantConv2d, QuantLinear
-
 # Activation modules with an ``inplace`` switch that torchvision itself runs in place.
 INPLACE_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.Hardsigmoid)
 # Producers whose backward does not read their output (only their inputs, weights or nothing).
-_PRODUCER_MODULES = (nn.modules.batchnorm._BatchNorm, nn.Conv2d, nn.Linear, QuantConv2d, QuantLinear)
+# (the quantized layers are subclasses of the float ones)
+_PRODUCER_MODULES = (nn.modules.batchnorm._BatchNorm, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def add_into(a: torch.Tensor, b: object) -> torch.Tensor:

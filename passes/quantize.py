@@ -2,7 +2,8 @@
 
 For one model and its bit-widths (docs/methods.md#quantizers):
 
-* every ``nn.Conv2d`` / ``nn.Linear`` call becomes a ``QuantConv2d`` / ``QuantLinear`` whose
+* every ``nn.Conv2d`` / ``nn.Conv3d`` / ``nn.Linear`` call becomes a ``QuantConv2d`` / ``QuantConv3d``
+  / ``QuantLinear`` whose
   ``weight``/``bias`` keep their names (``layer1.0.conv1.weight``), so float checkpoints still load;
 * attention modules whose projections torchvision runs functionally (``nn.MultiheadAttention`` in ViT,
   ``ShiftedWindowAttention(V2)`` in Swin) are layers too: each call becomes a quantized twin
@@ -34,7 +35,7 @@ from torch import fx, nn
 
 from cmtkd_graph.quantizers import FULL_PRECISION, QuantizerFamily
 from cmtkd_graph.quantizers.attention import ATTENTION_TYPES, QUANTIZED_ATTENTION_TYPES, quantize_attention
-from cmtkd_graph.quantizers.layers import QuantConv2d, QuantLinear
+from cmtkd_graph.quantizers.layers import QUANTIZED_CONVS, QuantLinear, quantized_conv
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def _reason(position: str, bits: LayerBits) -> str:
 
 def _quantized_layer(module: nn.Module, family: QuantizerFamily, bits: LayerBits) -> nn.Module | None:
     """The quantized twin of a float layer, or None when it stays as it is."""
-    if isinstance(module, (QuantConv2d, QuantLinear, *QUANTIZED_ATTENTION_TYPES)):
+    if isinstance(module, (*QUANTIZED_CONVS.values(), QuantLinear, *QUANTIZED_ATTENTION_TYPES)):
         return None  # a layer called at several sites is swapped once
     if isinstance(module, ATTENTION_TYPES):
         # it quantizes an activation inside (the output projection's input), so W32Ab swaps it too
@@ -96,8 +97,8 @@ def _quantized_layer(module: nn.Module, family: QuantizerFamily, bits: LayerBits
         return quantize_attention(module, family, weight_bits=bits.weight, act_bits=bits.act)
     if bits.weight == FULL_PRECISION:
         return None
-    if isinstance(module, nn.Conv2d):
-        return QuantConv2d.from_float(module, family.weight(bits.weight))
+    if isinstance(module, tuple(QUANTIZED_CONVS)):
+        return quantized_conv(module, family.weight(bits.weight))
     return QuantLinear.from_float(module, family.weight(bits.weight))
 
 
@@ -143,6 +144,10 @@ _PRESERVING_MODULES = (
     nn.AvgPool2d,
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool3d,
     nn.Dropout,
     nn.Identity,
     nn.Flatten,
@@ -167,6 +172,10 @@ _PRESERVING_FUNCTIONS = {
     F.avg_pool2d,
     F.adaptive_avg_pool2d,
     F.adaptive_max_pool2d,
+    F.max_pool3d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool3d,
     F.dropout,
     torch.mean,
     torch.narrow,

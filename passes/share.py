@@ -48,6 +48,7 @@ def _only_first_layer(gm: fx.GraphModule) -> tuple[str, nn.Module] | None:
         return None
     (node,) = first
     module = gm.get_submodule(node.target)
-    if not isinstance(module, nn.Conv2d | nn.Linear) or sum(n.target == node.target for n in layers) != 1:
+    called_once = sum(n.target == node.target for n in layers) == 1
+    if not isinstance(module, nn.Conv2d | nn.Conv3d | nn.Linear) or not called_once:
         return None  # a layer called twice would share more than the stem
     return node.target, module

@@ -18,6 +18,7 @@ layer. For AlexNet that is the end of its three conv blocks, for VGG the five bl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -100,34 +101,35 @@ def _stage_ends(gm: fx.GraphModule) -> list[str]:
     """The output of every stage: for each point where the main path's resolution drops, the end of the
     module that runs just before the downsampling module starts (see :func:`_boundary_before`)."""
     nodes = list(gm.graph.nodes)
+    rank = len(shape_of(next(n for n in nodes if n.op == "placeholder")) or (0, 0, 0, 0))  # 5: clips
     on_every_path = _cut_nodes(gm)
     cut = [n for n in nodes if n in on_every_path and n.op != "placeholder" and shape_of(n) is not None]
-    layer_sizes = {shape_of(n)[2:] for n in find_layers(gm) if len(shape_of(n) or ()) == 4}
+    layer_sizes = {_resolution(n, rank) for n in find_layers(gm)} - {None}
     ends: list[fx.Node] = []
     size: tuple[int, ...] | None = None
     for node in cut:
-        shape = shape_of(node)
-        here = shape[2:] if len(shape) == 4 else None
+        here = _resolution(node, rank)
         if size is None:
-            size = here if here is not None and here[0] * here[1] > 1 else None
+            size = here if here is not None and math.prod(here) > 1 else None
             continue
-        shrinks = here is None or (here != size and here[0] <= size[0] and here[1] <= size[1])
+        shrinks = here is None or (here != size and all(h <= s for h, s in zip(here, size, strict=True)))
         if not shrinks:
             continue  # same size, or a reshaped/channels-last view (e.g. ConvNeXt's LayerNorm2d)
-        end = _boundary_before(node, cut, nodes, size)
+        end = _boundary_before(node, cut, nodes, size, rank)
         if end is not None and size in layer_sizes and end not in ends:
             ends.append(end)
-        size = here if here is not None and here[0] * here[1] > 1 else None
+        size = here if here is not None and math.prod(here) > 1 else None
     return [qualname(n) for n in ends]
 
 
-def _resolution(node: fx.Node) -> tuple[int, ...] | None:
+def _resolution(node: fx.Node, rank: int) -> tuple[int, ...] | None:
+    """The spatial (and time) size of a map of the input's ``rank`` ([B, C, H, W], clips [B, C, T, H, W])."""
     shape = shape_of(node)
-    return shape[2:] if shape is not None and len(shape) == 4 else None
+    return tuple(shape[2:]) if shape is not None and len(shape) == rank else None
 
 
 def _boundary_before(
-    down: fx.Node, cut: list[fx.Node], nodes: list[fx.Node], size: tuple[int, ...]
+    down: fx.Node, cut: list[fx.Node], nodes: list[fx.Node], size: tuple[int, ...], rank: int
 ) -> fx.Node | None:
     """The last main-path node before the outermost module that contains the downsampling node ``down``
     and starts at resolution ``size`` (e.g. before ``layer2`` in a ResNet, before ``features.2`` in a
@@ -138,9 +140,9 @@ def _boundary_before(
         prefix = ".".join(parts[:depth])
         start = next(n for n in nodes if qualname(n) == prefix or qualname(n).startswith(prefix + "."))
         before = [c for c in cut if order[c] < order[start]]
-        if before and _resolution(before[-1]) == size:
+        if before and _resolution(before[-1], rank) == size:
             return before[-1]
-    same = [c for c in cut if order[c] < order[down] and _resolution(c) == size]
+    same = [c for c in cut if order[c] < order[down] and _resolution(c, rank) == size]
     return same[-1] if same else None
 
 
@@ -180,8 +182,8 @@ def resolve_taps(
     for name in names:
         node = resolve_tap(gm, name, model=model)
         shape = shape_of(node)
-        if shape is not None and channels_last and len(shape) == 4:
-            shape = (shape[0], shape[3], shape[1], shape[2])
+        if shape is not None and channels_last and len(shape) >= 4:  # [B, (T,) H, W, C] -> [B, C, (T,) H, W]
+            shape = (shape[0], shape[-1], *shape[1:-1])
         taps.append(Tap(name, qualname(node), shape[1:] if shape else None, channels_last))
     order = {qualname(n): i for i, n in enumerate(gm.graph.nodes)}
     positions = [order[t.node] for t in taps]
@@ -213,15 +215,15 @@ def last_feature_map(gm: fx.GraphModule) -> str:
 
 
 def _is_global_pool(node: fx.Node, inputs: list[fx.Node]) -> bool:
-    """Adaptive pooling before a classifier (VGG's 7x7), or a 1x1 map made from a larger map with the
-    same channels (global average / max pooling)."""
+    """Adaptive pooling before a classifier (VGG's 7x7), or a 1x1 (1x1x1) map made from a larger map
+    with the same channels (global average / max pooling)."""
     if _is_adaptive_pool(node):
         return True
     shape = shape_of(node)
-    if len(shape) != 4 or shape[2] * shape[3] != 1 or len(inputs) != 1:
+    if len(shape) not in (4, 5) or math.prod(shape[2:]) != 1 or len(inputs) != 1:
         return False
     before = shape_of(inputs[0])
-    return len(before) == 4 and before[1] == shape[1] and before[2] * before[3] > 1
+    return len(before) == len(shape) and before[1] == shape[1] and math.prod(before[2:]) > 1
 
 
 def _is_adaptive_pool(node: fx.Node) -> bool:
@@ -230,5 +232,11 @@ def _is_adaptive_pool(node: fx.Node) -> bool:
 
     if node.op == "call_module":
         module = node.graph.owning_module.get_submodule(node.target)
-        return isinstance(module, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d)
-    return node.op == "call_function" and node.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d)
+        adaptive = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d)
+        return isinstance(module, adaptive)
+    return node.op == "call_function" and node.target in (
+        F.adaptive_avg_pool2d,
+        F.adaptive_max_pool2d,
+        F.adaptive_avg_pool3d,
+        F.adaptive_max_pool3d,
+    )

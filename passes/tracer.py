@@ -7,7 +7,8 @@ module calls are named by their module path (``layer1.0.conv1``; a second call o
 
 Unlike ``create_feature_extractor`` we never stop at torchvision's composite blocks
 (``Conv2dNormActivation``, ``BasicBlock``...): only ``torch.nn`` leaf layers, our quantizers and
-fusion modules, torchvision's mode-dependent ``StochasticDepth`` and the attention modules whose
+fusion modules, torchvision's mode-dependent ``StochasticDepth``, conv/linear subclasses that compute
+as their ``torch.nn`` base (the video ResNets' ``Conv3DSimple``) and the attention modules whose
 projections run functionally (``nn.MultiheadAttention``, Swin's ``ShiftedWindowAttention(V2)``, and
 their quantized twins) are leaves, so every real conv/linear/attention is a node of its own.
 """
@@ -34,11 +35,11 @@ def _extra_leaf_types() -> tuple[type, ...]:
     from cmtkd_graph.fusion import Fusion
     from cmtkd_graph.quantizers import Quantizer
     from cmtkd_graph.quantizers.attention import ATTENTION_TYPES
-    from cmtkd_graph.quantizers.layers import QuantConv2d, QuantLinear
+    from cmtkd_graph.quantizers.layers import QuantConv2d, QuantConv3d, QuantLinear
 
     # StochasticDepth decides train/eval behaviour with a Python `if`, which tracing would freeze.
     # Attention modules are swapped whole by the quantization pass (their subclasses are the twins).
-    return (Quantizer, QuantConv2d, QuantLinear, Fusion, StochasticDepth, *ATTENTION_TYPES)
+    return (Quantizer, QuantConv2d, QuantConv3d, QuantLinear, Fusion, StochasticDepth, *ATTENTION_TYPES)
 
 
 class GraphTracer(fx.Tracer):
@@ -49,9 +50,19 @@ class GraphTracer(fx.Tracer):
         self._leaf_types = _extra_leaf_types()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, self._leaf_types):
+        if isinstance(m, self._leaf_types) or _plain_layer_subclass(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+_LAYER_TYPES = (nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _plain_layer_subclass(m: nn.Module) -> bool:
+    """A conv/linear layer defined outside ``torch.nn`` that computes as its ``torch.nn`` base does
+    (video ResNets' ``Conv3DSimple``, ``Conv3DNoTemporal``): a layer, not a block to trace through."""
+    base = next((t for t in _LAYER_TYPES if isinstance(m, t)), None)
+    return base is not None and type(m).forward is base.forward
 
 
 def trace(model: nn.Module, *, train: bool = True) -> fx.GraphModule:

@@ -60,12 +60,10 @@ def fashion_mnist() -> Path:
 
 
 @pytest.fixture(scope="session")
-def fashion_scenes(tmp_path_factory, fashion_mnist) -> Path:
-    """A VOC-layout root made by the real ``data prepare fashion_scenes`` from the first 300 training and
-    90 test items of the real Fashion-MNIST: 100 training and 30 evaluation scenes."""
+def fashion_items(tmp_path_factory, fashion_mnist) -> Path:
+    """The real Fashion-MNIST files cut to their first 300 training and 90 test items (what the data
+    generators read)."""
     import gzip
-
-    from cmtkd_graph.data.prepare import prepare
 
     items = tmp_path_factory.mktemp("fashion-items")
     for prefix, count in (("train", 300), ("t10k", 90)):
@@ -75,8 +73,28 @@ def fashion_scenes(tmp_path_factory, fashion_mnist) -> Path:
             raw[4:8] = count.to_bytes(4, "big")  # the first dimension: how many
             size = 28 * 28 if kind == "images" else 1
             (items / name).write_bytes(gzip.compress(bytes(raw[: header + count * size])))
+    return items
+
+
+@pytest.fixture(scope="session")
+def fashion_scenes(tmp_path_factory, fashion_items) -> Path:
+    """A VOC-layout root made by the real ``data prepare fashion_scenes`` from the first 300 training and
+    90 test items of the real Fashion-MNIST: 100 training and 30 evaluation scenes."""
+    from cmtkd_graph.data.prepare import prepare
+
     root = tmp_path_factory.mktemp("scenes") / "fashion_scenes"
-    prepare("fashion_scenes", root, items)
+    prepare("fashion_scenes", root, fashion_items)
+    return root
+
+
+@pytest.fixture(scope="session")
+def moving_fashion(tmp_path_factory, fashion_items) -> Path:
+    """Frame folders made by the real ``data prepare moving_fashion`` from the same items: 150 training
+    and 45 evaluation clips of 12 frames."""
+    from cmtkd_graph.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("moving") / "moving_fashion"
+    prepare("moving_fashion", root, fashion_items)
     return root
 
 

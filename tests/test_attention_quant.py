@@ -16,12 +16,14 @@ from cmtkd_graph.passes.taps import resolve_taps
 from cmtkd_graph.passes.tracer import trace
 from torch import nn
 from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
+from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d
 
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.quantizers import Quantizer, QuantLinear, build_quantizer_family
 from cmtkd_graph.quantizers.attention import (
     QuantMultiheadAttention,
     QuantShiftedWindowAttention,
+    QuantShiftedWindowAttention3d,
     QuantShiftedWindowAttentionV2,
     quantize_attention,
 )
@@ -40,6 +42,11 @@ def small_attention(kind: str) -> tuple[nn.Module, tuple[torch.Tensor, ...], dic
     if kind == "mha":
         x = torch.randn(2, 5, 16)
         return nn.MultiheadAttention(16, 4, batch_first=True), (x, x, x), {"need_weights": False}
+    if kind.startswith("swin3d"):  # Video Swin: [B, T, H, W, C]; the short clip is under one window in T
+        attn = ShiftedWindowAttention3d(16, [2, 4, 4], [1, 2, 2], 4)
+        nn.init.normal_(attn.relative_position_bias_table)
+        frames = 1 if kind == "swin3d_short" else 5
+        return attn, (torch.randn(2, frames, 10, 9, 16),), {}
     cls = ShiftedWindowAttention if kind == "swin" else ShiftedWindowAttentionV2
     attn = cls(16, [4, 4], [2, 2], 4)
     nn.init.normal_(attn.qkv.bias)  # v2 must ignore the key part of the bias in forward
@@ -57,7 +64,7 @@ def projection_weights(module: nn.Module) -> dict[str, str]:
     return {"qkv.weight": "qkv.weight_quantizer", "proj.weight": "proj.weight_quantizer"}
 
 
-KINDS = ["mha", "swin", "swin_v2"]
+KINDS = ["mha", "swin", "swin_v2", "swin3d", "swin3d_short"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -113,6 +120,7 @@ def test_attention_output_is_quantized_signed_before_the_output_projection(kind)
         ("mha", QuantMultiheadAttention, ["in_proj_weight_quantizer", "out_proj"]),
         ("swin", QuantShiftedWindowAttention, ["qkv.weight_quantizer", "proj"]),
         ("swin_v2", QuantShiftedWindowAttentionV2, ["qkv.weight_quantizer", "proj"]),
+        ("swin3d", QuantShiftedWindowAttention3d, ["qkv.weight_quantizer", "proj"]),
     ],
 )
 def test_twins_share_tensors_and_names(kind, cls, quantizers):

@@ -112,20 +112,21 @@ MALFORMED = [
         None,
         "student.arch: unknown torchvision model 'resnet81'; did you mean resnet18, resnet152, "
         "resnet101, resnet50, resnet34? (the builders of the tasks: classification (torchvision.models), "
-        "segmentation (torchvision.models.segmentation))",
+        "segmentation (torchvision.models.segmentation), video (torchvision.models.video))",
     ),
     (
         lambda d: d["teachers"][0].update(arch="vit_b_61"),
         None,
         "teachers[0].arch: unknown torchvision model 'vit_b_61'; did you mean vit_b_16, vit_l_16, "
         "vit_h_14, vit_b_32, vit_l_32? (the builders of the tasks: classification (torchvision.models), "
-        "segmentation (torchvision.models.segmentation))",
+        "segmentation (torchvision.models.segmentation), video (torchvision.models.video))",
     ),
     (
-        lambda d: d["student"].update(arch="r3d_18"),
+        lambda d: d["student"].update(arch="raft_small"),
         None,
-        "student.arch: 'r3d_18' is a torchvision builder of a task this version does not train; the "
-        "tasks: classification (torchvision.models), segmentation (torchvision.models.segmentation)",
+        "student.arch: 'raft_small' is a torchvision builder of a task this version does not train; the "
+        "tasks: classification (torchvision.models), segmentation (torchvision.models.segmentation), "
+        "video (torchvision.models.video)",
     ),
     (
         lambda d: d.update(quantizer={"name": "hwgqq"}),
@@ -196,7 +197,8 @@ MALFORMED = [
         lambda d: d["data"].update(dataset="imagenet"),
         None,
         "data.dataset: unknown dataset 'imagenet' (did you mean imagefolder?); "
-        "known: cifar10, cifar100, fashion_mnist, fashion_scenes, imagefolder, mask_folders, voc "
+        "known: cifar10, cifar100, clip_folders, fashion_mnist, fashion_scenes, frame_folders, imagefolder, "
+        "mask_folders, moving_fashion, voc "
         "(one of your own: name its module under the spec's plugins:)",
     ),
     (

@@ -22,6 +22,13 @@ class DataBundle:
     image_size: int  # the model input size
     train_eval: torch.utils.data.Dataset  # the training samples with the evaluation transform
     colours: list[tuple[int, int, int]] | None = None  # segmentation: each class's colour, if declared
+    frames: int | None = None  # clips: T frames each
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one model input, (C, T, H, W) for clips."""
+        time = (self.frames,) if self.frames is not None else ()
+        return (self.in_channels, *time, self.image_size, self.image_size)
 
     def skipped_images(self) -> int:
         """Distinct unreadable images skipped so far in both splits (``corrupt_images: skip``; else 0)."""

@@ -84,7 +84,7 @@ def build_eval_loader(
 
 
 def _common(bundle: DataBundle, spec: DataSpec) -> dict:
-    image_shape = (bundle.in_channels, bundle.image_size, bundle.image_size)
+    image_shape = bundle.input_shape
     return dict(
         num_workers=spec.num_workers,
         pin_memory=torch.cuda.is_available(),

@@ -13,11 +13,12 @@ cifar10         ``cifar-10-batches-py/``                 ``data: {dataset: cifar
 cifar100        ``cifar-100-python/``                    ``data: {dataset: cifar100, root: DIR}``
 cifar10_jpeg    ``train/<class>/*.jpg``, ``test/...``    ``data: {dataset: imagefolder, root: DIR}``
 fashion_scenes  VOC layout: ``JPEGImages/``, ...         ``data: {dataset: fashion_scenes, root: DIR}``
+moving_fashion  ``train/<direction>/<clip>/<frame>.png``  ``data: {dataset: moving_fashion, root: DIR}``
 ==============  ======================================  ==========================================
 
-``fashion_scenes`` is not downloaded: it is generated, the same on every machine, from the Fashion-MNIST
-files in ``--from`` (a folder of the four ``*-ubyte.gz`` files; default Debian's), which it reads as they
-are (``prepare fashion_mnist`` is the one that verifies them).
+``fashion_scenes`` and ``moving_fashion`` are not downloaded: they are generated, the same on every
+machine, from the Fashion-MNIST files in ``--from`` (a folder of the four ``*-ubyte.gz`` files; default
+Debian's), which they read as they are (``prepare fashion_mnist`` is the one that verifies them).
 
 Nothing is written into ``--root`` until everything is verified: a failed or refused preparation leaves
 it as it was.
@@ -214,6 +215,20 @@ def _fashion_scenes(staging: Path, source: Path | None) -> str:
     from cmtkd_graph.data.scenes import write_scenes
 
     return write_scenes(staging, None if source is None else str(source))
+
+
+@recipe(
+    "moving_fashion",
+    "video clips made from Fashion-MNIST (an item moving in one of 8 directions), as frame folders",
+    "moving_fashion",
+    "data/moving_fashion",
+)
+def _moving_fashion(staging: Path, source: Path | None) -> str:
+    """Made from the Fashion-MNIST files in ``--from`` (default: Debian's dataset-fashion-mnist); the same
+    clips on every machine (docs/tasks.md)."""
+    from cmtkd_graph.data.moving import write_clips
+
+    return write_clips(staging, None if source is None else str(source))
 
 
 # ---------------------------------------------------------------------------- CIFAR (python batches)

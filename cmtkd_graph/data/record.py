@@ -39,6 +39,8 @@ class DatasetRecord:
     has_eval_split_choice: ClassVar[bool] = False  # data.eval_split names the evaluation folder
     reads_files_on_demand: ClassVar[bool] = False  # images decoded per access (data.corrupt_images: skip)
     device_pipeline: ClassVar[bool] = True  # data.pipeline: device can decode it (one label per image)
+    clips: ClassVar[bool] = False  # samples are clips of frames (data.frames, data.frame_stride)
+    default_frames: ClassVar[int] = 16  # clips: data.frames when the spec gives none
 
     @classmethod
     def input_size(cls) -> int:

@@ -5,7 +5,8 @@ horizontal flip, evaluated as is (resized first when image_size is not the nativ
 resized and centre-cropped to a square). ImageNet-like folders: RandomResizedCrop(size) + flip, evaluated
 as Resize(size / 0.875) + CenterCrop(size). In-memory datasets are transformed as uint8 tensors
 (fast); image folders as PIL images, converted to a tensor after the crop. Segmentation pairs (image,
-mask) take the same geometry together (``build_segmentation_transforms``).
+mask) take the same geometry together (``build_segmentation_transforms``), and so do the frames of a
+clip (``build_clip_transforms``).
 """
 
 from __future__ import annotations
@@ -80,6 +81,31 @@ def build_segmentation_transforms(
     train_geometry, eval_geometry = _geometry(spec, size, native_size, masks=True)
     image_only = ImageOnly(ScaleNormalize(*mean_std(spec, 3)))
     return v2.Compose([*train_geometry, image_only]), v2.Compose([*eval_geometry, image_only])
+
+
+def build_clip_transforms(spec: DataSpec, *, size: int, native_size: int | None) -> tuple[Callable, Callable]:
+    """(train, eval) transforms of uint8 clips [T, 3, H, W] to float [3, T, H, W]: every frame takes the
+    same geometry (the clip is one ``tv_tensors.Video``), as classification's images would, then the
+    frames are scaled and normalised and time moves behind the channels (torchvision's video models'
+    input)."""
+    train_geometry, eval_geometry = _geometry(spec, size, native_size)
+    tail = [ScaleNormalize(*mean_std(spec, 3)), ChannelsBeforeTime()]
+    return v2.Compose([AsVideo(), *train_geometry, *tail]), v2.Compose([AsVideo(), *eval_geometry, *tail])
+
+
+class AsVideo(torch.nn.Module):
+    """uint8 frames [T, C, H, W] as one ``tv_tensors.Video``: v2 transforms draw one set of random
+    parameters for all its frames."""
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return tv_tensors.Video(frames)
+
+
+class ChannelsBeforeTime(torch.nn.Module):
+    """[T, C, H, W] -> [C, T, H, W]."""
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return frames.as_subclass(torch.Tensor).permute(1, 0, 2, 3).contiguous()
 
 
 class ImageOnly(torch.nn.Module):

@@ -21,7 +21,8 @@ FLOAT_BITS = 32
 
 
 def node_macs(gm: fx.GraphModule, node: fx.Node) -> int:
-    """MACs of one call of a conv/linear/attention layer for one image (needs propagated shapes)."""
+    """MACs of one call of a conv/linear/attention layer for one image or clip (needs propagated
+    shapes)."""
     module = gm.get_submodule(node.target)
     out, inp = node.meta.get("val"), node.args[0].meta.get("val") if node.args else None
     if out is None:
@@ -29,7 +30,7 @@ def node_macs(gm: fx.GraphModule, node: fx.Node) -> int:
     if isinstance(out, tuple):  # attention modules return (output, None)
         out = out[0]
     batch = out.shape[0]
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, nn.Conv2d | nn.Conv3d):
         per_output = (module.in_channels // module.groups) * math.prod(module.kernel_size)
         return out.numel() // batch * per_output
     if isinstance(module, nn.Linear):

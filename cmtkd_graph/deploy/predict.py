@@ -74,6 +74,32 @@ def read_images(paths: list[str | Path], spec: Spec, *, whole: bool = False) -> 
     return torch.stack(batch)
 
 
+def read_clips(paths: list[str | Path], spec: Spec) -> Tensor:
+    """A batch of clips (frame folders or video files) prepared like the run's evaluation clips: the
+    middle T frames at the run's stride, resized and centre-cropped to the input size, normalised."""
+    from cmtkd_graph.data.clips import read_clip, sample_window
+    from cmtkd_graph.data.transforms import build_clip_transforms
+
+    data = spec.data
+    _, prepare = build_clip_transforms(data, size=data.input_size, native_size=None)
+
+    def window(available: int, path: str) -> range:
+        return sample_window(available, path, frames=data.clip_frames, stride=data.frame_stride, jitter=False)
+
+    batch = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise UserError(f"{path}: no such clip (a video file or a folder of frame images)")
+        try:
+            batch.append(prepare(read_clip(str(path), window)))
+        except UserError:  # a clip too short for the run's frames, PyAV missing: their own line
+            raise
+        except Exception as err:  # FFmpeg and PIL report damaged files with many exception types
+            problem = f"{type(err).__name__}: {first_line(err)}"
+            raise UserError(f"{path}: not a readable clip ({problem})") from None
+    return torch.stack(batch)
+
+
 def predict(
     directory: str | Path,
     images: list[str | Path],
@@ -83,9 +109,10 @@ def predict(
     report: Callable[[str], None] | None = None,
     masks: str | Path | None = None,
 ) -> list[dict]:
-    """Per image: its path and the ``top`` classes with their probabilities (segmentation: the classes
-    covering most pixels, and with ``masks`` a palette PNG of each pixel's class index written there,
-    in the colours of the dataset's labelmap.txt, else VOC's).
+    """Per image: its path and the ``top`` classes with their probabilities (video: per clip, a frame
+    folder or a video file, under the key ``clip``; segmentation: the classes covering most pixels, and
+    with ``masks`` a palette PNG of each pixel's class index written there, in the colours of the
+    dataset's labelmap.txt, else VOC's).
     ``report`` receives one line naming the backend ``auto`` chose and why."""
     if backend not in BACKENDS:
         raise UserError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
@@ -95,14 +122,14 @@ def predict(
     spec = find_student(directory).spec
     task = task_record(spec.student.arch)
     per_pixel = task.label_shape(spec.data.input_shape()) != ()
-    batch = read_images(images, spec, whole=per_pixel)
+    batch = read_clips(images, spec) if task.clips else read_images(images, spec, whole=per_pixel)
     if backend == "auto":
         backend, why = fastest_backend(directory, tuple(batch.shape[1:]))
         if report is not None:
             report(f"backend: {backend} ({why})")
     logits = runner(directory, backend)(batch)
     results = [
-        {"image": str(path), "predictions": answers}
+        {task.sample_noun: str(path), "predictions": answers}
         for path, answers in zip(images, task.predictions(logits, _classes(directory), top), strict=True)
     ]
     maps = task.masks(logits)
@@ -270,5 +297,5 @@ def format_predictions(results: list[dict]) -> str:
         )
         if "mask" in r:
             best += f" (mask: {r['mask']})"
-        lines.append(f"{r['image']}: {best}")
+        lines.append(f"{r.get('image', r.get('clip'))}: {best}")
     return "\n".join(lines)

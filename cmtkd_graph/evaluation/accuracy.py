@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from cmtkd_graph.runtime.layout import channels_last_tensor
 from cmtkd_graph.tasks import Task
 
 
@@ -28,7 +29,7 @@ def evaluate(model, loader, accelerator, *, task: type[Task], channels_last: boo
     seen, stats_seen = 0, 0
     for images, labels in loader:
         if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+            images = channels_last_tensor(images)
         out = model(images)
         named = {"student": out.student_logits}
         if out.teacher_logits is not None:
@@ -53,7 +54,7 @@ def evaluate(model, loader, accelerator, *, task: type[Task], channels_last: boo
 
 
 def eval_line(record: dict, task: type[Task]) -> str:
-    """``eval (top-1/top-5 %, N images): student a/b, combined c/d, teacher0 ...``."""
+    """``eval (top-1/top-5 %, N images): student a/b, combined c/d, teacher0 ...`` (clips for video)."""
     keys = list(task.metric_titles)
     first = keys[0]
     parts = []
@@ -62,4 +63,4 @@ def eval_line(record: dict, task: type[Task]) -> str:
         if f"{first}/{name}" in record:
             parts.append(f"{name} " + "/".join(f"{record.get(f'{k}/{name}', 0):.2f}" for k in keys))
     titles = "/".join(title.removesuffix(" %") for title in task.metric_titles.values())
-    return f"eval ({titles} %, {record['samples']} images): " + ", ".join(parts)
+    return f"eval ({titles} %, {record['samples']} {task.sample_noun}s): " + ", ".join(parts)

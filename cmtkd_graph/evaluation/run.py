@@ -28,6 +28,7 @@ from cmtkd_graph.errors import UserError
 from cmtkd_graph.evaluation.accuracy import evaluate
 from cmtkd_graph.passes.common import LOGITS
 from cmtkd_graph.registry import TASKS
+from cmtkd_graph.runtime.layout import channels_last_module
 from cmtkd_graph.safe_files import read_tensors
 from cmtkd_graph.system_output import SystemOutput
 from cmtkd_graph.tasks import task_record
@@ -82,7 +83,7 @@ def evaluate_run(
         load_state(system, read_system_state(source), origin=source)
         model = system
     if precision.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = channels_last_module(model)
     with accelerator.main_process_first():
         bundle = build_datasets(spec.data)
     dataset = bundle.eval if split == "test" else bundle.train_eval

@@ -99,8 +99,10 @@ def taps_table(
     num_classes: int | None = None,
     surgery: list[str] = (),
     everything: bool = False,
+    frames: int = 16,
 ) -> str:
-    """The tap-able nodes of a float ``arch`` with output shapes; ``*`` marks the ``auto`` taps."""
+    """The tap-able nodes of a float ``arch`` with output shapes; ``*`` marks the ``auto`` taps. A video
+    model is traced on clips of ``frames`` frames."""
     from cmtkd_graph.errors import UserError
     from cmtkd_graph.models.builders import check_arch
     from cmtkd_graph.passes.shapes import propagate_shapes, shape_of
@@ -108,6 +110,7 @@ def taps_table(
     from cmtkd_graph.passes.tracer import qualname
     from cmtkd_graph.spec import ModelSpec, SurgerySpec
     from cmtkd_graph.system import float_network
+    from cmtkd_graph.tasks import task_record
 
     try:
         check_arch(arch)
@@ -120,13 +123,15 @@ def taps_table(
     except ValueError as err:
         raise UserError(f"--surgery: {err}") from None
     gm = float_network(model, steps, device="meta")
-    propagate_shapes(gm, (1, in_channels, input_size, input_size))
+    time = (frames,) if task_record(arch).clips else ()
+    input_shape = (in_channels, *time, input_size, input_size)
+    propagate_shapes(gm, (1, *input_shape))
     auto_names = auto_tap_names(gm, arch)
     auto = {resolve_tap(gm, name) for name in auto_names}
     rows = []
     for node in tappable_nodes(gm):
         shape = shape_of(node)
-        if not everything and (shape is None or len(shape) not in (3, 4)):
+        if not everything and (shape is None or len(shape) not in (3, 4, 5)):
             continue
         kind = (
             type(gm.get_submodule(node.target)).__name__
@@ -136,7 +141,7 @@ def taps_table(
         rows.append(("*" if node in auto else " ", qualname(node), kind, list(shape[1:]) if shape else "-"))
     width = max(len(r[1]) for r in rows)
     kind_width = max(len(r[2]) for r in rows)
-    header = f"{arch} at {in_channels}x{input_size}x{input_size}: {len(rows)} nodes, * = auto taps"
+    header = f"{arch} at {'x'.join(map(str, input_shape))}: {len(rows)} nodes, * = auto taps"
     lines = [header] + [f"{m} {n:<{width}}  {k:<{kind_width}}  {s}" for m, n, k, s in rows]
     lines.append(f"auto: {', '.join(auto_names)}")
     return "\n".join(lines)

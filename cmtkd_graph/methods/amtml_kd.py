@@ -68,9 +68,9 @@ class InstanceWeighting(nn.Module):
         self.pooling = pooling
 
     def forward(self, feature_map: Tensor) -> Tensor:
-        """Teacher weights [B, K] for a feature map [B, C, H, W] (or tokens [B, N, C])."""
+        """Teacher weights [B, K] for a feature map [B, C, (T,) H, W] (or tokens [B, N, C])."""
         x = feature_map.float()
-        dims = (2, 3) if x.dim() == 4 else (1,)
+        dims = tuple(range(2, x.dim())) if x.dim() >= 4 else (1,)
         beta = x.mean(dim=dims) if self.pooling == "average" else x.amax(dim=dims)  # [B, C]
         scores = (beta.unsqueeze(1) * self.theta.float().unsqueeze(0)) @ self.w.float()  # [B, K]
         return torch.softmax(scores, dim=1)
@@ -214,12 +214,12 @@ class AMTMLKD(Method):
 
         node = find_node(ctx.student, ctx.student_extras[LAST_FEATURE_MAP])
         shape = shape_of(node)
-        if shape is None or len(shape) not in (3, 4):
+        if shape is None or len(shape) not in (3, 4, 5):
             raise UserError(
-                f"distill.options.feature_node: {node} has shape {shape}, not a feature map [B, C, H, W] "
-                "or tokens [B, N, C]"
+                f"distill.options.feature_node: {node} has shape {shape}, not a feature map "
+                "[B, C, (T,) H, W] or tokens [B, N, C]"
             )
-        channels = shape[1] if len(shape) == 4 else shape[2]
+        channels = shape[1] if len(shape) >= 4 else shape[2]
         weighting = InstanceWeighting(len(ctx.teachers), channels, self.options.beta_pooling)
         return nn.ModuleDict({"weighting": weighting})
 

@@ -48,7 +48,8 @@ class Family:
     name: str
     prefixes: tuple[str, ...]  # torchvision builder names that start with one of these
     auto_taps: TapRule
-    channels_last_features: bool = False  # feature maps are [B, H, W, C] (exposed to losses as NCHW)
+    channels_last_features: bool = False  # maps are [B, (T,) H, W, C] (exposed to losses channels-first)
+    fixed_input: tuple[int, ...] | None = None  # the only (T, H, W) its builder runs on
     note: str = ""  # why, for the docs
 
 
@@ -88,7 +89,37 @@ SEGMENTATION_FAMILIES: tuple[Family, ...] = (
         note="the MobileNetV3-Large backbone's stage ends at strides 4, 8 and 16, and its last map",
     ),
 )
-FAMILIES = FAMILIES + SEGMENTATION_FAMILIES
+VIDEO_FAMILIES: tuple[Family, ...] = (
+    Family(
+        "video resnet",
+        ("r3d_", "mc3_", "r2plus1d_"),
+        FixedTaps(("layer1", "layer2", "layer3", "layer4")),
+        note="the four stages of the 3-D ResNets, as for ResNet (maps [B, C, T, H, W])",
+    ),
+    Family(
+        "mvit",
+        ("mvit_",),
+        BlocksAtDepth("blocks", "blocks.{i}", (0.25, 0.5, 0.75, 1.0)),
+        fixed_input=(16, 224, 224),  # the position embeddings and pooled attention are sized for them
+        note="the blocks at 1/4, 1/2, 3/4 and full depth; tokens [B, 1 + T*H*W, D] (class token first); "
+        "clips of 16 x 224 x 224 only",
+    ),
+    Family(
+        "s3d",
+        ("s3d",),
+        FixedTaps(("features.3", "features.6", "features.12", "features.15")),
+        note="the ends of its stages at strides 4, 8, 16 and 32 (time is halved at other points than space: "
+        "the resolution rule would split stages there)",
+    ),
+    Family(
+        "video swin",
+        ("swin3d_",),
+        FixedTaps(("features.0", "features.2", "features.4", "features.6")),
+        channels_last_features=True,
+        note="the four stages (the patch embedding is not in features); their maps are [B, T, H, W, C]",
+    ),
+)
+FAMILIES = FAMILIES + SEGMENTATION_FAMILIES + VIDEO_FAMILIES
 GENERIC = Family("generic", (), StageEnds(), note="every other model: the end of every stage, from the graph")
 
 

@@ -13,7 +13,7 @@ from cmtkd_graph.quantizers.base import (
 )
 from cmtkd_graph.quantizers.dorefa import DoReFa
 from cmtkd_graph.quantizers.hwgq import HWGQ
-from cmtkd_graph.quantizers.layers import QuantConv2d, QuantLinear
+from cmtkd_graph.quantizers.layers import QuantConv2d, QuantConv3d, QuantLinear
 from cmtkd_graph.quantizers.lsq import LSQ
 from cmtkd_graph.quantizers.pact import PACT
 
@@ -25,6 +25,7 @@ __all__ = [
     "QUANTIZERS",
     "DoReFa",
     "QuantConv2d",
+    "QuantConv3d",
     "QuantLinear",
     "Quantizer",
     "QuantizerFamily",

@@ -1,10 +1,10 @@
 """Quantized attention modules: the linear projections that torchvision calls *functionally*.
 
 ``nn.MultiheadAttention`` (ViT) keeps its packed input projection as a raw parameter and runs
-``out_proj`` inside ``F.multi_head_attention_forward``; Swin's ``ShiftedWindowAttention(V2)`` passes
-``qkv.weight`` and ``proj.weight`` to a function. Neither projection is a module call the graph pass
-could swap, so the whole attention module is a leaf of the traced graph and is swapped here for a twin
-that quantizes:
+``out_proj`` inside ``F.multi_head_attention_forward``; Swin's ``ShiftedWindowAttention(V2)`` and
+Video Swin's ``ShiftedWindowAttention3d`` pass ``qkv.weight`` and ``proj.weight`` to a function.
+Neither projection is a module call the graph pass could swap, so the whole attention module is a leaf
+of the traced graph and is swapped here for a twin that quantizes:
 
 * the projection weights, by weight quantizers beside them (``in_proj_weight_quantizer``,
   ``out_proj.weight_quantizer``; ``qkv.weight_quantizer``, ``proj.weight_quantizer``);
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
+from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d
 
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.models.meta_device import no_init_on_meta
@@ -94,14 +95,23 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
         return _quantized_linear(x, self.out_proj), None
 
 
-class QuantShiftedWindowAttention(ShiftedWindowAttention):
-    """Swin's window attention with quantized ``qkv`` / ``proj``; same math as torchvision's
-    ``shifted_window_attention`` (pad, cyclic shift, windows, attention, undo)."""
+class _QuantWindowAttention(nn.Module):
+    """What the quantized 2-D and 3-D window attentions share: the construction from a float module and
+    the math of torchvision's ``shifted_window_attention(_3d)`` (pad, cyclic shift, windows, attention,
+    undo) over any number of spatial axes, with ``qkv`` / ``proj`` quantized."""
+
+    window_size: list[int]
+    shift_size: list[int]
+    num_heads: int
+    attention_dropout: float
+    dropout: float
+    qkv: nn.Linear
+    proj: nn.Linear
 
     @classmethod
     def from_float(
-        cls, attn: ShiftedWindowAttention, family: QuantizerFamily, *, weight_bits: int, act_bits: int
-    ) -> QuantShiftedWindowAttention:
+        cls, attn: nn.Module, family: QuantizerFamily, *, weight_bits: int, act_bits: int
+    ) -> nn.Module:
         """The quantized twin of ``attn``, sharing its very parameters and buffers."""
         with torch.device("meta"), no_init_on_meta():  # placeholders, replaced by the shared tensors below
             new = cls(
@@ -122,29 +132,40 @@ class QuantShiftedWindowAttention(ShiftedWindowAttention):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: (batch, height, width, channels), returned in the same layout."""
-        _, height, width, _ = x.shape
-        win_h, win_w = self.window_size
-        x = F.pad(x, (0, 0, 0, -width % win_w, 0, -height % win_h))
-        padded = x.shape[1:3]
-        # no shift along a side that one window already covers
-        shift = [s if w < p else 0 for s, w, p in zip(self.shift_size, self.window_size, padded, strict=True)]
-        if sum(shift) > 0:
-            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        windows = _to_windows(x, self.window_size)
-        mask = _shift_mask(padded, self.window_size, shift, x) if sum(shift) > 0 else None
-        x = _from_windows(self._window_attention(windows, mask), self.window_size, padded)
-        if sum(shift) > 0:
-            x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
-        return x[:, :height, :width, :].contiguous()
+        """``x``: (batch, *spatial axes, channels), returned in the same layout."""
+        size = tuple(x.shape[1:-1])
+        window, shift = self._window_and_shift(size)
+        pads = [v for n, w in reversed(list(zip(size, window, strict=True))) for v in (0, -n % w)]
+        x = F.pad(x, (0, 0, *pads))
+        padded = tuple(x.shape[1:-1])
+        axes = tuple(range(1, len(size) + 1))
+        if any(shift):
+            x = torch.roll(x, shifts=tuple(-s for s in shift), dims=axes)
+        windows = _to_windows(x, window)
+        mask = _shift_mask(padded, window, shift, x) if any(shift) else None
+        attended = self._window_attention(windows, mask, self._position_bias(window))
+        x = _from_windows(attended, window, padded)
+        if any(shift):
+            x = torch.roll(x, shifts=tuple(shift), dims=axes)
+        return x[(slice(None), *(slice(0, n) for n in size))].contiguous()
 
-    def _window_attention(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _window_and_shift(self, size: tuple[int, ...]) -> tuple[list[int], list[int]]:
+        """The window and shift for a map of ``size``: no shift along an axis one window covers."""
+        shift = [s if w < n else 0 for s, w, n in zip(self.shift_size, self.window_size, size, strict=True)]
+        return list(self.window_size), shift
+
+    def _position_bias(self, window: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _window_attention(
+        self, x: torch.Tensor, mask: torch.Tensor | None, bias: torch.Tensor
+    ) -> torch.Tensor:
         """Multi-head attention within each window: (windows, tokens, C) -> same shape."""
         windows, tokens, channels = x.shape
         heads = self.num_heads
         qkv = F.linear(x, self.qkv.weight_quantizer(self.qkv.weight), self._qkv_bias())
         q, k, v = qkv.reshape(windows, tokens, 3, heads, channels // heads).permute(2, 0, 3, 1, 4)
-        attn = self._attention_logits(q, k) + self.get_relative_position_bias()
+        attn = self._attention_logits(q, k) + bias
         if mask is not None:
             per_image = mask.shape[0]
             attn = attn.view(windows // per_image, per_image, heads, tokens, tokens) + mask[None, :, None]
@@ -157,9 +178,29 @@ class QuantShiftedWindowAttention(ShiftedWindowAttention):
         return self.qkv.bias
 
     def _attention_logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Scaled dot product (Swin v1)."""
+        """Scaled dot product (Swin v1, Video Swin)."""
         q = q * (q.shape[-1] ** -0.5)
         return q.matmul(k.transpose(-2, -1))
+
+
+class QuantShiftedWindowAttention(_QuantWindowAttention, ShiftedWindowAttention):
+    """Swin's window attention (maps [B, H, W, C]) with quantized ``qkv`` / ``proj``; a window larger
+    than the map is padded, as in torchvision's ``shifted_window_attention``."""
+
+    def _position_bias(self, window: list[int]) -> torch.Tensor:
+        return self.get_relative_position_bias()
+
+
+class QuantShiftedWindowAttention3d(_QuantWindowAttention, ShiftedWindowAttention3d):
+    """Video Swin's window attention (maps [B, T, H, W, C]) with quantized ``qkv`` / ``proj``; a window
+    larger than the map shrinks to it, as in torchvision's ``ShiftedWindowAttention3d``."""
+
+    def _window_and_shift(self, size: tuple[int, ...]) -> tuple[list[int], list[int]]:
+        _, shift = super()._window_and_shift(size)
+        return [min(w, n) for w, n in zip(self.window_size, size, strict=True)], shift
+
+    def _position_bias(self, window: list[int]) -> torch.Tensor:
+        return self.get_relative_position_bias(window)
 
 
 class QuantShiftedWindowAttentionV2(QuantShiftedWindowAttention, ShiftedWindowAttentionV2):
@@ -188,6 +229,7 @@ _QUANTIZED_ATTENTION: dict[type[nn.Module], type[nn.Module]] = {
     nn.MultiheadAttention: QuantMultiheadAttention,
     ShiftedWindowAttention: QuantShiftedWindowAttention,
     ShiftedWindowAttentionV2: QuantShiftedWindowAttentionV2,
+    ShiftedWindowAttention3d: QuantShiftedWindowAttention3d,
 }
 ATTENTION_TYPES: tuple[type[nn.Module], ...] = tuple(_QUANTIZED_ATTENTION)
 """Float attention modules with functional projections (their subclasses include the quantized twins)."""
@@ -228,29 +270,33 @@ def _share_tensors(new: nn.Module, old: nn.Module) -> None:
 
 
 def _to_windows(x: torch.Tensor, window: list[int]) -> torch.Tensor:
-    """(B, H, W, C) -> (B * windows, window tokens, C), windows in row-major order."""
-    batch, height, width, channels = x.shape
-    x = x.view(batch, height // window[0], window[0], width // window[1], window[1], channels)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window[0] * window[1], channels)
+    """(B, *S, C) -> (B * windows, window tokens, C), windows in row-major order over the axes S."""
+    batch, *size, channels = x.shape
+    split = [v for n, w in zip(size, window, strict=True) for v in (n // w, w)]
+    d = len(size)
+    order = (0, *range(1, 2 * d, 2), *range(2, 2 * d + 1, 2), 2 * d + 1)  # counts first, then offsets
+    return x.view(batch, *split, channels).permute(order).reshape(-1, math.prod(window), channels)
 
 
-def _from_windows(x: torch.Tensor, window: list[int], size: torch.Size) -> torch.Tensor:
-    """Inverse of :func:`_to_windows` for a map of ``size`` = (H, W)."""
-    rows, cols = size[0] // window[0], size[1] // window[1]
-    channels = x.shape[-1]
-    x = x.view(-1, rows, cols, window[0], window[1], channels)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, size[0], size[1], channels)
+def _from_windows(x: torch.Tensor, window: list[int], size: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`_to_windows` for a map of ``size`` (the spatial axes)."""
+    counts = [n // w for n, w in zip(size, window, strict=True)]
+    d = len(size)
+    order = (0, *(v for i in range(1, d + 1) for v in (i, i + d)), 2 * d + 1)  # interleave again
+    x = x.view(-1, *counts, *window, x.shape[-1]).permute(order)
+    return x.reshape(-1, *size, x.shape[-1])
 
 
-def _shift_mask(size: torch.Size, window: list[int], shift: list[int], like: torch.Tensor) -> torch.Tensor:
+def _shift_mask(
+    size: tuple[int, ...], window: list[int], shift: list[int], like: torch.Tensor
+) -> torch.Tensor:
     """(windows, tokens, tokens) additive mask: -100 between tokens that the cyclic shift brought
-    together from different regions of the map, 0 elsewhere."""
+    together from different regions of the map, 0 elsewhere (torchvision's regions, in its order)."""
     region = like.new_zeros(tuple(size))
-    rows = ((0, -window[0]), (-window[0], -shift[0]), (-shift[0], None))
-    cols = ((0, -window[1]), (-window[1], -shift[1]), (-shift[1], None))
-    for label, ((r0, r1), (c0, c1)) in enumerate(itertools.product(rows, cols)):
-        region[r0:r1, c0:c1] = label
-    region = _to_windows(region[None, :, :, None], window).squeeze(-1)  # (windows, tokens)
+    bounds = [((0, -w), (-w, -s), (-s, None)) for w, s in zip(window, shift, strict=True)]
+    for label, corner in enumerate(itertools.product(*bounds)):
+        region[tuple(slice(a, b) for a, b in corner)] = label
+    region = _to_windows(region[None, ..., None], window).squeeze(-1)  # (windows, tokens)
     differs = region.unsqueeze(1) != region.unsqueeze(2)
     return region.new_zeros(differs.shape).masked_fill(differs, -100.0)
 
@@ -260,6 +306,7 @@ __all__ = [
     "QUANTIZED_ATTENTION_TYPES",
     "QuantMultiheadAttention",
     "QuantShiftedWindowAttention",
+    "QuantShiftedWindowAttention3d",
     "QuantShiftedWindowAttentionV2",
     "quantize_attention",
 ]

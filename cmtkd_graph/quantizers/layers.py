@@ -1,4 +1,4 @@
-"""Conv2d and Linear layers whose weight goes through a weight quantizer in forward.
+"""Conv2d, Conv3d and Linear layers whose weight goes through a weight quantizer in forward.
 
 The parameters keep their names (``weight``, ``bias``), so ``layer1.0.conv1.weight`` of a torchvision
 checkpoint loads into the quantized model unchanged; the quantizer's own state (e.g. an LSQ step)
@@ -33,7 +33,7 @@ class _WeightQuantized:
         return f"{super().extra_repr()}, weight_bits={bits}" if bits is not None else super().extra_repr()
 
 
-def conv_arguments(layer: nn.Conv2d) -> dict[str, Any]:
+def conv_arguments(layer: nn.Conv2d | nn.Conv3d) -> dict[str, Any]:
     """The constructor arguments of ``layer``'s shape and hyperparameters (not its bias, device, weights)."""
     return {
         "in_channels": layer.in_channels,
@@ -47,11 +47,12 @@ def conv_arguments(layer: nn.Conv2d) -> dict[str, Any]:
     }
 
 
-class QuantConv2d(_WeightQuantized, nn.Conv2d):
-    """``nn.Conv2d`` computing with ``weight_quantizer(weight)``."""
+class _QuantConv(_WeightQuantized):
+    """What both quantized convolutions share: built from a float twin, computing with the quantized
+    weight."""
 
     @classmethod
-    def from_float(cls, layer: nn.Conv2d, weight_quantizer: Quantizer) -> QuantConv2d:
+    def from_float(cls, layer: nn.Conv2d | nn.Conv3d, weight_quantizer: Quantizer) -> Any:
         """The quantized twin of ``layer``, sharing its very Parameter objects and hyperparameters."""
         with no_init_on_meta():
             new = cls(
@@ -65,6 +66,24 @@ class QuantConv2d(_WeightQuantized, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
+
+
+class QuantConv2d(_QuantConv, nn.Conv2d):
+    """``nn.Conv2d`` computing with ``weight_quantizer(weight)``."""
+
+
+class QuantConv3d(_QuantConv, nn.Conv3d):
+    """``nn.Conv3d`` (video models' clips [B, C, T, H, W]) computing with ``weight_quantizer(weight)``."""
+
+
+QUANTIZED_CONVS: dict[type[nn.Module], type[_QuantConv]] = {nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d}
+"""Float convolution type -> its quantized twin (subclasses of the float types map like them)."""
+
+
+def quantized_conv(layer: nn.Conv2d | nn.Conv3d, weight_quantizer: Quantizer) -> QuantConv2d | QuantConv3d:
+    """The quantized twin of a 2-D or 3-D convolution (``Conv3DSimple`` and the like included)."""
+    cls = next(q for base, q in QUANTIZED_CONVS.items() if isinstance(layer, base))
+    return cls.from_float(layer, weight_quantizer)
 
 
 class QuantLinear(_WeightQuantized, nn.Linear):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from cmtkd_graph.runtime.layout import channels_last_module, channels_last_tensor
 from cmtkd_graph.spec import Spec
 from cmtkd_graph.tasks import task_record
 
@@ -326,8 +327,8 @@ def probe(
             system = copy.deepcopy(base)
             x = images
             if channels_last:
-                system = system.to(memory_format=torch.channels_last)
-                x = images.contiguous(memory_format=torch.channels_last)
+                system = channels_last_module(system)
+                x = channels_last_tensor(images)
             optimizer = build_optimizer(system, spec)
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed or "no")
 

@@ -262,7 +262,8 @@ class DataSpec(Strict):
     dataset: Annotated[str, AfterValidator(_check_dataset)] = Field(
         description="registered dataset: cifar10/cifar100 (torchvision format), imagefolder (train/ + "
         "val|test/), fashion_mnist; for segmentation voc (Pascal VOC layout), mask_folders (images/ + "
-        "masks/), fashion_scenes (see cmtkd_graph/data/, docs/tasks.md)",
+        "masks/), fashion_scenes; for video clip_folders (video files), frame_folders (folders of frames), "
+        "moving_fashion (see cmtkd_graph/data/, docs/tasks.md)",
         json_schema_extra=_registered_names(DATASETS),
     )
     root: str | None = Field(
@@ -271,8 +272,8 @@ class DataSpec(Strict):
     download: bool = Field(False, description="cifar only: download if missing (needs internet)")
     eval_split: str | None = Field(
         None,
-        description="imagefolder, mask_folders: evaluation folder (default: val, else test); voc: the "
-        "evaluation list of ImageSets/Segmentation (default: val)",
+        description="imagefolder, mask_folders, clip_folders, frame_folders: evaluation folder (default: "
+        "val, else test); voc: the evaluation list of ImageSets/Segmentation (default: val)",
     )
     batch_size: int = Field(256, ge=1, description="total batch size per optimizer step, over all processes")
     eval_batch_size: int | None = Field(
@@ -291,6 +292,14 @@ class DataSpec(Strict):
     image_size: int | None = Field(
         None, ge=8, description="model input size (default: the dataset's native size)"
     )
+    frames: int | None = Field(
+        None, ge=1, description="video: frames per clip, T of the input [3, T, H, W] (default: the dataset's)"
+    )
+    frame_stride: int = Field(
+        1,
+        ge=1,
+        description="video: take every s-th frame (a clip needs (T - 1) * s + 1 frames)",
+    )
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
     normalize: bool = Field(True, description="normalise images with mean/std")
     mean: list[float] | None = Field(None, description="per-channel mean in [0, 1] (default: the dataset's)")
@@ -300,7 +309,8 @@ class DataSpec(Strict):
         description="fashion_mnist: repeat the grey channel 3x, or none (use the grey_input surgery)",
     )
     corrupt_images: Literal["error", "skip"] = Field(
-        "error", description="imagefolder, voc, mask_folders: unreadable image handling"
+        "error",
+        description="files read on demand (image folders, voc, mask_folders, clips): unreadable files",
     )
     train_subset: int | None = Field(
         None, ge=1, description="use only the first N training samples (quick runs)"
@@ -333,6 +343,11 @@ class DataSpec(Strict):
             problems.append(
                 f"data.corrupt_images: skip is for {'/'.join(_datasets_that('reads_files_on_demand'))} "
                 f"only; {self.dataset} is read up front"
+            )
+        if not record.clips and (self.frames is not None or self.frame_stride != 1):
+            problems.append(
+                f"data.frames/frame_stride: for clip datasets ({'/'.join(_datasets_that('clips'))}); "
+                f"{self.dataset} holds images"
             )
         if self.grey_to_rgb == "none" and not record.grey:
             problems.append(
@@ -392,9 +407,17 @@ class DataSpec(Strict):
     def in_channels(self) -> int:
         return 1 if DATASETS.get(self.dataset).grey and self.grey_to_rgb == "none" else 3
 
-    def input_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one model input."""
-        return (self.in_channels, self.input_size, self.input_size)
+    @property
+    def clip_frames(self) -> int | None:
+        """T of a clip: ``frames`` or the dataset's own; None for image datasets."""
+        record = DATASETS.get(self.dataset)
+        return (self.frames or record.default_frames) if record.clips else None
+
+    def input_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one model input, (C, T, H, W) for clips."""
+        frames = self.clip_frames
+        time = (frames,) if frames is not None else ()
+        return (self.in_channels, *time, self.input_size, self.input_size)
 
 
 def _datasets_that(fact: str) -> list[str]:
@@ -527,8 +550,8 @@ class Spec(Strict):
     )
     task: Annotated[str, AfterValidator(_check_task)] | None = Field(
         None,
-        description="what the models compute: a registered task (classification, segmentation); default: "
-        "the task whose torchvision builders include the student's",
+        description="what the models compute: a registered task (classification, segmentation, video); "
+        "default: the task whose torchvision builders include the student's",
         json_schema_extra=_registered_names(TASKS),
     )
     method: Annotated[str, AfterValidator(_check_method)] = Field(
@@ -564,6 +587,7 @@ class Spec(Strict):
         if self.student.arch is None:
             raise ValueError("student.arch: required (a torchvision model such as resnet18)")
         self._check_task_fits()
+        self._check_fixed_input()
         METHODS.get(self.method).resolve(self)
         o = self.optim
         o.importance_lr = o.importance_lr if o.importance_lr is not None else o.lr / 10
@@ -609,6 +633,24 @@ class Spec(Strict):
             )
         if problems:
             raise ValueError("\n".join(problems))
+
+    def _check_fixed_input(self) -> None:
+        """A builder that runs on one input size only (MViT's clips) gets it (its family's fact)."""
+        from cmtkd_graph.models.facts import family_of
+
+        for where, m in [
+            ("student", self.student),
+            *((f"teachers[{i}]", t) for i, t in enumerate(self.teachers)),
+        ]:
+            needed = family_of(m.arch).fixed_input if m.arch is not None else None
+            if needed is not None and tuple(self.data.input_shape()[1:]) != needed:
+                frames, height, _ = needed
+                given = "x".join(map(str, self.data.input_shape()[1:]))
+                raise ValueError(
+                    f"{where}.arch: {m.arch} runs on clips of {'x'.join(map(str, needed))} only (its "
+                    f"position embeddings are sized for them), not {given}: set data.frames: {frames} and "
+                    f"data.image_size: {height}"
+                )
 
     def resolved_teachers(self) -> list[ModelSpec]:
         """Teachers with the student's arch/kwargs/surgery filled in where they give none."""

@@ -37,6 +37,8 @@ class Task:
     main_output: ClassVar[str] = "logits"  # the key of the prediction where a model returns a dict
     builder_defaults: ClassVar[dict[str, Any]] = {}  # builder kwargs unless the spec sets them
     labels_may_ignore: ClassVar[bool] = False  # a sample's label may be IGNORE (no class: counted nowhere)
+    clips: ClassVar[bool] = False  # inputs are clips [B, C, T, H, W] (data.frames of them), not images
+    sample_noun: ClassVar[str] = "image"  # what one input is called in reports and predict's output
     # metric key -> heading; the first is the one a run is judged by (final.json, studies)
     metric_titles: ClassVar[dict[str, str]] = {"acc1": "top-1 %", "acc5": "top-5 %"}
 
@@ -52,7 +54,8 @@ class Task:
 
     @classmethod
     def label_shape(cls, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape of one sample's label for an input of ``input_shape`` (C, H, W): () for a class."""
+        """The shape of one sample's label for an input of ``input_shape`` ((C, H, W), or (C, T, H, W) for
+        clips): () for a class."""
         return ()
 
     @classmethod
