@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -409,13 +410,14 @@ def _learner_taps(
 
 
 def _warn_constant_attention(spec: Spec, taps: list[Tap]) -> None:
-    """The attention map of a 1x1 feature map is always 1: such a tap gives no signal."""
+    """The attention map of a 1x1 (1x1x1) feature map is always 1: such a tap gives no signal."""
     if spec.distill.feature_loss != "attention":
         return
-    flat = [t.name for t in taps if t.shape and len(t.shape) == 3 and t.shape[1] * t.shape[2] == 1]
+    flat = [t.name for t in taps if t.shape and len(t.shape) >= 3 and math.prod(t.shape[1:]) == 1]
     if flat:
         log.warning(
-            f"taps {', '.join(flat)}: the student's feature map is 1x1 at input size {spec.data.input_size}, "
+            f"taps {', '.join(flat)}: the student's feature map is a single position at input "
+            f"{'x'.join(map(str, spec.data.input_shape()[1:]))}, "
             "so its attention map is constant and the attention loss there is always 0 "
             "(use larger inputs, a cifar_stem surgery, or other taps)"
         )

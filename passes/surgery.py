@@ -38,7 +38,8 @@ def run_surgery(
 @SURGERIES.register("bn_after_every_layer")
 @graph_pass
 def bn_after_every_layer(gm: fx.GraphModule, include_last: bool = False) -> None:
-    """Insert ``BatchNorm2d``/``BatchNorm1d`` after every conv/linear that is not already followed by one.
+    """Insert ``BatchNorm2d``/``BatchNorm3d``/``BatchNorm1d`` after every conv/linear that is not already
+    followed by one.
 
     The new module sits beside its layer as ``<layer>_bn`` (``features.0`` -> ``features.0_bn``), so the
     original torchvision parameter names are untouched.
@@ -48,7 +49,7 @@ def bn_after_every_layer(gm: fx.GraphModule, include_last: bool = False) -> None
     for node in layers:
         if node in last and not include_last:
             continue
-        if not isinstance(gm.get_submodule(node.target), nn.Conv2d | nn.Linear):
+        if not isinstance(gm.get_submodule(node.target), nn.Conv2d | nn.Conv3d | nn.Linear):
             continue  # an attention module: its linears are inside it
         users = list(node.users)
         if (
@@ -61,6 +62,8 @@ def bn_after_every_layer(gm: fx.GraphModule, include_last: bool = False) -> None
         ref = layer.weight
         if isinstance(layer, nn.Conv2d):
             bn: nn.Module = nn.BatchNorm2d(layer.out_channels, device=ref.device, dtype=ref.dtype)
+        elif isinstance(layer, nn.Conv3d):
+            bn = nn.BatchNorm3d(layer.out_channels, device=ref.device, dtype=ref.dtype)
         else:
             bn = nn.BatchNorm1d(layer.out_features, device=ref.device, dtype=ref.dtype)
         target = unique_target(gm, f"{node.target}_bn")
@@ -76,6 +79,11 @@ def bn_after_every_layer(gm: fx.GraphModule, include_last: bool = False) -> None
 def _first_conv(gm: fx.GraphModule, surgery: str) -> fx.Node:
     layers = find_layers(gm)
     first, _ = first_and_last_layers(gm, layers)
+    if any(isinstance(gm.get_submodule(n.target), nn.Conv3d) for n in first):
+        raise UserError(
+            f"surgery {surgery}: rewrites an image model's first Conv2d; this model's first layer is a "
+            "Conv3d (a video model): drop the surgery"
+        )
     convs = [n for n in layers if n in first and isinstance(gm.get_submodule(n.target), nn.Conv2d)]
     if len(convs) != 1:
         raise UserError(f"surgery {surgery}: needs exactly one first conv layer, found {len(convs)}")

@@ -248,6 +248,43 @@ def launch_two_machines(
     return results
 
 
+def cli(cwd: Path, *args: str) -> str:
+    """``cmtkd-graph ARGS`` in a fresh process; its stdout (the test fails with its stderr otherwise)."""
+    result = run_module(list(args), cwd=cwd, module="cmtkd_graph")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+TINY_TRAINING = [
+    "train.max_steps=2",
+    "train.log_every=1",
+    "train.progress_bar=false",
+    "train.mixed_precision=no",
+    "train.channels_last=false",
+]
+"""The settings that make an example spec a test: two logged fp32 steps."""
+
+
+def train_tiny_example(spec: str, sets: list[str], *, cwd: Path, port: int) -> tuple[Path, list[dict]]:
+    """``specs/<spec>`` with ``sets`` and :data:`TINY_TRAINING` in two training processes, then resumed
+    by one process for a third step; the run directory and its metrics.jsonl training lines."""
+    import json
+
+    run = cwd / "run"
+    every = [*sets, *TINY_TRAINING, f"train.output_dir={run}"]
+    overrides = [a for s in every for a in ("--set", s)]
+    two = launch_two_processes(
+        ["cmtkd_graph.train", str(REPO / "specs" / spec), *overrides], cwd=cwd, port=port
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es)" in two.stdout + two.stderr
+    cli(cwd, "train", "--resume", str(run), "--set", "train.max_steps=3")
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    return run, train
+
+
 def launch_two_processes(
     module_args: list[str], *, cwd: Path, port: int, timeout: float = 900
 ) -> subprocess.CompletedProcess:

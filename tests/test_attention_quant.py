@@ -42,11 +42,11 @@ def small_attention(kind: str) -> tuple[nn.Module, tuple[torch.Tensor, ...], dic
     if kind == "mha":
         x = torch.randn(2, 5, 16)
         return nn.MultiheadAttention(16, 4, batch_first=True), (x, x, x), {"need_weights": False}
-    if kind.startswith("swin3d"):  # Video Swin: [B, T, H, W, C]; the short clip is under one window in T
+    if kind.startswith("swin3d"):  # Video Swin: [B, T, H, W, C]; the small map is under one window
         attn = ShiftedWindowAttention3d(16, [2, 4, 4], [1, 2, 2], 4)
         nn.init.normal_(attn.relative_position_bias_table)
-        frames = 1 if kind == "swin3d_short" else 5
-        return attn, (torch.randn(2, frames, 10, 9, 16),), {}
+        size = (1, 3, 9) if kind == "swin3d_short" else (5, 10, 9)  # shrunk windows in T and H
+        return attn, (torch.randn(2, *size, 16),), {}
     cls = ShiftedWindowAttention if kind == "swin" else ShiftedWindowAttentionV2
     attn = cls(16, [4, 4], [2, 2], 4)
     nn.init.normal_(attn.qkv.bias)  # v2 must ignore the key part of the bias in forward

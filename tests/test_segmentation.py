@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ from cmtkd_graph.quantizers.layers import QuantConv2d
 from cmtkd_graph.registry import TASKS
 from cmtkd_graph.tasks import IGNORE
 
-from .conftest import REPO, launch_two_processes
+from .conftest import cli, train_tiny_example
 
 SEGMENTATION = TASKS.get("segmentation")
 BUILDERS = [
@@ -300,39 +298,12 @@ def test_methods_and_pipelines_that_do_not_apply_are_one_line(fashion_scenes):
         cg.load_spec("quickstart", ["student.arch=lraspp_mobilenet_v3_large"])
 
 
-def cli(cwd: Path, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "cmtkd_graph", *args], cwd=cwd, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-
 def test_a_w2a2_segmentation_student_trains_evaluates_exports_and_predicts_masks(tmp_path, fashion_scenes):
     """specs/segmentation_quickstart.yaml in tiny mode: two training processes, resumed by one; eval,
     export and predict on what they trained."""
-    sets = [
-        f"data.root={fashion_scenes}",
-        "data.batch_size=8",
-        "data.train_subset=64",
-        "data.eval_subset=16",
-        "train.max_steps=2",
-        "train.log_every=1",
-        "train.progress_bar=false",
-        "train.mixed_precision=no",
-        "train.channels_last=false",
-        f"train.output_dir={tmp_path / 'run'}",
-    ]
-    overrides = [a for s in sets for a in ("--set", s)]
-    spec = str(REPO / "specs" / "segmentation_quickstart.yaml")
-    two = launch_two_processes(["cmtkd_graph.train", spec, *overrides], cwd=tmp_path, port=29571)
-    assert two.returncode == 0, two.stderr[-3000:]
-    run = tmp_path / "run"
-    assert "2 process(es)" in two.stdout + two.stderr
-    cli(tmp_path, "train", "--resume", str(run), "--set", "train.max_steps=3")
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in lines if r["kind"] == "train"]
-    assert [r["step"] for r in train] == [1, 2, 3] and all(r["loss/kl_student"] > 0 for r in train)
+    sets = [f"data.root={fashion_scenes}", "data.batch_size=8", "data.train_subset=64", "data.eval_subset=16"]
+    run, train = train_tiny_example("segmentation_quickstart.yaml", sets, cwd=tmp_path, port=29571)
+    assert all(r["loss/kl_student"] > 0 for r in train)
     final = json.loads((run / "final.json").read_text())
     assert set(final["accuracy"]) == {
         f"{m}/{n}" for m in ("miou", "pixacc") for n in ("student", "combined", "teacher0", "teacher1")

@@ -3,7 +3,8 @@
 * ``clip_folders``: class folders of video files, ``root/train/<class>/<clip>.mp4`` (``.avi``, ``.mkv``,
   ``.webm``, ``.mov``, ``.m4v``), decoded with PyAV (FFmpeg; ``pip install 'cmtkd-graph[video]'``);
 * ``frame_folders``: class folders of frame folders, ``root/train/<class>/<clip>/<frame images>``, the
-  frames in file-name order (the UCF-101 frames layout, and what ``ffmpeg -i clip.mp4 %05d.jpg`` writes).
+  frames in file-name order with numbers compared as numbers (the UCF-101 frames layout, and what
+  ``ffmpeg -i clip.mp4 %05d.jpg`` or ``%d.jpg`` writes).
 
 Evaluation clips sit in ``root/val/`` (or ``test/``, or ``data.eval_split``) alike. A sample is T frames
 (``data.frames``) taken every s-th frame (``data.frame_stride``): training clips start at a random frame
@@ -18,6 +19,7 @@ decode is a `CorruptImageError` (or skipped and counted with ``data.corrupt_imag
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +54,8 @@ class ShortClipError(CorruptImageError):
 class Clips(ImageFiles):
     """(clip [3, T, H, W], class index) pairs: T frames at ``stride`` of each sample's clip, decoded by
     ``read_frames(path, wanted)``, then ``transform``-ed as one ``tv_tensors.Video``."""
+
+    noun = "clip"
 
     def __init__(
         self,
@@ -104,9 +108,16 @@ def read_clip(path: str, window: Callable[[int, str], range]) -> torch.Tensor:
     return read_video_file(path, window)
 
 
+def frame_order(path: str) -> list:
+    """Sort key of a frame file: its name with every run of digits compared as a number, so that
+    ``2.jpg`` comes before ``10.jpg`` (ffmpeg's ``%d.jpg``) as ``00002.jpg`` does before ``00010.jpg``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", Path(path).name)]
+
+
 def read_frame_folder(path: str, window: Callable[[int, str], range]) -> torch.Tensor:
-    """The frames ``window`` picks from a folder of frame images (file-name order) as uint8 [T, 3, H, W]."""
-    files = image_paths(Path(path))
+    """The frames ``window`` picks from a folder of frame images (in :func:`frame_order`) as uint8
+    [T, 3, H, W]."""
+    files = sorted(image_paths(Path(path)), key=frame_order)
     frames = []
     for i in window(len(files), path):
         with Image.open(files[i]) as image:
@@ -126,27 +137,32 @@ def require_pyav() -> None:
 
 
 def read_video_file(path: str, window: Callable[[int, str], range]) -> torch.Tensor:
-    """The frames ``window`` picks from a video file, decoded with PyAV, as uint8 [T, 3, H, W]. Frames
-    are decoded in order up to the last one needed (all of them when the container does not say how many
-    it has)."""
+    """The frames ``window`` picks from a video file, decoded with PyAV, as uint8 [T, 3, H, W].
+
+    The clip's length is its header's frame count, or (Matroska/WebM headers have none) its packets
+    counted without decoding; frames are then decoded in order up to the last one needed and only the
+    picked ones kept. A file that decodes to fewer frames than it declares is unreadable (a truncated
+    file: ``data.corrupt_images`` decides)."""
     import av
 
     with av.open(path) as container:
         stream = container.streams.video[0]
-        if stream.frames > 0:
-            wanted = window(stream.frames, path)
-            picked, last = set(wanted), wanted[-1]
-            frames = []
-            for i, frame in enumerate(container.decode(stream)):
-                if i in picked:
-                    frames.append(frame.to_ndarray(format="rgb24"))
-                if i >= last:
-                    break
-            if len(frames) < len(wanted):  # the header promised more frames than the stream has
-                raise ShortClipError(f"{path}: decodes to fewer frames than its header's {stream.frames}")
-            return _stack(frames, path)
-        every = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-    return _stack([every[i] for i in window(len(every), path)], path)
+        count = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+    wanted = window(count, path)
+    picked, last = set(wanted), wanted[-1]
+    frames = []
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        if torch.utils.data.get_worker_info() is not None:
+            stream.codec_context.thread_count = 1  # DataLoader workers decode side by side
+        for i, frame in enumerate(container.decode(stream)):
+            if i in picked:
+                frames.append(frame.to_ndarray(format="rgb24"))
+            if i >= last:
+                break
+    if len(frames) < len(wanted):
+        raise ValueError(f"decodes to fewer frames than the {count} it declares")
+    return _stack(frames, path)
 
 
 def _stack(frames: list[np.ndarray], path: str) -> torch.Tensor:
@@ -164,6 +180,9 @@ class ClipFolders(DatasetRecord):
     reads_files_on_demand = True
     device_pipeline = False
     how_to_get = "the clips must already be in data.root"
+    # Kinetics-400's, as torchvision's video weights were trained with (its VideoClassification preset)
+    mean = (0.43216, 0.394666, 0.37645)
+    std = (0.22803, 0.22145, 0.216989)
     read_frames: Callable[[str, Callable[[int, str], range]], torch.Tensor]
 
     @classmethod

@@ -51,6 +51,8 @@ class CorruptImageWarning(UserWarning):
 class ImageFiles(Dataset):
     """(image, class index) pairs read from files with PIL, converted to RGB, then ``transform``-ed."""
 
+    noun = "image"  # what one file is, in messages
+
     def __init__(
         self,
         samples: list[Sample],
@@ -99,11 +101,11 @@ class ImageFiles(Dataset):
         reason = f"{type(error).__name__}: {error}"
         if self.corrupt_images == "error":
             raise CorruptImageError(
-                f"unreadable image {path} ({reason}); repair or delete it, or set "
-                "`data.corrupt_images: skip` to drop unreadable images"
+                f"unreadable {self.noun} {path} ({reason}); repair or delete it, or set "
+                f"`data.corrupt_images: skip` to drop unreadable {self.noun}s"
             ) from error
         self._unreadable[index] = True
-        warnings.warn(f"skipped unreadable image {path} ({reason})", CorruptImageWarning, stacklevel=3)
+        warnings.warn(f"skipped unreadable {self.noun} {path} ({reason})", CorruptImageWarning, stacklevel=3)
         return None
 
 

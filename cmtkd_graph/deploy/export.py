@@ -45,6 +45,7 @@ from cmtkd_graph.identity import file_sha256
 from cmtkd_graph.passes.shapes import propagate_shapes
 from cmtkd_graph.spec import Spec
 from cmtkd_graph.spec.io import dump_spec
+from cmtkd_graph.tasks import task_record
 
 log = logging.getLogger("cmtkd_graph")
 
@@ -114,7 +115,12 @@ def _write(found, out: Path, formats: tuple[str, ...], images: str | Path | None
         ("onnx-int8", ONNX_INT8_FILE, _onnx_int8),
         ("openvino", OPENVINO_FILE, _openvino),
     ):
-        if name in formats:
+        if name in formats and task_record(found.spec.student.arch).clips:
+            problem = CLIPS_NOT_WRITTEN  # known before any calibration clip is decoded
+            if required:
+                raise UserError(f"{name} export: {problem}")
+            manifest[name.replace("-", "_")] = {"file": None, "skipped": problem}
+        elif name in formats:
             section = _integer_format(name, write, student, manifest, out / file, real, required=required)
             manifest[name.replace("-", "_")] = section
             if section.get("file"):
@@ -205,6 +211,10 @@ def _onnx(
 
 
 EXTRAS = {"onnx-int8": "export", "openvino": "openvino"}  # format -> the extra that installs it
+CLIPS_NOT_WRITTEN = (
+    "a video model's 3-D convolutions (Conv3d) are not among the operations the int8 writers cover (2-D "
+    "convolution, linear, ReLU/ReLU6, add, pooling, flatten); the exact ONNX export has them"
+)
 
 
 def _integer_format(

@@ -1,12 +1,13 @@
 """The integer reference: the exported student run the way integer hardware runs it.
 
-Every convolution and linear layer whose weights and input are both quantized multiplies the integer
+Every 2-D convolution and linear layer whose weights and input are both quantized multiplies the integer
 activation codes by the integer weight codes, accumulates exactly (the int64 result; see
 ``integer_matmul``) and applies the two scales once, afterwards: ``y = (sum q_a q_w) * (s_a s_w) + bias``.
 HWGQ's mid-rise weights (no zero level) are odd integers, so they stay integers too. Everything else
 (BatchNorm, ReLU, residual adds, pooling, layers kept full precision) runs in float32 as in the
-fake-quantized model, and a layer that quantizes only its weights (or an attention module) computes in
-float with the decoded weights.
+fake-quantized model, and a layer that quantizes only its weights (or an attention module, or a 3-D
+convolution of a video model: the exact accumulation is written for 2-D convolutions and linear layers)
+computes in float with the decoded weights.
 
 The model is rebuilt from ``codes.safetensors`` and the spec alone (no latent float weights), so equality
 with the fake-quantized student (within float rounding) proves the codes are complete and exact.
