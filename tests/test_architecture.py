@@ -206,10 +206,10 @@ def test_a_dataset_registered_from_its_own_file_works_everywhere(tiny_squares):
     assert err.value.problems == [
         "data.download: only cifar10/cifar100 can be downloaded; tiny_squares: the images must already "
         "be in data.root",
-        "data.eval_split: only for fashion_scenes/imagefolder/mask_folders/voc; tiny_squares has a fixed "
-        "test split",
-        "data.corrupt_images: skip is for fashion_scenes/imagefolder/mask_folders/voc only; tiny_squares is "
-        "read up front",
+        "data.eval_split: only for clip_folders/fashion_scenes/frame_folders/imagefolder/mask_folders/"
+        "moving_fashion/voc; tiny_squares has a fixed test split",
+        "data.corrupt_images: skip is for clip_folders/fashion_scenes/frame_folders/imagefolder/mask_folders/"
+        "moving_fashion/voc only; tiny_squares is read up front",
     ]
     with pytest.raises(cg.SpecError, match="grey_to_rgb: none is for fashion_mnist/tiny_squares only"):
         validate_spec({**_spec().model_dump(), "data": {"dataset": "cifar10", "grey_to_rgb": "none"}})
@@ -237,6 +237,9 @@ def test_the_built_in_datasets_keep_their_facts():
         "imagefolder": (224, False, True, False),
         "mask_folders": (224, False, True, False),
         "voc": (224, False, True, False),
+        "clip_folders": (224, False, True, False),
+        "frame_folders": (224, False, True, False),
+        "moving_fashion": (32, False, False, False),  # a flip would change the direction, the label
     }
 
 

@@ -133,7 +133,7 @@ def test_the_architecture_page_shows_the_model_family_table():
             assert rule.names[0] in row and (rule.names[-1] in row or rule.names[-1][-1] in row)
         elif isinstance(rule, BlocksAtDepth):
             assert "1/4, 1/2, 3/4 and full depth" in row
-        assert ("NHWC" in row) == family.channels_last_features
+        assert ("NHWC" in row or "[B, T, H, W, C]" in row) == family.channels_last_features
 
 
 def test_every_registered_method_and_quantizer_has_its_section_on_the_methods_page():

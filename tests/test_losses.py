@@ -203,10 +203,10 @@ def test_fitnet_adapter_conv_has_no_bias_and_a_batch_norm() -> None:
 
 @pytest.mark.parametrize(
     ("student_shape", "teacher_shape"),
-    [((8, 4, 4), (16, 32)), ((32,), (64,)), ((1, 2, 3, 4), (1, 2, 3, 4))],
+    [((8, 4, 4), (16, 32)), ((32,), (64,)), ((1, 2, 3, 4, 5), (1, 2, 3, 4, 5))],
 )
 def test_fitnet_adapter_rejects_unsupported_ranks(student_shape, teacher_shape) -> None:
-    with pytest.raises(ValueError, match=r"\(C, H, W\).*\(N, D\)"):
+    with pytest.raises(ValueError, match=r"\(C, \(T,\) H, W\).*\(N, D\)"):
         FitNetAdapter(student_shape, teacher_shape)
 
 

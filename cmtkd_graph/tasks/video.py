@@ -5,8 +5,8 @@ The builders of ``torchvision.models.video``: ``r3d_18``, ``mc3_18``, ``r2plus1d
 ``s3d``, ``mvit_v1_b``, ``mvit_v2_s`` (multiscale vision transformers) and ``swin3d_t/s/b`` (Video Swin).
 A clip is one sample, as an image is in classification: cross-entropy, the methods' terms and the
 combined teacher apply to clip logits unchanged; the tap features are 5-D ([B, C, T, H, W]) and the
-attention maps of feature distillation spread over time and space (docs/tasks.md#video). Metrics:
-clip top-1 and top-5 accuracy.
+attention maps of feature distillation spread over time and space (docs/tasks.md#video-classification).
+Metrics: clip top-1 and top-5 accuracy.
 """
 
 from __future__ import annotations
