@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from cmtkd_graph.passes.tracer import qualname
 from torch import nn
@@ -40,15 +39,16 @@ def spec_for(student_bits: int, teacher_bits: list[int], **extra) -> cg.Spec:
 
 
 class EagerQuantConv(nn.Module):
-    """conv(quantize_act(x), quantize_weight(W)) written by hand (the paper's quantized layer)."""
+    """conv(quantize_act(x), quantize_weight(W)) written by hand (the paper's quantized layer), for a 2-D
+    or a 3-D convolution."""
 
-    def __init__(self, conv: nn.Conv2d, bits: int):
+    def __init__(self, conv: nn.Conv2d | nn.Conv3d, bits: int):
         super().__init__()
         self.conv, self.act, self.wq = conv, HalfWaveQuantizer(bits), MidRiseWeightQuantizer(bits)
 
     def forward(self, x):
         c = self.conv
-        return F.conv2d(self.act(x), self.wq(c.weight), c.bias, c.stride, c.padding, c.dilation, c.groups)
+        return c._conv_forward(self.act(x), self.wq(c.weight), c.bias)
 
 
 def eager_resnet(bits: int) -> nn.Module:
@@ -95,12 +95,38 @@ def graph_name(eager_name: str) -> str:
     return eager_name.replace(".conv.weight", ".weight").replace(".conv.bias", ".bias")
 
 
-def load_into_eager(system, student, teachers, logits):
-    """Copy the system's weights into the eager models and the eager importance logits."""
-    sources = [system.student] + [system.teachers.get_submodule(f"teacher{k}") for k in range(len(teachers))]
-    for model, source in zip([student, *teachers], sources, strict=True):
+def networks_of(system) -> list[nn.Module]:
+    """The student and each teacher of a composed system, in that order."""
+    return [system.student] + [system.teachers.get_submodule(n.label) for n in system.networks[1:]]
+
+
+def copy_weights(system, student, teachers) -> None:
+    """The system's weights into the eager student and teachers."""
+    for model, source in zip([student, *teachers], networks_of(system), strict=True):
         state = source.state_dict()
         model.load_state_dict({k: state[graph_name(k)].clone() for k in model.state_dict()})
+
+
+def assert_same_gradients(system, student, teachers, logits, *, rtol: float) -> int:
+    """Every eager parameter's gradient equals its graph twin's, and every importance logit's its eager
+    twin's (and is not zero); how many parameter gradients were compared."""
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=rtol, atol=1e-5)
+    checked = 0
+    for eager, graph in zip([student, *teachers], networks_of(system), strict=True):
+        for name, p in eager.named_parameters():
+            if p.grad is not None:
+                close(graph.get_parameter(graph_name(name)).grad, p.grad)
+                checked += 1
+    for name, eager_logits in logits.items():
+        grad = system.teachers.get_submodule(f"fusion.{cg.passes.common.fusion_key(name)}").logits.grad
+        assert grad.abs().sum() > 0
+        close(grad, eager_logits.grad)
+    return checked
+
+
+def load_into_eager(system, student, teachers, logits):
+    """Copy the system's weights into the eager models and the eager importance logits."""
+    copy_weights(system, student, teachers)
     for name in [*STAGES, "output"]:
         logits[name].data.copy_(system.teachers.get_submodule(f"fusion.{name}").logits.data)
 
@@ -149,16 +175,8 @@ def test_composed_system_equals_eager_cmtkd(student_bits, teacher_bits):
 
     objective(out.student_logits, out.teacher_logits, out.shared_features).backward()
     objective(s_logits, combined, shared).backward()
-    checked = 0
-    sources = [system.student] + [system.teachers.get_submodule(f"teacher{k}") for k in range(3)]
-    for eager, graph in zip([student, *teachers], sources, strict=True):
-        for name, p in eager.named_parameters():
-            close(graph.get_parameter(graph_name(name)).grad, p.grad)
-            checked += 1
-    for name in [*STAGES, "output"]:
-        grad = system.teachers.get_submodule(f"fusion.{name}").logits.grad
-        assert grad.abs().sum() > 0
-        close(grad, logits[name].grad)
+    assert set(logits) == {*STAGES, "output"}
+    checked = assert_same_gradients(system, student, teachers, logits, rtol=1e-5)
     assert checked == 4 * 62  # resnet18 has 62 parameter tensors
 
 

@@ -30,7 +30,6 @@ from cmtkd_graph.errors import UserError
 from cmtkd_graph.losses import FitNetAdapter, attention_loss, attention_map
 from cmtkd_graph.models.facts import family_of
 from cmtkd_graph.quantizers import QuantConv3d, QuantLinear
-from cmtkd_graph.quantizers.hwgq import HalfWaveQuantizer, MidRiseWeightQuantizer
 from cmtkd_graph.registry import TASKS
 from cmtkd_graph.runtime.layout import channels_last_module, channels_last_tensor
 from cmtkd_graph.spec import DataSpec
@@ -255,25 +254,15 @@ def test_bad_clips_are_one_line_or_skipped_and_counted(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- against an eager CMT-KD
 
 
-class EagerQuantConv3d(nn.Module):
-    """conv3d(quantize_act(x), quantize_weight(W)) written by hand."""
-
-    def __init__(self, conv: nn.Conv3d, bits: int):
-        super().__init__()
-        self.conv, self.act, self.wq = conv, HalfWaveQuantizer(bits), MidRiseWeightQuantizer(bits)
-
-    def forward(self, x):
-        c = self.conv
-        return F.conv3d(self.act(x), self.wq(c.weight), c.bias, c.stride, c.padding, c.dilation, c.groups)
-
-
 def eager_r3d(bits: int) -> nn.Module:
     """torchvision's r3d_18 with every convolution but the stem's quantized by hand (fc stays float)."""
+    from .test_compose import EagerQuantConv
+
     model = torchvision.models.video.r3d_18(num_classes=5)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Conv3d) and name != "stem.0":
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, EagerQuantConv3d(module, bits))
+            setattr(model.get_submodule(parent), child, EagerQuantConv(module, bits))
     return model
 
 
@@ -302,7 +291,7 @@ def eager_video_cmtkd(student, teachers, logits, x):
 
 
 def test_composed_video_system_equals_eager_cmtkd_values_and_gradients():
-    from .test_compose import graph_name
+    from .test_compose import assert_same_gradients, copy_weights
 
     torch.manual_seed(0)
     spec = clip_spec(
@@ -319,10 +308,7 @@ def test_composed_video_system_equals_eager_cmtkd_values_and_gradients():
             module.logits.copy_(torch.randn(2))
     student, teachers = eager_r3d(2), [eager_r3d(4), eager_r3d(8)]
     logits = {name: nn.Parameter(module.logits.detach().clone()) for name, module in fusion.items()}
-    sources = [system.student, system.teachers.teacher0, system.teachers.teacher1]
-    for model, source in zip([student, *teachers], sources, strict=True):
-        state = source.state_dict()
-        model.load_state_dict({k: state[graph_name(k)].clone() for k in model.state_dict()})
+    copy_weights(system, student, teachers)
 
     x = torch.randn(2, 3, 4, 16, 16)
     out = system(x)
@@ -348,16 +334,7 @@ def test_composed_video_system_equals_eager_cmtkd_values_and_gradients():
 
     objective(out.student_logits, out.teacher_logits, out.shared_features, out.student_features).backward()
     objective(s_logits, combined, shared, s_feats).backward()
-    checked = 0
-    for eager, graph in zip([student, *teachers], sources, strict=True):
-        for name, p in eager.named_parameters():
-            if p.grad is not None:
-                close(graph.get_parameter(graph_name(name)).grad, p.grad)
-                checked += 1
-    assert checked >= 3 * 60
-    for name, module in fusion.items():
-        assert module.logits.grad.abs().sum() > 0
-        close(module.logits.grad, logits[name].grad)
+    assert assert_same_gradients(system, student, teachers, logits, rtol=1e-4) >= 3 * 60
 
 
 # ---------------------------------------------------------------- every verb

@@ -192,11 +192,7 @@ class ClipFolders(DatasetRecord):
 
     @classmethod
     def read(cls, spec: DataSpec) -> DataBundle:
-        root = Path(spec.root or cls.default_root or "")
-        if spec.root is None and cls.default_root is None:
-            raise UserError(f"data.root: required for {cls.name} (the directory of train/ and val/ or test/)")
-        if not root.is_dir():
-            raise UserError(f"data.root: {root} is not a directory; {cls.how_to_get}")
+        root = cls.root(spec)
         train_dir = root / "train"
         eval_dir = root / pick_eval_split(root, spec.eval_split)
         classes = find_classes(train_dir)

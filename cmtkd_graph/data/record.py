@@ -12,9 +12,11 @@ in ``cmtkd_graph/data/__init__.py`` (the registration). Nothing else branches on
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 from cmtkd_graph.data.bundle import DataBundle
+from cmtkd_graph.errors import UserError
 from cmtkd_graph.registry import DATASETS
 from cmtkd_graph.spec import DataSpec
 
@@ -46,6 +48,18 @@ class DatasetRecord:
     def input_size(cls) -> int:
         """The model input size when ``data.image_size`` is not given."""
         return cls.native_size or IMAGE_FOLDER_INPUT_SIZE
+
+    @classmethod
+    def root(cls, spec: DataSpec) -> Path:
+        """``data.root`` (or the record's ``default_root``) as an existing directory; a UserError says
+        which is missing."""
+        root = spec.root or cls.default_root
+        if root is None:
+            raise UserError(f"data.root: required for {cls.name} ({cls.summary})")
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise UserError(f"data.root: {root} is not a directory; {cls.how_to_get}")
+        return root
 
     @classmethod
     def read(cls, spec: DataSpec) -> DataBundle:

@@ -219,16 +219,6 @@ class SegmentationFolders(DatasetRecord):
     default_colours: list[Colour] | None = None
 
     @classmethod
-    def root(cls, spec: DataSpec) -> Path:
-        root = spec.root or cls.default_root
-        if root is None:
-            raise UserError(f"data.root: required for {cls.name} ({cls.summary})")
-        root = Path(root).expanduser()
-        if not root.is_dir():
-            raise UserError(f"data.root: {root} is not a directory; {cls.how_to_get}")
-        return root
-
-    @classmethod
     def pairs(cls, root: Path, spec: DataSpec) -> tuple[list, list]:
         """(train, eval) (image, mask) path pairs."""
         raise NotImplementedError

@@ -608,7 +608,7 @@ class Spec(Strict):
         from cmtkd_graph.tasks import task_of_model
 
         task = self.resolved_task
-        models = [("student", self.student), *((f"teachers[{i}]", t) for i, t in enumerate(self.teachers))]
+        models = self._networks()
         problems = [
             f"{where}.arch: {m.arch} is a {task_of_model(m.arch)} model; the spec's task is {task}"
             for where, m in models
@@ -634,14 +634,15 @@ class Spec(Strict):
         if problems:
             raise ValueError("\n".join(problems))
 
+    def _networks(self) -> list[tuple[str, ModelSpec]]:
+        """(where the spec writes it, the network) of the student and each teacher, as written."""
+        return [("student", self.student), *((f"teachers[{i}]", t) for i, t in enumerate(self.teachers))]
+
     def _check_fixed_input(self) -> None:
         """A builder that runs on one input size only (MViT's clips) gets it (its family's fact)."""
         from cmtkd_graph.models.facts import family_of
 
-        for where, m in [
-            ("student", self.student),
-            *((f"teachers[{i}]", t) for i, t in enumerate(self.teachers)),
-        ]:
+        for where, m in self._networks():
             needed = family_of(m.arch).fixed_input if m.arch is not None else None
             if needed is not None and tuple(self.data.input_shape()[1:]) != needed:
                 frames, height, _ = needed
