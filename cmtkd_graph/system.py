@@ -5,6 +5,9 @@ Each network goes through the same pipeline of graph passes:
     torchvision builder -> trace -> keep_main_output -> explicit_activations -> surgery
     -> quantize -> (weights) -> taps
 
+(a network that trains keeps its auxiliary head where the task has one and the builder made it:
+segmentation's ``aux_loss``; the deployed student never has it).
+
 then the teachers are arranged as the method says (``cmtkd_graph.methods``): composed into one graph
 with fusion nodes (``passes.compose``) or side by side (``passes.stack``); the student exposes its tap
 features as outputs (``passes.outputs.expose_taps``), and tap shapes are checked before anything trains.
@@ -18,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from cmtkd_graph.errors import UserError
@@ -27,7 +31,16 @@ from cmtkd_graph.methods import BuildContext, Method, MethodContext, method_for
 from cmtkd_graph.models.builders import build_model, read_state_dict
 from cmtkd_graph.models.meta_device import no_init_on_meta
 from cmtkd_graph.passes.activations import explicit_activations
-from cmtkd_graph.passes.common import EACH_LOGITS, EXTRAS, FEATURES, LOGITS, SHARED, fusion_key
+from cmtkd_graph.passes.common import (
+    AUX,
+    EACH_AUX,
+    EACH_LOGITS,
+    EXTRAS,
+    FEATURES,
+    LOGITS,
+    SHARED,
+    fusion_key,
+)
 from cmtkd_graph.passes.compose import check_tap_shapes, compose_teachers
 from cmtkd_graph.passes.graph_pass import finish
 from cmtkd_graph.passes.inplace import inplace_where_safe
@@ -64,11 +77,15 @@ def float_network(
     return finish(_float_graph(model, surgery, device))
 
 
-def _float_graph(model: ModelSpec, surgery: list[SurgerySpec], device: str | torch.device) -> fx.GraphModule:
+def _float_graph(
+    model: ModelSpec, surgery: list[SurgerySpec], device: str | torch.device, *, aux: bool = False
+) -> fx.GraphModule:
     """``float_network`` before code generation. The traced graph belongs to this function alone, so
-    the passes run in place, and the caller generates code once, after its own passes."""
+    the passes run in place, and the caller generates code once, after its own passes. ``aux``: keep the
+    task's auxiliary output where the model has one (a network that trains)."""
     gm = trace(_instantiate(model, device), train=True)
-    keep_main_output.in_place(gm, key=task_record(model.arch).main_output)
+    task = task_record(model.arch)
+    keep_main_output.in_place(gm, key=task.main_output, aux_key=task.aux_output if aux else None)
     explicit_activations.in_place(gm)
     for step in surgery:
         run_surgery(gm, step.name, step.options, in_place=True)
@@ -209,7 +226,10 @@ class DistillationSystem(nn.Module):
         ``train.compile`` compiles and DDP wraps) covers the whole forward and objective."""
         s = self.student(images)
         out = SystemOutput(
-            student_logits=s[LOGITS], student_features=s[FEATURES], extras=dict(s.get(EXTRAS, {}))
+            student_logits=s[LOGITS],
+            student_features=s[FEATURES],
+            extras=dict(s.get(EXTRAS, {})),
+            student_aux=s.get(AUX),
         )
         if self.teachers is not None:
             if self.teacher_trains:
@@ -218,6 +238,7 @@ class DistillationSystem(nn.Module):
                 with torch.no_grad():
                     t = self.teachers(images)
             out.each_teacher_logits = tuple(t[EACH_LOGITS])
+            out.each_teacher_aux = tuple(t.get(EACH_AUX, ()))
             out.teacher_logits = t.get(LOGITS)
             out.shared_features = dict(t.get(SHARED, {}))
             features = t.get(FEATURES, {})
@@ -233,9 +254,23 @@ class DistillationSystem(nn.Module):
 
     def losses(self, out: SystemOutput, labels: Tensor) -> dict[str, Tensor]:
         """Every term of the method's objective, plus ``total`` (see ``cmtkd_graph.methods``), on the
-        task's samples (a segmentation network's pixels)."""
+        task's samples (a segmentation network's pixels); and ``aux``, the auxiliary heads' loss."""
         task = self.task
-        return self.method.losses(self.method_context, out.as_samples(task), task.sample_labels(labels))
+        samples, labels = out.as_samples(task), task.sample_labels(labels)
+        terms = self.method.losses(self.method_context, samples, labels)
+        aux = self.aux_loss(samples, labels)
+        if aux is not None:
+            terms["aux"] = aux
+            terms["total"] = terms["total"] + task.aux_weight * self.spec.distill.alpha * aux
+        return terms
+
+    def aux_loss(self, samples: SystemOutput, labels: Tensor) -> Tensor | None:
+        """The cross-entropy of every auxiliary head that trains (the student's, each trained teacher's),
+        summed; weighted like the networks' own cross-entropy times the task's ``aux_weight`` (None: no
+        network kept one). Only networks that train are built with their head (``_float_graph``)."""
+        heads = [samples.student_aux, *samples.each_teacher_aux]
+        ce = [F.cross_entropy(z.float(), labels) for z in heads if z is not None]
+        return torch.stack(ce).sum() if ce else None
 
     def importance(self) -> dict[str, Tensor]:
         """Softmax importance weights per tap (and ``output``), each a Tensor[K] (detached)."""
@@ -264,17 +299,19 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
     built: dict[str, fx.GraphModule] = {}  # architecture+kwargs+surgery -> first network built
     float_graphs: dict[str, fx.GraphModule] = {}  # the same key -> its float graph (meta only)
 
-    def float_graph(model: ModelSpec, key: str) -> fx.GraphModule:
+    def float_graph(model: ModelSpec, key: str, aux: bool) -> fx.GraphModule:
         if not meta:  # every network gets its own random initialisation
-            return _float_graph(model, spec.surgery_for(model), device)
+            return _float_graph(model, spec.surgery_for(model), device, aux=aux)
         # Without values, networks of one graph differ in nothing: copying is half the cost of tracing.
         if key not in float_graphs:
-            float_graphs[key] = _float_graph(model, spec.surgery_for(model), device)
+            float_graphs[key] = _float_graph(model, spec.surgery_for(model), device, aux=aux)
         return copy_graph_module(float_graphs[key], tensors="meta")
 
     def make(model: ModelSpec, label: str) -> fx.GraphModule:
-        same_graph = json.dumps([model.arch, model.kwargs, [s.model_dump() for s in spec.surgery_for(model)]])
-        gm = _quantize_network(float_graph(model, same_graph), model, spec)
+        aux = model.trainable  # a frozen teacher's auxiliary head would compute for nothing
+        surgery = [s.model_dump() for s in spec.surgery_for(model)]
+        same_graph = json.dumps([model.arch, model.kwargs, surgery, aux])
+        gm = _quantize_network(float_graph(model, same_graph, aux), model, spec)
         info = NetworkInfo(label, model)
         if load and model.weights and not meta:
             info.weights_report = load_weights(gm, model.weights, label=label)

@@ -29,6 +29,9 @@ class SystemOutput:
     teacher_features: dict[str, Tensor] = field(default_factory=dict)
     extras: dict[str, Tensor] = field(default_factory=dict)  # method-specific values (student extras...)
     stats: dict[str, Tensor] = field(default_factory=dict)  # logged vectors, e.g. mean instance weights
+    # auxiliary heads' logits (segmentation's aux_loss), trained by the task's loss alone (None: no head)
+    student_aux: Tensor | None = None
+    each_teacher_aux: tuple[Tensor | None, ...] = ()
 
     def as_samples(self, task) -> SystemOutput:
         """The same output with every logits tensor as the task's samples [N, classes] (a segmentation
@@ -40,6 +43,10 @@ class SystemOutput:
             student_logits=task.sample_logits(self.student_logits),
             teacher_logits=None if self.teacher_logits is None else task.sample_logits(self.teacher_logits),
             each_teacher_logits=tuple(task.sample_logits(z) for z in self.each_teacher_logits),
+            student_aux=None if self.student_aux is None else task.sample_logits(self.student_aux),
+            each_teacher_aux=tuple(
+                None if z is None else task.sample_logits(z) for z in self.each_teacher_aux
+            ),
         )
 
 

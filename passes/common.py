@@ -21,6 +21,8 @@ FEATURES = "features"  # tap features by tap name
 EXTRAS = "extras"  # other named nodes a method asked for (e.g. AMTML-KD's last feature map)
 EACH_LOGITS = "each_logits"  # every teacher's logits, in teacher order
 SHARED = "shared"  # CMT-KD's shared knowledge by tap name
+AUX = "aux"  # a network's auxiliary logits (a task's auxiliary head, e.g. segmentation's aux_loss)
+EACH_AUX = "each_aux"  # every teacher's auxiliary logits, in teacher order (None: the teacher has none)
 
 
 def quantizable_layer_types() -> tuple[type[nn.Module], ...]:
@@ -61,6 +63,14 @@ def output_node(gm: fx.GraphModule) -> fx.Node:
 def output_value(gm: fx.GraphModule):
     """What the graph returns: a node, or a dict / tuple of nodes."""
     return output_node(gm).args[0]
+
+
+def network_outputs(value) -> tuple[fx.Node, fx.Node | None]:
+    """The logits and the auxiliary logits (None: no auxiliary head kept) of what a network graph
+    returns after ``keep_main_output``: the logits node, or ``{"logits": node, "aux": node}``."""
+    if isinstance(value, dict):
+        return value[LOGITS], value.get(AUX)
+    return value, None
 
 
 def fusion_key(tap_name: str) -> str:

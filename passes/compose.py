@@ -9,7 +9,8 @@ In the composed graph
   **every** later use of F_k^l in teacher k (main path, skip and downsample branches alike) consumes
   F^l instead, so the shared knowledge is the input of every teacher's next layers;
 * the output is ``{"logits": z_T, "each_logits": (z_1..z_K), "shared": {tap: F^l}}`` where z_T is the
-  combined-teacher logits (importance fusion at the output, or the plain mean).
+  combined-teacher logits (importance fusion at the output, or the plain mean); teachers that kept an
+  auxiliary head (``keep_main_output``) add ``"each_aux"`` (None for a teacher without one).
 
 Teachers are copied segment by segment in lockstep: all teachers up to tap 1, the fusion of tap 1,
 all teachers up to tap 2, and so on, which keeps the node order topological.
@@ -20,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cmtkd_graph.passes.common import (
+    EACH_AUX,
     EACH_LOGITS,
     LOGITS,
     META,
@@ -27,6 +29,7 @@ from cmtkd_graph.passes.common import (
     copy_teacher_node,
     find_node,
     fusion_key,
+    network_outputs,
     to_nchw,
 )
 from cmtkd_graph.passes.taps import Tap
@@ -93,9 +96,10 @@ def compose_teachers(
     cursors = [0] * k_count
     shared: dict[str, fx.Node] = {}
 
-    def copy_until(k: int, stop: fx.Node | None, segment: int) -> fx.Node | None:
-        """Copy teacher k's nodes up to and including ``stop`` (None: to the end); return its logits.
-        The copies record ``segment``: how many taps precede them (for ``passes.recompute``)."""
+    def copy_until(k: int, stop: fx.Node | None, segment: int) -> tuple[fx.Node, fx.Node | None] | None:
+        """Copy teacher k's nodes up to and including ``stop`` (None: to the end); return its logits and
+        auxiliary logits at the end. The copies record ``segment``: how many taps precede them (for
+        ``passes.recompute``)."""
         logits = None
         nodes = node_lists[k]
         while cursors[k] < len(nodes):
@@ -104,7 +108,8 @@ def compose_teachers(
             if node.op == "placeholder":
                 envs[k][node] = image
             elif node.op == "output":
-                logits = envs[k][node.args[0]]
+                main, aux = network_outputs(node.args[0])
+                logits = envs[k][main], None if aux is None else envs[k][aux]
             else:
                 envs[k][node] = copy_teacher_node(graph, node, envs[k], k)
                 envs[k][node].meta[META]["segment"] = segment
@@ -129,7 +134,7 @@ def compose_teachers(
             envs[k][tap_nodes[k]] = fused  # every later use of F_k^l now reads the shared knowledge
         shared[name] = fused
 
-    each_logits = [copy_until(k, None, len(tap_names)) for k in range(k_count)]
+    each_logits, each_aux = zip(*(copy_until(k, None, len(tap_names)) for k in range(k_count)), strict=True)
     out_fusion: Fusion = (
         ImportanceFusion(k_count, OUTPUT_FUSION)
         if combine == "importance"
@@ -146,7 +151,10 @@ def compose_teachers(
         name: to_nchw(graph, node) if taps[0][level].channels_last else node
         for level, (name, node) in enumerate(shared.items())
     }
-    out = graph.output({LOGITS: combined, EACH_LOGITS: tuple(each_logits), SHARED: shared})
+    value = {LOGITS: combined, EACH_LOGITS: tuple(each_logits), SHARED: shared}
+    if any(a is not None for a in each_aux):
+        value[EACH_AUX] = tuple(each_aux)
+    out = graph.output(value)
     out.meta = {"qualname": "output", META: {"role": "output"}}
     graph.lint()
     gm = fx.GraphModule(root, graph, "ComposedTeachers")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from cmtkd_graph.passes.common import EXTRAS, FEATURES, LOGITS, output_node, to_nchw
+from cmtkd_graph.passes.common import AUX, EXTRAS, FEATURES, LOGITS, network_outputs, output_node, to_nchw
 from cmtkd_graph.passes.graph_pass import graph_pass
 from cmtkd_graph.passes.taps import Tap
 from cmtkd_graph.passes.tracer import nodes_by_qualname
@@ -16,16 +16,23 @@ from torch import fx
 
 
 @graph_pass
-def keep_main_output(gm: fx.GraphModule, key: str = LOGITS) -> None:
+def keep_main_output(gm: fx.GraphModule, key: str = LOGITS, aux_key: str | None = None) -> None:
     """Make the graph return only the main logits tensor (``key`` of a dict output: ``out`` for
     torchvision's segmentation models, whose task says so).
 
-    GoogLeNet / Inception v3 traced in training mode return ``(logits, aux...)``; the auxiliary heads
+    With ``aux_key`` (a task's auxiliary output, e.g. segmentation's ``aux``) and a model that returns
+    it (built with ``aux_loss=True``), the graph returns ``{"logits": main, "aux": auxiliary}``: the
+    auxiliary head trains with the task's loss and is dropped from the deployed student.
+
+    GoogLeNet / Inception v3 traced in training mode return ``(logits, aux...)``; those auxiliary heads
     are not part of CMT-KD, so they are removed with their modules (a torchvision checkpoint then
     reports their keys as unexpected, never a torchvision key as missing).
     """
     out = output_node(gm)
     value = out.args[0]
+    if aux_key is not None and isinstance(value, dict) and isinstance(value.get(aux_key), fx.Node):
+        out.args = ({LOGITS: value[key], AUX: value[aux_key]},)
+        return
     if _is_tuple_construction(value):  # FX records `return GoogLeNetOutputs(logits, ...)` as a call
         fields = getattr(value.target, "_fields", ())
         value = value.args[fields.index(LOGITS) if LOGITS in fields else 0]
@@ -53,14 +60,15 @@ def _is_tuple_construction(value: object) -> bool:
 
 @graph_pass
 def expose_taps(gm: fx.GraphModule, taps: Sequence[Tap], extras: Mapping[str, str] | None = None) -> None:
-    """Return ``{"logits": logits, "features": {tap.name: feature}}`` instead of the logits alone.
+    """Return ``{"logits": logits, "features": {tap.name: feature}}`` instead of the logits alone (and
+    ``"aux"``: the auxiliary logits, where ``keep_main_output`` kept them).
 
     Channels-last taps (Swin stages, NHWC) are permuted to NCHW so every loss sees [B, C, H, W].
     ``extras`` (output key -> node name) adds ``"extras": {key: node}``: other nodes a method reads.
     """
     by_name = nodes_by_qualname(gm)
     out = output_node(gm)
-    logits = out.args[0]
+    logits, aux = network_outputs(out.args[0])
     features = {}
     for tap in taps:
         node = by_name[tap.node]
@@ -69,6 +77,8 @@ def expose_taps(gm: fx.GraphModule, taps: Sequence[Tap], extras: Mapping[str, st
                 node = to_nchw(gm.graph, node)
         features[tap.name] = node
     value = {LOGITS: logits, FEATURES: features}
+    if aux is not None:
+        value[AUX] = aux
     if extras:
         value[EXTRAS] = {key: by_name[name] for key, name in extras.items()}
     out.args = (value,)

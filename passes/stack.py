@@ -7,14 +7,24 @@ freezing and inspection treat both arrangements alike. The output is
     {"each_logits": (z_1..z_K), "features": {key: F}}
 
 where ``features`` holds the taps each teacher was asked to expose (``exposed[k]`` maps an output
-key, usually the student tap it teaches, to a tap of teacher k).
+key, usually the student tap it teaches, to a tap of teacher k), plus ``"each_aux"`` where a teacher
+kept an auxiliary head (as in the composition pass).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from cmtkd_graph.passes.common import EACH_LOGITS, FEATURES, META, copy_teacher_node, find_node, to_nchw
+from cmtkd_graph.passes.common import (
+    EACH_AUX,
+    EACH_LOGITS,
+    FEATURES,
+    META,
+    copy_teacher_node,
+    find_node,
+    network_outputs,
+    to_nchw,
+)
 from cmtkd_graph.passes.taps import Tap
 from torch import fx, nn
 
@@ -41,7 +51,7 @@ def stack_teachers(
     graph = fx.Graph()
     image = graph.placeholder("x")
     image.meta = {"qualname": "x", META: {"role": "input"}}
-    each_logits = []
+    each_logits, each_aux = [], []
     features: dict[str, fx.Node] = {}
     for k, teacher in enumerate(teachers):
         env: dict[fx.Node, fx.Node] = {}
@@ -49,7 +59,9 @@ def stack_teachers(
             if node.op == "placeholder":
                 env[node] = image
             elif node.op == "output":
-                each_logits.append(env[node.args[0]])
+                main, aux = network_outputs(node.args[0])
+                each_logits.append(env[main])
+                each_aux.append(None if aux is None else env[aux])
             else:
                 env[node] = copy_teacher_node(graph, node, env, k)
         for key, tap in exposed[k].items():
@@ -57,7 +69,10 @@ def stack_teachers(
                 raise ValueError(f"output key {key!r} is exposed by two teachers")
             node = env[find_node(teacher, tap.node)]
             features[key] = to_nchw(graph, node) if tap.channels_last else node
-    out = graph.output({EACH_LOGITS: tuple(each_logits), FEATURES: features})
+    value = {EACH_LOGITS: tuple(each_logits), FEATURES: features}
+    if any(a is not None for a in each_aux):
+        value[EACH_AUX] = tuple(each_aux)
+    out = graph.output(value)
     out.meta = {"qualname": "output", META: {"role": "output"}}
     graph.lint()
     gm = fx.GraphModule(root, graph, "StackedTeachers")

@@ -22,7 +22,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cmtkd_graph.passes.common import META, find_layers, output_value
+from cmtkd_graph.passes.common import META, find_layers, network_outputs, output_value
 from cmtkd_graph.passes.shapes import shape_of
 from cmtkd_graph.passes.tracer import qualname
 from torch import fx
@@ -203,7 +203,7 @@ def last_feature_map(gm: fx.GraphModule) -> str:
     ``features`` output, ViT's final token features. AMTML-KD reads the student's instance features
     there.
     """
-    node = output_value(gm)
+    node, _ = network_outputs(output_value(gm))
     while True:
         inputs = [i for i in node.all_input_nodes if shape_of(i) is not None and i.op != "get_attr"]
         shape = shape_of(node)

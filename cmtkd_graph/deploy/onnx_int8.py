@@ -60,6 +60,7 @@ class _Builder:
     count: int = 0
     float_epilogue: bool = False  # biases and unquantized outputs in float (see build_int8_onnx)
     shift_in_bias: set = field(default_factory=set)  # shifted requantizers whose -s a layer's bias holds
+    shapes: dict = field(default_factory=dict)  # fx.Node -> its tensor's shape for one input image
 
     def constant(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(numpy_helper.from_array(array, name))
@@ -323,16 +324,17 @@ def build_int8_onnx(
     outputs and every bias stay float, so the only rounding is the trained student's own.
     """
     largest = None if calibration is None else calibrate(form, calibration)
-    b, plan = _Builder(float_epilogue=calibration is None), Int8Plan()
+    b, plan = _Builder(float_epilogue=calibration is None, shapes=_shapes(form, image_shape)), Int8Plan()
     for node in form.graph.nodes:
         b.names[node] = _emit(b, form, node, plan, largest)
     output = next(n for n in form.graph.nodes if n.op == "output")
     result = output.args[0]
+    rank = len(b.shapes[result])  # logits [B, classes] or, per pixel, [B, classes, H, W]
     graph = helper.make_graph(
         b.nodes,
         "student_int8",
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", *image_shape])],
-        [helper.make_tensor_value_info(b.names[result], TensorProto.FLOAT, ["batch", None])],
+        [helper.make_tensor_value_info(b.names[result], TensorProto.FLOAT, ["batch", *[None] * (rank - 1)])],
         b.initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
@@ -354,7 +356,7 @@ def _rename_output(model: onnx.ModelProto, new: str) -> None:
 
 
 def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, largest: dict) -> str | None:
-    args = [b.names[a] if isinstance(a, fx.Node) else a for a in node.args]
+    args = [_onnx_value(b, a) for a in node.args]
     if node.op == "placeholder":
         return "images"
     if node.op == "output":
@@ -371,8 +373,6 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
                 return _float_levels(b, args[0], module, name)
         if isinstance(module, nn.Conv2d | nn.Linear):
             return _emit_layer(b, gm, node, module, args[0], plan, largest)
-        if isinstance(module, nn.ReLU):
-            return b.node("Relu", [args[0]], name)
         if _redundant_clip(gm, node):
             return args[0]
         if isinstance(module, nn.ReLU6 | nn.Hardtanh):
@@ -380,6 +380,9 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
             lo = b.constant(f"{name}.min", np.array(low, np.float32))
             hi = b.constant(f"{name}.max", np.array(high, np.float32))
             return b.node("Clip", [args[0], lo, hi], name)
+        if type(module) in _ELEMENTWISE:
+            op, attributes = _ELEMENTWISE[type(module)]
+            return b.node(op, [args[0]], name, **attributes)
         if isinstance(module, nn.MaxPool2d):
             return b.node("MaxPool", [args[0]], name, **_pool_attributes(module))
         if isinstance(module, nn.AdaptiveAvgPool2d) and _one_by_one(module.output_size):
@@ -391,25 +394,140 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
         raise UserError(_unsupported(f"{name} ({type(module).__name__})"))
     if node.op == "call_function":
         target = node.target
-        if target in (operator.add, torch.add) and len(args) == 2 and not node.kwargs:
-            return b.node("Add", args, node.name)
-        if target in (F.relu, torch.relu):
-            return b.node("Relu", [args[0]], node.name)
+        if (
+            target in (operator.add, torch.add, operator.mul, torch.mul)
+            and len(args) == 2
+            and not node.kwargs
+        ):
+            return b.node("Add" if target in (operator.add, torch.add) else "Mul", args, node.name)
+        if target in _FUNCTIONAL:
+            op, attributes = _ELEMENTWISE[_FUNCTIONAL[target]]
+            return b.node(op, [args[0]], node.name, **attributes)
         if target is torch.flatten and args[1:] in ([1], []) and not node.kwargs:
             return b.node("Flatten", [args[0]], node.name, axis=args[1] if len(args) > 1 else 0)
         if target is F.adaptive_avg_pool2d and _one_by_one(args[1]):
             return b.node("GlobalAveragePool", [args[0]], node.name)
         if target is F.dropout:
             return args[0]
+        if target is torch.cat and not node.kwargs.keys() - {"dim"}:
+            axis = node.kwargs.get("dim", args[1] if len(args) > 1 else 0)
+            return b.node("Concat", list(args[0]), node.name, axis=axis)
+        if target is getattr and args[1] == "shape":
+            return b.node("Shape", [args[0]], node.name)
+        if target is operator.getitem and _is_shape(node.args[0]) and isinstance(args[1], slice | int):
+            return _shape_part(b, node, args[0], args[1])
+        if target is F.interpolate:
+            resized = _resize(b, node, args)
+            if resized is not None:
+                return resized
     if node.op == "call_method" and node.target == "flatten" and args[1:] == [1]:
         return b.node("Flatten", [args[0]], node.name, axis=1)
     raise UserError(_unsupported(f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)})"))
 
 
+# Elementwise activations: module type -> (ONNX operator, attributes); torch's functional forms map to them.
+_ELEMENTWISE: dict[type, tuple[str, dict]] = {
+    nn.ReLU: ("Relu", {}),
+    nn.Hardswish: ("HardSwish", {}),
+    nn.Hardsigmoid: ("HardSigmoid", {"alpha": 1 / 6, "beta": 0.5}),  # relu6(x + 3) / 6
+    nn.Sigmoid: ("Sigmoid", {}),
+}
+_FUNCTIONAL = {
+    F.relu: nn.ReLU,
+    torch.relu: nn.ReLU,
+    F.hardswish: nn.Hardswish,
+    F.hardsigmoid: nn.Hardsigmoid,
+    torch.sigmoid: nn.Sigmoid,
+}
+
+
+def _onnx_value(b: _Builder, arg):
+    """A node argument as the writer passes it on: a node's ONNX value name, lists element by element."""
+    if isinstance(arg, fx.Node):
+        return b.names[arg]
+    if isinstance(arg, list | tuple):
+        return type(arg)(_onnx_value(b, a) for a in arg)
+    return arg
+
+
+def _is_shape(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is getattr
+
+
+def _shape_part(b: _Builder, node: fx.Node, shape: str, index: slice | int) -> str:
+    """``x.shape[index]`` as a 1-D int64 tensor: the input's size is fixed but for its batch, so sizes
+    that leave the batch out are constants (as torch's own exporter folds them: onnxruntime's optimizer
+    then has nothing to infer), the others are sliced from the ``Shape`` at run time."""
+    whole = b.shapes[node.args[0].args[0]]
+    positions = range(len(whole))[index] if isinstance(index, slice) else [range(len(whole))[index]]
+    if 0 not in positions:
+        return b.constant(f"{node.name}.value", np.array([whole[i] for i in positions], np.int64))
+    if isinstance(index, int) or index.step not in (None, 1):
+        raise UserError(_unsupported(f"{node.name} (the batch size read as a number)"))
+    stop = np.iinfo(np.int64).max if index.stop is None else index.stop
+    return b.node("Slice", [shape, *_range_constants(b, node.name, index.start or 0, stop)], node.name)
+
+
+def _range_constants(b: _Builder, name: str, start: int, stop: int) -> tuple[str, str]:
+    """The ``starts`` and ``ends`` inputs of a ``Slice`` of a 1-D tensor."""
+    return (
+        b.constant(f"{name}.start", np.array([start], np.int64)),
+        b.constant(f"{name}.stop", np.array([stop], np.int64)),
+    )
+
+
+def _shapes(form: fx.GraphModule, image_shape: tuple[int, ...]) -> dict[fx.Node, tuple[int, ...]]:
+    """The shape of every tensor of ``form`` on one input of ``image_shape``."""
+    shapes: dict[fx.Node, tuple[int, ...]] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            value = super().run_node(n)
+            if isinstance(value, Tensor):
+                shapes[n] = tuple(value.shape)
+            return value
+
+    with torch.no_grad():
+        Recorder(form).run(torch.zeros(1, *image_shape))
+    return shapes
+
+
+def _resize(b: _Builder, node: fx.Node, args: list) -> str | None:
+    """``F.interpolate(x, size=..., mode="bilinear" | "nearest")`` of a 4-D map as ONNX ``Resize`` over
+    its two spatial axes, with torch's coordinate rules (None: another form, refused by the caller)."""
+    options = {**dict(zip(("size", "scale_factor", "mode", "align_corners"), args[1:], strict=False))}
+    options.update({k: _onnx_value(b, v) for k, v in node.kwargs.items()})
+    mode, corners = options.get("mode", "nearest"), bool(options.get("align_corners"))
+    size = options.get("size")
+    if options.get("scale_factor") is not None or options.get("antialias") or size is None:
+        return None
+    if mode == "bilinear":
+        rule = {
+            "mode": "linear",
+            "coordinate_transformation_mode": "align_corners" if corners else "pytorch_half_pixel",
+        }
+    elif mode == "nearest":
+        rule = {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
+    else:
+        return None
+    if isinstance(size, int):
+        size = [size, size]
+    if isinstance(size, list | tuple):  # numbers written in the graph
+        size = b.constant(f"{node.name}.size", np.array(size, np.int64))
+    # [batch, channels] of the input, then the size: onnxruntime's quantized-graph rewrites lose
+    # Resize's `axes` attribute, so the sizes cover every axis
+    first = b.node(
+        "Slice", [b.node("Shape", [args[0]], node.name), *_range_constants(b, node.name, 0, 2)], node.name
+    )
+    sizes = b.node("Concat", [first, size], node.name, axis=0)
+    return b.node("Resize", [args[0], "", "", sizes], node.name, **rule)
+
+
 def _unsupported(what: str) -> str:
     return (
         f"int8 ONNX export: {what} is not one of the operations it writes (conv, linear, ReLU/ReLU6, "
-        "add, max/global-average pooling, flatten); export --format onnx (exact Q/DQ) instead"
+        "Hardswish/Hardsigmoid/Sigmoid, add, mul, concat, bilinear/nearest resize to a size, "
+        "max/global-average pooling, flatten); export --format onnx (exact Q/DQ) instead"
     )
 
 

@@ -3,7 +3,7 @@
 The student is rebuilt from the run's resolved spec by the same passes that built it for training
 (``build_network``: trace, surgery, quantize), so its graph and parameter names are those of training
 and its outputs are bit-identical to the trained system's student on the same device. It returns the
-logits alone: no taps, teachers, adapters or importance logits.
+logits alone: no taps, teachers, adapters, importance logits or auxiliary head.
 """
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ class StudentSource:
     state: dict[str, Tensor]
     origin: Path
     run_dir: Path | None  # the training run, when the source is one or lies inside one
+
+    def __post_init__(self) -> None:
+        # a network trained with an auxiliary head (segmentation's aux_loss) is deployed without it
+        from cmtkd_graph.tasks import task_record
+
+        self.state = task_record(self.spec.student.arch).without_aux_head(self.state)
 
 
 def find_student(

@@ -36,7 +36,7 @@ def spec_summary(spec: Spec, system: DistillationSystem | None = None, *, source
             if taps and (info.label == "student" or taps not in shown):  # identical teachers: once
                 rows.append((f"taps {info.label}", taps))
                 shown.append(taps)
-    rows.append(("objective", METHODS.get(spec.method).describe(spec)))
+    rows.append(("objective", METHODS.get(spec.method).describe(spec) + _aux_text(spec)))
     rows.append(
         (
             "data",
@@ -80,6 +80,21 @@ def spec_summary(spec: Spec, system: DistillationSystem | None = None, *, source
         rows.append(("parameters", text))
     width = max(len(k) for k, _ in rows)
     return "\n".join([f"{source}: valid"] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+def _aux_text(spec: Spec) -> str:
+    """`` + w CE_aux (...)``: the auxiliary heads that train (segmentation's aux_loss), or ''."""
+    from cmtkd_graph.tasks import task_record
+
+    task = task_record(spec.student.arch)
+    networks = [
+        ("student", spec.student),
+        *((f"teacher{k}", t) for k, t in enumerate(spec.resolved_teachers())),
+    ]
+    heads = [label for label, m in networks if m.trainable and (m.kwargs or {}).get("aux_loss")]
+    if task.aux_output is None or not heads:
+        return ""
+    return f" + {task.aux_weight * spec.distill.alpha:g} CE_aux ({', '.join(heads)}: auxiliary heads)"
 
 
 def _composed(spec: Spec) -> bool:

@@ -618,7 +618,7 @@ class Spec(Strict):
         problems += [
             f"{where}.kwargs.{problem}"
             for where, m in models
-            if (problem := record.kwargs_problem(m.kwargs or {})) is not None
+            if (problem := record.kwargs_problem(m.arch or self.student.arch, m.kwargs or {})) is not None
         ]
         method = METHODS.get(self.method)
         if method.tasks is not None and task not in method.tasks:

@@ -36,6 +36,12 @@ class Task:
     builder_modules: ClassVar[tuple[str, ...]] = ()  # torchvision modules whose list_models() it covers
     main_output: ClassVar[str] = "logits"  # the key of the prediction where a model returns a dict
     builder_defaults: ClassVar[dict[str, Any]] = {}  # builder kwargs unless the spec sets them
+    # An auxiliary prediction some builders add (segmentation's ``aux_loss=True``): the output key, the
+    # submodule computing it (not part of the deployed student) and its cross-entropy's weight beside the
+    # main prediction's. None: the task's models have none.
+    aux_output: ClassVar[str | None] = None
+    aux_head: ClassVar[str] = ""
+    aux_weight: ClassVar[float] = 0.0
     labels_may_ignore: ClassVar[bool] = False  # a sample's label may be IGNORE (no class: counted nowhere)
     clips: ClassVar[bool] = False  # inputs are clips [B, C, T, H, W] (data.frames of them), not images
     sample_noun: ClassVar[str] = "image"  # what one input is called in reports and predict's output
@@ -48,9 +54,17 @@ class Task:
         return _builders(cls.builder_modules)
 
     @classmethod
-    def kwargs_problem(cls, kwargs: dict[str, Any]) -> str | None:
-        """What is wrong with a network's builder ``kwargs`` for this task (None: nothing)."""
+    def kwargs_problem(cls, arch: str, kwargs: dict[str, Any]) -> str | None:
+        """What is wrong with builder ``arch``'s ``kwargs`` for this task (None: nothing)."""
         return None
+
+    @classmethod
+    def without_aux_head(cls, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A network's state dict without the auxiliary head's tensors (the deployed student has none)."""
+        if not cls.aux_head:
+            return state
+        prefix = cls.aux_head + "."
+        return {k: v for k, v in state.items() if not k.startswith(prefix)}
 
     @classmethod
     def label_shape(cls, input_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -7,6 +7,9 @@ Every pixel is a sample of the objective: the logits [B, C, H, W] become [B*H*W,
 [B, H, W] become [B*H*W] before a method's terms see them, so cross-entropy, KDCL-MinLogit, the KL
 terms and the combined teacher apply per pixel unchanged. A pixel labelled ``IGNORE`` (the datasets'
 255) counts in no cross-entropy; the distillation terms, which need no label, use every pixel.
+With ``aux_loss: true`` in a network's kwargs (FCN, DeepLabV3), its auxiliary head's per-pixel
+cross-entropy joins the objective at half the weight of the main one, as in torchvision's reference
+training; the head is not part of the deployed student.
 Metrics: mean IoU over the classes that occur (in the labels or the predictions), pixel accuracy and
 each class's IoU (``iou/<network>``, a list; None for a class that occurs nowhere), from a confusion
 matrix summed over the evaluation images.
@@ -34,12 +37,19 @@ class Segmentation(Task):
     # torchvision's default fetches ImageNet backbone weights; the spec's weights: decides instead
     builder_defaults: ClassVar[dict[str, Any]] = {"weights_backbone": None}
     metric_titles: ClassVar[dict[str, str]] = {"miou": "mIoU %", "pixacc": "pixel acc. %"}
+    # aux_loss=True: an FCN head on an earlier backbone stage, trained with half the weight of the main
+    # prediction's cross-entropy (torchvision's references/segmentation/train.py), never deployed
+    aux_output = "aux"
+    aux_head = "aux_classifier"
+    aux_weight = 0.5
+    aux_builders = ("fcn_", "deeplabv3_")  # the builders that have the head (LR-ASPP has none)
 
     @classmethod
-    def kwargs_problem(cls, kwargs: dict[str, Any]) -> str | None:
-        if kwargs.get("aux_loss"):
+    def kwargs_problem(cls, arch: str, kwargs: dict[str, Any]) -> str | None:
+        if kwargs.get("aux_loss") and not arch.startswith(cls.aux_builders):
             return (
-                "aux_loss: the auxiliary head is not trained in this version (it would be removed); drop it"
+                f"aux_loss: {arch} has no auxiliary head (torchvision builds one for "
+                f"{', '.join(b + '*' for b in cls.aux_builders)}); drop it"
             )
         return None
 
