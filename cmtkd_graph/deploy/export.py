@@ -45,7 +45,6 @@ from cmtkd_graph.identity import file_sha256
 from cmtkd_graph.passes.shapes import propagate_shapes
 from cmtkd_graph.spec import Spec
 from cmtkd_graph.spec.io import dump_spec
-from cmtkd_graph.tasks import task_record
 
 log = logging.getLogger("cmtkd_graph")
 
@@ -111,14 +110,16 @@ def _write(found, out: Path, formats: tuple[str, ...], images: str | Path | None
         if manifest["onnx"].get("file"):
             manifest["files"]["onnx"] = ONNX_FILE
     required, real = formats != FORMATS, functools.cache(lambda: calibration_images(found.spec, images))
+    # an operation the int8 writers do not write is known before any image (or clip) is read
+    writable = functools.cache(lambda: _int8_writable(student, found.spec.data.input_shape()))
     for name, file, write in (
         ("onnx-int8", ONNX_INT8_FILE, _onnx_int8),
         ("openvino", OPENVINO_FILE, _openvino),
     ):
         if name in formats:
-            if task_record(found.spec.student.arch).clips:
-                write = _clips_not_written  # known before any calibration clip is decoded
-            section = _integer_format(name, write, student, manifest, out / file, real, required=required)
+            section = _integer_format(
+                name, write, student, manifest, out / file, real, writable, required=required
+            )
             manifest[name.replace("-", "_")] = section
             if section.get("file"):
                 manifest["files"][name] = file
@@ -208,23 +209,23 @@ def _onnx(
 
 
 EXTRAS = {"onnx-int8": "export", "openvino": "openvino"}  # format -> the extra that installs it
-CLIPS_NOT_WRITTEN = (
-    "a video model's 3-D convolutions (Conv3d) are not among the operations the int8 writers cover (2-D "
-    "convolution, linear, ReLU/ReLU6, add, pooling, flatten); the exact ONNX export has them"
-)
 
 
-def _clips_not_written(*_) -> dict:
-    """The int8 writers of a video model: none (their reason, as a writer's UserError)."""
-    raise UserError(CLIPS_NOT_WRITTEN)
+def _int8_writable(student: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
+    """The int8 graph written once without data: a UserError names an operation it does not write."""
+    from cmtkd_graph.deploy.inference import inference_form
+    from cmtkd_graph.deploy.onnx_int8 import build_int8_onnx
+
+    build_int8_onnx(inference_form(student), input_shape, None)
 
 
 def _integer_format(
-    name: str, write, student: fx.GraphModule, manifest: dict, path: Path, real, *, required: bool
+    name: str, write, student: fx.GraphModule, manifest: dict, path: Path, real, writable, *, required: bool
 ) -> dict:
     """An integer format's manifest section: written and checked on real images (``real()``), or why
-    not (asked for alone, the reason is an error)."""
+    not (asked for alone, the reason is an error). ``writable()`` raises the writer's reason first."""
     try:
+        writable()
         return write(student, manifest, path, real)
     except ImportError as err:
         problem = f"{err.name or 'a package'} is not installed: pip install 'cmtkd-graph[{EXTRAS[name]}]'"

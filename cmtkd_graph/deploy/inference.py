@@ -3,11 +3,13 @@
 Three in-place passes over a copy of the student, each a small function over the graph:
 
 * ``decode_weights``: every weight quantizer runs once, now. A quantized conv/linear layer becomes an
-  :class:`IntegerWeightConv2d` / :class:`IntegerWeightLinear`, a plain float layer whose weight is its
+  :class:`IntegerWeightConv2d` / :class:`IntegerWeightConv3d` / :class:`IntegerWeightLinear`, a plain
+  float layer whose weight is its
   integer codes times a per-output-channel scale, kept beside it (``integers``, ``scale``) for the
   integer exports. Other layers with quantized weights (attention) get their decoded weights as
   constants.
-* ``fold_batchnorm``: a BatchNorm whose only input is a convolution called once, and which is that
+* ``fold_batchnorm``: a BatchNorm (2-D or, after a 3-D convolution, 3-D) whose only input is a
+  convolution called once, and which is that
   convolution's only reader, is folded into it: ``scale *= gamma / sqrt(var + eps)``, the bias becomes
   ``beta + (bias - mean) * gamma / sqrt(var + eps)``. The integer codes do not change.
 * ``requantize_activations``: every activation quantizer becomes an :class:`ActivationRequantizer`,
@@ -32,7 +34,7 @@ from cmtkd_graph.passes.graph_pass import finish
 from cmtkd_graph.passes.tracer import copy_graph_module, replace_submodule
 from cmtkd_graph.quantizers import Quantizer
 from cmtkd_graph.quantizers.base import IntegerGrid
-from cmtkd_graph.quantizers.layers import QuantConv2d, QuantLinear, conv_arguments
+from cmtkd_graph.quantizers.layers import QuantConv2d, QuantConv3d, QuantLinear, conv_arguments
 
 WEIGHT_QUANTIZER = "weight_quantizer"
 INPUT_QUANTIZER = "input_quantizer"
@@ -61,14 +63,22 @@ class _IntegerWeights:
         return f"{super().extra_repr()}, integers {self.grid.qmin}..{self.grid.qmax}"
 
 
-class IntegerWeightConv2d(_IntegerWeights, nn.Conv2d):
-    """A convolution whose weight is integer codes times a per-output-channel scale, decoded once."""
+class _IntegerWeightConv(_IntegerWeights):
+    """What the integer-weight convolutions share: built from a quantized twin."""
 
     @classmethod
-    def from_quantized(cls, layer: QuantConv2d) -> IntegerWeightConv2d:
+    def from_quantized(cls, layer: QuantConv2d | QuantConv3d) -> _IntegerWeightConv:
         new = cls(**conv_arguments(layer), bias=layer.bias is not None, device="meta")
         _take_quantized(new, layer)
         return new
+
+
+class IntegerWeightConv2d(_IntegerWeightConv, nn.Conv2d):
+    """A convolution whose weight is integer codes times a per-output-channel scale, decoded once."""
+
+
+class IntegerWeightConv3d(_IntegerWeightConv, nn.Conv3d):
+    """:class:`IntegerWeightConv2d` over clips (video models' 3-D convolutions)."""
 
 
 class IntegerWeightLinear(_IntegerWeights, nn.Linear):
@@ -81,8 +91,17 @@ class IntegerWeightLinear(_IntegerWeights, nn.Linear):
         return new
 
 
+INTEGER_WEIGHT_LAYERS: dict[type[nn.Module], type[_IntegerWeights]] = {
+    QuantConv2d: IntegerWeightConv2d,
+    QuantConv3d: IntegerWeightConv3d,
+    QuantLinear: IntegerWeightLinear,
+}
+"""Quantized layer type -> its integer-weight form."""
+INTEGER_WEIGHT_TYPES = tuple(INTEGER_WEIGHT_LAYERS.values())
+
+
 @torch.no_grad()
-def _take_quantized(new: _IntegerWeights, layer: QuantConv2d | QuantLinear) -> None:
+def _take_quantized(new: _IntegerWeights, layer: QuantConv2d | QuantConv3d | QuantLinear) -> None:
     integer = layer.weight_quantizer.to_integers(layer.weight)
     new._set_integer_weight(integer.q, integer.scale, integer.grid)
     if layer.bias is not None:
@@ -125,10 +144,9 @@ class ActivationRequantizer(nn.Module):
 def decode_weights(student: fx.GraphModule) -> None:
     """In place: every weight quantizer applied once (see module docstring)."""
     for name, module in list(student.named_modules()):
-        if isinstance(module, QuantConv2d):
-            replace_submodule(student, name, IntegerWeightConv2d.from_quantized(module))
-        elif isinstance(module, QuantLinear):
-            replace_submodule(student, name, IntegerWeightLinear.from_quantized(module))
+        integer_form = INTEGER_WEIGHT_LAYERS.get(type(module))
+        if integer_form is not None:
+            replace_submodule(student, name, integer_form.from_quantized(module))
     for name, module in list(student.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, Quantizer) and child_name.endswith(WEIGHT_QUANTIZER):
@@ -149,14 +167,16 @@ def module_calls(gm: fx.GraphModule) -> dict[str, int]:
 
 @torch.no_grad()
 def fold_batchnorm(student: fx.GraphModule) -> list[str]:
-    """In place: fold each foldable BatchNorm2d into its convolution; returns the folded BN paths."""
+    """In place: fold each foldable BatchNorm2d (BatchNorm3d) into its 2-D (3-D) convolution; returns the
+    folded BN paths."""
     calls = module_calls(student)
     folded = []
     for node in list(student.graph.nodes):
         if node.op != "call_module" or calls[node.target] != 1:
             continue
         bn = student.get_submodule(node.target)
-        if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or len(node.args) != 1:
+        conv_type = next((c for b, c in _FOLDS.items() if isinstance(bn, b)), None)
+        if conv_type is None or bn.running_mean is None or len(node.args) != 1:
             continue
         conv_node = node.args[0]
         if not (
@@ -167,7 +187,7 @@ def fold_batchnorm(student: fx.GraphModule) -> list[str]:
         ):
             continue
         conv = student.get_submodule(conv_node.target)
-        if not isinstance(conv, nn.Conv2d):
+        if not isinstance(conv, conv_type):
             continue
         _fold_into(student, conv_node.target, conv, bn)
         node.replace_all_uses_with(conv_node)
@@ -178,20 +198,30 @@ def fold_batchnorm(student: fx.GraphModule) -> list[str]:
     return folded
 
 
-def _fold_into(student: fx.GraphModule, path: str, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+_FOLDS = {
+    nn.BatchNorm2d: nn.Conv2d,
+    nn.BatchNorm3d: nn.Conv3d,
+}  # a BatchNorm -> the convolution it folds into
+
+
+def _fold_into(
+    student: fx.GraphModule, path: str, conv: nn.Conv2d | nn.Conv3d, bn: nn.BatchNorm2d | nn.BatchNorm3d
+) -> None:
     factor = 1.0 / torch.sqrt(bn.running_var.float() + bn.eps)
     if bn.weight is not None:
         factor = bn.weight.detach().float() * factor
     bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros_like(factor)
     shift = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(factor)
     new_bias = nn.Parameter(shift + (bias - bn.running_mean.float()) * factor, requires_grad=False)
-    if isinstance(conv, IntegerWeightConv2d):
+    if isinstance(conv, _IntegerWeightConv):
         conv.scale.mul_(factor)
         conv.update_weight()
         conv.bias = new_bias
         return
-    folded = nn.Conv2d(**conv_arguments(conv), bias=True, device="meta")
-    folded.weight = nn.Parameter(conv.weight.detach().float() * factor.view(-1, 1, 1, 1), requires_grad=False)
+    float_type = nn.Conv3d if isinstance(conv, nn.Conv3d) else nn.Conv2d
+    folded = float_type(**conv_arguments(conv), bias=True, device="meta")
+    factor = factor.view(-1, *[1] * (conv.weight.dim() - 1))
+    folded.weight = nn.Parameter(conv.weight.detach().float() * factor, requires_grad=False)
     folded.bias = new_bias
     for child_name, child in conv.named_children():  # an input quantizer of a layer kept float
         folded.add_module(child_name, child)

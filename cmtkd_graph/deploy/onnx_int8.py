@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, fx, nn
 
-from cmtkd_graph.deploy.inference import ActivationRequantizer, IntegerWeightConv2d, IntegerWeightLinear
+from cmtkd_graph.deploy.inference import INTEGER_WEIGHT_TYPES, ActivationRequantizer, IntegerWeightLinear
 from cmtkd_graph.errors import UserError
 
 OPSET = 21
@@ -112,9 +112,9 @@ def _shifted_mid_rise(gm: fx.GraphModule, node: fx.Node) -> bool:
     if len(users) != 1 or users[0].op != "call_module" or users[0].args[:1] != (node,):
         return False
     layer = gm.get_submodule(users[0].target)
-    if isinstance(layer, IntegerWeightConv2d):
-        return not any(layer.padding) and layer.integers.abs().max() <= INT8_MAX
-    return isinstance(layer, IntegerWeightLinear) and layer.integers.abs().max() <= INT8_MAX
+    if not isinstance(layer, INTEGER_WEIGHT_TYPES) or layer.integers.abs().max() > INT8_MAX:
+        return False
+    return isinstance(layer, IntegerWeightLinear) or not any(layer.padding)
 
 
 def _shifted_levels(b: _Builder, x: str, requantizer: ActivationRequantizer, name: str) -> str:
@@ -196,12 +196,12 @@ def _float_weight(b: _Builder, layer: nn.Module, name: str) -> tuple[str, str | 
     return weight, bias
 
 
-def _conv_attributes(conv: nn.Conv2d) -> dict:
+def _conv_attributes(conv: nn.Conv2d | nn.Conv3d) -> dict:
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise UserError(f"int8 ONNX export: padding {conv.padding!r}/{conv.padding_mode} is not supported")
     return {
         "strides": list(conv.stride),
-        "pads": [conv.padding[0], conv.padding[1], conv.padding[0], conv.padding[1]],
+        "pads": list(conv.padding) * 2,  # every axis's start, then every axis's end
         "dilations": list(conv.dilation),
         "group": conv.groups,
         "kernel_shape": list(conv.kernel_size),
@@ -220,13 +220,13 @@ def _layer(
 ) -> str:
     """A conv or linear layer; integer weights when its input was quantized just before (its output
     divided by ``output_steps`` per channel, when given; ``bias_shift`` added to its bias)."""
-    integer = input_scale is not None and isinstance(module, IntegerWeightConv2d | IntegerWeightLinear)
+    integer = input_scale is not None and isinstance(module, INTEGER_WEIGHT_TYPES)
     if integer:
         weight, bias = _integer_weight(b, module, input_scale, name, input_levels, output_steps, bias_shift)
     else:
         weight, bias = _float_weight(b, module, name)
     inputs = [x, weight] + ([bias] if bias else [])
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, nn.Conv2d | nn.Conv3d):
         return b.node("Conv", inputs, name, **_conv_attributes(module))
     if integer:  # QLinearMatMul fusion: MatMul with the (transposed) weight, then the bias
         y = b.node("MatMul", [x, weight], name)
@@ -295,7 +295,7 @@ def calibrate(form: fx.GraphModule, images: Tensor) -> dict[str, Tensor]:
     largest: dict[str, Tensor] = {}
     hooks = []
     for name, module in form.named_modules():
-        if isinstance(module, nn.Conv2d | nn.Linear):
+        if isinstance(module, nn.Conv2d | nn.Conv3d | nn.Linear):
 
             def record(_m, _args, out, name=name):
                 channels = out.detach().abs().transpose(0, 1).flatten(1).amax(dim=1)
@@ -371,7 +371,7 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
                 return _exact_levels(b, args[0], module, name)
             except _NotInteger:
                 return _float_levels(b, args[0], module, name)
-        if isinstance(module, nn.Conv2d | nn.Linear):
+        if isinstance(module, nn.Conv2d | nn.Conv3d | nn.Linear):
             return _emit_layer(b, gm, node, module, args[0], plan, largest)
         if _redundant_clip(gm, node):
             return args[0]
@@ -383,9 +383,11 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
         if type(module) in _ELEMENTWISE:
             op, attributes = _ELEMENTWISE[type(module)]
             return b.node(op, [args[0]], name, **attributes)
-        if isinstance(module, nn.MaxPool2d):
-            return b.node("MaxPool", [args[0]], name, **_pool_attributes(module))
-        if isinstance(module, nn.AdaptiveAvgPool2d) and _one_by_one(module.output_size):
+        if isinstance(module, nn.MaxPool2d | nn.MaxPool3d | nn.AvgPool2d | nn.AvgPool3d):
+            return _pool(b, module, args[0], name)
+        if isinstance(module, nn.AdaptiveAvgPool2d | nn.AdaptiveAvgPool3d) and _one_by_one(
+            module.output_size
+        ):
             return b.node("GlobalAveragePool", [args[0]], name)
         if isinstance(module, nn.Flatten) and module.end_dim == -1:
             return b.node("Flatten", [args[0]], name, axis=module.start_dim)
@@ -405,10 +407,15 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
             return b.node(op, [args[0]], node.name, **attributes)
         if target is torch.flatten and args[1:] in ([1], []) and not node.kwargs:
             return b.node("Flatten", [args[0]], node.name, axis=args[1] if len(args) > 1 else 0)
-        if target is F.adaptive_avg_pool2d and _one_by_one(args[1]):
+        if target in (F.adaptive_avg_pool2d, F.adaptive_avg_pool3d) and _one_by_one(args[1]):
             return b.node("GlobalAveragePool", [args[0]], node.name)
         if target is F.dropout:
             return args[0]
+        if target is torch.mean and _axes(node) is not None:  # S3D's mean over time and space
+            axes = b.constant(f"{node.name}.axes", np.array(_axes(node), np.int64))
+            return b.node(
+                "ReduceMean", [args[0], axes], node.name, keepdims=int(node.kwargs.get("keepdim", False))
+            )
         if target is torch.cat and not node.kwargs.keys() - {"dim"}:
             axis = node.kwargs.get("dim", args[1] if len(args) > 1 else 0)
             return b.node("Concat", list(args[0]), node.name, axis=axis)
@@ -439,6 +446,14 @@ _FUNCTIONAL = {
     F.hardsigmoid: nn.Hardsigmoid,
     torch.sigmoid: nn.Sigmoid,
 }
+
+
+def _axes(node: fx.Node) -> list[int] | None:
+    """The axes of ``torch.mean(x, dim)`` (None: a form the writer does not take)."""
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    if node.kwargs.keys() - {"dim", "keepdim"} or len(node.args) > 2 or dim is None:
+        return None
+    return [dim] if isinstance(dim, int) else list(dim)
 
 
 def _onnx_value(b: _Builder, arg):
@@ -527,28 +542,31 @@ def _unsupported(what: str) -> str:
     return (
         f"int8 ONNX export: {what} is not one of the operations it writes (conv, linear, ReLU/ReLU6, "
         "Hardswish/Hardsigmoid/Sigmoid, add, mul, concat, bilinear/nearest resize to a size, "
-        "max/global-average pooling, flatten); export --format onnx (exact Q/DQ) instead"
+        "max/average/global-average pooling, mean over axes, flatten; 2-D and 3-D); "
+        "export --format onnx (exact Q/DQ) instead"
     )
 
 
 def _one_by_one(size) -> bool:
-    return size in (1, (1, 1), [1, 1])
+    """An adaptive pooling's output size of a single position (global pooling), 2-D or 3-D."""
+    return size == 1 or (isinstance(size, tuple | list) and all(s == 1 for s in size))
 
 
-def _pool_attributes(pool: nn.MaxPool2d) -> dict:
-    pair = lambda v: list(v) if isinstance(v, tuple | list) else [v, v]
-    padding, kernel, stride = (
-        pair(pool.padding),
-        pair(pool.kernel_size),
-        pair(pool.stride or pool.kernel_size),
-    )
-    return {
-        "kernel_shape": kernel,
-        "strides": stride,
-        "pads": padding + padding,
-        "dilations": pair(pool.dilation),
+def _pool(b: _Builder, pool: nn.Module, x: str, name: str) -> str:
+    """A max or average pooling (2-D or 3-D) as ONNX ``MaxPool`` / ``AveragePool``."""
+    dims = 3 if isinstance(pool, nn.MaxPool3d | nn.AvgPool3d) else 2
+    axes = lambda v: list(v) if isinstance(v, tuple | list) else [v] * dims
+    attributes = {
+        "kernel_shape": axes(pool.kernel_size),
+        "strides": axes(pool.stride or pool.kernel_size),
+        "pads": axes(pool.padding) * 2,
         "ceil_mode": int(pool.ceil_mode),
     }
+    if isinstance(pool, nn.MaxPool2d | nn.MaxPool3d):
+        return b.node("MaxPool", [x], name, dilations=axes(pool.dilation), **attributes)
+    if getattr(pool, "divisor_override", None) is not None:
+        raise UserError(_unsupported(f"{name} (an average pooling with a divisor_override)"))
+    return b.node("AveragePool", [x], name, count_include_pad=int(pool.count_include_pad), **attributes)
 
 
 def _float_levels(b: _Builder, x: str, requantizer: ActivationRequantizer, name: str) -> str:
@@ -571,7 +589,7 @@ def _emit_layer(
     requantizer = _quantized_input(gm, node)
     input_scale = None
     shifted = requantizer is not None and _shifted_mid_rise(gm, node.args[0])
-    if requantizer is not None and isinstance(module, IntegerWeightConv2d | IntegerWeightLinear):
+    if requantizer is not None and isinstance(module, INTEGER_WEIGHT_TYPES):
         if shifted:  # the input is its levels minus s on a grid of step 2s (see _shifted_mid_rise)
             input_scale = 2 * float(requantizer.step)
             plan.integer[name] = ""
@@ -612,7 +630,7 @@ def _emit_layer(
     integers = b.node("DequantizeLinear", [q, one, zero], name)
     # Not one per-axis DequantizeLinear: onnxruntime runs that 3x slower than these two together
     # (its profile of mobilenet_v2 LSQ W4A4 at batch 16: 226 ms against 69 + 39 ms)
-    spatial = [1, 1] if isinstance(module, nn.Conv2d) else []
+    spatial = [1] * (module.weight.dim() - 2)  # a convolution's spatial axes (none for a linear layer)
     step = b.constant(f"{name}.output_steps", steps.numpy().reshape(1, -1, *spatial))
     return b.node("Mul", [integers, step], name)
 

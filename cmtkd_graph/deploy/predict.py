@@ -124,7 +124,7 @@ def predict(
     per_pixel = task.label_shape(spec.data.input_shape()) != ()
     batch = read_clips(images, spec) if task.clips else read_images(images, spec, whole=per_pixel)
     if backend == "auto":
-        backend, why = fastest_backend(directory, tuple(batch.shape[1:]))
+        backend, why = fastest_backend(directory, tuple(batch.shape[1:]), noun=task.sample_noun)
         if report is not None:
             report(f"backend: {backend} ({why})")
     logits = runner(directory, backend)(batch)
@@ -256,8 +256,11 @@ def interleaved_times(candidates: dict[str, Callable], x: Tensor, repeat: int) -
     return best
 
 
-def fastest_backend(directory: Path, input_shape: tuple[int, ...], repeat: int = 5) -> tuple[str, str]:
-    """The backend with the lowest latency for one image here (interleaved, best of ``repeat``)."""
+def fastest_backend(
+    directory: Path, input_shape: tuple[int, ...], repeat: int = 5, noun: str = "image"
+) -> tuple[str, str]:
+    """The backend with the lowest latency for one input (a ``noun``) here (interleaved, best of
+    ``repeat``)."""
     left_out = usable_backends(directory)
     candidates = {b: runner(directory, b) for b in ("inference", *FILES) if b not in left_out}
     x = torch.randn(1, *input_shape, generator=torch.Generator().manual_seed(0))
@@ -265,7 +268,7 @@ def fastest_backend(directory: Path, input_shape: tuple[int, ...], repeat: int =
     chosen = min(best, key=best.get)
     timed = ", ".join(f"{b} {1e3 * t:.1f} ms" for b, t in sorted(best.items(), key=lambda kv: kv[1]))
     skipped = "; ".join(f"{b}: {why}" for b, why in left_out.items())
-    return chosen, f"fastest here for one image: {timed}" + (
+    return chosen, f"fastest here for one {noun}: {timed}" + (
         f"; not considered: {skipped}" if skipped else ""
     )
 
