@@ -13,7 +13,8 @@ blocks at 1/4, 1/2, 3/4 and full depth; Swin its four stages, whose NHWC maps ar
 for every other model (AlexNet, VGG, MobileNet, EfficientNet, ConvNeXt, DenseNet, RegNet, ...) the
 generic rule: the last node at each spatial resolution (larger than 1x1), among the nodes every
 input-to-output path passes through (so nothing inside a residual block), in stages that contain a conv
-layer. For AlexNet that is the end of its three conv blocks, for VGG the five blocks.
+layer, read at the builders' own 224x224 whatever the data's size (the same taps at 32 and at 224 px).
+For AlexNet that is the end of its three conv blocks, for VGG the five blocks.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cmtkd_graph.passes.common import META, find_layers, network_outputs, output_value
-from cmtkd_graph.passes.shapes import shape_of
-from cmtkd_graph.passes.tracer import qualname
+from cmtkd_graph.passes.shapes import propagate_shapes, shape_of
+from cmtkd_graph.passes.tracer import copy_graph_module, qualname
 from torch import fx
 
 from cmtkd_graph.errors import UserError, closest
@@ -94,7 +95,28 @@ def auto_tap_names(gm: fx.GraphModule, arch: str) -> list[str]:
         depth = len({name.split(".")[0] for name in inside})
         picks = sorted({max(0, round(depth * f) - 1) for f in rule.fractions})
         return [rule.template.format(i=i) for i in picks]
-    return _stage_ends(gm)
+    return _stage_ends(_at_reference_size(gm))
+
+
+REFERENCE_SIZE = (224, 224)
+"""The image size the generic rule reads a network's stages at: the builders' own (ImageNet) size, so
+that the taps follow the network's structure, not the data's size (at 32x32 the last stage of a
+MobileNet or an EfficientNet is a 1x1 map, where no resolution drops)."""
+
+
+def _at_reference_size(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with shapes for an image of :data:`REFERENCE_SIZE` (a meta copy where the data's size
+    differs; ``gm`` itself where it is the same, or is not an image network, or does not run at it)."""
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    shape = shape_of(placeholder)
+    if shape is None or len(shape) != 4 or tuple(shape[2:]) == REFERENCE_SIZE:
+        return gm
+    shadow = copy_graph_module(gm, tensors="meta")
+    try:
+        propagate_shapes(shadow, (1, shape[1], *REFERENCE_SIZE))
+    except UserError:  # a network built for one other size (MaxViT's input_size): its own shapes
+        return gm
+    return shadow
 
 
 def _stage_ends(gm: fx.GraphModule) -> list[str]:

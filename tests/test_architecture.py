@@ -12,6 +12,7 @@ import pytest
 import torch
 from cmtkd_graph.passes.shapes import propagate_shapes
 from cmtkd_graph.passes.taps import auto_tap_names
+from cmtkd_graph.passes.tracer import qualname
 
 import cmtkd_graph as cg
 from cmtkd_graph.data import DATASETS, DatasetRecord, build_datasets, build_loaders, register_dataset
@@ -156,6 +157,22 @@ def test_auto_taps_come_from_the_family_table(monkeypatch):
     row = facts.Family("alexnet", ("alexnet",), facts.FixedTaps(("features.4", "features.7")))
     monkeypatch.setattr(facts, "FAMILIES", (*facts.FAMILIES, row))
     assert auto_tap_names(gm, "alexnet") == ["features.4", "features.7"]
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_b0", "convnext_tiny"])
+def test_generic_auto_taps_follow_the_stages_not_the_input_size(arch):
+    """At 32x32 an EfficientNet's last stage is a 1x1 map and ConvNeXt's too: read at the data's size,
+    the resolution rule lost that stage (EfficientNet) or put a tap in the classifier (ConvNeXt). The
+    stages are read at the builders' 224x224 instead: the same taps at any size, the maps the data gives."""
+    model = cg.spec.ModelSpec(arch=arch, kwargs={"num_classes": 10}, weight_bits=32, act_bits=32)
+    gm = float_network(model, [], device="meta")
+    propagate_shapes(gm, (2, 3, 224, 224))
+    at_224 = auto_tap_names(gm, arch)
+    assert len(at_224) == {"efficientnet_b0": 5, "convnext_tiny": 4}[arch]
+    propagate_shapes(gm, (2, 3, 32, 32))
+    assert auto_tap_names(gm, arch) == at_224
+    last = next(n for n in gm.graph.nodes if qualname(n) == at_224[-1])
+    assert tuple(last.meta["val"].shape[2:]) == (1, 1)  # this graph keeps the data's shapes
 
 
 # ------------------------------------------------------------------------------------------ datasets

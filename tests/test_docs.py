@@ -134,6 +134,7 @@ def test_the_architecture_page_shows_the_model_family_table():
         elif isinstance(rule, BlocksAtDepth):
             assert "1/4, 1/2, 3/4 and full depth" in row
         assert ("NHWC" in row or "[B, T, H, W, C]" in row) == family.channels_last_features
+        assert ("only" in row) == (family.fixed_input is not None), family.name  # e.g. "224 x 224 only"
 
 
 def test_every_registered_method_and_quantizer_has_its_section_on_the_methods_page():

@@ -357,3 +357,30 @@ def test_the_task_is_the_students_unless_written_and_every_network_and_the_data_
             cg.load_spec("quickstart", ["teachers[0].arch=raft_small"])
     finally:
         TASKS.unregister("toy_task")
+
+
+def test_a_model_that_runs_on_one_input_size_says_so_in_one_line():
+    """ViT's position embeddings and MaxViT's partitions fix the input size (unless the builder is given
+    another): validate says so with the settings to change, not an assertion from inside the graph."""
+    base = ["taps={teachers: auto}", "surgery=[]", "data={dataset: cifar10, image_size: 32}"]
+    with pytest.raises(cg.SpecError) as err:
+        cg.load_spec("quickstart", ["student.arch=vit_b_16", *base])
+    assert str(err.value) == (
+        "student.arch: vit_b_16 runs on images of 224x224 only (its position embeddings are sized for them), "
+        "not 32x32: set data.image_size: 224, or build it for your size with student.kwargs.image_size (a "
+        "multiple of its patch size)"
+    )
+    with pytest.raises(cg.SpecError, match=r"^teachers\[1\].arch: maxvit_t runs on images of 224x224 only"):
+        cg.load_spec("quickstart", [*base, "teachers[1].arch=maxvit_t"])
+    # built for the data's size: valid, and it builds
+    spec = cg.load_spec(
+        "quickstart", ["student.arch=vit_b_32", "student.kwargs={num_classes: 10, image_size: 32}", *base]
+    )
+    assert cg.build_system(spec, device="meta", load=False).num_classes() == 10
+    # the builder's own refusal is one line naming the builder and its kwargs
+    at_40 = ["student.arch=vit_b_16", "student.kwargs={num_classes: 10, image_size: 40}", *base]
+    spec = cg.load_spec("quickstart", [*at_40, "data.image_size=40"])
+    with pytest.raises(
+        cg.UserError, match=r"^vit_b_16: the builder refuses kwargs .*: Input shape indivisible"
+    ):
+        cg.build_system(spec, device="meta", load=False)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cmtkd_graph.errors import UserError, closest
+from cmtkd_graph.errors import UserError, closest, first_line
 from cmtkd_graph.safe_files import TORCH_SUFFIXES, read_tensors
 
 
@@ -60,6 +60,8 @@ def build_model(arch: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
         )
     except TypeError as err:
         raise UserError(f"{arch}: bad builder kwargs {kwargs}: {err}") from None
+    except (AssertionError, ValueError, NotImplementedError) as err:  # the builder's own checks
+        raise UserError(f"{arch}: the builder refuses kwargs {kwargs}: {first_line(err)}") from None
 
 
 def read_state_dict(source: str) -> dict[str, torch.Tensor]:

@@ -42,6 +42,25 @@ TapRule = FixedTaps | BlocksAtDepth | StageEnds
 
 
 @dataclass(frozen=True)
+class FixedInput:
+    """The only input size a family's builders run on: ``size`` ((H, W), or (T, H, W) for clips), or
+    what the builder kwarg ``kwarg`` sets it to (ViT's ``image_size``), within ``kwarg_rule``; ``reason``
+    says why."""
+
+    size: tuple[int, ...]
+    reason: str
+    kwarg: str | None = None
+    kwarg_rule: str = ""
+
+    def for_kwargs(self, kwargs: dict) -> tuple[int, ...]:
+        """The size a network built with ``kwargs`` needs."""
+        value = kwargs.get(self.kwarg) if self.kwarg else None
+        if value is None:
+            return self.size
+        return tuple(value) if isinstance(value, list | tuple) else (int(value),) * len(self.size)
+
+
+@dataclass(frozen=True)
 class Family:
     """One architecture family: the builder-name prefixes it covers and its facts."""
 
@@ -49,7 +68,7 @@ class Family:
     prefixes: tuple[str, ...]  # torchvision builder names that start with one of these
     auto_taps: TapRule
     channels_last_features: bool = False  # maps are [B, (T,) H, W, C] (exposed to losses channels-first)
-    fixed_input: tuple[int, ...] | None = None  # the only (T, H, W) its builder runs on
+    fixed_input: FixedInput | None = None  # the only input size its builders run on
     note: str = ""  # why, for the docs
 
 
@@ -64,7 +83,27 @@ FAMILIES: tuple[Family, ...] = (
         "vit",
         ("vit_",),
         BlocksAtDepth("encoder.layers", "encoder.layers.encoder_layer_{i}", (0.25, 0.5, 0.75, 1.0)),
-        note="one resolution throughout: the encoder blocks at 1/4, 1/2, 3/4 and full depth",
+        fixed_input=FixedInput(
+            (224, 224),
+            "its position embeddings are sized for them",
+            "image_size",
+            "a multiple of its patch size",
+        ),
+        note="one resolution throughout: the encoder blocks at 1/4, 1/2, 3/4 and full depth; images of "
+        "224 x 224 only, or of the builder's kwargs.image_size (a multiple of its patch size)",
+    ),
+    Family(
+        "maxvit",
+        ("maxvit_",),
+        StageEnds(),
+        fixed_input=FixedInput(
+            (224, 224),
+            "its window and grid partitions are sized for them",
+            "input_size",
+            "each block's input a multiple of 7: 224, 448...",
+        ),
+        note="the generic rule; images of 224 x 224 only, or of the builder's kwargs.input_size (every "
+        "block's input a multiple of its partition size 7)",
     ),
     Family(
         "swin",
@@ -100,7 +139,7 @@ VIDEO_FAMILIES: tuple[Family, ...] = (
         "mvit",
         ("mvit_",),
         BlocksAtDepth("blocks", "blocks.{i}", (0.25, 0.5, 0.75, 1.0)),
-        fixed_input=(16, 224, 224),  # the position embeddings and pooled attention are sized for them
+        fixed_input=FixedInput((16, 224, 224), "its position embeddings are sized for them"),
         note="the blocks at 1/4, 1/2, 3/4 and full depth; tokens [B, 1 + T*H*W, D] (class token first); "
         "clips of 16 x 224 x 224 only",
     ),

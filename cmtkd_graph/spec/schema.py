@@ -639,19 +639,30 @@ class Spec(Strict):
         return [("student", self.student), *((f"teachers[{i}]", t) for i, t in enumerate(self.teachers))]
 
     def _check_fixed_input(self) -> None:
-        """A builder that runs on one input size only (MViT's clips) gets it (its family's fact)."""
+        """A builder that runs on one input size only (ViT, MaxViT, MViT) gets it (its family's fact), so
+        that the mismatch is one line here rather than an assertion deep inside a traced graph."""
         from cmtkd_graph.models.facts import family_of
 
+        given = tuple(self.data.input_shape()[1:])
         for where, m in self._networks():
-            needed = family_of(m.arch).fixed_input if m.arch is not None else None
-            if needed is not None and tuple(self.data.input_shape()[1:]) != needed:
-                frames, height, _ = needed
-                given = "x".join(map(str, self.data.input_shape()[1:]))
-                raise ValueError(
-                    f"{where}.arch: {m.arch} runs on clips of {'x'.join(map(str, needed))} only (its "
-                    f"position embeddings are sized for them), not {given}: set data.frames: {frames} and "
-                    f"data.image_size: {height}"
-                )
+            arch = m.arch or self.student.arch
+            rule = family_of(arch).fixed_input
+            if rule is None:
+                continue
+            kwargs = m.kwargs if m.kwargs is not None else (self.student.kwargs or {})
+            needed = rule.for_kwargs(kwargs)
+            if given == needed:
+                continue
+            fix = f"data.image_size: {needed[-1]}" if needed[-1] == needed[-2] else "square inputs"
+            if len(needed) == 3:
+                fix = f"data.frames: {needed[0]} and {fix}"
+            if rule.kwarg:
+                fix += f", or build it for your size with {where}.kwargs.{rule.kwarg} ({rule.kwarg_rule})"
+            size, got = "x".join(map(str, needed)), "x".join(map(str, given))
+            raise ValueError(
+                f"{where}.arch: {arch} runs on {'clips' if len(needed) == 3 else 'images'} of {size} only "
+                f"({rule.reason}), not {got}: set {fix}"
+            )
 
     def resolved_teachers(self) -> list[ModelSpec]:
         """Teachers with the student's arch/kwargs/surgery filled in where they give none."""
