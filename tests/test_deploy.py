@@ -24,7 +24,7 @@ from cmtkd_graph import cli as cg_cli
 from cmtkd_graph.data import build_datasets
 from cmtkd_graph.deploy.codes import CODES_FILE, decode_weight, quantized_layers
 from cmtkd_graph.deploy.export import export
-from cmtkd_graph.deploy.inference import ActivationRequantizer, IntegerWeightConv2d
+from cmtkd_graph.deploy.inference import ActivationRequantizer, IntegerWeightConv2d, inference_form
 from cmtkd_graph.deploy.integer import FLOAT64_EXACT, integer_conv2d, integer_matmul, integer_student
 from cmtkd_graph.deploy.onednn_int8 import (
     OneDNNInt8Conv2d,
@@ -1039,6 +1039,45 @@ def test_int8_onnx_puts_the_mid_rise_shift_into_the_bias_of_the_layer_that_write
     found = kernels(optimized, ["conv0", "conv"])
     assert found == {"conv0": "QLinearConv", "conv": "QLinearConv"}, found
     assert np.abs(got - expected).max() <= 0.02 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize(
+    "arch, integer",  # how many of the W2A2 student's quantized layers onnxruntime runs on QLinearConv
+    [("mobilenet_v3_small", 42), ("efficientnet_b0", 64), ("regnet_y_400mf", 84), ("mnasnet0_5", 51)],
+)
+def test_int8_onnx_writes_the_mobile_families(arch, integer, tmp_path):
+    """Hardswish, SiLU, the squeeze-excitation gates (sigmoid, hardsigmoid, mul), stochastic depth (an
+    identity at inference), ``x.flatten(start_dim=1)`` and ``x.mean([2, 3])`` are written: a float student's
+    logits equal PyTorch's to float rounding; a W2A2 student's layers run on integer kernels where their
+    input grid has an 8-bit form (HWGQ's signed mid-rise grid read through padding has none)."""
+    from cmtkd_graph.deploy.onnx_int8 import kernels
+
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for bits in (32, 2):
+        torch.manual_seed(0)
+        spec = cg.load_spec(
+            "quickstart",
+            [
+                f"student.arch={arch}",
+                "student.kwargs={num_classes: 10}",
+                f"student.weight_bits={bits}",
+                f"student.act_bits={bits}",
+                "surgery=[]",
+                "taps={teachers: auto}",
+                "data={dataset: cifar10, image_size: 32}",
+            ],
+        )
+        student = build_student(spec)
+        form = inference_form(student)
+        _, plan, got, optimized = _int8_onnx_run(form, x, tmp_path, calibrated=bits < 32)
+        if bits == 32:
+            with torch.no_grad():
+                expected = student(x).numpy()
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+        else:
+            used = kernels(optimized, list(plan.integer))
+            assert sum(k == "QLinearConv" for k in used.values()) == integer
+            assert all(why == "" or "mid-rise" in why for why in plan.integer.values())
 
 
 def test_int8_onnx_runs_every_quantized_convolution_on_integer_kernels(exported):

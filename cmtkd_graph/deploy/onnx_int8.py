@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, fx, nn
+from torchvision.ops import StochasticDepth
 
 from cmtkd_graph.deploy.inference import INTEGER_WEIGHT_TYPES, ActivationRequantizer, IntegerWeightLinear
 from cmtkd_graph.errors import UserError
@@ -391,8 +392,10 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
             return b.node("GlobalAveragePool", [args[0]], name)
         if isinstance(module, nn.Flatten) and module.end_dim == -1:
             return b.node("Flatten", [args[0]], name, axis=module.start_dim)
-        if isinstance(module, nn.Dropout | nn.Identity):
+        if isinstance(module, nn.Dropout | nn.Identity | StochasticDepth):  # identities in eval mode
             return args[0]
+        if isinstance(module, nn.SiLU):  # x sigmoid(x)
+            return b.node("Mul", [args[0], b.node("Sigmoid", [args[0]], name)], name)
         raise UserError(_unsupported(f"{name} ({type(module).__name__})"))
     if node.op == "call_function":
         target = node.target
@@ -412,10 +415,7 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
         if target is F.dropout:
             return args[0]
         if target is torch.mean and _axes(node) is not None:  # S3D's mean over time and space
-            axes = b.constant(f"{node.name}.axes", np.array(_axes(node), np.int64))
-            return b.node(
-                "ReduceMean", [args[0], axes], node.name, keepdims=int(node.kwargs.get("keepdim", False))
-            )
+            return _mean(b, node, args[0])
         if target is torch.cat and not node.kwargs.keys() - {"dim"}:
             axis = node.kwargs.get("dim", args[1] if len(args) > 1 else 0)
             return b.node("Concat", list(args[0]), node.name, axis=axis)
@@ -427,8 +427,12 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
             resized = _resize(b, node, args)
             if resized is not None:
                 return resized
-    if node.op == "call_method" and node.target == "flatten" and args[1:] == [1]:
-        return b.node("Flatten", [args[0]], node.name, axis=1)
+    if node.op == "call_method" and node.target == "flatten":
+        start = node.kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
+        if start == 1 and node.kwargs.get("end_dim", args[2] if len(args) > 2 else -1) == -1:
+            return b.node("Flatten", [args[0]], node.name, axis=1)
+    if node.op == "call_method" and node.target == "mean" and _axes(node) is not None:  # MNASNet's
+        return _mean(b, node, args[0])
     raise UserError(_unsupported(f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)})"))
 
 
@@ -446,6 +450,12 @@ _FUNCTIONAL = {
     F.hardsigmoid: nn.Hardsigmoid,
     torch.sigmoid: nn.Sigmoid,
 }
+
+
+def _mean(b: _Builder, node: fx.Node, x: str) -> str:
+    """``torch.mean(x, dim, keepdim)`` (or ``x.mean(dim)``) as ``ReduceMean``."""
+    axes = b.constant(f"{node.name}.axes", np.array(_axes(node), np.int64))
+    return b.node("ReduceMean", [x, axes], node.name, keepdims=int(node.kwargs.get("keepdim", False)))
 
 
 def _axes(node: fx.Node) -> list[int] | None:
