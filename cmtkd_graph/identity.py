@@ -65,7 +65,28 @@ def revisions(spec) -> dict[str, int]:
         f"method {spec.method}": getattr(METHODS.get(spec.method), "revision", 1),
         f"quantizer {spec.quantizer.name}": getattr(QUANTIZERS.get(spec.quantizer.name), "revision", 1),
     }
+    if _generic_auto_taps_below_their_reference(spec):
+        from cmtkd_graph.models.facts import StageEnds
+
+        found["auto taps (stage ends)"] = StageEnds.revision
     return {REVISION + name: number for name, number in found.items() if number > 1}
+
+
+def _generic_auto_taps_below_their_reference(spec) -> bool:
+    """Teachers, ``auto`` taps, a network under the generic stage-ends rule and images of another size
+    than the one the rule reads stages at: the runs whose taps that rule's revision changed."""
+    from cmtkd_graph.models.facts import StageEnds, family_of
+    from cmtkd_graph.passes.taps import AUTO, REFERENCE_SIZE
+
+    shape = spec.data.input_shape()
+    networks = [spec.student, *spec.resolved_teachers()]
+    return (
+        bool(spec.teachers)
+        and AUTO in (spec.taps.teachers, spec.taps.student)
+        and any(isinstance(family_of(m.arch).auto_taps, StageEnds) for m in networks)
+        and len(shape) == 3
+        and tuple(shape[1:]) != REFERENCE_SIZE
+    )
 
 
 def weight_sources(spec) -> dict[str, str]:

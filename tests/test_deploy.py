@@ -964,6 +964,27 @@ def _int8_onnx_run(form, x: torch.Tensor, tmp_path: Path, *, calibrated: bool):
     return model, plan, logits, onnx.load(str(optimized))
 
 
+def test_int8_onnx_refuses_what_it_does_not_write_in_one_line():
+    """A number operand (``x * 0.5``) and an average pooling whose ceil_mode window runs over its padding
+    (OpenVINO divides it otherwise than torch) are refused with the operation named, so that
+    ``export --format all`` skips the int8 files with the reason instead of failing."""
+    from torch import nn
+
+    from cmtkd_graph.deploy.onnx_int8 import build_int8_onnx
+
+    class Scaled(nn.Module):
+        def forward(self, x):
+            return torch.flatten(x * 0.5, 1)
+
+    pool = nn.Sequential(nn.AvgPool2d(3, 2, 1, ceil_mode=True), nn.Flatten())
+    for root, problem in (
+        (Scaled(), r"mul \(Mul with a number operand\)"),
+        (pool, r"0 .*ceil_mode over padding"),
+    ):
+        with pytest.raises(cg.UserError, match=r"^int8 ONNX export: " + problem):
+            build_int8_onnx(_inference_form_graph(root.eval()), (3, 10, 10), None)
+
+
 def test_int8_onnx_writes_mid_rise_levels_shifted_into_the_bias_of_a_padding_free_convolution(tmp_path):
     """HWGQ's mid-rise activations (odd multiples of s, no zero level) have no uint8 form, but minus s
     they are multiples of 2s: read by a 1x1 convolution, the export writes them so and adds

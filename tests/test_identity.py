@@ -95,3 +95,16 @@ def test_a_revised_component_is_part_of_the_identity_of_the_runs_that_use_it(mon
     assert spec_content(load_spec("ctkd"))["revision of method ctkd"] == CTKD.revision == 2
     monkeypatch.setattr(CMTKD, "revision", 2)
     assert spec_content(quickstart) == {**before, "revision of method cmtkd": 2}
+
+
+def test_runs_whose_generic_auto_taps_moved_change_identity():
+    """The generic stage-ends rule now reads stages at 224x224: a composed run with `auto` taps on a
+    generic network at another size may have other taps, so its identity holds the rule's revision;
+    the ResNets (a family row), runs at 224 and runs without teachers keep their keys."""
+    key = "revision of auto taps (stage ends)"
+    small = ["student.arch=mobilenet_v2", "surgery=[]", "taps={teachers: auto}", "data.image_size=32"]
+    assert spec_content(load_spec("quickstart", small))[key] == 2
+    assert key not in spec_content(load_spec("quickstart", [*small, "data.image_size=224"]))
+    assert key not in spec_content(load_spec("quickstart", ["taps={teachers: auto}", "data.image_size=32"]))
+    alone = [*small, "method=single", "teachers=[]", "distill={}"]
+    assert key not in spec_content(load_spec("quickstart", alone))

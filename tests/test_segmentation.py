@@ -315,6 +315,16 @@ def test_methods_and_pipelines_that_do_not_apply_are_one_line(fashion_scenes):
         scene_spec(
             fashion_scenes, "lraspp_mobilenet_v3_large", "student.kwargs={num_classes: 11, aux_loss: true}"
         )
+    with pytest.raises(
+        cg.SpecError, match=r"^teachers\[0\].kwargs.aux_loss: lraspp_mobilenet_v3_large has no"
+    ):
+        lraspp = "{arch: lraspp_mobilenet_v3_large, weight_bits: 4, act_bits: 4}"  # the student's kwargs
+        scene_spec(
+            fashion_scenes,
+            "fcn_resnet50",
+            "student.kwargs={num_classes: 11, aux_loss: true}",
+            f"teachers=[{lraspp}]",
+        )
     with pytest.raises(cg.SpecError, match=r"data.pipeline: device decodes class-labelled images"):
         scene_spec(fashion_scenes, "lraspp_mobilenet_v3_large", "data.pipeline=device")
     with pytest.raises(cg.SpecError, match=r"data.dataset: fashion_mnist holds classification data"):

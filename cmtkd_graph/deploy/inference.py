@@ -337,8 +337,11 @@ def _first_is_faster(first, second, repeat: int) -> bool:
 
 
 __all__ = [
+    "INTEGER_WEIGHT_LAYERS",
+    "INTEGER_WEIGHT_TYPES",
     "ActivationRequantizer",
     "IntegerWeightConv2d",
+    "IntegerWeightConv3d",
     "IntegerWeightLinear",
     "decode_weights",
     "fold_batchnorm",

@@ -68,6 +68,8 @@ class _Builder:
         return name
 
     def node(self, op: str, inputs: list[str], name: str, **attributes) -> str:
+        if not all(isinstance(i, str) for i in inputs):  # e.g. `x * 0.5`: a number, not a graph value
+            raise UserError(_unsupported(f"{name} ({op} with a number operand)"))
         self.count += 1
         output = f"{name}:{op}:{self.count}"
         self.nodes.append(
@@ -574,8 +576,14 @@ def _pool(b: _Builder, pool: nn.Module, x: str, name: str) -> str:
     }
     if isinstance(pool, nn.MaxPool2d | nn.MaxPool3d):
         return b.node("MaxPool", [x], name, dilations=axes(pool.dilation), **attributes)
-    if getattr(pool, "divisor_override", None) is not None:
-        raise UserError(_unsupported(f"{name} (an average pooling with a divisor_override)"))
+    if pool.divisor_override is not None or (
+        pool.ceil_mode and pool.count_include_pad and any(attributes["pads"])
+    ):
+        # torch divides a window that ceil_mode lets run past the padding by its clipped size, which
+        # OpenVINO's AveragePool does not (onnxruntime does)
+        raise UserError(
+            _unsupported(f"{name} (an average pooling with divisor_override, or ceil_mode over padding)")
+        )
     return b.node("AveragePool", [x], name, count_include_pad=int(pool.count_include_pad), **attributes)
 
 

@@ -12,6 +12,7 @@ To teach the tool a new family, add a row to :data:`FAMILIES`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class BlocksAtDepth:
 class StageEnds:
     """``auto`` taps found from the graph: the end of every stage, i.e. the last node before each
     spatial downsampling on the main path (the generic rule, ``passes.taps``)."""
+
+    revision: ClassVar[int] = 2
+    """2: stages read at the builders' 224x224, not at the data's size (runs on other sizes trained
+    before have other taps: their identity changes, docs/studies.md#run-identity-and-stale-runs)."""
 
 
 TapRule = FixedTaps | BlocksAtDepth | StageEnds

@@ -618,7 +618,7 @@ class Spec(Strict):
         problems += [
             f"{where}.kwargs.{problem}"
             for where, m in models
-            if (problem := record.kwargs_problem(m.arch or self.student.arch, m.kwargs or {})) is not None
+            if (problem := record.kwargs_problem(m.arch or self.student.arch, self._kwargs_of(m))) is not None
         ]
         method = METHODS.get(self.method)
         if method.tasks is not None and task not in method.tasks:
@@ -633,6 +633,10 @@ class Spec(Strict):
             )
         if problems:
             raise ValueError("\n".join(problems))
+
+    def _kwargs_of(self, model: ModelSpec) -> dict:
+        """The builder kwargs a network is built with (a teacher without its own takes the student's)."""
+        return model.kwargs if model.kwargs is not None else (self.student.kwargs or {})
 
     def _networks(self) -> list[tuple[str, ModelSpec]]:
         """(where the spec writes it, the network) of the student and each teacher, as written."""
@@ -649,8 +653,7 @@ class Spec(Strict):
             rule = family_of(arch).fixed_input
             if rule is None:
                 continue
-            kwargs = m.kwargs if m.kwargs is not None else (self.student.kwargs or {})
-            needed = rule.for_kwargs(kwargs)
+            needed = rule.for_kwargs(self._kwargs_of(m))
             if given == needed:
                 continue
             fix = f"data.image_size: {needed[-1]}" if needed[-1] == needed[-2] else "square inputs"
