@@ -539,7 +539,9 @@ def _resize(b: _Builder, node: fx.Node, args: list) -> str | None:
         return None
     if isinstance(size, int):
         size = [size, size]
-    if isinstance(size, list | tuple):  # numbers written in the graph
+    if isinstance(size, list | tuple):  # numbers written in the graph (sizes read one by one: refused)
+        if not all(isinstance(v, int) for v in size):
+            return None
         size = b.constant(f"{node.name}.size", np.array(size, np.int64))
     # [batch, channels] of the input, then the size: onnxruntime's quantized-graph rewrites lose
     # Resize's `axes` attribute, so the sizes cover every axis
