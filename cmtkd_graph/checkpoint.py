@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,16 @@ def checkpoints_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def save_checkpoint(accelerator: Any, run_dir: Path, trainer_state: dict, keep: int) -> Path:
-    """Save everything ``accelerator`` tracks plus ``trainer_state``; all processes must call this."""
+def save_checkpoint(
+    accelerator: Any,
+    run_dir: Path,
+    trainer_state: dict,
+    keep: int,
+    write_more: Callable[[Path], None] | None = None,
+) -> Path:
+    """Save everything ``accelerator`` tracks plus ``trainer_state``; all processes must call this.
+    ``write_more(directory)``: what else the main process writes into the checkpoint (the weights'
+    moving average), before it becomes the latest."""
     root = checkpoints_dir(run_dir)
     name = f"step-{trainer_state['step']:08d}"
     final = root / name
@@ -42,6 +51,8 @@ def save_checkpoint(accelerator: Any, run_dir: Path, trainer_state: dict, keep: 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json(tmp / TRAINER_STATE, trainer_state)
+        if write_more is not None:
+            write_more(tmp)
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)

@@ -178,25 +178,35 @@ def kdcl_min_logit(
     towards each other through.
 
     ``teacher_logits`` is the combined teacher z_T and ``student_logits`` the student's, both
-    ``[B, classes]``; ``target`` holds class indices ``[B]``. With ``may_ignore`` a sample labelled
-    ``IGNORE`` (< 0: a segmentation pixel without a label) has no class to align on: its target is the
-    combined teacher's logits, so the student still learns from the teachers there and the teacher's term
-    is zero (without it, no extra work is done for labels that are always classes).
+    ``[B, classes]``; ``target`` holds class indices ``[B]``, or class probabilities ``[B, classes]``
+    (MixUp/CutMix's soft labels): then each network's logits are shifted by their label-weighted logit
+    ``sum_c y_c z_c``, which is ``z_c`` for a one-hot label (our reading: the paper trains without batch
+    mixing). With ``may_ignore`` a sample labelled ``IGNORE`` (< 0: a segmentation pixel without a
+    label) has no class to align on: its target is the combined teacher's logits, so the student still
+    learns from the teachers there and the teacher's term is zero (without it, no extra work is done for
+    labels that are always classes).
     """
     if teacher_logits.dim() != 2 or teacher_logits.shape != student_logits.shape:
         raise ValueError(
             f"KDCL-MinLogit needs teacher and student logits of the same shape [B, classes], got "
             f"{tuple(teacher_logits.shape)} and {tuple(student_logits.shape)}"
         )
-    if target.shape != teacher_logits.shape[:1] or target.is_floating_point():
+    soft = target.is_floating_point() and target.shape == teacher_logits.shape
+    if not soft and (target.shape != teacher_logits.shape[:1] or target.is_floating_point()):
         raise ValueError(
-            f"KDCL-MinLogit needs integer class indices of shape [{teacher_logits.shape[0]}], got "
-            f"{target.dtype} of shape {tuple(target.shape)}"
+            f"KDCL-MinLogit needs integer class indices of shape [{teacher_logits.shape[0]}] or class "
+            f"probabilities of shape {list(teacher_logits.shape)}, got {target.dtype} of shape "
+            f"{tuple(target.shape)}"
         )
     with torch.no_grad():
-        index = (target.long().clamp_min(0) if may_ignore else target.long()).unsqueeze(1)
         teacher = _at_least_float32(teacher_logits)
         student = _at_least_float32(student_logits)
+        if soft:
+            weights = target.to(teacher.dtype)
+            shifted_teacher = teacher - (teacher * weights).sum(1, keepdim=True)
+            shifted_student = student - (student * weights).sum(1, keepdim=True)
+            return torch.minimum(shifted_teacher, shifted_student)
+        index = (target.long().clamp_min(0) if may_ignore else target.long()).unsqueeze(1)
         shifted_teacher = teacher - teacher.gather(1, index)
         shifted_student = student - student.gather(1, index)
         target_z = torch.minimum(shifted_teacher, shifted_student)

@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from cmtkd_graph.errors import UserError
@@ -38,6 +37,7 @@ from cmtkd_graph.passes.common import (
     EXTRAS,
     FEATURES,
     LOGITS,
+    META,
     SHARED,
     fusion_key,
 )
@@ -45,6 +45,7 @@ from cmtkd_graph.passes.compose import check_tap_shapes, compose_teachers
 from cmtkd_graph.passes.graph_pass import finish
 from cmtkd_graph.passes.inplace import inplace_where_safe
 from cmtkd_graph.passes.outputs import expose_taps, keep_main_output
+from cmtkd_graph.passes.precision import LayerRule
 from cmtkd_graph.passes.quantize import quantize
 from cmtkd_graph.passes.recompute import checkpoint_segments
 from cmtkd_graph.passes.shapes import copy_shapes, propagate_shapes
@@ -92,12 +93,16 @@ def _float_graph(
     return gm
 
 
-def build_network(model: ModelSpec, spec: Spec, *, device: str | torch.device = "cpu") -> fx.GraphModule:
-    """One network through the pass pipeline (no taps yet). ``device="meta"`` allocates nothing."""
-    return finish(_quantize_network(_float_graph(model, spec.surgery_for(model), device), model, spec))
+def build_network(
+    model: ModelSpec, spec: Spec, *, device: str | torch.device = "cpu", network: str = "student"
+) -> fx.GraphModule:
+    """One network through the pass pipeline (no taps yet). ``device="meta"`` allocates nothing;
+    ``network`` (student or teacher) is what the precision rules' ``network`` selector sees."""
+    graph = _float_graph(model, spec.surgery_for(model), device)
+    return finish(_quantize_network(graph, model, spec, network))
 
 
-def _quantize_network(gm: fx.GraphModule, model: ModelSpec, spec: Spec) -> fx.GraphModule:
+def _quantize_network(gm: fx.GraphModule, model: ModelSpec, spec: Spec, network: str) -> fx.GraphModule:
     """The quantization pass of ``build_network``, in place and before code generation: ``build_system``
     copies the teachers' nodes into the composed graph and never runs their own code, and generates the
     student's after exposing its taps."""
@@ -109,8 +114,47 @@ def _quantize_network(gm: fx.GraphModule, model: ModelSpec, spec: Spec) -> fx.Gr
         act_bits=model.act_bits,
         first_layer_bits=q.first_layer_bits,
         last_layer_bits=q.last_layer_bits,
+        rules=layer_rules(spec),
+        network=network,
     )
     return gm
+
+
+def layer_rules(spec: Spec) -> list[LayerRule]:
+    """The spec's ``quantizer.rules`` as the quantize pass takes them (``passes/precision.py``)."""
+    rules = []
+    for i, rule in enumerate(spec.quantizer.rules):
+        weight_bits, act_bits = rule.bits()
+        family = None if rule.quantizer is None else build_quantizer_family(rule.quantizer, rule.options)
+        rules.append(
+            LayerRule(
+                f"quantizer.rules[{i}]",
+                **rule.match.model_dump(),
+                weight_bits=weight_bits,
+                act_bits=act_bits,
+                family=family,
+            )
+        )
+    return rules
+
+
+def check_rules_used(spec: Spec, networks: list[fx.GraphModule]) -> None:
+    """Every precision rule decides at least one layer of ``networks`` (a rule that matches nothing is a
+    typo in a name or a role the architecture does not have: one line, not a silent no-op)."""
+    used = {
+        node.meta[META]["rule"].split(" ")[0]
+        for gm in networks
+        for node in gm.graph.nodes
+        if node.meta.get(META, {}).get("role") == "layer"
+    }
+    for label in (f"quantizer.rules[{i}]" for i in range(len(spec.quantizer.rules))):
+        if label not in used:
+            rule = next(r for r in layer_rules(spec) if r.label == label)
+            raise UserError(
+                f"{label}: matches no layer of {spec.student.arch} or its teachers ({rule.selectors}), or "
+                "only layers an earlier rule decides; `cmtkd-graph inspect SPEC` lists the layers with "
+                "their names, positions and roles"
+            )
 
 
 def _instantiate(model: ModelSpec, device: str | torch.device) -> nn.Module:
@@ -269,7 +313,7 @@ class DistillationSystem(nn.Module):
         summed; weighted like the networks' own cross-entropy times the task's ``aux_weight`` (None: no
         network kept one). Only networks that train are built with their head (``_float_graph``)."""
         heads = [samples.student_aux, *samples.each_teacher_aux]
-        ce = [F.cross_entropy(z.float(), labels) for z in heads if z is not None]
+        ce = [self.method.ce(z, labels) for z in heads if z is not None]
         return torch.stack(ce).sum() if ce else None
 
     def importance(self) -> dict[str, Tensor]:
@@ -307,11 +351,11 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
             float_graphs[key] = _float_graph(model, spec.surgery_for(model), device, aux=aux)
         return copy_graph_module(float_graphs[key], tensors="meta")
 
-    def make(model: ModelSpec, label: str) -> fx.GraphModule:
+    def make(model: ModelSpec, label: str, network: str) -> fx.GraphModule:
         aux = model.trainable  # a frozen teacher's auxiliary head would compute for nothing
         surgery = [s.model_dump() for s in spec.surgery_for(model)]
         same_graph = json.dumps([model.arch, model.kwargs, surgery, aux])
-        gm = _quantize_network(float_graph(model, same_graph, aux), model, spec)
+        gm = _quantize_network(float_graph(model, same_graph, aux), model, spec, network)
         info = NetworkInfo(label, model)
         if load and model.weights and not meta:
             info.weights_report = load_weights(gm, model.weights, label=label)
@@ -322,9 +366,10 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
         networks.append(info)
         return gm
 
-    student = make(spec.student, "student")
+    student = make(spec.student, "student", "student")
     teacher_specs = spec.resolved_teachers()
-    teachers = [make(t, f"teacher{k}") for k, t in enumerate(teacher_specs)]
+    teachers = [make(t, f"teacher{k}", "teacher") for k, t in enumerate(teacher_specs)]
+    check_rules_used(spec, [student, *teachers])
     for line in method.share_parameters(student, teachers):
         log.info(f"{spec.method}: {line}")
 

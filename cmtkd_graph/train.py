@@ -39,8 +39,9 @@ from cmtkd_graph.cli_common import EXIT_PREEMPTED, EXIT_USER_ERROR, add_train_ar
 from cmtkd_graph.data.bundle import DataBundle
 from cmtkd_graph.data.device import DeviceBatches
 from cmtkd_graph.data.loaders import eval_batch_size
+from cmtkd_graph.ema import StudentAverage
 from cmtkd_graph.errors import UserError, first_line
-from cmtkd_graph.evaluation.accuracy import eval_line, evaluate
+from cmtkd_graph.evaluation.accuracy import StudentOnly, eval_line, evaluate
 from cmtkd_graph.identity import write_identity
 from cmtkd_graph.metrics import MetricsLog, plot_importance, read_metrics
 from cmtkd_graph.runtime.budget import BudgetFit, fit_to_budget, recorded_fit
@@ -240,6 +241,7 @@ class Trainer:
         stop: list[str] | None = None,
     ):
         from cmtkd_graph.data import build_loaders
+        from cmtkd_graph.data.mixing import batch_mixing
         from cmtkd_graph.optim import build_optimizer, build_scheduler
         from cmtkd_graph.system import build_system
 
@@ -269,8 +271,15 @@ class Trainer:
         )
         system = build_system(spec)
         self._check_classes(system, self.bundle.num_classes)
+        self.mixing = batch_mixing(
+            spec.data.augment, self.bundle.num_classes, seed=t.seed, rank=accelerator.process_index
+        )
         if self.channels_last:
             system = channels_last_module(system)
+        # the student's moving average: a copy made before compilation, on the training device
+        self.average = StudentAverage(system.student, t.ema) if t.ema is not None else None
+        if self.average is not None:
+            self.average.model.to(accelerator.device)
         if t.compile:
             system.compile(options=precision.compile_options())
         optimizer = build_optimizer(system, spec)
@@ -294,6 +303,11 @@ class Trainer:
         self.host_group = host_group(accelerator)
         if checkpoint is not None:
             _load_state(accelerator, checkpoint)
+            if self.average is not None and not self.average.load(checkpoint):
+                log.warning(
+                    f"train.ema: {checkpoint} holds no moving average (trained without train.ema); the "
+                    "average starts from the resumed weights"
+                )
             self.state = {"seconds": None, **read_trainer_state(checkpoint)}
             self._restore_scheduler(self.state.pop("scheduler", None))
             self.last_checkpoint = checkpoint
@@ -343,7 +357,7 @@ class Trainer:
             if t.checkpoints and (last or (epoch_done and self.state["epoch"] % t.checkpoint_every == 0)):
                 self._check_finite()
                 self.last_checkpoint = save_checkpoint(
-                    self.acc, self.run_dir, self._state_to_save(), t.keep_checkpoints
+                    self.acc, self.run_dir, self._state_to_save(), t.keep_checkpoints, self._write_average
                 )
         self._check_finite()
         if not final_eval:
@@ -377,6 +391,10 @@ class Trainer:
         window_batches, window_images, window_start = 0, 0, time.perf_counter()
         step_start = time.perf_counter()
         for images, labels in loader:
+            if self.mixing is not None:  # soft labels [B, classes] from here on
+                images, labels = self.mixing(
+                    images, labels, epoch=epoch, batch=self.state["batches_in_epoch"]
+                )
             if self.channels_last:
                 images = channels_last_tensor(images)
             self.system.epoch.fill_(self.state["step"] / self.steps_per_epoch)  # as the lr schedule sees it
@@ -399,6 +417,8 @@ class Trainer:
             if not acc.sync_gradients:
                 continue
             self.state["step"] += 1
+            if self.average is not None:
+                self.average.update(self.system.student, self.state["step"])
             if t.compile and not self.compile_reported:
                 self.compile_reported = True
                 log.info(
@@ -447,7 +467,11 @@ class Trainer:
         """Checkpoint the step just taken (mid-epoch: resume continues from the next batch) and stop."""
         self._check_finite(means)
         checkpoint = save_checkpoint(
-            self.acc, self.run_dir, self._state_to_save(), self.spec.train.keep_checkpoints
+            self.acc,
+            self.run_dir,
+            self._state_to_save(),
+            self.spec.train.keep_checkpoints,
+            self._write_average,
         )
         name = self.stop[0] if self.stop else "a stop signal (on another process)"
         log.info(f"{name}: stopping at step {self.state['step']} with checkpoint {checkpoint}")
@@ -458,6 +482,10 @@ class Trainer:
         processes'): what a run costs, without the waits between its processes."""
         before = self.state["seconds"]
         return None if before is None else round(before + time.perf_counter() - self.started, 1)
+
+    def _write_average(self, directory: Path) -> None:
+        if self.average is not None:
+            self.average.save(directory)
 
     def _state_to_save(self) -> dict:
         return {**self.state, "seconds": self._seconds(), "scheduler": self.scheduler.state_dict()}
@@ -526,6 +554,8 @@ class Trainer:
             "epoch": self.state["epoch"],
             **evaluate(self.model, self.eval_loader, acc, task=self.task, channels_last=self.channels_last),
         }
+        if self.average is not None:
+            record.update(self._evaluate_average())
         self.model.train()
         self.metrics.write(record)
         trackers.log(acc, self.spec, record)
@@ -539,6 +569,17 @@ class Trainer:
                 )
         return record
 
+    def _evaluate_average(self) -> dict:
+        """The moving average's metrics, as ``<metric>/student_ema``."""
+        alone = evaluate(
+            StudentOnly(self.average.student),
+            self.eval_loader,
+            self.acc,
+            task=self.task,
+            channels_last=self.channels_last,
+        )
+        return {k.replace("/student", "/student_ema"): v for k, v in alone.items() if "/student" in k}
+
     def _finish(self, final_eval: dict) -> None:
         from safetensors.torch import save_file
 
@@ -546,7 +587,12 @@ class Trainer:
         acc.wait_for_everyone()
         self._write_rank_report()
         if acc.is_main_process:
-            student = {k: v.detach().cpu().contiguous() for k, v in self.system.student.state_dict().items()}
+            averaged = self.average is not None and self.spec.train.ema.student
+            student = (
+                self.average.student_state()
+                if averaged
+                else {k: v.detach().cpu().contiguous() for k, v in self.system.student.state_dict().items()}
+            )
             save_file(student, str(self.run_dir / "student.safetensors"))
             summary = {
                 "run_dir": str(self.run_dir),
@@ -560,6 +606,7 @@ class Trainer:
                     **{k.split("/", 1)[1]: v for k, v in final_eval.items() if k.startswith("importance/")},
                 },
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                "student_weights": "ema" if averaged else "trained",
                 "seconds": self._seconds(),
                 "precision": self.precision.to_json(),
                 "classes": self.bundle.classes,

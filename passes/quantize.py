@@ -15,21 +15,25 @@ For one model and its bit-widths (docs/methods.md#quantizers):
 * the first layer(s) (no conv/linear upstream) and the last layer(s) (no conv/linear downstream) are
   found by graph position, not by name, and get ``first_layer_bits`` / ``last_layer_bits``
   (32 = stay float, the paper's rule);
+* precision ``rules`` (``passes/precision.py``: by module type, name, position, role) come before
+  both and may set any layer's bits or quantizer family;
 * BatchNorm stays unfolded, residual adds and concatenations stay float.
 
-Each layer node records its decision in ``node.meta["cmtkd"]`` and each quantizer node its bits
-and signedness, for ``cmtkd-graph inspect``.
+Each layer node records its decision in ``node.meta["cmtkd"]`` (bits, position, roles and the rule that
+decided) and each quantizer node its bits and signedness, for ``cmtkd-graph inspect``.
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from cmtkd_graph.passes.common import META, find_layers, first_and_last_layers
+from cmtkd_graph.passes.common import META
 from cmtkd_graph.passes.graph_pass import graph_pass
+from cmtkd_graph.passes.precision import LayerRule, decide, layer_facts
 from cmtkd_graph.passes.tracer import qualname, replace_submodule, unique_target
 from torch import fx, nn
 
@@ -53,34 +57,43 @@ def quantize(
     act_bits: int,
     first_layer_bits: int = FULL_PRECISION,
     last_layer_bits: int = FULL_PRECISION,
+    rules: Sequence[LayerRule] = (),
+    network: str = "student",
 ) -> None:
-    """Quantized layers and input quantizers (see module docstring); ``quantize(gm)`` returns a copy."""
-    layers = find_layers(gm)
-    first, last = first_and_last_layers(gm, layers)
+    """Quantized layers and input quantizers (see module docstring); ``quantize(gm)`` returns a copy.
+    ``network`` (student or teacher) is what a rule's ``network`` selector compares with."""
     nonneg = nonnegative_nodes(gm)
-    for node in layers:
-        position = "first" if node in first else "last" if node in last else "inner"
-        if position == "first":
-            bits = LayerBits(first_layer_bits, first_layer_bits)
-        elif position == "last":
-            bits = LayerBits(last_layer_bits, last_layer_bits)
-        else:
-            bits = LayerBits(weight_bits, act_bits)
-        quantized = _quantized_layer(gm.get_submodule(node.target), family, bits)
+    for node, facts in layer_facts(gm, network).items():
+        decision = decide(
+            facts,
+            rules,
+            family,
+            weight_bits=weight_bits,
+            act_bits=act_bits,
+            first_layer_bits=first_layer_bits,
+            last_layer_bits=last_layer_bits,
+        )
+        bits = LayerBits(decision.weight_bits, decision.act_bits)
+        quantized = _quantized_layer(gm.get_submodule(node.target), decision.family, bits)
         if quantized is not None:
             replace_submodule(gm, node.target, quantized)
         node.meta[META] = {
             "role": "layer",
-            "position": position,
+            "position": facts.position,
+            "roles": list(facts.roles),
             "weight_bits": bits.weight,
             "act_bits": bits.act,
-            "reason": _reason(position, bits),
+            "quantizer": decision.family.name,
+            "rule": decision.rule,
+            "reason": _reason(facts.position, bits, decision.rule),
         }
         if bits.act != FULL_PRECISION:
-            _insert_input_quantizer(gm, node, family, bits.act, signed=node.args[0] not in nonneg)
+            _insert_input_quantizer(gm, node, decision.family, bits.act, signed=node.args[0] not in nonneg)
 
 
-def _reason(position: str, bits: LayerBits) -> str:
+def _reason(position: str, bits: LayerBits, rule: str) -> str:
+    if rule.startswith("quantizer.rules"):
+        return f"{'kept full precision' if bits.weight == bits.act == FULL_PRECISION else 'set'} by {rule}"
     if bits.weight == FULL_PRECISION and bits.act == FULL_PRECISION:
         return f"{position} layer kept full precision" if position != "inner" else "32-bit model"
     return f"{position} layer quantized"

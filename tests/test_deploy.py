@@ -1063,15 +1063,25 @@ def test_int8_onnx_puts_the_mid_rise_shift_into_the_bias_of_the_layer_that_write
 
 
 @pytest.mark.parametrize(
-    "arch, integer",  # how many of the W2A2 student's quantized layers onnxruntime runs on QLinearConv
-    [("mobilenet_v3_small", 42), ("efficientnet_b0", 64), ("regnet_y_400mf", 84), ("mnasnet0_5", 51)],
+    "arch, integer",  # the onnxruntime kernels of the W2A2 student's quantized layers that are integer
+    [
+        ("mobilenet_v3_small", {"QLinearConv": 42}),
+        ("efficientnet_b0", {"QLinearConv": 64}),
+        ("regnet_y_400mf", {"QLinearConv": 84}),
+        ("mnasnet0_5", {"QLinearConv": 51}),
+        ("convnext_tiny", {"QLinearConv": 3, "MatMulIntegerToFloat": 36}),
+    ],
 )
 def test_int8_onnx_writes_the_mobile_families(arch, integer, tmp_path):
-    """Hardswish, SiLU, the squeeze-excitation gates (sigmoid, hardsigmoid, mul), stochastic depth (an
-    identity at inference), ``x.flatten(start_dim=1)`` and ``x.mean([2, 3])`` are written: a float student's
-    logits equal PyTorch's to float rounding; a W2A2 student's layers run on integer kernels where their
-    input grid has an 8-bit form (HWGQ's signed mid-rise grid read through padding has none)."""
-    from cmtkd_graph.deploy.onnx_int8 import kernels
+    """Hardswish, SiLU, GELU, layer norm (ConvNeXt's, and its LayerNorm2d: a permute around
+    ``F.layer_norm``), permutes, a linear layer on [B, H, W, C], the squeeze-excitation gates (sigmoid,
+    hardsigmoid, mul), a parameter multiplied in (ConvNeXt's layer scale), stochastic depth (an identity
+    at inference), ``x.flatten(start_dim=1)`` and ``x.mean([2, 3])`` are written: a float student's logits
+    equal PyTorch's to float rounding; a W2A2 student's layers run on integer kernels where their input
+    grid has an 8-bit form (HWGQ's signed mid-rise grid read through padding has none)."""
+    from collections import Counter
+
+    from cmtkd_graph.deploy.onnx_int8 import INT8_KERNELS, kernels
 
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for bits in (32, 2):
@@ -1097,7 +1107,7 @@ def test_int8_onnx_writes_the_mobile_families(arch, integer, tmp_path):
             np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
         else:
             used = kernels(optimized, list(plan.integer))
-            assert sum(k == "QLinearConv" for k in used.values()) == integer
+            assert Counter(k for k in used.values() if k in INT8_KERNELS) == integer
             assert all(why == "" or "mid-rise" in why for why in plan.integer.values())
 
 
@@ -1144,16 +1154,20 @@ def test_integer_exports_without_real_images_are_one_line_naming_the_fix(trained
     result = cli("export", str(moved), "--out", str(tmp_path / "all"))
     assert result.returncode == 0 and "onnx-int8 skipped: it is checked on real images" in result.stdout
     assert "openvino skipped: it is checked on real images" in result.stdout
-    # an image folder instead of the run's data (--calibration: the option's earlier name)
-    for option in ("--images", "--calibration"):
-        result = cli(
-            "export", str(moved), "--out", str(tmp_path / option), "--format", "onnx-int8",
-            option, str(cifar10_jpeg / "test"),
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-2000:]
-        manifest = json.loads((tmp_path / option / "manifest.json").read_text())
-        assert manifest["onnx_int8"]["calibration"] == f"50 images of {cifar10_jpeg / 'test'}"
-        assert (tmp_path / option / "student-int8.onnx").is_file() and "onnx" not in manifest["files"]
+    # an image folder instead of the run's data
+    result = cli(
+        "export", str(moved), "--out", str(tmp_path / "given"), "--format", "onnx-int8",
+        "--images", str(cifar10_jpeg / "test"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((tmp_path / "given" / "manifest.json").read_text())
+    assert manifest["onnx_int8"]["calibration"] == f"50 images of {cifar10_jpeg / 'test'}"
+    assert (tmp_path / "given" / "student-int8.onnx").is_file() and "onnx" not in manifest["files"]
+    # --calibration: the option's earlier name
+    from cmtkd_graph.cli import build_parser
+
+    earlier = build_parser().parse_args(["export", "RUN", "--out", "OUT", "--calibration", "FOLDER"])
+    assert earlier.images == "FOLDER"
 
 
 # ------------------------------------------------------------------------------------ OpenVINO

@@ -128,8 +128,22 @@ def _mlflow_holds_what_the_run_logged(store: str, run_dir: Path, records: list[d
 
 def test_resume_gives_bit_identical_weights(tmp_path, fashion_mnist, fresh_accelerate):
     """12 steps straight (no loader workers) = 6 steps, stop mid-epoch, resume in a new process, 6 more
-    (2 workers). Batches of 16 from 128 images: 8 steps per epoch, so the runs cross an epoch boundary."""
-    small = ("train.epochs=2", "data.train_subset=128", "data.batch_size=16", "data.eval_subset=32")
+    (2 workers). Batches of 16 from 128 images: 8 steps per epoch, so the runs cross an epoch boundary.
+    With every random recipe option on (an augmentation policy, random erasing, MixUp or CutMix per
+    batch, label smoothing): their random numbers, too, depend on the seed and the sample or batch only;
+    and with a moving average of the student's weights, which the resumed run continues."""
+    small = (
+        "train.epochs=2",
+        "data.train_subset=128",
+        "data.batch_size=16",
+        "data.eval_subset=32",
+        "data.augment.policy=trivialaugment_wide",
+        "data.augment.random_erasing=0.5",
+        "data.augment.mixup_alpha=0.2",
+        "data.augment.cutmix_alpha=1.0",
+        "distill.label_smoothing=0.1",
+        "train.ema={decay: 0.8, every: 2}",
+    )
     straight = train_here(tmp_path, *small, "train.max_steps=12", run="straight")
     half = train_here(tmp_path, *small, "train.max_steps=6", "data.num_workers=2", run="half")
     train(
@@ -150,6 +164,14 @@ def test_resume_gives_bit_identical_weights(tmp_path, fashion_mnist, fresh_accel
     assert a.keys() == b.keys() and len(a) == 370  # student + 2 teachers + fusion logits, with buffers
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert different == []
+    average_a, average_b = (load_file(run / "student.safetensors") for run in (straight, half))
+    assert [k for k in average_a if not torch.equal(average_a[k], average_b[k])] == []
+    assert average_a["layer1.0.conv1.weight"].shape == a["student.layer1.0.conv1.weight"].shape
+    assert not torch.equal(average_a["layer1.0.conv1.weight"], a["student.layer1.0.conv1.weight"])
+    final = json.loads((half / "final.json").read_text())
+    assert final["student_weights"] == "ema" and {"acc1/student", "acc1/student_ema"} <= set(
+        final["accuracy"]
+    )
     midway = load_file(half / "checkpoints" / "step-00000006" / "model.safetensors")
     assert any(not torch.equal(a[k], midway[k]) for k in a)  # the second half did train
     steps_a = [r["step"] for r in read_metrics(straight / "metrics.jsonl") if r["kind"] == "train"]

@@ -7,6 +7,9 @@ as Resize(size / 0.875) + CenterCrop(size). In-memory datasets are transformed a
 (fast); image folders as PIL images, converted to a tensor after the crop. Segmentation pairs (image,
 mask) take the same geometry together (``build_segmentation_transforms``), and so do the frames of a
 clip (``build_clip_transforms``).
+
+Classification may add torchvision's automatic policies (``data.augment.policy``) after the crop and
+flip, and random erasing after normalising; batch mixing (MixUp/CutMix) is ``cmtkd_graph.data.mixing``.
 """
 
 from __future__ import annotations
@@ -67,7 +70,28 @@ def build_transforms(
     if grey_source and in_channels > 1:
         tail.append(RepeatChannels(in_channels))
     tail.append(ScaleNormalize(*mean_std(spec, in_channels)))
-    return v2.Compose([*train_geometry, *tail]), v2.Compose([*eval_geometry, *tail])
+    policy, erasing = _policy(spec.augment.policy), _erasing(spec.augment.random_erasing)
+    return v2.Compose([*train_geometry, *policy, *tail, *erasing]), v2.Compose([*eval_geometry, *tail])
+
+
+POLICIES: dict[str, Callable[[], torch.nn.Module]] = {
+    "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET),
+    "randaugment": v2.RandAugment,
+    "trivialaugment_wide": v2.TrivialAugmentWide,
+    "augmix": v2.AugMix,
+}
+"""``data.augment.policy`` -> torchvision's transform with its default settings (as torchvision's
+classification reference builds them), applied to the uint8 image after the crop and flip."""
+
+
+def _policy(name: str) -> list[torch.nn.Module]:
+    return [] if name == "none" else [POLICIES[name]()]
+
+
+def _erasing(probability: float) -> list[torch.nn.Module]:
+    """v2.RandomErasing on the normalised image (erased pixels become 0, the mean), as torchvision's
+    reference does after Normalize."""
+    return [v2.RandomErasing(p=probability, value=0)] if probability else []
 
 
 def build_segmentation_transforms(

@@ -110,16 +110,13 @@ def _write(found, out: Path, formats: tuple[str, ...], images: str | Path | None
         if manifest["onnx"].get("file"):
             manifest["files"]["onnx"] = ONNX_FILE
     required, real = formats != FORMATS, functools.cache(lambda: calibration_images(found.spec, images))
-    # an operation the int8 writers do not write is known before any image (or clip) is read
-    writable = functools.cache(lambda: _int8_writable(student, found.spec.data.input_shape()))
+    int8 = _Int8Graphs(student, found.spec.data.input_shape())
     for name, file, write in (
         ("onnx-int8", ONNX_INT8_FILE, _onnx_int8),
         ("openvino", OPENVINO_FILE, _openvino),
     ):
         if name in formats:
-            section = _integer_format(
-                name, write, student, manifest, out / file, real, writable, required=required
-            )
+            section = _integer_format(name, write, int8, manifest, out / file, real, required=required)
             manifest[name.replace("-", "_")] = section
             if section.get("file"):
                 manifest["files"][name] = file
@@ -211,22 +208,42 @@ def _onnx(
 EXTRAS = {"onnx-int8": "export", "openvino": "openvino"}  # format -> the extra that installs it
 
 
-def _int8_writable(student: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
-    """The int8 graph written once without data: a UserError names an operation it does not write."""
-    from cmtkd_graph.deploy.inference import inference_form
-    from cmtkd_graph.deploy.onnx_int8 import build_int8_onnx
+class _Int8Graphs:
+    """What both integer writers start from, built once for the two of them: the student's inference
+    form and its int8 graph without calibration (OpenVINO's model). Building that graph is also the
+    check that every operation can be written, before any image (or clip) is read; a failure is kept,
+    so an unwritable student is tried once, not once per format."""
 
-    build_int8_onnx(inference_form(student), input_shape, None)
+    def __init__(self, student: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
+        self.student, self.input_shape = student, input_shape
+        self._built: tuple | None = None
+        self._error: Exception | None = None
+
+    def uncalibrated(self) -> tuple[fx.GraphModule, object, object]:
+        """(inference form, ONNX model, plan); raises the writer's UserError (or an ImportError)."""
+        if self._error is not None:
+            raise self._error
+        if self._built is None:
+            try:
+                from cmtkd_graph.deploy.inference import inference_form
+                from cmtkd_graph.deploy.onnx_int8 import build_int8_onnx
+
+                form = inference_form(self.student)
+                self._built = (form, *build_int8_onnx(form, self.input_shape, None))
+            except (ImportError, UserError) as err:
+                self._error = err
+                raise
+        return self._built
 
 
 def _integer_format(
-    name: str, write, student: fx.GraphModule, manifest: dict, path: Path, real, writable, *, required: bool
+    name: str, write, int8: _Int8Graphs, manifest: dict, path: Path, real, *, required: bool
 ) -> dict:
     """An integer format's manifest section: written and checked on real images (``real()``), or why
-    not (asked for alone, the reason is an error). ``writable()`` raises the writer's reason first."""
+    not (asked for alone, the reason is an error). The writer's own reason comes first."""
     try:
-        writable()
-        return write(student, manifest, path, real)
+        int8.uncalibrated()
+        return write(int8, manifest, path, real)
     except ImportError as err:
         problem = f"{err.name or 'a package'} is not installed: pip install 'cmtkd-graph[{EXTRAS[name]}]'"
     except UserError as err:
@@ -236,20 +253,30 @@ def _integer_format(
     return {"file": None, "skipped": problem}
 
 
-def _onnx_int8(student: fx.GraphModule, manifest: dict, path: Path, real) -> dict:
+def _onnx_int8(int8: _Int8Graphs, manifest: dict, path: Path, real) -> dict:
     from cmtkd_graph.deploy.onnx_int8 import export_int8_onnx
 
     images, source = real()  # every other image calibrates, the rest check: both spread over the set
+    form, _, _ = int8.uncalibrated()
     return export_int8_onnx(
-        student, manifest["layers"], path, calibration=images[0::2], check=images[1::2], source=source
+        int8.student,
+        manifest["layers"],
+        path,
+        calibration=images[0::2],
+        check=images[1::2],
+        source=source,
+        form=form,
     )
 
 
-def _openvino(student: fx.GraphModule, manifest: dict, path: Path, real) -> dict:
+def _openvino(int8: _Int8Graphs, manifest: dict, path: Path, real) -> dict:
     from cmtkd_graph.deploy.openvino_export import export_openvino
 
     images, source = real()
-    return export_openvino(student, manifest["layers"], path, check=images, source=source)
+    _, model, plan = int8.uncalibrated()
+    return export_openvino(
+        int8.student, manifest["layers"], path, check=images, source=source, uncalibrated=(model, plan)
+    )
 
 
 def calibration_images(spec: Spec, folder: str | Path | None) -> tuple[torch.Tensor, str]:

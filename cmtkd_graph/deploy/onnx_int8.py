@@ -31,6 +31,7 @@ it was calibrated on).
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,9 +221,11 @@ def _layer(
     input_levels: int = 0,
     output_steps: Tensor | None = None,
     bias_shift: Tensor | None = None,
+    rank: int = 2,
 ) -> str:
     """A conv or linear layer; integer weights when its input was quantized just before (its output
-    divided by ``output_steps`` per channel, when given; ``bias_shift`` added to its bias)."""
+    divided by ``output_steps`` per channel, when given; ``bias_shift`` added to its bias). ``rank``:
+    of the input (a linear layer on [B, ..., C] is a MatMul)."""
     integer = input_scale is not None and isinstance(module, INTEGER_WEIGHT_TYPES)
     if integer:
         weight, bias = _integer_weight(b, module, input_scale, name, input_levels, output_steps, bias_shift)
@@ -233,6 +236,10 @@ def _layer(
         return b.node("Conv", inputs, name, **_conv_attributes(module))
     if integer:  # QLinearMatMul fusion: MatMul with the (transposed) weight, then the bias
         y = b.node("MatMul", [x, weight], name)
+        return b.node("Add", [y, bias], name) if bias else y
+    if rank > 2:  # on the last axis of [B, ..., C] (ConvNeXt's MLP)
+        transposed = b.constant(f"{name}.weight_t", module.weight.detach().float().t().contiguous().numpy())
+        y = b.node("MatMul", [x, transposed], name)
         return b.node("Add", [y, bias], name) if bias else y
     return b.node("Gemm", inputs, name, transB=1)
 
@@ -299,9 +306,10 @@ def calibrate(form: fx.GraphModule, images: Tensor) -> dict[str, Tensor]:
     hooks = []
     for name, module in form.named_modules():
         if isinstance(module, nn.Conv2d | nn.Conv3d | nn.Linear):
+            axis = -1 if isinstance(module, nn.Linear) else 1  # a linear layer's channels are the last axis
 
-            def record(_m, _args, out, name=name):
-                channels = out.detach().abs().transpose(0, 1).flatten(1).amax(dim=1)
+            def record(_m, _args, out, name=name, axis=axis):
+                channels = out.detach().abs().movedim(axis, 0).flatten(1).amax(dim=1)
                 largest[name] = torch.maximum(largest[name], channels) if name in largest else channels
 
             hooks.append(module.register_forward_hook(record))
@@ -364,6 +372,9 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
         return "images"
     if node.op == "output":
         return None
+    if node.op == "get_attr":  # a parameter the graph uses as a tensor (ConvNeXt's layer scale)
+        value = functools.reduce(getattr, node.target.split("."), gm)
+        return b.constant(node.target, value.detach().float().numpy())
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         name = node.target
@@ -398,6 +409,12 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
             return args[0]
         if isinstance(module, nn.SiLU):  # x sigmoid(x)
             return b.node("Mul", [args[0], b.node("Sigmoid", [args[0]], name)], name)
+        if isinstance(module, nn.GELU):
+            return b.node("Gelu", [args[0]], name, approximate=module.approximate)
+        if isinstance(module, nn.LayerNorm):
+            return _layer_norm(
+                b, args[0], module.normalized_shape, module.weight, module.bias, module.eps, name
+            )
         raise UserError(_unsupported(f"{name} ({type(module).__name__})"))
     if node.op == "call_function":
         target = node.target
@@ -418,6 +435,20 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
             return args[0]
         if target is torch.mean and _axes(node) is not None:  # S3D's mean over time and space
             return _mean(b, node, args[0])
+        if target is torch.permute and len(args) == 2 and not node.kwargs:
+            return b.node("Transpose", [args[0]], node.name, perm=list(args[1]))
+        if target is F.layer_norm and not node.kwargs.keys() - {"weight", "bias", "eps"}:  # LayerNorm2d
+            given = dict(zip(("x", "shape", "weight", "bias", "eps"), args, strict=False))
+            given.update({k: _onnx_value(b, v) for k, v in node.kwargs.items()})
+            return _layer_norm(
+                b,
+                given["x"],
+                given["shape"],
+                given.get("weight"),
+                given.get("bias"),
+                given.get("eps", 1e-5),
+                node.name,
+            )
         if target is torch.cat and not node.kwargs.keys() - {"dim"}:
             axis = node.kwargs.get("dim", args[1] if len(args) > 1 else 0)
             return b.node("Concat", list(args[0]), node.name, axis=axis)
@@ -435,6 +466,9 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
             return b.node("Flatten", [args[0]], node.name, axis=1)
     if node.op == "call_method" and node.target == "mean" and _axes(node) is not None:  # MNASNet's
         return _mean(b, node, args[0])
+    if node.op == "call_method" and node.target == "permute" and not node.kwargs:
+        perm = args[1] if len(args) == 2 and isinstance(args[1], list | tuple) else args[1:]
+        return b.node("Transpose", [args[0]], node.name, perm=list(perm))
     raise UserError(_unsupported(f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)})"))
 
 
@@ -452,6 +486,20 @@ _FUNCTIONAL = {
     F.hardsigmoid: nn.Hardsigmoid,
     torch.sigmoid: nn.Sigmoid,
 }
+
+
+def _layer_norm(b: _Builder, x: str, shape, weight, bias, eps: float, name: str) -> str:
+    """``LayerNormalization`` over the last ``len(shape)`` axes; ``weight``/``bias``: a parameter, the
+    ONNX name of one (``F.layer_norm``'s from the graph), or None (ones and zeros)."""
+
+    def value(v, fill: float, role: str) -> str:
+        if isinstance(v, str):
+            return v
+        array = np.full(tuple(shape), fill, np.float32) if v is None else v.detach().float().numpy()
+        return b.constant(f"{name}.{role}", array)
+
+    scale, offset = value(weight, 1.0, "weight"), value(bias, 0.0, "bias")
+    return b.node("LayerNormalization", [x, scale, offset], name, axis=-len(shape), epsilon=float(eps))
 
 
 def _mean(b: _Builder, node: fx.Node, x: str) -> str:
@@ -555,8 +603,8 @@ def _resize(b: _Builder, node: fx.Node, args: list) -> str | None:
 def _unsupported(what: str) -> str:
     return (
         f"int8 ONNX export: {what} is not one of the operations it writes (conv, linear, ReLU/ReLU6, "
-        "Hardswish/Hardsigmoid/Sigmoid, add, mul, concat, bilinear/nearest resize to a size, "
-        "max/average/global-average pooling, mean over axes, flatten; 2-D and 3-D); "
+        "Hardswish/Hardsigmoid/Sigmoid/SiLU/GELU, layer norm, add, mul, concat, permute, bilinear/nearest "
+        "resize to a size, max/average/global-average pooling, mean over axes, flatten; 2-D and 3-D); "
         "export --format onnx (exact Q/DQ) instead"
     )
 
@@ -606,6 +654,7 @@ def _emit_layer(
     b: _Builder, gm: fx.GraphModule, node: fx.Node, module: nn.Module, x: str, plan: Int8Plan, largest: dict
 ) -> str:
     name = node.target
+    rank = len(b.shapes.get(node.args[0], ()))
     requantizer = _quantized_input(gm, node)
     input_scale = None
     shifted = requantizer is not None and _shifted_mid_rise(gm, node.args[0])
@@ -621,7 +670,7 @@ def _emit_layer(
             input_scale = float(requantizer.step)
             plan.integer[name] = ""
     if input_scale is None:  # float arithmetic (decoded weights where they are quantized)
-        return _layer(b, module, x, name, None)
+        return _layer(b, module, x, name, None, rank=rank)
     grid = requantizer.grid
     levels = (grid.qmax - grid.qmin) // grid.step + 1
     shift = None
@@ -637,13 +686,13 @@ def _emit_layer(
             minus_s = torch.full((module.integers.shape[0],), -step, dtype=torch.float64)
             shift = minus_s if shift is None else shift + minus_s
             b.shift_in_bias.add(reader.target)
-        return _layer(b, module, x, name, input_scale, levels, bias_shift=shift)
+        return _layer(b, module, x, name, input_scale, levels, bias_shift=shift, rank=rank)
     # The output gets 8 bits per channel: QLinearConv's output scale is one number, so channel c's
     # float output is divided by its step inside the layer (weight and bias scales), quantized with
     # scale 1, and a DequantizeLinear (scale 1) and a Mul by the steps bring the channels back.
     steps = output_steps(largest[name])
     plan.output_scales[name] = steps
-    y = _layer(b, module, x, name, input_scale, levels, steps, bias_shift=shift)
+    y = _layer(b, module, x, name, input_scale, levels, steps, bias_shift=shift, rank=rank)
     one = b.constant(f"{name}.output_scale", np.array(1.0, np.float32))
     zero = b.constant(f"{name}.output_zero_point", np.array(128, np.uint8))
     q = b.node("QuantizeLinear", [y, one, zero], name)
@@ -719,14 +768,17 @@ def export_int8_onnx(
     calibration: Tensor,
     check: Tensor,
     source: str,
+    form: fx.GraphModule | None = None,
 ) -> dict:
     """Write ``path`` from the trained ``student``; add each layer's kernel to its manifest record; return
-    the manifest's ``onnx_int8`` section (kernels from onnxruntime's optimized graph, agreement)."""
+    the manifest's ``onnx_int8`` section (kernels from onnxruntime's optimized graph, agreement).
+    ``form``: the student's inference form where the caller has it already."""
     import onnxruntime as ort
 
     from cmtkd_graph.deploy.inference import inference_form
 
-    model, plan = build_int8_onnx(inference_form(student), tuple(check.shape[1:]), calibration)
+    form = inference_form(student) if form is None else form
+    model, plan = build_int8_onnx(form, tuple(check.shape[1:]), calibration)
     onnx.save(model, str(path))
     optimized_file = path.with_suffix(".optimized.onnx")
     try:

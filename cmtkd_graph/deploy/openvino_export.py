@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
 import openvino as ov
 import torch
 from torch import Tensor, fx
 
 from cmtkd_graph.deploy.inference import inference_form
-from cmtkd_graph.deploy.onnx_int8 import agreement, build_int8_onnx
+from cmtkd_graph.deploy.onnx_int8 import Int8Plan, agreement, build_int8_onnx
 
 INTEGER_PRECISIONS = {"u8", "i8"}
 PROPERTIES = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
@@ -58,11 +59,20 @@ def kernels(compiled: ov.CompiledModel, layers: list[str]) -> dict[str, tuple[st
 
 
 def export_openvino(
-    student: fx.GraphModule, records: list[dict], path: Path, *, check: Tensor, source: str
+    student: fx.GraphModule,
+    records: list[dict],
+    path: Path,
+    *,
+    check: Tensor,
+    source: str,
+    uncalibrated: tuple[onnx.ModelProto, Int8Plan] | None = None,
 ) -> dict:
     """Write ``path`` (and its ``.bin``) from the trained ``student``; add each quantized layer's kernel to
-    its manifest record; return the manifest's ``openvino`` section."""
-    onnx_model, plan = build_int8_onnx(inference_form(student), tuple(check.shape[1:]), None)
+    its manifest record; return the manifest's ``openvino`` section. ``uncalibrated``: the student's
+    int8 graph without calibration (``build_int8_onnx(form, shape, None)``) where the caller has it."""
+    if uncalibrated is None:
+        uncalibrated = build_int8_onnx(inference_form(student), tuple(check.shape[1:]), None)
+    onnx_model, plan = uncalibrated
     model = ov.Core().read_model(onnx_model.SerializeToString())
     ov.save_model(model, str(path), compress_to_fp16=False)
     compiled = compile_model(path)

@@ -10,9 +10,24 @@ shards: every image is counted once.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
+from cmtkd_graph.passes.common import LOGITS
 from cmtkd_graph.runtime.layout import channels_last_tensor
+from cmtkd_graph.system_output import SystemOutput
 from cmtkd_graph.tasks import Task
+
+
+class StudentOnly(nn.Module):
+    """A student graph alone, answering like the system (a run's final student, the weights' moving
+    average)."""
+
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+
+    def forward(self, images: torch.Tensor) -> SystemOutput:
+        return SystemOutput(student_logits=self.student(images)[LOGITS])
 
 
 @torch.no_grad()
@@ -59,7 +74,7 @@ def eval_line(record: dict, task: type[Task]) -> str:
     first = keys[0]
     parts = []
     teachers = sorted(k.split("/")[1] for k in record if k.startswith(f"{first}/teacher"))
-    for name in ["student", "combined", *teachers]:
+    for name in ["student", "student_ema", "combined", *teachers]:
         if f"{first}/{name}" in record:
             parts.append(f"{name} " + "/".join(f"{record.get(f'{k}/{name}', 0):.2f}" for k in keys))
     titles = "/".join(title.removesuffix(" %") for title in task.metric_titles.values())

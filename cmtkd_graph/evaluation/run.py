@@ -9,12 +9,12 @@ Works under ``accelerate launch`` (each image counted once).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from cmtkd_graph.deploy.student import (
@@ -24,28 +24,16 @@ from cmtkd_graph.deploy.student import (
     read_system_state,
     resolve_checkpoint,
 )
+from cmtkd_graph.ema import EMA_FILE
 from cmtkd_graph.errors import UserError
-from cmtkd_graph.evaluation.accuracy import evaluate
-from cmtkd_graph.passes.common import LOGITS
+from cmtkd_graph.evaluation.accuracy import StudentOnly, evaluate
 from cmtkd_graph.registry import TASKS
 from cmtkd_graph.runtime.layout import channels_last_module
 from cmtkd_graph.safe_files import read_tensors
-from cmtkd_graph.system_output import SystemOutput
 from cmtkd_graph.tasks import task_record
 
 log = logging.getLogger("cmtkd_graph")
 SPLITS = ("test", "train")
-
-
-class _StudentOnly(nn.Module):
-    """The system's student alone, answering like the system (for runs saved without checkpoints)."""
-
-    def __init__(self, student: nn.Module):
-        super().__init__()
-        self.student = student
-
-    def forward(self, images: torch.Tensor) -> SystemOutput:
-        return SystemOutput(student_logits=self.student(images)[LOGITS])
 
 
 def evaluate_run(
@@ -78,7 +66,7 @@ def evaluate_run(
     system = build_system(spec, load=False)
     if source.name == STUDENT_FILE:
         load_state(system.student, read_tensors(source, what="student"), origin=source)
-        model: nn.Module = _StudentOnly(system.student)
+        model: nn.Module = StudentOnly(system.student)
     else:
         load_state(system, read_system_state(source), origin=source)
         model = system
@@ -104,6 +92,24 @@ def evaluate_run(
             channels_last=precision.channels_last,
         ),
     }
+    if source.is_dir() and (source / EMA_FILE).is_file():  # a checkpoint of a run with train.ema
+        average = copy.deepcopy(system.student)
+        state = read_tensors(source / EMA_FILE, what="the weights' moving average")
+        load_state(
+            average,
+            {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"},
+            origin=source,
+        )
+        if precision.channels_last:
+            average = channels_last_module(average)
+        alone = evaluate(
+            StudentOnly(average.to(accelerator.device)),
+            loader,
+            accelerator,
+            task=task_record(spec.student.arch),
+            channels_last=precision.channels_last,
+        )
+        record.update({k.replace("/student", "/student_ema"): v for k, v in alone.items() if "/student" in k})
     if accelerator.is_main_process:
         path = Path(out) if out else run_dir / "eval" / f"{_label(source)}-{split}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,5 +163,11 @@ def recorded_accuracy(run_dir: Path, record: dict) -> dict | None:
     if record["split"] != "test" or not final.is_file():
         return None
     summary = json.loads(final.read_text())
-    same_state = summary.get("checkpoint") == record["state"] or record["state"].endswith(STUDENT_FILE)
-    return summary.get("accuracy") if same_state else None
+    accuracy = summary.get("accuracy")
+    if record["state"].endswith(STUDENT_FILE):
+        if summary.get("student_weights") == "ema" and accuracy:  # the final student is the average
+            accuracy = {
+                k.replace("/student_ema", "/student"): v for k, v in accuracy.items() if "/student_ema" in k
+            }
+        return accuracy
+    return accuracy if summary.get("checkpoint") == record["state"] else None

@@ -68,7 +68,19 @@ BLOCK_LIMIT = 40
 encoder, DenseNet's dense blocks); ResNet blocks have about a dozen."""
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-_DECISIONS = ("kind", "bits", "signed", "quantizer", "weight_bits", "act_bits", "position", "reason", "tap")
+_DECISIONS = (
+    "kind",
+    "bits",
+    "signed",
+    "quantizer",
+    "weight_bits",
+    "act_bits",
+    "position",
+    "roles",
+    "rule",
+    "reason",
+    "tap",
+)
 """Keys of ``node.meta["cmtkd"]`` copied onto the node (what the quantize/compose passes decided)."""
 
 
@@ -202,6 +214,12 @@ def _node_attrs(gm: fx.GraphModule, node: fx.Node, counted: set[str]) -> dict[st
 def bits_label(weight_bits: int, act_bits: int) -> str:
     """``W2A2``, ``WfpAfp`` (as in the spec's bits labels)."""
     return "W{}A{}".format(*("fp" if b == FULL_PRECISION else b for b in (weight_bits, act_bits)))
+
+
+def precision_label(weight_bits: int, act_bits: int) -> str:
+    """``W8A8``, or ``full precision`` for a float layer."""
+    full = weight_bits == act_bits == FULL_PRECISION
+    return "full precision" if full else bits_label(weight_bits, act_bits)
 
 
 def _target_name(target: Any) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import networkx as nx
 
 from cmtkd_graph.errors import UserError
-from cmtkd_graph.inspection.graph import bits_label, system_graph
+from cmtkd_graph.inspection.graph import bits_label, precision_label, system_graph
 from cmtkd_graph.quantizers import FULL_PRECISION
 from cmtkd_graph.system import DistillationSystem
 
@@ -193,10 +193,10 @@ def _network_lines(graph: nx.DiGraph, network: str, title: str) -> list[str]:
         for a in layers
         if a["weight_bits"] != FULL_PRECISION
     )
-    kept = [
+    kept = [  # those a precision rule keeps are counted on its own row
         f"{a['label']} {a['module_type']} ({a['reason']})"
         for a in layers
-        if a["weight_bits"] == FULL_PRECISION
+        if a["weight_bits"] == FULL_PRECISION and not a.get("rule", "").startswith("quantizer.rules")
     ]
     quantizers = [a for a in nodes if a["role"] == "quantizer"]
     acts = [a for a in quantizers if a["kind"] == "activation"]
@@ -206,12 +206,32 @@ def _network_lines(graph: nx.DiGraph, network: str, title: str) -> list[str]:
     rows = [
         ("quantized layers", ", ".join(f"{b}: {n} {t}" for (b, t), n in sorted(quantized.items()))),
         ("full precision", ", ".join(kept)),
+        ("precision rules", rule_counts(layers)),
         ("input quantizers", f"{len(acts)} ({len(acts) - signed} unsigned, {signed} signed)"),
         ("weight quantizers", ", ".join(f"{n} x {b} bits" for b, n in sorted(weights.items()))),
         ("taps", ", ".join(taps)),
     ]
     params = sum(a["params"] for a in nodes)
     return [f"{network} ({title}): {params:,} parameters, {len(nodes)} nodes", *_aligned(rows)]
+
+
+def rule_counts(layers: list[Mapping[str, Any]]) -> str:
+    """``quantizer.rules[0] (role depthwise_conv): 11 layers W8A8``, one entry per rule that decided
+    layers of a network (what decided the others, the first/last-layer rule and the network's bits, is
+    in their bits and ``reason``); '' without rules."""
+    decided = Counter(
+        (
+            a["rule"],
+            precision_label(a["weight_bits"], a["act_bits"]),
+            a["quantizer"] if a["weight_bits"] < 32 else "",
+        )
+        for a in layers
+        if a.get("rule", "").startswith("quantizer.rules")
+    )
+    return "; ".join(
+        f"{rule}: {n} layer{'s' if n > 1 else ''} at {bits}{f' ({family})' if family else ''}"
+        for (rule, bits, family), n in sorted(decided.items())
+    )
 
 
 def _fusion_lines(graph: nx.DiGraph) -> list[str]:

@@ -36,6 +36,8 @@ def spec_summary(spec: Spec, system: DistillationSystem | None = None, *, source
             if taps and (info.label == "student" or taps not in shown):  # identical teachers: once
                 rows.append((f"taps {info.label}", taps))
                 shown.append(taps)
+    if system is not None and spec.quantizer.rules:
+        rows.append(("precision rules", _rules_text(system)))
     rows.append(("objective", METHODS.get(spec.method).describe(spec) + _aux_text(spec)))
     rows.append(
         (
@@ -45,6 +47,9 @@ def spec_summary(spec: Spec, system: DistillationSystem | None = None, *, source
             f"batch {data.batch_size}",
         )
     )
+    recipe = _recipe_text(spec)
+    if recipe:
+        rows.append(("recipe", recipe))
     rows.append(
         (
             "optimizer",
@@ -80,6 +85,53 @@ def spec_summary(spec: Spec, system: DistillationSystem | None = None, *, source
         rows.append(("parameters", text))
     width = max(len(k) for k, _ in rows)
     return "\n".join([f"{source}: valid"] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+def _recipe_text(spec: Spec) -> str:
+    """``policy trivialaugment_wide, random erasing 0.1, mixup 0.2 or cutmix 1, label smoothing 0.1``:
+    the recipe options set beyond the crop and flip (docs/training.md), or ''."""
+    a = spec.data.augment
+    parts = [f"policy {a.policy}"] if a.policy != "none" else []
+    if a.random_erasing:
+        parts.append(f"random erasing {a.random_erasing:g}")
+    mixes = [
+        f"{name} {alpha:g}" for name, alpha in (("mixup", a.mixup_alpha), ("cutmix", a.cutmix_alpha)) if alpha
+    ]
+    if mixes:
+        parts.append(" or ".join(mixes) + " per batch")
+    if spec.distill.label_smoothing:
+        parts.append(f"label smoothing {spec.distill.label_smoothing:g}")
+    ema = spec.train.ema
+    if ema is not None:
+        use = "the final student" if ema.student else "evaluated beside the student"
+        parts.append(f"EMA of the student's weights (decay {ema.decay:g} every {ema.every} step(s), {use})")
+    return ", ".join(parts)
+
+
+def _rules_text(system: DistillationSystem) -> str:
+    """``quantizer.rules[0]: student 11 layers at W8A8, teachers 22 layers``: what each rule decided."""
+    from collections import Counter
+
+    from cmtkd_graph.inspection.graph import precision_label
+    from cmtkd_graph.passes.common import META
+
+    decided: Counter = Counter()
+    for network, gm in (("student", system.student), ("teachers", system.teachers)):
+        for node in gm.graph.nodes if gm is not None else ():
+            info = node.meta.get(META, {})
+            if info.get("role") == "layer" and info["rule"].startswith("quantizer.rules"):
+                bits = precision_label(info["weight_bits"], info["act_bits"]) if network == "student" else ""
+                decided[info["rule"].split(" ")[0], network, bits] += 1
+    parts = []
+    for i in range(len(system.spec.quantizer.rules)):
+        label = f"quantizer.rules[{i}]"
+        counts = [
+            f"{net} {n} layer{'s' if n > 1 else ''}{f' at {bits}' if bits else ''}"
+            for (rule, net, bits), n in sorted(decided.items())
+            if rule == label
+        ]
+        parts.append(f"{label}: {', '.join(counts)}")
+    return "; ".join(parts)
 
 
 def _aux_text(spec: Spec) -> str:

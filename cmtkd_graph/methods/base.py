@@ -267,8 +267,13 @@ class Method:
         return None
 
     # ------------------------------------------------------------------ shared pieces
+    def ce(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy of ``logits`` against the labels (class indices or, after MixUp/CutMix, class
+        probabilities), with the spec's ``distill.label_smoothing``: every label term goes through it."""
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.distill.label_smoothing)
+
     def student_ce(self, out: SystemOutput, labels: Tensor) -> dict[str, Tensor]:
-        return {"ce_student": F.cross_entropy(out.student_logits.float(), labels)}
+        return {"ce_student": self.ce(out.student_logits, labels)}
 
     def cross_entropy_terms(
         self, ctx: MethodContext, out: SystemOutput, labels: Tensor
@@ -277,7 +282,7 @@ class Method:
         terms = self.student_ce(out, labels)
         total = self.distill.alpha * terms["ce_student"]
         if ctx.teacher_trains:
-            terms["ce_teacher"] = F.cross_entropy(out.teacher_logits.float(), labels)
+            terms["ce_teacher"] = self.ce(out.teacher_logits, labels)
             total = total + self.distill.alpha * terms["ce_teacher"]
         return terms, total
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, fx
 
@@ -125,7 +124,7 @@ class CTKD(Method):
         d = self.distill
         scratch = out.each_teacher_logits[SCRATCH]
         terms = self.student_ce(out, labels)
-        terms["ce_scratch"] = F.cross_entropy(scratch.float(), labels)
+        terms["ce_scratch"] = self.ce(scratch, labels)
         terms["l2_student"] = logit_distance(scratch.detach(), out.student_logits)
         total = d.alpha * (terms["ce_student"] + terms["ce_scratch"]) + d.beta * terms["l2_student"]
         terms["total"] = self.add_feature_terms(ctx, out, terms, total)  # on the hint learner's taps

@@ -161,8 +161,76 @@ def _b(bits: int) -> str:
     return "fp" if bits == FULL_PRECISION else str(bits)
 
 
+class LayerMatch(Strict):
+    """Which layers a precision rule is for: every selector given must match (docs/methods.md)."""
+
+    type: str | None = Field(
+        None,
+        description="class name of the float layer or of a base class: Conv2d, Linear, MultiheadAttention",
+    )
+    name: str | None = Field(
+        None, description="glob on the layer's name or a dotted prefix of it: features.*.block.1, layer4"
+    )
+    position: Literal["first", "last", "inner"] | None = Field(
+        None, description="first (no layer upstream), last (no layer downstream) or inner, by graph position"
+    )
+    role: Literal["depthwise_conv", "attention", "se_gate", "patch_embedding", "classifier"] | None = Field(
+        None,
+        description="depthwise_conv, attention (projections), se_gate (squeeze-excitation), "
+        "patch_embedding (a first conv with stride >= 4), classifier (the last layers)",
+    )
+    network: Literal["student", "teacher"] | None = Field(
+        None, description="student or teacher; default: every network"
+    )
+
+    @model_validator(mode="after")
+    def _some_selector(self) -> LayerMatch:
+        if not any(v is not None for v in self.model_dump().values()):
+            raise ValueError(
+                "match: give at least one of type, name, position, role, network (a rule for every "
+                "layer is the network's weight_bits / act_bits)"
+            )
+        return self
+
+
+class PrecisionRule(Strict):
+    """The bits (and quantizer) of the layers a rule matches; the first matching rule decides."""
+
+    match: LayerMatch = Field(description="which layers: type, name, position, role, network")
+    weight_bits: Bits | None = Field(
+        None, description="their weight bits; default: what they get without the rule"
+    )
+    act_bits: Bits | None = Field(
+        None, description="their input bits; default: what they get without the rule"
+    )
+    float: bool = Field(False, description="true: keep them full precision (weight and input)")
+    quantizer: Annotated[str, AfterValidator(_check_quantizer)] | None = Field(
+        None, description="their quantizer family (hwgq, lsq, dorefa, pact); default: quantizer.name"
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="that family's options")
+
+    @model_validator(mode="after")
+    def _some_setting(self) -> PrecisionRule:
+        bits = self.weight_bits is not None or self.act_bits is not None
+        if self.float and (bits or self.quantizer is not None):
+            raise ValueError(
+                "float: true keeps the layers full precision; drop weight_bits, act_bits, quantizer"
+            )
+        if not (bits or self.float or self.quantizer is not None):
+            raise ValueError("give what the layers get: weight_bits, act_bits, float: true or quantizer")
+        if self.options and self.quantizer is None:
+            raise ValueError("options: set quantizer too (the options are that family's)")
+        return self
+
+    def bits(self) -> tuple[int | None, int | None]:
+        """(weight bits, input bits) the rule sets (None: left as they are)."""
+        if self.float:
+            return FULL_PRECISION, FULL_PRECISION
+        return self.weight_bits, self.act_bits
+
+
 class QuantizerSpec(Strict):
-    """Which quantizer family quantizes weights and activations, and the first/last layer rule."""
+    """The quantizer family of weights and activations, the first/last-layer rule, the precision rules."""
 
     name: Annotated[str, AfterValidator(_check_quantizer)] = Field(
         "hwgq", description="hwgq, lsq, dorefa, pact", json_schema_extra=_registered_names(QUANTIZERS)
@@ -176,6 +244,12 @@ class QuantizerSpec(Strict):
     )
     last_layer_bits: Bits = Field(
         32, description="weight and input bits of the last layer(s) (the classifier); 32 keeps it float"
+    )
+    rules: list[PrecisionRule] = Field(
+        default_factory=list,
+        description="per-layer precision, before the first/last-layer rule: the first rule whose match "
+        "fits a layer sets its bits or quantizer, e.g. [{match: {role: depthwise_conv}, weight_bits: 8, "
+        "act_bits: 8}]",
     )
 
 
@@ -235,6 +309,13 @@ class DistillSpec(Strict):
     detach_shared: bool = Field(
         False, description="true: the feature loss gives no gradient to the teachers (and importance logits)"
     )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="label smoothing of every cross-entropy term against the labels (torch's "
+        "F.cross_entropy(label_smoothing=...)); the distillation terms are not smoothed",
+    )
     options: dict[str, Any] = Field(
         default_factory=dict, description="the method's own settings (see its section below the table)"
     )
@@ -250,6 +331,35 @@ class AugmentSpec(Strict):
     hflip: bool | None = Field(
         None, description="random horizontal flip (default: true except fashion_mnist)"
     )
+    policy: Literal["none", "autoaugment", "randaugment", "trivialaugment_wide", "augmix"] = Field(
+        "none",
+        description="classification: an automatic augmentation policy of torchvision.transforms.v2 after the "
+        "crop and flip (autoaugment: its ImageNet policy)",
+    )
+    random_erasing: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="classification: probability of v2.RandomErasing per image, after normalising",
+    )
+    mixup_alpha: float = Field(
+        0.0,
+        ge=0,
+        description="classification: v2.MixUp of each training batch with Beta(alpha, alpha); 0 = off",
+    )
+    cutmix_alpha: float = Field(
+        0.0,
+        ge=0,
+        description="classification: v2.CutMix of each training batch; with mixup_alpha too, one of the two "
+        "per batch, at random",
+    )
+
+    def is_plain(self) -> bool:
+        """No policy, erasing or batch mixing (what every task and the device pipeline can do)."""
+        return self.policy == "none" and not self.random_erasing and not self.mixes()
+
+    def mixes(self) -> bool:
+        return bool(self.mixup_alpha or self.cutmix_alpha)
 
 
 IMAGENET_LIKE_MIN_SIZE = 64
@@ -367,6 +477,11 @@ class DataSpec(Strict):
                     "data.corrupt_images: skip needs pipeline: workers; the device pipeline decodes every "
                     "image before training"
                 )
+            if not self.augment.is_plain():
+                problems.append(
+                    "data.augment: policy, random_erasing, mixup_alpha and cutmix_alpha need pipeline: "
+                    "workers; the device pipeline does random_crop and hflip"
+                )
         problems += self._normalisation_problems()
         if problems:
             raise ValueError("\n".join(problems))
@@ -467,6 +582,21 @@ def _yaml_no(value: Any) -> Any:
     return "no" if value is False else value
 
 
+class EmaSpec(Strict):
+    """An exponential moving average of the student's weights (torch's ``AveragedModel`` with
+    ``get_ema_multi_avg_fn``), evaluated beside the trained weights (docs/training.md)."""
+
+    decay: float = Field(
+        0.9998, gt=0, lt=1, description="at each update: average = decay x average + (1 - decay) x weights"
+    )
+    every: int = Field(1, ge=1, description="update the average after every N optimizer steps")
+    student: bool = Field(
+        True,
+        description="true: the run's final student (student.safetensors: eval, export, predict) is the "
+        "average; false: the average is only evaluated",
+    )
+
+
 class TrainSpec(Strict):
     """The training run: length, seed, output, precision, checkpoints, logging."""
 
@@ -501,6 +631,9 @@ class TrainSpec(Strict):
         True, description="false: write no checkpoints (quick experiments; no --resume)"
     )
     checkpoint_every: int = Field(1, ge=1, description="save a checkpoint every N epochs (and at the end)")
+    ema: EmaSpec | None = Field(
+        None, description="an exponential moving average of the student's weights, e.g. {decay: 0.9998}"
+    )
     keep_checkpoints: int = Field(2, ge=1, description="how many checkpoints to keep")
     log_every: int = Field(20, ge=1, description="write a metrics.jsonl line every N optimizer steps")
     eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and always after the last)")
@@ -609,22 +742,27 @@ class Spec(Strict):
 
         task = self.resolved_task
         models = self._networks()
-        problems = [
+        problems = [  # a teacher that inherits the student's arch is not named again
             f"{where}.arch: {m.arch} is a {task_of_model(m.arch)} model; the spec's task is {task}"
             for where, m in models
-            if m.arch is not None and task_of_model(m.arch) != task
+            if task_of_model(m.arch) != task and (where == "student" or m.arch != self.student.arch)
         ]
         record = TASKS.get(task)
         problems += [
             f"{where}.kwargs.{problem}"
             for where, m in models
-            if (problem := record.kwargs_problem(m.arch or self.student.arch, self._kwargs_of(m))) is not None
+            if (problem := record.kwargs_problem(m.arch, m.kwargs or {})) is not None
         ]
         method = METHODS.get(self.method)
         if method.tasks is not None and task not in method.tasks:
             problems.append(
                 f"method: {self.method} is for {', '.join(method.tasks)} ({method.tasks_reason}); the spec's "
                 f"task is {task}: use {', '.join(m for m in METHODS if METHODS.get(m).tasks is None)}"
+            )
+        if task != "classification" and not self.data.augment.is_plain():
+            problems.append(
+                "data.augment: policy, random_erasing, mixup_alpha and cutmix_alpha are for classification; "
+                f"the spec's task is {task}"
             )
         data_task = DATASETS.get(self.data.dataset).task
         if data_task != task:
@@ -634,13 +772,11 @@ class Spec(Strict):
         if problems:
             raise ValueError("\n".join(problems))
 
-    def _kwargs_of(self, model: ModelSpec) -> dict:
-        """The builder kwargs a network is built with (a teacher without its own takes the student's)."""
-        return model.kwargs if model.kwargs is not None else (self.student.kwargs or {})
-
     def _networks(self) -> list[tuple[str, ModelSpec]]:
-        """(where the spec writes it, the network) of the student and each teacher, as written."""
-        return [("student", self.student), *((f"teachers[{i}]", t) for i, t in enumerate(self.teachers))]
+        """(where the spec writes it, the network as built) of the student and each teacher (a teacher
+        takes the student's arch and kwargs where it gives none: ``resolved_teachers``)."""
+        teachers = enumerate(self.resolved_teachers())
+        return [("student", self.student), *((f"teachers[{i}]", t) for i, t in teachers)]
 
     def _check_fixed_input(self) -> None:
         """A builder that runs on one input size only (ViT, MaxViT, MViT) gets it (its family's fact), so
@@ -649,11 +785,10 @@ class Spec(Strict):
 
         given = tuple(self.data.input_shape()[1:])
         for where, m in self._networks():
-            arch = m.arch or self.student.arch
-            rule = family_of(arch).fixed_input
+            rule = family_of(m.arch).fixed_input
             if rule is None:
                 continue
-            needed = rule.for_kwargs(self._kwargs_of(m))
+            needed = rule.for_kwargs(m.kwargs or {})
             if given == needed:
                 continue
             fix = f"data.image_size: {needed[-1]}" if needed[-1] == needed[-2] else "square inputs"
@@ -663,7 +798,7 @@ class Spec(Strict):
                 fix += f", or build it for your size with {where}.kwargs.{rule.kwarg} ({rule.kwarg_rule})"
             size, got = "x".join(map(str, needed)), "x".join(map(str, given))
             raise ValueError(
-                f"{where}.arch: {arch} runs on {'clips' if len(needed) == 3 else 'images'} of {size} only "
+                f"{where}.arch: {m.arch} runs on {'clips' if len(needed) == 3 else 'images'} of {size} only "
                 f"({rule.reason}), not {got}: set {fix}"
             )
 

@@ -1,0 +1,177 @@
+"""Training-recipe options: label smoothing, torchvision's automatic augmentation policies, random
+erasing, MixUp/CutMix of batches and KDCL-MinLogit on their soft labels. That a run with all of them
+resumes bit-identically is in test_train.py (test_resume_gives_bit_identical_weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+import cmtkd_graph as cg
+from cmtkd_graph.data.mixing import BatchMixing
+from cmtkd_graph.data.transforms import build_transforms
+from cmtkd_graph.errors import SpecError
+from cmtkd_graph.losses import kdcl_min_logit
+from cmtkd_graph.spec import AugmentSpec, DataSpec
+
+
+def spec(**data) -> cg.Spec:
+    return cg.Spec.model_validate(
+        {
+            "name": "recipe",
+            "student": {"arch": "resnet18", "weight_bits": 2, "act_bits": 2, "kwargs": {"num_classes": 10}},
+            "teachers": [{"weight_bits": 4, "act_bits": 4}],
+            "data": {"dataset": "cifar10", **data},
+            "distill": {"label_smoothing": 0.1},
+            "taps": {"teachers": ["layer2"]},
+        }
+    )
+
+
+def test_label_smoothing_reaches_every_cross_entropy_term():
+    torch.manual_seed(0)
+    system = cg.build_system(spec())
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 9, 3])
+    out, terms = system(images, labels)
+    for term, logits in (("ce_student", out.student_logits), ("ce_teacher", out.teacher_logits)):
+        expected = F.cross_entropy(logits.float(), labels, label_smoothing=0.1)
+        assert terms[term].item() == pytest.approx(expected.item(), rel=1e-6)
+        assert terms[term].item() != pytest.approx(F.cross_entropy(logits.float(), labels).item(), rel=1e-3)
+
+
+def test_mixup_mixes_images_and_labels_by_one_lambda_and_repeats_itself():
+    mixing = BatchMixing(AugmentSpec(mixup_alpha=0.4), 10, seed=3)
+    images, labels = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4, 5])
+    mixed, soft = mixing(images, labels, epoch=0, batch=0)
+    lam = soft[0, 0].item()
+    assert 0 < lam < 1 and soft.shape == (6, 10)
+    one_hot = F.one_hot(labels, 10).float()
+    assert torch.allclose(soft, lam * one_hot + (1 - lam) * one_hot.roll(1, 0))
+    assert torch.allclose(mixed, lam * images + (1 - lam) * images.roll(1, 0), atol=1e-6)
+    again, again_soft = mixing(images, labels, epoch=0, batch=0)
+    assert torch.equal(again, mixed) and torch.equal(again_soft, soft)  # seeded by (seed, epoch, batch)
+    _, other = mixing(images, labels, epoch=0, batch=1)
+    assert not torch.equal(other, soft)
+    other_rank = BatchMixing(AugmentSpec(mixup_alpha=0.4), 10, seed=3, rank=1)
+    assert not torch.equal(other_rank(images, labels, epoch=0, batch=0)[1], soft)
+
+
+def test_cutmix_pastes_a_box_whose_area_is_the_label_weight():
+    mixing = BatchMixing(AugmentSpec(cutmix_alpha=1.0), 10, seed=0)
+    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 16, 16).contiguous()
+    labels = torch.tensor([0, 1, 2, 3])
+    for batch in range(5):
+        mixed, soft = mixing(images, labels, epoch=1, batch=batch)
+        kept = (mixed == images).float().mean(dim=(1, 2, 3))  # pixels of the image's own
+        pasted = (mixed == images.roll(1, 0)).float().mean(dim=(1, 2, 3))
+        assert torch.allclose(kept + pasted, torch.ones(4))
+        assert torch.allclose(soft[torch.arange(4), labels], kept)
+        assert torch.allclose(soft.sum(1), torch.ones(4))
+
+
+def test_kdcl_min_logit_on_soft_labels():
+    torch.manual_seed(0)
+    teacher, student = torch.randn(5, 7), torch.randn(5, 7)
+    labels = torch.tensor([0, 6, 2, 2, 4])
+    hard = kdcl_min_logit(teacher, student, labels)
+    assert torch.equal(kdcl_min_logit(teacher, student, F.one_hot(labels, 7).float()), hard)
+    soft = 0.7 * F.one_hot(labels, 7).float() + 0.3 * F.one_hot(labels.roll(1), 7).float()
+    by_hand = torch.minimum(
+        teacher
+        - (0.7 * teacher.gather(1, labels[:, None]) + 0.3 * teacher.gather(1, labels.roll(1)[:, None])),
+        student
+        - (0.7 * student.gather(1, labels[:, None]) + 0.3 * student.gather(1, labels.roll(1)[:, None])),
+    )
+    assert torch.allclose(kdcl_min_logit(teacher, student, soft), by_hand, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("policy", "kind"),
+    [
+        ("autoaugment", v2.AutoAugment),
+        ("randaugment", v2.RandAugment),
+        ("trivialaugment_wide", v2.TrivialAugmentWide),
+        ("augmix", v2.AugMix),
+    ],
+)
+def test_policies_follow_the_crop_and_erasing_follows_normalising(policy, kind):
+    data = DataSpec(dataset="cifar10", augment={"policy": policy, "random_erasing": 1.0})
+    train, evaluation = build_transforms(data, size=32, native_size=32, in_channels=3)
+    steps = [type(t) for t in train.transforms]
+    assert steps.index(kind) == steps.index(v2.RandomHorizontalFlip) + 1
+    assert steps[-1] is v2.RandomErasing and kind not in [type(t) for t in evaluation.transforms]
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    out = train(image)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32 and (out == 0).any()  # a box erased
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"dataset": "fashion_scenes", "augment": {"mixup_alpha": 0.2}}, "are for classification"),
+        (
+            {"dataset": "cifar10", "pipeline": "device", "augment": {"policy": "randaugment"}},
+            "need pipeline: workers",
+        ),
+    ],
+)
+def test_recipe_options_where_they_cannot_apply_are_one_line(tmp_path, data, message):
+    arch = "lraspp_mobilenet_v3_large" if data["dataset"] == "fashion_scenes" else "resnet18"
+    path = tmp_path / "spec.yaml"
+    import yaml
+
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "x",
+                "method": "single",
+                "student": {"arch": arch, "weight_bits": 2, "act_bits": 2},
+                "data": data,
+            }
+        )
+    )
+    with pytest.raises(SpecError, match=message):
+        cg.load_spec(path)
+
+
+def test_validate_names_the_recipe():
+    from cmtkd_graph.inspection.summary import spec_summary
+
+    text = spec_summary(spec(augment={"policy": "randaugment", "random_erasing": 0.25, "cutmix_alpha": 1.0}))
+    line = next(line for line in text.splitlines() if line.strip().startswith("recipe "))
+    assert (
+        line.split(None, 1)[1]
+        == "policy randaugment, random erasing 0.25, cutmix 1 per batch, label smoothing 0.1"
+    )
+
+
+def test_the_moving_average_of_the_weights_updates_every_n_steps_by_torchs_formula(tmp_path):
+    from torch import nn
+
+    from cmtkd_graph.ema import StudentAverage
+    from cmtkd_graph.spec import EmaSpec
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    average = StudentAverage(net, EmaSpec(decay=0.9, every=2))
+    w0 = net[0].weight.detach().clone()
+    average.update(net, 1)  # not an update step
+    assert int(average.model.n_averaged) == 0
+    average.update(net, 2)  # the first update copies
+    assert torch.equal(average.student[0].weight, w0)
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    net(torch.randn(8, 3))  # moves BatchNorm's running statistics
+    average.update(net, 4)
+    assert torch.allclose(average.student[0].weight, 0.9 * w0 + 0.1 * (w0 + 1))
+    assert torch.allclose(average.student[1].running_mean, 0.1 * net[1].running_mean)
+    assert not average.student[0].weight.requires_grad
+    average.save(tmp_path)
+    resumed = StudentAverage(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)), EmaSpec(decay=0.9, every=2))
+    assert resumed.load(tmp_path) and int(resumed.model.n_averaged) == 2
+    assert torch.equal(resumed.student[0].weight, average.student[0].weight)
+    assert set(average.student_state()) == set(net.state_dict())
+    assert not StudentAverage(net, EmaSpec()).load(tmp_path / "elsewhere")
