@@ -1,7 +1,8 @@
 """Deployment speed: the low-bit student against its float network, in the same runtime, on this machine.
 
 For each model (resnet18 at 32x32 with the CIFAR stem and at 224x224; mobilenet_v2 at 224x224; HWGQ
-W2A2 and LSQ W4A4 students) and each backend, the student's latency (batch 1) and throughput (batch 64)
+W2A2 and LSQ W4A4 students; one W2A2 model per family beyond ResNets: MobileNetV3, EfficientNet, RegNet,
+ConvNeXt, at 224x224) and each backend, the student's latency (batch 1) and throughput (batch 64)
 against the float network of the same architecture, timed interleaved in one run (best of ``--repeat``
 rounds, each round runs every candidate once):
 
@@ -65,6 +66,11 @@ MODELS = {  # name -> (base spec, overrides)
             "student.act_bits=4",
         ],
     ),
+    # one model per family beyond ResNets (docs/deployment.md#speed)
+    **{
+        f"{arch}-224-hwgq-w2a2": ("resnet18", [f"student.arch={arch}", "surgery=[]", "data.image_size=224"])
+        for arch in ("mobilenet_v3_large", "efficientnet_b0", "regnet_y_400mf", "convnext_tiny")
+    },
 }
 BACKENDS = ("PyTorch", "onnxruntime", "OpenVINO")
 COMMON = ["student.kwargs={num_classes: 10}", "teachers=[]", "method=single", "distill={}"]

@@ -3,10 +3,15 @@
 torch's own ``AveragedModel`` with ``get_ema_multi_avg_fn(decay)`` and ``use_buffers=True`` (as
 torchvision's classification reference keeps its model EMA): after every ``every``-th optimizer step,
 each floating-point parameter and buffer (BatchNorm statistics, learned quantizer steps) becomes
-``decay x average + (1 - decay) x current``; the first update copies the student, integer and boolean
-buffers are copied. The average lives outside the trained system (no gradient, not in the optimizer,
-not wrapped by DDP: every process updates it from the same weights) and is saved beside each checkpoint
-as ``ema.safetensors``, so a resumed run continues the same average.
+``decay x average + (1 - decay) x current``; the first update copies the student; integer and boolean
+buffers (BatchNorm's batch count, a quantizer's initialised flag) are copied as they are. An average
+that was never updated (fewer steps than ``every``; resumed from a checkpoint without one) starts from
+the student when it is first read.
+
+The average lives outside the trained system (no gradient, not in the optimizer, not wrapped by DDP).
+Every process updates it from the same parameters, but each process's BatchNorm statistics come from its
+own share of the batch: after each update the buffers of process 0's average go to every process, so
+all hold the one average that checkpoints save (``ema.safetensors``) and a resumed run continues.
 """
 
 from __future__ import annotations
@@ -43,7 +48,24 @@ class StudentAverage:
     def update(self, student: nn.Module, step: int) -> None:
         """After optimizer step ``step`` (from 1): fold ``student`` into the average every ``every`` steps."""
         if step % self.spec.every == 0:
-            self.model.update_parameters(student)
+            self._fold_in(student)
+
+    @torch.no_grad()
+    def start(self, student: nn.Module) -> None:
+        """Copy ``student`` into an average that was never updated (before it is evaluated or saved; every
+        process calls it at the same point)."""
+        if int(self.model.n_averaged) == 0:
+            self._fold_in(student)
+
+    def _fold_in(self, student: nn.Module) -> None:
+        self.model.update_parameters(student)
+        for mine, theirs in zip(self.student.buffers(), student.buffers(), strict=True):
+            if not mine.is_floating_point():  # counters and flags: copied, not averaged
+                mine.copy_(theirs)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for buffer in self.student.buffers():  # process 0's BatchNorm statistics everywhere
+                if buffer.is_floating_point():
+                    torch.distributed.broadcast(buffer, src=0)
 
     def student_state(self) -> dict[str, torch.Tensor]:
         """The averaged student's state dict (the student's own key names), on the CPU."""

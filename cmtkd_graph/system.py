@@ -125,7 +125,7 @@ def layer_rules(spec: Spec) -> list[LayerRule]:
     rules = []
     for i, rule in enumerate(spec.quantizer.rules):
         weight_bits, act_bits = rule.bits()
-        family = None if rule.quantizer is None else build_quantizer_family(rule.quantizer, rule.options)
+        family = None if rule.quantizer is None else _rule_family(i, rule.quantizer, rule.options)
         rules.append(
             LayerRule(
                 f"quantizer.rules[{i}]",
@@ -136,6 +136,15 @@ def layer_rules(spec: Spec) -> list[LayerRule]:
             )
         )
     return rules
+
+
+def _rule_family(index: int, name: str, options: dict):
+    """The quantizer family a rule asks for; a bad option is named at the rule's own key."""
+    try:
+        return build_quantizer_family(name, options)
+    except UserError as err:
+        message = str(err).replace("quantizer.options", f"quantizer.rules[{index}].options")
+        raise type(err)(message) from None
 
 
 def check_rules_used(spec: Spec, networks: list[fx.GraphModule]) -> None:

@@ -308,6 +308,7 @@ class Trainer:
                     f"train.ema: {checkpoint} holds no moving average (trained without train.ema); the "
                     "average starts from the resumed weights"
                 )
+                self.average.start(self.system.student)
             self.state = {"seconds": None, **read_trainer_state(checkpoint)}
             self._restore_scheduler(self.state.pop("scheduler", None))
             self.last_checkpoint = checkpoint
@@ -356,6 +357,7 @@ class Trainer:
                 self.scheduler.step()  # before the checkpoint, so a resumed run starts at the next lr
             if t.checkpoints and (last or (epoch_done and self.state["epoch"] % t.checkpoint_every == 0)):
                 self._check_finite()
+                self._start_average()
                 self.last_checkpoint = save_checkpoint(
                     self.acc, self.run_dir, self._state_to_save(), t.keep_checkpoints, self._write_average
                 )
@@ -466,6 +468,7 @@ class Trainer:
     def _stop_here(self, means: dict[str, torch.Tensor]) -> None:
         """Checkpoint the step just taken (mid-epoch: resume continues from the next batch) and stop."""
         self._check_finite(means)
+        self._start_average()
         checkpoint = save_checkpoint(
             self.acc,
             self.run_dir,
@@ -482,6 +485,12 @@ class Trainer:
         processes'): what a run costs, without the waits between its processes."""
         before = self.state["seconds"]
         return None if before is None else round(before + time.perf_counter() - self.started, 1)
+
+    def _start_average(self) -> None:
+        """An average never updated yet (fewer steps than ``train.ema.every``) starts from the student;
+        every process calls this before the average is evaluated or saved."""
+        if self.average is not None:
+            self.average.start(self.system.student)
 
     def _write_average(self, directory: Path) -> None:
         if self.average is not None:
@@ -555,6 +564,7 @@ class Trainer:
             **evaluate(self.model, self.eval_loader, acc, task=self.task, channels_last=self.channels_last),
         }
         if self.average is not None:
+            self._start_average()
             record.update(self._evaluate_average())
         self.model.train()
         self.metrics.write(record)
@@ -570,20 +580,23 @@ class Trainer:
         return record
 
     def _evaluate_average(self) -> dict:
-        """The moving average's metrics, as ``<metric>/student_ema``."""
-        alone = evaluate(
-            StudentOnly(self.average.student),
-            self.eval_loader,
-            self.acc,
-            task=self.task,
-            channels_last=self.channels_last,
-        )
+        """The moving average's metrics, as ``<metric>/student_ema`` (under the run's autocast, as the
+        prepared system is evaluated)."""
+        with self.acc.autocast():
+            alone = evaluate(
+                StudentOnly(self.average.student),
+                self.eval_loader,
+                self.acc,
+                task=self.task,
+                channels_last=self.channels_last,
+            )
         return {k.replace("/student", "/student_ema"): v for k, v in alone.items() if "/student" in k}
 
     def _finish(self, final_eval: dict) -> None:
         from safetensors.torch import save_file
 
         acc = self.acc
+        self._start_average()
         acc.wait_for_everyone()
         self._write_rank_report()
         if acc.is_main_process:

@@ -224,3 +224,9 @@ def test_after_gelu_the_input_quantizer_keeps_negative_values():
     levels = quantizer(gelu)
     assert torch.equal(torch.sign(levels[negative]), -torch.ones(int(negative.sum())))
     assert (gm.get_submodule("4.input_quantizer")(gelu) >= 0).all()  # after ReLU: the half-wave grid
+
+
+def test_a_bad_option_of_a_rules_quantizer_is_named_at_the_rule():
+    spec = spec_with("resnet18", [{"match": {"name": "layer4"}, "quantizer": "lsq", "options": {"bogus": 1}}])
+    with pytest.raises(SpecError, match=r"^quantizer.rules\[0\].options.bogus: "):
+        cg.build_system(spec, device="meta")

@@ -168,6 +168,7 @@ def test_the_moving_average_of_the_weights_updates_every_n_steps_by_torchs_formu
     average.update(net, 4)
     assert torch.allclose(average.student[0].weight, 0.9 * w0 + 0.1 * (w0 + 1))
     assert torch.allclose(average.student[1].running_mean, 0.1 * net[1].running_mean)
+    assert int(average.student[1].num_batches_tracked) == int(net[1].num_batches_tracked) == 1  # copied
     assert not average.student[0].weight.requires_grad
     average.save(tmp_path)
     resumed = StudentAverage(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)), EmaSpec(decay=0.9, every=2))
@@ -175,3 +176,10 @@ def test_the_moving_average_of_the_weights_updates_every_n_steps_by_torchs_formu
     assert torch.equal(resumed.student[0].weight, average.student[0].weight)
     assert set(average.student_state()) == set(net.state_dict())
     assert not StudentAverage(net, EmaSpec()).load(tmp_path / "elsewhere")
+    never = StudentAverage(nn.Linear(3, 2), EmaSpec(every=100))  # fewer steps than `every`
+    trained = nn.Linear(3, 2)
+    never.update(trained, 1)
+    never.start(trained)  # before it is evaluated or saved: the student as it is
+    assert torch.equal(never.student.weight, trained.weight) and int(never.model.n_averaged) == 1
+    never.start(nn.Linear(3, 2))  # only an average never updated
+    assert torch.equal(never.student.weight, trained.weight)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import cmtkd_graph as cg
 from cmtkd_graph.metrics import read_metrics
 
-from .conftest import launch_two_machines, launch_two_processes, run_module
+from .conftest import cli, launch_two_machines, launch_two_processes, run_module
 
 # the quickstart pinned down: resnet18 (ImageNet stem, so 28x28 inputs stay cheap), W2A2 student,
 # 4- and 8-bit teachers, taps layer1..3 (layer4 is 1x1 here), constant lr
@@ -172,6 +172,12 @@ def test_resume_gives_bit_identical_weights(tmp_path, fashion_mnist, fresh_accel
     assert final["student_weights"] == "ema" and {"acc1/student", "acc1/student_ema"} <= set(
         final["accuracy"]
     )
+    # eval of the last checkpoint: the trained weights and their average, as training measured them
+    table = cli(tmp_path, "eval", str(half))
+    record = json.loads(next((half / "eval").glob("*.json")).read_text())
+    for name in ("student", "student_ema"):
+        assert record[f"acc1/{name}"] == pytest.approx(final["accuracy"][f"acc1/{name}"])
+    assert "student_ema" in table
     midway = load_file(half / "checkpoints" / "step-00000006" / "model.safetensors")
     assert any(not torch.equal(a[k], midway[k]) for k in a)  # the second half did train
     steps_a = [r["step"] for r in read_metrics(straight / "metrics.jsonl") if r["kind"] == "train"]

@@ -37,8 +37,8 @@ class BatchMixing:
     def __call__(self, images: Tensor, labels: Tensor, *, epoch: int, batch: int) -> tuple[Tensor, Tensor]:
         if images.shape[0] == 0:  # every image of the batch was unreadable and skipped
             return images, labels
-        with torch.random.fork_rng(devices=[]):  # v2's MixUp/CutMix draw from the CPU generator
-            torch.manual_seed(hash((self.seed, epoch, batch, self.rank)) % 2**63)
+        with torch.random.fork_rng(devices=[]):  # v2's MixUp/CutMix draw from the CPU generator only
+            torch.default_generator.manual_seed(hash((self.seed, epoch, batch, self.rank)) % 2**63)
             return self.transform(images, labels)
 
 

@@ -227,6 +227,12 @@ def _layer(
     divided by ``output_steps`` per channel, when given; ``bias_shift`` added to its bias). ``rank``:
     of the input (a linear layer on [B, ..., C] is a MatMul)."""
     integer = input_scale is not None and isinstance(module, INTEGER_WEIGHT_TYPES)
+    if not integer and rank > 2 and isinstance(module, nn.Linear):  # on the last axis of [B, ..., C]
+        transposed = module.weight.detach().float().t().contiguous().numpy()
+        y = b.node("MatMul", [x, b.constant(f"{name}.weight_t", transposed)], name)
+        if module.bias is None:
+            return y
+        return b.node("Add", [y, b.constant(f"{name}.bias", module.bias.detach().float().numpy())], name)
     if integer:
         weight, bias = _integer_weight(b, module, input_scale, name, input_levels, output_steps, bias_shift)
     else:
@@ -236,10 +242,6 @@ def _layer(
         return b.node("Conv", inputs, name, **_conv_attributes(module))
     if integer:  # QLinearMatMul fusion: MatMul with the (transposed) weight, then the bias
         y = b.node("MatMul", [x, weight], name)
-        return b.node("Add", [y, bias], name) if bias else y
-    if rank > 2:  # on the last axis of [B, ..., C] (ConvNeXt's MLP)
-        transposed = b.constant(f"{name}.weight_t", module.weight.detach().float().t().contiguous().numpy())
-        y = b.node("MatMul", [x, transposed], name)
         return b.node("Add", [y, bias], name) if bias else y
     return b.node("Gemm", inputs, name, transB=1)
 

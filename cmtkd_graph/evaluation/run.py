@@ -102,13 +102,14 @@ def evaluate_run(
         )
         if precision.channels_last:
             average = channels_last_module(average)
-        alone = evaluate(
-            StudentOnly(average.to(accelerator.device)),
-            loader,
-            accelerator,
-            task=task_record(spec.student.arch),
-            channels_last=precision.channels_last,
-        )
+        with accelerator.autocast():  # the precision the prepared system is evaluated in
+            alone = evaluate(
+                StudentOnly(average.to(accelerator.device)),
+                loader,
+                accelerator,
+                task=task_record(spec.student.arch),
+                channels_last=precision.channels_last,
+            )
         record.update({k.replace("/student", "/student_ema"): v for k, v in alone.items() if "/student" in k})
     if accelerator.is_main_process:
         path = Path(out) if out else run_dir / "eval" / f"{_label(source)}-{split}.json"

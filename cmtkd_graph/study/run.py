@@ -209,7 +209,7 @@ def write_summary(run: PlannedRun) -> dict:
         "code": _code(run),
         "outputs": {OUTPUT: file_sha256(run.run_dir / OUTPUT)},
         "command": run.shown_command(),
-        "accuracy": final["accuracy"],
+        "accuracy": _output_student_accuracy(final),
         "steps": final["steps"],
         "budget": fitted_length(run.run_dir, final["steps"]),
         "processes": final["processes"],
@@ -263,3 +263,19 @@ def training_curve(records: list[dict]) -> list[dict]:
             curve.append(point)
             losses = {}
     return curve
+
+
+def _output_student_accuracy(final: dict) -> dict:
+    """``final.json``'s accuracies, ``student`` being the run's output student: with ``train.ema``'s
+    average as the final student, its metrics are ``student`` here and the trained weights'
+    ``student_trained`` (so the table, and rows reading ``{row:...}/student.safetensors``, describe the
+    same weights)."""
+    accuracy = final["accuracy"]
+    if final.get("student_weights") != "ema":
+        return accuracy
+    renamed = {"student": "student_trained", "student_ema": "student"}
+    out = {}
+    for key, value in accuracy.items():
+        metric, _, name = key.partition("/")
+        out[f"{metric}/{renamed.get(name, name)}"] = value
+    return out
