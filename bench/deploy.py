@@ -147,7 +147,7 @@ def exported(run: Path, spec: Spec, work: Path, images: str | None) -> tuple[Pat
     except ImportError:
         return work / "export", manifest, None
     float_file = work / "float.onnx"
-    sample = torch.randn(1, *spec.data.input_shape())
+    sample = torch.randn(2, *spec.data.input_shape())  # batch 1 would be specialised (ConvNeXt: refused)
     torch.onnx.export(
         float_network(spec).eval(),
         (sample,),

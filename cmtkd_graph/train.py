@@ -638,20 +638,26 @@ class Trainer:
     def _write_rank_report(self) -> None:
         """``RUN_DIR/ranks/rank-<i>.json``: what each process saw (world size, a checksum of its weights),
         so a data-parallel run can be checked to be one training, not N independent ones."""
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.system.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         report = {
             "rank": self.acc.process_index,
             "world_size": self.acc.num_processes,
             "distributed_type": str(self.acc.distributed_type),
             "steps": self.state["step"],
-            "state_sha256": digest.hexdigest(),
+            "state_sha256": _state_sha256(self.system.state_dict()),
         }
+        if self.average is not None:
+            report["average_sha256"] = _state_sha256(self.average.model.state_dict())
         ranks = self.run_dir / "ranks"
         ranks.mkdir(parents=True, exist_ok=True)  # a node without the shared run directory writes its own
         (ranks / f"rank-{self.acc.process_index}.json").write_text(json.dumps(report, indent=1))
+
+
+def _state_sha256(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _load_state(accelerator, checkpoint: Path) -> None:

@@ -267,6 +267,7 @@ def test_two_cpu_processes_train_one_model(tmp_path, fashion_mnist):
     run_dir = tmp_path / "ddp"
     extra = ["train.epochs=1", "data.train_subset=128", "data.eval_subset=64", f"train.output_dir={run_dir}"]
     extra += ["train.activation_checkpointing=true"]  # recomputed teacher segments under DDP
+    extra += ["train.ema={decay: 0.5}"]  # each process's BatchNorm statistics differ; the average's do not
     args = ["cmtkd_graph.train", "quickstart", *sets(*SMALL, *extra)]
     result = launch_two_processes(args, cwd=tmp_path, port=29517)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -274,6 +275,7 @@ def test_two_cpu_processes_train_one_model(tmp_path, fashion_mnist):
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert all(r["distributed_type"] == "DistributedType.MULTI_CPU" for r in ranks)
     assert ranks[0]["state_sha256"] == ranks[1]["state_sha256"]  # identical parameters and buffers
+    assert ranks[0]["average_sha256"] == ranks[1]["average_sha256"]
     records = read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in records if r["kind"] == "eval"]
     assert len(evals) == 1 and evals[0]["samples"] == 64  # gathered once, no padded duplicates
