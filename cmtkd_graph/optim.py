@@ -5,6 +5,10 @@ Groups (each has a ``name`` used in logs):
 
 * ``student`` / ``teacher{k}`` — model weights, weight decay by that model's weight bit-width
   (``weight_decay_low_bits`` up to ``low_bits`` bits, else ``weight_decay``);
+* ``student/norm`` / ``teacher{k}/norm`` — with ``optim.norm_weight_decay`` set, the parameters of the
+  normalisation layers (BatchNorm, LayerNorm, GroupNorm, InstanceNorm) with that decay instead (the
+  ``--norm-weight-decay`` of torchvision's classification reference, which sets it to 0 for ConvNeXt,
+  Swin and EfficientNetV2);
 * ``importance`` — the fusion logits, their own lr (default lr / 10), no weight decay;
 * ``quantizers`` — learned quantizer parameters (LSQ steps), no weight decay;
 * ``quantizers/student``, ``quantizers/teacher{k}`` — learned quantizer parameters with an L2 decay of
@@ -27,6 +31,15 @@ from cmtkd_graph.fusion import Fusion
 from cmtkd_graph.methods import method_for
 from cmtkd_graph.quantizers import Quantizer
 from cmtkd_graph.spec import FULL_PRECISION, OptimSpec, ScheduleSpec, Spec
+
+NORM_LAYERS = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
+"""The normalisation layers whose parameters ``optim.norm_weight_decay`` decays (torchvision's
+reference's ``norm_classes``)."""
 
 
 def _role_of_parameters(
@@ -93,10 +106,29 @@ def parameter_groups(system: nn.Module, spec: Spec) -> list[dict]:
                 }
             )
 
+    def add_norms(name: str, module: nn.Module) -> None:
+        """Move the normalisation layers' parameters of group ``name`` into ``name/norm``."""
+        if o.norm_weight_decay is None:
+            return
+        norms = {id(p) for m in module.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters()}
+        group = next((g for g in groups if g["name"] == name), None)
+        if group is None or not norms:
+            return
+        moved = [p for p in group["params"] if id(p) in norms]
+        group["params"] = [p for p in group["params"] if id(p) not in norms]
+        if moved:
+            groups.append(
+                {"name": f"{name}/norm", "params": moved, "lr": o.lr, "weight_decay": o.norm_weight_decay}
+            )
+        if not group["params"]:
+            groups.remove(group)
+
     add_model("student", system.student, spec.student.weight_bits)
+    add_norms("student", system.student)
     if system.teachers is not None:
         for k, teacher in enumerate(spec.teachers):
             add_model(f"teacher{k}", system.teachers.get_submodule(f"teacher{k}"), teacher.weight_bits)
+            add_norms(f"teacher{k}", system.teachers.get_submodule(f"teacher{k}"))
         if hasattr(system.teachers, "fusion"):  # composed teachers
             _, _, fusion, _ = _role_of_parameters(system.teachers.get_submodule("fusion"))
             fusion_params.extend(fusion)

@@ -1070,11 +1070,13 @@ def test_int8_onnx_puts_the_mid_rise_shift_into_the_bias_of_the_layer_that_write
         ("regnet_y_400mf", {"QLinearConv": 84}),
         ("mnasnet0_5", {"QLinearConv": 51}),
         ("convnext_tiny", {"QLinearConv": 3, "MatMulIntegerToFloat": 36}),
+        ("shufflenet_v2_x0_5", {"QLinearConv": 53}),
     ],
 )
 def test_int8_onnx_writes_the_mobile_families(arch, integer, tmp_path):
     """Hardswish, SiLU, GELU, layer norm (ConvNeXt's, and its LayerNorm2d: a permute around
-    ``F.layer_norm``), permutes, a linear layer on [B, H, W, C], the squeeze-excitation gates (sigmoid,
+    ``F.layer_norm``), permutes, a linear layer on [B, H, W, C], ShuffleNet's channel shuffle (``x.size()``,
+    ``view``, ``transpose``, ``contiguous``) and ``chunk``, the squeeze-excitation gates (sigmoid,
     hardsigmoid, mul), a parameter multiplied in (ConvNeXt's layer scale), stochastic depth (an identity
     at inference), ``x.flatten(start_dim=1)`` and ``x.mean([2, 3])`` are written: a float student's logits
     equal PyTorch's to float rounding; a W2A2 student's layers run on integer kernels where their input

@@ -183,3 +183,95 @@ def test_the_moving_average_of_the_weights_updates_every_n_steps_by_torchs_formu
     assert torch.equal(never.student.weight, trained.weight) and int(never.model.n_averaged) == 1
     never.start(nn.Linear(3, 2))  # only an average never updated
     assert torch.equal(never.student.weight, trained.weight)
+
+
+def recipe_spec(recipe: str, **extra) -> cg.Spec:
+    return cg.Spec.model_validate(
+        {
+            "name": "recipe",
+            "method": "single",
+            "student": {"arch": "resnet18", "weight_bits": 2, "act_bits": 2, "kwargs": {"num_classes": 10}},
+            "data": {"dataset": "cifar10", "batch_size": 256},
+            "train": {"epochs": 10},
+            "recipe": recipe,
+            **extra,
+        }
+    )
+
+
+def test_recipe_names_expand_to_torchvisions_reference_settings():
+    """references/classification/README.md: ConvNeXt `--opt adamw --lr 1e-3 --lr-warmup-epochs 5
+    --auto-augment ta_wide --random-erase 0.1 --label-smoothing 0.1 --mixup-alpha 0.2 --cutmix-alpha 1.0
+    --weight-decay 0.05 --norm-weight-decay 0.0 --model-ema` at 8 x 128 images per step; ViT-B/16 `--opt
+    adamw --lr 0.003 --wd 0.3 --lr-warmup-epochs 30 --lr-warmup-decay 0.033 --label-smoothing 0.11
+    --mixup-alpha 0.2 --auto-augment ra --clip-grad-norm 1 --cutmix-alpha 1.0 --model-ema` at 8 x 512."""
+    convnext = recipe_spec("torchvision_convnext")
+    o, a = convnext.optim, convnext.data.augment
+    assert (o.name, o.weight_decay, o.norm_weight_decay, o.schedule.name) == ("adamw", 0.05, 0.0, "cosine")
+    assert o.lr == pytest.approx(1e-3 * 256 / 1024)  # scaled to the spec's batch
+    assert (o.schedule.warmup_epochs, o.schedule.warmup_start_factor) == (5.0, 0.01)
+    assert (a.policy, a.random_erasing, a.mixup_alpha, a.cutmix_alpha) == (
+        "trivialaugment_wide",
+        0.1,
+        0.2,
+        1.0,
+    )
+    assert convnext.distill.label_smoothing == 0.1 and convnext.train.ema.every == 32
+    # train.py: alpha = min(1, (1 - 0.99998) x batch x ema steps / epochs), decay = 1 - alpha
+    assert convnext.train.ema.decay == pytest.approx(1 - 2e-5 * 256 * 32 / 10)
+    vit = recipe_spec("torchvision_vit")
+    assert (vit.optim.lr, vit.optim.weight_decay, vit.optim.grad_clip) == (
+        pytest.approx(3e-3 * 256 / 4096),
+        0.3,
+        1.0,
+    )
+    assert (vit.optim.schedule.warmup_epochs, vit.optim.schedule.warmup_start_factor) == (30.0, 0.033)
+    assert (vit.data.augment.policy, vit.distill.label_smoothing) == ("randaugment", 0.11)
+    swin = recipe_spec("torchvision_swin")
+    assert (swin.data.augment.mixup_alpha, swin.data.augment.random_erasing, swin.optim.grad_clip) == (
+        0.8,
+        0.25,
+        5.0,
+    )
+    assert swin.optim.schedule.min_lr == 1e-5 and swin.optim.schedule.warmup_epochs == 20.0
+    regnet = recipe_spec("torchvision_regnet")
+    assert (regnet.optim.name, regnet.optim.lr, regnet.optim.weight_decay) == (
+        "sgd",
+        pytest.approx(0.2),
+        5e-5,
+    )
+    assert regnet.train.ema is None and regnet.data.augment.policy == "none"
+
+
+def test_a_spec_value_wins_over_its_recipe_and_the_saved_spec_reads_back_the_same(tmp_path):
+    from cmtkd_graph.spec.io import dump_spec
+
+    spec = recipe_spec(
+        "torchvision_convnext", optim={"weight_decay": 0.01, "schedule": {"warmup_epochs": 1.0}}
+    )
+    assert spec.optim.weight_decay == 0.01 and spec.optim.name == "adamw"
+    assert spec.optim.schedule.warmup_epochs == 1.0 and spec.optim.schedule.name == "cosine"
+    (tmp_path / "saved.yaml").write_text(dump_spec(spec))
+    assert cg.load_spec(tmp_path / "saved.yaml") == spec
+    with pytest.raises(Exception, match="torchvision_convnext"):
+        recipe_spec("convnext")
+
+
+def test_norm_weight_decay_gives_the_normalisation_layers_their_own_adamw_group():
+    from cmtkd_graph.optim import build_optimizer
+
+    spec = recipe_spec("torchvision_convnext")
+    system = cg.build_system(spec, device="meta")
+    optimizer = build_optimizer(system, spec)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["betas"] == (0.9, 0.999)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    norms = {
+        id(p) for m in system.student.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()
+    }
+    assert {id(p) for p in groups["student/norm"]["params"]} == norms and groups["student/norm"][
+        "weight_decay"
+    ] == 0
+    assert (
+        not norms & {id(p) for p in groups["student"]["params"]}
+        and groups["student"]["weight_decay"] == 2.5e-5
+    )

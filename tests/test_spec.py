@@ -99,7 +99,8 @@ MALFORMED = [
         lambda d: d.update(optim={"learning_rate": 0.1}),
         None,
         "optim.learning_rate: unknown key; valid keys: name, lr, momentum, nesterov, weight_decay_low_bits, "
-        "weight_decay, low_bits, importance_lr, quantizer_lr, adapter_lr, grad_clip, schedule",
+        "weight_decay, low_bits, norm_weight_decay, importance_lr, quantizer_lr, adapter_lr, grad_clip, "
+        "schedule",
     ),
     (
         lambda d: d.update(optim={"importance_learning_rate": 0.1}),

@@ -63,20 +63,24 @@ class _Builder:
     float_epilogue: bool = False  # biases and unquantized outputs in float (see build_int8_onnx)
     shift_in_bias: set = field(default_factory=set)  # shifted requantizers whose -s a layer's bias holds
     shapes: dict = field(default_factory=dict)  # fx.Node -> its tensor's shape for one input image
+    sizes: set = field(default_factory=set)  # names standing for x.size() and its parts (no ONNX value)
 
     def constant(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
     def node(self, op: str, inputs: list[str], name: str, **attributes) -> str:
-        if not all(isinstance(i, str) for i in inputs):  # e.g. `x * 0.5`: a number, not a graph value
+        return self.nodes_with_outputs(op, inputs, name, 1, **attributes)[0]
+
+    def nodes_with_outputs(
+        self, op: str, inputs: list[str], name: str, outputs: int, **attributes
+    ) -> list[str]:
+        if not all(isinstance(i, str) and i not in self.sizes for i in inputs):  # `x * 0.5`, a size
             raise UserError(_unsupported(f"{name} ({op} with a number operand)"))
         self.count += 1
-        output = f"{name}:{op}:{self.count}"
-        self.nodes.append(
-            helper.make_node(op, inputs, [output], name=f"{name}/{op}_{self.count}", **attributes)
-        )
-        return output
+        names = [f"{name}:{op}:{self.count}" + (f":{k}" if outputs > 1 else "") for k in range(outputs)]
+        self.nodes.append(helper.make_node(op, inputs, names, name=f"{name}/{op}_{self.count}", **attributes))
+        return names
 
 
 def _grid_type(grid) -> tuple[int, type, int] | None:
@@ -437,6 +441,14 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
             return args[0]
         if target is torch.mean and _axes(node) is not None:  # S3D's mean over time and space
             return _mean(b, node, args[0])
+        if target is operator.getitem and isinstance(args[0], list):  # one part of a chunk
+            return args[0][args[1]]
+        if (target is operator.getitem or target is operator.floordiv) and args[0] in b.sizes:
+            return _size_marker(b, node)  # a part of x.size() (or channels // groups)
+        if target is torch.transpose and len(args) == 3 and not node.kwargs:
+            perm = list(range(len(b.shapes[node.args[0]])))
+            perm[args[1]], perm[args[2]] = perm[args[2]], perm[args[1]]
+            return b.node("Transpose", [args[0]], node.name, perm=perm)
         if target is torch.permute and len(args) == 2 and not node.kwargs:
             return b.node("Transpose", [args[0]], node.name, perm=list(args[1]))
         if target is F.layer_norm and not node.kwargs.keys() - {"weight", "bias", "eps"}:  # LayerNorm2d
@@ -468,6 +480,14 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
             return b.node("Flatten", [args[0]], node.name, axis=1)
     if node.op == "call_method" and node.target == "mean" and _axes(node) is not None:  # MNASNet's
         return _mean(b, node, args[0])
+    if node.op == "call_method" and node.target == "size" and len(args) == 1 and not node.kwargs:
+        return _size_marker(b, node)  # read by view/reshape below, whose output shape is known
+    if node.op == "call_method" and node.target in ("view", "reshape") and not node.kwargs:
+        return _reshape(b, node, args[0])
+    if node.op == "call_method" and node.target == "contiguous" and len(args) == 1:
+        return args[0]
+    if node.op == "call_method" and node.target == "chunk" and not node.kwargs.keys() - {"dim"}:
+        return _chunk(b, node, args)
     if node.op == "call_method" and node.target == "permute" and not node.kwargs:
         perm = args[1] if len(args) == 2 and isinstance(args[1], list | tuple) else args[1:]
         return b.node("Transpose", [args[0]], node.name, perm=list(perm))
@@ -488,6 +508,44 @@ _FUNCTIONAL = {
     F.hardsigmoid: nn.Hardsigmoid,
     torch.sigmoid: nn.Sigmoid,
 }
+
+
+def _size_marker(b: _Builder, node: fx.Node) -> str:
+    marker = f"{node.name}:size"
+    b.sizes.add(marker)
+    return marker
+
+
+def _reshape(b: _Builder, node: fx.Node, x: str) -> str:
+    """``x.view(...)`` / ``x.reshape(...)`` (ShuffleNet's channel shuffle): the output shape recorded on
+    one image, its batch axis copied from the input (``Reshape``'s 0), which needs the batch to stay the
+    first axis: the first size given is ``x.size(0)`` of a tensor with the same batch."""
+    first = node.args[1] if len(node.args) > 1 else None
+    if isinstance(first, list | tuple):
+        first = first[0] if first else None
+    batch_kept = (
+        isinstance(first, fx.Node)
+        and first.target is operator.getitem
+        and first.args[1] == 0
+        and isinstance(first.args[0], fx.Node)
+        and first.args[0].op == "call_method"
+        and first.args[0].target == "size"
+    )
+    if not batch_kept:
+        raise UserError(_unsupported(f"{node.name} ({node.target} not keeping the batch as its first axis)"))
+    shape = np.array([0, *b.shapes[node][1:]], np.int64)
+    return b.node("Reshape", [x, b.constant(f"{node.name}.shape", shape)], node.name)
+
+
+def _chunk(b: _Builder, node: fx.Node, args: list) -> list[str]:
+    """``x.chunk(n, dim)`` into equal parts as ``Split``: the list of its outputs (getitem picks one)."""
+    parts = args[1] if len(args) > 1 else node.kwargs.get("chunks")
+    dim = node.kwargs.get("dim", args[2] if len(args) > 2 else 0)
+    size = b.shapes[node.args[0]][dim]
+    if not isinstance(parts, int) or size % parts:
+        raise UserError(_unsupported(f"{node.name} (chunk into unequal parts)"))
+    split = b.constant(f"{node.name}.split", np.full(parts, size // parts, np.int64))
+    return b.nodes_with_outputs("Split", [args[0], split], node.name, parts, axis=dim)
 
 
 def _layer_norm(b: _Builder, x: str, shape, weight, bias, eps: float, name: str) -> str:
@@ -605,8 +663,9 @@ def _resize(b: _Builder, node: fx.Node, args: list) -> str | None:
 def _unsupported(what: str) -> str:
     return (
         f"int8 ONNX export: {what} is not one of the operations it writes (conv, linear, ReLU/ReLU6, "
-        "Hardswish/Hardsigmoid/Sigmoid/SiLU/GELU, layer norm, add, mul, concat, permute, bilinear/nearest "
-        "resize to a size, max/average/global-average pooling, mean over axes, flatten; 2-D and 3-D); "
+        "Hardswish/Hardsigmoid/Sigmoid/SiLU/GELU, layer norm, add, mul, concat, permute, transpose, "
+        "view/reshape keeping the batch, chunk, bilinear/nearest resize to a size, "
+        "max/average/global-average pooling, mean over axes, flatten; 2-D and 3-D); "
         "export --format onnx (exact Q/DQ) instead"
     )
 

@@ -91,7 +91,9 @@ def _recipe_text(spec: Spec) -> str:
     """``policy trivialaugment_wide, random erasing 0.1, mixup 0.2 or cutmix 1, label smoothing 0.1``:
     the recipe options set beyond the crop and flip (docs/training.md), or ''."""
     a = spec.data.augment
-    parts = [f"policy {a.policy}"] if a.policy != "none" else []
+    parts = [f"{spec.recipe} (filling what the spec leaves unset)"] if spec.recipe else []
+    if a.policy != "none":
+        parts.append(f"policy {a.policy}")
     if a.random_erasing:
         parts.append(f"random erasing {a.random_erasing:g}")
     mixes = [

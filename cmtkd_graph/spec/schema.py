@@ -27,6 +27,7 @@ from cmtkd_graph.errors import UserError
 from cmtkd_graph.models.builders import check_arch
 from cmtkd_graph.plugins import load_spec_plugins
 from cmtkd_graph.registry import DATASETS, METHODS, QUANTIZERS, SURGERIES, TASKS, Registry
+from cmtkd_graph.spec.recipes import RECIPES, expand_recipe
 
 FULL_PRECISION = 32
 
@@ -570,6 +571,12 @@ class OptimSpec(Strict):
     )
     weight_decay: float = Field(1e-4, ge=0, description="weight decay of higher-precision models")
     low_bits: int = Field(2, ge=1, le=8, description="bit-width up to which weight_decay_low_bits applies")
+    norm_weight_decay: float | None = Field(
+        None,
+        ge=0,
+        description="weight decay of normalisation layers' parameters (BatchNorm, LayerNorm...), e.g. 0 as "
+        "torchvision's ConvNeXt/Swin recipes; default: the network's",
+    )
     importance_lr: float | None = Field(None, gt=0, description="lr of the importance logits (default lr/10)")
     quantizer_lr: float | None = Field(None, gt=0, description="lr of learned quantizer steps (default lr)")
     adapter_lr: float | None = Field(None, gt=0, description="lr of FitNet adapters (default lr)")
@@ -587,7 +594,7 @@ class EmaSpec(Strict):
     ``get_ema_multi_avg_fn``), evaluated beside the trained weights (docs/training.md)."""
 
     decay: float = Field(
-        0.9998, gt=0, lt=1, description="at each update: average = decay x average + (1 - decay) x weights"
+        0.9998, ge=0, lt=1, description="at each update: average = decay x average + (1 - decay) x weights"
     )
     every: int = Field(1, ge=1, description="update the average after every N optimizer steps")
     student: bool = Field(
@@ -704,8 +711,24 @@ class Spec(Strict):
     data: DataSpec
     optim: OptimSpec = Field(default_factory=OptimSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    recipe: Literal[tuple(RECIPES)] | None = Field(  # type: ignore[valid-type]
+        None,
+        description="torchvision's reference training settings of a family, filling what the spec leaves "
+        "unset (lr scaled to data.batch_size; docs/training.md): " + ", ".join(RECIPES),
+    )
 
     _load_plugins = model_validator(mode="before")(load_spec_plugins)  # before any name is looked up
+    _expand_recipe = model_validator(mode="before")(
+        lambda data: (
+            expand_recipe(
+                data,
+                DataSpec.model_fields["batch_size"].default,
+                TrainSpec.model_fields["epochs"].default,
+            )
+            if isinstance(data, dict)
+            else data
+        )
+    )
     _normalise_surgery = model_validator(mode="before")(
         lambda data: (
             {**data, "surgery": _surgery_list(data["surgery"])}
