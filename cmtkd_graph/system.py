@@ -53,7 +53,7 @@ from cmtkd_graph.passes.stack import stack_teachers
 from cmtkd_graph.passes.surgery import run_surgery
 from cmtkd_graph.passes.taps import AUTO, Tap, resolve_taps
 from cmtkd_graph.passes.tracer import copy_graph_module, trace
-from cmtkd_graph.quantizers import build_quantizer_family
+from cmtkd_graph.quantizers import FULL_PRECISION, build_quantizer_family
 from cmtkd_graph.spec import ModelSpec, Spec, SurgerySpec
 from cmtkd_graph.system_output import SystemOutput
 from cmtkd_graph.tasks import task_record
@@ -145,6 +145,28 @@ def _rule_family(index: int, name: str, options: dict):
     except UserError as err:
         message = str(err).replace("quantizer.options", f"quantizer.rules[{index}].options")
         raise type(err)(message) from None
+
+
+def _warn_rules_on_float_teachers(
+    spec: Spec, teachers: list[fx.GraphModule], teacher_specs: list[ModelSpec]
+) -> None:
+    """A rule without a ``network`` selector also quantizes a full-precision teacher's layers: allowed
+    (as first_layer_bits does), but said, since it is rarely meant."""
+    for k, (gm, model) in enumerate(zip(teachers, teacher_specs, strict=True)):
+        if model.weight_bits != FULL_PRECISION or model.act_bits != FULL_PRECISION:
+            continue
+        decided: dict[str, int] = {}
+        for node in gm.graph.nodes:
+            info = node.meta.get(META, {})
+            by_rule = info.get("role") == "layer" and info["rule"].startswith("quantizer.rules")
+            if by_rule and (info["weight_bits"], info["act_bits"]) != (FULL_PRECISION, FULL_PRECISION):
+                label = info["rule"].split(" ")[0]
+                decided[label] = decided.get(label, 0) + 1
+        for label, count in decided.items():
+            log.warning(
+                f"{label} quantizes {count} layer(s) of teacher{k} ({model.arch} {model.bits_label}, a "
+                "full-precision network); add network: student to its match to leave the teacher float"
+            )
 
 
 def check_rules_used(spec: Spec, networks: list[fx.GraphModule]) -> None:
@@ -379,6 +401,7 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
     teacher_specs = spec.resolved_teachers()
     teachers = [make(t, f"teacher{k}", "teacher") for k, t in enumerate(teacher_specs)]
     check_rules_used(spec, [student, *teachers])
+    _warn_rules_on_float_teachers(spec, teachers, teacher_specs)
     for line in method.share_parameters(student, teachers):
         log.info(f"{spec.method}: {line}")
 

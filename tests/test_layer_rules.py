@@ -230,3 +230,30 @@ def test_a_bad_option_of_a_rules_quantizer_is_named_at_the_rule():
     spec = spec_with("resnet18", [{"match": {"name": "layer4"}, "quantizer": "lsq", "options": {"bogus": 1}}])
     with pytest.raises(SpecError, match=r"^quantizer.rules\[0\].options.bogus: "):
         cg.build_system(spec, device="meta")
+
+
+def test_a_rule_that_quantizes_a_full_precision_teacher_says_so(caplog):
+    """Allowed (as first_layer_bits does), but rarely meant: one warning line per rule and teacher."""
+    rules = [{"match": {"type": "Conv2d"}, "act_bits": 4}]
+    spec = cg.Spec.model_validate(
+        {
+            "name": "rules",
+            "student": {"arch": "resnet18", "weight_bits": 2, "act_bits": 2, "kwargs": {"num_classes": 10}},
+            "teachers": [{"weight_bits": 32, "act_bits": 32}, {"weight_bits": 4, "act_bits": 4}],
+            "data": {"dataset": "cifar10"},
+            "quantizer": {"rules": rules},
+        }
+    )
+    with caplog.at_level("WARNING", logger="cmtkd_graph"):
+        cg.build_system(spec, device="meta")
+    warned = [r.getMessage() for r in caplog.records if "full-precision network" in r.getMessage()]
+    assert warned == [
+        "quantizer.rules[0] quantizes 20 layer(s) of teacher0 (resnet18 WfpAfp, a full-precision network); "
+        "add network: student to its match to leave the teacher float"
+    ]
+    caplog.clear()
+    student_only = spec.model_copy(deep=True)
+    student_only.quantizer.rules[0].match.network = "student"
+    with caplog.at_level("WARNING", logger="cmtkd_graph"):
+        cg.build_system(student_only, device="meta")
+    assert not [r for r in caplog.records if "full-precision network" in r.getMessage()]
