@@ -85,7 +85,7 @@ class StudentAverage:
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise UserError(
-                f"--resume: {path} does not fit the student ({len(missing)} missing, {len(unexpected)} "
+                f"{path} does not fit the student ({len(missing)} missing, {len(unexpected)} "
                 "unexpected tensors); was the spec changed?"
             )
         return True

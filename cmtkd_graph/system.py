@@ -158,9 +158,8 @@ def _warn_rules_on_float_teachers(
         decided: dict[str, int] = {}
         for node in gm.graph.nodes:
             info = node.meta.get(META, {})
-            by_rule = info.get("role") == "layer" and info["rule"].startswith("quantizer.rules")
-            if by_rule and (info["weight_bits"], info["act_bits"]) != (FULL_PRECISION, FULL_PRECISION):
-                label = info["rule"].split(" ")[0]
+            label = info.get("rule_label")
+            if label and (info["weight_bits"], info["act_bits"]) != (FULL_PRECISION, FULL_PRECISION):
                 decided[label] = decided.get(label, 0) + 1
         for label, count in decided.items():
             log.warning(
@@ -172,12 +171,7 @@ def _warn_rules_on_float_teachers(
 def check_rules_used(spec: Spec, networks: list[fx.GraphModule]) -> None:
     """Every precision rule decides at least one layer of ``networks`` (a rule that matches nothing is a
     typo in a name or a role the architecture does not have: one line, not a silent no-op)."""
-    used = {
-        node.meta[META]["rule"].split(" ")[0]
-        for gm in networks
-        for node in gm.graph.nodes
-        if node.meta.get(META, {}).get("role") == "layer"
-    }
+    used = {node.meta.get(META, {}).get("rule_label") for gm in networks for node in gm.graph.nodes}
     for label in (f"quantizer.rules[{i}]" for i in range(len(spec.quantizer.rules))):
         if label not in used:
             rule = next(r for r in layer_rules(spec) if r.label == label)

@@ -149,6 +149,7 @@ class Decision:
     act_bits: int
     family: QuantizerFamily
     rule: str  # quantizer.rules[i] (...), the first/last-layer rule, or the network's bits
+    rule_label: str | None = None  # the deciding rule's label (quantizer.rules[i]); None: no rule
 
 
 def decide(
@@ -174,6 +175,7 @@ def decide(
                 default.act_bits if rule.act_bits is None else rule.act_bits,
                 rule.family or family,
                 f"{rule.label} ({rule.selectors})",
+                rule.label,
             )
     return default
 

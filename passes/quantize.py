@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from cmtkd_graph.passes.common import META
 from cmtkd_graph.passes.graph_pass import graph_pass
-from cmtkd_graph.passes.precision import LayerRule, decide, layer_facts
+from cmtkd_graph.passes.precision import Decision, LayerRule, decide, layer_facts
 from cmtkd_graph.passes.tracer import qualname, replace_submodule, unique_target
 from torch import fx, nn
 
@@ -85,15 +85,17 @@ def quantize(
             "act_bits": bits.act,
             "quantizer": decision.family.name,
             "rule": decision.rule,
-            "reason": _reason(facts.position, bits, decision.rule),
+            "rule_label": decision.rule_label,  # None unless one of the spec's rules decided
+            "reason": _reason(facts.position, bits, decision),
         }
         if bits.act != FULL_PRECISION:
             _insert_input_quantizer(gm, node, decision.family, bits.act, signed=node.args[0] not in nonneg)
 
 
-def _reason(position: str, bits: LayerBits, rule: str) -> str:
-    if rule.startswith("quantizer.rules"):
-        return f"{'kept full precision' if bits.weight == bits.act == FULL_PRECISION else 'set'} by {rule}"
+def _reason(position: str, bits: LayerBits, decision: Decision) -> str:
+    if decision.rule_label is not None:
+        kept = bits.weight == bits.act == FULL_PRECISION
+        return f"{'kept full precision' if kept else 'set'} by {decision.rule}"
     if bits.weight == FULL_PRECISION and bits.act == FULL_PRECISION:
         return f"{position} layer kept full precision" if position != "inner" else "32-bit model"
     return f"{position} layer quantized"

@@ -9,7 +9,6 @@ Works under ``accelerate launch`` (each image counted once).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from collections.abc import Sequence
@@ -24,12 +23,13 @@ from cmtkd_graph.deploy.student import (
     read_system_state,
     resolve_checkpoint,
 )
-from cmtkd_graph.ema import EMA_FILE
+from cmtkd_graph.ema import EMA_FILE, StudentAverage
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.evaluation.accuracy import StudentOnly, evaluate
 from cmtkd_graph.registry import TASKS
 from cmtkd_graph.runtime.layout import channels_last_module
 from cmtkd_graph.safe_files import read_tensors
+from cmtkd_graph.spec import EmaSpec
 from cmtkd_graph.tasks import task_record
 
 log = logging.getLogger("cmtkd_graph")
@@ -93,13 +93,9 @@ def evaluate_run(
         ),
     }
     if source.is_dir() and (source / EMA_FILE).is_file():  # a checkpoint of a run with train.ema
-        average = copy.deepcopy(system.student)
-        state = read_tensors(source / EMA_FILE, what="the weights' moving average")
-        load_state(
-            average,
-            {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"},
-            origin=source,
-        )
+        saved = StudentAverage(system.student, spec.train.ema or EmaSpec())
+        saved.load(source)  # as a resumed run reads it
+        average = saved.student
         if precision.channels_last:
             average = channels_last_module(average)
         with accelerator.autocast():  # the precision the prepared system is evaluated in

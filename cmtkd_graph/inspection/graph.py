@@ -78,6 +78,7 @@ _DECISIONS = (
     "position",
     "roles",
     "rule",
+    "rule_label",
     "reason",
     "tap",
 )

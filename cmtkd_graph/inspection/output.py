@@ -196,7 +196,7 @@ def _network_lines(graph: nx.DiGraph, network: str, title: str) -> list[str]:
     kept = [  # those a precision rule keeps are counted on its own row
         f"{a['label']} {a['module_type']} ({a['reason']})"
         for a in layers
-        if a["weight_bits"] == FULL_PRECISION and not a.get("rule", "").startswith("quantizer.rules")
+        if a["weight_bits"] == FULL_PRECISION and not a.get("rule_label")
     ]
     quantizers = [a for a in nodes if a["role"] == "quantizer"]
     acts = [a for a in quantizers if a["kind"] == "activation"]
@@ -226,7 +226,7 @@ def rule_counts(layers: list[Mapping[str, Any]]) -> str:
             a["quantizer"] if a["weight_bits"] < 32 else "",
         )
         for a in layers
-        if a.get("rule", "").startswith("quantizer.rules")
+        if a.get("rule_label")
     )
     return "; ".join(
         f"{rule}: {n} layer{'s' if n > 1 else ''} at {bits}{f' ({family})' if family else ''}"

@@ -121,9 +121,9 @@ def _rules_text(system: DistillationSystem) -> str:
     for network, gm in (("student", system.student), ("teachers", system.teachers)):
         for node in gm.graph.nodes if gm is not None else ():
             info = node.meta.get(META, {})
-            if info.get("role") == "layer" and info["rule"].startswith("quantizer.rules"):
+            if info.get("rule_label"):
                 bits = precision_label(info["weight_bits"], info["act_bits"]) if network == "student" else ""
-                decided[info["rule"].split(" ")[0], network, bits] += 1
+                decided[info["rule_label"], network, bits] += 1
     parts = []
     for i in range(len(system.spec.quantizer.rules)):
         label = f"quantizer.rules[{i}]"
