@@ -8,7 +8,8 @@ quantizer as the child ``input_quantizer``, the name the quantize pass gives it,
 system's state dict loads into these modules key for key (``load_from_system``).
 
 Only what ``bench/step.py`` needs: resnet18 with the CIFAR stem and AlexNet with BatchNorm after every
-layer (the paper's two CIFAR models), HWGQ or no quantizers.
+layer (the paper's two CIFAR models), and vit_b_16 on 32x32 images (a network of linear layers and
+self-attention), HWGQ or no quantizers.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torchvision
 from torch import nn
 
 from cmtkd_graph.quantizers import QuantizerFamily
+from cmtkd_graph.quantizers.attention import QuantMultiheadAttention
 from cmtkd_graph.quantizers.layers import QuantConv2d, QuantLinear
 
 
@@ -34,17 +36,31 @@ class InputQuantLinear(QuantLinear):
         return super().forward(self.input_quantizer(x))
 
 
-def quantize_eagerly(model: nn.Module, family: QuantizerFamily | None, bits: int, keep_float: set[str]):
-    """Every conv/linear but ``keep_float`` computes with ``bits``-bit weights and unsigned ``bits``-bit
-    inputs (all inputs of these two models follow a ReLU); in place."""
+class InputQuantSelfAttention(QuantMultiheadAttention):
+    """Self-attention whose one input (query = key = value) is quantized first."""
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **options):
+        x = self.input_quantizer(query)
+        return super().forward(x, x, x, **options)
+
+
+def quantize_eagerly(
+    model: nn.Module, family: QuantizerFamily | None, bits: int, keep_float: set[str], *, signed: bool = False
+):
+    """Every conv/linear/self-attention but ``keep_float`` computes with ``bits``-bit weights and
+    ``bits``-bit inputs, unsigned (resnet18, AlexNet: every input follows a ReLU) or signed (ViT: layer
+    norm and GELU outputs); in place."""
     if family is None or bits >= 32:
         return model
     for name, layer in list(model.named_modules()):
-        if name in keep_float or type(layer) not in (nn.Conv2d, nn.Linear):
+        if name in keep_float or type(layer) not in (nn.Conv2d, nn.Linear, nn.MultiheadAttention):
             continue
-        cls = InputQuantConv2d if isinstance(layer, nn.Conv2d) else InputQuantLinear
-        twin = cls.from_float(layer, family.weight(bits))
-        twin.input_quantizer = family.activation(bits, signed=False)
+        if isinstance(layer, nn.MultiheadAttention):
+            twin = InputQuantSelfAttention.from_float(layer, family, weight_bits=bits, act_bits=bits)
+        else:
+            cls = InputQuantConv2d if isinstance(layer, nn.Conv2d) else InputQuantLinear
+            twin = cls.from_float(layer, family.weight(bits))
+        twin.input_quantizer = family.activation(bits, signed=signed)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, twin)
     return model
@@ -60,7 +76,8 @@ class StagedNet(nn.Module):
 
     def _run(self, names: list[str], x: torch.Tensor) -> torch.Tensor:
         for name in names:
-            x = torch.flatten(x, 1) if name == "flatten" else self.model.get_submodule(name)(x)
+            step = STEPS.get(name)
+            x = step(self.model, x) if step else self.model.get_submodule(name)(x)
         return x
 
     def stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +122,37 @@ def alexnet_bn(num_classes: int) -> tuple[nn.Module, list[list[str]], list[str]]
     return model, stages, head
 
 
-MODELS = {"resnet18": resnet18_cifar, "alexnet": alexnet_bn}
+# What is not a submodule call: ViT's patches to tokens with the class token and position embedding
+# (VisionTransformer.forward before its encoder's layers), and reading the class token.
+def _vit_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x = model._process_input(x)
+    x = torch.cat([model.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+    return model.encoder.dropout(x + model.encoder.pos_embedding)
+
+
+STEPS = {
+    "flatten": lambda _model, x: torch.flatten(x, 1),
+    "vit_tokens": _vit_tokens,
+    "class_token": lambda _model, x: x[:, 0],
+}
+VIT_KWARGS = {"image_size": 32}
+"""``vit_b_16`` on 32x32 images: 2x2 patches and the class token, 5 tokens of width 768 through 12 blocks
+(its builder fixes the patch size and the depth; the image size is the kwarg it leaves free)."""
+
+
+def vit_b_16_32(num_classes: int) -> tuple[nn.Module, list[list[str]], list[str]]:
+    """torchvision's vit_b_16 at :data:`VIT_KWARGS`; taps as ``auto`` puts them: after the blocks at 1/4,
+    1/2, 3/4 and all of its depth (3, 6, 9, 12)."""
+    model = torchvision.models.vit_b_16(num_classes=num_classes, **VIT_KWARGS)
+    blocks = [f"encoder.layers.encoder_layer_{i}" for i in range(len(model.encoder.layers))]
+    stages = [["vit_tokens", *blocks[:3]], blocks[3:6], blocks[6:9], blocks[9:]]
+    return model, stages, ["encoder.ln", "class_token", "heads"]
+
+
+MODELS = {"resnet18": resnet18_cifar, "alexnet": alexnet_bn, "vit": vit_b_16_32}
+
+
+LAYERS_KEPT_FLOAT = {"vit": ("conv_proj", "heads.head")}  # the first and last layer, where not a stage's
 
 
 class EagerCMTKD(nn.Module):
@@ -128,8 +175,9 @@ class EagerCMTKD(nn.Module):
 
         def network(bits: int) -> StagedNet:
             model, stages, head = MODELS[arch](num_classes)
-            first, last = stages[0][0], head[-1]
-            return StagedNet(quantize_eagerly(model, family, bits, {first, last}), stages, head)
+            first, last = LAYERS_KEPT_FLOAT.get(arch) or (stages[0][0], head[-1])
+            quantized = quantize_eagerly(model, family, bits, {first, last}, signed=arch == "vit")
+            return StagedNet(quantized, stages, head)
 
         self.student = network(student_bits)
         self.teachers = nn.ModuleList(network(b) for b in teacher_bits)
@@ -173,7 +221,8 @@ class EagerCMTKD(nn.Module):
 
     @staticmethod
     def _attention(feature: torch.Tensor) -> torch.Tensor:
-        return F.normalize(feature.float().pow(2).mean(dim=1).flatten(1), dim=1)
+        channels = 2 if feature.dim() == 3 else 1  # tokens [B, N, D], maps [B, C, H, W]
+        return F.normalize(feature.float().pow(2).mean(dim=channels).flatten(1), dim=1)
 
     @torch.no_grad()
     def load_from_system(self, system) -> None:

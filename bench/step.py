@@ -3,8 +3,8 @@ and which precision, memory format and compilation pay.
 
 (a) The composed system (torch.fx graphs, fusion nodes, the method plug-in) against the same CMT-KD
     written by hand in eager PyTorch (``bench/eager_cmtkd.py``) with identical weights: resnet18 with the
-    CIFAR stem at 32x32 and AlexNet-BN at 64x64 (the paper's CIFAR models), W2A2 student with 4/6/8-bit
-    HWGQ teachers and the same networks in float. Both losses are checked equal before timing; each step
+    CIFAR stem at 32x32 and AlexNet-BN at 64x64 (the paper's CIFAR models) and vit_b_16 at 32x32 (linear
+    layers and self-attention), W2A2 student with 4/6/8-bit HWGQ teachers and the same networks in float. Both losses are checked equal before timing; each step
     is timed best of ``repeat`` interleaved rounds in each order. Under every row: the copies and
     memory-format conversions of both steps (torch.profiler), and where composed is the slower, the
     operators whose self time differs most.
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import cmtkd_graph as cg
-from bench.eager_cmtkd import EagerCMTKD
+from bench.eager_cmtkd import VIT_KWARGS, EagerCMTKD
 from cmtkd_graph.optim import build_optimizer, parameter_groups
 from cmtkd_graph.quantizers import build_quantizer_family
 from cmtkd_graph.runtime import precision as prec
@@ -82,11 +82,17 @@ def eager_step(eager: EagerCMTKD, x: torch.Tensor, y: torch.Tensor):
 def composed_vs_eager(batch: int, repeat: int, smoke: bool, channels_last: bool = False) -> None:
     layout = ", channels_last" if channels_last else ""
     print(f"\n(a) composed system vs hand-written eager CMT-KD (same weights), one training step{layout}")
-    print(f"  {'model':<34} {'composed':>10} {'eager':>10}  composed/eager (goal <= 1.03)")
-    cases = [("resnet18", "resnet18", 32), ("alexnet", "alexnet", 64)]
-    for arch, spec_name, size in [("resnet18", "resnet18", 16)] if smoke else cases:
+    print(f"  {'model':<44} {'composed':>10} {'eager':>10}  composed/eager (goal <= 1.03)")
+    vit = [
+        "student.arch=vit_b_16",
+        f"student.kwargs={{num_classes: 100, {', '.join(f'{k}: {v}' for k, v in VIT_KWARGS.items())}}}",
+        "surgery=[]",
+        "taps={teachers: auto}",
+    ]
+    cases = [("resnet18", "resnet18", 32, []), ("alexnet", "alexnet", 64, []), ("vit", "resnet18", 32, vit)]
+    for arch, spec_name, size, model in [("resnet18", "resnet18", 16, [])] if smoke else cases:
         for quantized in (True,) if smoke else (True, False):
-            overrides = ["data.num_workers=0", f"data.image_size={size}"]
+            overrides = ["data.num_workers=0", f"data.image_size={size}", *model]
             if not quantized:
                 overrides += [*FLOAT, FLOAT_TEACHERS]
             spec = cg.load_spec(spec_name, overrides)
@@ -117,10 +123,11 @@ def composed_vs_eager(batch: int, repeat: int, smoke: bool, channels_last: bool 
             assert torch.allclose(a, b, rtol=1e-5), (arch, quantized, a.item(), b.item())
             steps = {"composed": system_step(system, x, y), "eager": eager_step(eager, x, y)}
             times = both_orders(steps, repeat)
-            label = f"{arch} {size}x{size} {'W2A2 + 4/6/8-bit' if quantized else 'float'}, batch {batch}"
+            name = "vit_b_16" if arch == "vit" else arch
+            label = f"{name} {size}x{size} {'W2A2 + 4/6/8-bit' if quantized else 'float'}, batch {batch}"
             ratio = times["composed"] / times["eager"]
             print(
-                f"  {label:<34} {times['composed'] * 1e3:8.0f}ms {times['eager'] * 1e3:8.0f}ms  {ratio:.3f}"
+                f"  {label:<44} {times['composed'] * 1e3:8.0f}ms {times['eager'] * 1e3:8.0f}ms  {ratio:.3f}"
             )
             print_op_differences(steps, explain=ratio > 1.0)
 

@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--surgery", action="append", default=[], help="surgery pass to run first (repeatable)")
     p.add_argument("--all", action="store_true", help="list every node, not only feature maps and tokens")
 
+    p = sub.add_parser("models", help="what the tool does with torchvision builders (docs/models.md's rows)")
+    p.add_argument("archs", nargs="*", metavar="ARCH", help="builders (default: every builder of every task)")
+    p.add_argument("--markdown", action="store_true", help="print docs/models.md (measured links: --docs)")
+    p.add_argument("--docs", default="docs", help="the docs folder the measured links are read from")
+    p.add_argument("--no-int8", action="store_true", help="skip building real weights for the int8 column")
+
     p = sub.add_parser(
         "train", help="train in this process, as `python -m cmtkd_graph.train` (several: accelerate launch)"
     )
@@ -251,6 +257,34 @@ def cmd_taps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """One row per builder, found by building it (a few seconds each; minutes for every builder)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from cmtkd_graph.inspection.support import ModelSupport, measured_links, page, support_row
+    from cmtkd_graph.models import check_arch, model_names
+
+    try:
+        archs = [check_arch(a) for a in args.archs] or list(model_names())
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    rows = []
+    for i, arch in enumerate(archs):
+        if len(archs) > 1:
+            print(f"[{i + 1}/{len(archs)}] {arch}", file=sys.stderr, flush=True)
+        rows.append(support_row(arch, int8=not args.no_int8))
+    measured = measured_links(Path(args.docs))
+    if args.markdown:
+        print(page(rows, measured), end="")
+        return 0
+    for row in rows:
+        row = replace(row, measured=measured.get(row.arch, "-"))
+        print("\n".join(f"{h:<22}{c}" for h, c in zip(ModelSupport.HEADINGS, row.cells(), strict=True)))
+        print(f"{'task':<22}{row.task}\n")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from cmtkd_graph.train import Preempted, run
 
@@ -375,6 +409,7 @@ _COMMANDS = {
     "validate": cmd_validate,
     "schema": cmd_schema,
     "taps": cmd_taps,
+    "models": cmd_models,
     "train": cmd_train,
     "study": cmd_study,
     "inspect": cmd_inspect,

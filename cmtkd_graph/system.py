@@ -84,7 +84,7 @@ def _float_graph(
     """``float_network`` before code generation. The traced graph belongs to this function alone, so
     the passes run in place, and the caller generates code once, after its own passes. ``aux``: keep the
     task's auxiliary output where the model has one (a network that trains)."""
-    gm = trace(_instantiate(model, device), train=True)
+    gm = trace(instantiate(model, device), train=True)
     task = task_record(model.arch)
     keep_main_output.in_place(gm, key=task.main_output, aux_key=task.aux_output if aux else None)
     explicit_activations.in_place(gm)
@@ -182,7 +182,8 @@ def check_rules_used(spec: Spec, networks: list[fx.GraphModule]) -> None:
             )
 
 
-def _instantiate(model: ModelSpec, device: str | torch.device) -> nn.Module:
+def instantiate(model: ModelSpec, device: str | torch.device) -> nn.Module:
+    """The float torchvision model of ``model`` on ``device`` (on meta: nothing allocated or initialised)."""
     if torch.device(device).type != "meta":
         return build_model(model.arch, model.kwargs).to(device)
     from accelerate import init_empty_weights

@@ -7,16 +7,20 @@ Two teachers exercise every part of the composition a third would (`python -m be
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
 from cmtkd_graph.passes.common import META
 
 import cmtkd_graph as cg
-from cmtkd_graph.spec.io import validate_spec
+from cmtkd_graph.inspection import support
+from cmtkd_graph.models import model_names
 
 ALL = torchvision.models.list_models(module=torchvision.models)
-INPUT = {"inception_v3": 299}  # needs >= 75; everything else at its ImageNet size
+PAGE = Path(__file__).resolve().parents[1] / support.PAGE
+ROWS = support.read_page(PAGE.read_text()) if PAGE.exists() else {}
 REAL = [
     "resnet18",
     "mobilenet_v3_small",
@@ -32,18 +36,8 @@ REAL = [
 
 
 def spec_for(arch: str, quantizer: str = "hwgq", teachers: int = 2, size: int | None = None) -> cg.Spec:
-    kwargs = {"num_classes": 10}
-    if arch in ("googlenet", "inception_v3"):
-        kwargs["init_weights"] = False  # scipy-based truncated normal init is slow and irrelevant here
-    return validate_spec(
-        {
-            "name": arch,
-            "student": {"arch": arch, "kwargs": kwargs, "weight_bits": 2, "act_bits": 2},
-            "teachers": [{"weight_bits": 2, "act_bits": 2} for _ in range(teachers)],
-            "quantizer": {"name": quantizer},
-            "data": {"dataset": "imagefolder", "image_size": size or INPUT.get(arch, 224)},
-        }
-    )
+    """The spec of ``arch``'s row in docs/models.md (W2A2 student and teachers, auto taps)."""
+    return support.support_spec(arch, quantizer=quantizer, teachers=teachers, size=size)
 
 
 def _quantizer_count(gm) -> int:
@@ -73,6 +67,10 @@ def test_every_model_quantizes_and_composes_with_auto_taps(arch):
     lsq = cg.system.build_network(spec_for(arch, "lsq").student, spec_for(arch, "lsq"), device="meta")
     assert _quantizer_count(lsq) == _quantizer_count(system.student)
     assert lsq(x).shape == (2, 10)
+    # docs/models.md says what this build shows
+    row = ROWS[arch]
+    assert (row.composes, row.task) == ("yes", "classification")
+    assert row.structure() == support.structure(spec, system)
 
 
 @pytest.mark.parametrize("arch", REAL)
@@ -89,3 +87,42 @@ def test_small_models_run_for_real(arch, quantizer):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     student.eval()
     assert torch.isfinite(student(x)).all()
+
+
+# ---------------------------------------------------------------- docs/models.md
+
+
+def test_the_models_page_has_every_builder_and_is_what_the_command_writes():
+    """One row per builder of every task, and the page is the command's output for those rows (its
+    prose, its headings and its links to the measured figures as the docs hold them now). The rows'
+    facts are checked by the sweeps (every builder's structure) and below (the int8 column)."""
+    assert set(ROWS) == set(model_names())
+    assert {r.arch for r in ROWS.values() if r.task == "classification"} == set(ALL)
+    assert support.page(list(ROWS.values()), support.measured_links(PAGE.parent)) == PAGE.read_text()
+    # the measured links reach the pages that hold figures: resnet18's studies and deployment speed
+    assert "[speed](deployment.md#speed)" in ROWS["convnext_tiny"].measured
+    assert "(results.md)" in ROWS["resnet18"].measured
+
+
+@pytest.mark.parametrize(
+    "arch", ["mobilenet_v3_small", "shufflenet_v2_x0_5", "regnet_x_400mf", "vit_b_16", "r3d_18"]
+)
+def test_the_int8_column_is_what_the_writer_does(arch):
+    """The int8 graph of a W2A2 student with random weights, as ``cmtkd-graph models`` builds it: integer
+    layers, layers left float and why, or the first operation the writer does not write."""
+    assert support.int8_fact(support.support_spec(arch)) == ROWS[arch].int8
+
+
+def test_models_command_prints_a_row_and_names_an_unknown_builder(capsys):
+    """The whole row of one builder, found as the page's are (params of the float model, its input)."""
+    from cmtkd_graph.cli import main
+
+    assert main(["models", "squeezenet1_1", "--docs", str(PAGE.parent)]) == 0
+    row = ROWS["squeezenet1_1"]
+    shown = [f"{h:<22}{c}" for h, c in zip(support.ModelSupport.HEADINGS, row.cells(), strict=True)]
+    assert capsys.readouterr().out == "\n".join([*shown, f"{'task':<22}classification", "", ""])
+    params = sum(p.numel() for p in torchvision.models.squeezenet1_1(num_classes=10).parameters())
+    assert row.params == f"{params / 1e6:.1f}" and row.input == "224x224"
+    assert ROWS["vit_b_16"].input == "fixed 224x224" and ROWS["inception_v3"].input == "299x299"
+    assert main(["models", "resnet_18"]) == 2
+    assert "did you mean resnet18" in capsys.readouterr().err

@@ -19,6 +19,7 @@ import cmtkd_graph as cg
 from cmtkd_graph.data import build_datasets
 from cmtkd_graph.data.scenes import SCENE_CLASSES, make_scene
 from cmtkd_graph.data.segmentation_files import UNLABELLED, BadMaskError, voc_palette
+from cmtkd_graph.inspection import support
 from cmtkd_graph.losses import kdcl_min_logit
 from cmtkd_graph.models.facts import family_of
 from cmtkd_graph.quantizers.layers import QuantConv2d
@@ -27,6 +28,7 @@ from cmtkd_graph.tasks import IGNORE
 
 from .conftest import cli, train_tiny_example
 
+MODELS_PAGE = Path(__file__).resolve().parents[1] / support.PAGE
 SEGMENTATION = TASKS.get("segmentation")
 BUILDERS = [
     "fcn_resnet50",
@@ -92,6 +94,11 @@ def test_every_segmentation_builder_is_composed_with_quantizers_and_backbone_tap
         assert out.student_aux is None and out.each_teacher_aux == ()
     terms = system.losses(out, torch.zeros(2, 64, 64, dtype=torch.long, device="meta"))
     assert ("aux" in terms) == aux
+    row = support.read_page(MODELS_PAGE.read_text())[arch]  # docs/models.md says what this build shows
+    shown, found = row.structure(), support.structure(spec, system)
+    if aux:  # the page's rows are without the auxiliary head (its quantized layer and float prediction)
+        shown.pop("quantized"), found.pop("quantized")
+    assert shown == found
     terms["total"].backward()
     fusion = next(m for m in system.teachers.modules() if isinstance(m, cg.fusion.ImportanceFusion))
     assert fusion.logits.grad is not None

@@ -27,6 +27,7 @@ from cmtkd_graph.data.clips import ShortClipError
 from cmtkd_graph.data.moving import DIRECTIONS, ITEM, STORED_FRAMES, make_clip
 from cmtkd_graph.data.seeding import SeededSamples
 from cmtkd_graph.errors import UserError
+from cmtkd_graph.inspection import support
 from cmtkd_graph.losses import FitNetAdapter, attention_loss, attention_map
 from cmtkd_graph.models.facts import family_of
 from cmtkd_graph.quantizers import QuantConv3d, QuantLinear
@@ -37,6 +38,7 @@ from cmtkd_graph.spec.io import validate_spec
 
 from .conftest import REPO, cli, train_tiny_example
 
+MODELS_PAGE = Path(__file__).resolve().parents[1] / support.PAGE
 BUILDERS = {  # builder -> (frames, side) it runs on: MViT's position embeddings and S3D's pooling fix theirs
     "r3d_18": (8, 32),
     "mc3_18": (8, 32),
@@ -126,6 +128,8 @@ def test_every_video_builder_is_quantized_and_composed_at_its_stages(arch):
         attention = system.student.get_submodule("features.0.0.attn")
         assert type(attention).__name__ == "QuantShiftedWindowAttention3d"
         assert attention.qkv.weight_quantizer.bits == 2 and attention.proj.input_quantizer.signed
+    row = support.read_page(MODELS_PAGE.read_text())[arch]  # docs/models.md says what this build shows
+    assert row.structure() == support.structure(spec, system)
     x = torch.empty(2, *spec.data.input_shape(), device="meta")
     system.eval()  # meta: batch norm's training kernel is slow Python there; the graph is the same
     out = system(x)
