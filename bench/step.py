@@ -4,8 +4,9 @@ and which precision, memory format and compilation pay.
 (a) The composed system (torch.fx graphs, fusion nodes, the method plug-in) against the same CMT-KD
     written by hand in eager PyTorch (``bench/eager_cmtkd.py``) with identical weights: resnet18 with the
     CIFAR stem at 32x32 and AlexNet-BN at 64x64 (the paper's CIFAR models) and vit_b_16 at 32x32 (linear
-    layers and self-attention), W2A2 student with 4/6/8-bit HWGQ teachers and the same networks in float. Both losses are checked equal before timing; each step
-    is timed best of ``repeat`` interleaved rounds in each order. Under every row: the copies and
+    layers and self-attention), W2A2 student with 4/6/8-bit HWGQ teachers and the same networks in
+    float. Both losses are checked equal before timing; each step is timed best of ``repeat``
+    interleaved rounds in each order. Under every row: the copies and
     memory-format conversions of both steps (torch.profiler), and where composed is the slower, the
     operators whose self time differs most.
 (b) Roofline: the step's FLOPs (counted from the shapes of its convolutions and matmuls, forward and
