@@ -985,6 +985,52 @@ def test_int8_onnx_refuses_what_it_does_not_write_in_one_line():
             build_int8_onnx(_inference_form_graph(root.eval()), (3, 10, 10), None)
 
 
+def test_int8_onnx_writes_unfolded_batch_norm_functional_and_adaptive_pooling(tmp_path):
+    """What DenseNet, Inception v3, AlexNet and VGG add: a BatchNorm that reads a concatenation (the
+    inference form cannot fold it into a convolution), ``F.avg_pool2d`` / ``F.max_pool2d`` called with
+    keyword arguments, and adaptive average poolings whose windows are all equal (to its own size: nothing;
+    to a divisor: a fixed pooling). onnxruntime's logits equal PyTorch's; an adaptive pooling with
+    windows of different sizes and a max pooling returning indices are refused in one line."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from cmtkd_graph.deploy.onnx_int8 import build_int8_onnx
+
+    class Pools(nn.Module):
+        def __init__(self, to: tuple[int, int] = (4, 4)):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+            self.norm = nn.BatchNorm2d(8)
+            self.norm.running_mean.uniform_(-1, 1), self.norm.running_var.uniform_(0.5, 2)
+            self.norm.weight.data.uniform_(0.5, 2), self.norm.bias.data.uniform_(-1, 1)
+            self.same, self.smaller = nn.AdaptiveAvgPool2d((8, 8)), nn.AdaptiveAvgPool2d(to)
+            self.fc = nn.Linear(8 * to[0] * to[1], 5)
+
+        def forward(self, x):
+            x = self.norm(torch.cat([self.a(x), self.b(x)], 1))
+            x = F.avg_pool2d(x, kernel_size=3, stride=1, padding=1)
+            x = F.max_pool2d(x, 3, stride=2, padding=1)  # 16 -> 8
+            x = F.adaptive_avg_pool2d(self.same(x), (8, None))
+            return self.fc(torch.flatten(self.smaller(x), 1))
+
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    root = Pools().eval()
+    _, _, got, optimized = _int8_onnx_run(_inference_form_graph(root), x, tmp_path, calibrated=False)
+    with torch.no_grad():
+        expected = root(x).numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    ops = {n.op_type for n in optimized.graph.node}
+    assert "AveragePool" in ops and "MaxPool" in ops and not ops & {"GlobalAveragePool"}
+
+    class Indices(nn.Module):
+        def forward(self, x):
+            return F.max_pool2d(x, 2, return_indices=True)[0]
+
+    for model, problem in ((Pools((3, 3)), r"8, 8\] to \[3, 3\]: windows vary"), (Indices(), "indices")):
+        with pytest.raises(cg.UserError, match=problem):
+            build_int8_onnx(_inference_form_graph(model.eval()), (3, 16, 16), None)
+
+
 def test_int8_onnx_writes_mid_rise_levels_shifted_into_the_bias_of_a_padding_free_convolution(tmp_path):
     """HWGQ's mid-rise activations (odd multiples of s, no zero level) have no uint8 form, but minus s
     they are multiples of 2s: read by a 1x1 convolution, the export writes them so and adds

@@ -404,11 +404,11 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
             op, attributes = _ELEMENTWISE[type(module)]
             return b.node(op, [args[0]], name, **attributes)
         if isinstance(module, nn.MaxPool2d | nn.MaxPool3d | nn.AvgPool2d | nn.AvgPool3d):
-            return _pool(b, module, args[0], name)
-        if isinstance(module, nn.AdaptiveAvgPool2d | nn.AdaptiveAvgPool3d) and _one_by_one(
-            module.output_size
-        ):
-            return b.node("GlobalAveragePool", [args[0]], name)
+            return _pool(b, _pool_options(module), args[0], name)
+        if isinstance(module, nn.AdaptiveAvgPool2d | nn.AdaptiveAvgPool3d):
+            return _adaptive_average(b, node, args[0], module.output_size)
+        if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d):
+            return _batch_norm(b, module, args[0], name)
         if isinstance(module, nn.Flatten) and module.end_dim == -1:
             return b.node("Flatten", [args[0]], name, axis=module.start_dim)
         if isinstance(module, nn.Dropout | nn.Identity | StochasticDepth):  # identities in eval mode
@@ -435,8 +435,11 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
             return b.node(op, [args[0]], node.name, **attributes)
         if target is torch.flatten and args[1:] in ([1], []) and not node.kwargs:
             return b.node("Flatten", [args[0]], node.name, axis=args[1] if len(args) > 1 else 0)
-        if target in (F.adaptive_avg_pool2d, F.adaptive_avg_pool3d) and _one_by_one(args[1]):
-            return b.node("GlobalAveragePool", [args[0]], node.name)
+        if target in (F.adaptive_avg_pool2d, F.adaptive_avg_pool3d) and len(args) == 2 and not node.kwargs:
+            return _adaptive_average(b, node, args[0], args[1])
+        if target in _FUNCTIONAL_POOLS:  # Inception's F.avg_pool2d / F.max_pool2d
+            options = _pool_options(node, args[1:], node.kwargs)
+            return _pool(b, options, args[0], node.name)
         if target is F.dropout:
             return args[0]
         if target is torch.mean and _axes(node) is not None:  # S3D's mean over time and space
@@ -665,7 +668,8 @@ def _unsupported(what: str) -> str:
         f"int8 ONNX export: {what} is not one of the operations it writes (conv, linear, ReLU/ReLU6, "
         "Hardswish/Hardsigmoid/Sigmoid/SiLU/GELU, layer norm, add, mul, concat, permute, transpose, "
         "view/reshape keeping the batch, chunk, bilinear/nearest resize to a size, "
-        "max/average/global-average pooling, mean over axes, flatten; 2-D and 3-D); "
+        "max/average/global-average pooling, adaptive average pooling with equal windows, batch norm, "
+        "mean over axes, flatten; 2-D and 3-D); "
         "export --format onnx (exact Q/DQ) instead"
     )
 
@@ -675,17 +679,59 @@ def _one_by_one(size) -> bool:
     return size == 1 or (isinstance(size, tuple | list) and all(s == 1 for s in size))
 
 
-def _pool(b: _Builder, pool: nn.Module, x: str, name: str) -> str:
+_FUNCTIONAL_POOLS = {  # function -> (the module whose arguments it takes, in order)
+    F.max_pool2d: nn.MaxPool2d,
+    F.avg_pool2d: nn.AvgPool2d,
+    F.max_pool3d: nn.MaxPool3d,
+    F.avg_pool3d: nn.AvgPool3d,
+}
+_POOL_ARGUMENTS = {  # the positional arguments after the input, as torch.nn.functional orders them
+    "max": ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    "avg": ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+}
+
+
+@dataclass(frozen=True)
+class _PoolOptions:
+    kind: str  # "max" or "avg"
+    dims: int
+    kernel_size: object
+    stride: object = None
+    padding: object = 0
+    dilation: object = 1
+    ceil_mode: bool = False
+    count_include_pad: bool = True
+    divisor_override: int | None = None
+    return_indices: bool = False
+
+
+def _pool_options(
+    source: nn.Module | fx.Node, args: list | None = None, kwargs: dict | None = None
+) -> _PoolOptions:
+    """A pooling's options from its module, or from a functional call's arguments."""
+    cls = type(source) if isinstance(source, nn.Module) else _FUNCTIONAL_POOLS[source.target]
+    kind = "max" if cls in (nn.MaxPool2d, nn.MaxPool3d) else "avg"
+    dims = 3 if cls in (nn.MaxPool3d, nn.AvgPool3d) else 2
+    names = _POOL_ARGUMENTS[kind]
+    if isinstance(source, nn.Module):
+        given = {n: getattr(source, n) for n in names}
+    else:
+        given = {**dict(zip(names, args, strict=False)), **kwargs}
+    return _PoolOptions(kind, dims, **given)
+
+
+def _pool(b: _Builder, pool: _PoolOptions, x: str, name: str) -> str:
     """A max or average pooling (2-D or 3-D) as ONNX ``MaxPool`` / ``AveragePool``."""
-    dims = 3 if isinstance(pool, nn.MaxPool3d | nn.AvgPool3d) else 2
-    axes = lambda v: list(v) if isinstance(v, tuple | list) else [v] * dims
+    axes = lambda v: list(v) if isinstance(v, tuple | list) else [v] * pool.dims
     attributes = {
         "kernel_shape": axes(pool.kernel_size),
         "strides": axes(pool.stride or pool.kernel_size),
         "pads": axes(pool.padding) * 2,
         "ceil_mode": int(pool.ceil_mode),
     }
-    if isinstance(pool, nn.MaxPool2d | nn.MaxPool3d):
+    if pool.return_indices:
+        raise UserError(_unsupported(f"{name} (a max pooling returning its indices)"))
+    if pool.kind == "max":
         return b.node("MaxPool", [x], name, dilations=axes(pool.dilation), **attributes)
     if pool.divisor_override is not None or (
         pool.ceil_mode and pool.count_include_pad and any(attributes["pads"])
@@ -696,6 +742,45 @@ def _pool(b: _Builder, pool: nn.Module, x: str, name: str) -> str:
             _unsupported(f"{name} (an average pooling with divisor_override, or ceil_mode over padding)")
         )
     return b.node("AveragePool", [x], name, count_include_pad=int(pool.count_include_pad), **attributes)
+
+
+def _adaptive_average(b: _Builder, node: fx.Node, x: str, output_size) -> str:
+    """An adaptive average pooling: global where it has one position; else, where every output size
+    divides its input size, the fixed pooling it then is (windows of input / output, as many strides;
+    nothing where they are equal: AlexNet's and VGG's 6x6 and 7x7 at 224)."""
+    if _one_by_one(output_size):
+        return b.node("GlobalAveragePool", [x], node.name)
+    inputs = b.shapes[node.args[0]][2:]
+    outputs = output_size if isinstance(output_size, tuple | list) else [output_size] * len(inputs)
+    outputs = [i if o is None else o for i, o in zip(inputs, outputs, strict=True)]
+    if any(i % o for i, o in zip(inputs, outputs, strict=True)):
+        raise UserError(
+            _unsupported(
+                f"{node.name} (an adaptive pooling from {list(inputs)} to {list(outputs)}: windows vary)"
+            )
+        )
+    if list(inputs) == list(outputs):
+        return x
+    kernel = [i // o for i, o in zip(inputs, outputs, strict=True)]
+    return b.node("AveragePool", [x], node.name, kernel_shape=kernel, strides=kernel)
+
+
+def _batch_norm(b: _Builder, norm: nn.Module, x: str, name: str) -> str:
+    """A BatchNorm the inference form could not fold into a convolution (DenseNet's, which reads a
+    concatenation), with its running statistics, as ONNX ``BatchNormalization``."""
+    if norm.running_mean is None:
+        raise UserError(_unsupported(f"{name} (a BatchNorm without running statistics)"))
+    channels = norm.num_features
+    ones, zeros = torch.ones(channels), torch.zeros(channels)
+    inputs = [x]
+    for part, value in (
+        ("weight", norm.weight if norm.affine else ones),
+        ("bias", norm.bias if norm.affine else zeros),
+        ("mean", norm.running_mean),
+        ("var", norm.running_var),
+    ):
+        inputs.append(b.constant(f"{name}.{part}", value.detach().float().numpy()))
+    return b.node("BatchNormalization", inputs, name, epsilon=float(norm.eps))
 
 
 def _float_levels(b: _Builder, x: str, requantizer: ActivationRequantizer, name: str) -> str:
