@@ -46,7 +46,7 @@ class InputQuantSelfAttention(QuantMultiheadAttention):
 
 def quantize_eagerly(
     model: nn.Module, family: QuantizerFamily | None, bits: int, keep_float: set[str], *, signed: bool = False
-):
+) -> nn.Module:
     """Every conv/linear/self-attention but ``keep_float`` computes with ``bits``-bit weights and
     ``bits``-bit inputs, unsigned (resnet18, AlexNet: every input follows a ReLU) or signed (ViT: layer
     norm and GELU outputs); in place."""

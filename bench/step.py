@@ -21,7 +21,7 @@ and which precision, memory format and compilation pay.
     against torch's per-tensor loop.
 
     python -m bench.step [--batch 64] [--repeat 3] [--no-compile] [--only a,b,c] [--shapes quickstart,paper]
-                         [--channels-last] [--smoke]
+                         [--models resnet18,alexnet,vit] [--channels-last] [--smoke]
 
 ``--smoke`` runs every part at toy sizes without compile (what CI runs, to keep the script working).
 """
@@ -80,7 +80,12 @@ def eager_step(eager: EagerCMTKD, x: torch.Tensor, y: torch.Tensor):
 
 
 # ------------------------------------------------------------------------------------------- (a)
-def composed_vs_eager(batch: int, repeat: int, smoke: bool, channels_last: bool = False) -> None:
+MODELS_A = ("resnet18", "alexnet", "vit")  # (a)'s models
+
+
+def composed_vs_eager(
+    batch: int, repeat: int, smoke: bool, channels_last: bool = False, models: list[str] | tuple = MODELS_A
+) -> None:
     layout = ", channels_last" if channels_last else ""
     print(f"\n(a) composed system vs hand-written eager CMT-KD (same weights), one training step{layout}")
     print(f"  {'model':<44} {'composed':>10} {'eager':>10}  composed/eager (goal <= 1.03)")
@@ -91,6 +96,7 @@ def composed_vs_eager(batch: int, repeat: int, smoke: bool, channels_last: bool 
         "taps={teachers: auto}",
     ]
     cases = [("resnet18", "resnet18", 32, []), ("alexnet", "alexnet", 64, []), ("vit", "resnet18", 32, vit)]
+    cases = [case for case in cases if case[0] in models]
     for arch, spec_name, size, model in [("resnet18", "resnet18", 16, [])] if smoke else cases:
         for quantized in (True,) if smoke else (True, False):
             overrides = ["data.num_workers=0", f"data.image_size={size}", *model]
@@ -323,14 +329,18 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="toy sizes, no compile (CI)")
     parser.add_argument("--channels-last", action="store_true", help="(a) in the channels_last layout")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="which shapes (c) times")
+    parser.add_argument("--models", default=",".join(MODELS_A), help="which models (a) compares")
     args = parser.parse_args()
+    unknown = set(args.models.split(",")) - set(MODELS_A)
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODELS_A)}")
     batch, repeat = (2, 1) if args.smoke else (args.batch, args.repeat)
     print(machine_line())
     for name in set(SHAPES) - set(args.shapes.split(",")):
         del SHAPES[name]
     parts = args.only.split(",")
     if "a" in parts:
-        composed_vs_eager(batch, repeat, args.smoke, args.channels_last)
+        composed_vs_eager(batch, repeat, args.smoke, args.channels_last, args.models.split(","))
     if "b" in parts:
         roofline(batch, repeat, args.smoke)
     if "c" in parts:

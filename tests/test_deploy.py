@@ -1023,10 +1023,18 @@ def test_int8_onnx_writes_unfolded_batch_norm_functional_and_adaptive_pooling(tm
     assert "AveragePool" in ops and "MaxPool" in ops and not ops & {"GlobalAveragePool"}
 
     class Indices(nn.Module):
-        def forward(self, x):
-            return F.max_pool2d(x, 2, return_indices=True)[0]
+        def __init__(self):
+            super().__init__()
+            self.pool = nn.MaxPool2d(2, return_indices=True)
 
-    for model, problem in ((Pools((3, 3)), r"8, 8\] to \[3, 3\]: windows vary"), (Indices(), "indices")):
+        def forward(self, x):
+            return self.pool(x)[0]
+
+    for model, problem in (
+        (Pools((3, 3)), r"8, 8\] to \[3, 3\]: windows vary"),
+        (Pools((16, 16)), r"8, 8\] up to \[16, 16\]"),
+        (Indices(), "a max pooling returning its indices"),
+    ):
         with pytest.raises(cg.UserError, match=problem):
             build_int8_onnx(_inference_form_graph(model.eval()), (3, 16, 16), None)
 
@@ -1157,6 +1165,58 @@ def test_int8_onnx_writes_the_mobile_families(arch, integer, tmp_path):
             used = kernels(optimized, list(plan.integer))
             assert Counter(k for k in used.values() if k in INT8_KERNELS) == integer
             assert all(why == "" or "mid-rise" in why for why in plan.integer.values())
+
+
+def test_int8_onnx_writes_a_vision_transformer(tmp_path):
+    """ViT: the batch read from ``x.shape`` (its reshape and the class token's ``expand``), the position
+    embedding, self-attention (``nn.MultiheadAttention``, or the quantized twin with its decoded weights
+    and its output projection's input quantizer) as matrix products and a softmax, ``x[:, 0]``, its
+    input-size assertions dropped. A float ViT's logits equal PyTorch's to float rounding; a W2A2 one
+    runs its 24 MLP linear layers on integer kernels and its 12 attention blocks in float."""
+    from collections import Counter
+
+    from cmtkd_graph.deploy.onnx_int8 import ATTENTION_IN_FLOAT, INT8_KERNELS, kernels
+
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    float_mlp = "quantizer.rules=[{match: {name: 'encoder.layers.*.mlp'}, float: true}]"
+    for bits, rules in ((32, []), (2, [float_mlp]), (2, [])):
+        torch.manual_seed(0)
+        spec = cg.load_spec(
+            "quickstart",
+            [
+                "student.arch=vit_b_16",
+                "student.kwargs={num_classes: 10, image_size: 32}",
+                f"student.weight_bits={bits}",
+                f"student.act_bits={bits}",
+                "surgery=[]",
+                "taps={teachers: auto}",
+                "data={dataset: cifar10, image_size: 32}",
+                *rules,
+            ],
+        )
+        student = build_student(spec)
+        torch.nn.init.normal_(student.get_parameter("heads.head.weight"), std=0.05)  # torchvision's: zeros
+        form = inference_form(student)
+        _, plan, got, optimized = _int8_onnx_run(form, x, tmp_path, calibrated=bits < 32 and not rules)
+        if bits == 32 or rules:
+            # float; or W2A2 attention without the MLP's quantizers after GELU (docs/deployment.md: GELU's
+            # tail sits on HWGQ's decision boundary at 0, where float GELUs differ in sign): the
+            # decoded weights, the input and output projections' quantizers, exactly
+            with torch.no_grad():
+                expected = form(x).numpy()
+            largest = np.abs(expected).max()
+            assert largest > 0.1
+            if bits == 32:
+                np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * largest)
+            else:  # float rounding can move one of ~10^6 quantizer inputs across a level boundary
+                off = np.abs(got - expected).max(axis=1) / largest
+                assert np.median(off) <= 1e-5 and off.max() < 0.1, off  # here: 1 image of 8, by 2 %
+            assert list(plan.integer.values()).count(ATTENTION_IN_FLOAT) == (12 if bits == 2 else 0)
+        else:
+            attention = [name for name, why in plan.integer.items() if why == ATTENTION_IN_FLOAT]
+            assert len(attention) == 12 and all(name.endswith("self_attention") for name in attention)
+            used = kernels(optimized, list(plan.integer))
+            assert Counter(k for k in used.values() if k in INT8_KERNELS) == {"MatMulIntegerToFloat": 24}
 
 
 def test_int8_onnx_runs_every_quantized_convolution_on_integer_kernels(exported):

@@ -124,3 +124,61 @@ def test_the_quickstart_trains_on_one_channel_images_with_the_grey_input_stem(
     assert final["steps"] == 2 and "acc1/student" in final["accuracy"]
     student = load_file(str(run_dir / "student.safetensors"))
     assert student["conv1.weight"].shape[1] == 1
+
+
+FAMILY_SPECS = [
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "regnet_y_400mf",
+    "convnext_tiny",
+    "swin_t",
+    "vit_b_16",
+]
+
+
+@pytest.mark.parametrize("name", FAMILY_SPECS)
+def test_the_family_specs_train_a_step_on_real_images(name, cifar10_jpeg, tmp_path, fresh_accelerate):
+    """Each family's example spec (a W2A2 student with 4- and 8-bit teachers on CIFAR-10 image folders)
+    trains one step in tiny mode and is evaluated: student, each teacher and the combined teacher."""
+    overrides = [
+        f"data.root={cifar10_jpeg}",
+        "data.batch_size=4",
+        "data.eval_batch_size=10",
+        "data.eval_subset=10",
+        "train.max_steps=1",
+        f"train.output_dir={tmp_path / 'run'}",
+        "train.progress_bar=false",
+        "train.mixed_precision=no",
+        "train.channels_last=false",
+        "train.checkpoints=false",
+    ]
+    run_dir = run(str(REPO / "specs" / f"{name}.yaml"), overrides)
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["steps"] == 1
+    assert {"acc1/student", "acc1/combined", "acc1/teacher0", "acc1/teacher1"} <= set(final["accuracy"])
+    train_line = next(r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train")
+    assert torch.isfinite(torch.tensor(train_line["loss/total"]))
+
+
+def test_the_families_study_has_each_family_alone_with_cmtkd_and_in_full_precision():
+    """studies/cifar10_families.yaml: 5 rows per family spec (full precision, W2A2 and W4A4 alone and
+    with CMT-KD), each run's spec valid, each CMT-KD row compared with its student alone."""
+    from cmtkd_graph.study import load_study, plan
+
+    study = load_study(REPO / "studies" / "cifar10_families.yaml")
+    runs = plan(study)
+    assert len(runs) == 5 * len(FAMILY_SPECS) == len(study.rows)
+    bits = {}
+    for planned in runs:
+        spec = planned.unresolved_spec()
+        bits[planned.row.name] = (spec.student.arch, spec.method, spec.student.weight_bits)
+    assert {arch for arch, _, _ in bits.values()} == set(FAMILY_SPECS)
+    assert sorted(b for b in bits.values() if b[0] == "swin_t") == [
+        ("swin_t", "cmtkd", 2),
+        ("swin_t", "cmtkd", 4),
+        ("swin_t", "single", 2),
+        ("swin_t", "single", 4),
+        ("swin_t", "single", 32),
+    ]
+    compared = {(c.rows[0], c.against) for c in study.comparisons}
+    assert ("vit_cmtkd_w2a2", "vit_w2a2") in compared and len(compared) == 2 * len(FAMILY_SPECS)

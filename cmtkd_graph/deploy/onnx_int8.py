@@ -46,6 +46,7 @@ from torchvision.ops import StochasticDepth
 
 from cmtkd_graph.deploy.inference import INTEGER_WEIGHT_TYPES, ActivationRequantizer, IntegerWeightLinear
 from cmtkd_graph.errors import UserError
+from cmtkd_graph.quantizers import Quantizer
 
 OPSET = 21
 INT8_KERNELS = {"QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger"}
@@ -64,6 +65,7 @@ class _Builder:
     shift_in_bias: set = field(default_factory=set)  # shifted requantizers whose -s a layer's bias holds
     shapes: dict = field(default_factory=dict)  # fx.Node -> its tensor's shape for one input image
     sizes: set = field(default_factory=set)  # names standing for x.size() and its parts (no ONNX value)
+    shape_values: set = field(default_factory=set)  # 1-D int64 values read from x.shape (real values)
 
     def constant(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(numpy_helper.from_array(array, name))
@@ -342,8 +344,10 @@ def build_int8_onnx(
     """
     largest = None if calibration is None else calibrate(form, calibration)
     b, plan = _Builder(float_epilogue=calibration is None, shapes=_shapes(form, image_shape)), Int8Plan()
+    checks = _assertions(form)
     for node in form.graph.nodes:
-        b.names[node] = _emit(b, form, node, plan, largest)
+        if node not in checks:
+            b.names[node] = _emit(b, form, node, plan, largest)
     output = next(n for n in form.graph.nodes if n.op == "output")
     result = output.args[0]
     rank = len(b.shapes[result])  # logits [B, classes] or, per pixel, [B, classes, H, W]
@@ -358,6 +362,16 @@ def build_int8_onnx(
     _rename_output(model, "logits")
     onnx.checker.check_model(model, full_check=True)
     return model, plan
+
+
+def _assertions(form: fx.GraphModule) -> set[fx.Node]:
+    """The ``torch._assert`` calls (ViT's checks of its input's size and rank) and what only they read:
+    the graph is written for one input size, so there is nothing left to check."""
+    checks: set[fx.Node] = set()
+    for node in reversed(form.graph.nodes):
+        if node.target is torch._assert or (node.users and all(user in checks for user in node.users)):
+            checks.add(node)
+    return checks
 
 
 def _rename_output(model: onnx.ModelProto, new: str) -> None:
@@ -387,10 +401,9 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
         if isinstance(module, ActivationRequantizer):
             if _shifted_mid_rise(gm, node):
                 return _shifted_levels(b, args[0], module, name)
-            try:
-                return _exact_levels(b, args[0], module, name)
-            except _NotInteger:
-                return _float_levels(b, args[0], module, name)
+            return _levels(b, args[0], module, name)
+        if isinstance(module, nn.MultiheadAttention):
+            return _self_attention(b, node, module, args, plan)
         if isinstance(module, nn.Conv2d | nn.Conv3d | nn.Linear):
             return _emit_layer(b, gm, node, module, args[0], plan, largest)
         if _redundant_clip(gm, node):
@@ -424,6 +437,8 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
         raise UserError(_unsupported(f"{name} ({type(module).__name__})"))
     if node.op == "call_function":
         target = node.target
+        if target in _SIZE_ARITHMETIC and any(isinstance(a, str) and _is_size(b, a) for a in args):
+            return _size_marker(b, node)  # e.g. ViT's (h // p) * (w // p), read by its reshape
         if (
             target in (operator.add, torch.add, operator.mul, torch.mul)
             and len(args) == 2
@@ -473,6 +488,8 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
             return b.node("Shape", [args[0]], node.name)
         if target is operator.getitem and _is_shape(node.args[0]) and isinstance(args[1], slice | int):
             return _shape_part(b, node, args[0], args[1])
+        if target is operator.getitem and isinstance(args[1], tuple):  # ViT's class token: x[:, 0]
+            return _index(b, node, args[0], args[1])
         if target is F.interpolate:
             resized = _resize(b, node, args)
             if resized is not None:
@@ -487,6 +504,8 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
         return _size_marker(b, node)  # read by view/reshape below, whose output shape is known
     if node.op == "call_method" and node.target in ("view", "reshape") and not node.kwargs:
         return _reshape(b, node, args[0])
+    if node.op == "call_method" and node.target == "expand" and not node.kwargs:  # ViT's class token
+        return _expand(b, node, args)
     if node.op == "call_method" and node.target == "contiguous" and len(args) == 1:
         return args[0]
     if node.op == "call_method" and node.target == "chunk" and not node.kwargs.keys() - {"dim"}:
@@ -519,6 +538,38 @@ def _size_marker(b: _Builder, node: fx.Node) -> str:
     return marker
 
 
+_SIZE_ARITHMETIC = (operator.floordiv, operator.mul, operator.add, operator.sub)
+
+
+def _is_size(b: _Builder, name: str) -> bool:
+    """Whether the value ``name`` is a size (a marker, or a part of a shape)."""
+    return name in b.sizes or name in b.shape_values
+
+
+def _expand(b: _Builder, node: fx.Node, args: list) -> str:
+    """``t.expand(n, -1, ...)`` with ``n`` the batch read from a shape: ONNX ``Expand`` broadcasts, so
+    a kept size (-1) is 1 there and the batch is the value read at run time."""
+    sizes = list(args[1]) if len(args) == 2 and isinstance(args[1], list | tuple) else args[1:]
+    parts = []
+    for i, size in enumerate(sizes):
+        if isinstance(size, str) and size in b.shape_values:
+            parts.append(size)
+        elif isinstance(size, int):
+            parts.append(b.constant(f"{node.name}.{i}", np.array([1 if size == -1 else size], np.int64)))
+        else:
+            raise UserError(_unsupported(f"{node.name} (expand to a size computed from the input)"))
+    return b.node("Expand", [args[0], b.node("Concat", parts, node.name, axis=0)], node.name)
+
+
+def _index(b: _Builder, node: fx.Node, x: str, index: tuple) -> str:
+    """``x[:, ..., i]``: whole axes, then one integer position (a ``Gather``, which drops that axis)."""
+    *whole, position = index
+    if not isinstance(position, int) or any(part != slice(None) for part in whole):
+        raise UserError(_unsupported(f"{node.name} (indexing other than x[:, ..., i])"))
+    at = b.constant(f"{node.name}.index", np.array(position, np.int64))
+    return b.node("Gather", [x, at], node.name, axis=len(whole))
+
+
 def _reshape(b: _Builder, node: fx.Node, x: str) -> str:
     """``x.view(...)`` / ``x.reshape(...)`` (ShuffleNet's channel shuffle): the output shape recorded on
     one image, its batch axis copied from the input (``Reshape``'s 0), which needs the batch to stay the
@@ -531,8 +582,9 @@ def _reshape(b: _Builder, node: fx.Node, x: str) -> str:
         and first.target is operator.getitem
         and first.args[1] == 0
         and isinstance(first.args[0], fx.Node)
-        and first.args[0].op == "call_method"
-        and first.args[0].target == "size"
+        and (
+            (first.args[0].op == "call_method" and first.args[0].target == "size") or _is_shape(first.args[0])
+        )
     )
     if not batch_kept:
         raise UserError(_unsupported(f"{node.name} ({node.target} not keeping the batch as its first axis)"))
@@ -599,11 +651,16 @@ def _shape_part(b: _Builder, node: fx.Node, shape: str, index: slice | int) -> s
     whole = b.shapes[node.args[0].args[0]]
     positions = range(len(whole))[index] if isinstance(index, slice) else [range(len(whole))[index]]
     if 0 not in positions:
-        return b.constant(f"{node.name}.value", np.array([whole[i] for i in positions], np.int64))
-    if isinstance(index, int) or index.step not in (None, 1):
-        raise UserError(_unsupported(f"{node.name} (the batch size read as a number)"))
-    stop = np.iinfo(np.int64).max if index.stop is None else index.stop
-    return b.node("Slice", [shape, *_range_constants(b, node.name, index.start or 0, stop)], node.name)
+        value = b.constant(f"{node.name}.value", np.array([whole[i] for i in positions], np.int64))
+    elif isinstance(index, int):  # the batch (ViT's n = x.shape[0]): read by a reshape or an expand
+        value = b.node("Slice", [shape, *_range_constants(b, node.name, 0, 1)], node.name)
+    elif index.step not in (None, 1):
+        raise UserError(_unsupported(f"{node.name} (a strided part of a shape)"))
+    else:
+        stop = np.iinfo(np.int64).max if index.stop is None else index.stop
+        value = b.node("Slice", [shape, *_range_constants(b, node.name, index.start or 0, stop)], node.name)
+    b.shape_values.add(value)
+    return value
 
 
 def _range_constants(b: _Builder, name: str, start: int, stop: int) -> tuple[str, str]:
@@ -669,7 +726,7 @@ def _unsupported(what: str) -> str:
         "Hardswish/Hardsigmoid/Sigmoid/SiLU/GELU, layer norm, add, mul, concat, permute, transpose, "
         "view/reshape keeping the batch, chunk, bilinear/nearest resize to a size, "
         "max/average/global-average pooling, adaptive average pooling with equal windows, batch norm, "
-        "mean over axes, flatten; 2-D and 3-D); "
+        "mean over axes, flatten, self-attention; 2-D and 3-D); "
         "export --format onnx (exact Q/DQ) instead"
     )
 
@@ -753,6 +810,10 @@ def _adaptive_average(b: _Builder, node: fx.Node, x: str, output_size) -> str:
     inputs = b.shapes[node.args[0]][2:]
     outputs = output_size if isinstance(output_size, tuple | list) else [output_size] * len(inputs)
     outputs = [i if o is None else o for i, o in zip(inputs, outputs, strict=True)]
+    if any(o > i for i, o in zip(inputs, outputs, strict=True)):
+        raise UserError(
+            _unsupported(f"{node.name} (an adaptive pooling from {list(inputs)} up to {list(outputs)})")
+        )
     if any(i % o for i, o in zip(inputs, outputs, strict=True)):
         raise UserError(
             _unsupported(
@@ -781,6 +842,70 @@ def _batch_norm(b: _Builder, norm: nn.Module, x: str, name: str) -> str:
     ):
         inputs.append(b.constant(f"{name}.{part}", value.detach().float().numpy()))
     return b.node("BatchNormalization", inputs, name, epsilon=float(norm.eps))
+
+
+def _levels(b: _Builder, x: str, requantizer: ActivationRequantizer, name: str) -> str:
+    """An activation quantizer's levels: on the 8-bit grid where it has one, else computed in float."""
+    try:
+        return _exact_levels(b, x, requantizer, name)
+    except _NotInteger:
+        return _float_levels(b, x, requantizer, name)
+
+
+ATTENTION_IN_FLOAT = "attention is written in float (its projections are not put on integer kernels yet)"
+
+
+def _self_attention(
+    b: _Builder, node: fx.Node, mha: nn.MultiheadAttention, args: list, plan: Int8Plan
+) -> list:
+    """Batched self-attention (ViT's ``nn.MultiheadAttention``, or its quantized twin with its decoded
+    weights and the output projection's input quantizer) as the ops of ``scaled_dot_product_attention``:
+    the input projection, heads split, softmax(q k^T / sqrt(d)) v, heads joined, the output projection.
+    The matrix products are float: a quantized twin's projections compute with its decoded weights."""
+    name = node.target
+    x = args[0]
+    if not (len(args) >= 3 and args[0] == args[1] == args[2]) or not mha.batch_first:
+        raise UserError(_unsupported(f"{name} (attention other than batch-first self-attention)"))
+    if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+        raise UserError(_unsupported(f"{name} (attention with separate or extra key/value projections)"))
+    options = {k: v for k, v in node.kwargs.items() if k != "need_weights"}
+    if options or len(args) > 3:
+        raise UserError(_unsupported(f"{name} (attention with a mask)"))
+    quantized = hasattr(mha, "in_proj_weight_quantizer")
+    if quantized:
+        plan.integer[name] = ATTENTION_IN_FLOAT
+    in_weight = mha.in_proj_weight_quantizer(mha.in_proj_weight) if quantized else mha.in_proj_weight
+    tokens, dim = b.shapes[node.args[0]][1:]
+    heads = mha.num_heads
+    qkv = _matmul(b, x, in_weight, mha.in_proj_bias, f"{name}.in_proj")
+    shape = b.constant(f"{name}.heads", np.array([0, tokens, 3, heads, dim // heads], np.int64))
+    qkv = b.node("Transpose", [b.node("Reshape", [qkv, shape], name)], name, perm=[2, 0, 3, 1, 4])
+    q, k, v = (
+        b.node("Gather", [qkv, b.constant(f"{name}.{part}", np.array(i, np.int64))], name, axis=0)
+        for i, part in enumerate("qkv")
+    )
+    scale = b.constant(f"{name}.scale", np.array(1 / np.sqrt(dim // heads), np.float32))
+    scores = b.node(
+        "Mul", [b.node("MatMul", [q, b.node("Transpose", [k], name, perm=[0, 1, 3, 2])], name), scale], name
+    )
+    out = b.node("MatMul", [b.node("Softmax", [scores], name, axis=-1), v], name)
+    out = b.node("Transpose", [out], name, perm=[0, 2, 1, 3])
+    out = b.node("Reshape", [out, b.constant(f"{name}.join", np.array([0, tokens, dim], np.int64))], name)
+    projection = mha.out_proj
+    quantizer = getattr(projection, "input_quantizer", None)  # the twin's own (not a graph node)
+    if isinstance(quantizer, Quantizer):
+        out = _levels(b, out, ActivationRequantizer(quantizer), f"{name}.out_proj.input_quantizer")
+    weight = projection.weight_quantizer(projection.weight) if quantized else projection.weight
+    return [_matmul(b, out, weight, projection.bias, f"{name}.out_proj"), None]  # (output, weights)
+
+
+def _matmul(b: _Builder, x: str, weight: Tensor, bias: Tensor | None, name: str) -> str:
+    """``F.linear`` on the last axis of an N-D ``x`` in float: MatMul by the transposed weight, plus bias."""
+    w = b.constant(f"{name}.weight", weight.detach().float().t().contiguous().numpy())
+    out = b.node("MatMul", [x, w], name)
+    if bias is None:
+        return out
+    return b.node("Add", [out, b.constant(f"{name}.bias", bias.detach().float().numpy())], name)
 
 
 def _float_levels(b: _Builder, x: str, requantizer: ActivationRequantizer, name: str) -> str:

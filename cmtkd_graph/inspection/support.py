@@ -16,7 +16,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -24,6 +24,9 @@ from cmtkd_graph.errors import first_line
 from cmtkd_graph.models import family_of
 from cmtkd_graph.models.facts import BlocksAtDepth, FixedTaps
 from cmtkd_graph.spec import Spec
+
+if TYPE_CHECKING:
+    from cmtkd_graph.system import DistillationSystem
 
 BITS = 2  # the student and both teachers: W2A2 (the paper's lowest setting)
 SIZES = {"classification": (224, 224), "segmentation": (224, 224), "video": (16, 224, 224)}
@@ -112,7 +115,7 @@ class ModelSupport:
         return tuple(getattr(self, f.name) for f in fields(self) if f.name != "task")
 
 
-def structure(spec: Spec, system) -> dict[str, str]:
+def structure(spec: Spec, system: DistillationSystem) -> dict[str, str]:
     """The row's fields that the composed ``system`` (built from ``spec``, on any device) shows."""
     from cmtkd_graph.passes.common import META
 
@@ -137,7 +140,7 @@ def structure(spec: Spec, system) -> dict[str, str]:
     }
 
 
-def compose_check(spec: Spec):
+def compose_check(spec: Spec) -> DistillationSystem:
     """Build the composed system on the meta device and run forward and backward; returns it."""
     import cmtkd_graph as cg
 
@@ -177,6 +180,8 @@ def int8_fact(spec: Spec) -> str:
 def _short(why: str) -> str:
     if "mid-rise" in why:
         return "mid-rise input"
+    if "attention" in why:
+        return "attention in float"
     return "weights over int8" if "int8" in why else why
 
 
@@ -231,8 +236,6 @@ def measured_links(docs: Path) -> dict[str, str]:
     trains it (``docs/<study>/results.json``). The figures stay on those pages."""
     import json
 
-    from cmtkd_graph.spec.io import load_spec
-
     links: dict[str, list[str]] = {}
     deployment = docs / "deployment.md"
     if deployment.exists():
@@ -243,9 +246,24 @@ def measured_links(docs: Path) -> dict[str, str]:
                 links.setdefault(arch.group(1), []).append("[speed](deployment.md#speed)")
     for report in sorted(docs.glob("*/results.json")):
         study = json.loads(report.read_text())
-        arch = load_spec(study["base"]).student.arch
-        links.setdefault(arch, []).append(f"[{study['study']}]({report.parent.name}.md)")
+        trained = [row for row in study["rows"] if row.get("finished")]  # a row not run measures nothing
+        for arch in {_trained_arch(row["command"], study["base"]) for row in trained}:
+            links.setdefault(arch, []).append(f"[{study['study']}]({report.parent.name}.md)")
     return {arch: ", ".join(dict.fromkeys(found)) for arch, found in links.items()}
+
+
+def _trained_arch(command: str, base: str) -> str:
+    """The student a study row's command trains: its ``--set student.arch=``, else its spec's."""
+    import shlex
+
+    from cmtkd_graph.spec.io import load_spec
+
+    words = shlex.split(command)
+    spec = words[words.index("cmtkd_graph.train") + 1] if "cmtkd_graph.train" in words else base
+    for word in reversed(words):
+        if word.startswith("student.arch="):
+            return word.removeprefix("student.arch=")
+    return load_spec(spec).student.arch
 
 
 TASK_TITLES = {"classification": "Classification", "segmentation": "Segmentation", "video": "Video"}
@@ -290,7 +308,8 @@ input size (its family's only size where it has one: `fixed`).
 * **int8 graph**: the student's inference form written as the int8 graph that `export`'s
   `student-int8.onnx` and `student-openvino.xml` are made from (random weights; the decision does not
   depend on them): how many quantized layers have integer weights and an 8-bit input there (the rest:
-  HWGQ's signed 2-bit mid-rise grid, read where a convolution pads it, has no 8-bit form); or `no:` and
+  HWGQ's signed 2-bit mid-rise grid, read where a convolution pads it, has no 8-bit form; self-attention
+  is written with float matrix products); or `no:` and
   the first operation the writer does not write, in which case `export --format all` writes the other
   formats and says so in the manifest. Whether the runtime then runs a layer on an integer kernel, and
   how fast, is measured per export ([Deployment](deployment.md)). Every student exports to safetensors
