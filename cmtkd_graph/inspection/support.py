@@ -303,7 +303,7 @@ input size (its family's only size where it has one: `fixed`).
 * **W2A2 layers (float)**: the student's quantized convolution, linear and attention layers, and in
   brackets those kept in full precision (the first and last layers, `quantizer.first_layer_bits` /
   `last_layer_bits`).
-* **roles**: the layers a [precision rule](training.md) can select by role (`depthwise_conv`,
+* **roles**: the layers a [precision rule](methods.md#precision-rules) can select by role (`depthwise_conv`,
   `attention`, `se_gate`, `patch_embedding`; `classifier` is the last layer of every model).
 * **int8 graph**: the student's inference form written as the int8 graph that `export`'s
   `student-int8.onnx` and `student-openvino.xml` are made from (random weights; the decision does not
