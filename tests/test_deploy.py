@@ -166,6 +166,30 @@ def test_manifest_reports_size_and_bops_hand_computed(exported):
     assert manifest["cost"]["float_bops"] == 1024 * manifest["cost"]["macs"]
 
 
+def test_the_macs_of_self_attention_are_its_four_projections():
+    """``nn.MultiheadAttention`` returns (output, weights), which shape propagation does not record: its
+    MACs are read from its output's [0] (ViT-B/16 at 32x32: 5 tokens x 4 projections of 768 x 768),
+    so that ``export`` writes a ViT student's manifest."""
+    from cmtkd_graph.passes.shapes import propagate_shapes
+
+    from cmtkd_graph.deploy.cost import node_macs
+
+    spec = cg.load_spec(
+        "quickstart",
+        [
+            "student.arch=vit_b_16",
+            "student.kwargs={num_classes: 10, image_size: 32}",
+            "surgery=[]",
+            "taps={teachers: auto}",
+            "data={dataset: cifar10, image_size: 32}",
+        ],
+    )
+    student = cg.system.build_network(spec.student, spec, device="meta")
+    propagate_shapes(student, (1, 3, 32, 32))
+    node = next(n for n in student.graph.nodes if n.target == "encoder.layers.encoder_layer_0.self_attention")
+    assert node.meta.get("val") is None and node_macs(student, node) == 5 * 4 * 768 * 768
+
+
 def test_integer_reference_equals_the_fake_quantized_student(trained_run, exported):
     spec = cg.load_spec(exported / "spec.yaml")
     images, _ = real_images(spec)

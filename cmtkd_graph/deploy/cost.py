@@ -11,6 +11,7 @@ plus float32 for everything else (and the scales) for the quantized one.
 from __future__ import annotations
 
 import math
+import operator
 
 from torch import fx, nn
 
@@ -25,10 +26,11 @@ def node_macs(gm: fx.GraphModule, node: fx.Node) -> int:
     shapes)."""
     module = gm.get_submodule(node.target)
     out, inp = node.meta.get("val"), node.args[0].meta.get("val") if node.args else None
+    if out is None:  # nn.MultiheadAttention returns (output, weights): the output's shape is its [0]'s
+        first = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+        out = first[0].meta.get("val") if first else None
     if out is None:
         raise ValueError(f"{node.target}: no propagated shape (run passes.shapes.propagate_shapes)")
-    if isinstance(out, tuple):  # attention modules return (output, None)
-        out = out[0]
     batch = out.shape[0]
     if isinstance(module, nn.Conv2d | nn.Conv3d):
         per_output = (module.in_channels // module.groups) * math.prod(module.kernel_size)
