@@ -166,6 +166,24 @@ def test_manifest_reports_size_and_bops_hand_computed(exported):
     assert manifest["cost"]["float_bops"] == 1024 * manifest["cost"]["macs"]
 
 
+def _cifar_student_spec(arch: str, bits: int, kwargs: str = "", overrides: tuple[str, ...] = ()) -> cg.Spec:
+    """The quickstart with ``arch`` (10 classes, more builder ``kwargs`` as ``"key: value, ..."``) as a
+    W``bits``A``bits`` student on 32x32 CIFAR-10 images, no surgery, auto taps; then ``overrides``."""
+    return cg.load_spec(
+        "quickstart",
+        [
+            f"student.arch={arch}",
+            f"student.kwargs={{num_classes: 10{', ' + kwargs if kwargs else ''}}}",
+            f"student.weight_bits={bits}",
+            f"student.act_bits={bits}",
+            "surgery=[]",
+            "taps={teachers: auto}",
+            "data={dataset: cifar10, image_size: 32}",
+            *overrides,
+        ],
+    )
+
+
 def test_the_macs_of_self_attention_are_its_four_projections():
     """``nn.MultiheadAttention`` returns (output, weights), which shape propagation does not record: its
     MACs are read from its output's [0] (ViT-B/16 at 32x32: 5 tokens x 4 projections of 768 x 768),
@@ -174,16 +192,7 @@ def test_the_macs_of_self_attention_are_its_four_projections():
 
     from cmtkd_graph.deploy.cost import node_macs
 
-    spec = cg.load_spec(
-        "quickstart",
-        [
-            "student.arch=vit_b_16",
-            "student.kwargs={num_classes: 10, image_size: 32}",
-            "surgery=[]",
-            "taps={teachers: auto}",
-            "data={dataset: cifar10, image_size: 32}",
-        ],
-    )
+    spec = _cifar_student_spec("vit_b_16", 2, "image_size: 32")
     student = cg.system.build_network(spec.student, spec, device="meta")
     propagate_shapes(student, (1, 3, 32, 32))
     node = next(n for n in student.graph.nodes if n.target == "encoder.layers.encoder_layer_0.self_attention")
@@ -1166,19 +1175,7 @@ def test_int8_onnx_writes_the_mobile_families(arch, integer, tmp_path):
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for bits in (32, 2):
         torch.manual_seed(0)
-        spec = cg.load_spec(
-            "quickstart",
-            [
-                f"student.arch={arch}",
-                "student.kwargs={num_classes: 10}",
-                f"student.weight_bits={bits}",
-                f"student.act_bits={bits}",
-                "surgery=[]",
-                "taps={teachers: auto}",
-                "data={dataset: cifar10, image_size: 32}",
-            ],
-        )
-        student = build_student(spec)
+        student = build_student(_cifar_student_spec(arch, bits))
         form = inference_form(student)
         _, plan, got, optimized = _int8_onnx_run(form, x, tmp_path, calibrated=bits < 32)
         if bits == 32:
@@ -1203,22 +1200,9 @@ def test_int8_onnx_writes_a_vision_transformer(tmp_path):
 
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     float_mlp = "quantizer.rules=[{match: {name: 'encoder.layers.*.mlp'}, float: true}]"
-    for bits, rules in ((32, []), (2, [float_mlp]), (2, [])):
+    for bits, rules in ((32, ()), (2, (float_mlp,)), (2, ())):
         torch.manual_seed(0)
-        spec = cg.load_spec(
-            "quickstart",
-            [
-                "student.arch=vit_b_16",
-                "student.kwargs={num_classes: 10, image_size: 32}",
-                f"student.weight_bits={bits}",
-                f"student.act_bits={bits}",
-                "surgery=[]",
-                "taps={teachers: auto}",
-                "data={dataset: cifar10, image_size: 32}",
-                *rules,
-            ],
-        )
-        student = build_student(spec)
+        student = build_student(_cifar_student_spec("vit_b_16", bits, "image_size: 32", rules))
         torch.nn.init.normal_(student.get_parameter("heads.head.weight"), std=0.05)  # torchvision's: zeros
         form = inference_form(student)
         _, plan, got, optimized = _int8_onnx_run(form, x, tmp_path, calibrated=bits < 32 and not rules)

@@ -16,6 +16,13 @@ from cmtkd_graph.train import run
 from .conftest import REPO
 
 SPECS = sorted((REPO / "specs").glob("*.yaml"))
+ONE_STEP = [  # tiny mode: one training step, no checkpoints, fp32 in NCHW, no progress bar
+    "train.max_steps=1",
+    "train.progress_bar=false",
+    "train.mixed_precision=no",
+    "train.channels_last=false",
+    "train.checkpoints=false",
+]
 CIFAR100_SPECS = [p for p in SPECS if "cifar100" in p.read_text() and "dataset: cifar100" in p.read_text()]
 
 
@@ -56,12 +63,8 @@ def test_paper_and_ablation_specs_run_one_training_step(path, tmp_path, tiny_cif
         "data.batch_size=8",
         "data.num_workers=0",
         "data.eval_subset=16",
-        "train.max_steps=1",
         f"train.output_dir={tmp_path / 'run'}",
-        "train.progress_bar=false",
-        "train.mixed_precision=no",
-        "train.channels_last=false",
-        "train.checkpoints=false",
+        *ONE_STEP,
     ]
     spec = cg.load_spec(path, overrides)
     if spec.method == "average_teacher":
@@ -145,12 +148,8 @@ def test_the_family_specs_train_a_step_on_real_images(name, cifar10_jpeg, tmp_pa
         "data.batch_size=4",
         "data.eval_batch_size=10",
         "data.eval_subset=10",
-        "train.max_steps=1",
         f"train.output_dir={tmp_path / 'run'}",
-        "train.progress_bar=false",
-        "train.mixed_precision=no",
-        "train.channels_last=false",
-        "train.checkpoints=false",
+        *ONE_STEP,
     ]
     run_dir = run(str(REPO / "specs" / f"{name}.yaml"), overrides)
     final = json.loads((run_dir / "final.json").read_text())

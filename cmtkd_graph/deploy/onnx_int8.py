@@ -78,7 +78,7 @@ class _Builder:
         self, op: str, inputs: list[str], name: str, outputs: int, **attributes
     ) -> list[str]:
         if not all(isinstance(i, str) and i not in self.sizes for i in inputs):  # `x * 0.5`, a size
-            raise UserError(_unsupported(f"{name} ({op} with a number operand)"))
+            raise UnwrittenOperation(f"{name} ({op} with a number operand)")
         self.count += 1
         names = [f"{name}:{op}:{self.count}" + (f":{k}" if outputs > 1 else "") for k in range(outputs)]
         self.nodes.append(helper.make_node(op, inputs, names, name=f"{name}/{op}_{self.count}", **attributes))
@@ -234,11 +234,7 @@ def _layer(
     of the input (a linear layer on [B, ..., C] is a MatMul)."""
     integer = input_scale is not None and isinstance(module, INTEGER_WEIGHT_TYPES)
     if not integer and rank > 2 and isinstance(module, nn.Linear):  # on the last axis of [B, ..., C]
-        transposed = module.weight.detach().float().t().contiguous().numpy()
-        y = b.node("MatMul", [x, b.constant(f"{name}.weight_t", transposed)], name)
-        if module.bias is None:
-            return y
-        return b.node("Add", [y, b.constant(f"{name}.bias", module.bias.detach().float().numpy())], name)
+        return _matmul(b, x, module.weight, module.bias, name)
     if integer:
         weight, bias = _integer_weight(b, module, input_scale, name, input_levels, output_steps, bias_shift)
     else:
@@ -434,7 +430,7 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
             return _layer_norm(
                 b, args[0], module.normalized_shape, module.weight, module.bias, module.eps, name
             )
-        raise UserError(_unsupported(f"{name} ({type(module).__name__})"))
+        raise UnwrittenOperation(f"{name} ({type(module).__name__})")
     if node.op == "call_function":
         target = node.target
         if target in _SIZE_ARITHMETIC and any(isinstance(a, str) and _is_size(b, a) for a in args):
@@ -513,7 +509,7 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
     if node.op == "call_method" and node.target == "permute" and not node.kwargs:
         perm = args[1] if len(args) == 2 and isinstance(args[1], list | tuple) else args[1:]
         return b.node("Transpose", [args[0]], node.name, perm=list(perm))
-    raise UserError(_unsupported(f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)})"))
+    raise UnwrittenOperation(f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)})")
 
 
 # Elementwise activations: module type -> (ONNX operator, attributes); torch's functional forms map to them.
@@ -557,7 +553,7 @@ def _expand(b: _Builder, node: fx.Node, args: list) -> str:
         elif isinstance(size, int):
             parts.append(b.constant(f"{node.name}.{i}", np.array([1 if size == -1 else size], np.int64)))
         else:
-            raise UserError(_unsupported(f"{node.name} (expand to a size computed from the input)"))
+            raise UnwrittenOperation(f"{node.name} (expand to a size computed from the input)")
     return b.node("Expand", [args[0], b.node("Concat", parts, node.name, axis=0)], node.name)
 
 
@@ -565,7 +561,7 @@ def _index(b: _Builder, node: fx.Node, x: str, index: tuple) -> str:
     """``x[:, ..., i]``: whole axes, then one integer position (a ``Gather``, which drops that axis)."""
     *whole, position = index
     if not isinstance(position, int) or any(part != slice(None) for part in whole):
-        raise UserError(_unsupported(f"{node.name} (indexing other than x[:, ..., i])"))
+        raise UnwrittenOperation(f"{node.name} (indexing other than x[:, ..., i])")
     at = b.constant(f"{node.name}.index", np.array(position, np.int64))
     return b.node("Gather", [x, at], node.name, axis=len(whole))
 
@@ -587,7 +583,7 @@ def _reshape(b: _Builder, node: fx.Node, x: str) -> str:
         )
     )
     if not batch_kept:
-        raise UserError(_unsupported(f"{node.name} ({node.target} not keeping the batch as its first axis)"))
+        raise UnwrittenOperation(f"{node.name} ({node.target} not keeping the batch as its first axis)")
     shape = np.array([0, *b.shapes[node][1:]], np.int64)
     return b.node("Reshape", [x, b.constant(f"{node.name}.shape", shape)], node.name)
 
@@ -598,7 +594,7 @@ def _chunk(b: _Builder, node: fx.Node, args: list) -> list[str]:
     dim = node.kwargs.get("dim", args[2] if len(args) > 2 else 0)
     size = b.shapes[node.args[0]][dim]
     if not isinstance(parts, int) or size % parts:
-        raise UserError(_unsupported(f"{node.name} (chunk into unequal parts)"))
+        raise UnwrittenOperation(f"{node.name} (chunk into unequal parts)")
     split = b.constant(f"{node.name}.split", np.full(parts, size // parts, np.int64))
     return b.nodes_with_outputs("Split", [args[0], split], node.name, parts, axis=dim)
 
@@ -655,7 +651,7 @@ def _shape_part(b: _Builder, node: fx.Node, shape: str, index: slice | int) -> s
     elif isinstance(index, int):  # the batch (ViT's n = x.shape[0]): read by a reshape or an expand
         value = b.node("Slice", [shape, *_range_constants(b, node.name, 0, 1)], node.name)
     elif index.step not in (None, 1):
-        raise UserError(_unsupported(f"{node.name} (a strided part of a shape)"))
+        raise UnwrittenOperation(f"{node.name} (a strided part of a shape)")
     else:
         stop = np.iinfo(np.int64).max if index.stop is None else index.stop
         value = b.node("Slice", [shape, *_range_constants(b, node.name, index.start or 0, stop)], node.name)
@@ -720,15 +716,19 @@ def _resize(b: _Builder, node: fx.Node, args: list) -> str | None:
     return b.node("Resize", [args[0], "", "", sizes], node.name, **rule)
 
 
-def _unsupported(what: str) -> str:
-    return (
-        f"int8 ONNX export: {what} is not one of the operations it writes (conv, linear, ReLU/ReLU6, "
-        "Hardswish/Hardsigmoid/Sigmoid/SiLU/GELU, layer norm, add, mul, concat, permute, transpose, "
-        "view/reshape keeping the batch, chunk, bilinear/nearest resize to a size, "
-        "max/average/global-average pooling, adaptive average pooling with equal windows, batch norm, "
-        "mean over axes, flatten, self-attention; 2-D and 3-D); "
-        "export --format onnx (exact Q/DQ) instead"
-    )
+class UnwrittenOperation(UserError):
+    """An operation the int8 writer does not write; ``what`` names it (the node and why)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"int8 ONNX export: {what} is not one of the operations it writes (conv, linear, ReLU/ReLU6, "
+            "Hardswish/Hardsigmoid/Sigmoid/SiLU/GELU, layer norm, add, mul, concat, permute, transpose, "
+            "view/reshape keeping the batch, chunk, bilinear/nearest resize to a size, "
+            "max/average/global-average pooling, adaptive average pooling with equal windows, batch norm, "
+            "mean over axes, flatten, self-attention; 2-D and 3-D); "
+            "export --format onnx (exact Q/DQ) instead"
+        )
+        self.what = what
 
 
 def _one_by_one(size) -> bool:
@@ -787,7 +787,7 @@ def _pool(b: _Builder, pool: _PoolOptions, x: str, name: str) -> str:
         "ceil_mode": int(pool.ceil_mode),
     }
     if pool.return_indices:
-        raise UserError(_unsupported(f"{name} (a max pooling returning its indices)"))
+        raise UnwrittenOperation(f"{name} (a max pooling returning its indices)")
     if pool.kind == "max":
         return b.node("MaxPool", [x], name, dilations=axes(pool.dilation), **attributes)
     if pool.divisor_override is not None or (
@@ -795,8 +795,8 @@ def _pool(b: _Builder, pool: _PoolOptions, x: str, name: str) -> str:
     ):
         # torch divides a window that ceil_mode lets run past the padding by its clipped size, which
         # OpenVINO's AveragePool does not (onnxruntime does)
-        raise UserError(
-            _unsupported(f"{name} (an average pooling with divisor_override, or ceil_mode over padding)")
+        raise UnwrittenOperation(
+            f"{name} (an average pooling with divisor_override, or ceil_mode over padding)"
         )
     return b.node("AveragePool", [x], name, count_include_pad=int(pool.count_include_pad), **attributes)
 
@@ -811,14 +811,12 @@ def _adaptive_average(b: _Builder, node: fx.Node, x: str, output_size) -> str:
     outputs = output_size if isinstance(output_size, tuple | list) else [output_size] * len(inputs)
     outputs = [i if o is None else o for i, o in zip(inputs, outputs, strict=True)]
     if any(o > i for i, o in zip(inputs, outputs, strict=True)):
-        raise UserError(
-            _unsupported(f"{node.name} (an adaptive pooling from {list(inputs)} up to {list(outputs)})")
+        raise UnwrittenOperation(
+            f"{node.name} (an adaptive pooling from {list(inputs)} up to {list(outputs)})"
         )
     if any(i % o for i, o in zip(inputs, outputs, strict=True)):
-        raise UserError(
-            _unsupported(
-                f"{node.name} (an adaptive pooling from {list(inputs)} to {list(outputs)}: windows vary)"
-            )
+        raise UnwrittenOperation(
+            f"{node.name} (an adaptive pooling from {list(inputs)} to {list(outputs)}: windows vary)"
         )
     if list(inputs) == list(outputs):
         return x
@@ -830,7 +828,7 @@ def _batch_norm(b: _Builder, norm: nn.Module, x: str, name: str) -> str:
     """A BatchNorm the inference form could not fold into a convolution (DenseNet's, which reads a
     concatenation), with its running statistics, as ONNX ``BatchNormalization``."""
     if norm.running_mean is None:
-        raise UserError(_unsupported(f"{name} (a BatchNorm without running statistics)"))
+        raise UnwrittenOperation(f"{name} (a BatchNorm without running statistics)")
     channels = norm.num_features
     ones, zeros = torch.ones(channels), torch.zeros(channels)
     inputs = [x]
@@ -865,12 +863,12 @@ def _self_attention(
     name = node.target
     x = args[0]
     if not (len(args) >= 3 and args[0] == args[1] == args[2]) or not mha.batch_first:
-        raise UserError(_unsupported(f"{name} (attention other than batch-first self-attention)"))
+        raise UnwrittenOperation(f"{name} (attention other than batch-first self-attention)")
     if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
-        raise UserError(_unsupported(f"{name} (attention with separate or extra key/value projections)"))
+        raise UnwrittenOperation(f"{name} (attention with separate or extra key/value projections)")
     options = {k: v for k, v in node.kwargs.items() if k != "need_weights"}
     if options or len(args) > 3:
-        raise UserError(_unsupported(f"{name} (attention with a mask)"))
+        raise UnwrittenOperation(f"{name} (attention with a mask)")
     quantized = hasattr(mha, "in_proj_weight_quantizer")
     if quantized:
         plan.integer[name] = ATTENTION_IN_FLOAT
@@ -901,7 +899,7 @@ def _self_attention(
 
 def _matmul(b: _Builder, x: str, weight: Tensor, bias: Tensor | None, name: str) -> str:
     """``F.linear`` on the last axis of an N-D ``x`` in float: MatMul by the transposed weight, plus bias."""
-    w = b.constant(f"{name}.weight", weight.detach().float().t().contiguous().numpy())
+    w = b.constant(f"{name}.weight_t", weight.detach().float().t().contiguous().numpy())
     out = b.node("MatMul", [x, w], name)
     if bias is None:
         return out

@@ -22,7 +22,7 @@ import torch
 
 from cmtkd_graph.errors import first_line
 from cmtkd_graph.models import family_of
-from cmtkd_graph.models.facts import BlocksAtDepth, FixedTaps
+from cmtkd_graph.models.facts import BlocksAtDepth, FixedTaps, StageEnds
 from cmtkd_graph.spec import Spec
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ ROLE_NAMES = {  # how the page names each role a precision rule selects (the cla
     "se_gate": "SE",
     "patch_embedding": "patch",
 }
+TAP_RULES = {FixedTaps: "fixed names", BlocksAtDepth: "blocks at depth", StageEnds: "stage ends"}
 STRUCTURE = ("family", "taps", "quantized", "roles")  # the fields :func:`structure` finds
 
 
@@ -121,14 +122,7 @@ def structure(spec: Spec, system: DistillationSystem) -> dict[str, str]:
 
     arch = spec.student.arch
     family = family_of(arch)
-    rule = family.auto_taps
-    how = (
-        "fixed names"
-        if isinstance(rule, FixedTaps)
-        else "blocks at depth"
-        if isinstance(rule, BlocksAtDepth)
-        else "stage ends"
-    )
+    how = TAP_RULES[type(family.auto_taps)]
     layers = [n.meta[META] for n in system.student.graph.nodes if n.meta.get(META, {}).get("role") == "layer"]
     low = [m for m in layers if m["weight_bits"] == BITS]
     roles = Counter(r for m in layers for r in m["roles"] if r != "classifier")
@@ -159,7 +153,7 @@ def int8_fact(spec: Spec) -> str:
     """How many of the student's quantized layers the int8 graph writes with integer weights, or the
     first operation it does not write."""
     from cmtkd_graph.deploy.inference import inference_form
-    from cmtkd_graph.deploy.onnx_int8 import build_int8_onnx
+    from cmtkd_graph.deploy.onnx_int8 import UnwrittenOperation, build_int8_onnx
     from cmtkd_graph.deploy.student import build_student
     from cmtkd_graph.errors import UserError
 
@@ -168,9 +162,10 @@ def int8_fact(spec: Spec) -> str:
         form = inference_form(build_student(spec))
         try:
             _, plan = build_int8_onnx(form, spec.data.input_shape(), None)
+        except UnwrittenOperation as err:
+            return f"no: {err.what}"
         except UserError as err:
-            found = re.search(r"int8 ONNX export: (.*?) is not one of", str(err))
-            return f"no: {found.group(1) if found else first_line(err)}"
+            return f"no: {first_line(err)}"
     integer = sum(why == "" for why in plan.integer.values())
     why = Counter(_short(why) for why in plan.integer.values() if why)
     float_layers = [f"{n} {w}" for w, n in sorted(why.items())]
