@@ -5,20 +5,24 @@ Each recipe downloads where the machine is online (torchvision's downloaders and
 JPEG copy of CIFAR-10) or takes what the user already has (``--from``: an archive or a folder), and
 leaves ``--root`` (default: where the repository's specs look) in the layout its dataset reads:
 
-==============  ======================================  ==========================================
-name            --root afterwards                        read by
-==============  ======================================  ==========================================
-fashion_mnist   the four ``*-idx?-ubyte.gz`` files      ``data: {dataset: fashion_mnist, root: DIR}``
-cifar10         ``cifar-10-batches-py/``                 ``data: {dataset: cifar10, root: DIR}``
-cifar100        ``cifar-100-python/``                    ``data: {dataset: cifar100, root: DIR}``
-cifar10_jpeg    ``train/<class>/*.jpg``, ``test/...``    ``data: {dataset: imagefolder, root: DIR}``
-fashion_scenes  VOC layout: ``JPEGImages/``, ...         ``data: {dataset: fashion_scenes, root: DIR}``
-moving_fashion  ``train/<direction>/<clip>/<frame>.png``  ``data: {dataset: moving_fashion, root: DIR}``
-==============  ======================================  ==========================================
+===============  =========================================  ==============================================
+name             --root afterwards                          read by
+===============  =========================================  ==============================================
+fashion_mnist    the four ``*-idx?-ubyte.gz`` files         ``data: {dataset: fashion_mnist, root: DIR}``
+cifar10          ``cifar-10-batches-py/``                   ``data: {dataset: cifar10, root: DIR}``
+cifar100         ``cifar-100-python/``                      ``data: {dataset: cifar100, root: DIR}``
+cifar10_jpeg     ``train/<class>/*.jpg``, ``test/...``      ``data: {dataset: imagefolder, root: DIR}``
+fashion_scenes   VOC layout: ``JPEGImages/``, ...           ``data: {dataset: fashion_scenes, root: DIR}``
+moving_fashion   ``train/<direction>/<clip>/<frame>.png``   ``data: {dataset: moving_fashion, root: DIR}``
+fashion_objects  COCO layout: ``train/``, ``annotations/``  ``detection_files.read_coco``
+fashion_flow     FlyingChairs layout: ``data/*.flo``, ...   ``flow_files.pair_files``
+===============  =========================================  ==============================================
 
-``fashion_scenes`` and ``moving_fashion`` are not downloaded: they are generated, the same on every
-machine, from the Fashion-MNIST files in ``--from`` (a folder of the four ``*-ubyte.gz`` files; default
-Debian's), which they read as they are (``prepare fashion_mnist`` is the one that verifies them).
+``fashion_scenes``, ``moving_fashion``, ``fashion_objects`` and ``fashion_flow`` are not downloaded:
+they are generated, the same on every machine, from the Fashion-MNIST files in ``--from`` (a folder of
+the four ``*-ubyte.gz`` files; default Debian's), which they read as they are (``prepare fashion_mnist``
+is the one that verifies them). The detection and flow tasks that train on the last two are coming
+(docs/tasks.md); their readers and scorers are ``detection_files`` and ``flow_files``.
 
 Nothing is written into ``--root`` until everything is verified: a failed or refused preparation leaves
 it as it was.
@@ -91,7 +95,11 @@ def prepare(name: str, root: str | Path | None = None, source: str | Path | None
         raise UserError(f"preparing {name} into {target} failed: {first_line(err)}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return f"{done}; {target} is ready (data: {{dataset: {r.dataset}, root: {target}}})"
+    from cmtkd_graph.registry import DATASETS
+
+    if r.dataset in DATASETS:
+        return f"{done}; {target} is ready (data: {{dataset: {r.dataset}, root: {target}}})"
+    return f"{done}; {target} is ready (read by cmtkd_graph.data.{r.dataset})"
 
 
 def _move_in(staging: Path, target: Path) -> None:
@@ -229,6 +237,34 @@ def _moving_fashion(staging: Path, source: Path | None) -> str:
     from cmtkd_graph.data.moving import write_clips
 
     return write_clips(staging, None if source is None else str(source))
+
+
+@recipe(
+    "fashion_objects",
+    "detection scenes made from Fashion-MNIST (boxes, masks, keypoints), in the COCO layout",
+    "detection_files",
+    "data/fashion_objects",
+)
+def _fashion_objects(staging: Path, source: Path | None) -> str:
+    """Made from the Fashion-MNIST files in ``--from`` (default: Debian's dataset-fashion-mnist); the same
+    scenes on every machine (cmtkd_graph/data/fashion_objects.py)."""
+    from cmtkd_graph.data.fashion_objects import write_objects
+
+    return write_objects(staging, None if source is None else str(source))
+
+
+@recipe(
+    "fashion_flow",
+    "image pairs with exact optical flow made from Fashion-MNIST, in the FlyingChairs layout",
+    "flow_files",
+    "data/fashion_flow",
+)
+def _fashion_flow(staging: Path, source: Path | None) -> str:
+    """Made from the Fashion-MNIST files in ``--from`` (default: Debian's dataset-fashion-mnist); the same
+    pairs on every machine (cmtkd_graph/data/fashion_flow.py)."""
+    from cmtkd_graph.data.fashion_flow import write_pairs
+
+    return write_pairs(staging, None if source is None else str(source))
 
 
 # ---------------------------------------------------------------------------- CIFAR (python batches)

@@ -1,0 +1,195 @@
+"""Optical flow data in the format its users have: image pairs with ``.flo`` files, the Middlebury format
+that FlyingChairs, Sintel and RAFT's tools read and write.
+
+A ``.flo`` file is little-endian: the float32 ``202021.25`` (the bytes ``PIEH``), int32 width, int32
+height, then ``height x width x 2`` float32 values, row by row, (u, v) per pixel: the horizontal and
+vertical displacement, in pixels, of each pixel of the first image. :func:`read_flo` returns it as a
+tensor ``[2, H, W]`` (channel 0: u); :func:`write_flo` writes one.
+
+A pair folder has FlyingChairs' layout: ``data/NNNNN_img1.EXT``, ``data/NNNNN_img2.EXT`` and
+``data/NNNNN_flow.flo`` (EXT: ``ppm``, ``png`` or ``jpg``), and ``FlyingChairs_train_val.txt`` with one
+line per pair in name order, ``1`` for training and ``2`` for evaluation. A pair with a missing image or
+flow, images of different sizes, a flow whose size differs from its images', or a ``.flo`` with a wrong
+magic number or a size its header does not promise stops with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cmtkd_graph.errors import UserError, first_line
+
+FLO_MAGIC = 202021.25
+"""The first four bytes of a ``.flo`` file as a little-endian float32 (the ASCII bytes ``PIEH``)."""
+FLO_HEADER_BYTES = 12
+MAX_FLO_SIDE = 100_000  # a header promising more is not a flow file (Middlebury's readers use 1e5 too)
+PAIR_IMAGE_EXTENSIONS = (".ppm", ".png", ".jpg", ".jpeg")
+SPLIT_FILE = "FlyingChairs_train_val.txt"
+TRAIN, EVAL = "1", "2"  # the split file's marks
+
+
+class BadFlowFile(UserError):
+    """A ``.flo`` file that is not one (wrong magic number, a size its header does not promise)."""
+
+
+def read_flo(path: str | Path) -> torch.Tensor:
+    """The flow of a ``.flo`` file as float32 ``[2, H, W]`` (u, v); a BadFlowFile names what is wrong."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the flow file ({first_line(err)})") from None
+    if len(raw) < FLO_HEADER_BYTES:
+        raise BadFlowFile(f"{path}: {len(raw)} bytes, shorter than a .flo header (12); not a flow file")
+    magic = np.frombuffer(raw, "<f4", 1)[0]
+    if magic != np.float32(FLO_MAGIC):
+        raise BadFlowFile(
+            f"{path}: magic number {raw[:4]!r} where a .flo file has b'PIEH' (202021.25); not a flow file"
+        )
+    width, height = (int(v) for v in np.frombuffer(raw, "<i4", 2, offset=4))
+    if not (0 < width <= MAX_FLO_SIDE and 0 < height <= MAX_FLO_SIDE):
+        raise BadFlowFile(f"{path}: its header says {width}x{height} pixels; not a flow file")
+    expected = FLO_HEADER_BYTES + width * height * 2 * 4
+    if len(raw) != expected:
+        raise BadFlowFile(
+            f"{path}: {len(raw)} bytes where a {width}x{height} flow has {expected}; the file is "
+            f"{'truncated' if len(raw) < expected else 'longer than its header says'}"
+        )
+    values = np.frombuffer(raw, "<f4", width * height * 2, offset=FLO_HEADER_BYTES)
+    return torch.from_numpy(values.reshape(height, width, 2).transpose(2, 0, 1).copy())
+
+
+def write_flo(path: str | Path, flow: torch.Tensor) -> None:
+    """Write ``flow`` ``[2, H, W]`` (u, v; any float dtype) as a ``.flo`` file."""
+    if flow.ndim != 3 or flow.shape[0] != 2:
+        raise ValueError(f"a flow is [2, H, W], got {tuple(flow.shape)}")
+    _, height, width = flow.shape
+    header = np.array([FLO_MAGIC], "<f4").tobytes() + np.array([width, height], "<i4").tobytes()
+    values = flow.detach().cpu().float().permute(1, 2, 0).contiguous().numpy().astype("<f4")
+    Path(path).write_bytes(header + values.tobytes())
+
+
+# ---------------------------------------------------------------------------- pair folders
+@dataclass(frozen=True)
+class FlowPair:
+    """The files of one sample: the two images and the flow of the first to the second."""
+
+    first: Path
+    second: Path
+    flow: Path
+
+
+_PAIR_FILE = re.compile(r"^(?P<name>.+)_(?P<part>img1|img2|flow)(?P<ext>\.[A-Za-z]+)$")
+
+
+def pair_files(root: Path) -> tuple[list[FlowPair], list[FlowPair]]:
+    """The (training, evaluation) pairs of a FlyingChairs-layout folder, in name order."""
+    data = root / "data"
+    if not data.is_dir():
+        raise UserError(
+            f"{root}: no data/ folder; a flow folder holds data/NNNNN_img1.png, data/NNNNN_img2.png and "
+            f"data/NNNNN_flow.flo (the FlyingChairs layout)"
+        )
+    parts: dict[str, dict[str, Path]] = {}
+    for path in sorted(data.iterdir()):
+        match = _PAIR_FILE.match(path.name)
+        if match is None:
+            continue
+        part, ext = match["part"], match["ext"].lower()
+        if (part == "flow") != (ext == ".flo") or (part != "flow" and ext not in PAIR_IMAGE_EXTENSIONS):
+            continue
+        parts.setdefault(match["name"], {})[part] = path
+    pairs = []
+    for name in sorted(parts):
+        found = parts[name]
+        missing = [p for p in ("img1", "img2", "flow") if p not in found]
+        if missing:
+            have = next(iter(found.values()))
+            raise UserError(
+                f"{have}: its pair {name!r} has no {' and no '.join(missing)} file in {data}; a pair is "
+                f"{name}_img1, {name}_img2 and {name}_flow.flo"
+            )
+        pairs.append(FlowPair(found["img1"], found["img2"], found["flow"]))
+    if not pairs:
+        raise UserError(f"{data}: no image pairs (NNNNN_img1.png, NNNNN_img2.png, NNNNN_flow.flo)")
+    marks = _split_marks(root / SPLIT_FILE, len(pairs))
+    train = [p for p, m in zip(pairs, marks, strict=True) if m == TRAIN]
+    held_out = [p for p, m in zip(pairs, marks, strict=True) if m == EVAL]
+    return train, held_out
+
+
+def _split_marks(path: Path, count: int) -> list[str]:
+    if not path.is_file():
+        raise UserError(
+            f"{path}: missing; it says which pairs train (1) and which evaluate (2), one line per pair "
+            f"in name order, as FlyingChairs' does"
+        )
+    marks = path.read_text().split()
+    bad = sorted(set(marks) - {TRAIN, EVAL})
+    if bad:
+        raise UserError(f"{path}: marks {', '.join(bad[:3])}; each line is 1 (training) or 2 (evaluation)")
+    if len(marks) != count:
+        raise UserError(f"{path}: {len(marks)} lines for {count} pairs in data/; one line per pair")
+    return marks
+
+
+def read_pair(pair: FlowPair) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two images (uint8 ``[3, H, W]``) and the flow (float32 ``[2, H, W]``) of a pair; a UserError
+    names a file whose size differs from the first image's."""
+    first, second = _rgb(pair.first), _rgb(pair.second)
+    if first.shape != second.shape:
+        raise UserError(
+            f"{pair.second}: {_size(second)} but {pair.first.name} is {_size(first)}; the two images "
+            f"of a pair have one size"
+        )
+    flow = read_flo(pair.flow)
+    if flow.shape[1:] != first.shape[1:]:
+        raise UserError(
+            f"{pair.flow}: a {_size(flow)} flow for {_size(first)} images; a flow has its images' size"
+        )
+    return first, second, flow
+
+
+def _rgb(path: Path) -> torch.Tensor:
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"))
+    except OSError as err:
+        raise UserError(f"{path}: not an image PIL can read ({first_line(err)})") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def _size(t: torch.Tensor) -> str:
+    return f"{t.shape[-1]}x{t.shape[-2]}"
+
+
+# ---------------------------------------------------------------------------- scores
+OUTLIER_PIXELS = (1.0, 3.0, 5.0)
+FLOW_METRICS = ("epe", "out1", "out3", "out5")
+"""End-point error (pixels, mean over every pixel of every pair) and the % of pixels whose end-point error
+exceeds 1, 3 and 5 pixels (the outlier rates; RAFT's evaluation prints the complements, 100 - these)."""
+
+
+def flow_metric_rows(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per pair of a batch (``[B, 2, H, W]`` flows), what it adds to the metrics: ``[pixels, summed
+    end-point error, pixels over 1 px, over 3 px, over 5 px]``; rows of every pair sum to the state that
+    :func:`flow_metric_values` reads."""
+    error = torch.linalg.vector_norm(predicted.float() - target.float(), dim=1).flatten(1)  # [B, H*W]
+    counts = [torch.full_like(error[:, 0], error.shape[1]), error.sum(1)]
+    counts += [(error > t).sum(1).float() for t in OUTLIER_PIXELS]
+    return torch.stack(counts, 1)
+
+
+def flow_metric_values(state: torch.Tensor) -> dict[str, float]:
+    """``{"epe", "out1", "out3", "out5"}`` of summed :func:`flow_metric_rows`."""
+    pixels = max(float(state[0]), 1.0)
+    return {
+        "epe": float(state[1]) / pixels,
+        **{k: 100.0 * float(v) / pixels for k, v in zip(FLOW_METRICS[1:], state[2:], strict=True)},
+    }
