@@ -41,8 +41,15 @@ def find_layers(gm: fx.GraphModule) -> list[fx.Node]:
     ]
 
 
+HOLDS = "cmtkd_holds"
+"""``gm.meta`` key of the ends of its network a graph holds: ``{"first", "last"}`` (absent: both). A traced
+part of a larger model (a detector's backbone holds the first layers, its predictors the last, its RPN's
+first convolution is inner although no layer of that graph precedes it: ``cmtkd_graph.models.parts``)."""
+
+
 def first_and_last_layers(gm: fx.GraphModule, layers: list[fx.Node]) -> tuple[set[fx.Node], set[fx.Node]]:
-    """Layers with no layer upstream (first) and with no layer downstream (last), by graph position."""
+    """Layers with no layer upstream (first) and with no layer downstream (last), by graph position; a
+    graph that is a part of its network has only the ends it holds (``gm.meta[HOLDS]``)."""
     layer_set = set(layers)
     upstream: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:
@@ -50,8 +57,9 @@ def first_and_last_layers(gm: fx.GraphModule, layers: list[fx.Node]) -> tuple[se
     downstream: dict[fx.Node, bool] = {}
     for node in reversed(gm.graph.nodes):
         downstream[node] = any(u in layer_set or downstream[u] for u in node.users)
-    first = {n for n in layers if not upstream[n]}
-    last = {n for n in layers if not downstream[n]}
+    holds = gm.meta.get(HOLDS, ("first", "last"))
+    first = {n for n in layers if not upstream[n]} if "first" in holds else set()
+    last = {n for n in layers if not downstream[n]} if "last" in holds else set()
     return first, last
 
 

@@ -65,15 +65,17 @@ def _plain_layer_subclass(m: nn.Module) -> bool:
     return base is not None and type(m).forward is base.forward
 
 
-def trace(model: nn.Module, *, train: bool = True) -> fx.GraphModule:
+def trace(model: nn.Module, *, train: bool = True, concrete_args: dict | None = None) -> fx.GraphModule:
     """Trace ``model`` in the mode it will run in (train or eval) and name every node.
 
     The GraphModule shares parameters with ``model``; passes that modify modules copy first.
+    ``concrete_args`` is FX's: ``{"x": [PH] * 5}`` traces a module that loops over a list of 5 tensors
+    (a detection head's feature levels) as 5 inputs.
     """
     model.train(train)
     tracer = GraphTracer()
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as err:  # FX raises many types; the user needs the model and the reason
         from cmtkd_graph.errors import UserError
 

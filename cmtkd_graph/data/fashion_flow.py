@@ -3,16 +3,17 @@
 random affine motion, the flow known exactly from the motions), written once in FlyingChairs' layout by
 ``cmtkd-graph data prepare fashion_flow`` and read by the pair reader (``flow_files``).
 
-Each pair is two 64x64 RGB PNGs. The background is a 3x3 mosaic of tinted items (32 px each, 96x96,
-centred, so that no motion uncovers an edge); two foreground items (28 to 42 px, tinted) lie on it. The
-second image moves the background by a similarity about the image centre (rotation up to 5 degrees,
-scale 0.95 to 1.05, shift up to 4 px) and each item by its own about its centre (up to 15 degrees, 0.9 to
-1.1, 8 px). Images are drawn by sampling each layer's texture bilinearly through the inverse of its
-placement and motion; an item covers the background (and the first item) where its sampled grey value
-exceeds 40 of 255. The flow of a pixel of the first image is where its point goes under the motion of
-the layer drawn there, minus where it is: exact, occluded points included (FlyingChairs' convention).
-Pair ``i`` of a split is the same on every machine (a generator seeded with ``i``): 2,000 training pairs
-from the training items, 500 evaluation pairs from the test items (11 items each).
+Each pair is two 128x128 RGB PNGs (RAFT's least input size). The background is a 3x3 mosaic of tinted
+items (64 px each, 192x192, centred, so that no motion uncovers an edge); two foreground items (56 to 84
+px, tinted) lie on it. The second image moves the background by a similarity about the image centre
+(rotation up to 5 degrees, scale 0.95 to 1.05, shift up to 8 px) and each item by its own about its
+centre (up to 15 degrees, 0.9 to 1.1, 16 px). Images are drawn by sampling each layer's texture
+bilinearly through the inverse of its placement and motion; an item covers the background (and the first
+item) where its sampled grey value exceeds 40 of 255. The flow of a pixel of the first image is where
+its point goes under the motion of the layer drawn there, minus where it is: exact, occluded points
+included (FlyingChairs' convention). Pair ``i`` of a split is the same on every machine (a generator
+seeded with ``i``): 1,000 training pairs from the training items, 250 evaluation pairs from the test
+items (11 items each; about 260 MB).
 """
 
 from __future__ import annotations
@@ -27,16 +28,16 @@ from PIL import Image
 from cmtkd_graph.data.fashion_mnist import read_fashion_mnist
 from cmtkd_graph.data.flow_files import EVAL, SPLIT_FILE, TRAIN, write_flo
 
-PAIR_SIZE = 64
+PAIR_SIZE = 128  # RAFT's least input: its correlation pyramid needs 16 px at 1/8 of the size
 MOSAIC = 3  # background items per side
-TILE = 32  # background item side
-ITEMS = (1.0, 1.5)  # foreground item side: 28 px times a factor in this range
+TILE = 64  # background item side
+ITEMS = (2.0, 3.0)  # foreground item side: 28 px times a factor in this range
 OPAQUE = 40 / 255  # an item covers what is under it where its grey value exceeds this
-BACKGROUND_MOTION = (5.0, 0.05, 4.0)  # max rotation (degrees), max scale change, max shift (px)
-ITEM_MOTION = (15.0, 0.1, 8.0)
+BACKGROUND_MOTION = (5.0, 0.05, 8.0)  # max rotation (degrees), max scale change, max shift (px)
+ITEM_MOTION = (15.0, 0.1, 16.0)
 FOREGROUND_ITEMS = 2
 ITEMS_PER_PAIR = MOSAIC * MOSAIC + FOREGROUND_ITEMS
-PAIRS = {"train": 2000, "val": 500}
+PAIRS = {"train": 1000, "val": 250}
 SPLIT_SEEDS = {"train": 0, "val": 1 << 30}
 
 
