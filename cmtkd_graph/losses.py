@@ -215,6 +215,60 @@ def kdcl_min_logit(
         return target_z
 
 
+def binary_as_two_class(logits: Tensor) -> Tensor:
+    """Sigmoid logits ``[...]`` as two-class logits ``[..., 2]``: ``(0, z)``, whose softmax is
+    ``(1 - sigmoid(z), sigmoid(z))``. A detector's objectness and its per-class sigmoid outputs
+    (RetinaNet, FCOS) are binary decisions; written so, :func:`kdcl_min_logit` and :func:`soft_kl` apply
+    to them unchanged (docs/tasks.md)."""
+    return torch.stack([torch.zeros_like(logits), logits], dim=-1)
+
+
+def min_error_flow(teacher_flow: Tensor, student_flow: Tensor, target_flow: Tensor) -> Tensor:
+    """Mutual learning's target for a regression output, the analogue of KDCL-MinLogit's: per pixel, the
+    flow of the network (combined teacher or student) whose end-point error against ``target_flow`` is
+    the smaller (the teacher's on ties), detached. Flows are ``[B, 2, H, W]``. As MinLogit keeps, per
+    class, the network most confident against a wrong class, this keeps, per pixel, the network that is
+    right; a network learns nothing where it is the better one (docs/tasks.md)."""
+    if not teacher_flow.shape == student_flow.shape == target_flow.shape or teacher_flow.dim() != 4:
+        raise ValueError(
+            f"min_error_flow needs three flows of one shape [B, 2, H, W], got {tuple(teacher_flow.shape)}, "
+            f"{tuple(student_flow.shape)} and {tuple(target_flow.shape)}"
+        )
+    with torch.no_grad():
+        teacher, student = _at_least_float32(teacher_flow), _at_least_float32(student_flow)
+        target = _at_least_float32(target_flow)
+        teacher_error = torch.linalg.vector_norm(teacher - target, dim=1, keepdim=True)
+        student_error = torch.linalg.vector_norm(student - target, dim=1, keepdim=True)
+        return torch.where(teacher_error <= student_error, teacher, student)
+
+
+def sequence_loss(
+    predictions: Sequence[Tensor],
+    target: Tensor,
+    valid: Tensor | None = None,
+    *,
+    gamma: float = 0.8,
+    max_flow: float = 400.0,
+) -> Tensor:
+    """RAFT's loss (Teed and Deng, ECCV 2020, eq. 7; torchvision's reference training): the L1 distance
+    of each of the N flow estimates ``[B, 2, H, W]`` to ``target``, averaged over the batch, both
+    components and every pixel (pixels not ``valid`` and those whose target moves ``max_flow`` pixels or
+    more count as 0), weighted ``gamma ** (N - 1 - i)`` for the i-th estimate and summed."""
+    if not predictions:
+        raise ValueError("sequence_loss needs at least one flow estimate")
+    target = _at_least_float32(target)
+    keep = torch.linalg.vector_norm(target, dim=1) < max_flow
+    if valid is not None:
+        keep = keep & valid.bool()
+    keep = keep.unsqueeze(1)
+    n = len(predictions)
+    terms = [
+        gamma ** (n - 1 - i) * ((_at_least_float32(flow) - target).abs() * keep).mean()
+        for i, flow in enumerate(predictions)
+    ]
+    return torch.stack(terms).sum()
+
+
 def _check_soft_kl_inputs(target: Tensor, logits: Tensor, tau: float) -> None:
     if logits.dim() != 2 or target.shape != logits.shape:
         raise ValueError(

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from cmtkd_graph.passes.graph_pass import graph_pass
-from cmtkd_graph.passes.tracer import qualname, unique_target
+from cmtkd_graph.passes.tracer import local_name, qualname, target_qualname, unique_target
 from torch import fx, nn
 
 
@@ -104,12 +104,12 @@ def functional_to_modules(gm: fx.GraphModule) -> None:
         else:
             continue
         module = make(node.args, dict(node.kwargs))
-        target = unique_target(gm, qualname(node))
+        target = unique_target(gm, local_name(gm, qualname(node)))
         gm.add_submodule(target, module)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(target, (node.args[0],))
         new.meta = dict(node.meta)
-        new.meta["qualname"] = target
+        new.meta["qualname"] = target_qualname(gm, target)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
 
@@ -129,10 +129,10 @@ def unshare_modules(gm: fx.GraphModule) -> None:
         if len(nodes) < 2 or any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
             continue
         for node in nodes[1:]:
-            new_target = unique_target(gm, qualname(node))
+            new_target = unique_target(gm, local_name(gm, qualname(node)))
             gm.add_submodule(new_target, copy.deepcopy(module))
             node.target = new_target
-            node.meta["qualname"] = new_target
+            node.meta["qualname"] = target_qualname(gm, new_target)
 
 
 @graph_pass

@@ -10,7 +10,10 @@ In the composed graph
   F^l instead, so the shared knowledge is the input of every teacher's next layers;
 * the output is ``{"logits": z_T, "each_logits": (z_1..z_K), "shared": {tap: F^l}}`` where z_T is the
   combined-teacher logits (importance fusion at the output, or the plain mean); teachers that kept an
-  auxiliary head (``keep_main_output``) add ``"each_aux"`` (None for a teacher without one).
+  auxiliary head (``keep_main_output``) add ``"each_aux"`` (None for a teacher without one). With
+  ``combine=None`` the teachers' outputs are returned as they are, with no output fusion:
+  ``{"each_logits": (out_1..out_K), "shared": ...}``, where ``out_k`` is whatever teacher k's graph
+  returns (a detector backbone's feature maps by level, which its eager heads read).
 
 Teachers are copied segment by segment in lockstep: all teachers up to tap 1, the fusion of tap 1,
 all teachers up to tap 2, and so on, which keeps the node order topological.
@@ -66,12 +69,13 @@ def compose_teachers(
     teachers: Sequence[fx.GraphModule],
     taps: Sequence[Sequence[Tap]],
     *,
-    combine: str = "importance",
+    combine: str | None = "importance",
 ) -> fx.GraphModule:
     """Build the composed teacher graph (see module docstring).
 
-    ``teachers[k]`` must return its logits tensor (see ``keep_main_output``); ``taps[k][l]`` is
-    teacher k's node for tap l. ``combine`` is ``"importance"`` or ``"mean"``.
+    ``teachers[k]`` must return its logits tensor (see ``keep_main_output``), or anything with
+    ``combine=None``; ``taps[k][l]`` is teacher k's node for tap l. ``combine`` is ``"importance"``,
+    ``"mean"`` or None (no output fusion).
     """
     k_count = len(teachers)
     if k_count == 0:
@@ -107,6 +111,8 @@ def compose_teachers(
             cursors[k] += 1
             if node.op == "placeholder":
                 envs[k][node] = image
+            elif node.op == "output" and combine is None:  # the teacher's outputs as they are
+                logits = fx.map_arg(node.args[0], envs[k].__getitem__), None
             elif node.op == "output":
                 main, aux = network_outputs(node.args[0])
                 logits = envs[k][main], None if aux is None else envs[k][aux]
@@ -135,6 +141,17 @@ def compose_teachers(
         shared[name] = fused
 
     each_logits, each_aux = zip(*(copy_until(k, None, len(tap_names)) for k in range(k_count)), strict=True)
+
+    def nchw(shared: dict[str, fx.Node]) -> dict[str, fx.Node]:
+        """The losses see NCHW maps; the teachers go on with the fused map in their own layout."""
+        return {
+            name: to_nchw(graph, node) if taps[0][level].channels_last else node
+            for level, (name, node) in enumerate(shared.items())
+        }
+
+    if combine is None:
+        value = {EACH_LOGITS: tuple(each_logits), SHARED: nchw(shared)}
+        return _finish(graph, root, value, teachers[0].training)
     out_fusion: Fusion = (
         ImportanceFusion(k_count, OUTPUT_FUSION)
         if combine == "importance"
@@ -146,17 +163,16 @@ def compose_teachers(
         "qualname": f"fusion.{OUTPUT_FUSION}",
         META: {"role": "fusion", "tap": OUTPUT_FUSION, "combine": combine},
     }
-    # the losses see NCHW maps; the teachers go on with the fused map in their own layout
-    shared = {
-        name: to_nchw(graph, node) if taps[0][level].channels_last else node
-        for level, (name, node) in enumerate(shared.items())
-    }
-    value = {LOGITS: combined, EACH_LOGITS: tuple(each_logits), SHARED: shared}
+    value = {LOGITS: combined, EACH_LOGITS: tuple(each_logits), SHARED: nchw(shared)}
     if any(a is not None for a in each_aux):
         value[EACH_AUX] = tuple(each_aux)
+    return _finish(graph, root, value, teachers[0].training)
+
+
+def _finish(graph: fx.Graph, root: nn.Module, value: dict, training: bool) -> fx.GraphModule:
     out = graph.output(value)
     out.meta = {"qualname": "output", META: {"role": "output"}}
     graph.lint()
     gm = fx.GraphModule(root, graph, "ComposedTeachers")
-    gm.train(teachers[0].training)
+    gm.train(training)
     return gm

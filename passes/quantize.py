@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from cmtkd_graph.passes.common import META
 from cmtkd_graph.passes.graph_pass import graph_pass
 from cmtkd_graph.passes.precision import Decision, LayerRule, decide, layer_facts
-from cmtkd_graph.passes.tracer import qualname, replace_submodule, unique_target
+from cmtkd_graph.passes.tracer import qualname, replace_submodule, target_qualname, unique_target
 from torch import fx, nn
 
 from cmtkd_graph.quantizers import FULL_PRECISION, QuantizerFamily
@@ -126,7 +126,7 @@ def _insert_input_quantizer(
     with gm.graph.inserting_before(layer):
         quant = gm.graph.call_module(target, (source,))
     quant.meta = {
-        "qualname": target,
+        "qualname": target_qualname(gm, target),
         "nn_module_stack": layer.meta.get("nn_module_stack", {}),
         META: {
             "role": "quantizer",

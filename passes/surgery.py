@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from cmtkd_graph.passes.common import find_layers, first_and_last_layers
 from cmtkd_graph.passes.graph_pass import graph_pass
-from cmtkd_graph.passes.tracer import qualname, replace_submodule, unique_target
+from cmtkd_graph.passes.tracer import qualname, replace_submodule, target_qualname, unique_target
 from torch import fx, nn
 
 from cmtkd_graph.errors import UserError
@@ -70,7 +70,10 @@ def bn_after_every_layer(gm: fx.GraphModule, include_last: bool = False) -> None
         gm.add_submodule(target, bn)
         with gm.graph.inserting_after(node):
             bn_node = gm.graph.call_module(target, (node,))
-        bn_node.meta = {"qualname": target, "nn_module_stack": node.meta.get("nn_module_stack", {})}
+        bn_node.meta = {
+            "qualname": target_qualname(gm, target),
+            "nn_module_stack": node.meta.get("nn_module_stack", {}),
+        }
         for user in list(node.users):
             if user is not bn_node:
                 user.replace_input_with(node, bn_node)

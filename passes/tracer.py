@@ -24,6 +24,9 @@ from torch import fx, nn
 
 QUALNAME = "qualname"
 """``node.meta`` key of a node's torchvision-style name."""
+QUALNAME_PREFIX = "cmtkd_qualname_prefix"
+"""``gm.meta`` key of the path of a graph inside its model (a traced part of a detector: ``backbone``): the
+names of its nodes start with it, as the model's state dict does (``cmtkd_graph.models.parts``)."""
 
 _FX_SUFFIX = re.compile(r"_\d+$")
 
@@ -87,12 +90,15 @@ def trace(model: nn.Module, *, train: bool = True, concrete_args: dict | None = 
 
 
 def assign_qualnames(gm: fx.GraphModule) -> None:
-    """Give every node without one a torchvision-style ``qualname`` (unique within the graph)."""
+    """Give every node without one a torchvision-style ``qualname`` (unique within the graph; under the
+    graph's ``QUALNAME_PREFIX`` where it has one)."""
     seen: Counter[str] = Counter(n.meta[QUALNAME] for n in gm.graph.nodes if QUALNAME in n.meta)
     for node in gm.graph.nodes:
         if QUALNAME in node.meta:
             continue
         base = _base_name(node)
+        if node.op not in ("placeholder", "output"):
+            base = target_qualname(gm, base)
         count = seen[base]
         seen[base] += 1
         node.meta[QUALNAME] = base if count == 0 else f"{base}_{count}"
@@ -117,6 +123,18 @@ def _scope(node: fx.Node) -> str:
         return ""
     path, _ = list(stack.values())[-1]
     return path
+
+
+def target_qualname(gm: fx.GraphModule, target: str) -> str:
+    """The node name of module path ``target`` of ``gm``: the path under the graph's prefix, if any."""
+    prefix = gm.meta.get(QUALNAME_PREFIX)
+    return f"{prefix}.{target}" if prefix else target
+
+
+def local_name(gm: fx.GraphModule, name: str) -> str:
+    """A node name without the graph's prefix: the module path it stands for inside ``gm``."""
+    prefix = gm.meta.get(QUALNAME_PREFIX)
+    return name.removeprefix(f"{prefix}.") if prefix else name
 
 
 def qualname(node: fx.Node) -> str:
@@ -219,12 +237,15 @@ def _exists(gm: fx.GraphModule, target: str) -> bool:
 
 __all__ = [
     "QUALNAME",
+    "QUALNAME_PREFIX",
     "GraphTracer",
     "assign_qualnames",
     "copy_graph_module",
+    "local_name",
     "nodes_by_qualname",
     "qualname",
     "replace_submodule",
+    "target_qualname",
     "trace",
     "unique_target",
 ]

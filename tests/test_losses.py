@@ -352,3 +352,41 @@ def test_losses_under_bfloat16_autocast_are_float32() -> None:
     assert loss.dtype == torch.float32
     loss.backward()
     assert adapter.regressor[0].weight.grad is not None
+
+
+def test_binary_logits_as_two_classes_give_sigmoid_probabilities_and_minlogit():
+    from cmtkd_graph.losses import binary_as_two_class
+
+    z = torch.tensor([-2.0, 0.0, 3.0])
+    two = binary_as_two_class(z)
+    assert two.shape == (3, 2) and torch.equal(two[:, 0], torch.zeros(3))
+    assert torch.allclose(torch.softmax(two, -1)[:, 1], torch.sigmoid(z))
+    # an object anchor (label 1): shifted by its logit, the min keeps the network more sure it is one
+    teacher, student = binary_as_two_class(torch.tensor([1.0])), binary_as_two_class(torch.tensor([4.0]))
+    target = kdcl_min_logit(teacher, student, torch.tensor([1]))
+    assert target.tolist() == [[-4.0, 0.0]]
+
+
+def test_min_error_flow_keeps_per_pixel_the_network_that_is_right():
+    from cmtkd_graph.losses import min_error_flow
+
+    truth = torch.zeros(1, 2, 1, 3)
+    teacher = torch.tensor([[[[1.0, 0.0, 2.0]], [[0.0, 0.0, 0.0]]]])  # errors 1, 0, 2
+    student = torch.tensor([[[[0.0, 3.0, 0.0]], [[0.5, 0.0, 1.0]]]])  # errors 0.5, 3, 1
+    target = min_error_flow(teacher.requires_grad_(), student, truth)
+    assert target.tolist() == [[[[0.0, 0.0, 0.0]], [[0.5, 0.0, 1.0]]]] and not target.requires_grad
+    with pytest.raises(ValueError, match="three flows of one shape"):
+        min_error_flow(teacher, student[..., :2], truth)
+
+
+def test_sequence_loss_weights_later_estimates_more_and_skips_huge_or_invalid_targets():
+    from cmtkd_graph.losses import sequence_loss
+
+    target = torch.zeros(1, 2, 1, 2)
+    target[0, 0, 0, 1] = 500.0  # beyond max_flow: not counted
+    first = torch.full((1, 2, 1, 2), 2.0)  # |2 - 0| on u and v of pixel 0: mean over 4 values = 1
+    last = torch.full((1, 2, 1, 2), 1.0)  # mean 0.5
+    # gamma ** 1 for the first of two estimates, gamma ** 0 for the last
+    assert sequence_loss([first, last], target).item() == pytest.approx(0.8 * 1.0 + 0.5)
+    valid = torch.tensor([[[False, True]]])  # pixel 0 invalid, pixel 1 too large: nothing counts
+    assert sequence_loss([first, last], target, valid).item() == 0.0

@@ -162,3 +162,41 @@ def test_a_w2a2_detector_and_raft_train():
     torch.stack(flows).abs().mean().backward()
     grads = _quantized_grads(raft)
     assert set(grads) == {"feature_encoder", "context_encoder", "update_block"} and all(grads.values())
+
+
+def test_detector_backbones_compose_with_shared_knowledge_feeding_every_teacher():
+    """Two W4A4 teacher backbones composed at two taps (``combine=None``: their feature maps come out
+    as they are, for their eager heads): with equal weights the shared knowledge is each one's own
+    feature and every output equals the backbone alone; changing one teacher changes both outputs."""
+    from cmtkd_graph.passes.compose import compose_teachers
+    from cmtkd_graph.passes.shapes import propagate_shapes
+    from cmtkd_graph.passes.taps import resolve_taps
+    from cmtkd_graph.passes.tracer import nodes_by_qualname
+
+    torch.manual_seed(0)
+    arch = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    base = torchvision.models.get_model(arch, weights=None, **_kwargs(arch), **SMALL)
+    teachers = [copy.deepcopy(base) for _ in range(2)]
+    backbones = [rewrite_parts(t, _rewriter(4))["backbone"] for t in teachers]
+    for gm in backbones:
+        propagate_shapes(gm, (2, 3, 128, 128))
+    taps = [resolve_taps(gm, "auto", arch=arch, model=f"teacher{k}") for k, gm in enumerate(backbones)]
+    assert [t.node for t in taps[0]][:2] == ["backbone.body.1.add", "backbone.body.3.add"]
+    assert "backbone.body.0.0" in nodes_by_qualname(backbones[0])  # the stem, named as in the state dict
+    composed = compose_teachers(backbones, [t[:2] for t in taps], combine=None)
+    images = torch.rand(2, 3, 128, 128)
+    for gm in (*backbones, composed):
+        gm.eval()
+    with torch.no_grad():
+        out = composed(images)
+        alone = backbones[0](images)
+    assert set(out) == {"each_logits", "shared"} and len(out["each_logits"]) == 2
+    for each in out["each_logits"]:
+        assert each.keys() == alone.keys() and all(
+            torch.allclose(each[k], alone[k], atol=1e-5) for k in alone
+        )
+    with torch.no_grad():
+        for p in backbones[1].parameters():
+            p.mul_(1.5)
+        changed = composed(images)["each_logits"][0]
+    assert not torch.allclose(changed["0"], alone["0"], atol=1e-3)  # teacher1 moved teacher0's map

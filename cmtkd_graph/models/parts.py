@@ -36,7 +36,7 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import PH
 
 from cmtkd_graph.passes.common import HOLDS, output_value
-from cmtkd_graph.passes.tracer import QUALNAME, assign_qualnames, qualname, replace_submodule, trace
+from cmtkd_graph.passes.tracer import QUALNAME, QUALNAME_PREFIX, assign_qualnames, replace_submodule, trace
 
 
 @dataclass(frozen=True)
@@ -105,16 +105,16 @@ def trace_part(model: nn.Module, part: Part, *, levels: int = 1, train: bool = T
     if written is not None:
         gm = written(module)
         gm.train(train)
-        assign_qualnames(gm)
     else:
         concrete = None
         if part.levels:
             first_input = next(iter(inspect.signature(module.forward).parameters))
             concrete = {first_input: [PH] * levels}
         gm = trace(module, train=train, concrete_args=concrete)
+    gm.meta[QUALNAME_PREFIX] = part.path  # names as in the model's state dict, for the passes' nodes too
     for node in gm.graph.nodes:
-        if node.op not in ("placeholder", "output"):
-            node.meta[QUALNAME] = f"{part.path}.{qualname(node)}"
+        node.meta.pop(QUALNAME, None)
+    assign_qualnames(gm)
     gm.meta[HOLDS] = part.holds
     _keep_eager_interface(gm, module)
     return gm
