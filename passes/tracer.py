@@ -29,6 +29,9 @@ QUALNAME_PREFIX = "cmtkd_qualname_prefix"
 names of its nodes start with it, as the model's state dict does (``cmtkd_graph.models.parts``)."""
 
 _FX_SUFFIX = re.compile(r"_\d+$")
+PRESERVED_ATTRIBUTES = "_user_preserved_attributes"
+"""``gm.meta`` key of attributes FX's own deepcopy sets again on the copy (``torch.fx.graph_module``);
+:func:`copy_graph_module` does too (a traced part's eager interface: ``cmtkd_graph.models.parts``)."""
 
 
 def _extra_leaf_types() -> tuple[type, ...]:
@@ -174,6 +177,8 @@ def copy_graph_module(gm: fx.GraphModule, *, tensors: str = "share") -> fx.Graph
     graph = copy.deepcopy(gm.graph)
     new = fx.GraphModule(holder, graph, type(gm).__name__)
     new.meta = copy.copy(gm.meta)
+    for name, value in new.meta.get(PRESERVED_ATTRIBUTES, {}).items():  # as FX's own deepcopy does
+        setattr(new, name, value)
     for old_node, new_node in zip(gm.graph.nodes, new.graph.nodes, strict=True):
         new_node.meta = copy.copy(old_node.meta)
     new.train(gm.training)
@@ -236,6 +241,7 @@ def _exists(gm: fx.GraphModule, target: str) -> bool:
 
 
 __all__ = [
+    "PRESERVED_ATTRIBUTES",
     "QUALNAME",
     "QUALNAME_PREFIX",
     "GraphTracer",

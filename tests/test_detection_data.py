@@ -5,6 +5,7 @@ torchvision's target form, their bad input, COCO scores on hand-computed detecti
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -53,7 +54,8 @@ def test_coco_boxes_masks_keypoints_become_torchvision_targets(tmp_path):
     data = read_coco(path, tmp_path)
     assert data.classes == ["background", "cat", "dog"] and data.category_ids == [3, 17]
     assert data.keypoint_names == ["nose", "tail"]
-    target = data.target(0)
+    target = data.target(0, with_crowd=True)  # for scoring; training targets leave the crowd out
+    assert data.target(0)["boxes"].tolist() == [[2.0, 2.0, 6.0, 6.0]]
     assert target["boxes"].tolist() == [[2.0, 2.0, 6.0, 6.0], [10.0, 0.0, 13.0, 10.0]]
     assert target["labels"].tolist() == [2, 1] and target["iscrowd"].tolist() == [False, True]
     assert target["masks"].shape == (2, 10, 20) and target["masks"].dtype == torch.uint8
@@ -65,7 +67,12 @@ def test_coco_boxes_masks_keypoints_become_torchvision_targets(tmp_path):
     assert empty["keypoints"].shape == (0, 2, 3)
 
     only_dogs = read_coco(path, tmp_path, classes=["dog", "cat"])  # the spec's order decides the labels
-    assert only_dogs.target(0)["labels"].tolist() == [1, 2]
+    assert only_dogs.target(0, with_crowd=True)["labels"].tolist() == [1, 2]
+
+    box_only = {"id": 3, "image_id": 9, "category_id": 3, "bbox": [1, 1, 2, 2], "segmentation": []}
+    data = read_coco(_coco(tmp_path, [box_only, {**box_only, "id": 4, "segmentation": square}]), tmp_path)
+    masks = data.target(1)["masks"]  # a box-only object in a file with masks: an empty mask
+    assert masks.shape == (2, 10, 20) and masks[0].sum() == 0 and masks[1].sum() == 16
 
 
 def test_coco_bad_input_is_one_line_naming_the_file(tmp_path):
@@ -88,6 +95,17 @@ def test_coco_bad_input_is_one_line_naming_the_file(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(UserError, match=r"broken.json: not a JSON file"):
         read_coco(tmp_path / "broken.json", tmp_path)
+    for bad, says in (
+        ({k: v for k, v in box.items() if k != "bbox"}, "annotation 5: no 'bbox' field"),
+        ({**box, "bbox": [1, "two", 3, 4]}, "annotation 5: could not convert string to float"),
+        (
+            {**box, "category_id": 17, "keypoints": [1, 2, 2]},
+            "annotation 5: 3 keypoint values for 2 keypoints",
+        ),
+    ):
+        with pytest.raises(UserError, match=re.escape(says)) as err:
+            read_coco(_coco(tmp_path, [bad]), tmp_path)
+        assert "\n" not in str(err.value) and str(err.value).startswith(str(tmp_path / "instances.json"))
     (tmp_path / "partial.json").write_text('{"images": []}')
     with pytest.raises(UserError, match=r"partial.json: no annotations, categories list"):
         read_coco(tmp_path / "partial.json", tmp_path)
@@ -130,11 +148,19 @@ def test_voc_boxes_start_at_pixel_one_and_difficult_is_kept_apart(tmp_path):
     _voc(tmp_path, [("dog", 0, (1, 1, 5, 4)), ("cat", 1, (10, 2, 20, 10))])
     data = read_voc_boxes(tmp_path, "train")
     assert data.classes == ["background", "dog", "cat"]
-    target = data.target(0)
+    assert data.target(0)["labels"].tolist() == [1]  # training targets: the difficult cat left out
+    target = data.target(0, with_crowd=True)
     assert target["boxes"].tolist() == [[0.0, 0.0, 5.0, 4.0], [9.0, 1.0, 20.0, 10.0]]
     assert target["labels"].tolist() == [1, 2] and target["iscrowd"].tolist() == [False, True]
     with pytest.raises(UserError, match=r"x.xml: object 'dog' is not one of data.classes \(cat\)"):
         read_voc_boxes(tmp_path, "train", classes=["cat"])
+    _voc(tmp_path, [("dog", 0, (1, 1, "5px", 4))])
+    with pytest.raises(UserError, match=r"x.xml: <bndbox><xmax> is '5px', not a number"):
+        read_voc_boxes(tmp_path, "train")
+    xml = tmp_path / "Annotations/x.xml"
+    xml.write_text(xml.read_text().replace("<bndbox>", "<box>").replace("</bndbox>", "</box>"))
+    with pytest.raises(UserError, match=r"x.xml: object 0 \(dog\) has no <bndbox>"):
+        read_voc_boxes(tmp_path, "train")
     _voc(tmp_path, [("dog", 0, (1, 1, 25, 4))])
     with pytest.raises(
         UserError,
@@ -191,8 +217,9 @@ def test_fashion_objects_annotations_are_exact_and_score_100_against_themselves(
             ys, xs = torch.nonzero(mask, as_tuple=True)
             assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
             assert (points[:, 2] == 2).all()
-            assert points[0, 1] == ys.min() + 0.5 and points[2, 1] == ys.max() + 0.5  # top, bottom
-            assert points[1, 0] == xs.max() + 0.5 and points[3, 0] == xs.min() + 0.5  # right, left
+            assert points[0, 1] == ys.min() and points[2, 1] == ys.max()  # top, bottom (pixel indices)
+            assert points[1, 0] == xs.max() and points[3, 0] == xs.min()  # right, left
+            assert all(mask[int(y), int(x)] for x, y, _ in points.tolist())  # each on a pixel of the object
             objects += 1
         image = torch.tensor(np.array(Image.open(data.images[index].path)), dtype=torch.float32)
         if masks.any():  # the objects are brighter than the dark background around them
@@ -207,6 +234,14 @@ def test_fashion_objects_annotations_are_exact_and_score_100_against_themselves(
     ]  # fmt: skip
     assert coco_scores(truth, as_detections)["map"] == pytest.approx(100.0)
     assert coco_scores(truth, as_detections, "segm")["map"] == pytest.approx(100.0)
+    points = [
+        {**d, "keypoints": a["keypoints"]} for d, a in zip(as_detections, truth["annotations"], strict=True)
+    ]
+    assert coco_scores(truth, points, "keypoints")["map"] == pytest.approx(
+        100.0
+    )  # 4 keypoints, not COCO's 17
+    with pytest.raises(ValueError, match="images the ground truth does not have"):
+        coco_scores(truth, [{**as_detections[0], "image_id": 10**6}])
     written = json.loads((root / "annotations" / "instances_val.json").read_text())
     first = written["annotations"][0]
     assert decode_mask(first["segmentation"], 128, 128).sum() == first["area"]

@@ -145,3 +145,36 @@ def test_fashion_flow_is_exact_the_second_image_warped_back_is_the_first(fashion
     # (about 7 of 255 here); without the flow, or with u and v swapped, the difference is 2-5 times that
     moved, still = torch.stack(moved).median(), torch.stack(still).median()
     assert moved < 10.0 and moved < 0.5 * still
+
+
+def test_fashion_flow_is_one_exact_similarity_per_layer(fashion_items):
+    """The flow of every layer (the background, each item) is exactly the motion of a similarity with
+    the documented limits: a least-squares affine fit leaves no residual, and its linear part is a turn
+    and a scale."""
+    from cmtkd_graph.data.fashion_flow import BACKGROUND_MOTION, ITEM_MOTION, ITEMS_PER_PAIR, make_pair
+    from cmtkd_graph.data.fashion_mnist import read_fashion_mnist
+
+    items = read_fashion_mnist(str(fashion_items)).train[0][: 3 * ITEMS_PER_PAIR, 0]
+    ys, xs = torch.meshgrid(torch.arange(PAIR_SIZE) + 0.5, torch.arange(PAIR_SIZE) + 0.5, indexing="ij")
+    for pair in range(3):
+        _, _, flow, layers = make_pair(items[pair * ITEMS_PER_PAIR : (pair + 1) * ITEMS_PER_PAIR], pair)
+        for layer in layers.unique().tolist():
+            where = layers == layer
+            if where.sum() < 50:  # an item almost hidden: too few pixels to fit
+                continue
+            points = torch.stack([xs[where], ys[where], torch.ones_like(xs[where])], 1).double()
+            moved = points[:, :2] + flow[:, where].T.double()
+            fit = torch.linalg.lstsq(points, moved).solution  # [3, 2]: moved = points @ fit
+            assert (points @ fit - moved).abs().max() < 1e-3  # float32 flow, otherwise exact
+            (a, b), (c, d) = fit[:2].T.tolist()  # x' = a x + b y + ..., y' = c x + d y + ...
+            assert a == pytest.approx(d, abs=1e-4) and b == pytest.approx(-c, abs=1e-4)  # a similarity
+            angle, scale, _ = BACKGROUND_MOTION if layer == 0 else ITEM_MOTION
+            assert abs(math.degrees(math.atan2(c, a))) <= angle + 1e-3
+            assert abs(math.hypot(a, c) - 1) <= scale + 1e-4
+
+
+def test_flow_metrics_leave_out_unknown_flow():
+    target = torch.zeros(1, 2, 1, 2)
+    target[0, :, 0, 1] = 1e10  # Middlebury's mark of an unknown flow
+    rows = flow_metric_rows(torch.zeros_like(target) + 3.0, target)
+    assert rows.tolist() == [[1.0, pytest.approx(math.hypot(3, 3)), 1.0, 1.0, 0.0]]

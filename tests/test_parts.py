@@ -200,3 +200,22 @@ def test_detector_backbones_compose_with_shared_knowledge_feeding_every_teacher(
             p.mul_(1.5)
         changed = composed(images)["each_logits"][0]
     assert not torch.allclose(changed["0"], alone["0"], atol=1e-3)  # teacher1 moved teacher0's map
+
+
+def test_a_part_keeps_its_eager_interface_through_copies():
+    """What torchvision's code asks of a part besides calling it survives FX's deepcopy and the copy
+    every pure pass makes: a deep-copied rewritten RetinaNet still trains to torchvision's losses."""
+    from cmtkd_graph.passes.tracer import copy_graph_module
+
+    model, reference = _float_pair("retinanet_resnet50_fpn", **SMALL)
+    assert callable(copy_graph_module(model.head).compute_loss)
+    copied = copy.deepcopy(model)
+    images = [torch.rand(3, 150, 128), torch.rand(3, 120, 160)]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0]]), "labels": torch.tensor([1])} for _ in images
+    ]
+    found, expected = (net.train()(images, targets) for net in (copied, reference))
+    assert all(torch.equal(found[k], expected[k]) for k in expected)
+
+    raft, _ = _float_pair("raft_small")
+    assert copy.deepcopy(raft).update_block.hidden_state_size == raft.update_block.hidden_state_size == 96

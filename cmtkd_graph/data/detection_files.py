@@ -3,18 +3,22 @@ Pascal VOC XML (boxes), read into one form that torchvision's detection models t
 
 A sample is an image (uint8 ``[3, H, W]``) and a target dict: ``boxes`` (float ``[N, 4]``, x1 y1 x2 y2 in
 pixels), ``labels`` (int64 ``[N]``, 1..C: 0 is the background, as torchvision's detectors count),
-``iscrowd`` (bool ``[N]``: COCO crowd regions and VOC ``difficult`` objects, which no loss and no
-metric counts as a miss) and, where the file has them, ``masks`` (uint8 ``[N, H, W]``) and
-``keypoints`` (float ``[N, K, 3]``: x, y, visibility).
+``iscrowd`` (bool ``[N]``) and, where the file has them, ``masks`` (uint8 ``[N, H, W]``; an object without
+a mask in a file that has masks gets an empty one, as torchvision's reference reader gives it) and
+``keypoints`` (float ``[N, K, 3]``: x, y, visibility, as the file writes them). COCO crowd regions and VOC
+``difficult`` objects are read (``iscrowd``) and scored as COCOeval does (neither a hit nor a miss), but
+left out of training targets unless asked for: torchvision's losses do not read ``iscrowd``, and its
+reference training drops crowd annotations likewise.
 
 The classes are the file's categories in id order (COCO) or in order of first appearance (VOC), unless
-the caller names them (the spec's ``data.classes``). What stops a read with one line naming the file:
-an annotation file that is not JSON or lacks ``images``/``annotations``/``categories``, an image the
-annotations name that is not on disk, a box that reaches more than one pixel outside its image (the
-annotations were made for another image size), a category that is not one of the classes. What is
-skipped and counted (one warning line per file), as COCO's users expect, since the released COCO files
-hold a few such boxes and torchvision's and Detectron2's readers drop them: boxes with zero width or
-height. Boxes that overhang their image by up to a pixel (rounding) are clamped to it.
+the caller names them (the spec's ``data.classes``). What stops a read with one line naming the file: an
+annotation file that is not JSON or lacks ``images``/``annotations``/``categories``, a record with a
+field missing or of the wrong type (naming the record), an image the annotations name that is not on
+disk, a box that reaches more than one pixel outside its image (the annotations were made for another
+image size), a category that is not one of the classes. What is skipped and counted (one warning line
+per file), as COCO's users expect, since the released COCO files hold a few such boxes and torchvision's
+and Detectron2's readers drop them: boxes with zero width or height. Boxes that overhang their image by
+up to a pixel (rounding) are clamped to it.
 
 :func:`coco_scores` scores detections with pycocotools' ``COCOeval`` (mAP@[.5:.95], AP50, AP75 and AP
 per object size); :func:`coco_ground_truth` writes any :class:`DetectionSet` (VOC's too) as the COCO
@@ -79,15 +83,13 @@ class DetectionSet:
     category_ids: list[int]
     keypoint_names: list[str] = field(default_factory=list)
     skipped_boxes: int = 0
+    has_masks: bool = False  # some object has a mask: every target has ``masks``
 
-    @property
-    def has_masks(self) -> bool:
-        return any(i.segmentation is not None for r in self.images for i in r.instances)
-
-    def target(self, index: int) -> dict[str, torch.Tensor]:
-        """The target dict of image ``index`` (module docstring), masks decoded."""
+    def target(self, index: int, *, with_crowd: bool = False) -> dict[str, torch.Tensor]:
+        """The target dict of image ``index`` (module docstring), masks decoded; crowd regions and
+        difficult objects only ``with_crowd``."""
         record = self.images[index]
-        objects = record.instances
+        objects = [o for o in record.instances if with_crowd or not o.crowd]
         target = {
             "boxes": torch.tensor([o.box for o in objects], dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor([o.label for o in objects], dtype=torch.int64),
@@ -135,12 +137,13 @@ def read_coco(
     images: dict[int, ImageRecord] = {}
     missing = []
     for entry in data["images"]:
-        file = root / entry["file_name"]
+        with _record(path, "image", entry):
+            file = root / str(entry["file_name"])
+            images[int(entry["id"])] = ImageRecord(
+                file, int(entry["width"]), int(entry["height"]), int(entry["id"])
+            )
         if not file.is_file():
             missing.append(file)
-        images[int(entry["id"])] = ImageRecord(
-            file, int(entry["width"]), int(entry["height"]), int(entry["id"])
-        )
     if missing:
         raise UserError(
             f"{path}: names {len(missing)} image(s) not on disk, e.g. {missing[0]}; data.root must hold the "
@@ -148,33 +151,39 @@ def read_coco(
         )
     skipped = []
     for a in data["annotations"]:
-        record = images.get(int(a["image_id"]))
-        if record is None:
-            raise UserError(
-                f"{path}: annotation {a.get('id')} is of image {a['image_id']}, which images lacks"
+        with _record(path, "annotation", a):
+            record = images.get(int(a["image_id"]))
+            if record is None:
+                raise UserError(
+                    f"{path}: annotation {a.get('id')} is of image {a['image_id']}, which images lacks"
+                )
+            cid = int(a["category_id"])
+            if cid not in label_of:
+                known = ", ".join(str(c) for c in chosen[:10])
+                raise UserError(
+                    f"{path}: annotation {a.get('id')} has category {cid}, not one of the classes "
+                    f"(category ids {known}{', ...' if len(chosen) > 10 else ''}); fix the file or "
+                    "data.classes"
+                )
+            x, y, w, h = (float(v) for v in a["bbox"])
+            box = _inside(path, f"annotation {a.get('id')}", record, (x, y, x + w, y + h))
+            if box[2] <= box[0] or box[3] <= box[1]:
+                skipped.append(a.get("id"))
+                continue
+            keypoints = a.get("keypoints")
+            if keypoints and len(keypoints) != 3 * len(keypoint_names):
+                raise ValueError(
+                    f"{len(keypoints)} keypoint values for {len(keypoint_names)} keypoints (x, y, v each)"
+                )
+            record.instances.append(
+                Instance(
+                    box,
+                    label_of[cid],
+                    bool(a.get("iscrowd", 0)),
+                    a.get("segmentation") or None,
+                    np.asarray(keypoints, dtype=np.float32).reshape(-1, 3).tolist() if keypoints else None,
+                )
             )
-        cid = int(a["category_id"])
-        if cid not in label_of:
-            known = ", ".join(str(c) for c in chosen[:10])
-            raise UserError(
-                f"{path}: annotation {a.get('id')} has category {cid}, not one of the classes "
-                f"(category ids {known}{', ...' if len(chosen) > 10 else ''}); fix the file or data.classes"
-            )
-        x, y, w, h = (float(v) for v in a["bbox"])
-        box = _inside(path, f"annotation {a.get('id')}", record, (x, y, x + w, y + h))
-        if box[2] <= box[0] or box[3] <= box[1]:
-            skipped.append(a.get("id"))
-            continue
-        keypoints = a.get("keypoints")
-        record.instances.append(
-            Instance(
-                box,
-                label_of[cid],
-                bool(a.get("iscrowd", 0)),
-                a.get("segmentation") or None,
-                np.asarray(keypoints, dtype=np.float32).reshape(-1, 3).tolist() if keypoints else None,
-            )
-        )
     _warn_skipped(path, skipped)
     return DetectionSet(
         list(images.values()),
@@ -182,7 +191,19 @@ def read_coco(
         chosen,
         keypoint_names,
         len(skipped),
+        any(o.segmentation is not None for r in images.values() for o in r.instances),
     )
+
+
+@contextlib.contextmanager
+def _record(path: Path, kind: str, entry: object):
+    """A missing or malformed field of one record of ``path`` as one line naming the record."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        name = entry.get("id", "?") if isinstance(entry, dict) else "?"
+        what = f"no {err.args[0]!r} field" if isinstance(err, KeyError) else first_line(err)
+        raise UserError(f"{path}: {kind} {name}: {what}; a COCO {kind} record needs it") from None
 
 
 def _json(path: Path) -> dict:
@@ -237,8 +258,9 @@ def _coco_mask():
 
 def decode_mask(segmentation: Any, height: int, width: int) -> torch.Tensor:
     """A COCO segmentation (polygons, uncompressed or compressed RLE) as uint8 ``[H, W]`` (1: object)."""
+    if segmentation is None:  # an object without a mask in a file with masks
+        return torch.zeros(height, width, dtype=torch.uint8)
     coco_mask = _coco_mask()
-
     if isinstance(segmentation, list):  # polygons: one object may have several parts
         rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
     elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
@@ -282,7 +304,8 @@ def read_voc_boxes(root: str | Path, split: str, classes: Sequence[str] | None =
         file = root / "JPEGImages" / (tree.findtext("filename") or f"{name}.jpg")
         if not file.is_file():
             raise UserError(f"{xml}: its image {file} is not on disk")
-        record = ImageRecord(file, int(size.findtext("width")), int(size.findtext("height")), image_id)
+        width, height = (round(_number(xml, size, key)) for key in ("width", "height"))
+        record = ImageRecord(file, width, height, image_id)
         for index, obj in enumerate(tree.iter("object")):
             name_of = (obj.findtext("name") or "").strip()
             if name_of not in found:
@@ -292,7 +315,9 @@ def read_voc_boxes(root: str | Path, split: str, classes: Sequence[str] | None =
                     )
                 found.append(name_of)
             bnd = obj.find("bndbox")
-            x1, y1, x2, y2 = (float(bnd.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+            if bnd is None:
+                raise UserError(f"{xml}: object {index} ({name_of}) has no <bndbox>")
+            x1, y1, x2, y2 = (_number(xml, bnd, k) for k in ("xmin", "ymin", "xmax", "ymax"))
             box = _inside(xml, f"object {index} ({name_of})", record, (x1 - 1, y1 - 1, x2, y2))
             if box[2] <= box[0] or box[3] <= box[1]:
                 skipped.append(f"{name}#{index}")
@@ -302,6 +327,16 @@ def read_voc_boxes(root: str | Path, split: str, classes: Sequence[str] | None =
         images.append(record)
     _warn_skipped(listing, skipped)
     return DetectionSet(images, ["background", *found], list(range(1, len(found) + 1)), [], len(skipped))
+
+
+def _number(xml: Path, element: ET.Element, key: str) -> float:
+    """The number in ``<key>`` under ``element`` of a VOC file, or a UserError naming it."""
+    text = element.findtext(key)
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        found = "missing" if text is None else repr(text)
+        raise UserError(f"{xml}: <{element.tag}><{key}> is {found}, not a number") from None
 
 
 # ---------------------------------------------------------------------------- COCO scoring
@@ -351,23 +386,61 @@ def _area(o: Instance, record: ImageRecord) -> float:
     return (x2 - x1) * (y2 - y1)
 
 
+COCO_KEYPOINT_SIGMAS = (
+    0.26,
+    0.25,
+    0.25,
+    0.35,
+    0.35,
+    0.79,
+    0.79,
+    0.72,
+    0.72,
+    0.62,
+    0.62,
+    1.07,
+    1.07,
+    0.87,
+    0.87,
+    0.89,
+    0.89,
+)
+"""COCO's per-keypoint falloff of the object keypoint similarity, times 10 (pycocotools' default for its
+17 person keypoints)."""
+
+
+def keypoint_sigmas(count: int) -> list[float]:
+    """The OKS falloff per keypoint: COCO's for its 17 person keypoints, else their mean (0.072) for every
+    keypoint (a set of other keypoints has no published constants; the mean treats them alike)."""
+    coco = [v / 10 for v in COCO_KEYPOINT_SIGMAS]
+    return coco if count == len(coco) else [sum(coco) / len(coco)] * count
+
+
 def coco_scores(ground_truth: dict, detections: list[dict], iou_type: str = "bbox") -> dict[str, float]:
     """pycocotools' COCOeval of ``detections`` (COCO's result format: ``image_id``, ``category_id``,
     ``bbox`` [x, y, w, h] or ``segmentation`` or ``keypoints``, ``score``) against ``ground_truth``, as
     ``{"map", "ap50", "ap75", "ap_small", "ap_medium", "ap_large"}`` in % (keypoints: no small size;
-    -1 where COCOeval has nothing to score). No detections score 0."""
+    -1 where COCOeval has nothing to score; :func:`keypoint_sigmas` for the similarity). No detections
+    score 0."""
     _coco_mask()
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     if not detections:
         return dict.fromkeys(COCO_METRICS, 0.0)
+    known = {image["id"] for image in ground_truth["images"]}
+    strangers = sorted({d["image_id"] for d in detections} - known)
+    if strangers:
+        raise ValueError(f"detections of images the ground truth does not have: {strangers[:5]}")
     with contextlib.redirect_stdout(io.StringIO()):  # COCO and COCOeval print their progress
         truth = COCO()
         truth.dataset = ground_truth
         truth.createIndex()
         found = truth.loadRes(detections)
         evaluation = COCOeval(truth, found, iou_type)
+        if iou_type == "keypoints":
+            names = next((c.get("keypoints") for c in ground_truth["categories"] if c.get("keypoints")), [])
+            evaluation.params.kpt_oks_sigmas = np.array(keypoint_sigmas(len(names)))
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()

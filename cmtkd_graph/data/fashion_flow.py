@@ -74,9 +74,12 @@ def _sample(texture: torch.Tensor, to_texture: torch.Tensor, size: int) -> torch
     return F.grid_sample(texture[None], grid.view(1, size, size, 2), align_corners=False)[0]
 
 
-def make_pair(items: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pair: uint8 images [3, S, S] (first, second) and the flow [2, S, S] of the first to the second,
-    from ``items`` [ITEMS_PER_PAIR, 28, 28] (uint8)."""
+def make_pair(
+    items: torch.Tensor, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pair: uint8 images [3, S, S] (first, second), the flow [2, S, S] of the first to the second
+    and the layer drawn at each pixel of the first [S, S] (0: the background, k: the k-th item), from
+    ``items`` [ITEMS_PER_PAIR, 28, 28] (uint8)."""
     g = torch.Generator().manual_seed(seed)
     size, mid = PAIR_SIZE, PAIR_SIZE / 2
     tiles = F.interpolate(
@@ -109,6 +112,7 @@ def make_pair(items: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tenso
         layers.append((texture, place, _random_motion(g, ITEM_MOTION, centre)))
 
     images, flow = [], torch.zeros(2, size * size, dtype=torch.float64)
+    drawn = torch.zeros(size * size, dtype=torch.long)
     points = _pixel_centres(size)
     for moved in (False, True):
         image = torch.zeros(3, size, size)
@@ -120,8 +124,9 @@ def make_pair(items: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tenso
             if not moved:  # the flow of a pixel is its drawn layer's motion
                 where = cover.flatten()
                 flow[:, where] = (motion @ points[:, where])[:2] - points[:2, where]
+                drawn[where] = index
         images.append((image * 255).round().clamp(0, 255).to(torch.uint8))
-    return images[0], images[1], flow.view(2, size, size).float()
+    return images[0], images[1], flow.view(2, size, size).float(), drawn.view(size, size)
 
 
 def write_pairs(root: Path, fashion_root: str | None) -> str:
@@ -135,7 +140,7 @@ def write_pairs(root: Path, fashion_root: str | None) -> str:
         pairs = min(PAIRS[split], len(items) // ITEMS_PER_PAIR)
         for index in range(pairs):
             span = items[index * ITEMS_PER_PAIR : (index + 1) * ITEMS_PER_PAIR, 0]
-            first, second, flow = make_pair(span, SPLIT_SEEDS[split] + index)
+            first, second, flow, _ = make_pair(span, SPLIT_SEEDS[split] + index)
             number += 1
             for part, image in (("img1", first), ("img2", second)):
                 Image.fromarray(image.permute(1, 2, 0).numpy()).save(data / f"{number:05d}_{part}.png")

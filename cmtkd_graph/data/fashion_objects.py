@@ -8,10 +8,11 @@ items per scene), each scaled by a random factor in [1, 2.5] (28 to 70 pixels), 
 pasted at a random place over a dark, noisy background; later items cover earlier ones. Every annotation
 is exact, computed from the pixels drawn: an object is the item's pixels brighter than 76 of 255 that no
 later item covers (its mask, as compressed RLE), its box is the tight box of that mask, its keypoints
-are the mask's four extreme points (topmost, rightmost, bottommost, leftmost pixel centre, all visible:
-for Keypoint R-CNN); an item of which fewer than 16 such pixels remain visible is not annotated. Scene
-``i`` of a split is the same on every machine (a generator seeded with ``i``): 20,000 training scenes
-from the 60,000 training items, 3,333 evaluation scenes from the 10,000 test items.
+are the mask's four extreme points (topmost, rightmost, bottommost, leftmost pixel, as pixel indices
+like COCO's, all visible: for Keypoint R-CNN); an item of which fewer than 16 such pixels remain visible
+is not annotated. Scene ``i`` of a split is the same on every machine (a generator seeded with ``i``):
+20,000 training scenes from the 60,000 training items, 3,333 evaluation scenes from the 10,000 test
+items.
 
 Layout: ``train/NNNNNN.jpg``, ``val/NNNNNN.jpg``, ``annotations/instances_train.json`` and
 ``annotations/instances_val.json`` (COCO's, categories 1..10 with Fashion-MNIST's names).
@@ -74,12 +75,12 @@ def annotation(mask: torch.Tensor) -> dict:
     ys, xs = torch.nonzero(mask, as_tuple=True)
     x1, y1, x2, y2 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
-    def centre(i: int) -> list[float]:
-        return [float(xs[i]) + 0.5, float(ys[i]) + 0.5, 2.0]
+    def point(i: int) -> list[float]:  # a pixel's indices, as COCO's files write keypoints
+        return [float(xs[i]), float(ys[i]), 2.0]
 
     # nonzero is in row-major order: the first pixel is the topmost (leftmost of its row), the last the
     # bottommost; the extreme columns are found by argmin/argmax (the first in row-major order)
-    points = [centre(0), centre(int(xs.argmax())), centre(len(xs) - 1), centre(int(xs.argmin()))]
+    points = [point(0), point(int(xs.argmax())), point(len(xs) - 1), point(int(xs.argmin()))]
     return {
         "bbox": [x1, y1, x2 - x1, y2 - y1],
         "area": int(mask.sum()),

@@ -171,6 +171,7 @@ def _size(t: torch.Tensor) -> str:
 
 # ---------------------------------------------------------------------------- scores
 OUTLIER_PIXELS = (1.0, 3.0, 5.0)
+UNKNOWN_FLOW = 1e9  # Middlebury's .flo: a component above this marks a pixel whose flow is unknown
 FLOW_METRICS = ("epe", "out1", "out3", "out5")
 """End-point error (pixels, mean over every pixel of every pair) and the % of pixels whose end-point error
 exceeds 1, 3 and 5 pixels (the outlier rates; RAFT's evaluation prints the complements, 100 - these)."""
@@ -178,11 +179,14 @@ exceeds 1, 3 and 5 pixels (the outlier rates; RAFT's evaluation prints the compl
 
 def flow_metric_rows(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per pair of a batch (``[B, 2, H, W]`` flows), what it adds to the metrics: ``[pixels, summed
-    end-point error, pixels over 1 px, over 3 px, over 5 px]``; rows of every pair sum to the state that
+    end-point error, pixels over 1 px, over 3 px, over 5 px]``, over the pixels whose target flow is known
+    (Middlebury marks unknown flow with values above 1e9); rows of every pair sum to the state that
     :func:`flow_metric_values` reads."""
-    error = torch.linalg.vector_norm(predicted.float() - target.float(), dim=1).flatten(1)  # [B, H*W]
-    counts = [torch.full_like(error[:, 0], error.shape[1]), error.sum(1)]
-    counts += [(error > t).sum(1).float() for t in OUTLIER_PIXELS]
+    known = (target.abs() < UNKNOWN_FLOW).all(1).flatten(1)  # [B, H*W]
+    error = torch.linalg.vector_norm(predicted.float() - target.float(), dim=1).flatten(1)
+    error = torch.where(known, error, torch.zeros_like(error))
+    counts = [known.sum(1).float(), error.sum(1)]
+    counts += [((error > t) & known).sum(1).float() for t in OUTLIER_PIXELS]
     return torch.stack(counts, 1)
 
 

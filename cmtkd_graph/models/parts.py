@@ -8,7 +8,9 @@ FCOS's and SSD's dense heads, whose ``forward`` loops over a list of feature lev
 input per level), RAFT's feature and context encoders, its update block and its upsampling-mask
 predictor. Each part is traced and rewritten by the pass pipeline like a whole network, then put back
 into the eager model, whose own code still runs anchor generation, box coding, proposal sampling, NMS,
-RoI alignment and RAFT's correlation lookup and loop, as torchvision wrote them.
+RoI alignment and RAFT's correlation lookup and loop, as torchvision wrote them. What that code asks of a
+part besides calling it (``head.compute_loss``, ``update_block.hidden_state_size``) the graph keeps, through
+every copy.
 
 A part knows which ends of its network it holds (``passes.common.HOLDS``), so the first/last-layer rule
 sees the network, not the part: the backbone's (or an encoder's) stem is the first layer; the
@@ -25,9 +27,7 @@ layers: they stay float.
 
 from __future__ import annotations
 
-import copy
 import inspect
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,7 +36,14 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import PH
 
 from cmtkd_graph.passes.common import HOLDS, output_value
-from cmtkd_graph.passes.tracer import QUALNAME, QUALNAME_PREFIX, assign_qualnames, replace_submodule, trace
+from cmtkd_graph.passes.tracer import (
+    PRESERVED_ATTRIBUTES,
+    QUALNAME,
+    QUALNAME_PREFIX,
+    assign_qualnames,
+    replace_submodule,
+    trace,
+)
 
 
 @dataclass(frozen=True)
@@ -121,28 +128,22 @@ def trace_part(model: nn.Module, part: Part, *, levels: int = 1, train: bool = T
 
 
 def _keep_eager_interface(gm: fx.GraphModule, module: nn.Module) -> None:
-    """Make the graph answer what torchvision's eager code asks of the module it replaces, at every level:
-    its methods (RetinaNet's and FCOS's ``head.compute_loss``, which call their sub-heads' own) and plain
-    attributes (RAFT's ``update_block.hidden_state_size``, a sub-head's ``num_classes``, ``box_coder``).
-
-    FX builds the graph's module tree from bare ``nn.Module`` containers; each becomes a shallow copy of
-    the original module at its path (its class and attributes) holding the graph's children, and the graph
-    itself gets the methods of the original's class it lacks, bound to it, and the original's attributes."""
-    for path, container in list(gm.named_modules())[1:]:
-        if type(container) is nn.Module:
-            shell = copy.copy(module.get_submodule(path))
-            shell.__dict__.update(
-                _modules=dict(container._modules),
-                _parameters=dict(container._parameters),
-                _buffers=dict(container._buffers),
-            )
-            replace_submodule(gm, path, shell)
+    """Make the graph answer what torchvision's eager code asks of the module it replaces: its methods
+    (RetinaNet's and FCOS's ``head.compute_loss``) and plain attributes (RAFT's
+    ``update_block.hidden_state_size``). They come from the eager module: a method runs on it, which is
+    right for the ones torchvision calls (losses and box coding read attributes such as ``num_classes``
+    and ``box_coder``, never the layers, which the graph now runs quantized)."""
+    preserved: dict[str, object] = {}
     for cls in type(module).__mro__[: type(module).__mro__.index(nn.Module)]:
         for name, value in vars(cls).items():
-            if inspect.isfunction(value) and not name.startswith("__") and not hasattr(gm, name):
-                setattr(gm, name, types.MethodType(value, gm))
+            if inspect.isfunction(value) and not name.startswith("_") and not hasattr(gm, name):
+                preserved.setdefault(name, getattr(module, name))
     for key, value in module.__dict__.items():
-        gm.__dict__.setdefault(key, value)
+        if not key.startswith("_") and key != "training" and not hasattr(gm, key):
+            preserved[key] = value
+    gm.meta[PRESERVED_ATTRIBUTES] = preserved  # kept by every copy of the graph
+    for key, value in preserved.items():
+        setattr(gm, key, value)
 
 
 def rewrite_parts(
