@@ -130,6 +130,14 @@ MALFORMED = [
         "video (torchvision.models.video)",
     ),
     (
+        lambda d: d["student"].update(arch="quantized_mobilenet_v3_large"),
+        None,
+        "student.arch: 'quantized_mobilenet_v3_large' is torch.ao's 8-bit eager-mode version of "
+        "'mobilenet_v3_large' (quantization stubs and fused modules for post-training quantization); "
+        "cmtkd-graph quantizes the float network itself at any bits: use arch: mobilenet_v3_large (and "
+        "`cmtkd-graph export` for its int8 forms)",
+    ),
+    (
         lambda d: d.update(quantizer={"name": "hwgqq"}),
         None,
         "quantizer.name: unknown quantizer 'hwgqq' (did you mean hwgq?); known: dorefa, hwgq, lsq, pact "

@@ -13,6 +13,10 @@ from torch import nn
 from cmtkd_graph.errors import UserError, closest, first_line
 from cmtkd_graph.safe_files import TORCH_SUFFIXES, read_tensors
 
+QUANTIZED_PREFIX = "quantized_"
+"""torchvision's ``quantized_*`` builders (``torchvision.models.quantization``): torch.ao's versions of float
+classifiers, refused in favour of the float builder, which the quantize pass rewrites itself."""
+
 
 def model_names() -> tuple[str, ...]:
     """The torchvision builders the registered tasks cover (``cmtkd_graph.tasks``), in task order."""
@@ -31,6 +35,13 @@ def check_arch(name: str) -> str:
     if name in names:
         return name
     tasks = ", ".join(f"{t} ({', '.join(TASKS.get(t).builder_modules)})" for t in TASKS)
+    float_name = name.removeprefix(QUANTIZED_PREFIX)
+    if name.startswith(QUANTIZED_PREFIX) and float_name in names and name in _every_torchvision_builder():
+        raise ValueError(
+            f"{name!r} is torch.ao's 8-bit eager-mode version of {float_name!r} (quantization stubs and "
+            "fused modules for post-training quantization); cmtkd-graph quantizes the float network itself "
+            f"at any bits: use arch: {float_name} (and `cmtkd-graph export` for its int8 forms)"
+        )
     if name in _every_torchvision_builder():
         raise ValueError(
             f"{name!r} is a torchvision builder of a task this version does not train; the tasks: {tasks}"
