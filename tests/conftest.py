@@ -76,26 +76,41 @@ def fashion_items(tmp_path_factory, fashion_mnist) -> Path:
     return items
 
 
+def _generated(tmp_path_factory, name: str, fashion_items: Path) -> Path:
+    """A root made by the real ``data prepare NAME`` from the cut Fashion-MNIST items."""
+    from cmtkd_graph.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp(name) / name
+    prepare(name, root, fashion_items)
+    return root
+
+
 @pytest.fixture(scope="session")
 def fashion_scenes(tmp_path_factory, fashion_items) -> Path:
     """A VOC-layout root made by the real ``data prepare fashion_scenes`` from the first 300 training and
     90 test items of the real Fashion-MNIST: 100 training and 30 evaluation scenes."""
-    from cmtkd_graph.data.prepare import prepare
-
-    root = tmp_path_factory.mktemp("scenes") / "fashion_scenes"
-    prepare("fashion_scenes", root, fashion_items)
-    return root
+    return _generated(tmp_path_factory, "fashion_scenes", fashion_items)
 
 
 @pytest.fixture(scope="session")
 def moving_fashion(tmp_path_factory, fashion_items) -> Path:
     """Frame folders made by the real ``data prepare moving_fashion`` from the same items: 150 training
     and 45 evaluation clips of 12 frames."""
-    from cmtkd_graph.data.prepare import prepare
+    return _generated(tmp_path_factory, "moving_fashion", fashion_items)
 
-    root = tmp_path_factory.mktemp("moving") / "moving_fashion"
-    prepare("moving_fashion", root, fashion_items)
-    return root
+
+@pytest.fixture(scope="session")
+def fashion_objects(tmp_path_factory, fashion_items) -> Path:
+    """A COCO-layout root made by the real ``data prepare fashion_objects`` from the same items: 100
+    training and 30 evaluation scenes."""
+    return _generated(tmp_path_factory, "fashion_objects", fashion_items)
+
+
+@pytest.fixture(scope="session")
+def fashion_flow(tmp_path_factory, fashion_items) -> Path:
+    """A FlyingChairs-layout root made by the real ``data prepare fashion_flow`` from the same items: 27
+    training and 8 evaluation pairs."""
+    return _generated(tmp_path_factory, "fashion_flow", fashion_items)
 
 
 @pytest.fixture(scope="session")

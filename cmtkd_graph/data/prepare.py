@@ -33,6 +33,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import importlib
 import shutil
 import tarfile
 import tempfile
@@ -211,60 +212,46 @@ def _fashion_mnist(staging: Path, source: Path | None) -> str:
     return f"Fashion-MNIST: 4 files verified ({'downloaded' if source is None else f'from {source}'})"
 
 
-@recipe(
+def _generated(name: str, summary: str, dataset: str, module: str, writer: str) -> None:
+    """A recipe that generates its data from the Fashion-MNIST files in ``--from`` (default: Debian's
+    dataset-fashion-mnist), the same on every machine, with ``writer`` of ``cmtkd_graph.data.<module>``
+    (whose docstring says what it makes; docs/tasks.md)."""
+
+    def make(staging: Path, source: Path | None) -> str:
+        write = getattr(importlib.import_module(f"cmtkd_graph.data.{module}"), writer)
+        return write(staging, None if source is None else str(source))
+
+    recipe(name, summary, dataset, f"data/{name}")(make)
+
+
+_generated(
     "fashion_scenes",
     "segmentation scenes made from Fashion-MNIST, in the Pascal VOC layout",
     "fashion_scenes",
-    "data/fashion_scenes",
+    "scenes",
+    "write_scenes",
 )
-def _fashion_scenes(staging: Path, source: Path | None) -> str:
-    """Made from the Fashion-MNIST files in ``--from`` (default: Debian's dataset-fashion-mnist); the same
-    scenes on every machine (docs/tasks.md)."""
-    from cmtkd_graph.data.scenes import write_scenes
-
-    return write_scenes(staging, None if source is None else str(source))
-
-
-@recipe(
+_generated(
     "moving_fashion",
     "video clips made from Fashion-MNIST (an item moving in one of 8 directions), as frame folders",
     "moving_fashion",
-    "data/moving_fashion",
+    "moving",
+    "write_clips",
 )
-def _moving_fashion(staging: Path, source: Path | None) -> str:
-    """Made from the Fashion-MNIST files in ``--from`` (default: Debian's dataset-fashion-mnist); the same
-    clips on every machine (docs/tasks.md)."""
-    from cmtkd_graph.data.moving import write_clips
-
-    return write_clips(staging, None if source is None else str(source))
-
-
-@recipe(
+_generated(
     "fashion_objects",
     "detection scenes made from Fashion-MNIST (boxes, masks, keypoints), in the COCO layout",
     "detection_files",
-    "data/fashion_objects",
+    "fashion_objects",
+    "write_objects",
 )
-def _fashion_objects(staging: Path, source: Path | None) -> str:
-    """Made from the Fashion-MNIST files in ``--from`` (default: Debian's dataset-fashion-mnist); the same
-    scenes on every machine (cmtkd_graph/data/fashion_objects.py)."""
-    from cmtkd_graph.data.fashion_objects import write_objects
-
-    return write_objects(staging, None if source is None else str(source))
-
-
-@recipe(
+_generated(
     "fashion_flow",
     "image pairs with exact optical flow made from Fashion-MNIST, in the FlyingChairs layout",
     "flow_files",
-    "data/fashion_flow",
+    "fashion_flow",
+    "write_pairs",
 )
-def _fashion_flow(staging: Path, source: Path | None) -> str:
-    """Made from the Fashion-MNIST files in ``--from`` (default: Debian's dataset-fashion-mnist); the same
-    pairs on every machine (cmtkd_graph/data/fashion_flow.py)."""
-    from cmtkd_graph.data.fashion_flow import write_pairs
-
-    return write_pairs(staging, None if source is None else str(source))
 
 
 # ---------------------------------------------------------------------------- CIFAR (python batches)
