@@ -71,12 +71,15 @@ def _plain_layer_subclass(m: nn.Module) -> bool:
     return base is not None and type(m).forward is base.forward
 
 
-def trace(model: nn.Module, *, train: bool = True, concrete_args: dict | None = None) -> fx.GraphModule:
+def trace(
+    model: nn.Module, *, train: bool = True, concrete_args: dict | None = None, prefix: str | None = None
+) -> fx.GraphModule:
     """Trace ``model`` in the mode it will run in (train or eval) and name every node.
 
     The GraphModule shares parameters with ``model``; passes that modify modules copy first.
     ``concrete_args`` is FX's: ``{"x": [PH] * 5}`` traces a module that loops over a list of 5 tensors
-    (a detection head's feature levels) as 5 inputs.
+    (a detection head's feature levels) as 5 inputs. ``prefix``: the module's path in a larger model,
+    which its node names start with (``QUALNAME_PREFIX``).
     """
     model.train(train)
     tracer = GraphTracer()
@@ -88,6 +91,8 @@ def trace(model: nn.Module, *, train: bool = True, concrete_args: dict | None = 
         raise UserError(f"torch.fx cannot trace {type(model).__name__}: {type(err).__name__}: {err}") from err
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.train(train)
+    if prefix:
+        gm.meta[QUALNAME_PREFIX] = prefix
     assign_qualnames(gm)
     return gm
 

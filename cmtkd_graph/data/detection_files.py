@@ -275,7 +275,6 @@ def decode_mask(segmentation: Any, height: int, width: int) -> torch.Tensor:
 def encode_mask(mask: torch.Tensor) -> dict:
     """A binary mask ``[H, W]`` as COCO's compressed RLE (``counts`` as a string: JSON-writable)."""
     coco_mask = _coco_mask()
-
     rle = coco_mask.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
     return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
 
@@ -346,7 +345,7 @@ COCO_METRICS = ("map", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
 
 def coco_ground_truth(data: DetectionSet) -> dict:
     """``data`` as a COCO annotation dict (ids as in ``data``; VOC's difficult objects as crowd regions,
-    which COCOeval ignores as VOC's evaluation does)."""
+    on which a detection is neither a hit nor a miss: close to VOC's rule, not the same, docs/tasks.md)."""
     annotations = []
     for record in data.images:
         for o in record.instances:
@@ -387,24 +386,8 @@ def _area(o: Instance, record: ImageRecord) -> float:
 
 
 COCO_KEYPOINT_SIGMAS = (
-    0.26,
-    0.25,
-    0.25,
-    0.35,
-    0.35,
-    0.79,
-    0.79,
-    0.72,
-    0.72,
-    0.62,
-    0.62,
-    1.07,
-    1.07,
-    0.87,
-    0.87,
-    0.89,
-    0.89,
-)
+    .26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89,
+)  # fmt: skip
 """COCO's per-keypoint falloff of the object keypoint similarity, times 10 (pycocotools' default for its
 17 person keypoints)."""
 

@@ -52,7 +52,7 @@ from cmtkd_graph.identity import file_sha256
 class Recipe:
     name: str
     summary: str
-    dataset: str  # the data.dataset that reads the result
+    dataset: str  # the data.dataset that reads the result (until its task comes: the module that does)
     default_root: str  # where the repository's specs and studies look
     make: Callable[[Path, Path | None], str]  # (staging folder, --from) -> what was done
 

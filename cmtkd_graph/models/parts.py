@@ -18,11 +18,11 @@ predictors (class and box outputs, mask logits, RAFT's flow and mask heads) are 
 head's own first convolution is inner. Node names carry the part's path (``backbone.body.layer1.0.conv1``,
 ``rpn.head.conv.0.0``), the names of the eager model's state dict, which rules and taps use.
 
-Two modules are not traced but written as the graph they compute: torchvision's ``FastRCNNPredictor``
+One module is not traced but written as the graph it computes: torchvision's ``FastRCNNPredictor``
 asserts its input's rank in Python (``if x.dim() == 4``), so its graph is written by hand (flatten, then
 the class and box linear layers), which is what it computes on the 2-D box features ``RoIHeads`` gives
-it. Transposed convolutions (Mask R-CNN's and Keypoint R-CNN's upsampling layers) are not quantized
-layers: they stay float.
+it (the graph's names carry the part's path like a traced one's). Transposed convolutions (Mask R-CNN's
+and Keypoint R-CNN's upsampling layers) are not quantized layers: they stay float.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from torch.fx._symbolic_trace import PH
 from cmtkd_graph.passes.common import HOLDS, output_value
 from cmtkd_graph.passes.tracer import (
     PRESERVED_ATTRIBUTES,
-    QUALNAME,
     QUALNAME_PREFIX,
     assign_qualnames,
     replace_submodule,
@@ -112,16 +111,14 @@ def trace_part(model: nn.Module, part: Part, *, levels: int = 1, train: bool = T
     if written is not None:
         gm = written(module)
         gm.train(train)
+        gm.meta[QUALNAME_PREFIX] = part.path
+        assign_qualnames(gm)
     else:
         concrete = None
         if part.levels:
             first_input = next(iter(inspect.signature(module.forward).parameters))
             concrete = {first_input: [PH] * levels}
-        gm = trace(module, train=train, concrete_args=concrete)
-    gm.meta[QUALNAME_PREFIX] = part.path  # names as in the model's state dict, for the passes' nodes too
-    for node in gm.graph.nodes:
-        node.meta.pop(QUALNAME, None)
-    assign_qualnames(gm)
+        gm = trace(module, train=train, concrete_args=concrete, prefix=part.path)
     gm.meta[HOLDS] = part.holds
     _keep_eager_interface(gm, module)
     return gm
