@@ -332,10 +332,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Write the graph to ``--out``, or print the summary table."""
     from cmtkd_graph.inspection.graph import read_importance, system_graph
     from cmtkd_graph.inspection.output import summary_table, write_graph
+    from cmtkd_graph.registry import TASKS
     from cmtkd_graph.spec.io import load_spec
     from cmtkd_graph.system import build_system
 
     spec = load_spec(args.spec, args.overrides)
+    TASKS.get(spec.resolved_task).require("inspect")
     system = build_system(spec, device="meta", load=False)
     importance = read_importance(args.checkpoint, system) if args.checkpoint else None
     if not args.out:

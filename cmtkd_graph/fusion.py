@@ -52,3 +52,9 @@ class MeanFusion(Fusion):
 
     def weights(self) -> torch.Tensor:
         return torch.full((self.num_inputs,), 1.0 / self.num_inputs)  # a constant: device-agnostic 0-dim use
+
+
+def output_fusion(num_inputs: int, combine: str, tap: str) -> Fusion:
+    """The combined teacher's fusion of ``num_inputs`` outputs: ``combine: importance`` (learnable
+    weights) or ``mean``."""
+    return ImportanceFusion(num_inputs, tap) if combine == "importance" else MeanFusion(num_inputs, tap)

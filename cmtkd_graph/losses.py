@@ -256,17 +256,25 @@ def sequence_loss(
     more count as 0), weighted ``gamma ** (N - 1 - i)`` for the i-th estimate and summed."""
     if not predictions:
         raise ValueError("sequence_loss needs at least one flow estimate")
-    target = _at_least_float32(target)
-    keep = torch.linalg.vector_norm(target, dim=1) < max_flow
-    if valid is not None:
-        keep = keep & valid.bool()
-    keep = keep.unsqueeze(1)
     n = len(predictions)
     terms = [
-        gamma ** (n - 1 - i) * ((_at_least_float32(flow) - target).abs() * keep).mean()
+        gamma ** (n - 1 - i) * flow_l1(flow, target, target, valid, max_flow=max_flow)
         for i, flow in enumerate(predictions)
     ]
     return torch.stack(terms).sum()
+
+
+def flow_l1(
+    flow: Tensor, target: Tensor, truth: Tensor, valid: Tensor | None = None, *, max_flow: float = 400.0
+) -> Tensor:
+    """The mean absolute difference of two flows ``[B, 2, H, W]`` (RAFT's distance of one estimate), over
+    the batch, both components and every pixel; pixels not ``valid`` and those whose true flow ``truth``
+    moves ``max_flow`` pixels or more count as 0. ``target`` is ``truth`` in RAFT's loss; the flow of the
+    better network in mutual learning (:func:`min_error_flow`)."""
+    keep = torch.linalg.vector_norm(_at_least_float32(truth), dim=1) < max_flow
+    if valid is not None:
+        keep = keep & valid.bool()
+    return ((_at_least_float32(flow) - _at_least_float32(target)).abs() * keep.unsqueeze(1)).mean()
 
 
 def _check_soft_kl_inputs(target: Tensor, logits: Tensor, tau: float) -> None:

@@ -15,6 +15,7 @@ features as outputs (``passes.outputs.expose_taps``), and tap shapes are checked
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ from cmtkd_graph.passes.common import (
     fusion_key,
 )
 from cmtkd_graph.passes.compose import check_tap_shapes, compose_teachers
-from cmtkd_graph.passes.graph_pass import finish
+from cmtkd_graph.passes.graph_pass import finish, graph_modules
 from cmtkd_graph.passes.inplace import inplace_where_safe
 from cmtkd_graph.passes.outputs import expose_taps, keep_main_output
 from cmtkd_graph.passes.precision import LayerRule
@@ -99,10 +100,10 @@ def build_network(
     """One network through the pass pipeline (no taps yet). ``device="meta"`` allocates nothing;
     ``network`` (student or teacher) is what the precision rules' ``network`` selector sees."""
     graph = _float_graph(model, spec.surgery_for(model), device)
-    return finish(_quantize_network(graph, model, spec, network))
+    return finish(quantize_network(graph, model, spec, network))
 
 
-def _quantize_network(gm: fx.GraphModule, model: ModelSpec, spec: Spec, network: str) -> fx.GraphModule:
+def quantize_network(gm: fx.GraphModule, model: ModelSpec, spec: Spec, network: str) -> fx.GraphModule:
     """The quantization pass of ``build_network``, in place and before code generation: ``build_system``
     copies the teachers' nodes into the composed graph and never runs their own code, and generates the
     student's after exposing its taps."""
@@ -147,8 +148,8 @@ def _rule_family(index: int, name: str, options: dict):
         raise type(err)(message) from None
 
 
-def _warn_rules_on_float_teachers(
-    spec: Spec, teachers: list[fx.GraphModule], teacher_specs: list[ModelSpec]
+def warn_rules_on_float_teachers(
+    spec: Spec, teachers: list[nn.Module], teacher_specs: list[ModelSpec]
 ) -> None:
     """A rule without a ``network`` selector also quantizes a full-precision teacher's layers: allowed
     (as first_layer_bits does), but said, since it is rarely meant."""
@@ -156,7 +157,7 @@ def _warn_rules_on_float_teachers(
         if model.weight_bits != FULL_PRECISION or model.act_bits != FULL_PRECISION:
             continue
         decided: dict[str, int] = {}
-        for node in gm.graph.nodes:
+        for node in (node for graph in graph_modules(gm) for node in graph.graph.nodes):
             info = node.meta.get(META, {})
             label = info.get("rule_label")
             if label and (info["weight_bits"], info["act_bits"]) != (FULL_PRECISION, FULL_PRECISION):
@@ -168,17 +169,23 @@ def _warn_rules_on_float_teachers(
             )
 
 
-def check_rules_used(spec: Spec, networks: list[fx.GraphModule]) -> None:
+def check_rules_used(spec: Spec, networks: list[nn.Module]) -> None:
     """Every precision rule decides at least one layer of ``networks`` (a rule that matches nothing is a
     typo in a name or a role the architecture does not have: one line, not a silent no-op)."""
-    used = {node.meta.get(META, {}).get("rule_label") for gm in networks for node in gm.graph.nodes}
+    graphs = [gm for network in networks for gm in graph_modules(network)]
+    used = {node.meta.get(META, {}).get("rule_label") for gm in graphs for node in gm.graph.nodes}
     for label in (f"quantizer.rules[{i}]" for i in range(len(spec.quantizer.rules))):
         if label not in used:
             rule = next(r for r in layer_rules(spec) if r.label == label)
+            where = (
+                "`cmtkd-graph inspect SPEC` lists the layers with their names, positions and roles"
+                if "inspect" not in task_record(spec.student.arch).missing_verbs
+                else "layers are named as in the model's state dict (`torchvision.models.get_model(ARCH)"
+                ".named_modules()`)"
+            )
             raise UserError(
                 f"{label}: matches no layer of {spec.student.arch} or its teachers ({rule.selectors}), or "
-                "only layers an earlier rule decides; `cmtkd-graph inspect SPEC` lists the layers with "
-                "their names, positions and roles"
+                f"only layers an earlier rule decides; {where}"
             )
 
 
@@ -219,7 +226,62 @@ def load_weights(gm: fx.GraphModule, source: str, *, label: str) -> str:
     return report
 
 
-class DistillationSystem(nn.Module):
+class SystemBase(nn.Module):
+    """What every system has, whatever its networks: the spec, its task and method, the student, the
+    teachers (``teacher{k}`` submodules holding each one's parameters, and ``fusion``), the FitNet adapters
+    and the method's modules; frozen teachers kept in eval mode; the importance of the fusions. Subclasses
+    set ``student``, ``teachers``, ``adapters``, ``method_modules`` and ``networks``, then call
+    :meth:`_freeze`."""
+
+    def __init__(self, spec: Spec, method: Method | None = None):
+        super().__init__()
+        self.spec = spec
+        self.task = task_record(spec.student.arch)  # what the outputs mean (looked up once, not per step)
+        self.method = method if method is not None else method_for(spec)
+        self.frozen_teachers = [k for k, t in enumerate(spec.teachers) if not t.trainable]
+        # The fractional epoch of the step being trained, for methods whose objective changes with it
+        # (the trainer sets it); a tensor, so that a compiled step does not recompile as it moves.
+        self.register_buffer("epoch", torch.zeros(()), persistent=False)
+
+    @property
+    def num_teachers(self) -> int:
+        return len(self.spec.teachers)
+
+    @property
+    def teacher_trains(self) -> bool:
+        """At least one teacher is trained (its task loss is a loss term)."""
+        return len(self.frozen_teachers) < self.num_teachers
+
+    @property
+    def method_context(self) -> MethodContext:
+        """What the method's step hooks see of this system (its modules, the adapters, teacher_trains,
+        the epoch)."""
+        return MethodContext(
+            self.method_modules, self.adapters, self.teacher_trains, self.epoch, self.task.labels_may_ignore
+        )
+
+    def _freeze(self) -> None:
+        for k in self.frozen_teachers:
+            teacher = self.teachers.get_submodule(f"teacher{k}")
+            teacher.eval()
+            teacher.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> SystemBase:
+        super().train(mode)
+        if self.teachers is not None:
+            self._freeze()  # loaded, frozen teachers always run in eval mode
+        return self
+
+    def importance(self) -> dict[str, Tensor]:
+        """Softmax importance weights per tap (and ``output``), each a Tensor[K] (detached)."""
+        if self.teachers is None or not hasattr(self.teachers, "fusion"):
+            return {}
+        fusions = self.teachers.get_submodule("fusion")
+        weights = {m.tap: m.weights().detach() for m in fusions.children() if isinstance(m, ImportanceFusion)}
+        return {tap: w if w.is_meta else w.cpu() for tap, w in weights.items()}
+
+
+class DistillationSystem(SystemBase):
     """The student, the teachers, the FitNet adapters and the method's modules, trained by one objective.
 
     ``system(images)`` returns a :class:`SystemOutput`; ``system.losses(out, labels)`` the loss terms of
@@ -237,49 +299,13 @@ class DistillationSystem(nn.Module):
         method: Method | None = None,
         method_modules: nn.ModuleDict | None = None,
     ):
-        super().__init__()
-        self.spec = spec
-        self.task = task_record(spec.student.arch)  # what the outputs mean (looked up once, not per step)
+        super().__init__(spec, method)
         self.student = student
         self.teachers = teachers
         self.adapters = adapters
         self.method_modules = method_modules if method_modules is not None else nn.ModuleDict()
         self.networks = networks
-        self.method = method if method is not None else method_for(spec)
-        self.frozen_teachers = [k for k, t in enumerate(spec.teachers) if not t.trainable]
-        # The fractional epoch of the step being trained, for methods whose objective changes with it
-        # (the trainer sets it); a tensor, so that a compiled step does not recompile as it moves.
-        self.register_buffer("epoch", torch.zeros(()), persistent=False)
         self._freeze()
-
-    @property
-    def num_teachers(self) -> int:
-        return len(self.spec.teachers)
-
-    @property
-    def teacher_trains(self) -> bool:
-        """At least one teacher is trained (its cross-entropy is a loss term)."""
-        return len(self.frozen_teachers) < self.num_teachers
-
-    @property
-    def method_context(self) -> MethodContext:
-        """What the method's step hooks see of this system (its modules, the adapters, teacher_trains,
-        the epoch)."""
-        return MethodContext(
-            self.method_modules, self.adapters, self.teacher_trains, self.epoch, self.task.labels_may_ignore
-        )
-
-    def _freeze(self) -> None:
-        for k in self.frozen_teachers:
-            teacher = self.teachers.get_submodule(f"teacher{k}")
-            teacher.eval()
-            teacher.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> DistillationSystem:
-        super().train(mode)
-        if self.teachers is not None:
-            self._freeze()  # loaded, frozen teachers always run in eval mode
-        return self
 
     def num_classes(self) -> int | None:
         """The number of classes the student outputs (known from shape propagation)."""
@@ -342,14 +368,6 @@ class DistillationSystem(nn.Module):
         ce = [self.method.ce(z, labels) for z in heads if z is not None]
         return torch.stack(ce).sum() if ce else None
 
-    def importance(self) -> dict[str, Tensor]:
-        """Softmax importance weights per tap (and ``output``), each a Tensor[K] (detached)."""
-        if self.teachers is None or not hasattr(self.teachers, "fusion"):
-            return {}
-        fusions = self.teachers.get_submodule("fusion")
-        weights = {m.tap: m.weights().detach() for m in fusions.children() if isinstance(m, ImportanceFusion)}
-        return {tap: w if w.is_meta else w.cpu() for tap, w in weights.items()}
-
 
 CMTKDSystem = DistillationSystem
 """The first name of :class:`DistillationSystem`, kept for code written against it."""
@@ -359,8 +377,13 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
     """Build the whole system described by ``spec`` (see module docstring).
 
     ``device="meta"`` builds the structure without allocating weights (large models, inspection);
-    ``load=False`` skips the ``weights:`` of every network.
+    ``load=False`` skips the ``weights:`` of every network. A task whose networks do not trace whole
+    builds its own system (``Task.system_builder``: optical flow's ``cmtkd_graph.flow_system``).
     """
+    builder = task_record(spec.student.arch).system_builder
+    if builder is not None:
+        module, function = builder.split(":")
+        return getattr(importlib.import_module(module), function)(spec, device=device, load=load)
     method = method_for(spec)
     input_shape = (2, *spec.data.input_shape())
     meta = torch.device(device).type == "meta"
@@ -381,7 +404,7 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
         aux = model.trainable  # a frozen teacher's auxiliary head would compute for nothing
         surgery = [s.model_dump() for s in spec.surgery_for(model)]
         same_graph = json.dumps([model.arch, model.kwargs, surgery, aux])
-        gm = _quantize_network(float_graph(model, same_graph, aux), model, spec, network)
+        gm = quantize_network(float_graph(model, same_graph, aux), model, spec, network)
         info = NetworkInfo(label, model)
         if load and model.weights and not meta:
             info.weights_report = load_weights(gm, model.weights, label=label)
@@ -396,7 +419,7 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
     teacher_specs = spec.resolved_teachers()
     teachers = [make(t, f"teacher{k}", "teacher") for k, t in enumerate(teacher_specs)]
     check_rules_used(spec, [student, *teachers])
-    _warn_rules_on_float_teachers(spec, teachers, teacher_specs)
+    warn_rules_on_float_teachers(spec, teachers, teacher_specs)
     for line in method.share_parameters(student, teachers):
         log.info(f"{spec.method}: {line}")
 
@@ -417,7 +440,7 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
                 teacher_taps, [f"teacher{k} ({t.arch} {t.bits_label})" for k, t in enumerate(teacher_specs)]
             )
         if feature_loss and teacher_taps and teacher_taps[0]:
-            student_taps = _student_taps(student, spec, teacher_taps[0])
+            student_taps = paired_student_taps(student, spec, teacher_taps[0])
             hint_taps = teacher_taps[0]
         composed = compose_teachers(teachers, teacher_taps, combine=method.combine())
     elif method.arrangement == "side_by_side":
@@ -532,7 +555,7 @@ def _warn_constant_attention(spec: Spec, taps: list[Tap]) -> None:
         )
 
 
-def _student_taps(student: fx.GraphModule, spec: Spec, teacher_taps: list[Tap]) -> list[Tap]:
+def paired_student_taps(student: fx.GraphModule, spec: Spec, teacher_taps: list[Tap]) -> list[Tap]:
     """The student's taps, keyed by the teachers' tap names so the pairs line up."""
     names = spec.taps.student
     if names is None:

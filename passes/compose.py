@@ -39,7 +39,7 @@ from cmtkd_graph.passes.taps import Tap
 from torch import fx, nn
 
 from cmtkd_graph.errors import UserError
-from cmtkd_graph.fusion import Fusion, ImportanceFusion, MeanFusion
+from cmtkd_graph.fusion import ImportanceFusion, output_fusion
 
 OUTPUT_FUSION = "output"
 
@@ -152,12 +152,7 @@ def compose_teachers(
     if combine is None:
         value = {EACH_LOGITS: tuple(each_logits), SHARED: nchw(shared)}
         return _finish(graph, root, value, teachers[0].training)
-    out_fusion: Fusion = (
-        ImportanceFusion(k_count, OUTPUT_FUSION)
-        if combine == "importance"
-        else MeanFusion(k_count, OUTPUT_FUSION)
-    )
-    fusions.add_module(OUTPUT_FUSION, out_fusion.to(device))
+    fusions.add_module(OUTPUT_FUSION, output_fusion(k_count, combine, OUTPUT_FUSION).to(device))
     combined = graph.call_module(f"fusion.{OUTPUT_FUSION}", tuple(each_logits))
     combined.meta = {
         "qualname": f"fusion.{OUTPUT_FUSION}",

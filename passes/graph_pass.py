@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cmtkd_graph.passes.tracer import copy_graph_module
-from torch import fx
+from torch import fx, nn
 
 InPlacePass = Callable[..., None]
 
@@ -37,3 +37,9 @@ def finish(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def graph_modules(module: nn.Module | None) -> list[fx.GraphModule]:
+    """The graphs of a network: the network itself where it traces whole, its rewritten parts where it
+    does not (RAFT: ``cmtkd_graph.models.parts``), every copied teacher's in a composed graph (none: [])."""
+    return [] if module is None else [m for m in module.modules() if isinstance(m, fx.GraphModule)]

@@ -390,3 +390,13 @@ def test_sequence_loss_weights_later_estimates_more_and_skips_huge_or_invalid_ta
     assert sequence_loss([first, last], target).item() == pytest.approx(0.8 * 1.0 + 0.5)
     valid = torch.tensor([[[False, True]]])  # pixel 0 invalid, pixel 1 too large: nothing counts
     assert sequence_loss([first, last], target, valid).item() == 0.0
+
+
+def test_flow_l1_averages_over_every_pixel_and_counts_the_ones_left_out_as_zero():
+    from cmtkd_graph.losses import flow_l1
+
+    flow, target, truth = torch.zeros(1, 2, 2, 2), torch.ones(1, 2, 2, 2), torch.zeros(1, 2, 2, 2)
+    truth[0, 0, 0, 0] = 400.0  # moves too far: counts 0
+    assert flow_l1(flow, target, truth).item() == pytest.approx(6 / 8)
+    valid = torch.tensor([[[True, True], [True, False]]])  # and one pixel not valid
+    assert flow_l1(flow, target, truth, valid).item() == pytest.approx(4 / 8)

@@ -113,21 +113,23 @@ MALFORMED = [
         None,
         "student.arch: unknown torchvision model 'resnet81'; did you mean resnet18, resnet152, "
         "resnet101, resnet50, resnet34? (the builders of the tasks: classification (torchvision.models), "
-        "segmentation (torchvision.models.segmentation), video (torchvision.models.video))",
+        "flow (torchvision.models.optical_flow), segmentation (torchvision.models.segmentation), video "
+        "(torchvision.models.video))",
     ),
     (
         lambda d: d["teachers"][0].update(arch="vit_b_61"),
         None,
         "teachers[0].arch: unknown torchvision model 'vit_b_61'; did you mean vit_b_16, vit_l_16, "
         "vit_h_14, vit_b_32, vit_l_32? (the builders of the tasks: classification (torchvision.models), "
-        "segmentation (torchvision.models.segmentation), video (torchvision.models.video))",
+        "flow (torchvision.models.optical_flow), segmentation (torchvision.models.segmentation), video "
+        "(torchvision.models.video))",
     ),
     (
-        lambda d: d["student"].update(arch="raft_small"),
+        lambda d: d["student"].update(arch="fcos_resnet50_fpn"),
         None,
-        "student.arch: 'raft_small' is a torchvision builder of a task this version does not train; the "
-        "tasks: classification (torchvision.models), segmentation (torchvision.models.segmentation), "
-        "video (torchvision.models.video)",
+        "student.arch: 'fcos_resnet50_fpn' is a torchvision builder of a task this version does not train; "
+        "the tasks: classification (torchvision.models), flow (torchvision.models.optical_flow), "
+        "segmentation (torchvision.models.segmentation), video (torchvision.models.video)",
     ),
     (
         lambda d: d["student"].update(arch="quantized_mobilenet_v3_large"),
@@ -206,8 +208,8 @@ MALFORMED = [
         lambda d: d["data"].update(dataset="imagenet"),
         None,
         "data.dataset: unknown dataset 'imagenet' (did you mean imagefolder?); "
-        "known: cifar10, cifar100, clip_folders, fashion_mnist, fashion_scenes, frame_folders, imagefolder, "
-        "mask_folders, moving_fashion, voc "
+        "known: cifar10, cifar100, clip_folders, fashion_flow, fashion_mnist, fashion_scenes, flow_pairs, "
+        "frame_folders, imagefolder, mask_folders, moving_fashion, voc "
         "(one of your own: name its module under the spec's plugins:)",
     ),
     (
@@ -351,10 +353,10 @@ def test_the_task_is_the_students_unless_written_and_every_network_and_the_data_
 
     @register_task("toy_task")
     class Toy(Task):
-        builder_modules = ("torchvision.models.optical_flow",)
+        builder_modules = ("torchvision.models.detection",)
 
     try:
-        assert Toy.model_names() == ("raft_large", "raft_small")
+        assert "fcos_resnet50_fpn" in Toy.model_names()
         with pytest.raises(cg.SpecError) as err:
             cg.load_spec("quickstart", ["task=toy_task"])
         assert err.value.problems == [
@@ -362,8 +364,8 @@ def test_the_task_is_the_students_unless_written_and_every_network_and_the_data_
             "data.dataset: fashion_mnist holds classification data; the spec's task is toy_task",
         ]
         assert FashionMNIST.task == "classification"
-        with pytest.raises(cg.SpecError, match=r"teachers\[0\]\.arch: raft_small is a toy_task model"):
-            cg.load_spec("quickstart", ["teachers[0].arch=raft_small"])
+        with pytest.raises(cg.SpecError, match=r"teachers\[0\]\.arch: fcos_resnet50_fpn is a toy_task model"):
+            cg.load_spec("quickstart", ["teachers[0].arch=fcos_resnet50_fpn"])
     finally:
         TASKS.unregister("toy_task")
 

@@ -3,15 +3,18 @@
 Each dataset is a record (``record.py``) in a file of its own, registered by name: ``cifar.py`` (cifar10,
 cifar100), ``fashion_mnist.py``, ``imagefolder.py``, ``segmentation_files.py`` (voc, mask_folders),
 ``scenes.py`` (fashion_scenes), ``clips.py`` (clip_folders, frame_folders), ``moving.py``
-(moving_fashion). ``build_datasets(spec.data)`` reads the data into a `DataBundle`; ``build_loaders``
-batches it. With ``corrupt_images: skip``, ``DataBundle.skipped_images()`` tells how many
+(moving_fashion), ``flow_files.py`` (flow_pairs), ``fashion_flow.py`` (fashion_flow).
+``build_datasets(spec.data)`` reads the data into a `DataBundle`; ``build_loaders`` batches it. With
+``corrupt_images: skip``, ``DataBundle.skipped_images()`` tells how many
 unreadable images were found and dropped so far (distinct files, seen across DataLoader worker processes).
 """
 
 from cmtkd_graph.data import (  # noqa: F401  (register the datasets)
     cifar,
     clips,
+    fashion_flow,
     fashion_mnist,
+    flow_files,
     imagefolder,
     moving,
     scenes,

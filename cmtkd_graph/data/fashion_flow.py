@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cmtkd_graph.data.fashion_mnist import read_fashion_mnist
-from cmtkd_graph.data.flow_files import EVAL, SPLIT_FILE, TRAIN, write_flo
+from cmtkd_graph.data.flow_files import EVAL, SPLIT_FILE, TRAIN, FlowPairFolders, write_flo
+from cmtkd_graph.data.record import register_dataset
 
 PAIR_SIZE = 128  # RAFT's least input: its correlation pyramid needs 16 px at 1/8 of the size
 MOSAIC = 3  # background items per side
@@ -149,3 +150,14 @@ def write_pairs(root: Path, fashion_root: str | None) -> str:
         counts.append(f"{pairs} {split}")
     (root / SPLIT_FILE).write_text("".join(f"{m}\n" for m in marks))
     return f"fashion flow: {' and '.join(counts)} pairs written in the FlyingChairs layout"
+
+
+@register_dataset("fashion_flow")
+class FashionFlow(FlowPairFolders):
+    summary = (
+        "optical flow: 128x128 pairs of Fashion-MNIST items moved by known random similarities, exact flow, "
+        "in the FlyingChairs layout (data.root default: data/fashion_flow)"
+    )
+    native_size = PAIR_SIZE
+    how_to_get = "make them with `cmtkd-graph data prepare fashion_flow` (from dataset-fashion-mnist)"
+    default_root = "data/fashion_flow"

@@ -21,9 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import Dataset
 
+from cmtkd_graph.data.bundle import DataBundle
+from cmtkd_graph.data.record import DatasetRecord, register_dataset
 from cmtkd_graph.errors import UserError, first_line
+from cmtkd_graph.spec import DataSpec
 
 FLO_MAGIC = 202021.25
 """The first four bytes of a ``.flo`` file as a little-endian float32 (the ASCII bytes ``PIEH``)."""
@@ -183,7 +188,8 @@ def flow_metric_rows(predicted: torch.Tensor, target: torch.Tensor) -> torch.Ten
     (Middlebury marks unknown flow with values above 1e9); rows of every pair sum to the state that
     :func:`flow_metric_values` reads."""
     known = (target.abs() < UNKNOWN_FLOW).all(1).flatten(1)  # [B, H*W]
-    error = torch.linalg.vector_norm(predicted.float() - target.float(), dim=1).flatten(1)
+    dtype = torch.promote_types(predicted.dtype, torch.float32)  # float64 stays float64 (exact sums)
+    error = torch.linalg.vector_norm(predicted.to(dtype) - target.to(dtype), dim=1).flatten(1)
     error = torch.where(known, error, torch.zeros_like(error))
     counts = [known.sum(1).float(), error.sum(1)]
     counts += [((error > t) & known).sum(1).float() for t in OUTLIER_PIXELS]
@@ -197,3 +203,91 @@ def flow_metric_values(state: torch.Tensor) -> dict[str, float]:
         "epe": float(state[1]) / pixels,
         **{k: 100.0 * float(v) / pixels for k, v in zip(FLOW_METRICS[1:], state[2:], strict=True)},
     }
+
+
+# ---------------------------------------------------------------------------- the flow datasets
+class FlowPairs(Dataset):
+    """Pairs as samples: ``([3, 2, S, S] float, normalised; [2, S, S] flow in pixels of the S x S
+    input)``. Pairs of another size are resized to S x S, the flow scaled with them (unknown flow stays
+    unknown). ``hflip``: mirror half the training pairs (the first image, the second, and the flow, whose
+    horizontal component changes sign), RAFT's own augmentation for FlyingChairs."""
+
+    def __init__(
+        self,
+        pairs: list[FlowPair],
+        *,
+        size: int,
+        mean: list[float] | None,
+        std: list[float] | None,
+        hflip: bool = False,
+    ):
+        self.pairs, self.size, self.hflip = pairs, size, hflip
+        self.mean = None if mean is None else torch.tensor(mean).view(3, 1, 1, 1)
+        self.std = None if std is None else torch.tensor(std).view(3, 1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first, second, flow = read_pair(self.pairs[index])
+        images = torch.stack([first, second], 1).float() / 255  # [3, 2, H, W]
+        if images.shape[-2:] != (self.size, self.size):
+            images, flow = _resized(images, flow, self.size)
+        if self.hflip and bool(torch.rand(()) < 0.5):
+            images = images.flip(-1)
+            flow = flow.flip(-1) * torch.tensor([-1.0, 1.0]).view(2, 1, 1)
+        if self.mean is not None:
+            images = (images - self.mean) / self.std
+        return images, flow
+
+
+def _resized(images: torch.Tensor, flow: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``[3, 2, H, W]`` and their flow at ``size x size``: displacements scale with the sides."""
+    height, width = flow.shape[-2:]
+    images = F.interpolate(images.movedim(1, 0), size=(size, size), mode="bilinear", antialias=True)
+    known = (flow.abs() < UNKNOWN_FLOW).all(0)
+    scale = torch.tensor([size / width, size / height]).view(2, 1, 1)
+    moved = F.interpolate((flow * known)[None], size=(size, size), mode="bilinear")[0] * scale
+    still_known = F.interpolate(known[None, None].float(), size=(size, size), mode="nearest")[0, 0] > 0
+    flow = torch.where(still_known, moved, torch.full_like(moved, 2 * UNKNOWN_FLOW))
+    return images.clamp(0, 1).movedim(0, 1), flow
+
+
+@register_dataset("flow_pairs")
+class FlowPairFolders(DatasetRecord):
+    summary = (
+        "optical flow: image pairs with .flo flows in the FlyingChairs layout (data/NNNNN_img1|img2.EXT, "
+        "data/NNNNN_flow.flo, FlyingChairs_train_val.txt) in data.root"
+    )
+    task = "flow"
+    mean = (0.5, 0.5, 0.5)  # RAFT's own input scaling: [0, 1] to [-1, 1] (torchvision's OpticalFlow preset)
+    std = (0.5, 0.5, 0.5)
+    device_pipeline = False
+    how_to_get = "a FlyingChairs-layout folder (or `cmtkd-graph data prepare fashion_flow`)"
+
+    @classmethod
+    def read(cls, spec: DataSpec) -> DataBundle:
+        from cmtkd_graph.data.transforms import mean_std
+
+        train_pairs, eval_pairs = pair_files(cls.root(spec))
+        if spec.train_subset is not None:
+            train_pairs = train_pairs[: spec.train_subset]
+        if spec.eval_subset is not None:
+            eval_pairs = eval_pairs[: spec.eval_subset]
+        mean, std = mean_std(spec, 3)
+        hflip = spec.augment.hflip if spec.augment.hflip is not None else cls.hflip
+        size = spec.input_size
+
+        def pairs(chosen: list[FlowPair], flip: bool) -> FlowPairs:
+            return FlowPairs(chosen, size=size, mean=mean, std=std, hflip=flip)
+
+        return DataBundle(
+            train=pairs(train_pairs, hflip),
+            eval=pairs(eval_pairs, False),
+            num_classes=0,
+            classes=[],
+            in_channels=3,
+            image_size=size,
+            train_eval=pairs(train_pairs, False),
+            frames=2,
+        )

@@ -15,14 +15,14 @@ cifar10_jpeg     ``train/<class>/*.jpg``, ``test/...``      ``data: {dataset: im
 fashion_scenes   VOC layout: ``JPEGImages/``, ...           ``data: {dataset: fashion_scenes, root: DIR}``
 moving_fashion   ``train/<direction>/<clip>/<frame>.png``   ``data: {dataset: moving_fashion, root: DIR}``
 fashion_objects  COCO layout: ``train/``, ``annotations/``  ``detection_files.read_coco``
-fashion_flow     FlyingChairs layout: ``data/*.flo``, ...   ``flow_files.pair_files``
+fashion_flow     FlyingChairs layout: ``data/*.flo``, ...   ``data: {dataset: fashion_flow, root: DIR}``
 ===============  =========================================  ==============================================
 
 ``fashion_scenes``, ``moving_fashion``, ``fashion_objects`` and ``fashion_flow`` are not downloaded:
 they are generated, the same on every machine, from the Fashion-MNIST files in ``--from`` (a folder of
 the four ``*-ubyte.gz`` files; default Debian's), which they read as they are (``prepare fashion_mnist``
-is the one that verifies them). The detection and flow tasks that train on the last two are coming
-(docs/tasks.md); their readers and scorers are ``detection_files`` and ``flow_files``.
+is the one that verifies them). The detection task that trains on ``fashion_objects`` is coming
+(docs/tasks.md); its reader and scorer are in ``detection_files``.
 
 Nothing is written into ``--root`` until everything is verified: a failed or refused preparation leaves
 it as it was.
@@ -248,7 +248,7 @@ _generated(
 _generated(
     "fashion_flow",
     "image pairs with exact optical flow made from Fashion-MNIST, in the FlyingChairs layout",
-    "flow_files",
+    "fashion_flow",
     "fashion_flow",
     "write_pairs",
 )

@@ -121,6 +121,7 @@ def predict(
     directory = Path(directory).expanduser()
     spec = find_student(directory).spec
     task = task_record(spec.student.arch)
+    task.require("predict")
     per_pixel = task.label_shape(spec.data.input_shape()) != ()
     batch = read_clips(images, spec) if task.clips else read_images(images, spec, whole=per_pixel)
     if backend == "auto":

@@ -104,10 +104,13 @@ def read_system_state(checkpoint: Path) -> dict[str, Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def build_student(spec: Spec) -> fx.GraphModule:
-    """The spec's student network (float weights random), as training built it, in eval mode."""
+def build_student(spec: Spec, verb: str = "export") -> fx.GraphModule:
+    """The spec's student network (float weights random), as training built it, in eval mode; ``verb``:
+    what needs it (a task without that verb yet says so in one line)."""
     from cmtkd_graph.system import build_network
+    from cmtkd_graph.tasks import task_record
 
+    task_record(spec.student.arch).require(verb)
     return build_network(spec.student, spec).eval()
 
 
@@ -128,7 +131,7 @@ def load_student(
     pooling gets a channels-last input where that is timed faster here (``deploy.inference``).
     """
     source = find_student(path, checkpoint=checkpoint)
-    student = build_student(source.spec)
+    student = build_student(source.spec, "load_student")
     load_state(student, source.state, origin=source.origin)
     if not inference:
         return student

@@ -77,5 +77,9 @@ def eval_line(record: dict, task: type[Task]) -> str:
     for name in ["student", "student_ema", "combined", *teachers]:
         if f"{first}/{name}" in record:
             parts.append(f"{name} " + "/".join(f"{record.get(f'{k}/{name}', 0):.2f}" for k in keys))
-    titles = "/".join(title.removesuffix(" %") for title in task.metric_titles.values())
-    return f"eval ({titles} %, {record['samples']} {task.sample_noun}s): " + ", ".join(parts)
+    titles = list(task.metric_titles.values())
+    if all(title.endswith(" %") for title in titles):  # top-1/top-5 %
+        heading = "/".join(title.removesuffix(" %") for title in titles) + " %"
+    else:  # EPE (px)/>1px %/...
+        heading = "/".join(titles)
+    return f"eval ({heading}, {record['samples']} {task.sample_noun}s): " + ", ".join(parts)

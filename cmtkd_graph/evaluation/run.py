@@ -134,14 +134,15 @@ def _label(source: Path) -> str:
 def table(record: dict, recorded: dict | None = None) -> str:
     """The networks' metrics (the task's: top-1/top-5, mIoU/pixel accuracy); with ``recorded``
     (final.json's), the first of them beside."""
-    titles = TASKS.get(record.get("task", "classification")).metric_titles
+    task = TASKS.get(record.get("task", "classification"))
+    titles = task.metric_titles
     keys, first = list(titles), next(iter(titles))
     names = [k.split("/", 1)[1] for k in record if k.startswith(f"{first}/")]
     header = f"{'network':10s} " + " ".join(f"{titles[k]:>12s}" for k in keys)
     if recorded:
         header += f" {'final.json ' + titles[first].removesuffix(' %'):>20s}"
     lines = [
-        f"{record['split']} split, {record['samples']} images, state {record['state']}",
+        f"{record['split']} split, {record['samples']} {task.sample_noun}s, state {record['state']}",
         header,
     ]
     for name in names:

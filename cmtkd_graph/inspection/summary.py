@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cmtkd_graph.methods import METHODS, method_for
+from cmtkd_graph.passes.graph_pass import graph_modules
+from cmtkd_graph.registry import TASKS
 from cmtkd_graph.spec import Spec
 
 if TYPE_CHECKING:
@@ -38,7 +40,8 @@ def spec_summary(spec: Spec, system: DistillationSystem | None = None, *, source
                 shown.append(taps)
     if system is not None and spec.quantizer.rules:
         rows.append(("precision rules", _rules_text(system)))
-    rows.append(("objective", METHODS.get(spec.method).describe(spec) + _aux_text(spec)))
+    objective = TASKS.get(spec.resolved_task).objective(spec) or METHODS.get(spec.method).describe(spec)
+    rows.append(("objective", objective + _aux_text(spec)))
     rows.append(
         (
             "data",
@@ -118,8 +121,8 @@ def _rules_text(system: DistillationSystem) -> str:
     from cmtkd_graph.passes.common import META
 
     decided: Counter = Counter()
-    for network, gm in (("student", system.student), ("teachers", system.teachers)):
-        for node in gm.graph.nodes if gm is not None else ():
+    for network, module in (("student", system.student), ("teachers", system.teachers)):
+        for node in (node for gm in graph_modules(module) for node in gm.graph.nodes):
             info = node.meta.get(META, {})
             if info.get("rule_label"):
                 bits = precision_label(info["weight_bits"], info["act_bits"]) if network == "student" else ""
@@ -174,6 +177,7 @@ def taps_table(
     model is traced on clips of ``frames`` frames."""
     from cmtkd_graph.errors import UserError
     from cmtkd_graph.models.builders import check_arch
+    from cmtkd_graph.models.parts import float_part
     from cmtkd_graph.passes.shapes import propagate_shapes, shape_of
     from cmtkd_graph.passes.taps import auto_tap_names, resolve_tap, tappable_nodes
     from cmtkd_graph.passes.tracer import qualname
@@ -191,9 +195,17 @@ def taps_table(
         steps = [SurgerySpec(name=name) for name in surgery]
     except ValueError as err:
         raise UserError(f"--surgery: {err}") from None
-    gm = float_network(model, steps, device="meta")
-    time = (frames,) if task_record(arch).clips else ()
+    task = task_record(arch)
+    time = (frames,) if task.clips else ()
     input_shape = (in_channels, *time, input_size, input_size)
+    where = ""
+    if task.tap_part is None:
+        gm = float_network(model, steps, device="meta")
+    else:  # a network rewritten part by part: its taps are in one part (RAFT: the images' encoder)
+        if steps:
+            raise UserError(f"--surgery: not for {task.name} models (they are rewritten part by part)")
+        gm = float_part(model, task.tap_part)
+        where = f" ({task.tap_part}, on each image)"
     propagate_shapes(gm, (1, *input_shape))
     auto_names = auto_tap_names(gm, arch)
     auto = {resolve_tap(gm, name) for name in auto_names}
@@ -210,7 +222,7 @@ def taps_table(
         rows.append(("*" if node in auto else " ", qualname(node), kind, list(shape[1:]) if shape else "-"))
     width = max(len(r[1]) for r in rows)
     kind_width = max(len(r[2]) for r in rows)
-    header = f"{arch} at {'x'.join(map(str, input_shape))}: {len(rows)} nodes, * = auto taps"
+    header = f"{arch}{where} at {'x'.join(map(str, input_shape))}: {len(rows)} nodes, * = auto taps"
     lines = [header] + [f"{m} {n:<{width}}  {k:<{kind_width}}  {s}" for m, n, k, s in rows]
     lines.append(f"auto: {', '.join(auto_names)}")
     return "\n".join(lines)

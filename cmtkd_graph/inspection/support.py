@@ -23,13 +23,19 @@ import torch
 from cmtkd_graph.errors import first_line
 from cmtkd_graph.models import family_of
 from cmtkd_graph.models.facts import BlocksAtDepth, FixedTaps, StageEnds
+from cmtkd_graph.passes.graph_pass import graph_modules
 from cmtkd_graph.spec import Spec
 
 if TYPE_CHECKING:
     from cmtkd_graph.system import DistillationSystem
 
 BITS = 2  # the student and both teachers: W2A2 (the paper's lowest setting)
-SIZES = {"classification": (224, 224), "segmentation": (224, 224), "video": (16, 224, 224)}
+SIZES = {
+    "classification": (224, 224),
+    "segmentation": (224, 224),
+    "video": (16, 224, 224),
+    "flow": (128, 128),  # RAFT's least input (cmtkd_graph.tasks.flow.MIN_SIDE)
+}
 OWN_SIZE = {"inception_v3": (299, 299)}  # builders whose own input differs from the task's
 SLOW_INIT = ("googlenet", "inception_v3")  # scipy's truncated normal init: slow and irrelevant here
 PAGE = "docs/models.md"
@@ -50,7 +56,7 @@ def support_spec(arch: str, *, quantizer: str = "hwgq", teachers: int = 2, size:
 
     task = task_of_model(arch)
     shape = input_size(arch) if size is None else (*input_size(arch)[:-2], size, size)
-    kwargs: dict = {"num_classes": 10}
+    kwargs: dict = {} if task == "flow" else {"num_classes": 10}
     if arch in SLOW_INIT:
         kwargs["init_weights"] = False
     data: dict = {"dataset": "imagefolder", "image_size": shape[-1]}
@@ -58,6 +64,8 @@ def support_spec(arch: str, *, quantizer: str = "hwgq", teachers: int = 2, size:
         data["dataset"] = "fashion_scenes"
     if task == "video":
         data.update(dataset="frame_folders", frames=shape[0])
+    if task == "flow":
+        data["dataset"] = "fashion_flow"
     return validate_spec(
         {
             "name": arch,
@@ -123,7 +131,8 @@ def structure(spec: Spec, system: DistillationSystem) -> dict[str, str]:
     arch = spec.student.arch
     family = family_of(arch)
     how = TAP_RULES[type(family.auto_taps)]
-    layers = [n.meta[META] for n in system.student.graph.nodes if n.meta.get(META, {}).get("role") == "layer"]
+    nodes = [n for gm in graph_modules(system.student) for n in gm.graph.nodes]  # RAFT: of every part
+    layers = [n.meta[META] for n in nodes if n.meta.get(META, {}).get("role") == "layer"]
     low = [m for m in layers if m["weight_bits"] == BITS]
     roles = Counter(r for m in layers for r in m["roles"] if r != "classifier")
     return {
@@ -144,8 +153,8 @@ def compose_check(spec: Spec) -> DistillationSystem:
     # BatchNorm's training kernel runs as slow Python decompositions.
     system.eval()
     out = system(x)
-    labels = system.task.label_shape(spec.data.input_shape())
-    system.losses(out, torch.zeros(2, *labels, dtype=torch.long, device="meta"))["total"].backward()
+    labels = system.task.example_labels(2, 10, spec.data.input_shape(), device="meta")
+    system.losses(out, labels)["total"].backward()
     return system
 
 
@@ -156,11 +165,14 @@ def int8_fact(spec: Spec) -> str:
     from cmtkd_graph.deploy.onnx_int8 import UnwrittenOperation, build_int8_onnx
     from cmtkd_graph.deploy.student import build_student
     from cmtkd_graph.errors import UserError
+    from cmtkd_graph.registry import TASKS
 
+    if "export" in TASKS.get(spec.resolved_task).missing_verbs:
+        return f"no: {spec.resolved_task} export not in this version yet"
     torch.manual_seed(0)
     with torch.no_grad():
-        form = inference_form(build_student(spec))
         try:
+            form = inference_form(build_student(spec))
             _, plan = build_int8_onnx(form, spec.data.input_shape(), None)
         except UnwrittenOperation as err:
             return f"no: {err.what}"
@@ -218,7 +230,8 @@ def read_page(text: str) -> dict[str, ModelSupport]:
     columns = len(ModelSupport.HEADINGS)
     for line in text.splitlines():
         if line.startswith("## "):
-            task = line[3:].strip().lower()
+            title = line[3:].strip()
+            task = next((t for t, shown in TASK_TITLES.items() if shown == title), title.lower())
         cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
         if len(cells) == columns and cells[0] != "builder" and not cells[0].startswith("-"):
             rows[cells[0]] = ModelSupport(cells[0], task, *cells[1:])
@@ -261,7 +274,12 @@ def _trained_arch(command: str, base: str) -> str:
     return load_spec(spec).student.arch
 
 
-TASK_TITLES = {"classification": "Classification", "segmentation": "Segmentation", "video": "Video"}
+TASK_TITLES = {
+    "classification": "Classification",
+    "segmentation": "Segmentation",
+    "video": "Video",
+    "flow": "Optical flow",
+}
 
 
 def page(rows: list[ModelSupport], measured: dict[str, str]) -> str:

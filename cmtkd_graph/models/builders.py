@@ -66,9 +66,7 @@ def build_model(arch: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
 
     check_arch(arch)
     try:
-        return torchvision.models.get_model(
-            arch, weights=None, **{**task_record(arch).builder_defaults, **(kwargs or {})}
-        )
+        return torchvision.models.get_model(arch, weights=None, **task_record(arch).builder_kwargs(kwargs))
     except TypeError as err:
         raise UserError(f"{arch}: bad builder kwargs {kwargs}: {err}") from None
     except (AssertionError, ValueError, NotImplementedError) as err:  # the builder's own checks

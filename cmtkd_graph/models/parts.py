@@ -30,12 +30,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
 from torch.fx._symbolic_trace import PH
 
 from cmtkd_graph.passes.common import HOLDS, output_value
+from cmtkd_graph.passes.graph_pass import finish
 from cmtkd_graph.passes.tracer import (
     PRESERVED_ATTRIBUTES,
     QUALNAME_PREFIX,
@@ -43,6 +45,9 @@ from cmtkd_graph.passes.tracer import (
     replace_submodule,
     trace,
 )
+
+if TYPE_CHECKING:
+    from cmtkd_graph.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,19 @@ def rewrite_parts(
         replace_submodule(model, part.path, gm)
         installed[part.path] = gm
     return installed
+
+
+def float_part(model: ModelSpec, path: str) -> fx.GraphModule:
+    """Part ``path`` of ``model``'s float network, built on the meta device, traced with explicit
+    activations (what ``taps`` lists)."""
+    from cmtkd_graph.passes.activations import explicit_activations
+    from cmtkd_graph.system import instantiate
+
+    network = instantiate(model, "meta")
+    part = next(p for p in model_parts(network) or () if p.path == path)
+    gm = trace_part(network, part)
+    explicit_activations.in_place(gm)
+    return finish(gm)
 
 
 def _fast_rcnn_predictor(module: nn.Module) -> fx.GraphModule:

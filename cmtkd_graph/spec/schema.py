@@ -374,7 +374,8 @@ class DataSpec(Strict):
         description="registered dataset: cifar10/cifar100 (torchvision format), imagefolder (train/ + "
         "val|test/), fashion_mnist; for segmentation voc (Pascal VOC layout), mask_folders (images/ + "
         "masks/), fashion_scenes; for video clip_folders (video files), frame_folders (folders of frames), "
-        "moving_fashion (see cmtkd_graph/data/, docs/tasks.md)",
+        "moving_fashion; for optical flow flow_pairs (FlyingChairs layout), fashion_flow (see "
+        "cmtkd_graph/data/, docs/tasks.md)",
         json_schema_extra=_registered_names(DATASETS),
     )
     root: str | None = Field(
@@ -525,9 +526,12 @@ class DataSpec(Strict):
 
     @property
     def clip_frames(self) -> int | None:
-        """T of a clip: ``frames`` or the dataset's own; None for image datasets."""
+        """T of a clip: ``frames`` or the dataset's own; its task's (a flow pair: 2) for datasets of
+        several images per sample; None for image datasets."""
         record = DATASETS.get(self.dataset)
-        return (self.frames or record.default_frames) if record.clips else None
+        if record.clips:
+            return self.frames or record.default_frames
+        return TASKS.get(record.task).frames
 
     def input_shape(self) -> tuple[int, ...]:
         """(C, H, W) of one model input, (C, T, H, W) for clips."""
@@ -690,7 +694,7 @@ class Spec(Strict):
     )
     task: Annotated[str, AfterValidator(_check_task)] | None = Field(
         None,
-        description="what the models compute: a registered task (classification, segmentation, video); "
+        description="what the models compute: a registered task (classification, segmentation, video, flow); "
         "default: the task whose torchvision builders include the student's",
         json_schema_extra=_registered_names(TASKS),
     )
@@ -777,7 +781,12 @@ class Spec(Strict):
             if (problem := record.kwargs_problem(m.arch, m.kwargs or {})) is not None
         ]
         method = METHODS.get(self.method)
-        if method.tasks is not None and task not in method.tasks:
+        if record.methods is not None and self.method not in record.methods:
+            problems.append(
+                f"method: {task} trains with {' or '.join(record.methods)} ({record.methods_reason}), "
+                f"not {self.method}"
+            )
+        elif method.tasks is not None and task not in method.tasks:
             problems.append(
                 f"method: {self.method} is for {', '.join(method.tasks)} ({method.tasks_reason}); the spec's "
                 f"task is {task}: use {', '.join(m for m in METHODS if METHODS.get(m).tasks is None)}"
@@ -787,6 +796,12 @@ class Spec(Strict):
                 "data.augment: policy, random_erasing, mixup_alpha and cutmix_alpha are for classification; "
                 f"the spec's task is {task}"
             )
+        input_problem = record.input_problem(self.data.input_shape())
+        if input_problem is not None:
+            problems.append(f"data.image_size: {input_problem}")
+        problems += record.spec_problems(self)
+        if record.system_builder is not None and any(self.surgery_for(m) for _, m in models):
+            problems.append(f"surgery: not for {task} models (their networks are rewritten part by part)")
         data_task = DATASETS.get(self.data.dataset).task
         if data_task != task:
             problems.append(

@@ -185,6 +185,13 @@ def _title(metric: str) -> str:
     return f"{who} {metric_keys()[k].removesuffix(' %')}"
 
 
+def _in_percent(metric: str) -> bool:
+    """The metric's heading says it is a percentage (accuracies, mIoU; not an end-point error)."""
+    from cmtkd_graph.study.spec import metric_keys
+
+    return metric_keys()[metric.split("/")[0]].endswith("%")
+
+
 def _cell(stats: dict) -> str:
     if stats["mean"] is None:
         return "–"
@@ -238,9 +245,14 @@ def markdown(
             )
             + " |"
         )
+    measured = (
+        "Accuracies in %"
+        if all(_in_percent(m) for m in study.metrics)
+        else "Metrics (in the units of their headings; an end-point error is in px, lower is better)"
+    )
     lines += [
         "",
-        "Accuracies in % on the evaluation split after the last epoch: mean ± sample standard "
+        f"{measured} on the evaluation split after the last epoch: mean ± sample standard "
         "deviation over the finished seeds; a row with one seed has no spread. Teachers: teacher k's "
         "precision, trained together with the student or frozen (trained separately); the teacher "
         "columns are these networks, so they differ between rows.",
@@ -411,10 +423,17 @@ def write_chart(study: StudySpec, rows: list[dict], lines: list[dict], out: Path
     ax.set_yticks(
         range(len(done))[::-1], [f"{r['label']} (n={len(r['finished'])})" for r in done], fontsize=8
     )
-    ax.set_xlim(0, 100)
     ax.set_ylim(-0.6, len(done) - 0.4)
-    kinds = sorted({f"top-{m.split('/')[0].removeprefix('acc')}" for m in study.chart})
-    ax.set_xlabel(f"{' / '.join(kinds)} accuracy (%), axis from 0")
+    if all(_in_percent(m) for m in study.chart):
+        ax.set_xlim(0, 100)
+        kinds = sorted({f"top-{m.split('/')[0].removeprefix('acc')}" for m in study.chart})
+        ax.set_xlabel(f"{' / '.join(kinds)} accuracy (%), axis from 0")
+    else:  # e.g. an end-point error in px
+        from cmtkd_graph.study.spec import metric_keys
+
+        ax.set_xlim(left=0)
+        units = dict.fromkeys(metric_keys()[m.split("/")[0]] for m in study.chart)
+        ax.set_xlabel(f"{' / '.join(units)}, axis from 0")
     ax.set_title(study.name, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     # below the axis label, at a fixed distance whatever the number of rows

@@ -45,6 +45,17 @@ class Task:
     labels_may_ignore: ClassVar[bool] = False  # a sample's label may be IGNORE (no class: counted nowhere)
     clips: ClassVar[bool] = False  # inputs are clips [B, C, T, H, W] (data.frames of them), not images
     sample_noun: ClassVar[str] = "image"  # what one input is called in reports and predict's output
+    frames: ClassVar[int | None] = None  # a sample is this many images of one scene (flow: a pair)
+    run_kwargs: ClassVar[tuple[str, ...]] = ()  # network kwargs the task reads at run time, not the builder
+    # "module:function" building the system (None: cmtkd_graph.system's, for networks that trace whole)
+    system_builder: ClassVar[str | None] = None
+    # the part whose nodes are the taps, for networks rewritten part by part (``models.parts``)
+    tap_part: ClassVar[str | None] = None
+    # verbs this version does not have for the task yet: verb -> what the user can do instead
+    missing_verbs: ClassVar[dict[str, str]] = {}
+    # the methods whose objective the task has (None: every method; their terms read samples)
+    methods: ClassVar[tuple[str, ...] | None] = None
+    methods_reason: ClassVar[str] = ""
     # metric key -> heading; the first is the one a run is judged by (final.json, studies)
     metric_titles: ClassVar[dict[str, str]] = {"acc1": "top-1 %", "acc5": "top-5 %"}
 
@@ -57,6 +68,36 @@ class Task:
     def kwargs_problem(cls, arch: str, kwargs: dict[str, Any]) -> str | None:
         """What is wrong with builder ``arch``'s ``kwargs`` for this task (None: nothing)."""
         return None
+
+    @classmethod
+    def input_problem(cls, input_shape: tuple[int, ...]) -> str | None:
+        """What is wrong with model inputs of ``input_shape`` for this task's networks (None: nothing)."""
+        return None
+
+    @classmethod
+    def require(cls, verb: str) -> None:
+        """Raise a one-line UserError where this version has no ``verb`` for the task yet."""
+        if verb in cls.missing_verbs:
+            from cmtkd_graph.errors import UserError
+
+            instead = cls.missing_verbs[verb]
+            raise UserError(f"{verb}: not yet for {cls.name} models in this version; {instead}")
+
+    @classmethod
+    def objective(cls, spec: Any) -> str | None:
+        """The objective line of ``validate`` where the task writes it (None: the method's own)."""
+        return None
+
+    @classmethod
+    def spec_problems(cls, spec: Any) -> list[str]:
+        """What the task cannot do that the spec asks for, one ``key: problem`` line each."""
+        return []
+
+    @classmethod
+    def builder_kwargs(cls, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        """A network's kwargs as its builder takes them: the task's defaults, without ``run_kwargs``."""
+        given = {k: v for k, v in (kwargs or {}).items() if k not in cls.run_kwargs}
+        return {**cls.builder_defaults, **given}
 
     @classmethod
     def without_aux_head(cls, state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -1,0 +1,265 @@
+"""``build_flow_system(spec)``: CMT-KD for optical flow, RAFT students and teachers in one module.
+
+RAFT does not trace whole (its refinement loop), so each network is rewritten part by part
+(``cmtkd_graph.models.parts``: feature and context encoders, update block, mask predictor through the
+same passes as any network) and run by :func:`refine`, torchvision's ``RAFT.forward`` after the feature
+encoder, written out so that the encoder's output can come from elsewhere:
+
+* the teachers' **feature encoders are composed** into one graph (``passes.compose``, ``combine=None``):
+  at every tap an importance-weighted fusion forms the shared knowledge, which feeds every teacher's later
+  encoder layers and is distilled into the student's tap (attention or FitNet), as in classification;
+* each teacher refines from its own composed feature maps with its own context encoder, correlation and
+  update block; the **combined teacher** is the importance-weighted fusion of the teachers' flows (one
+  fusion, the same weights for every refinement);
+* the objective (docs/tasks.md#optical-flow): RAFT's sequence loss for the student and, where a teacher
+  trains, for the combined teacher (CMT-KD's CE_S and CE_T); mutual learning on the final flows, each of
+  the two pulled (L1) towards the per-pixel flow of whichever has the smaller end-point error
+  (``losses.min_error_flow``, our reading of KDCL-MinLogit for a regression output); the feature terms.
+
+``method: single`` trains the student alone with its sequence loss.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torchvision.models.optical_flow._utils import make_coords_grid, upsample_flow
+from torchvision.models.optical_flow.raft import RAFT
+
+from cmtkd_graph import losses
+from cmtkd_graph.fusion import output_fusion
+from cmtkd_graph.losses import FitNetAdapter
+from cmtkd_graph.methods import method_for
+from cmtkd_graph.models.parts import Part, rewrite_parts
+from cmtkd_graph.passes.activations import explicit_activations
+from cmtkd_graph.passes.common import EACH_LOGITS, FEATURES, LOGITS, SHARED, fusion_key
+from cmtkd_graph.passes.compose import OUTPUT_FUSION, check_tap_shapes, compose_teachers
+from cmtkd_graph.passes.graph_pass import finish
+from cmtkd_graph.passes.inplace import inplace_where_safe
+from cmtkd_graph.passes.outputs import expose_taps
+from cmtkd_graph.passes.shapes import propagate_shapes
+from cmtkd_graph.passes.taps import Tap, resolve_taps
+from cmtkd_graph.spec import ModelSpec, Spec
+from cmtkd_graph.system import (
+    NetworkInfo,
+    SystemBase,
+    check_rules_used,
+    instantiate,
+    load_weights,
+    paired_student_taps,
+    quantize_network,
+    warn_rules_on_float_teachers,
+)
+from cmtkd_graph.system_output import SystemOutput
+from cmtkd_graph.tasks import task_record
+
+log = logging.getLogger("cmtkd_graph")
+
+FLOWS = "flows"
+"""A flow network's output key: every refinement's flow, first to last (the last is ``LOGITS``)."""
+RAFT_PARTS = ("feature_encoder", "context_encoder", "corr_block", "update_block", "mask_predictor")
+"""What a RAFT is made of (torchvision's attribute names, hence its state-dict keys)."""
+
+
+def split_pair(pairs: Tensor) -> tuple[Tensor, Tensor]:
+    """``[B, 3, 2, H, W]`` -> the first images and the second images, each ``[B, 3, H, W]``."""
+    return pairs[:, :, 0], pairs[:, :, 1]
+
+
+def refine(raft: nn.Module, fmaps: Tensor, first: Tensor, updates: int) -> list[Tensor]:
+    """RAFT's estimates after its feature encoder: ``fmaps`` are the encoder's maps of the first images
+    and then the second ones (``[2B, C, H/8, W/8]``), ``first`` the first images; ``raft`` holds the other
+    parts (:data:`RAFT_PARTS`). Computes what ``RAFT.forward`` does (tests compare the two)."""
+    batch, _, height, width = first.shape
+    fmap1, fmap2 = torch.chunk(fmaps, chunks=2, dim=0)
+    raft.corr_block.build_pyramid(fmap1, fmap2)
+    context_out = raft.context_encoder(first)
+    hidden_size = raft.update_block.hidden_state_size
+    hidden, context = torch.split(context_out, [hidden_size, context_out.shape[1] - hidden_size], dim=1)
+    hidden, context = torch.tanh(hidden), F.relu(context)
+    coords0 = make_coords_grid(batch, height // 8, width // 8).to(fmap1.device)
+    coords1 = coords0.clone()
+    flows = []
+    for _ in range(updates):
+        coords1 = coords1.detach()  # no gradient through the coordinates (RAFT's paper)
+        correlation = raft.corr_block.index_pyramid(centroids_coords=coords1)
+        hidden, delta = raft.update_block(hidden, context, correlation, coords1 - coords0)
+        coords1 = coords1 + delta
+        mask = None if raft.mask_predictor is None else raft.mask_predictor(hidden)
+        flows.append(upsample_flow(flow=coords1 - coords0, up_mask=mask))
+    return flows
+
+
+class FlowNetwork(nn.Module):
+    """One RAFT as a network of the tool: pairs ``[B, 3, 2, H, W]`` in, ``{LOGITS: the last flow,
+    FLOWS: every flow, FEATURES: the tap features}`` out. Holds RAFT's parts under RAFT's names, so its
+    state dict is torchvision's (plus quantizer state)."""
+
+    def __init__(self, raft: RAFT, updates: int):
+        super().__init__()
+        for name in RAFT_PARTS:
+            setattr(self, name, getattr(raft, name))
+        self.updates = updates
+
+    def forward(self, pairs: Tensor) -> dict:
+        first, second = split_pair(pairs)
+        encoded = self.feature_encoder(torch.cat([first, second], dim=0))
+        fmaps, features = (encoded[LOGITS], encoded[FEATURES]) if isinstance(encoded, dict) else (encoded, {})
+        flows = refine(self, fmaps, first, self.updates)
+        return {LOGITS: flows[-1], FLOWS: flows, FEATURES: features}
+
+    def extra_repr(self) -> str:
+        return f"updates={self.updates}"
+
+
+class FlowSystem(SystemBase):
+    """The student and the teachers of an optical flow spec, trained by one objective (module docstring).
+
+    Answers as :class:`~cmtkd_graph.system.DistillationSystem` does where the trainer and the evaluation
+    ask: ``system(pairs, flows)`` -> (:class:`SystemOutput`, loss terms), with flows as ``*_logits``;
+    ``teachers`` holds ``teacher{k}`` (every parameter of teacher k) and ``fusion``."""
+
+    def __init__(
+        self,
+        spec: Spec,
+        student: FlowNetwork,
+        teachers: fx.GraphModule | None,
+        adapters: nn.ModuleDict,
+        networks: list[NetworkInfo],
+        updates: int,
+    ):
+        super().__init__(spec)
+        self.student = student
+        self.teachers = teachers
+        self.adapters = adapters
+        self.method_modules = nn.ModuleDict()
+        self.networks = networks
+        self.updates = updates
+        self._freeze()
+
+    def num_classes(self) -> int | None:
+        return None  # flows, not classes
+
+    def forward(
+        self, pairs: Tensor, flows: Tensor | None = None
+    ) -> SystemOutput | tuple[SystemOutput, dict[str, Tensor]]:
+        s = self.student(pairs)
+        out = SystemOutput(
+            student_logits=s[LOGITS], student_features=dict(s[FEATURES]), extras={"flows/student": s[FLOWS]}
+        )
+        if self.teachers is not None:
+            # frozen teachers run without gradients, their output fusion included (as composed graphs do)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.teacher_trains):
+                each, shared = self._teacher_flows(pairs)
+                fusion = self.teachers.get_submodule(f"fusion.{OUTPUT_FUSION}")
+                combined = [fusion(*step) for step in zip(*each, strict=True)]
+            out.each_teacher_logits = tuple(seq[-1] for seq in each)
+            out.teacher_logits = combined[-1]
+            out.extras["flows/combined"] = combined
+            out.shared_features = shared
+            out.hints = dict(shared)
+        if flows is None:
+            return out
+        return out, self.losses(out, flows)
+
+    def _teacher_flows(self, pairs: Tensor) -> tuple[list[list[Tensor]], dict[str, Tensor]]:
+        """Every teacher's flows, and the shared knowledge of their composed encoders at the taps."""
+        first, second = split_pair(pairs)
+        composed = self.teachers(torch.cat([first, second], dim=0))
+        each = [
+            refine(self.teachers.get_submodule(f"teacher{k}"), fmaps, first, self.updates)
+            for k, fmaps in enumerate(composed[EACH_LOGITS])
+        ]
+        return each, dict(composed[SHARED])
+
+    def losses(self, out: SystemOutput, flows: Tensor) -> dict[str, Tensor]:
+        """The objective's terms (module docstring) and ``total``."""
+        d = self.spec.distill
+        terms = {"seq_student": losses.sequence_loss(out.extras["flows/student"], flows)}
+        total = d.alpha * terms["seq_student"]
+        if out.teacher_logits is None:
+            terms["total"] = total
+            return terms
+        if self.teacher_trains:
+            terms["seq_teacher"] = losses.sequence_loss(out.extras["flows/combined"], flows)
+            total = total + d.alpha * terms["seq_teacher"]
+        if d.mutual_learning:
+            target = losses.min_error_flow(out.teacher_logits, out.student_logits, flows)
+            terms["ml_student"] = losses.flow_l1(out.student_logits, target, flows)
+            terms["ml_teacher"] = losses.flow_l1(out.teacher_logits, target, flows)
+            total = total + d.beta * (terms["ml_student"] + terms["ml_teacher"])
+        terms["total"] = self.method.add_feature_terms(self.method_context, out, terms, total)
+        return terms
+
+
+def build_flow_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool = True) -> FlowSystem:
+    """Build the flow system of ``spec`` (module docstring). ``device="meta"`` builds the structure
+    without allocating weights; ``load=False`` skips every network's ``weights:``."""
+    task = task_record(spec.student.arch)
+    method = method_for(spec)
+    channels, _, height, width = spec.data.input_shape()
+    encoder_input = (4, channels, height, width)  # both images of a batch of 2
+    meta = torch.device(device).type == "meta"
+    networks: list[NetworkInfo] = []
+
+    def make(model: ModelSpec, label: str, network: str) -> RAFT:
+        raft = instantiate(model, device)
+
+        def rewrite(gm: fx.GraphModule, part: Part) -> fx.GraphModule:
+            explicit_activations.in_place(gm)
+            return finish(quantize_network(gm, model, spec, network))
+
+        rewrite_parts(raft, rewrite)
+        info = NetworkInfo(label, model)
+        if load and model.weights and not meta:
+            info.weights_report = load_weights(raft, model.weights, label=label)
+            log.info(info.weights_report)
+        propagate_shapes(raft.feature_encoder, encoder_input)
+        networks.append(info)
+        return raft
+
+    updates = task.flow_updates(spec.student.kwargs)
+    student = make(spec.student, "student", "student")
+    teacher_specs = spec.resolved_teachers()
+    teachers = [make(t, f"teacher{k}", "teacher") for k, t in enumerate(teacher_specs)]
+    check_rules_used(spec, [student, *teachers])
+    warn_rules_on_float_teachers(spec, teachers, teacher_specs)
+
+    student_taps: list[Tap] = []
+    composed = None
+    if teachers:
+        encoders = [t.feature_encoder for t in teachers]
+        teacher_taps = [
+            resolve_taps(gm, spec.taps.teachers, arch=t.arch, model=f"teacher{k} ({t.arch})")
+            for k, (gm, t) in enumerate(zip(encoders, teacher_specs, strict=True))
+        ]
+        check_tap_shapes(
+            teacher_taps, [f"teacher{k} ({t.arch} {t.bits_label})" for k, t in enumerate(teacher_specs)]
+        )
+        for k, taps in enumerate(teacher_taps):
+            networks[k + 1].taps = taps
+        composed = compose_teachers(encoders, teacher_taps, combine=None)
+        inplace_where_safe.in_place(composed)
+        composed = finish(composed)
+        for k, raft in enumerate(teachers):  # the rest of teacher k beside its encoder's layers
+            holder = composed.get_submodule(f"teacher{k}")
+            for name in RAFT_PARTS[1:]:
+                setattr(holder, name, getattr(raft, name))
+        output = output_fusion(len(teachers), method.combine(), OUTPUT_FUSION).to(device)
+        composed.get_submodule("fusion").add_module(OUTPUT_FUSION, output)
+        if spec.distill.feature_loss != "none":
+            student_taps = paired_student_taps(student.feature_encoder, spec, teacher_taps[0])
+            networks[0].taps = student_taps
+
+    expose_taps.in_place(student.feature_encoder, student_taps)
+    finish(student.feature_encoder)
+    adapters = nn.ModuleDict()
+    if spec.distill.feature_loss == "fitnet":
+        for s_tap, t_tap in zip(student_taps, teacher_taps[0], strict=True):
+            adapters[fusion_key(s_tap.name)] = FitNetAdapter(s_tap.shape, t_tap.shape)
+    if meta:
+        adapters.to("meta")
+    return FlowSystem(spec, FlowNetwork(student, updates), composed, adapters, networks, updates)

@@ -1,0 +1,150 @@
+"""``task: flow`` — optical flow: a pair of images in, the motion of every pixel of the first out.
+
+The builders of ``torchvision.models.optical_flow``: ``raft_small`` and ``raft_large`` (Teed and Deng,
+ECCV 2020). A sample is a pair, stored as a two-frame clip ``[3, 2, H, W]`` (frame 0 the first image); its
+label is the flow ``[2, H, W]`` of the first image's pixels to the second, in pixels ((u, v): right,
+down). RAFT refines its estimate ``num_flow_updates`` times (a network's ``kwargs``; 12 unless set, as
+torchvision's default) and is trained on every estimate by its sequence loss. The network is rewritten
+part by part (``cmtkd_graph.models.parts``) and composed by ``cmtkd_graph.flow_system``, which also
+writes the objective (docs/tasks.md#optical-flow).
+Metrics: the end-point error (EPE, px, lower is better) and the share of pixels whose error exceeds 1, 3
+and 5 px, over the pixels whose flow is known.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from cmtkd_graph.tasks.base import Task, register_task
+
+FLOW_UPDATES = "num_flow_updates"
+"""The network kwarg naming RAFT's refinement count (its ``forward`` argument; never the builder's)."""
+DEFAULT_FLOW_UPDATES = 12  # torchvision's RAFT.forward default
+MIN_SIDE = 128  # the correlation pyramid's coarsest level (1/64 of the input) needs 2 px
+EPE_SCALE = 1000  # summed end-point errors are counted in thousandths of a pixel (exact integer sums)
+
+
+@register_task("flow")
+class OpticalFlow(Task):
+    summary = (
+        "optical flow: image pairs [B, 3, 2, H, W] -> the first image's motion [B, 2, H, W], RAFT's "
+        "sequence loss, end-point error and 1/3/5-px outlier rates"
+    )
+    builder_modules = ("torchvision.models.optical_flow",)
+    sample_noun = "pair"
+    frames = 2  # a sample is two images of one scene
+    run_kwargs = (FLOW_UPDATES,)
+    metric_titles: ClassVar[dict[str, str]] = {
+        "epe": "EPE (px)",
+        "out1": ">1px %",
+        "out3": ">3px %",
+        "out5": ">5px %",
+    }
+    system_builder = "cmtkd_graph.flow_system:build_flow_system"
+    tap_part = "feature_encoder"  # what CMT-KD composes: the encoder of both images
+    missing_verbs: ClassVar[dict[str, str]] = {
+        verb: "the trained student is the run's student.safetensors (torchvision's RAFT names, plus the "
+        "quantizers' steps); `cmtkd-graph eval RUN` scores it"
+        for verb in ("inspect", "export", "predict", "load_student")
+    }
+    methods = ("cmtkd", "single")
+    methods_reason = "the flow objective is written for CMT-KD and the student alone: docs/tasks.md"
+
+    @classmethod
+    def kwargs_problem(cls, arch: str, kwargs: dict[str, Any]) -> str | None:
+        updates = kwargs.get(FLOW_UPDATES, DEFAULT_FLOW_UPDATES)
+        if not isinstance(updates, int) or isinstance(updates, bool) or updates < 1:
+            return f"{FLOW_UPDATES}: RAFT refines its flow a positive whole number of times, got {updates!r}"
+        return None
+
+    @classmethod
+    def input_problem(cls, input_shape: tuple[int, ...]) -> str | None:
+        side = min(input_shape[-2:])
+        if side < MIN_SIDE or input_shape[-1] % 8 or input_shape[-2] % 8:
+            return (
+                f"RAFT needs pairs of at least {MIN_SIDE}x{MIN_SIDE} px with sides divisible by 8 (its "
+                f"correlation pyramid goes down to 1/64), got {input_shape[-1]}x{input_shape[-2]}: set "
+                f"data.image_size: {max(MIN_SIDE, -(-side // 8) * 8)}"
+            )
+        return None
+
+    @classmethod
+    def objective(cls, spec: Any) -> str | None:
+        d = spec.distill
+        if spec.method == "single":
+            return f"{d.alpha:g} SEQ_S [RAFT's sequence loss, gamma 0.8]"
+        text = f"{d.alpha:g} (SEQ_T + SEQ_S) [RAFT's sequence loss; T: the combined teacher's flows]"
+        if d.mutual_learning:
+            text += f" + {d.beta:g} (L1_T + L1_S) [towards the per-pixel flow of the smaller end-point error]"
+        if d.feature_loss != "none":
+            text += f" + {d.gamma:g} {d.feature_loss} loss at the feature encoders' taps"
+        return text + f"; combined teacher: {d.combine} fusion of the teachers' flows"
+
+    @classmethod
+    def spec_problems(cls, spec: Any) -> list[str]:
+        problems = []
+        if spec.data.augment.crop not in (None, "none"):
+            problems.append(
+                f"data.augment.crop: {spec.data.augment.crop} is not done to flow pairs in this version "
+                "(training mirrors pairs left-right, data.augment.hflip); drop it"
+            )
+        if spec.distill.label_smoothing:
+            problems.append("distill.label_smoothing: flows have no classes to smooth; drop it")
+        if spec.train.activation_checkpointing:
+            problems.append(
+                "train.activation_checkpointing: not for RAFT's part-by-part networks in this version; "
+                "drop it"
+            )
+        if any(cls.kwargs_problem(m.arch, m.kwargs or {}) for m in (spec.student, *spec.resolved_teachers())):
+            return problems  # a count that is not one: said by kwargs_problem
+        updates = cls.flow_updates(spec.student.kwargs)
+        for k, teacher in enumerate(spec.resolved_teachers()):
+            if (theirs := cls.flow_updates(teacher.kwargs)) != updates:
+                problems.append(
+                    f"teachers[{k}].kwargs.num_flow_updates: {theirs}, but the student refines {updates} "
+                    "times; the combined teacher fuses the flows of every refinement, so every network "
+                    "refines as often"
+                )
+        return problems
+
+    @classmethod
+    def flow_updates(cls, kwargs: dict[str, Any] | None) -> int:
+        """How many times a network with these kwargs refines its flow."""
+        return int((kwargs or {}).get(FLOW_UPDATES, DEFAULT_FLOW_UPDATES))
+
+    @classmethod
+    def label_shape(cls, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (2, *input_shape[-2:])
+
+    @classmethod
+    def example_labels(
+        cls, batch: int, classes: int, input_shape: tuple[int, ...], device: str | torch.device = "cpu"
+    ) -> Tensor:
+        """Random flows of a few pixels."""
+        labels = super().example_labels(batch, classes, input_shape, device)
+        return labels.float() if labels.is_meta else torch.randn(labels.shape, device=device) * 4
+
+    @classmethod
+    def predictions(cls, logits: Tensor, classes: list[str], top: int) -> list[list[dict]]:
+        raise NotImplementedError("flow predictions are flow fields (docs/tasks.md#optical-flow)")
+
+    @classmethod
+    def metric_rows(cls, logits: Tensor, labels: Tensor) -> Tensor:
+        """Per pair: ``[known pixels, summed EPE in 1/1000 px, pixels over 1, 3, 5 px]`` (float64, whole
+        numbers: the evaluation sums them as integers)."""
+        from cmtkd_graph.data.flow_files import flow_metric_rows  # the data package imports the tasks
+
+        rows = flow_metric_rows(logits.double(), labels.double())
+        rows[:, 1] = (rows[:, 1] * EPE_SCALE).round()
+        return rows
+
+    @classmethod
+    def metric_values(cls, state: Tensor) -> dict[str, float | list[float | None]]:
+        from cmtkd_graph.data.flow_files import flow_metric_values
+
+        state = state.double().clone()
+        state[1] = state[1] / EPE_SCALE
+        return dict(flow_metric_values(state))
