@@ -257,6 +257,8 @@ def test_the_built_in_datasets_keep_their_facts():
         "clip_folders": (224, False, True, False),
         "frame_folders": (224, False, True, False),
         "moving_fashion": (32, False, False, False),  # a flip would change the direction, the label
+        "flow_pairs": (224, False, True, False),  # flipped with the flow's horizontal component negated
+        "fashion_flow": (128, False, True, False),
     }
 
 

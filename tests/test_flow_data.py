@@ -13,16 +13,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cmtkd_graph.data.fashion_flow import PAIR_SIZE, similarity
-from cmtkd_graph.data.flow_files import (
-    BadFlowFile,
-    flow_metric_rows,
-    flow_metric_values,
-    pair_files,
-    read_flo,
-    read_pair,
-    write_flo,
-)
+from cmtkd_graph.data.flow_files import BadFlowFile, pair_files, read_flo, read_pair, write_flo
 from cmtkd_graph.errors import UserError
+from cmtkd_graph.tasks.flow import flow_metric_rows, flow_metric_values
 
 
 def test_flo_bytes_are_the_middlebury_layout(tmp_path):

@@ -29,6 +29,7 @@ from cmtkd_graph.data.bundle import DataBundle
 from cmtkd_graph.data.record import DatasetRecord, register_dataset
 from cmtkd_graph.errors import UserError, first_line
 from cmtkd_graph.spec import DataSpec
+from cmtkd_graph.tasks.flow import UNKNOWN_FLOW
 
 FLO_MAGIC = 202021.25
 """The first four bytes of a ``.flo`` file as a little-endian float32 (the ASCII bytes ``PIEH``)."""
@@ -172,37 +173,6 @@ def _rgb(path: Path) -> torch.Tensor:
 
 def _size(t: torch.Tensor) -> str:
     return f"{t.shape[-1]}x{t.shape[-2]}"
-
-
-# ---------------------------------------------------------------------------- scores
-OUTLIER_PIXELS = (1.0, 3.0, 5.0)
-UNKNOWN_FLOW = 1e9  # Middlebury's .flo: a component above this marks a pixel whose flow is unknown
-FLOW_METRICS = ("epe", "out1", "out3", "out5")
-"""End-point error (pixels, mean over every pixel of every pair) and the % of pixels whose end-point error
-exceeds 1, 3 and 5 pixels (the outlier rates; RAFT's evaluation prints the complements, 100 - these)."""
-
-
-def flow_metric_rows(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per pair of a batch (``[B, 2, H, W]`` flows), what it adds to the metrics: ``[pixels, summed
-    end-point error, pixels over 1 px, over 3 px, over 5 px]``, over the pixels whose target flow is known
-    (Middlebury marks unknown flow with values above 1e9); rows of every pair sum to the state that
-    :func:`flow_metric_values` reads."""
-    known = (target.abs() < UNKNOWN_FLOW).all(1).flatten(1)  # [B, H*W]
-    dtype = torch.promote_types(predicted.dtype, torch.float32)  # float64 stays float64 (exact sums)
-    error = torch.linalg.vector_norm(predicted.to(dtype) - target.to(dtype), dim=1).flatten(1)
-    error = torch.where(known, error, torch.zeros_like(error))
-    counts = [known.sum(1).float(), error.sum(1)]
-    counts += [((error > t) & known).sum(1).float() for t in OUTLIER_PIXELS]
-    return torch.stack(counts, 1)
-
-
-def flow_metric_values(state: torch.Tensor) -> dict[str, float]:
-    """``{"epe", "out1", "out3", "out5"}`` of summed :func:`flow_metric_rows`."""
-    pixels = max(float(state[0]), 1.0)
-    return {
-        "epe": float(state[1]) / pixels,
-        **{k: 100.0 * float(v) / pixels for k, v in zip(FLOW_METRICS[1:], state[2:], strict=True)},
-    }
 
 
 # ---------------------------------------------------------------------------- the flow datasets

@@ -27,6 +27,36 @@ MIN_SIDE = 128  # the correlation pyramid's coarsest level (1/64 of the input) n
 EPE_SCALE = 1000  # summed end-point errors are counted in thousandths of a pixel (exact integer sums)
 
 
+OUTLIER_PIXELS = (1.0, 3.0, 5.0)
+UNKNOWN_FLOW = 1e9  # Middlebury's .flo: a component above this marks a pixel whose flow is unknown
+FLOW_METRICS = ("epe", "out1", "out3", "out5")
+"""End-point error (pixels, mean over every pixel of every pair) and the % of pixels whose end-point error
+exceeds 1, 3 and 5 pixels (the outlier rates; RAFT's evaluation prints the complements, 100 - these)."""
+
+
+def flow_metric_rows(predicted: Tensor, target: Tensor) -> Tensor:
+    """Per pair of a batch (``[B, 2, H, W]`` flows), what it adds to the metrics: ``[pixels, summed
+    end-point error, pixels over 1 px, over 3 px, over 5 px]``, over the pixels whose target flow is known
+    (Middlebury marks unknown flow with values above 1e9); rows of every pair sum to the state that
+    :func:`flow_metric_values` reads."""
+    known = (target.abs() < UNKNOWN_FLOW).all(1).flatten(1)  # [B, H*W]
+    dtype = torch.promote_types(predicted.dtype, torch.float32)  # float64 stays float64 (exact sums)
+    error = torch.linalg.vector_norm(predicted.to(dtype) - target.to(dtype), dim=1).flatten(1)
+    error = torch.where(known, error, torch.zeros_like(error))
+    counts = [known.sum(1).float(), error.sum(1)]
+    counts += [((error > t) & known).sum(1).float() for t in OUTLIER_PIXELS]
+    return torch.stack(counts, 1)
+
+
+def flow_metric_values(state: Tensor) -> dict[str, float]:
+    """``{"epe", "out1", "out3", "out5"}`` of summed :func:`flow_metric_rows`."""
+    pixels = max(float(state[0]), 1.0)
+    return {
+        "epe": float(state[1]) / pixels,
+        **{k: 100.0 * float(v) / pixels for k, v in zip(FLOW_METRICS[1:], state[2:], strict=True)},
+    }
+
+
 @register_task("flow")
 class OpticalFlow(Task):
     summary = (
@@ -135,16 +165,12 @@ class OpticalFlow(Task):
     def metric_rows(cls, logits: Tensor, labels: Tensor) -> Tensor:
         """Per pair: ``[known pixels, summed EPE in 1/1000 px, pixels over 1, 3, 5 px]`` (float64, whole
         numbers: the evaluation sums them as integers)."""
-        from cmtkd_graph.data.flow_files import flow_metric_rows  # the data package imports the tasks
-
         rows = flow_metric_rows(logits.double(), labels.double())
         rows[:, 1] = (rows[:, 1] * EPE_SCALE).round()
         return rows
 
     @classmethod
     def metric_values(cls, state: Tensor) -> dict[str, float | list[float | None]]:
-        from cmtkd_graph.data.flow_files import flow_metric_values
-
         state = state.double().clone()
         state[1] = state[1] / EPE_SCALE
         return dict(flow_metric_values(state))
