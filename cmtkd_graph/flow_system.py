@@ -31,22 +31,23 @@ from torchvision.models.optical_flow.raft import RAFT
 
 from cmtkd_graph import losses
 from cmtkd_graph.fusion import output_fusion
-from cmtkd_graph.losses import FitNetAdapter
 from cmtkd_graph.methods import method_for
 from cmtkd_graph.models.parts import Part, rewrite_parts
 from cmtkd_graph.passes.activations import explicit_activations
-from cmtkd_graph.passes.common import EACH_LOGITS, FEATURES, LOGITS, SHARED, fusion_key
-from cmtkd_graph.passes.compose import OUTPUT_FUSION, check_tap_shapes, compose_teachers
+from cmtkd_graph.passes.common import EACH_LOGITS, FEATURES, LOGITS, SHARED
+from cmtkd_graph.passes.compose import OUTPUT_FUSION, compose_teachers
 from cmtkd_graph.passes.graph_pass import finish
 from cmtkd_graph.passes.inplace import inplace_where_safe
 from cmtkd_graph.passes.outputs import expose_taps
 from cmtkd_graph.passes.shapes import propagate_shapes
-from cmtkd_graph.passes.taps import Tap, resolve_taps
+from cmtkd_graph.passes.taps import Tap
 from cmtkd_graph.spec import ModelSpec, Spec
 from cmtkd_graph.system import (
     NetworkInfo,
     SystemBase,
     check_rules_used,
+    composed_teacher_taps,
+    fitnet_adapters,
     instantiate,
     load_weights,
     paired_student_taps,
@@ -129,7 +130,6 @@ class FlowSystem(SystemBase):
         teachers: fx.GraphModule | None,
         adapters: nn.ModuleDict,
         networks: list[NetworkInfo],
-        updates: int,
     ):
         super().__init__(spec)
         self.student = student
@@ -137,7 +137,6 @@ class FlowSystem(SystemBase):
         self.adapters = adapters
         self.method_modules = nn.ModuleDict()
         self.networks = networks
-        self.updates = updates
         self._freeze()
 
     def num_classes(self) -> int | None:
@@ -170,7 +169,7 @@ class FlowSystem(SystemBase):
         first, second = split_pair(pairs)
         composed = self.teachers(torch.cat([first, second], dim=0))
         each = [
-            refine(self.teachers.get_submodule(f"teacher{k}"), fmaps, first, self.updates)
+            refine(self.teachers.get_submodule(f"teacher{k}"), fmaps, first, self.student.updates)
             for k, fmaps in enumerate(composed[EACH_LOGITS])
         ]
         return each, dict(composed[SHARED])
@@ -229,18 +228,11 @@ def build_flow_system(spec: Spec, *, device: str | torch.device = "cpu", load: b
     warn_rules_on_float_teachers(spec, teachers, teacher_specs)
 
     student_taps: list[Tap] = []
+    teacher_taps: list[list[Tap]] = [[]]
     composed = None
     if teachers:
         encoders = [t.feature_encoder for t in teachers]
-        teacher_taps = [
-            resolve_taps(gm, spec.taps.teachers, arch=t.arch, model=f"teacher{k} ({t.arch})")
-            for k, (gm, t) in enumerate(zip(encoders, teacher_specs, strict=True))
-        ]
-        check_tap_shapes(
-            teacher_taps, [f"teacher{k} ({t.arch} {t.bits_label})" for k, t in enumerate(teacher_specs)]
-        )
-        for k, taps in enumerate(teacher_taps):
-            networks[k + 1].taps = taps
+        teacher_taps = composed_teacher_taps(encoders, teacher_specs, spec, networks)
         composed = compose_teachers(encoders, teacher_taps, combine=None)
         inplace_where_safe.in_place(composed)
         composed = finish(composed)
@@ -256,10 +248,5 @@ def build_flow_system(spec: Spec, *, device: str | torch.device = "cpu", load: b
 
     expose_taps.in_place(student.feature_encoder, student_taps)
     finish(student.feature_encoder)
-    adapters = nn.ModuleDict()
-    if spec.distill.feature_loss == "fitnet":
-        for s_tap, t_tap in zip(student_taps, teacher_taps[0], strict=True):
-            adapters[fusion_key(s_tap.name)] = FitNetAdapter(s_tap.shape, t_tap.shape)
-    if meta:
-        adapters.to("meta")
-    return FlowSystem(spec, FlowNetwork(student, updates), composed, adapters, networks, updates)
+    adapters = fitnet_adapters(spec, student_taps, teacher_taps[0], meta=meta)
+    return FlowSystem(spec, FlowNetwork(student, updates), composed, adapters, networks)

@@ -430,15 +430,7 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
     if method.arrangement == "composed":
         teacher_taps: list[list[Tap]] = [[] for _ in teachers]
         if method.fuses_at_taps():
-            teacher_taps = [
-                resolve_taps(gm, spec.taps.teachers, arch=t.arch, model=f"teacher{k} ({t.arch})")
-                for k, (gm, t) in enumerate(zip(teachers, teacher_specs, strict=True))
-            ]
-            for k, taps in enumerate(teacher_taps):
-                networks[k + 1].taps = taps
-            check_tap_shapes(
-                teacher_taps, [f"teacher{k} ({t.arch} {t.bits_label})" for k, t in enumerate(teacher_specs)]
-            )
+            teacher_taps = composed_teacher_taps(teachers, teacher_specs, spec, networks)
         if feature_loss and teacher_taps and teacher_taps[0]:
             student_taps = paired_student_taps(student, spec, teacher_taps[0])
             hint_taps = teacher_taps[0]
@@ -470,14 +462,37 @@ def build_system(spec: Spec, *, device: str | torch.device = "cpu", load: bool =
     expose_taps.in_place(student, student_taps, extras)
     inplace_where_safe.in_place(student)
     student_gm = finish(student)
+    adapters = fitnet_adapters(spec, student_taps, hint_taps, meta=meta)
+    method_modules.to(device)
+    return DistillationSystem(spec, student_gm, composed, adapters, networks, method, method_modules)
+
+
+def composed_teacher_taps(
+    teachers: list[fx.GraphModule], teacher_specs: list[ModelSpec], spec: Spec, networks: list[NetworkInfo]
+) -> list[list[Tap]]:
+    """Each teacher's taps (``taps.teachers``) where composition fuses them, recorded in ``networks``;
+    the teachers' maps at every tap must have one shape."""
+    teacher_taps = [
+        resolve_taps(gm, spec.taps.teachers, arch=t.arch, model=f"teacher{k} ({t.arch})")
+        for k, (gm, t) in enumerate(zip(teachers, teacher_specs, strict=True))
+    ]
+    for k, taps in enumerate(teacher_taps):
+        networks[k + 1].taps = taps
+    check_tap_shapes(
+        teacher_taps, [f"teacher{k} ({t.arch} {t.bits_label})" for k, t in enumerate(teacher_specs)]
+    )
+    return teacher_taps
+
+
+def fitnet_adapters(
+    spec: Spec, student_taps: list[Tap], hint_taps: list[Tap], *, meta: bool
+) -> nn.ModuleDict:
+    """With ``feature_loss: fitnet``, one adapter per student tap from its shape to its hint's (else none)."""
     adapters = nn.ModuleDict()
     if spec.distill.feature_loss == "fitnet":
         for s_tap, t_tap in zip(student_taps, hint_taps, strict=True):
             adapters[fusion_key(s_tap.name)] = FitNetAdapter(s_tap.shape, t_tap.shape)
-    if meta:
-        adapters.to("meta")
-    method_modules.to(device)
-    return DistillationSystem(spec, student_gm, composed, adapters, networks, method, method_modules)
+    return adapters.to("meta") if meta else adapters
 
 
 def _hint_pairs(

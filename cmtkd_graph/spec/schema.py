@@ -796,12 +796,7 @@ class Spec(Strict):
                 "data.augment: policy, random_erasing, mixup_alpha and cutmix_alpha are for classification; "
                 f"the spec's task is {task}"
             )
-        input_problem = record.input_problem(self.data.input_shape())
-        if input_problem is not None:
-            problems.append(f"data.image_size: {input_problem}")
         problems += record.spec_problems(self)
-        if record.system_builder is not None and any(self.surgery_for(m) for _, m in models):
-            problems.append(f"surgery: not for {task} models (their networks are rewritten part by part)")
         data_task = DATASETS.get(self.data.dataset).task
         if data_task != task:
             problems.append(

@@ -70,11 +70,6 @@ class Task:
         return None
 
     @classmethod
-    def input_problem(cls, input_shape: tuple[int, ...]) -> str | None:
-        """What is wrong with model inputs of ``input_shape`` for this task's networks (None: nothing)."""
-        return None
-
-    @classmethod
     def require(cls, verb: str) -> None:
         """Raise a one-line UserError where this version has no ``verb`` for the task yet."""
         if verb in cls.missing_verbs:

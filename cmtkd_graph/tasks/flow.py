@@ -91,17 +91,6 @@ class OpticalFlow(Task):
         return None
 
     @classmethod
-    def input_problem(cls, input_shape: tuple[int, ...]) -> str | None:
-        side = min(input_shape[-2:])
-        if side < MIN_SIDE or input_shape[-1] % 8 or input_shape[-2] % 8:
-            return (
-                f"RAFT needs pairs of at least {MIN_SIDE}x{MIN_SIDE} px with sides divisible by 8 (its "
-                f"correlation pyramid goes down to 1/64), got {input_shape[-1]}x{input_shape[-2]}: set "
-                f"data.image_size: {max(MIN_SIDE, -(-side // 8) * 8)}"
-            )
-        return None
-
-    @classmethod
     def objective(cls, spec: Any) -> str | None:
         d = spec.distill
         if spec.method == "single":
@@ -116,6 +105,16 @@ class OpticalFlow(Task):
     @classmethod
     def spec_problems(cls, spec: Any) -> list[str]:
         problems = []
+        shape = spec.data.input_shape()
+        side = min(shape[-2:])
+        if side < MIN_SIDE or shape[-1] % 8 or shape[-2] % 8:
+            problems.append(
+                f"data.image_size: RAFT needs pairs of at least {MIN_SIDE}x{MIN_SIDE} px with sides "
+                f"divisible by 8 (its correlation pyramid goes down to 1/64), got {shape[-1]}x{shape[-2]}: "
+                f"set data.image_size: {max(MIN_SIDE, -(-side // 8) * 8)}"
+            )
+        if any(spec.surgery_for(m) for m in (spec.student, *spec.resolved_teachers())):
+            problems.append("surgery: not for flow models (their networks are rewritten part by part)")
         if spec.data.augment.crop not in (None, "none"):
             problems.append(
                 f"data.augment.crop: {spec.data.augment.crop} is not done to flow pairs in this version "
