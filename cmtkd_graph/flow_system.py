@@ -30,27 +30,20 @@ from torchvision.models.optical_flow._utils import make_coords_grid, upsample_fl
 from torchvision.models.optical_flow.raft import RAFT
 
 from cmtkd_graph import losses
-from cmtkd_graph.fusion import output_fusion
-from cmtkd_graph.methods import method_for
 from cmtkd_graph.models.parts import Part, rewrite_parts
 from cmtkd_graph.passes.activations import explicit_activations
 from cmtkd_graph.passes.common import EACH_LOGITS, FEATURES, LOGITS, SHARED
-from cmtkd_graph.passes.compose import OUTPUT_FUSION, compose_teachers
+from cmtkd_graph.passes.compose import OUTPUT_FUSION
 from cmtkd_graph.passes.graph_pass import finish
-from cmtkd_graph.passes.inplace import inplace_where_safe
-from cmtkd_graph.passes.outputs import expose_taps
 from cmtkd_graph.passes.shapes import propagate_shapes
-from cmtkd_graph.passes.taps import Tap
 from cmtkd_graph.spec import ModelSpec, Spec
 from cmtkd_graph.system import (
     NetworkInfo,
     SystemBase,
     check_rules_used,
-    composed_teacher_taps,
-    fitnet_adapters,
+    compose_part_teachers,
     instantiate,
     load_weights,
-    paired_student_taps,
     quantize_network,
     warn_rules_on_float_teachers,
 )
@@ -198,7 +191,6 @@ def build_flow_system(spec: Spec, *, device: str | torch.device = "cpu", load: b
     """Build the flow system of ``spec`` (module docstring). ``device="meta"`` builds the structure
     without allocating weights; ``load=False`` skips every network's ``weights:``."""
     task = task_record(spec.student.arch)
-    method = method_for(spec)
     channels, _, height, width = spec.data.input_shape()
     encoder_input = (4, channels, height, width)  # both images of a batch of 2
     meta = torch.device(device).type == "meta"
@@ -227,26 +219,14 @@ def build_flow_system(spec: Spec, *, device: str | torch.device = "cpu", load: b
     check_rules_used(spec, [student, *teachers])
     warn_rules_on_float_teachers(spec, teachers, teacher_specs)
 
-    student_taps: list[Tap] = []
-    teacher_taps: list[list[Tap]] = [[]]
-    composed = None
-    if teachers:
-        encoders = [t.feature_encoder for t in teachers]
-        teacher_taps = composed_teacher_taps(encoders, teacher_specs, spec, networks)
-        composed = compose_teachers(encoders, teacher_taps, combine=None)
-        inplace_where_safe.in_place(composed)
-        composed = finish(composed)
-        for k, raft in enumerate(teachers):  # the rest of teacher k beside its encoder's layers
-            holder = composed.get_submodule(f"teacher{k}")
-            for name in RAFT_PARTS[1:]:
-                setattr(holder, name, getattr(raft, name))
-        output = output_fusion(len(teachers), method.combine(), OUTPUT_FUSION).to(device)
-        composed.get_submodule("fusion").add_module(OUTPUT_FUSION, output)
-        if spec.distill.feature_loss != "none":
-            student_taps = paired_student_taps(student.feature_encoder, spec, teacher_taps[0])
-            networks[0].taps = student_taps
-
-    expose_taps.in_place(student.feature_encoder, student_taps)
-    finish(student.feature_encoder)
-    adapters = fitnet_adapters(spec, student_taps, teacher_taps[0], meta=meta)
-    return FlowSystem(spec, FlowNetwork(student, updates), composed, adapters, networks)
+    rests = [{name: getattr(raft, name) for name in RAFT_PARTS[1:]} for raft in teachers]
+    parts = compose_part_teachers(
+        spec,
+        student.feature_encoder,
+        [t.feature_encoder for t in teachers],
+        rests,
+        networks,
+        fusions=(OUTPUT_FUSION,),
+        device=device,
+    )
+    return FlowSystem(spec, FlowNetwork(student, updates), parts.teachers, parts.adapters, networks)

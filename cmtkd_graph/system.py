@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from cmtkd_graph.errors import UserError
-from cmtkd_graph.fusion import ImportanceFusion
+from cmtkd_graph.fusion import ImportanceFusion, output_fusion
 from cmtkd_graph.losses import FitNetAdapter
 from cmtkd_graph.methods import BuildContext, Method, MethodContext, method_for
 from cmtkd_graph.models.builders import build_model, read_state_dict
@@ -195,10 +195,17 @@ def instantiate(model: ModelSpec, device: str | torch.device) -> nn.Module:
         return build_model(model.arch, model.kwargs).to(device)
     from accelerate import init_empty_weights
 
+    if model.arch in BUILT_BY_RUNNING:
+        return build_model(model.arch, model.kwargs).to("meta")
     # Parameters only (tensor-valued builder arithmetic, e.g. RegNet's widths, must stay real).
     with init_empty_weights(include_buffers=False), no_init_on_meta():
         module = build_model(model.arch, model.kwargs)
     return module.to("meta")
+
+
+BUILT_BY_RUNNING = frozenset({"ssdlite320_mobilenet_v3_large"})
+"""Builders that run their layers while building (SSDlite runs its backbone to count its channels): on the
+meta device they are built on the CPU and moved."""
 
 
 def load_weights(gm: fx.GraphModule, source: str, *, label: str) -> str:
@@ -482,6 +489,60 @@ def composed_teacher_taps(
         teacher_taps, [f"teacher{k} ({t.arch} {t.bits_label})" for k, t in enumerate(teacher_specs)]
     )
     return teacher_taps
+
+
+@dataclass
+class ComposedParts:
+    """What :func:`compose_part_teachers` builds for a system of networks rewritten part by part: the
+    composed teachers (None: no teachers), the student's taps and the FitNet adapters."""
+
+    teachers: fx.GraphModule | None
+    student_taps: list[Tap]
+    adapters: nn.ModuleDict
+
+
+def compose_part_teachers(
+    spec: Spec,
+    student_part: fx.GraphModule,
+    teacher_parts: list[fx.GraphModule],
+    teacher_rests: list[dict[str, nn.Module]],
+    networks: list[NetworkInfo],
+    *,
+    fusions: tuple[str, ...],
+    device: str | torch.device,
+) -> ComposedParts:
+    """For networks rewritten part by part (RAFT, detectors): the teachers' tapped parts (``teacher_parts``:
+    RAFT's feature encoders, the detectors' backbones) composed at their taps with shared knowledge
+    (``compose_teachers(..., combine=None)``: each teacher's own maps come out), each teacher's other
+    modules (``teacher_rests``, by name) attached beside its part's layers under ``teacher{k}``, one
+    output fusion per name of ``fusions`` under ``fusion``; the student's part exposing its taps (where
+    a feature loss reads them) and the FitNet adapters. ``networks`` records the taps."""
+    meta = torch.device(device).type == "meta"
+    student_taps: list[Tap] = []
+    hint_taps: list[Tap] = []
+    composed = None
+    if teacher_parts:
+        teacher_specs = spec.resolved_teachers()
+        teacher_taps = composed_teacher_taps(teacher_parts, teacher_specs, spec, networks)
+        hint_taps = teacher_taps[0]
+        composed = compose_teachers(teacher_parts, teacher_taps, combine=None)
+        inplace_where_safe.in_place(composed)
+        composed = finish(composed)
+        for k, rest in enumerate(teacher_rests):
+            holder = composed.get_submodule(f"teacher{k}")
+            for name, module in rest.items():
+                holder.add_module(name, module)
+        combine = method_for(spec).combine()
+        for name in fusions:
+            fusion = output_fusion(len(teacher_parts), combine, name).to(device)
+            composed.get_submodule("fusion").add_module(name, fusion)
+        if spec.distill.feature_loss != "none":
+            student_taps = paired_student_taps(student_part, spec, hint_taps)
+            networks[0].taps = student_taps
+    expose_taps.in_place(student_part, student_taps)
+    finish(student_part)
+    hints = hint_taps if student_taps else []
+    return ComposedParts(composed, student_taps, fitnet_adapters(spec, student_taps, hints, meta=meta))
 
 
 def fitnet_adapters(

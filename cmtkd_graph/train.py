@@ -41,7 +41,7 @@ from cmtkd_graph.data.device import DeviceBatches
 from cmtkd_graph.data.loaders import eval_batch_size
 from cmtkd_graph.ema import StudentAverage
 from cmtkd_graph.errors import UserError, first_line
-from cmtkd_graph.evaluation.accuracy import StudentOnly, eval_line, evaluate
+from cmtkd_graph.evaluation.accuracy import OBJECTS, StudentOnly, eval_line, evaluate
 from cmtkd_graph.identity import write_identity
 from cmtkd_graph.metrics import MetricsLog, plot_importance, read_metrics
 from cmtkd_graph.runtime.budget import BudgetFit, fit_to_budget, recorded_fit
@@ -563,6 +563,7 @@ class Trainer:
             "epoch": self.state["epoch"],
             **evaluate(self.model, self.eval_loader, acc, task=self.task, channels_last=self.channels_last),
         }
+        record.pop(OBJECTS, None)  # detections: `cmtkd-graph eval` writes them
         if self.average is not None:
             self._start_average()
             record.update(self._evaluate_average())

@@ -76,9 +76,9 @@ def output_value(gm: fx.GraphModule):
 def network_outputs(value) -> tuple[fx.Node, fx.Node | None]:
     """The logits and the auxiliary logits (None: no auxiliary head kept) of what a network graph
     returns after ``keep_main_output``: the logits node, or ``{"logits": node, "aux": node}``."""
-    if isinstance(value, dict):
+    if isinstance(value, dict) and LOGITS in value:
         return value[LOGITS], value.get(AUX)
-    return value, None
+    return value, None  # the logits, or a network's own dict of outputs (a detector backbone's maps)
 
 
 def fusion_key(tap_name: str) -> str:

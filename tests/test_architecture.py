@@ -259,6 +259,9 @@ def test_the_built_in_datasets_keep_their_facts():
         "moving_fashion": (32, False, False, False),  # a flip would change the direction, the label
         "flow_pairs": (224, False, True, False),  # flipped with the flow's horizontal component negated
         "fashion_flow": (128, False, True, False),
+        "coco_folder": (320, False, True, False),  # flipped with boxes, masks and left/right keypoints
+        "voc_boxes": (320, False, True, False),
+        "fashion_objects": (128, False, True, False),
     }
 
 

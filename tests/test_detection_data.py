@@ -68,6 +68,9 @@ def test_coco_boxes_masks_keypoints_become_torchvision_targets(tmp_path):
 
     only_dogs = read_coco(path, tmp_path, classes=["dog", "cat"])  # the spec's order decides the labels
     assert only_dogs.target(0, with_crowd=True)["labels"].tolist() == [1, 2]
+    with pytest.warns(DetectionFileWarning, match=r"1 object\(s\) of categories data.classes leaves out"):
+        dogs = read_coco(path, tmp_path, classes=["dog"])  # a subset: the cat is left out, counted
+    assert dogs.classes == ["background", "dog"] and dogs.target(0, with_crowd=True)["labels"].tolist() == [1]
 
     box_only = {"id": 3, "image_id": 9, "category_id": 3, "bbox": [1, 1, 2, 2], "segmentation": []}
     data = read_coco(_coco(tmp_path, [box_only, {**box_only, "id": 4, "segmentation": square}]), tmp_path)
@@ -83,9 +86,7 @@ def test_coco_bad_input_is_one_line_naming_the_file(tmp_path):
     ):
         read_coco(path, tmp_path)
     path = _coco(tmp_path, [{**box, "category_id": 4}])
-    with pytest.raises(
-        UserError, match=r"annotation 5 has category 4, not one of the classes \(category ids 3, 17\)"
-    ):
+    with pytest.raises(UserError, match=r"annotation 5 has category 4, which categories lacks \(ids 3, 17\)"):
         read_coco(path, tmp_path)
     with pytest.raises(UserError, match=r"data.classes names 'bird', not a category of this file"):
         read_coco(_coco(tmp_path, [box]), tmp_path, classes=["bird"])
@@ -152,8 +153,9 @@ def test_voc_boxes_start_at_pixel_one_and_difficult_is_kept_apart(tmp_path):
     target = data.target(0, with_crowd=True)
     assert target["boxes"].tolist() == [[0.0, 0.0, 5.0, 4.0], [9.0, 1.0, 20.0, 10.0]]
     assert target["labels"].tolist() == [1, 2] and target["iscrowd"].tolist() == [False, True]
-    with pytest.raises(UserError, match=r"x.xml: object 'dog' is not one of data.classes \(cat\)"):
-        read_voc_boxes(tmp_path, "train", classes=["cat"])
+    with pytest.warns(DetectionFileWarning, match=r"1 object\(s\) of categories data.classes leaves out"):
+        cats = read_voc_boxes(tmp_path, "train", classes=["cat"])  # the dog is left out, counted
+    assert cats.target(0, with_crowd=True)["labels"].tolist() == [1]
     _voc(tmp_path, [("dog", 0, (1, 1, "5px", 4))])
     with pytest.raises(UserError, match=r"x.xml: <bndbox><xmax> is '5px', not a number"):
         read_voc_boxes(tmp_path, "train")

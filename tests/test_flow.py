@@ -83,8 +83,9 @@ def test_teachers_refining_another_number_of_times_and_settings_without_a_meanin
     with pytest.raises(UserError) as err:
         validate_spec(raw)
     assert err.value.problems == [
-        "distill.label_smoothing: flows have no classes to smooth; drop it",
-        "train.activation_checkpointing: not for RAFT's part-by-part networks in this version; drop it",
+        "train.activation_checkpointing: not for flow models (rewritten part by part) in this version; drop "
+        "it",
+        "distill.label_smoothing: flow losses have no classes to smooth; drop it",
         "teachers[0].kwargs.num_flow_updates: 12, but the student refines 2 times; the combined teacher "
         "fuses the flows of every refinement, so every network refines as often",
     ]

@@ -3,7 +3,8 @@
 Each dataset is a record (``record.py``) in a file of its own, registered by name: ``cifar.py`` (cifar10,
 cifar100), ``fashion_mnist.py``, ``imagefolder.py``, ``segmentation_files.py`` (voc, mask_folders),
 ``scenes.py`` (fashion_scenes), ``clips.py`` (clip_folders, frame_folders), ``moving.py``
-(moving_fashion), ``flow_files.py`` (flow_pairs), ``fashion_flow.py`` (fashion_flow).
+(moving_fashion), ``flow_files.py`` (flow_pairs), ``fashion_flow.py`` (fashion_flow), ``detections.py``
+(coco_folder, voc_boxes), ``fashion_objects.py`` (fashion_objects).
 ``build_datasets(spec.data)`` reads the data into a `DataBundle`; ``build_loaders`` batches it. With
 ``corrupt_images: skip``, ``DataBundle.skipped_images()`` tells how many
 unreadable images were found and dropped so far (distinct files, seen across DataLoader worker processes).
@@ -12,8 +13,10 @@ unreadable images were found and dropped so far (distinct files, seen across Dat
 from cmtkd_graph.data import (  # noqa: F401  (register the datasets)
     cifar,
     clips,
+    detections,
     fashion_flow,
     fashion_mnist,
+    fashion_objects,
     flow_files,
     imagefolder,
     moving,

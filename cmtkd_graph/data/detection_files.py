@@ -15,10 +15,12 @@ the caller names them (the spec's ``data.classes``). What stops a read with one 
 annotation file that is not JSON or lacks ``images``/``annotations``/``categories``, a record with a
 field missing or of the wrong type (naming the record), an image the annotations name that is not on
 disk, a box that reaches more than one pixel outside its image (the annotations were made for another
-image size), a category that is not one of the classes. What is skipped and counted (one warning line
-per file), as COCO's users expect, since the released COCO files hold a few such boxes and torchvision's
-and Detectron2's readers drop them: boxes with zero width or height. Boxes that overhang their image by
-up to a pixel (rounding) are clamped to it.
+image size), a COCO category id that the file's ``categories`` lack, a name in the spec's classes that
+is not a category of the file. What is skipped and counted (one warning line per file): boxes with zero
+width or height, as COCO's users expect (the released COCO files hold a few, and torchvision's and
+Detectron2's readers drop them), and objects of the categories the spec's classes leave out (choosing
+classes is choosing a subset, as training on COCO's people alone does). Boxes that overhang their image
+by up to a pixel (rounding) are clamped to it.
 
 :func:`coco_scores` scores detections with pycocotools' ``COCOeval`` (mAP@[.5:.95], AP50, AP75 and AP
 per object size); :func:`coco_ground_truth` writes any :class:`DetectionSet` (VOC's too) as the COCO
@@ -28,7 +30,6 @@ dict it scores against.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import warnings
 import xml.etree.ElementTree as ET
@@ -40,7 +41,29 @@ from typing import Any
 import numpy as np
 import torch
 
+from cmtkd_graph.coco import (
+    COCO_METRICS,
+    coco_scores,
+    decode_mask,
+    encode_mask,
+    keypoint_sigmas,
+)
 from cmtkd_graph.errors import UserError, first_line
+
+__all__ = [
+    "COCO_METRICS",
+    "DetectionFileWarning",
+    "DetectionSet",
+    "ImageRecord",
+    "Instance",
+    "coco_ground_truth",
+    "coco_scores",
+    "decode_mask",
+    "encode_mask",
+    "keypoint_sigmas",
+    "read_coco",
+    "read_voc_boxes",
+]
 
 OVERHANG = 1.0
 """How far (pixels) a box may reach outside its image and be clamped; beyond it the box is an error."""
@@ -150,6 +173,7 @@ def read_coco(
             f"images of its file_name fields"
         )
     skipped = []
+    left_out = 0
     for a in data["annotations"]:
         with _record(path, "annotation", a):
             record = images.get(int(a["image_id"]))
@@ -158,13 +182,15 @@ def read_coco(
                     f"{path}: annotation {a.get('id')} is of image {a['image_id']}, which images lacks"
                 )
             cid = int(a["category_id"])
-            if cid not in label_of:
-                known = ", ".join(str(c) for c in chosen[:10])
+            if cid not in names:
+                known = ", ".join(str(c) for c in list(names)[:10])
                 raise UserError(
-                    f"{path}: annotation {a.get('id')} has category {cid}, not one of the classes "
-                    f"(category ids {known}{', ...' if len(chosen) > 10 else ''}); fix the file or "
-                    "data.classes"
+                    f"{path}: annotation {a.get('id')} has category {cid}, which categories lacks "
+                    f"(ids {known}{', ...' if len(names) > 10 else ''}); fix the file"
                 )
+            if cid not in label_of:  # a category data.classes leaves out
+                left_out += 1
+                continue
             x, y, w, h = (float(v) for v in a["bbox"])
             box = _inside(path, f"annotation {a.get('id')}", record, (x, y, x + w, y + h))
             if box[2] <= box[0] or box[3] <= box[1]:
@@ -184,7 +210,7 @@ def read_coco(
                     np.asarray(keypoints, dtype=np.float32).reshape(-1, 3).tolist() if keypoints else None,
                 )
             )
-    _warn_skipped(path, skipped)
+    _warn_skipped(path, skipped, left_out)
     return DetectionSet(
         list(images.values()),
         ["background", *(names[c] for c in chosen)],
@@ -234,7 +260,7 @@ def _inside(
     return (max(x1, 0.0), max(y1, 0.0), min(x2, float(record.width)), min(y2, float(record.height)))
 
 
-def _warn_skipped(path: Path, skipped: list) -> None:
+def _warn_skipped(path: Path, skipped: list, left_out: int = 0) -> None:
     if skipped:
         ids = ", ".join(str(i) for i in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         warnings.warn(
@@ -242,41 +268,12 @@ def _warn_skipped(path: Path, skipped: list) -> None:
             DetectionFileWarning,
             stacklevel=3,
         )
-
-
-def _coco_mask():
-    """pycocotools' mask module, or a UserError naming the install command."""
-    try:
-        from pycocotools import mask
-    except ImportError:
-        raise UserError(
-            "COCO masks and scores need pycocotools, which is not installed: "
-            "`pip install 'cmtkd-graph[detection]'`"
-        ) from None
-    return mask
-
-
-def decode_mask(segmentation: Any, height: int, width: int) -> torch.Tensor:
-    """A COCO segmentation (polygons, uncompressed or compressed RLE) as uint8 ``[H, W]`` (1: object)."""
-    if segmentation is None:  # an object without a mask in a file with masks
-        return torch.zeros(height, width, dtype=torch.uint8)
-    coco_mask = _coco_mask()
-    if isinstance(segmentation, list):  # polygons: one object may have several parts
-        rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
-        rle = coco_mask.frPyObjects(segmentation, height, width)
-    else:
-        rle = segmentation
-    with warnings.catch_warnings():  # pycocotools' compiled decoder predates numpy 2's copy keyword
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.from_numpy(coco_mask.decode(rle).astype(np.uint8))
-
-
-def encode_mask(mask: torch.Tensor) -> dict:
-    """A binary mask ``[H, W]`` as COCO's compressed RLE (``counts`` as a string: JSON-writable)."""
-    coco_mask = _coco_mask()
-    rle = coco_mask.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
-    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+    if left_out:
+        warnings.warn(
+            f"{path}: {left_out} object(s) of categories data.classes leaves out skipped",
+            DetectionFileWarning,
+            stacklevel=3,
+        )
 
 
 # ---------------------------------------------------------------------------- Pascal VOC XML
@@ -291,6 +288,7 @@ def read_voc_boxes(root: str | Path, split: str, classes: Sequence[str] | None =
     found: list[str] = list(classes or [])
     images = []
     skipped = []
+    left_out = 0
     for image_id, name in enumerate(listing.read_text().split()):
         xml = root / "Annotations" / f"{name}.xml"
         try:
@@ -308,10 +306,9 @@ def read_voc_boxes(root: str | Path, split: str, classes: Sequence[str] | None =
         for index, obj in enumerate(tree.iter("object")):
             name_of = (obj.findtext("name") or "").strip()
             if name_of not in found:
-                if classes is not None:
-                    raise UserError(
-                        f"{xml}: object {name_of!r} is not one of data.classes ({', '.join(found[:8])})"
-                    )
+                if classes is not None:  # a class data.classes leaves out
+                    left_out += 1
+                    continue
                 found.append(name_of)
             bnd = obj.find("bndbox")
             if bnd is None:
@@ -324,7 +321,7 @@ def read_voc_boxes(root: str | Path, split: str, classes: Sequence[str] | None =
             difficult = (obj.findtext("difficult") or "0").strip() == "1"
             record.instances.append(Instance(box, found.index(name_of) + 1, difficult))
         images.append(record)
-    _warn_skipped(listing, skipped)
+    _warn_skipped(listing, skipped, left_out)
     return DetectionSet(images, ["background", *found], list(range(1, len(found) + 1)), [], len(skipped))
 
 
@@ -339,10 +336,6 @@ def _number(xml: Path, element: ET.Element, key: str) -> float:
 
 
 # ---------------------------------------------------------------------------- COCO scoring
-COCO_METRICS = ("map", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
-"""The first six numbers of ``COCOeval.stats``, in %, under these names."""
-
-
 def coco_ground_truth(data: DetectionSet) -> dict:
     """``data`` as a COCO annotation dict (ids as in ``data``; VOC's difficult objects as crowd regions,
     on which a detection is neither a hit nor a miss: close to VOC's rule, not the same, docs/tasks.md)."""
@@ -383,51 +376,3 @@ def _area(o: Instance, record: ImageRecord) -> float:
         return float(decode_mask(o.segmentation, record.height, record.width).sum())
     x1, y1, x2, y2 = o.box
     return (x2 - x1) * (y2 - y1)
-
-
-COCO_KEYPOINT_SIGMAS = (
-    .26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89,
-)  # fmt: skip
-"""COCO's per-keypoint falloff of the object keypoint similarity, times 10 (pycocotools' default for its
-17 person keypoints)."""
-
-
-def keypoint_sigmas(count: int) -> list[float]:
-    """The OKS falloff per keypoint: COCO's for its 17 person keypoints, else their mean (0.072) for every
-    keypoint (a set of other keypoints has no published constants; the mean treats them alike)."""
-    coco = [v / 10 for v in COCO_KEYPOINT_SIGMAS]
-    return coco if count == len(coco) else [sum(coco) / len(coco)] * count
-
-
-def coco_scores(ground_truth: dict, detections: list[dict], iou_type: str = "bbox") -> dict[str, float]:
-    """pycocotools' COCOeval of ``detections`` (COCO's result format: ``image_id``, ``category_id``,
-    ``bbox`` [x, y, w, h] or ``segmentation`` or ``keypoints``, ``score``) against ``ground_truth``, as
-    ``{"map", "ap50", "ap75", "ap_small", "ap_medium", "ap_large"}`` in % (keypoints: no small size;
-    -1 where COCOeval has nothing to score; :func:`keypoint_sigmas` for the similarity). No detections
-    score 0."""
-    _coco_mask()
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    if not detections:
-        return dict.fromkeys(COCO_METRICS, 0.0)
-    known = {image["id"] for image in ground_truth["images"]}
-    strangers = sorted({d["image_id"] for d in detections} - known)
-    if strangers:
-        raise ValueError(f"detections of images the ground truth does not have: {strangers[:5]}")
-    with contextlib.redirect_stdout(io.StringIO()):  # COCO and COCOeval print their progress
-        truth = COCO()
-        truth.dataset = ground_truth
-        truth.createIndex()
-        found = truth.loadRes(detections)
-        evaluation = COCOeval(truth, found, iou_type)
-        if iou_type == "keypoints":
-            names = next((c.get("keypoints") for c in ground_truth["categories"] if c.get("keypoints")), [])
-            evaluation.params.kpt_oks_sigmas = np.array(keypoint_sigmas(len(names)))
-        evaluation.evaluate()
-        evaluation.accumulate()
-        evaluation.summarize()
-    stats = [float(v) for v in evaluation.stats]
-    if iou_type == "keypoints":  # stats: AP, AP50, AP75, AP medium, AP large, AR ...
-        stats = [*stats[:3], -1.0, *stats[3:5]]
-    return {k: (100.0 * v if v >= 0 else -1.0) for k, v in zip(COCO_METRICS, stats, strict=False)}

@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cmtkd_graph.data.detection_files import encode_mask
+from cmtkd_graph.coco import encode_mask
+from cmtkd_graph.data.detections import CocoFolder
 from cmtkd_graph.data.fashion_mnist import FASHION_MNIST_CLASSES, read_fashion_mnist
+from cmtkd_graph.data.record import register_dataset
 
 SCENE_SIZE = 128
 ITEMS_PER_SCENE = 3
@@ -122,3 +124,15 @@ def write_objects(root: Path, fashion_root: str | None) -> str:
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
         counts.append(f"{len(images)} {split} ({len(annotations)} objects)")
     return f"fashion objects: {' and '.join(counts)} scenes written in the COCO layout"
+
+
+@register_dataset("fashion_objects")
+class FashionObjects(CocoFolder):
+    summary = (
+        "detection: 128x128 scenes of three Fashion-MNIST items with exact boxes, masks and keypoints, in "
+        "the COCO layout (data.root default: data/fashion_objects)"
+    )
+    native_size = SCENE_SIZE
+    how_to_get = "make them with `cmtkd-graph data prepare fashion_objects` (from dataset-fashion-mnist)"
+    default_root = "data/fashion_objects"
+    splits = (("train",), ("val",))

@@ -124,6 +124,8 @@ class DropSkipped:
         kept = [sample for sample in batch if sample is not None]
         if not kept:
             return torch.empty(0, *self.image_shape), torch.empty(0, *self.label_shape, dtype=torch.long)
+        if isinstance(kept[0][1], dict):  # detection targets: one dict per image, of its own size
+            return default_collate([image for image, _ in kept]), [target for _, target in kept]
         return default_collate(kept)
 
 

@@ -39,6 +39,7 @@ class DatasetRecord:
     how_to_get: ClassVar[str] = "the images must already be in data.root"  # when it cannot be downloaded
     default_root: ClassVar[str | None] = None  # data.root when the spec gives none
     has_eval_split_choice: ClassVar[bool] = False  # data.eval_split names the evaluation folder
+    has_class_choice: ClassVar[bool] = False  # data.classes chooses the categories of the files
     reads_files_on_demand: ClassVar[bool] = False  # images decoded per access (data.corrupt_images: skip)
     device_pipeline: ClassVar[bool] = True  # data.pipeline: device can decode it (one label per image)
     clips: ClassVar[bool] = False  # samples are clips of frames (data.frames, data.frame_stride)

@@ -30,16 +30,29 @@ class StudentOnly(nn.Module):
         return SystemOutput(student_logits=self.student(images)[LOGITS])
 
 
+OBJECTS = "objects"
+"""The record's key of each network's objects (detections as COCO results) where the task collects them:
+``eval`` writes them beside its record; callers that do not write them pop the key."""
+
+
+def _scored_dataset(dataset):
+    """The dataset that holds the ground truth (``ground_truth()``), under the wrappers a loader adds."""
+    while not hasattr(dataset, "ground_truth") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return dataset
+
+
 @torch.no_grad()
 def evaluate(model, loader, accelerator, *, task: type[Task], channels_last: bool = False) -> dict:
     """``{"samples": N, "acc1/student": %, "acc5/student": %, ..., "importance/<stat>": [...]}`` (the
-    metric names are the task's: ``miou/student``...).
+    metric names are the task's: ``miou/student``...; detection adds :data:`OBJECTS`).
 
     Leaves ``model`` in eval mode. ``importance/<stat>`` are the method's statistics (e.g. AMTML-KD's
     instance weights) averaged over the images.
     """
     model.eval()
     states: dict[str, torch.Tensor] = {}
+    objects: dict[str, list] = {}
     stats: dict[str, torch.Tensor] = {}
     seen, stats_seen = 0, 0
     for images, labels in loader:
@@ -51,8 +64,14 @@ def evaluate(model, loader, accelerator, *, task: type[Task], channels_last: boo
             named["combined"] = out.teacher_logits
         named.update({f"teacher{k}": z for k, z in enumerate(out.each_teacher_logits)})
         for name, value in out.stats.items():  # batch means, weighted by the batch size
-            stats[name] = stats.get(name, 0.0) + value.float() * labels.shape[0]
-        stats_seen += labels.shape[0] if out.stats else 0
+            stats[name] = stats.get(name, 0.0) + value.float() * len(labels)
+        stats_seen += len(labels) if out.stats else 0
+        if task.collects_objects:  # each image's objects, gathered as Python objects, scored at the end
+            for name, z in named.items():
+                rows = accelerator.gather_for_metrics(task.metric_rows(z, labels), use_gather_object=True)
+                objects.setdefault(name, []).extend(rows)
+            seen += len(rows)
+            continue
         rows = [task.metric_rows(z.float(), labels) for z in named.values()]
         gathered = accelerator.gather_for_metrics(rows)
         seen += gathered[0].shape[0]
@@ -61,6 +80,10 @@ def evaluate(model, loader, accelerator, *, task: type[Task], channels_last: boo
     record: dict = {"samples": seen}
     for name, state in states.items():
         record.update({f"{key}/{name}": value for key, value in task.metric_values(state.cpu()).items()})
+    for name, rows in objects.items():
+        values, found = task.score_objects(rows, _scored_dataset(loader.dataset))
+        record.update({f"{key}/{name}": value for key, value in values.items()})
+        record.setdefault(OBJECTS, {})[name] = found
     for name, total in sorted(stats.items()):
         pair = torch.cat([total.flatten(), total.new_tensor([stats_seen])])  # one reduce: sum and count
         pair = accelerator.reduce(pair, reduction="sum") if accelerator.num_processes > 1 else pair

@@ -25,7 +25,7 @@ from cmtkd_graph.deploy.student import (
 )
 from cmtkd_graph.ema import EMA_FILE, StudentAverage
 from cmtkd_graph.errors import UserError
-from cmtkd_graph.evaluation.accuracy import StudentOnly, evaluate
+from cmtkd_graph.evaluation.accuracy import OBJECTS, StudentOnly, evaluate
 from cmtkd_graph.registry import TASKS
 from cmtkd_graph.runtime.layout import channels_last_module
 from cmtkd_graph.safe_files import read_tensors
@@ -107,9 +107,16 @@ def evaluate_run(
                 channels_last=precision.channels_last,
             )
         record.update({k.replace("/student", "/student_ema"): v for k, v in alone.items() if "/student" in k})
+    objects = record.pop(OBJECTS, {})
     if accelerator.is_main_process:
         path = Path(out) if out else run_dir / "eval" / f"{_label(source)}-{split}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
+        if objects:  # detections, as COCO results: <record>-detections/<network>.json
+            folder = path.with_name(path.stem + "-detections")
+            folder.mkdir(exist_ok=True)
+            for name, found in objects.items():
+                (folder / f"{name}.json").write_text(json.dumps(found))
+            record["detections"] = str(folder)
         path.write_text(json.dumps(record, indent=1))
         record["written"] = str(path)
     return record

@@ -205,7 +205,7 @@ def taps_table(
         if steps:
             raise UserError(f"--surgery: not for {task.name} models (they are rewritten part by part)")
         gm = float_part(model, task.tap_part)
-        where = f" ({task.tap_part}, on each image)"
+        where = f" ({task.tap_part}{', on each image' if task.frames else ''})"
     propagate_shapes(gm, (1, *input_shape))
     auto_names = auto_tap_names(gm, arch)
     auto = {resolve_tap(gm, name) for name in auto_names}

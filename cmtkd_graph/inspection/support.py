@@ -35,8 +35,12 @@ SIZES = {
     "segmentation": (224, 224),
     "video": (16, 224, 224),
     "flow": (128, 128),  # RAFT's least input (cmtkd_graph.tasks.flow.MIN_SIDE)
+    "detection": (320, 320),  # the mobile detectors' own (SSD300: its fixed 300)
 }
-OWN_SIZE = {"inception_v3": (299, 299)}  # builders whose own input differs from the task's
+OWN_SIZE = {
+    "inception_v3": (299, 299),
+    "ssd300_vgg16": (300, 300),
+}  # builders whose own input differs from the task's
 SLOW_INIT = ("googlenet", "inception_v3")  # scipy's truncated normal init: slow and irrelevant here
 PAGE = "docs/models.md"
 ROLE_NAMES = {  # how the page names each role a precision rule selects (the classifier: every model's last)
@@ -66,6 +70,8 @@ def support_spec(arch: str, *, quantizer: str = "hwgq", teachers: int = 2, size:
         data.update(dataset="frame_folders", frames=shape[0])
     if task == "flow":
         data["dataset"] = "fashion_flow"
+    if task == "detection":
+        data["dataset"] = "fashion_objects"
     return validate_spec(
         {
             "name": arch,
@@ -149,6 +155,9 @@ def compose_check(spec: Spec) -> DistillationSystem:
 
     system = cg.build_system(spec, device="meta", load=False)
     x = torch.empty(2, *spec.data.input_shape(), device="meta")
+    if hasattr(system, "layers_forward"):  # detectors: their layers (their box logic needs values)
+        system.layers_forward(x).backward()
+        return system
     # Eval mode: the graph is the same (traced once, in training mode), and on the meta device
     # BatchNorm's training kernel runs as slow Python decompositions.
     system.eval()
@@ -279,6 +288,7 @@ TASK_TITLES = {
     "segmentation": "Segmentation",
     "video": "Video",
     "flow": "Optical flow",
+    "detection": "Detection",
 }
 
 
@@ -288,12 +298,45 @@ def page(rows: list[ModelSupport], measured: dict[str, str]) -> str:
 
     rows = [replace(r, measured=measured.get(r.arch, "-")) for r in rows]
     versions = {"torch": torch.__version__, "torchvision": torchvision.__version__}
-    parts = [INTRO.format(**{k: v.split("+")[0] for k, v in versions.items()})]
+    parts = [INTRO.format(**{k: v.split("+")[0] for k, v in versions.items()}), task_table()]
     for task, title in TASK_TITLES.items():
         mine = [r for r in rows if r.task == task]
         if mine:
             parts.append(f"## {title}\n\n{table(mine)}\n")
     return "\n".join(parts)
+
+
+def task_table() -> str:
+    """What works for each task's builders (the verbs a task does not have yet say so in one line), and
+    how the builders of ``list_models()`` add up."""
+    import torchvision
+
+    from cmtkd_graph.models.builders import QUANTIZED_PREFIX
+    from cmtkd_graph.registry import TASKS
+
+    lines = [
+        "## By task\n",
+        "| task | builders | validate, train, study, eval | inspect | export | predict |",
+        "|---|---|---|---|---|---|",
+    ]
+    covered = 0
+    for task, title in TASK_TITLES.items():
+        record = TASKS.get(task)
+        covered += len(record.model_names())
+        verbs = ["no" if verb in record.missing_verbs else "yes" for verb in ("inspect", "export", "predict")]
+        lines.append(f"| {title} | {len(record.model_names())} | yes | {' | '.join(verbs)} |")
+    every = torchvision.models.list_models()
+    others = [name for name in every if not any(name in TASKS.get(t).model_names() for t in TASK_TITLES)]
+    quantized = all(name.startswith(QUANTIZED_PREFIX) for name in others)
+    kind = "torch.ao's 8-bit eager-mode classifiers (`quantized_*`)" if quantized else ", ".join(others)
+    lines.append(
+        f"\nThese are {covered} of the {len(every)} builders of torchvision's `list_models()`; the other "
+        f"{len(others)} are {kind}, which `validate` refuses in one line naming their float builder (a row "
+        "above; the tool quantizes it itself, at any bits). Where a verb is not there yet it says so in one "
+        "line (exit 2); the exports of each row's student: its int8 column and "
+        "[deployment.md](deployment.md).\n"
+    )
+    return "\n".join(lines)
 
 
 INTRO = """# Models
@@ -309,7 +352,9 @@ input size (its family's only size where it has one: `fixed`).
 * **quantized + composed**: the student and both teachers traced and quantized, the teachers composed
   into one graph with fusion at the auto taps, and the whole system run forward and backward (on the
   meta device: shapes, not values); `yes`, or the first line of what fails. A model that passes here
-  trains: the training loop runs the same system.
+  trains: the training loop runs the same system. Detectors run their layers there (the backbones,
+  composed, and every head); their box logic between the layers needs values, which the tests give
+  them for real ([tasks.md](tasks.md#detection)).
 * **auto taps**: how many taps `auto` chooses and by which rule (`cmtkd_graph/models/facts.py`:
   the family's fixed module names, blocks at fractions of its depth, or the end of every stage found
   from the graph). `cmtkd-graph taps ARCH` lists them.

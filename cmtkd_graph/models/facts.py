@@ -163,7 +163,24 @@ VIDEO_FAMILIES: tuple[Family, ...] = (
         note="the four stages (the patch embedding is not in features); their maps are [B, T, H, W, C]",
     ),
 )
-FAMILIES = FAMILIES + SEGMENTATION_FAMILIES + VIDEO_FAMILIES
+DETECTION_FAMILIES: tuple[Family, ...] = (
+    Family(
+        "detection resnet50 fpn",
+        (
+            "fasterrcnn_resnet50",
+            "maskrcnn_resnet50",
+            "keypointrcnn_resnet50",
+            "retinanet_resnet50",
+            "fcos_resnet50",
+        ),
+        FixedTaps(
+            ("backbone.body.layer1", "backbone.body.layer2", "backbone.body.layer3", "backbone.body.layer4")
+        ),
+        note="the ResNet-50 body's four stages, each of which feeds the FPN (so no stage lies on every path "
+        "from the image to the maps: the resolution rule finds none)",
+    ),
+)
+FAMILIES = FAMILIES + SEGMENTATION_FAMILIES + VIDEO_FAMILIES + DETECTION_FAMILIES
 GENERIC = Family("generic", (), StageEnds(), note="every other model: the end of every stage, from the graph")
 
 

@@ -374,7 +374,8 @@ class DataSpec(Strict):
         description="registered dataset: cifar10/cifar100 (torchvision format), imagefolder (train/ + "
         "val|test/), fashion_mnist; for segmentation voc (Pascal VOC layout), mask_folders (images/ + "
         "masks/), fashion_scenes; for video clip_folders (video files), frame_folders (folders of frames), "
-        "moving_fashion; for optical flow flow_pairs (FlyingChairs layout), fashion_flow (see "
+        "moving_fashion; for optical flow flow_pairs (FlyingChairs layout), fashion_flow; for detection "
+        "coco_folder (COCO layout), voc_boxes (Pascal VOC XML), fashion_objects (see "
         "cmtkd_graph/data/, docs/tasks.md)",
         json_schema_extra=_registered_names(DATASETS),
     )
@@ -386,6 +387,11 @@ class DataSpec(Strict):
         None,
         description="imagefolder, mask_folders, clip_folders, frame_folders: evaluation folder (default: "
         "val, else test); voc: the evaluation list of ImageSets/Segmentation (default: val)",
+    )
+    classes: list[str] | None = Field(
+        None,
+        description="coco_folder, voc_boxes, fashion_objects: the categories to train and score, by name, "
+        "in this order (default: every category of the file); an object of another category is an error",
     )
     batch_size: int = Field(256, ge=1, description="total batch size per optimizer step, over all processes")
     eval_batch_size: int | None = Field(
@@ -450,6 +456,11 @@ class DataSpec(Strict):
             problems.append(
                 f"data.eval_split: only for {'/'.join(_datasets_that('has_eval_split_choice'))}; "
                 f"{self.dataset} has a fixed test split"
+            )
+        if self.classes is not None and not record.has_class_choice:
+            problems.append(
+                f"data.classes: only for {'/'.join(_datasets_that('has_class_choice'))}; {self.dataset} has "
+                "fixed classes"
             )
         if self.corrupt_images == "skip" and not record.reads_files_on_demand:
             problems.append(

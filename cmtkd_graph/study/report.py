@@ -192,6 +192,11 @@ def _in_percent(metric: str) -> bool:
     return metric_keys()[metric.split("/")[0]].endswith("%")
 
 
+def _is_accuracy(metric: str) -> bool:
+    """A classifier's top-k accuracy (``acc1``, ``acc5``)."""
+    return metric.split("/")[0] in ("acc1", "acc5")
+
+
 def _cell(stats: dict) -> str:
     if stats["mean"] is None:
         return "–"
@@ -245,11 +250,12 @@ def markdown(
             )
             + " |"
         )
-    measured = (
-        "Accuracies in %"
-        if all(_in_percent(m) for m in study.metrics)
-        else "Metrics (in the units of their headings; an end-point error is in px, lower is better)"
-    )
+    if all(_is_accuracy(m) for m in study.metrics):
+        measured = "Accuracies in %"
+    elif all(_in_percent(m) for m in study.metrics):
+        measured = "Metrics in % (as their headings say: accuracies, mIoU, COCO's average precision)"
+    else:
+        measured = "Metrics (in the units of their headings; an end-point error is in px, lower is better)"
     lines += [
         "",
         f"{measured} on the evaluation split after the last epoch: mean ± sample standard "
@@ -424,16 +430,19 @@ def write_chart(study: StudySpec, rows: list[dict], lines: list[dict], out: Path
         range(len(done))[::-1], [f"{r['label']} (n={len(r['finished'])})" for r in done], fontsize=8
     )
     ax.set_ylim(-0.6, len(done) - 0.4)
-    if all(_in_percent(m) for m in study.chart):
+    from cmtkd_graph.study.spec import metric_keys
+
+    headings = dict.fromkeys(metric_keys()[m.split("/")[0]] for m in study.chart)
+    if all(_is_accuracy(m) for m in study.chart):
         ax.set_xlim(0, 100)
         kinds = sorted({f"top-{m.split('/')[0].removeprefix('acc')}" for m in study.chart})
         ax.set_xlabel(f"{' / '.join(kinds)} accuracy (%), axis from 0")
+    elif all(_in_percent(m) for m in study.chart):  # mIoU, mAP: % from 0 to 100
+        ax.set_xlim(0, 100)
+        ax.set_xlabel(f"{' / '.join(headings)}, axis from 0")
     else:  # e.g. an end-point error in px
-        from cmtkd_graph.study.spec import metric_keys
-
         ax.set_xlim(left=0)
-        units = dict.fromkeys(metric_keys()[m.split("/")[0]] for m in study.chart)
-        ax.set_xlabel(f"{' / '.join(units)}, axis from 0")
+        ax.set_xlabel(f"{' / '.join(headings)}, axis from 0")
     ax.set_title(study.name, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     # below the axis label, at a fixed distance whatever the number of rows

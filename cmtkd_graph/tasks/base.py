@@ -58,6 +58,8 @@ class Task:
     methods_reason: ClassVar[str] = ""
     # metric key -> heading; the first is the one a run is judged by (final.json, studies)
     metric_titles: ClassVar[dict[str, str]] = {"acc1": "top-1 %", "acc5": "top-5 %"}
+    # metric_rows gives each sample's objects (detections), scored together by score_objects, not summed
+    collects_objects: ClassVar[bool] = False
 
     @classmethod
     def model_names(cls) -> tuple[str, ...]:
@@ -87,6 +89,29 @@ class Task:
     def spec_problems(cls, spec: Any) -> list[str]:
         """What the task cannot do that the spec asks for, one ``key: problem`` line each."""
         return []
+
+    @classmethod
+    def part_by_part_problems(cls, spec: Any) -> list[str]:
+        """What a task whose networks are rewritten part by part (``models.parts``) and whose loss is its
+        own (not a cross-entropy over classes) cannot take: surgery, activation checkpointing, crops, label
+        smoothing; one ``key: problem`` line each."""
+        problems = []
+        if any(spec.surgery_for(m) for m in (spec.student, *spec.resolved_teachers())):
+            problems.append(f"surgery: not for {cls.name} models (their networks are rewritten part by part)")
+        if spec.train.activation_checkpointing:
+            problems.append(
+                f"train.activation_checkpointing: not for {cls.name} models (rewritten part by part) in this "
+                "version; drop it"
+            )
+        crop = spec.data.augment.crop
+        if crop not in (None, "none"):
+            problems.append(
+                f"data.augment.crop: {crop} is not done to {cls.sample_noun}s in this version (training "
+                "mirrors them left-right, data.augment.hflip); drop it"
+            )
+        if spec.distill.label_smoothing:
+            problems.append(f"distill.label_smoothing: {cls.name} losses have no classes to smooth; drop it")
+        return problems
 
     @classmethod
     def builder_kwargs(cls, kwargs: dict[str, Any] | None) -> dict[str, Any]:
@@ -161,6 +186,12 @@ class Task:
         e.g. per-class values; the keys of ``metric_titles`` are the scalars a run is reported by)."""
         seen = max(int(state[0]), 1)
         return {"acc1": 100.0 * int(state[1]) / seen, "acc5": 100.0 * int(state[2]) / seen}
+
+    @classmethod
+    def score_objects(cls, rows: list, dataset: Any) -> tuple[dict[str, float], list[dict]]:
+        """The metrics of every sample's objects (``metric_rows`` of a task that ``collects_objects``)
+        against ``dataset``'s ground truth, and the objects as written by ``eval``."""
+        raise NotImplementedError(f"{cls.name} metrics are sums of rows (metric_values)")
 
 
 @functools.cache

@@ -113,20 +113,7 @@ class OpticalFlow(Task):
                 f"divisible by 8 (its correlation pyramid goes down to 1/64), got {shape[-1]}x{shape[-2]}: "
                 f"set data.image_size: {max(MIN_SIDE, -(-side // 8) * 8)}"
             )
-        if any(spec.surgery_for(m) for m in (spec.student, *spec.resolved_teachers())):
-            problems.append("surgery: not for flow models (their networks are rewritten part by part)")
-        if spec.data.augment.crop not in (None, "none"):
-            problems.append(
-                f"data.augment.crop: {spec.data.augment.crop} is not done to flow pairs in this version "
-                "(training mirrors pairs left-right, data.augment.hflip); drop it"
-            )
-        if spec.distill.label_smoothing:
-            problems.append("distill.label_smoothing: flows have no classes to smooth; drop it")
-        if spec.train.activation_checkpointing:
-            problems.append(
-                "train.activation_checkpointing: not for RAFT's part-by-part networks in this version; "
-                "drop it"
-            )
+        problems += cls.part_by_part_problems(spec)
         if any(cls.kwargs_problem(m.arch, m.kwargs or {}) for m in (spec.student, *spec.resolved_teachers())):
             return problems  # a count that is not one: said by kwargs_problem
         updates = cls.flow_updates(spec.student.kwargs)

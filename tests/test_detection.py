@@ -1,0 +1,385 @@
+"""``task: detection``: the spec's checks, the detection datasets, a detector network against torchvision's
+own forward (losses and detections), the composed system against an eager implementation of the same
+objective (values and gradients), every builder composed with two teachers, and the quickstart trained by
+the CLI in two processes, resumed, evaluated, its COCO mAP equal to pycocotools' on the written file."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import cmtkd_graph as cg
+from cmtkd_graph import losses
+from cmtkd_graph.data import build_datasets, build_loaders
+from cmtkd_graph.data.detection_files import DetectionFileWarning, read_coco
+from cmtkd_graph.data.detections import DetectionImages, keypoint_flips
+from cmtkd_graph.detection_system import build_detection_system
+from cmtkd_graph.errors import UserError
+from cmtkd_graph.inspection import support
+from cmtkd_graph.quantizers import FULL_PRECISION
+from cmtkd_graph.registry import TASKS
+from cmtkd_graph.spec.io import validate_spec
+from cmtkd_graph.tasks import IGNORE
+
+from .conftest import REPO, cli, run_module, train_tiny_example
+
+SIZE = 128
+QUICK = "fasterrcnn_mobilenet_v3_large_320_fpn"
+SAMPLING = {"box_batch_size_per_image": 32, "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 100}
+DETECTORS = torchvision.models.list_models(module=torchvision.models.detection)
+TAPS = ("backbone.extra.0.0.2", "backbone.extra.1.0.2")  # two ReLU6 modules of SSDlite's extra layers
+
+
+def det_spec(arch: str = QUICK, teachers: int | list = 2, bits: int = 2, **extra) -> cg.Spec:
+    kwargs = {"num_classes": 3, **(SAMPLING if arch.startswith(("faster", "mask", "keypoint")) else {})}
+    if arch.startswith("keypoint"):
+        kwargs["num_keypoints"] = 4
+    data = {"dataset": "fashion_objects", "root": "unused", "batch_size": 2, **extra.pop("data", {})}
+    return validate_spec(
+        {
+            "name": "det",
+            "student": {"arch": arch, "kwargs": kwargs, "weight_bits": bits, "act_bits": bits},
+            "teachers": teachers
+            if isinstance(teachers, list)
+            else [{"weight_bits": 4, "act_bits": 4}, {"weight_bits": 8, "act_bits": 8}][:teachers],
+            "data": data,
+            **extra,
+        }
+    )
+
+
+def _targets(batch: int = 2) -> list[dict]:
+    """Two objects an image (classes 1 and 2), masks and keypoints inside their boxes."""
+    targets = []
+    for i in range(batch):
+        boxes = torch.tensor([[10.0 + i, 12.0, 60.0, 70.0], [64.0, 50.0 + i, 120.0, 110.0]])
+        masks = torch.zeros(2, SIZE, SIZE, dtype=torch.uint8)
+        masks[0, 12:70, 10:60] = masks[1, 50:110, 64:120] = 1
+        points = torch.tensor(
+            [[[30.0, 12.0, 2.0], [59.0, 40.0, 2.0], [30.0, 69.0, 2.0], [10.0, 40.0, 2.0]]] * 2
+        )
+        points[1, :, :2] += 54.0
+        targets.append({"boxes": boxes, "labels": torch.tensor([1, 2]), "masks": masks, "keypoints": points})
+    return targets
+
+
+# ---------------------------------------------------------------- the spec
+def test_the_detection_task_covers_the_12_builders_and_infers_from_them():
+    assert TASKS.get("detection").model_names() == tuple(DETECTORS) and len(DETECTORS) == 12
+    spec = det_spec()
+    assert spec.resolved_task == "detection"
+    assert "DET_T + DET_S" in TASKS.get("detection").objective(spec)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"teachers": [{"arch": "ssdlite320_mobilenet_v3_large", "weight_bits": 4, "act_bits": 4}]},
+            "teachers[0]: ssdlite",
+        ),
+        ({"data": {"augment": {"crop": "random"}}}, "data.augment.crop"),
+        ({"distill": {"label_smoothing": 0.1}}, "distill.label_smoothing"),
+        ({"method": "kd"}, "method"),
+    ],
+)
+def test_a_detection_spec_the_task_cannot_run_is_one_line(change, message):
+    with pytest.raises((UserError, ValueError)) as err:
+        det_spec(**change)
+    assert message in str(err.value)
+
+
+def test_data_classes_choose_the_categories_and_only_for_detection(fashion_objects):
+    """Choosing classes is choosing a subset: the other categories' objects are left out and counted."""
+    with pytest.warns(DetectionFileWarning, match="of categories data.classes leaves out skipped"):
+        bundle = build_datasets(
+            det_spec(data={"root": str(fashion_objects), "classes": ["Bag", "Trouser"]}).data
+        )
+    assert bundle.classes == ["background", "Bag", "Trouser"] and bundle.num_classes == 3
+    labels = {int(c) for i in range(len(bundle.train)) for c in bundle.train.data.target(i)["labels"]}
+    assert labels == {1, 2}
+    with pytest.raises(UserError, match=r"data\.classes: only for coco_folder/fashion_objects/voc_boxes"):
+        validate_spec(
+            {
+                "name": "c",
+                "student": {"arch": "resnet18", "weight_bits": 2, "act_bits": 2},
+                "data": {"dataset": "cifar10", "classes": ["cat"]},
+            }
+        )
+
+
+# ---------------------------------------------------------------- the data
+def test_keypoint_flips_swap_left_and_right_names():
+    assert keypoint_flips(["nose", "left_eye", "right_eye"]) == [0, 2, 1]
+    assert keypoint_flips(["top", "right", "bottom", "left"]) == [0, 3, 2, 1]
+
+
+def test_images_are_resized_and_mirrored_with_their_boxes_masks_and_keypoints(fashion_objects):
+    data = read_coco(fashion_objects / "annotations" / "instances_train.json", fashion_objects / "train")
+    plain = DetectionImages(data, size=64)
+    image, target = plain[0]
+    original = data.target(0)
+    assert image.shape == (3, 64, 64) and float(image.min()) >= 0 and float(image.max()) <= 1
+    torch.testing.assert_close(target["boxes"], original["boxes"] / 2)
+    assert target["masks"].shape[-2:] == (64, 64) and target["size"].tolist() == [128, 128]
+    assert target["scale"].tolist() == [2.0, 2.0] and int(target["image_id"]) == data.images[0].image_id
+    flipped = DetectionImages(data, size=64, hflip=True)
+    torch.manual_seed(0)
+    mirrored = next(
+        t for _, t in (flipped[0] for _ in range(20)) if not torch.equal(t["boxes"], target["boxes"])
+    )
+    boxes = target["boxes"]
+    torch.testing.assert_close(mirrored["boxes"][:, 0], 64 - boxes[:, 2])
+    assert torch.equal(mirrored["masks"], target["masks"].flip(-1))
+    # "right" (index 1) and "left" (index 3) change places, their x mirrored
+    torch.testing.assert_close(mirrored["keypoints"][:, 1, 0], 64 - target["keypoints"][:, 3, 0])
+
+
+def test_an_image_of_another_size_than_its_annotations_is_one_line(tmp_path, fashion_objects):
+    import shutil
+
+    from PIL import Image
+
+    root = tmp_path / "coco"
+    shutil.copytree(fashion_objects, root)
+    first = sorted((root / "train").iterdir())[0]
+    Image.new("RGB", (100, 90)).save(first)
+    data = read_coco(root / "annotations" / "instances_train.json", root / "train")
+    with pytest.raises(UserError, match="the image is 100x90 but its annotations say 128x128"):
+        DetectionImages(data, size=128)[0]
+
+
+def test_the_loaders_batch_images_and_keep_targets_as_a_list(fashion_objects):
+    spec = det_spec(data={"root": str(fashion_objects), "num_workers": 0})
+    bundle = build_datasets(spec.data)
+    train, _ = build_loaders(bundle, spec.data, train_batch_size=2, eval_batch_size=2, seed=0)
+    images, targets = next(iter(train))
+    assert images.shape == (2, 3, SIZE, SIZE) and isinstance(targets, list) and len(targets) == 2
+    assert {"boxes", "labels", "masks", "keypoints", "image_id", "size", "scale"} <= set(targets[0])
+
+
+# ---------------------------------------------------------------- the networks
+def _float_detector(arch: str) -> nn.Module:
+    spec = det_spec(arch, teachers=0, bits=FULL_PRECISION, method="single")
+    return build_detection_system(spec).student
+
+
+@pytest.mark.parametrize(
+    "arch", [QUICK, "maskrcnn_resnet50_fpn", "fcos_resnet50_fpn", "ssdlite320_mobilenet_v3_large"]
+)
+def test_a_detector_network_computes_what_torchvision_computes(arch):
+    """A float network of the tool (rewritten parts, torchvision's modules) and a torchvision model with its
+    weights: the same training losses (the same random proposal sampling) and the same detections."""
+    torch.manual_seed(0)
+    network = _float_detector(arch)
+    reference = torchvision.models.get_model(
+        arch, weights=None, weights_backbone=None, **det_spec(arch).student.kwargs
+    )
+    if network.kind != "ssd":
+        reference.transform.min_size, reference.transform.max_size = (SIZE,), SIZE
+    state = {k: v for k, v in network.state_dict().items()}
+    reference.load_state_dict(state)
+    images = torch.rand(2, 3, SIZE, SIZE)
+    targets = _targets()
+    network.train(), reference.train()
+    torch.manual_seed(1)  # the transform draws its size, the samplers their anchors and proposals
+    image_list, prepared = network.prepare(images, [dict(t) for t in targets])
+    maps, _ = network.encode(image_list.tensors)
+    ours, shared = network.losses(image_list, maps, prepared)
+    torch.manual_seed(1)
+    theirs = reference(list(images), [dict(t) for t in targets])
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert set(shared.logits) == ({"objectness", "classes"} if network.kind == "rcnn" else {"classes"})
+    network.eval(), reference.eval()
+    with torch.no_grad():
+        found = network(images)["logits"]
+        expected = reference(list(images))
+    for a, b in zip(found, expected, strict=True):
+        assert a.keys() == b.keys()
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+# ---------------------------------------------------------------- the system
+def test_the_composed_detection_system_equals_an_eager_objective_in_values_and_gradients():
+    """SSDlite: a float student and one float teacher (its shared knowledge is its own feature; the combined
+    teacher is its class output): every term and the gradients of the total equal torchvision's SSDs run
+    eagerly in training mode, with mutual learning written out here per anchor (IoU matching, softmax
+    classes) and attention at the taps read by forward hooks."""
+    torch.manual_seed(0)
+    arch = "ssdlite320_mobilenet_v3_large"
+    spec = det_spec(arch, teachers=1, bits=FULL_PRECISION, taps={"teachers": list(TAPS)})
+    spec.teachers[0].weight_bits = spec.teachers[0].act_bits = FULL_PRECISION
+    system = build_detection_system(spec)
+    images, targets = torch.rand(2, 3, SIZE, SIZE), _targets()
+    system.train()
+    _, terms = system(images, [dict(t) for t in targets])
+    terms["total"].backward()
+
+    kwargs = spec.student.kwargs
+    student = torchvision.models.get_model(arch, weights=None, weights_backbone=None, **kwargs)
+    teacher = torchvision.models.get_model(arch, weights=None, weights_backbone=None, **kwargs)
+    student.load_state_dict(system.student.state_dict())
+    holder = system.teachers.get_submodule("teacher0").state_dict()
+    teacher.load_state_dict({k if k.startswith("head.") else f"backbone.{k}": v for k, v in holder.items()})
+    seen: dict[str, list] = {"student": [], "teacher": [], "heads": []}
+    for name, net in (("student", student), ("teacher", teacher)):
+        for node in TAPS:  # activation modules: a forward hook reads what the tap reads
+            net.get_submodule(node).register_forward_hook(lambda m, i, o, name=name: seen[name].append(o))
+        net.head.register_forward_hook(lambda m, i, o: seen["heads"].append(o["cls_logits"]))
+    s_losses = student.train()(list(images), [dict(t) for t in targets])
+    t_losses = teacher.train()(list(images), [dict(t) for t in targets])
+    s_logits, t_logits = seen["heads"][0].flatten(0, 1), seen["heads"][1].flatten(0, 1)
+    labels = _ssd_anchor_labels(student, images, targets)
+    tau = spec.distill.tau
+    z = losses.kdcl_min_logit(t_logits, s_logits, labels)
+    expected = {
+        "det_student": sum(s_losses.values()),
+        "det_teacher": sum(t_losses.values()),
+        "kl_student": losses.soft_kl(z, s_logits, tau),
+        "kl_teacher": losses.soft_kl(z, t_logits, tau),
+    }
+    for j, tap in enumerate(t.name for t in system.networks[0].taps):
+        expected[f"feature/{tap}"] = losses.attention_loss(seen["teacher"][j], seen["student"][j])
+    d = spec.distill
+    expected["total"] = (
+        d.alpha * (expected["det_student"] + expected["det_teacher"])
+        + d.beta * (expected["kl_student"] + expected["kl_teacher"])
+        + d.gamma * sum(v for k, v in expected.items() if k.startswith("feature/"))
+    )
+    for key, value in expected.items():
+        assert terms[key].item() == pytest.approx(value.item(), rel=1e-4), key
+    expected["total"].backward()
+    for name, param in student.named_parameters():
+        torch.testing.assert_close(
+            system.student.get_parameter(name).grad, param.grad, rtol=1e-3, atol=1e-6, msg=name
+        )
+    assert system.teachers.get_submodule("fusion.output").logits.grad is not None
+
+
+def _ssd_anchor_labels(ssd: nn.Module, images: torch.Tensor, targets: list[dict]) -> torch.Tensor:
+    """Each anchor's class as SSD's loss matches them (IoU matcher, 0.5), 0 for background, flattened."""
+    from torchvision.ops import box_iou
+
+    with torch.no_grad():
+        image_list, prepared = ssd.transform(list(images), [dict(t) for t in targets])
+        levels = list(ssd.backbone(image_list.tensors).values())
+        anchors = ssd.anchor_generator(image_list, levels)
+    rows = []
+    for a, t in zip(anchors, prepared, strict=True):
+        matched = ssd.proposal_matcher(box_iou(t["boxes"], a))
+        rows.append(torch.where(matched >= 0, t["labels"][matched.clamp_min(0)], 0))
+    labels = torch.cat(rows)
+    assert (labels != IGNORE).all()
+    return labels
+
+
+def test_a_w2a2_faster_rcnn_with_two_teachers_trains_every_part():
+    torch.manual_seed(0)
+    system = build_detection_system(det_spec())
+    system.train()
+    _out, terms = system(torch.rand(2, 3, SIZE, SIZE), _targets())
+    terms["total"].backward()
+    assert {"det_student", "det_teacher", "kl_student/objectness", "kl_student/classes", "feature"} <= set(
+        terms
+    )
+    for name, param in system.named_parameters():
+        if param.requires_grad and "quantizer" not in name:
+            assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    assert set(system.importance()) == {*(t.name for t in system.networks[0].taps), "output", "objectness"}
+    system.eval()
+    with torch.no_grad():
+        found = system(torch.rand(2, 3, SIZE, SIZE))
+    assert len(found.student_logits) == 2 and len(found.each_teacher_logits) == 2
+    assert {"boxes", "labels", "scores"} <= set(found.student_logits[0])
+
+
+def test_the_student_alone_trains_with_its_own_losses():
+    system = build_detection_system(det_spec(teachers=0, method="single"))
+    system.train()
+    _, terms = system(torch.rand(1, 3, SIZE, SIZE), _targets(1))
+    assert set(terms) == {
+        "det_student/loss_classifier",
+        "det_student/loss_box_reg",
+        "det_student/loss_objectness",
+        "det_student/loss_rpn_box_reg",
+        "det_student",
+        "total",
+    }
+    assert system.teachers is None
+
+
+@pytest.mark.parametrize("arch", DETECTORS)
+def test_every_detector_composes_with_two_teachers_as_the_models_page_says(arch):
+    """W2A2 student and two W2A2 teachers at the auto taps, built on the meta device, every network's
+    layers run forward and backward there (backbones composed, every head): the row of docs/models.md is
+    what this build shows, and the fusions are the outputs that line up."""
+    spec = support.support_spec(arch)
+    system = support.compose_check(spec)
+    row = support.read_page((REPO / "docs" / "models.md").read_text())[arch]
+    assert (row.task, row.composes) == ("detection", "yes")
+    assert row.structure() == support.structure(spec, system)
+    fusions = {name for name, _ in system.teachers.get_submodule("fusion").named_children()}
+    assert "output" in fusions and ("objectness" in fusions) == arch.startswith(
+        ("faster", "mask", "keypoint")
+    )
+
+
+# ---------------------------------------------------------------- the CLI
+def test_the_detection_quickstart_trains_evaluates_and_scores_like_pycocotools(tmp_path, fashion_objects):
+    """specs/detection_quickstart.yaml in tiny mode: two training processes, resumed by one; eval reports
+    COCO's mAP of the student and each teacher and writes their detections, which pycocotools scores the
+    same from the annotation file."""
+    summary = cli(tmp_path, "validate", "detection_quickstart", "--set", f"data.root={fashion_objects}")
+    assert "task detection" in summary and "DET_T + DET_S" in summary and "input 3x256x256" in summary
+    sets = [
+        f"data.root={fashion_objects}",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "data.train_subset=8",
+        "data.eval_subset=6",
+        "data.image_size=128",
+        *(f"{net}.weights=null" for net in ("student", "teachers[0]", "teachers[1]")),  # no float run here
+    ]
+    run, train = train_tiny_example("detection_quickstart.yaml", sets, cwd=tmp_path, port=29593)
+    assert all(r["loss/det_student"] > 0 and r["loss/feature"] > 0 for r in train)
+    final = json.loads((run / "final.json").read_text())
+    assert {"map/student", "ap50/teacher0", "ap75/teacher1"} <= set(final["accuracy"])
+    table = cli(tmp_path, "eval", str(run))
+    assert "mAP" in table
+    record = json.loads(next((run / "eval").glob("*.json")).read_text())
+    assert record["task"] == "detection" and record["samples"] == 6
+    written = json.loads(
+        (
+            run / "eval" / next(p.name for p in (run / "eval").iterdir() if p.is_dir()) / "student.json"
+        ).read_text()
+    )
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(fashion_objects / "annotations" / "instances_val.json"))
+        evaluated = sorted(truth.getImgIds())[:6]
+        scored = COCOeval(truth, truth.loadRes(written) if written else COCO(), "bbox")
+        scored.params.imgIds = evaluated
+        scored.evaluate(), scored.accumulate(), scored.summarize()
+    assert record["map/student"] == pytest.approx(100 * max(scored.stats[0], 0.0), abs=1e-9)
+    for verb in (["export", str(run), "--out", "exported"], ["predict", str(run), "x.png"]):
+        result = run_module(verb, cwd=tmp_path, module="cmtkd_graph")
+        assert result.returncode == 2 and f"error: {verb[0]}: not yet for detection models" in result.stderr
+
+
+def test_taps_lists_the_backbone_nodes_and_inspect_says_it_is_not_there_yet(tmp_path):
+    table = cli(tmp_path, "taps", QUICK, "--input-size", "128")
+    assert table.startswith(f"{QUICK} (backbone)") and "backbone.body.1.add" in table.splitlines()[-1]
+    result = run_module(["inspect", "detection_quickstart"], cwd=tmp_path, module="cmtkd_graph")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: inspect: not yet for detection models")
