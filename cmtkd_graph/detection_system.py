@@ -27,6 +27,7 @@ Objective: alpha (DET_S + DET_T) + beta (KL_S + KL_T) + gamma feature terms (doc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -104,15 +105,34 @@ class DetectorNetwork(nn.Module):
     evaluation asks of a student); ``detector`` is the torchvision model whose methods (box coding,
     matching, losses, post-processing) run on these same modules."""
 
-    def __init__(self, detector: nn.Module):
+    def __init__(self, detector: nn.Module, classes: int):
         super().__init__()
         for name, child in detector.named_children():
             self.add_module(name, child)
         object.__setattr__(self, "detector", detector)  # not a submodule: its modules are this one's
         self.kind = detector_kind(detector)
+        self.classes = classes  # read before the rewrite: a traced head no longer says
+        self.heads = {head for head in ("mask", "keypoint") if _has_head(detector, head)}
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}"
+        return f"kind={self.kind}, classes={self.classes}"
+
+    def check_targets(self, targets: list[dict]) -> None:
+        """One line where the data lacks what this detector trains on (Mask R-CNN's masks, Keypoint
+        R-CNN's keypoints, as many as it predicts)."""
+        from cmtkd_graph.errors import UserError
+
+        first = targets[0] if targets else {}
+        if "mask" in self.heads and "masks" not in first:
+            raise UserError("data: Mask R-CNN trains on object masks, and this dataset has none (boxes only)")
+        if "keypoint" in self.heads:
+            wanted = self.roi_heads.keypoint_predictor.kps_score_lowres.out_channels
+            have = first["keypoints"].shape[1] if "keypoints" in first else 0
+            if have != wanted:
+                fix = f"set student.kwargs.num_keypoints: {have}" if have else "this dataset has none"
+                raise UserError(
+                    f"data: Keypoint R-CNN predicts {wanted} keypoints and the objects have {have}; {fix}"
+                )
 
     def prepare(self, images: Tensor, targets: list[dict] | None = None):
         """torchvision's transform of a batch ``[B, 3, S, S]`` in [0, 1]: an ImageList and the targets."""
@@ -154,6 +174,7 @@ class DetectorNetwork(nn.Module):
     def losses(self, image_list, maps: OrderedDict, targets: list[dict]) -> tuple[dict[str, Tensor], Shared]:
         """torchvision's training losses of a transformed batch from its maps, and the class outputs the
         networks share (:class:`Shared`)."""
+        self.check_targets(targets)
         if self.kind == "rcnn":
             return self._rcnn_losses(image_list, maps, targets)
         levels = list(maps.values())
@@ -242,9 +263,29 @@ class DetectorNetwork(nn.Module):
         if self.kind == "rcnn":
             objectness = concat_box_prediction_layers(*self.rpn.head(list(maps.values())))[0].flatten()
             pooled = self.roi_heads.box_roi_pool(maps, student.proposals, image_list.image_sizes)
-            classes, _ = self.roi_heads.box_predictor(self.roi_heads.box_head(pooled))
+            with _frozen_statistics(self.roi_heads.box_head):  # its own losses' step updated them
+                classes, _ = self.roi_heads.box_predictor(self.roi_heads.box_head(pooled))
             return {OBJECTNESS: objectness, "classes": classes}
         return {"classes": self.head(list(maps.values()))["cls_logits"].flatten(0, 1)}
+
+
+@contextlib.contextmanager
+def _frozen_statistics(module: nn.Module):
+    """Run ``module``'s normalisation layers on their running statistics, without updating them (a box
+    head with BatchNorm, run a second time in one step on other regions)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
+
+
+def _has_head(detector: nn.Module, head: str) -> bool:
+    """Whether an R-CNN has its ``mask`` or ``keypoint`` branch."""
+    return getattr(getattr(detector, "roi_heads", None), f"{head}_predictor", None) is not None
 
 
 def _total(value) -> Tensor:
@@ -269,9 +310,10 @@ def decisions(name: str, logits: Tensor, labels: Tensor, kind: str) -> tuple[Ten
     kept = labels != IGNORE
     if name == OBJECTNESS:
         return losses.binary_as_two_class(logits[kept]), labels[kept]
-    if kind in SIGMOID_KINDS:
+    if kind in SIGMOID_KINDS:  # a background anchor (label 0) is 0 for every class, as the focal loss has it
         chosen = logits[kept]
         one_hot = torch.nn.functional.one_hot(labels[kept], chosen.shape[-1])
+        one_hot[:, 0] = 0
         return losses.binary_as_two_class(chosen.flatten()), one_hot.flatten()
     return logits[kept], labels[kept]
 
@@ -351,8 +393,10 @@ class DetectionSystem(SystemBase):
         self.networks = networks
         self._freeze()
 
+    runs_on_meta = False  # torchvision's box logic between the layers needs values (see layers_forward)
+
     def num_classes(self) -> int | None:
-        return detector_classes(self.student.detector)
+        return self.student.classes
 
     def forward(
         self, images: Tensor, targets: list[dict] | None = None
@@ -416,7 +460,8 @@ class DetectionSystem(SystemBase):
                     found, _ = teacher.losses(image_list, maps, targets)
                     terms.update({f"det_teacher{k}/{name}": v for name, v in found.items()})
                     own.append(torch.stack(list(found.values())).sum())
-                each.append(teacher.shared_outputs(image_list, maps, mine))
+                if self.spec.distill.mutual_learning:
+                    each.append(teacher.shared_outputs(image_list, maps, mine))
         if own:
             terms["det_teacher"] = torch.stack(own).sum()
         return each
@@ -473,6 +518,7 @@ def build_detection_system(
     def make(model: ModelSpec, label: str, network: str) -> DetectorNetwork:
         detector = instantiate(model, device)
         fixed_input_size(detector, side, model.kwargs or {})
+        classes = detector_classes(detector)
 
         def rewrite(gm: fx.GraphModule, part: Part) -> fx.GraphModule:
             explicit_activations.in_place(gm)
@@ -485,7 +531,7 @@ def build_detection_system(
             log.info(info.weights_report)
         propagate_shapes(detector.backbone, (2, 3, *backbone_input(detector, side)))
         networks.append(info)
-        return DetectorNetwork(detector)
+        return DetectorNetwork(detector, classes)
 
     student = make(spec.student, "student", "student")
     teacher_specs = spec.resolved_teachers()
@@ -495,6 +541,7 @@ def build_detection_system(
 
     rests = [{name: child for name, child in t.named_children() if name != "backbone"} for t in teachers]
     fusions = (OUTPUT_FUSION, OBJECTNESS) if student.kind == "rcnn" else (OUTPUT_FUSION,)
+    fusions = fusions if spec.distill.mutual_learning else ()  # no unused parameters under DDP
     parts = compose_part_teachers(
         spec,
         student.backbone,

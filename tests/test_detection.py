@@ -27,7 +27,7 @@ from cmtkd_graph.registry import TASKS
 from cmtkd_graph.spec.io import validate_spec
 from cmtkd_graph.tasks import IGNORE
 
-from .conftest import REPO, cli, run_module, train_tiny_example
+from .conftest import REPO, cli, train_tiny_example
 
 SIZE = 128
 QUICK = "fasterrcnn_mobilenet_v3_large_320_fpn"
@@ -104,6 +104,9 @@ def test_data_classes_choose_the_categories_and_only_for_detection(fashion_objec
     assert bundle.classes == ["background", "Bag", "Trouser"] and bundle.num_classes == 3
     labels = {int(c) for i in range(len(bundle.train)) for c in bundle.train.data.target(i)["labels"]}
     assert labels == {1, 2}
+    empty = next(i for i in range(len(bundle.train)) if not len(bundle.train.data.target(i)["labels"]))
+    _, target = bundle.train[empty]  # an image none of whose objects is chosen: empty targets
+    assert target["boxes"].shape == (0, 4) and target["masks"].shape == (0, 128, 128)
     with pytest.raises(UserError, match=r"data\.classes: only for coco_folder/fashion_objects/voc_boxes"):
         validate_spec(
             {
@@ -162,6 +165,35 @@ def test_the_loaders_batch_images_and_keep_targets_as_a_list(fashion_objects):
     images, targets = next(iter(train))
     assert images.shape == (2, 3, SIZE, SIZE) and isinstance(targets, list) and len(targets) == 2
     assert {"boxes", "labels", "masks", "keypoints", "image_id", "size", "scale"} <= set(targets[0])
+
+
+def test_sigmoid_decisions_leave_the_background_column_off_and_label_0_is_no_detection():
+    """Mutual learning's binary decisions per anchor and class: a background anchor is 0 for every class
+    (the focal loss's target), an ignored anchor counts nowhere; a detection of class 0 (RetinaNet's and
+    FCOS's sigmoids have that column) is not scored."""
+    from cmtkd_graph.detection_system import decisions
+    from cmtkd_graph.tasks.detection import detection_results
+
+    logits = torch.arange(9.0).view(3, 3)
+    pairs, labels = decisions("classes", logits, torch.tensor([0, 2, IGNORE]), "retinanet")
+    assert labels.tolist() == [0, 0, 0, 0, 0, 1] and pairs[:, 1].tolist() == [0, 1, 2, 3, 4, 5]
+    found = {
+        "boxes": torch.tensor([[0.0, 0.0, 4.0, 4.0], [2.0, 2.0, 6.0, 8.0]]),
+        "labels": torch.tensor([0, 2]),
+        "scores": torch.tensor([0.9, 0.8]),
+    }
+    target = {"scale": torch.tensor([2.0, 0.5]), "size": torch.tensor([4, 12])}
+    assert detection_results(found, target) == [
+        {"label": 2, "bbox": [4.0, 1.0, 8.0, 3.0], "score": pytest.approx(0.8)}
+    ]
+
+
+def test_data_without_what_the_detector_trains_on_is_one_line():
+    system = build_detection_system(det_spec("maskrcnn_resnet50_fpn", teachers=0, method="single"))
+    system.train()
+    boxes_only = [{k: v for k, v in t.items() if k in ("boxes", "labels")} for t in _targets(1)]
+    with pytest.raises(UserError, match="Mask R-CNN trains on object masks, and this dataset has none"):
+        system(torch.rand(1, 3, SIZE, SIZE), boxes_only)
 
 
 # ---------------------------------------------------------------- the networks
@@ -331,15 +363,16 @@ def test_every_detector_composes_with_two_teachers_as_the_models_page_says(arch)
     assert "output" in fusions and ("objectness" in fusions) == arch.startswith(
         ("faster", "mask", "keypoint")
     )
+    assert system.num_classes() == 10  # read before the rewrite: the trainer checks it against the data
 
 
 # ---------------------------------------------------------------- the CLI
-def test_the_detection_quickstart_trains_evaluates_and_scores_like_pycocotools(tmp_path, fashion_objects):
+def test_the_detection_quickstart_trains_evaluates_and_scores_like_pycocotools(
+    tmp_path, capsys, fashion_objects
+):
     """specs/detection_quickstart.yaml in tiny mode: two training processes, resumed by one; eval reports
     COCO's mAP of the student and each teacher and writes their detections, which pycocotools scores the
     same from the annotation file."""
-    summary = cli(tmp_path, "validate", "detection_quickstart", "--set", f"data.root={fashion_objects}")
-    assert "task detection" in summary and "DET_T + DET_S" in summary and "input 3x256x256" in summary
     sets = [
         f"data.root={fashion_objects}",
         "data.batch_size=2",
@@ -372,14 +405,25 @@ def test_the_detection_quickstart_trains_evaluates_and_scores_like_pycocotools(t
         scored.params.imgIds = evaluated
         scored.evaluate(), scored.accumulate(), scored.summarize()
     assert record["map/student"] == pytest.approx(100 * max(scored.stats[0], 0.0), abs=1e-9)
-    for verb in (["export", str(run), "--out", "exported"], ["predict", str(run), "x.png"]):
-        result = run_module(verb, cwd=tmp_path, module="cmtkd_graph")
-        assert result.returncode == 2 and f"error: {verb[0]}: not yet for detection models" in result.stderr
+    from cmtkd_graph.cli import main
+
+    for verb in (["export", str(run), "--out", str(tmp_path / "exported")], ["predict", str(run), "x.png"]):
+        assert main(verb) == 2
+        assert f"error: {verb[0]}: not yet for detection models" in capsys.readouterr().err
 
 
-def test_taps_lists_the_backbone_nodes_and_inspect_says_it_is_not_there_yet(tmp_path):
-    table = cli(tmp_path, "taps", QUICK, "--input-size", "128")
+def test_validate_taps_and_inspect_say_what_there_is(capsys, fashion_objects):
+    """validate names the objective and the input, taps lists the backbone's nodes, inspect says in one
+    line that it is not there yet (exit 2)."""
+    from cmtkd_graph.cli import main
+
+    spec = str(REPO / "specs" / "detection_quickstart.yaml")
+    assert main(["validate", spec, "--no-build", "--set", f"data.root={fashion_objects}"]) == 0
+    summary = capsys.readouterr().out
+    assert "task detection" in summary and "DET_T + DET_S" in summary and "input 3x256x256" in summary
+    assert main(["taps", QUICK, "--input-size", "128"]) == 0
+    table = capsys.readouterr().out
     assert table.startswith(f"{QUICK} (backbone)") and "backbone.body.1.add" in table.splitlines()[-1]
-    result = run_module(["inspect", "detection_quickstart"], cwd=tmp_path, module="cmtkd_graph")
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: inspect: not yet for detection models")
+    assert main(["inspect", spec]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: inspect: not yet for detection models")

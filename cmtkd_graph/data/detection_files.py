@@ -353,9 +353,14 @@ def coco_ground_truth(data: DetectionSet) -> dict:
             }
             if o.segmentation is not None:
                 a["segmentation"] = o.segmentation
-            if o.keypoints is not None:
-                a["keypoints"] = [v for point in o.keypoints for v in point]
-                a["num_keypoints"] = sum(1 for point in o.keypoints if point[2] > 0)
+            elif data.has_masks:  # a box-only object in a file with masks: an empty mask, as in training
+                a["segmentation"] = encode_mask(torch.zeros(record.height, record.width, dtype=torch.bool))
+            if (
+                o.keypoints is not None or data.keypoint_names
+            ):  # none: no keypoint visible (COCOeval skips it)
+                points = o.keypoints or [[0.0, 0.0, 0.0]] * len(data.keypoint_names)
+                a["keypoints"] = [v for point in points for v in point]
+                a["num_keypoints"] = sum(1 for point in points if point[2] > 0)
             annotations.append(a)
     return {
         "images": [

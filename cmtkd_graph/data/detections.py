@@ -74,11 +74,9 @@ class DetectionImages(Dataset):
         sx, sy = side / width, side / height
         image = F.interpolate(image[None], size=(side, side), mode="bilinear", antialias=True)[0].clamp(0, 1)
         target["boxes"] = target["boxes"] * torch.tensor([sx, sy, sx, sy])
-        if "masks" in target:
-            target["masks"] = F.interpolate(target["masks"][None].float(), size=(side, side), mode="nearest")[
-                0
-            ]
-            target["masks"] = target["masks"].to(torch.uint8)
+        if "masks" in target:  # [N, 1, H, W] for interpolate: N may be 0 (an image without objects)
+            masks = F.interpolate(target["masks"][:, None].float(), size=(side, side), mode="nearest")
+            target["masks"] = masks[:, 0].to(torch.uint8)
         if "keypoints" in target:
             target["keypoints"] = target["keypoints"] * torch.tensor([sx, sy, 1.0])
         if self.hflip and bool(torch.rand(()) < 0.5):

@@ -27,13 +27,16 @@ BF16_PEAK_TFLOPS = {
 }
 
 
-def train_flops_per_image(spec: Spec) -> float:
-    """FLOPs of one training step (forward, objective and backward) per image."""
+def train_flops_per_image(spec: Spec) -> float | None:
+    """FLOPs of one training step (forward, objective and backward) per image; None for a system whose
+    step needs values (``runs_on_meta`` False: a detector's box logic between its layers)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from cmtkd_graph.system import build_system
 
     system = build_system(spec, device="meta", load=False)
+    if not getattr(system, "runs_on_meta", True):
+        return None
     batch = 2
     images = torch.zeros(batch, *spec.data.input_shape(), device="meta")
     labels = task_record(spec.student.arch).example_labels(batch, 2, spec.data.input_shape(), "meta")

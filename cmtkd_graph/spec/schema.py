@@ -391,7 +391,7 @@ class DataSpec(Strict):
     classes: list[str] | None = Field(
         None,
         description="coco_folder, voc_boxes, fashion_objects: the categories to train and score, by name, "
-        "in this order (default: every category of the file); an object of another category is an error",
+        "in this order (default: every category of the file); objects of the others are left out and counted",
     )
     batch_size: int = Field(256, ge=1, description="total batch size per optimizer step, over all processes")
     eval_batch_size: int | None = Field(

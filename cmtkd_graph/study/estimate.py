@@ -51,7 +51,10 @@ def _flops_text(spec, steps: int, step: float, device) -> str:
     """The run's training FLOPs and what they take on a GPU: this one's measured rate, or an assumed one."""
     from cmtkd_graph.runtime.throughput import BF16_PEAK_TFLOPS, bf16_peak_tflops, train_flops_per_image
 
-    total = train_flops_per_image(spec) * spec.data.batch_size * steps
+    per_image = train_flops_per_image(spec)
+    if per_image is None:
+        return "FLOPs not counted (its step needs values: a detector's box logic)"
+    total = per_image * spec.data.batch_size * steps
     text = f"{total / 1e15:.1f} PFLOP"
     if device.type == "cuda":
         peak = bf16_peak_tflops()

@@ -221,7 +221,7 @@ def write_summary(run: PlannedRun) -> dict:
         "importance": final["importance"],
         "importance_plot": plot.name if plot else None,
         "machine": machine_line(),
-        "train_gflop_per_image": round(train_flops_per_image(run.unresolved_spec()) / 1e9, 3),
+        "train_gflop_per_image": _gflop(train_flops_per_image(run.unresolved_spec())),
         "peak_bf16_tflops": bf16_peak_tflops(),
         "date": time.strftime("%Y-%m-%d"),
     }
@@ -279,3 +279,8 @@ def _output_student_accuracy(final: dict) -> dict:
         metric, _, name = key.partition("/")
         out[f"{metric}/{renamed.get(name, name)}"] = value
     return out
+
+
+def _gflop(flops: float | None) -> float | None:
+    """FLOPs in GFLOP, 3 decimals (None: not counted for this system)."""
+    return None if flops is None else round(flops / 1e9, 3)

@@ -85,10 +85,14 @@ class Detection(Task):
     def example_labels(
         cls, batch: int, classes: int, input_shape: tuple[int, ...], device: str | torch.device = "cpu"
     ) -> list[dict[str, Tensor]]:
-        """One box of class 1 per image, over the middle of the image."""
+        """One object of class 1 per image over the middle of the image: its box and its mask (what Mask
+        R-CNN trains on; the other detectors leave the mask)."""
         side = input_shape[-1]
         box = torch.tensor([[side / 4, side / 4, 3 * side / 4, 3 * side / 4]], device=device)
-        return [{"boxes": box.clone(), "labels": torch.ones(1, dtype=torch.long, device=device)}] * batch
+        mask = torch.zeros(1, side, side, dtype=torch.uint8, device=device)
+        mask[:, side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = 1
+        one = {"boxes": box, "labels": torch.ones(1, dtype=torch.long, device=device), "masks": mask}
+        return [dict(one) for _ in range(batch)]
 
     @classmethod
     def predictions(cls, logits: Tensor, classes: list[str], top: int) -> list[list[dict]]:
@@ -147,6 +151,8 @@ def detection_results(found: dict[str, Tensor], target: dict[str, Tensor]) -> li
     from cmtkd_graph.coco import encode_mask
 
     sx, sy = (float(v) for v in target["scale"])
+    # RetinaNet and FCOS may answer class 0, the background column of their sigmoids: not a detection
+    found = {k: v[found["labels"] > 0] for k, v in found.items()}
     boxes = found["boxes"].detach().float().cpu() * torch.tensor([sx, sy, sx, sy])
     results = [
         {"label": int(c), "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(s)}
