@@ -167,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace --out even if it holds files other than an earlier export (which is always replaced)",
     )
 
-    p = sub.add_parser("predict", help="class and probability per image (or clip), from an exported student")
+    p = sub.add_parser(
+        "predict", help="class and probability per image (or clip; detection: boxes), from a trained student"
+    )
     p.add_argument("directory", metavar="DIR", help="an export (or run) directory")
     p.add_argument(
         "images", metavar="IMAGE", nargs="+", help="image files (video: clip files or frame folders)"
@@ -181,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
     p.add_argument("--masks", metavar="DIR", help="segmentation: write each image's class map (PNG) here")
+    p.add_argument(
+        "--draw", metavar="DIR", help="detection: write each image with its detections drawn (PNG)"
+    )
+    p.add_argument(
+        "--min-score", type=float, default=0.5, help="detection: the least score of a detection shown (0.5)"
+    )
     return parser
 
 
@@ -394,6 +402,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         backend=args.backend,
         report=lambda line: print(line, file=sys.stderr),
         masks=args.masks,
+        draw=args.draw,
+        min_score=args.min_score,
     )
     print(json.dumps(results, indent=1) if args.json else format_predictions(results))
     return 0

@@ -372,7 +372,7 @@ def test_the_detection_quickstart_trains_evaluates_and_scores_like_pycocotools(
 ):
     """specs/detection_quickstart.yaml in tiny mode: two training processes, resumed by one; eval reports
     COCO's mAP of the student and each teacher and writes their detections, which pycocotools scores the
-    same from the annotation file."""
+    same from the annotation file; predict finds what eval wrote for an image, and draws it."""
     sets = [
         f"data.root={fashion_objects}",
         "data.batch_size=2",
@@ -407,9 +407,26 @@ def test_the_detection_quickstart_trains_evaluates_and_scores_like_pycocotools(
     assert record["map/student"] == pytest.approx(100 * max(scored.stats[0], 0.0), abs=1e-9)
     from cmtkd_graph.cli import main
 
-    for verb in (["export", str(run), "--out", str(tmp_path / "exported")], ["predict", str(run), "x.png"]):
-        assert main(verb) == 2
-        assert f"error: {verb[0]}: not yet for detection models" in capsys.readouterr().err
+    assert main(["export", str(run), "--out", str(tmp_path / "exported")]) == 2
+    assert "error: export: not yet for detection models" in capsys.readouterr().err
+
+    # predict: the student's detections of an evaluation image, in its pixels, as eval wrote them
+    image = fashion_objects / "val" / truth.loadImgs(evaluated[0])[0]["file_name"]
+    argv = ["predict", str(run), str(image), "--json", "--min-score", "0", "--draw", str(tmp_path / "drawn")]
+    assert main(argv) == 0
+    (answer,) = json.loads(capsys.readouterr().out)
+    assert answer["image"] == str(image) and (tmp_path / "drawn" / f"{image.stem}.png").is_file()
+    mine = [r for r in written if r["image_id"] == evaluated[0]]
+    assert [d["score"] for d in answer["detections"]] == pytest.approx([r["score"] for r in mine])
+    for d, r in zip(answer["detections"], mine, strict=True):
+        x, y, w, h = r["bbox"]
+        assert d["box"] == pytest.approx([x, y, x + w, y + h]) and d["class"] in final_classes(run)
+    assert main(["predict", str(run), str(image), "--backend", "onnx"]) == 2
+    assert "detection students run as trained (torch)" in capsys.readouterr().err
+
+
+def final_classes(run) -> list[str]:
+    return json.loads((run / "final.json").read_text())["classes"]
 
 
 def test_validate_taps_and_inspect_say_what_there_is(capsys, fashion_objects):

@@ -108,11 +108,14 @@ def predict(
     backend: str = "auto",
     report: Callable[[str], None] | None = None,
     masks: str | Path | None = None,
+    draw: str | Path | None = None,
+    min_score: float = 0.5,
 ) -> list[dict]:
     """Per image: its path and the ``top`` classes with their probabilities (video: per clip, a frame
     folder or a video file, under the key ``clip``; segmentation: the classes covering most pixels, and
     with ``masks`` a palette PNG of each pixel's class index written there, in the colours of the
-    dataset's labelmap.txt, else VOC's).
+    dataset's labelmap.txt, else VOC's; detection: the objects scoring at least ``min_score``, drawn on
+    the images in ``draw``, ``deploy.predict_objects``).
     ``report`` receives one line naming the backend ``auto`` chose and why."""
     if backend not in BACKENDS:
         raise UserError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
@@ -122,6 +125,12 @@ def predict(
     spec = find_student(directory).spec
     task = task_record(spec.student.arch)
     task.require("predict")
+    if task.collects_objects:
+        return _predict_objects(directory, spec, images, backend, masks, draw, min_score)
+    if draw is not None:
+        raise UserError(
+            f"--draw: for detection models; {spec.resolved_task} answers classes (--masks: per pixel)"
+        )
     per_pixel = task.label_shape(spec.data.input_shape()) != ()
     batch = read_clips(images, spec) if task.clips else read_images(images, spec, whole=per_pixel)
     if backend == "auto":
@@ -163,6 +172,18 @@ def predict(
             image.save(path)
             result["mask"] = str(path)
     return results
+
+
+def _predict_objects(directory, spec, images, backend, masks, draw, min_score) -> list[dict]:
+    """Detection's predict (``deploy.predict_objects``): the student as trained, from a run directory."""
+    from cmtkd_graph.deploy.predict_objects import predict_objects
+
+    if backend not in ("auto", "torch"):
+        raise UserError(f"--backend {backend}: detection students run as trained (torch) in this version")
+    if masks is not None:
+        raise UserError("--masks: for segmentation; a detector's masks are drawn with --draw DIR")
+    student = load_student(directory)
+    return predict_objects(student, spec, images, _classes(directory), min_score=min_score, draw=draw)
 
 
 def runner(directory: Path, backend: str) -> Callable[[Tensor], Tensor]:
@@ -291,6 +312,10 @@ def _recorded(directory: Path, key: str) -> list | None:
 
 
 def format_predictions(results: list[dict]) -> str:
+    if results and "detections" in results[0]:
+        from cmtkd_graph.deploy.predict_objects import format_objects
+
+        return format_objects(results)
     lines = []
     for r in results:
         best = ", ".join(

@@ -107,10 +107,14 @@ def read_system_state(checkpoint: Path) -> dict[str, Tensor]:
 def build_student(spec: Spec, verb: str = "export") -> fx.GraphModule:
     """The spec's student network (float weights random), as training built it, in eval mode; ``verb``:
     what needs it (a task without that verb yet says so in one line)."""
-    from cmtkd_graph.system import build_network
+    from cmtkd_graph.system import build_network, build_system
     from cmtkd_graph.tasks import task_record
 
-    task_record(spec.student.arch).require(verb)
+    task = task_record(spec.student.arch)
+    task.require(verb)
+    if task.system_builder is not None:  # rewritten part by part: the task's system builds its student
+        alone = spec.model_copy(update={"teachers": [], "method": "single"})
+        return build_system(alone, load=False).student.eval()
     return build_network(spec.student, spec).eval()
 
 
