@@ -172,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("directory", metavar="DIR", help="an export (or run) directory")
     p.add_argument(
-        "images", metavar="IMAGE", nargs="+", help="image files (video: clip files or frame folders)"
+        "images",
+        metavar="IMAGE",
+        nargs="+",
+        help="image files (video: clip files or frame folders; flow: first and second image of each pair)",
     )
     p.add_argument("--top", type=int, default=1, help="classes to show per image (default 1)")
     p.add_argument(
@@ -184,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
     p.add_argument("--masks", metavar="DIR", help="segmentation: write each image's class map (PNG) here")
     p.add_argument(
-        "--draw", metavar="DIR", help="detection: write each image with its detections drawn (PNG)"
+        "--draw",
+        metavar="DIR",
+        help="detection: each image with its detections drawn (PNG); flow: each pair's flow (.flo, PNG)",
     )
     p.add_argument(
         "--min-score", type=float, default=0.5, help="detection: the least score of a detection shown (0.5)"

@@ -270,9 +270,10 @@ def test_the_student_alone_trains_with_its_sequence_loss():
 
 
 # ---------------------------------------------------------------- the CLI
-def test_the_flow_quickstart_trains_resumes_and_evaluates(tmp_path, fashion_flow):
+def test_the_flow_quickstart_trains_resumes_and_evaluates(tmp_path, capsys, fashion_flow):
     """specs/flow_quickstart.yaml in tiny mode: two training processes, resumed by one; validate names
-    the objective; eval reports the end-point error of the student, the teachers and the combined one."""
+    the objective; eval reports the end-point error of the student, the teachers and the combined one;
+    predict writes a pair's flow (.flo, colour PNG), what the student computes on it."""
     summary = cli(tmp_path, "validate", "flow_quickstart", "--set", f"data.root={fashion_flow}")
     assert "task flow" in summary and "SEQ_T + SEQ_S" in summary and "input 3x2x128x128" in summary
     sets = [
@@ -297,9 +298,25 @@ def test_the_flow_quickstart_trains_resumes_and_evaluates(tmp_path, fashion_flow
     record = json.loads(next((run / "eval").glob("*.json")).read_text())
     assert record["task"] == "flow" and record["samples"] == 4
     assert record["epe/student"] == pytest.approx(final["accuracy"]["epe/student"])
-    for verb in (["export", str(run), "--out", "exported"], ["predict", str(run), "x.png"]):
-        result = run_module(verb, cwd=tmp_path, module="cmtkd_graph")
-        assert result.returncode == 2 and f"error: {verb[0]}: not yet for flow models" in result.stderr
+    result = run_module(["export", str(run), "--out", "exported"], cwd=tmp_path, module="cmtkd_graph")
+    assert result.returncode == 2 and "error: export: not yet for flow models" in result.stderr
+
+    # predict: a pair's flow written as .flo and PNG, what the student computes on the dataset's pair
+    from cmtkd_graph.cli import main
+    from cmtkd_graph.deploy.student import load_student
+
+    pair = pair_files(fashion_flow)[1][0]
+    argv = ["predict", str(run), str(pair.first), str(pair.second), "--json", "--draw", str(tmp_path / "f")]
+    assert main(argv) == 0
+    (answer,) = json.loads(capsys.readouterr().out)
+    assert answer["pair"] == [str(pair.first), str(pair.second)] and answer["size"] == [SIZE, SIZE]
+    assert (tmp_path / "f" / f"0000-{pair.first.stem}.png").is_file()
+    sample, _ = FlowPairs([pair], size=SIZE, mean=[0.5] * 3, std=[0.5] * 3)[0]
+    with torch.no_grad():
+        expected = load_student(run)(sample[None])["logits"][0]
+    torch.testing.assert_close(read_flo(answer["flo"]), expected, rtol=1e-4, atol=1e-4)
+    assert main(["predict", str(run), str(pair.first)]) == 2
+    assert "1 image(s) is not a number of pairs" in capsys.readouterr().err
 
 
 def test_taps_lists_the_encoders_nodes_and_inspect_says_it_is_not_there_yet(tmp_path):

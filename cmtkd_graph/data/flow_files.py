@@ -148,7 +148,7 @@ def _split_marks(path: Path, count: int) -> list[str]:
 def read_pair(pair: FlowPair) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The two images (uint8 ``[3, H, W]``) and the flow (float32 ``[2, H, W]``) of a pair; a UserError
     names a file whose size differs from the first image's."""
-    first, second = _rgb(pair.first), _rgb(pair.second)
+    first, second = read_rgb(pair.first), read_rgb(pair.second)
     if first.shape != second.shape:
         raise UserError(
             f"{pair.second}: {_size(second)} but {pair.first.name} is {_size(first)}; the two images "
@@ -162,7 +162,8 @@ def read_pair(pair: FlowPair) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return first, second, flow
 
 
-def _rgb(path: Path) -> torch.Tensor:
+def read_rgb(path: Path) -> torch.Tensor:
+    """An image file as uint8 ``[3, H, W]`` (a UserError names a file PIL cannot read)."""
     try:
         with Image.open(path) as image:
             array = np.asarray(image.convert("RGB"))

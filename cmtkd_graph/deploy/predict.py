@@ -125,12 +125,10 @@ def predict(
     spec = find_student(directory).spec
     task = task_record(spec.student.arch)
     task.require("predict")
-    if task.collects_objects:
-        return _predict_objects(directory, spec, images, backend, masks, draw, min_score)
+    if task.predictor is not None:
+        return _task_predict(task, directory, spec, images, backend, masks, draw, min_score)
     if draw is not None:
-        raise UserError(
-            f"--draw: for detection models; {spec.resolved_task} answers classes (--masks: per pixel)"
-        )
+        raise UserError(f"--draw: for detection and flow models; {spec.resolved_task} answers classes")
     per_pixel = task.label_shape(spec.data.input_shape()) != ()
     batch = read_clips(images, spec) if task.clips else read_images(images, spec, whole=per_pixel)
     if backend == "auto":
@@ -174,16 +172,19 @@ def predict(
     return results
 
 
-def _predict_objects(directory, spec, images, backend, masks, draw, min_score) -> list[dict]:
-    """Detection's predict (``deploy.predict_objects``): the student as trained, from a run directory."""
-    from cmtkd_graph.deploy.predict_objects import predict_objects
+def _task_predict(task, directory, spec, images, backend, masks, draw, min_score) -> list[dict]:
+    """The predict of a task whose answers are not classes (``Task.predictor``: detection's boxes, flow's
+    motion): the student as trained, from a run or checkpoint directory."""
+    import importlib
 
     if backend not in ("auto", "torch"):
-        raise UserError(f"--backend {backend}: detection students run as trained (torch) in this version")
+        raise UserError(f"--backend {backend}: {task.name} students run as trained (torch) in this version")
     if masks is not None:
-        raise UserError("--masks: for segmentation; a detector's masks are drawn with --draw DIR")
+        raise UserError(f"--masks: for segmentation; {task.name} writes its pictures with --draw DIR")
+    module, function = task.predictor.split(":")
+    answer = getattr(importlib.import_module(module), function)
     student = load_student(directory)
-    return predict_objects(student, spec, images, _classes(directory), min_score=min_score, draw=draw)
+    return answer(student, spec, images, classes=_classes(directory), min_score=min_score, draw=draw)
 
 
 def runner(directory: Path, backend: str) -> Callable[[Tensor], Tensor]:
@@ -316,6 +317,10 @@ def format_predictions(results: list[dict]) -> str:
         from cmtkd_graph.deploy.predict_objects import format_objects
 
         return format_objects(results)
+    if results and "pair" in results[0]:
+        from cmtkd_graph.deploy.predict_flow import format_flows
+
+        return format_flows(results)
     lines = []
     for r in results:
         best = ", ".join(

@@ -49,8 +49,8 @@ def predict_objects(
     student: torch.nn.Module,
     spec: Spec,
     images: list[str | Path],
-    classes: list[str] | None,
     *,
+    classes: list[str] | None = None,
     min_score: float = 0.5,
     draw: str | Path | None = None,
 ) -> list[dict]:

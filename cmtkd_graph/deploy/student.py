@@ -127,7 +127,9 @@ def load_student(
 ) -> fx.GraphModule:
     """The trained student of an export, run or checkpoint directory, in eval mode, on the CPU.
 
-    ``student(images)`` returns the logits, bit-identical on CPU to the trained system's student.
+    ``student(images)`` returns the logits, bit-identical on CPU to the trained system's student (a task
+    whose networks are rewritten part by part, flow and detection: the network's dict, its ``logits`` the
+    flow or the detections; as trained only, no ``inference`` form).
     ``inference=True``: its inference form (``deploy.inference``: weights decoded once, BatchNorm
     folded), the same levels computed faster; its logits agree within float rounding of BatchNorm.
     ``integer_kernels`` (inference form only; default: where this PyTorch has them): its quantized

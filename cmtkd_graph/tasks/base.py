@@ -49,6 +49,9 @@ class Task:
     run_kwargs: ClassVar[tuple[str, ...]] = ()  # network kwargs the task reads at run time, not the builder
     # "module:function" building the system (None: cmtkd_graph.system's, for networks that trace whole)
     system_builder: ClassVar[str | None] = None
+    # "module:function" answering ``predict`` from the student as trained, where the task's answers are not
+    # classes: ``function(student, spec, images, *, classes, min_score, draw) -> list[dict]``
+    predictor: ClassVar[str | None] = None
     # the part whose nodes are the taps, for networks rewritten part by part (``models.parts``)
     tap_part: ClassVar[str | None] = None
     # verbs this version does not have for the task yet: verb -> what the user can do instead

@@ -40,6 +40,7 @@ class Detection(Task):
     sample_noun = "image"
     collects_objects = True
     system_builder = "cmtkd_graph.detection_system:build_detection_system"
+    predictor = "cmtkd_graph.deploy.predict_objects:predict_objects"
     tap_part = "backbone"
     metric_titles: ClassVar[dict[str, str]] = {"map": "mAP %", "ap50": "AP50 %", "ap75": "AP75 %"}
     missing_verbs: ClassVar[dict[str, str]] = {
