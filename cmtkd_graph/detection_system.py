@@ -38,11 +38,9 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import boxes as box_ops
 
 from cmtkd_graph import losses
-from cmtkd_graph.models.parts import Part, rewrite_parts
-from cmtkd_graph.passes.activations import explicit_activations
+from cmtkd_graph.models.parts import build_part_network
 from cmtkd_graph.passes.common import EACH_LOGITS, FEATURES, LOGITS, SHARED
 from cmtkd_graph.passes.compose import OUTPUT_FUSION
-from cmtkd_graph.passes.graph_pass import finish
 from cmtkd_graph.passes.shapes import propagate_shapes
 from cmtkd_graph.spec import ModelSpec, Spec
 from cmtkd_graph.system import (
@@ -50,9 +48,6 @@ from cmtkd_graph.system import (
     SystemBase,
     check_rules_used,
     compose_part_teachers,
-    instantiate,
-    load_weights,
-    quantize_network,
     warn_rules_on_float_teachers,
 )
 from cmtkd_graph.system_output import SystemOutput
@@ -512,26 +507,27 @@ def build_detection_system(
     """Build the detection system of ``spec`` (module docstring). ``device="meta"`` builds the structure
     without allocating weights; ``load=False`` skips every network's ``weights:``."""
     side = spec.data.input_shape()[-1]
-    meta = torch.device(device).type == "meta"
     networks: list[NetworkInfo] = []
 
     def make(model: ModelSpec, label: str, network: str) -> DetectorNetwork:
-        detector = instantiate(model, device)
-        fixed_input_size(detector, side, model.kwargs or {})
-        classes = detector_classes(detector)
+        classes: list[int] = []
 
-        def rewrite(gm: fx.GraphModule, part: Part) -> fx.GraphModule:
-            explicit_activations.in_place(gm)
-            return finish(quantize_network(gm, model, spec, network))
+        def prepare(detector: nn.Module) -> None:
+            fixed_input_size(detector, side, model.kwargs or {})
+            classes.append(detector_classes(detector))  # read before the rewrite: a traced head does not say
 
-        rewrite_parts(detector, rewrite)
-        info = NetworkInfo(label, model)
-        if load and model.weights and not meta:
-            info.weights_report = load_weights(detector, model.weights, label=label)
-            log.info(info.weights_report)
+        detector = build_part_network(
+            model,
+            spec,
+            label=label,
+            network=network,
+            networks=networks,
+            device=device,
+            load=load,
+            prepare=prepare,
+        )
         propagate_shapes(detector.backbone, (2, 3, *backbone_input(detector, side)))
-        networks.append(info)
-        return DetectorNetwork(detector, classes)
+        return DetectorNetwork(detector, classes[0])
 
     student = make(spec.student, "student", "student")
     teacher_specs = spec.resolved_teachers()

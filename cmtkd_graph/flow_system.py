@@ -30,11 +30,9 @@ from torchvision.models.optical_flow._utils import make_coords_grid, upsample_fl
 from torchvision.models.optical_flow.raft import RAFT
 
 from cmtkd_graph import losses
-from cmtkd_graph.models.parts import Part, rewrite_parts
-from cmtkd_graph.passes.activations import explicit_activations
+from cmtkd_graph.models.parts import build_part_network
 from cmtkd_graph.passes.common import EACH_LOGITS, FEATURES, LOGITS, SHARED
 from cmtkd_graph.passes.compose import OUTPUT_FUSION
-from cmtkd_graph.passes.graph_pass import finish
 from cmtkd_graph.passes.shapes import propagate_shapes
 from cmtkd_graph.spec import ModelSpec, Spec
 from cmtkd_graph.system import (
@@ -42,9 +40,6 @@ from cmtkd_graph.system import (
     SystemBase,
     check_rules_used,
     compose_part_teachers,
-    instantiate,
-    load_weights,
-    quantize_network,
     warn_rules_on_float_teachers,
 )
 from cmtkd_graph.system_output import SystemOutput
@@ -193,23 +188,13 @@ def build_flow_system(spec: Spec, *, device: str | torch.device = "cpu", load: b
     task = task_record(spec.student.arch)
     channels, _, height, width = spec.data.input_shape()
     encoder_input = (4, channels, height, width)  # both images of a batch of 2
-    meta = torch.device(device).type == "meta"
     networks: list[NetworkInfo] = []
 
     def make(model: ModelSpec, label: str, network: str) -> RAFT:
-        raft = instantiate(model, device)
-
-        def rewrite(gm: fx.GraphModule, part: Part) -> fx.GraphModule:
-            explicit_activations.in_place(gm)
-            return finish(quantize_network(gm, model, spec, network))
-
-        rewrite_parts(raft, rewrite)
-        info = NetworkInfo(label, model)
-        if load and model.weights and not meta:
-            info.weights_report = load_weights(raft, model.weights, label=label)
-            log.info(info.weights_report)
+        raft = build_part_network(
+            model, spec, label=label, network=network, networks=networks, device=device, load=load
+        )
         propagate_shapes(raft.feature_encoder, encoder_input)
-        networks.append(info)
         return raft
 
     updates = task.flow_updates(spec.student.kwargs)

@@ -28,6 +28,7 @@ and Keypoint R-CNN's upsampling layers) are not quantized layers: they stay floa
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -47,7 +48,7 @@ from cmtkd_graph.passes.tracer import (
 )
 
 if TYPE_CHECKING:
-    from cmtkd_graph.spec import ModelSpec
+    from cmtkd_graph.spec import ModelSpec, Spec
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,41 @@ def rewrite_parts(
         replace_submodule(model, part.path, gm)
         installed[part.path] = gm
     return installed
+
+
+def build_part_network(
+    model: ModelSpec,
+    spec: Spec,
+    *,
+    label: str,
+    network: str,
+    networks: list,
+    device: str | torch.device,
+    load: bool,
+    prepare=None,
+) -> nn.Module:
+    """One network of a task whose models are rewritten part by part (``models.parts``: RAFT,
+    detectors): torchvision's model with every part through the pass pipeline (explicit activations,
+    quantize), ``prepare(model)`` first where given, its ``weights:`` loaded (``load``, not on meta);
+    what was built is recorded in ``networks`` under ``label``. ``network``: the precision rules' selector."""
+    from cmtkd_graph.passes.activations import explicit_activations
+    from cmtkd_graph.system import NetworkInfo, instantiate, load_weights, quantize_network
+
+    built = instantiate(model, device)
+    if prepare is not None:
+        prepare(built)
+
+    def rewrite(gm: fx.GraphModule, part: Part) -> fx.GraphModule:
+        explicit_activations.in_place(gm)
+        return finish(quantize_network(gm, model, spec, network))
+
+    rewrite_parts(built, rewrite)
+    info = NetworkInfo(label, model)
+    if load and model.weights and torch.device(device).type != "meta":
+        info.weights_report = load_weights(built, model.weights, label=label)
+        logging.getLogger("cmtkd_graph").info(info.weights_report)
+    networks.append(info)
+    return built
 
 
 def float_part(model: ModelSpec, path: str) -> fx.GraphModule:
