@@ -16,8 +16,9 @@ given, so that they may come from elsewhere:
   fusion per output) and learn with the student by KDCL-MinLogit: teachers are the student's network at
   other bits, so their anchors line up: per anchor, RetinaNet's and FCOS's per-class sigmoids (as two-class
   logits, ``losses.binary_as_two_class``), SSD's softmax, and the RPN's objectness; per proposal, the
-  box classifier's logits, every teacher's box head run on **the student's sampled proposals** (Chen et
-  al., NeurIPS 2017, distil the classifier on the student's proposals likewise);
+  box classifier's logits, every teacher's box head run on **the student's sampled proposals**, so that
+  they line up (Chen et al., NeurIPS 2017, distil a teacher's soft labels into a student's RPN and
+  classifier);
 * each network's task loss is torchvision's own (DET): the student's, and every training teacher's from
   its own proposals (a teacher is a detector by itself: it is evaluated and deployed alone).
 
