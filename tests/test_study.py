@@ -100,8 +100,8 @@ def test_study_files_are_validated_with_one_line_per_problem(tmp_path):
     assert str(err.value).splitlines() == [
         f"{path}: rows[0].seeds: Input should be greater than or equal to 1",
         f"{path}: rows[1].colour: unknown key",
-        f"{path}: metrics[0]: unknown metric 'acc2/x': acc1/, acc5/, epe/, out1/, out3/, out5/, miou/, "
-        "pixacc/ (a task's metric) followed by student, combined, teachers or teacher<k>",
+        f"{path}: metrics[0]: unknown metric 'acc2/x': acc1/, acc5/, map/, ap50/, ap75/, epe/, out1/, out3/, "
+        "out5/, miou/, pixacc/ (a task's metric) followed by student, combined, teachers or teacher<k>",
     ]
     rows = [
         {"name": "a", "set": ["teachers[0].weights={row:b}/student.safetensors"]},

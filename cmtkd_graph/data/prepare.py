@@ -14,15 +14,14 @@ cifar100         ``cifar-100-python/``                      ``data: {dataset: ci
 cifar10_jpeg     ``train/<class>/*.jpg``, ``test/...``      ``data: {dataset: imagefolder, root: DIR}``
 fashion_scenes   VOC layout: ``JPEGImages/``, ...           ``data: {dataset: fashion_scenes, root: DIR}``
 moving_fashion   ``train/<direction>/<clip>/<frame>.png``   ``data: {dataset: moving_fashion, root: DIR}``
-fashion_objects  COCO layout: ``train/``, ``annotations/``  ``detection_files.read_coco``
+fashion_objects  COCO layout: ``train/``, ``annotations/``  ``data: {dataset: fashion_objects, root: DIR}``
 fashion_flow     FlyingChairs layout: ``data/*.flo``, ...   ``data: {dataset: fashion_flow, root: DIR}``
 ===============  =========================================  ==============================================
 
 ``fashion_scenes``, ``moving_fashion``, ``fashion_objects`` and ``fashion_flow`` are not downloaded:
 they are generated, the same on every machine, from the Fashion-MNIST files in ``--from`` (a folder of
 the four ``*-ubyte.gz`` files; default Debian's), which they read as they are (``prepare fashion_mnist``
-is the one that verifies them). The detection task that trains on ``fashion_objects`` is coming
-(docs/tasks.md); its reader and scorer are in ``detection_files``.
+is the one that verifies them).
 
 Nothing is written into ``--root`` until everything is verified: a failed or refused preparation leaves
 it as it was.
@@ -241,7 +240,7 @@ _generated(
 _generated(
     "fashion_objects",
     "detection scenes made from Fashion-MNIST (boxes, masks, keypoints), in the COCO layout",
-    "detection_files",
+    "fashion_objects",
     "fashion_objects",
     "write_objects",
 )
