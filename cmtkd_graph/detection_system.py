@@ -253,16 +253,26 @@ class DetectorNetwork(nn.Module):
             outputs.append(getattr(heads, predictor)(getattr(heads, head)(pooled)))
         return outputs
 
-    def shared_outputs(self, image_list, maps: OrderedDict, student: Shared) -> dict[str, Tensor]:
+    def shared_outputs(
+        self, image_list, maps: OrderedDict, student: Shared, own: Shared | None = None
+    ) -> dict[str, Tensor]:
         """This network's class outputs where ``student``'s are (its objectness over every anchor, its box
-        classifier on the student's proposals, or its dense class outputs), without its own losses."""
-        if self.kind == "rcnn":
-            objectness = concat_box_prediction_layers(*self.rpn.head(list(maps.values())))[0].flatten()
-            pooled = self.roi_heads.box_roi_pool(maps, student.proposals, image_list.image_sizes)
-            with _frozen_statistics(self.roi_heads.box_head):  # its own losses' step updated them
-                classes, _ = self.roi_heads.box_predictor(self.roi_heads.box_head(pooled))
-            return {OBJECTNESS: objectness, "classes": classes}
-        return {"classes": self.head(list(maps.values()))["cls_logits"].flatten(0, 1)}
+        classifier on the student's proposals, or its dense class outputs). ``own``: what this network's
+        :meth:`losses` of the same step computed, whose per-anchor outputs are these (anchors line up),
+        so its heads do not run on the maps again; only the box classifier runs, on the student's
+        proposals."""
+        levels = list(maps.values())
+        if self.kind != "rcnn":
+            return {
+                "classes": own.logits["classes"] if own else self.head(levels)["cls_logits"].flatten(0, 1)
+            }
+        objectness = (
+            own.logits[OBJECTNESS] if own else concat_box_prediction_layers(*self.rpn.head(levels))[0]
+        )
+        pooled = self.roi_heads.box_roi_pool(maps, student.proposals, image_list.image_sizes)
+        with _frozen_statistics(self.roi_heads.box_head):  # its own losses' step updated them
+            classes, _ = self.roi_heads.box_predictor(self.roi_heads.box_head(pooled))
+        return {OBJECTNESS: objectness.flatten(), "classes": classes}
 
 
 @contextlib.contextmanager
@@ -452,12 +462,13 @@ class DetectionSystem(SystemBase):
         for k, (teacher, maps) in enumerate(zip(self.teacher_networks, each_maps, strict=True)):
             trains = k not in self.frozen_teachers
             with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
+                its_own = None
                 if trains:
-                    found, _ = teacher.losses(image_list, maps, targets)
+                    found, its_own = teacher.losses(image_list, maps, targets)
                     terms.update({f"det_teacher{k}/{name}": v for name, v in found.items()})
                     own.append(torch.stack(list(found.values())).sum())
                 if self.spec.distill.mutual_learning:
-                    each.append(teacher.shared_outputs(image_list, maps, mine))
+                    each.append(teacher.shared_outputs(image_list, maps, mine, its_own))
         if own:
             terms["det_teacher"] = torch.stack(own).sum()
         return each

@@ -149,12 +149,13 @@ def predict(
         from PIL import Image
 
         from cmtkd_graph.data.segmentation_files import voc_palette
+        from cmtkd_graph.deploy.predict_objects import output_names
 
         folder = Path(masks).expanduser()
         folder.mkdir(parents=True, exist_ok=True)
         declared = _recorded(directory, "colours") or []  # the dataset's labelmap.txt, if it had one
         palette = [tuple(c) for c in declared] + voc_palette()[len(declared) :]
-        stems = [Path(r["image"]).stem for r in results]
+        names = output_names([r["image"] for r in results])
         for i, (result, mask) in enumerate(zip(results, maps.cpu(), strict=True)):
             with Image.open(result["image"]) as original:
                 width, height = original.size
@@ -162,8 +163,7 @@ def predict(
             mask = torch.nn.functional.interpolate(
                 mask[None, None].float(), size=(height, width), mode="nearest"
             )
-            name = stems[i] if stems.count(stems[i]) == 1 else f"{i:04d}-{stems[i]}"
-            path = folder / f"{name}.png"
+            path = folder / f"{names[i]}.png"
             # a class index per pixel, in the dataset's colours (a palette PNG: VOC readers take it back)
             image = Image.fromarray(mask[0, 0].to(torch.uint8).numpy(), mode="P")
             image.putpalette([value for colour in palette for value in colour])

@@ -71,11 +71,15 @@ def predict_objects(
     if draw is not None:
         folder = Path(draw).expanduser()
         folder.mkdir(parents=True, exist_ok=True)
-        stems = [Path(r["image"]).stem for r in results]
-        for i, result in enumerate(results):
-            name = stems[i] if stems.count(stems[i]) == 1 else f"{i:04d}-{stems[i]}"
+        for result, name in zip(results, output_names([r["image"] for r in results]), strict=True):
             result["drawn"] = str(_draw(result, folder / f"{name}.png"))
     return results
+
+
+def output_names(images: list[str]) -> list[str]:
+    """The name of each image's output file: its stem, numbered ``NNNN-stem`` where two images share one."""
+    stems = [Path(image).stem for image in images]
+    return [stem if stems.count(stem) == 1 else f"{i:04d}-{stem}" for i, stem in enumerate(stems)]
 
 
 def _answer(result: dict, classes: list[str] | None) -> dict:
