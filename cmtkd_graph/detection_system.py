@@ -18,7 +18,8 @@ given, so that they may come from elsewhere:
   logits, ``losses.binary_as_two_class``), SSD's softmax, and the RPN's objectness; per proposal, the
   box classifier's logits, every teacher's box head run on **the student's sampled proposals**, so that
   they line up (Chen et al., NeurIPS 2017, distil a teacher's soft labels into a student's RPN and
-  classifier);
+  classifier); in evaluation the combined teacher detects with the same fusions (box deltas weighted
+  alike, :meth:`DetectionSystem._combined_detections`);
 * each network's task loss is torchvision's own (DET): the student's, and every training teacher's from
   its own proposals (a teacher is a detector by itself: it is evaluated and deployed alone).
 
@@ -153,7 +154,13 @@ class DetectorNetwork(nn.Module):
             found, _ = self.roi_heads(maps, proposals, image_list.image_sizes)
             return self.transform.postprocess(found, image_list.image_sizes, sizes)
         levels = list(maps.values())
-        head_outputs = self.head(levels)
+        return self.dense_detections(image_list, levels, self.head(levels), sizes)
+
+    def dense_detections(
+        self, image_list, levels: list[Tensor], head_outputs: dict[str, Tensor], sizes: list[tuple[int, int]]
+    ) -> list[dict]:
+        """A dense detector's (RetinaNet, FCOS, SSD) detections from its head's outputs on ``levels``:
+        its anchors, box decoding and NMS, as torchvision's inference runs them."""
         anchors = self.anchor_generator(image_list, levels)
         if self.kind == "ssd":
             found = self.detector.postprocess_detections(head_outputs, anchors, image_list.image_sizes)
@@ -165,6 +172,16 @@ class DetectorNetwork(nn.Module):
             split_anchors = [list(a.split(per_level)) for a in anchors]
             found = self.detector.postprocess_detections(split, split_anchors, image_list.image_sizes)
         return self.transform.postprocess(found, image_list.image_sizes, sizes)
+
+    def proposals(self, image_list, levels: list[Tensor], objectness: list[Tensor], deltas: list[Tensor]):
+        """An R-CNN's proposals from its RPN head's outputs (objectness and box deltas per level): anchors,
+        decoding, top-k, NMS, as torchvision's RPN runs them after its head (in eval mode)."""
+        anchors = self.rpn.anchor_generator(image_list, levels)
+        per_level = [o[0].numel() for o in objectness]  # A x H x W of each level
+        flat_objectness, flat_deltas = concat_box_prediction_layers(objectness, deltas)
+        decoded = self.rpn.box_coder.decode(flat_deltas.detach(), anchors).view(len(anchors), -1, 4)
+        boxes, _ = self.rpn.filter_proposals(decoded, flat_objectness, image_list.image_sizes, per_level)
+        return boxes
 
     # ------------------------------------------------------------------ training
     def losses(self, image_list, maps: OrderedDict, targets: list[dict]) -> tuple[dict[str, Tensor], Shared]:
@@ -394,6 +411,10 @@ class DetectionSystem(SystemBase):
         self.student = student
         self.teachers = teachers
         object.__setattr__(self, "teacher_networks", teacher_networks)  # their modules are in teachers
+        if student.kind == "rcnn":  # the box classifier's class logits, the RPN's objectness
+            self.output_parts = {OUTPUT_FUSION: "roi_heads.box_predictor", OBJECTNESS: "rpn.head"}
+        else:  # the dense head's class outputs
+            self.output_parts = {OUTPUT_FUSION: "head"}
         self.adapters = adapters
         self.method_modules = nn.ModuleDict()
         self.networks = networks
@@ -417,7 +438,9 @@ class DetectionSystem(SystemBase):
                 t.detect(image_list, m, sizes) for t, m in zip(self.teacher_networks, each_maps, strict=True)
             ]
             return SystemOutput(
-                student_logits=student.detect(image_list, maps, sizes), each_teacher_logits=tuple(found)
+                student_logits=student.detect(image_list, maps, sizes),
+                teacher_logits=self._combined_detections(image_list, each_maps, sizes),
+                each_teacher_logits=tuple(found),
             )
         d = self.spec.distill
         found, mine = student.losses(image_list, maps, prepared)
@@ -446,6 +469,44 @@ class DetectionSystem(SystemBase):
         for network, levels in zip([self.student, *self.teacher_networks], [maps, *each_maps], strict=True):
             total = total + sum(_total(v) for v in levels.values()) + _total(network.head_outputs(levels))
         return total
+
+    def _combined_detections(self, image_list, each_maps: list[OrderedDict], sizes) -> list[dict] | None:
+        """The combined teacher's detections, where the teachers' outputs are fused (mutual learning):
+        every teacher's head outputs on its own maps fused by the fusion of their class outputs (its
+        learned importance, or the mean), box deltas with the same weights (networks of one architecture
+        share their anchors and box coding), decoded by teacher 0's box logic. An R-CNN's RPN outputs fuse
+        by the objectness fusion into one set of proposals, on which every teacher's box head runs; its
+        mask and keypoint heads are not fused (boxes only). None: no fusion, no combined teacher."""
+        fusion = self.teachers.get_submodule("fusion") if self.teachers is not None else None
+        if fusion is None or not hasattr(fusion, OUTPUT_FUSION):
+            return None
+        fuse = fusion.get_submodule(OUTPUT_FUSION)
+        teachers = self.teacher_networks
+        each_levels = [list(maps.values()) for maps in each_maps]
+        first = teachers[0]
+        if first.kind != "rcnn":
+            outputs = [t.head(levels) for t, levels in zip(teachers, each_levels, strict=True)]
+            fused = {key: fuse(*(out[key] for out in outputs)) for key in outputs[0]}
+            return first.dense_detections(image_list, each_levels[0], fused, sizes)
+        rpn = [t.rpn.head(levels) for t, levels in zip(teachers, each_levels, strict=True)]
+        by_objectness = fusion.get_submodule(OBJECTNESS)
+        objectness, deltas = (
+            [by_objectness(*(out[i][level] for out in rpn)) for level in range(len(each_levels[0]))]
+            for i in (0, 1)
+        )
+        proposals = first.proposals(image_list, each_levels[0], objectness, deltas)
+        classes, boxes = [], []
+        for teacher, maps in zip(teachers, each_maps, strict=True):
+            heads = teacher.roi_heads
+            pooled = heads.box_roi_pool(maps, proposals, image_list.image_sizes)
+            c, b = heads.box_predictor(heads.box_head(pooled))
+            classes.append(c)
+            boxes.append(b)
+        found = first.roi_heads.postprocess_detections(
+            fuse(*classes), fuse(*boxes), proposals, image_list.image_sizes
+        )
+        results = [{"boxes": b, "scores": s, "labels": c} for b, s, c in zip(*found, strict=True)]
+        return first.transform.postprocess(results, image_list.image_sizes, sizes)
 
     def _teacher_maps(self, tensors: Tensor) -> tuple[list[OrderedDict], dict[str, Tensor]]:
         """Every teacher's backbone maps, and the shared knowledge at the taps (none without teachers)."""

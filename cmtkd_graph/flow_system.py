@@ -125,6 +125,8 @@ class FlowSystem(SystemBase):
         self.adapters = adapters
         self.method_modules = nn.ModuleDict()
         self.networks = networks
+        self.output_parts = {OUTPUT_FUSION: "update_block"}  # its flow head gives the flows
+        self.mutual_label = "min-error flow L1 (mutual)"  # losses.min_error_flow
         self._freeze()
 
     def num_classes(self) -> int | None:

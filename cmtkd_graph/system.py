@@ -243,6 +243,10 @@ class SystemBase(nn.Module):
     def __init__(self, spec: Spec, method: Method | None = None):
         super().__init__()
         self.spec = spec
+        # systems of networks rewritten part by part: the part of every network whose output the teachers'
+        # fusion of that name (``teachers.fusion.<name>``) combines, where eager code runs it (for inspect)
+        self.output_parts: dict[str, str] = {}
+        self.mutual_label: str | None = None  # their mutual-learning loss, where not the method's own
         self.task = task_record(spec.student.arch)  # what the outputs mean (looked up once, not per step)
         self.method = method if method is not None else method_for(spec)
         self.frozen_teachers = [k for k, t in enumerate(spec.teachers) if not t.trainable]

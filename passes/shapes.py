@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
+from cmtkd_graph.passes.graph_pass import graph_modules
 from cmtkd_graph.passes.tracer import copy_graph_module, qualname
 from torch import fx
 
@@ -49,6 +51,44 @@ def propagate_shapes(gm: fx.GraphModule, input_shape: Sequence[int]) -> dict[fx.
         else:
             node.meta.pop("val", None)  # e.g. an output that became a dict since an earlier propagation
     return shapes
+
+
+def propagate_call_shapes(module: torch.nn.Module, run: Callable[[], object]) -> dict[fx.GraphModule, int]:
+    """Output shapes for a network of several graphs that eager code calls (``models.parts``: a detector's
+    backbone and heads, RAFT's encoders and update block): ``run()`` runs it once (on the meta device, or
+    on an example); each graph of ``module`` is then interpreted again on the arguments of its first call,
+    which stores ``node.meta["val"]`` on its nodes as :func:`propagate_shapes` does. Returns how many
+    times ``run`` called each graph (RAFT's update block: once per update); graphs it never calls keep no
+    shapes."""
+    calls: dict[fx.GraphModule, tuple] = {}
+    counts: dict[fx.GraphModule, int] = {}
+
+    def record(gm: fx.GraphModule, _module, args: tuple, kwargs: dict) -> None:
+        counts[gm] = counts.get(gm, 0) + 1
+        if gm not in calls:
+            names = [n.target for n in gm.graph.nodes if n.op == "placeholder"][len(args) :]
+            calls[gm] = (*args, *(kwargs[name] for name in names if name in kwargs))
+
+    hooks = [
+        gm.register_forward_pre_hook(partial(record, gm), with_kwargs=True) for gm in graph_modules(module)
+    ]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for gm, args in calls.items():
+        interpreter = _Recorder(gm)
+        with torch.no_grad():
+            interpreter.run(*args)
+        for node in gm.graph.nodes:
+            value = interpreter.values.get(node)
+            if isinstance(value, torch.Tensor) and node.op != "output":
+                node.meta["val"] = torch.empty_like(value, device="meta")  # the shape, not the values
+            else:
+                node.meta.pop("val", None)
+    return counts
 
 
 def copy_shapes(source: fx.GraphModule, target: fx.GraphModule) -> bool:

@@ -334,6 +334,38 @@ def test_a_w2a2_faster_rcnn_with_two_teachers_trains_every_part():
     assert {"boxes", "labels", "scores"} <= set(found.student_logits[0])
 
 
+@pytest.mark.parametrize("arch", [QUICK, "ssdlite320_mobilenet_v3_large"])
+def test_the_combined_teacher_detects_with_the_teachers_fused_outputs(arch):
+    """eval's combined teacher: every teacher's head outputs fused by the output fusions' weights, decoded
+    by the teachers' box logic. With all of a fusion's weight on one teacher it detects what that teacher
+    detects (R-CNN: the RPN's outputs and the box head's; SSD: the dense head's), with even weights
+    something else."""
+    torch.manual_seed(0)
+    system = build_detection_system(det_spec(arch, bits=8), device="cpu", load=False).eval()
+    images = torch.rand(2, 3, SIZE, SIZE)
+    fusion = system.teachers.get_submodule("fusion")
+    names = [n for n in ("output", "objectness") if hasattr(fusion, n)]
+    assert names == (["output", "objectness"] if arch == QUICK else ["output"])
+    for k in (0, 1):
+        with torch.no_grad():
+            for name in names:
+                fusion.get_submodule(name).logits.copy_(torch.tensor([60.0, -60.0][:: 1 if k == 0 else -1]))
+            found = system(images)
+        assert sum(len(d["boxes"]) for d in found.teacher_logits) > 0
+        for combined, own in zip(found.teacher_logits, found.each_teacher_logits[k], strict=True):
+            assert torch.equal(combined["labels"], own["labels"])
+            torch.testing.assert_close(combined["boxes"], own["boxes"], rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(combined["scores"], own["scores"], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        for name in names:
+            fusion.get_submodule(name).logits.zero_()
+        even = system(images).teacher_logits
+    assert not all(
+        len(a["boxes"]) == len(b["boxes"]) and torch.allclose(a["scores"], b["scores"])
+        for a, b in zip(even, found.each_teacher_logits[1], strict=True)
+    )
+
+
 def test_the_student_alone_trains_with_its_own_losses():
     system = build_detection_system(det_spec(teachers=0, method="single"))
     system.train()
@@ -385,7 +417,7 @@ def test_the_detection_quickstart_trains_evaluates_and_scores_like_pycocotools(
     run, train = train_tiny_example("detection_quickstart.yaml", sets, cwd=tmp_path, port=29593)
     assert all(r["loss/det_student"] > 0 and r["loss/feature"] > 0 for r in train)
     final = json.loads((run / "final.json").read_text())
-    assert {"map/student", "ap50/teacher0", "ap75/teacher1"} <= set(final["accuracy"])
+    assert {"map/student", "ap50/teacher0", "ap75/teacher1", "map/combined"} <= set(final["accuracy"])
     table = cli(tmp_path, "eval", str(run))
     assert "mAP" in table
     record = json.loads(next((run / "eval").glob("*.json")).read_text())
@@ -407,8 +439,27 @@ def test_the_detection_quickstart_trains_evaluates_and_scores_like_pycocotools(
     assert record["map/student"] == pytest.approx(100 * max(scored.stats[0], 0.0), abs=1e-9)
     from cmtkd_graph.cli import main
 
-    assert main(["export", str(run), "--out", str(tmp_path / "exported")]) == 2
-    assert "error: export: not yet for detection models" in capsys.readouterr().err
+    # export: the torch and codes formats; the box head's MACs on every proposal of the example image
+    assert main(["export", str(run), "--out", str(tmp_path / "exported")]) == 0
+    assert "cost per image" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "exported" / "manifest.json").read_text())
+    assert (
+        set(manifest["files"]) == {"torch", "codes"}
+        and "not for detection" in manifest["openvino"]["skipped"]
+    )
+    macs = {layer["name"]: layer["macs"] for layer in manifest["layers"]}
+    assert macs["backbone.body.0.0"] == (64 * 64 * 16) * (3 * 3 * 3)  # the stem, stride 2 at 128 px
+    proposals, rest = divmod(macs["roi_heads.box_head.fc6"], 256 * 7 * 7 * 1024)
+    assert rest == 0 and 0 < proposals <= 150  # the 320 model's proposals after NMS, at most 150
+    assert macs["roi_heads.box_predictor.cls_score"] == proposals * 1024 * 11
+    from cmtkd_graph.deploy.integer import integer_student
+    from cmtkd_graph.deploy.student import load_student
+
+    x = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the codes on integers: the backbone's maps as the student's
+        student, integer = load_student(run), integer_student(tmp_path / "exported")
+        for level, value in integer.backbone(x).items():
+            torch.testing.assert_close(value, student.backbone(x)[level], rtol=1e-3, atol=1e-3)
 
     # predict: the student's detections of an evaluation image, in its pixels, as eval wrote them
     image = fashion_objects / "val" / truth.loadImgs(evaluated[0])[0]["file_name"]
@@ -429,9 +480,10 @@ def final_classes(run) -> list[str]:
     return json.loads((run / "final.json").read_text())["classes"]
 
 
-def test_validate_taps_and_inspect_say_what_there_is(capsys, fashion_objects):
-    """validate names the objective and the input, taps lists the backbone's nodes, inspect says in one
-    line that it is not there yet (exit 2)."""
+def test_validate_taps_and_inspect_say_what_there_is(tmp_path, capsys, fashion_objects):
+    """validate names the objective and the input, taps lists the backbone's nodes, inspect shows every
+    part (backbone, RPN head, box head and predictor) with its precision, the shared knowledge at the
+    backbone's taps and the fused outputs of the mutual learning (class logits, objectness)."""
     from cmtkd_graph.cli import main
 
     spec = str(REPO / "specs" / "detection_quickstart.yaml")
@@ -441,6 +493,35 @@ def test_validate_taps_and_inspect_say_what_there_is(capsys, fashion_objects):
     assert main(["taps", QUICK, "--input-size", "128"]) == 0
     table = capsys.readouterr().out
     assert table.startswith(f"{QUICK} (backbone)") and "backbone.body.1.add" in table.splitlines()[-1]
-    assert main(["inspect", spec]) == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("error: inspect: not yet for detection models")
+    assert main(["inspect", spec, "--out", str(tmp_path / "graph.json")]) == 0
+    import networkx as nx
+
+    graph = nx.node_link_graph(json.loads((tmp_path / "graph.json").read_text()), edges="edges")
+    head = graph.nodes["student/rpn.head.conv.0.0"]
+    assert head["weight_bits"] == 4 and head["module"] == "rpn.head.conv.0.0"
+    assert graph.nodes["teacher1/roi_heads.box_head.fc6"]["weight_bits"] == 8
+    assert graph.nodes["student/roi_heads.box_predictor.cls_score"]["weight_bits"] == FULL_PRECISION
+    assert graph.nodes["fusion/backbone_body_12_add"]["output_shape"] == [2, 112, 16, 16]
+    for name, part in (("output", "roi_heads.box_predictor"), ("objectness", "rpn.head")):
+        assert graph.has_edge(f"teacher0/{part}:output", f"fusion/{name}")
+        assert graph.has_edge(f"student/{part}:output", f"loss/{name}")
+    assert graph.has_edge("student/backbone.body.12.add", "loss/backbone.body.12.add")
+    # the RPN head's convolution runs once per feature level: one weight quantizer into every call, and
+    # each call's own input quantizer a data edge (no quantizer of one level drawn into another's call)
+    calls = [
+        n
+        for n, a in graph.nodes(data=True)
+        if a.get("module") == "rpn.head.conv.0.0" and n.startswith("student/")
+    ]
+    assert len(calls) == 3
+    assert {v for _, v in graph.out_edges("student/rpn.head.conv.0.0.weight_quantizer")} == set(calls)
+    assert all(a["kind"] in ("data", "weight", "distill") for _, _, a in graph.edges(data=True))
+    for call in calls:
+        sources = [u for u, _, a in graph.in_edges(call, data=True) if a["kind"] == "data"]
+        assert len(sources) == 1 and graph.nodes[sources[0]]["role"] == "quantizer"
+    # the composed teachers' layers and blocks carry the backbone's path, as the student's
+    layer = graph.nodes["teacher0/backbone.body.3.block.0.0"]
+    assert layer["block"].startswith("teacher0/backbone.body.3")
+    assert graph.has_edge(
+        "teacher0/backbone.body.3.block.0.0.weight_quantizer", "teacher0/backbone.body.3.block.0.0"
+    )

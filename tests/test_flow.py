@@ -21,10 +21,10 @@ from cmtkd_graph.inspection import support
 from cmtkd_graph.models.parts import rewrite_parts
 from cmtkd_graph.quantizers import FULL_PRECISION
 from cmtkd_graph.registry import TASKS
-from cmtkd_graph.spec.io import validate_spec
+from cmtkd_graph.spec.io import load_spec, validate_spec
 from cmtkd_graph.tasks.flow import EPE_SCALE
 
-from .conftest import REPO, cli, run_module, train_tiny_example
+from .conftest import REPO, cli, train_tiny_example
 
 SIZE = 128  # RAFT's least input
 
@@ -298,12 +298,22 @@ def test_the_flow_quickstart_trains_resumes_and_evaluates(tmp_path, capsys, fash
     record = json.loads(next((run / "eval").glob("*.json")).read_text())
     assert record["task"] == "flow" and record["samples"] == 4
     assert record["epe/student"] == pytest.approx(final["accuracy"]["epe/student"])
-    result = run_module(["export", str(run), "--out", "exported"], cwd=tmp_path, module="cmtkd_graph")
-    assert result.returncode == 2 and "error: export: not yet for flow models" in result.stderr
-
     # predict: a pair's flow written as .flo and PNG, what the student computes on the dataset's pair
     from cmtkd_graph.cli import main
+    from cmtkd_graph.deploy.integer import integer_student
     from cmtkd_graph.deploy.student import load_student
+
+    # export: the torch and codes formats; MACs per pair counted on what every part ran on, times its calls
+    assert main(["export", str(run), "--out", str(tmp_path / "exported")]) == 0
+    manifest = json.loads((tmp_path / "exported" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"torch", "codes"} and manifest["model"]["sample"] == "pair"
+    assert "not for flow students" in manifest["onnx"]["skipped"]
+    macs = {layer["name"]: layer["macs"] for layer in manifest["layers"]}
+    assert macs["feature_encoder.convnormrelu.0"] == 2 * (64 * 64 * 32) * (3 * 7 * 7)  # both images
+    assert macs["update_block.flow_head.conv2"] == 2 * (16 * 16 * 2) * (128 * 3 * 3)  # two updates
+    assert "update_block x2" in manifest["cost"]["note"]
+    assert main(["export", str(run), "--out", str(tmp_path / "x"), "--format", "onnx", "--force"]) == 2
+    assert "error: onnx export: not for flow students" in capsys.readouterr().err
 
     pair = pair_files(fashion_flow)[1][0]
     argv = ["predict", str(run), str(pair.first), str(pair.second), "--json", "--draw", str(tmp_path / "f")]
@@ -315,17 +325,50 @@ def test_the_flow_quickstart_trains_resumes_and_evaluates(tmp_path, capsys, fash
     with torch.no_grad():
         expected = load_student(run)(sample[None])["logits"][0]
     torch.testing.assert_close(read_flo(answer["flo"]), expected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # the integer reference of the codes: every part's layers on integers
+        integer = integer_student(tmp_path / "exported")(sample[None])["logits"][0]
+    torch.testing.assert_close(integer, expected, rtol=1e-3, atol=1e-3)
     assert main(["predict", str(run), str(pair.first)]) == 2
     assert "1 image(s) is not a number of pairs" in capsys.readouterr().err
 
 
-def test_taps_lists_the_encoders_nodes_and_inspect_says_it_is_not_there_yet(tmp_path):
+def test_taps_lists_the_encoders_nodes(tmp_path):
     table = cli(tmp_path, "taps", "raft_small", "--input-size", "128")
     assert table.startswith("raft_small (feature_encoder, on each image) at 3x128x128")
     assert table.splitlines()[-1] == "auto: feature_encoder.layer1.1.relu, feature_encoder.layer2.1.relu"
-    result = run_module(["inspect", "flow_quickstart"], cwd=tmp_path, module="cmtkd_graph")
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: inspect: not yet for flow models")
+
+
+def test_inspect_shows_every_part_the_shared_knowledge_and_the_fused_flows():
+    """The summary and the graph of the quickstart: every part's layers (encoders, update block) with
+    their precision, the taps with their shapes, the flows' fusion from each teacher's update block and
+    its mutual-learning loss with the student's."""
+    from cmtkd_graph.inspection.graph import system_graph
+    from cmtkd_graph.inspection.output import summary_table
+
+    system = cg.build_system(load_spec(REPO / "specs" / "flow_quickstart.yaml"), device="meta", load=False)
+    table = summary_table(system)
+    assert "student (raft_small W2A2)" in table and "weight quantizers  50 x 2 bits" in table
+    assert "update_block.flow_head.conv2 Conv2d (last layer kept full precision)" in table
+    assert "feature_encoder.layer1.1.relu [4, 32, 64, 64]" in table  # both images of a batch of 2
+    assert "? <- teacher0/update_block:output, teacher1/update_block:output" in table
+    assert "min-error flow L1 (mutual) on output" in table
+    graph = system_graph(system)
+    layer = graph.nodes["student/update_block.motion_encoder.convcorr1.0"]
+    assert layer["weight_bits"] == 2 and layer["output_shape"] == [2, 96, 16, 16]
+    assert graph.nodes["teacher1/context_encoder.layer1.0.convnormrelu1.0"]["weight_bits"] == 8
+    assert graph.has_edge("student/update_block:output", "loss/output")
+    assert graph.has_edge("fusion/output", "loss/output")
+    # a system with real weights is inspected through a copy on the meta device: nothing of it changes
+    system = cg.build_system(load_spec(REPO / "specs" / "flow_quickstart.yaml"), load=False)
+    before = {k: v.clone() for k, v in system.state_dict().items()}
+    modes = [m.training for m in system.modules()]
+    assert summary_table(system) == table
+    assert [m.training for m in system.modules()] == modes
+    assert all(torch.equal(before[k], v) for k, v in system.state_dict().items())
+    assert graph.has_edge(
+        "student/update_block.motion_encoder.convcorr1.0.weight_quantizer",
+        "student/update_block.motion_encoder.convcorr1.0",
+    )
 
 
 @pytest.mark.parametrize("arch", ["raft_small", "raft_large"])

@@ -77,32 +77,46 @@ class QuantizedLayer:
     position: str  # first / inner / last
     weights: list[WeightCodes] = field(default_factory=list)
     inputs: list[ActivationCodes] = field(default_factory=list)
+    graph: fx.GraphModule | None = None  # the part holding it, in a network rewritten part by part
 
 
-def quantized_layers(student: fx.GraphModule) -> list[QuantizedLayer]:
-    """Every layer the quantize pass decided on, in graph order, with its quantizers encoded."""
+def quantized_layers(student: nn.Module) -> list[QuantizedLayer]:
+    """Every layer the quantize pass decided on, in graph order, with its quantizers encoded. In a network
+    rewritten part by part (``models.parts``: detectors, RAFT) the layers of every part, named by their
+    path in the network (``rpn.head.conv.0.0``)."""
     layers: dict[str, QuantizedLayer] = {}
-    for node in student.graph.nodes:
-        info = node.meta.get(META, {})
-        if info.get("role") != "layer":
-            continue
-        if node.target in layers:
-            layers[node.target].nodes.append(node)
-            continue
-        module = student.get_submodule(node.target)
-        layer = QuantizedLayer(
-            node.target, module, [node], info["weight_bits"], info["act_bits"], info["position"]
-        )
-        for path, quantizer in module.named_modules():
-            if not isinstance(quantizer, Quantizer):
+    for prefix, gm in network_graphs(student):
+        for node in gm.graph.nodes:
+            info = node.meta.get(META, {})
+            if info.get("role") != "layer":
                 continue
-            full = f"{node.target}.{path}"
-            if path.endswith(WEIGHT_QUANTIZER):
-                layer.weights.append(_encode_weight(module, path, full, quantizer))
-            else:
-                layer.inputs.append(_encode_activation(full, quantizer))
-        layers[node.target] = layer
+            name = f"{prefix}{node.target}"
+            if name in layers:
+                layers[name].nodes.append(node)
+                continue
+            module = gm.get_submodule(node.target)
+            layer = QuantizedLayer(
+                name, module, [node], info["weight_bits"], info["act_bits"], info["position"]
+            )
+            layer.graph = None if gm is student else gm
+            for path, quantizer in module.named_modules():
+                if not isinstance(quantizer, Quantizer):
+                    continue
+                full = f"{name}.{path}"
+                if path.endswith(WEIGHT_QUANTIZER):
+                    layer.weights.append(_encode_weight(module, path, full, quantizer))
+                else:
+                    layer.inputs.append(_encode_activation(full, quantizer))
+            layers[name] = layer
     return list(layers.values())
+
+
+def network_graphs(network: nn.Module) -> list[tuple[str, fx.GraphModule]]:
+    """``[("", network)]`` for a network that traces whole; else each rewritten part with its path and a
+    dot (``("rpn.head.", graph)``)."""
+    if isinstance(network, fx.GraphModule):
+        return [("", network)]
+    return [(f"{path}.", m) for path, m in network.named_modules() if path and isinstance(m, fx.GraphModule)]
 
 
 def _weight_name(quantizer_path: str) -> str:

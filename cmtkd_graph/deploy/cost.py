@@ -21,17 +21,30 @@ from cmtkd_graph.quantizers.base import FULL_PRECISION
 FLOAT_BITS = 32
 
 
-def node_macs(gm: fx.GraphModule, node: fx.Node) -> int:
+def node_macs(gm: fx.GraphModule, node: fx.Node, *, per_sample: bool = True) -> int:
     """MACs of one call of a conv/linear/attention layer for one image or clip (needs propagated
-    shapes)."""
-    module = gm.get_submodule(node.target)
-    out, inp = node.meta.get("val"), node.args[0].meta.get("val") if node.args else None
+    shapes); ``per_sample=False``: for the whole batch of the call (a detector's RoI heads: one row per
+    proposal)."""
+    per_item = _item_macs(gm, node)
+    return per_item if per_sample else per_item * _output_value(node).shape[0]
+
+
+def _output_value(node: fx.Node):
+    out = node.meta.get("val")
     if out is None:  # nn.MultiheadAttention returns (output, weights): the output's shape is its [0]'s
         first = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
         out = first[0].meta.get("val") if first else None
     if out is None:
         raise ValueError(f"{node.target}: no propagated shape (run passes.shapes.propagate_shapes)")
+    return out
+
+
+def _item_macs(gm: fx.GraphModule, node: fx.Node) -> int:
+    module = gm.get_submodule(node.target)
+    out, inp = _output_value(node), node.args[0].meta.get("val") if node.args else None
     batch = out.shape[0]
+    if batch == 0:  # a head that ran on no rows (a detector's mask head without detections)
+        return 0
     if isinstance(module, nn.Conv2d | nn.Conv3d):
         per_output = (module.in_channels // module.groups) * math.prod(module.kernel_size)
         return out.numel() // batch * per_output

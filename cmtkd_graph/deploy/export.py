@@ -30,7 +30,13 @@ from safetensors.torch import save_file
 from torch import fx
 
 from cmtkd_graph.deploy import cost
-from cmtkd_graph.deploy.codes import CODES_FILE, QuantizedLayer, codes_tensors, quantized_layers
+from cmtkd_graph.deploy.codes import (
+    CODES_FILE,
+    QuantizedLayer,
+    codes_tensors,
+    network_graphs,
+    quantized_layers,
+)
 from cmtkd_graph.deploy.integer import accumulator_bits, integer_arithmetic
 from cmtkd_graph.deploy.student import (
     MANIFEST_FILE,
@@ -42,7 +48,7 @@ from cmtkd_graph.deploy.student import (
 )
 from cmtkd_graph.errors import UserError, first_line
 from cmtkd_graph.identity import file_sha256
-from cmtkd_graph.passes.shapes import propagate_shapes
+from cmtkd_graph.passes.shapes import propagate_call_shapes, propagate_shapes
 from cmtkd_graph.spec import Spec
 from cmtkd_graph.spec.io import dump_spec
 
@@ -93,9 +99,10 @@ def _write(found, out: Path, formats: tuple[str, ...], images: str | Path | None
     """Every file of the export, written into the (new, empty) directory ``out``."""
     student = build_student(found.spec)
     load_state(student, found.state, origin=found.origin)
-    propagate_shapes(student, (1, *found.spec.data.input_shape()))
+    calls = example_shapes(student, found.spec.data.input_shape())
     layers = quantized_layers(student)
-    manifest = _manifest(found, student, layers)
+    manifest = _manifest(found, student, layers, calls)
+    required = formats != FORMATS
 
     (out / SPEC_FILE).write_text(dump_spec(found.spec))
     # torch: the state dict as training saved it; codes: a complete integer description
@@ -106,11 +113,14 @@ def _write(found, out: Path, formats: tuple[str, ...], images: str | Path | None
         save_file(codes_tensors(student, layers), str(out / CODES_FILE))
         manifest["files"]["codes"] = CODES_FILE
     if "onnx" in formats:
-        manifest["onnx"] = _onnx(student, layers, manifest, out / ONNX_FILE, found.spec)
+        if calls is None:
+            manifest["onnx"] = _onnx(student, layers, manifest, out / ONNX_FILE, found.spec)
+        else:
+            manifest["onnx"] = _not_from_parts("onnx", found.spec, required=required)
         if manifest["onnx"].get("file"):
             manifest["files"]["onnx"] = ONNX_FILE
-    required, real = formats != FORMATS, functools.cache(lambda: calibration_images(found.spec, images))
-    int8 = _Int8Graphs(student, found.spec.data.input_shape())
+    real = functools.cache(lambda: calibration_images(found.spec, images))
+    int8 = _Int8Graphs(student, found.spec)
     for name, file, write in (
         ("onnx-int8", ONNX_INT8_FILE, _onnx_int8),
         ("openvino", OPENVINO_FILE, _openvino),
@@ -125,6 +135,32 @@ def _write(found, out: Path, formats: tuple[str, ...], images: str | Path | None
     manifest["sha256"] = {p.name: file_sha256(p) for p in sorted(out.iterdir()) if p.is_file()}
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def example_shapes(
+    student: torch.nn.Module, input_shape: tuple[int, ...]
+) -> dict[fx.GraphModule, int] | None:
+    """Every node's shape for one sample (what MACs are counted on): propagated on the meta device for a
+    network that traces whole (None); a network rewritten part by part (detectors, RAFT) runs once on a
+    grey example of ``input_shape``, its box logic and loops as they are: how many times each part ran."""
+    if isinstance(student, fx.GraphModule):
+        propagate_shapes(student, (1, *input_shape))
+        return None
+    example = torch.full((1, *input_shape), 0.5)
+    return propagate_call_shapes(student, lambda: student(example))
+
+
+def _not_from_parts(name: str, spec: Spec, *, required: bool) -> dict:
+    """The manifest section of a format this version does not write for networks rewritten part by part
+    (asked for alone: an error)."""
+    task = spec.resolved_task
+    problem = (
+        f"not for {task} students in this version: they run torchvision's eager code between their rewritten "
+        f"parts, and the {name} writer takes one traced graph; the torch and codes formats hold the student"
+    )
+    if required:
+        raise UserError(f"{name} export: {problem}")
+    return {"file": None, "skipped": problem}
 
 
 def _check_destination(out: Path, source: Path, *, force: bool) -> None:
@@ -214,13 +250,15 @@ class _Int8Graphs:
     check that every operation can be written, before any image (or clip) is read; a failure is kept,
     so an unwritable student is tried once, not once per format."""
 
-    def __init__(self, student: fx.GraphModule, input_shape: tuple[int, ...]) -> None:
-        self.student, self.input_shape = student, input_shape
+    def __init__(self, student: torch.nn.Module, spec: Spec) -> None:
+        self.student, self.spec, self.input_shape = student, spec, spec.data.input_shape()
         self._built: tuple | None = None
         self._error: Exception | None = None
 
     def uncalibrated(self) -> tuple[fx.GraphModule, object, object]:
         """(inference form, ONNX model, plan); raises the writer's UserError (or an ImportError)."""
+        if not isinstance(self.student, fx.GraphModule):  # rewritten part by part
+            raise UserError(_not_from_parts("int8", self.spec, required=False)["skipped"])
         if self._error is not None:
             raise self._error
         if self._built is None:
@@ -307,9 +345,11 @@ def calibration_images(spec: Spec, folder: str | Path | None) -> tuple[torch.Ten
     return torch.stack([dataset[i][0] for i in indices]), f"the run's evaluation data ({spec.data.dataset})"
 
 
-def _manifest(found, student: fx.GraphModule, layers: list[QuantizedLayer]) -> dict:
+def _manifest(
+    found, student: torch.nn.Module, layers: list[QuantizedLayer], calls: dict[fx.GraphModule, int] | None
+) -> dict:
     spec = found.spec
-    records = [_layer_record(student, layer) for layer in layers]
+    records = [_layer_record(student, layer, calls) for layer in layers]
     float_bytes, packed_bytes = _sizes(student, layers)
     macs = sum(r["macs"] for r in records)
     student_bops = sum(r["bops"] for r in records)
@@ -327,6 +367,7 @@ def _manifest(found, student: fx.GraphModule, layers: list[QuantizedLayer]) -> d
             "first_layer_bits": spec.quantizer.first_layer_bits,
             "last_layer_bits": spec.quantizer.last_layer_bits,
             "input_shape": list(spec.data.input_shape()),
+            "sample": _noun(spec),
             "classes": classes,
             **({"colours": colours} if colours else {}),
         },
@@ -343,14 +384,38 @@ def _manifest(found, student: fx.GraphModule, layers: list[QuantizedLayer]) -> d
             "bops": student_bops,
             "float_bops": float_bops,
             "bops_reduction": round(float_bops / max(student_bops, 1), 2),
-            "note": "per image; conv/linear/attention-projection MACs x weight bits x activation bits",
+            "note": f"per {_noun(spec)}; conv/linear/attention-projection MACs x weight bits x activation "
+            "bits" + ("" if calls is None else f"; {_parts_note(student, calls)}"),
         },
         "layers": records,
     }
 
 
-def _layer_record(student: fx.GraphModule, layer: QuantizedLayer) -> dict:
-    macs = sum(cost.node_macs(student, node) for node in layer.nodes)
+def _parts_note(student: torch.nn.Module, calls: dict[fx.GraphModule, int]) -> str:
+    """How a network rewritten part by part was counted: its parts' calls on the example image."""
+    ran = ", ".join(f"{prefix[:-1]} x{calls[gm]}" for prefix, gm in network_graphs(student) if gm in calls)
+    return (
+        "counted on one grey example, every part on the rows it ran on (a detector's RoI heads: one per "
+        f"proposal) times its calls ({ran})"
+    )
+
+
+def _noun(spec: Spec) -> str:
+    from cmtkd_graph.registry import TASKS
+
+    return TASKS.get(spec.resolved_task).sample_noun
+
+
+def _layer_record(
+    student: torch.nn.Module, layer: QuantizedLayer, calls: dict[fx.GraphModule, int] | None
+) -> dict:
+    if layer.graph is None:
+        macs = sum(cost.node_macs(student, node) for node in layer.nodes)
+    else:  # a part, which may run on many rows (proposals) and many times (RAFT's updates) per image
+        runs = calls.get(layer.graph, 0) if calls else 0
+        macs = runs and runs * sum(
+            cost.node_macs(layer.graph, node, per_sample=False) for node in layer.nodes
+        )
     record = {
         "name": layer.name,
         "type": type(layer.module).__name__,
@@ -413,7 +478,7 @@ def _integer_note(layer: QuantizedLayer, record: dict) -> str:
     return "float (full precision)"
 
 
-def _sizes(student: fx.GraphModule, layers: list[QuantizedLayer]) -> tuple[int, int]:
+def _sizes(student: torch.nn.Module, layers: list[QuantizedLayer]) -> tuple[int, int]:
     """(float32 bytes of the model, bytes with packed codes): tensors inference needs."""
     quantizer_state = tuple(
         f"{q}."
@@ -450,7 +515,8 @@ def summary(manifest: dict, out: Path) -> str:
         f"exported {m['arch']} W{m['weight_bits']}A{m['act_bits']} ({m['quantizer']}) to {out}",
         f"  size: {size['packed_mib']:.2f} MiB packed vs {size['float_mib']:.2f} MiB float32 "
         f"({size['compression']:.1f}x smaller)",
-        f"  cost per image: {cost.human_bops(c['bops'])}BOPs vs {cost.human_bops(c['float_bops'])}BOPs float "
+        f"  cost per {m.get('sample', 'image')}: {cost.human_bops(c['bops'])}BOPs vs "
+        f"{cost.human_bops(c['float_bops'])}BOPs float "
         f"({c['bops_reduction']:.1f}x fewer), {cost.human_bops(c['macs'])}MACs",
     ]
     quantized = [layer for layer in manifest["layers"] if layer["weights"]]

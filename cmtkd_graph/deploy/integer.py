@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from cmtkd_graph.deploy.codes import CODES_FILE, decode_weight, float_state
+from cmtkd_graph.deploy.codes import CODES_FILE, decode_weight, float_state, network_graphs
 from cmtkd_graph.deploy.inference import DecodedWeight
 from cmtkd_graph.deploy.student import (
     MANIFEST_FILE,
@@ -113,8 +113,9 @@ def integer_conv2d(
     return out.reshape(n, q_w.shape[0], out_h, out_w)
 
 
-def integer_student(path: str | Path) -> fx.GraphModule:
-    """The integer reference of an export directory (needs its ``codes.safetensors``), in eval mode."""
+def integer_student(path: str | Path) -> nn.Module:
+    """The integer reference of an export directory (needs its ``codes.safetensors``), in eval mode (a
+    network rewritten part by part, detectors and RAFT: every part's layers)."""
     path = Path(path)
     manifest_file, codes_file = path / MANIFEST_FILE, path / CODES_FILE
     if not manifest_file.is_file() or not codes_file.is_file():
@@ -130,8 +131,8 @@ def integer_student(path: str | Path) -> fx.GraphModule:
 
 
 def integer_from_codes(
-    student: fx.GraphModule, tensors: dict[str, Tensor], layers: list[dict], *, origin: Path
-) -> fx.GraphModule:
+    student: nn.Module, tensors: dict[str, Tensor], layers: list[dict], *, origin: Path
+) -> nn.Module:
     """Put the codes into a freshly built student and swap its quantized layers for integer ones."""
     state = float_state(tensors)
     latent = {w["tensor"] for layer in layers for w in layer["weights"]}
@@ -140,16 +141,23 @@ def integer_from_codes(
     missing = [k for k in result.missing_keys if k not in latent and not k.startswith(weight_state)]
     if missing or result.unexpected_keys:
         load_state(student, state, origin=origin)  # raises with the names
+    graphs = network_graphs(student)
     for layer in layers:
         module = student.get_submodule(layer["name"])
         decoded = {w["tensor"]: decode_weight(tensors, w) for w in layer["weights"]}
+        prefix, graph = next((p, g) for p, g in reversed(graphs) if layer["name"].startswith(p))
         if integer_arithmetic(module, layer):
             q_w, scale = next(iter(decoded.values()))
-            _replace_layer(student, layer["name"], IntegerLayer(module, module.input_quantizer, q_w, scale))
+            integer = IntegerLayer(module, module.input_quantizer, q_w, scale)
+            _replace_layer(graph, layer["name"].removeprefix(prefix), integer)
             continue
         for w in layer["weights"]:  # weight-only layers and attention: float math, decoded weights
-            replace_submodule(student, w["quantizer"], DecodedWeight(*decoded[w["tensor"]]))
-    return finish(student).eval()
+            replace_submodule(
+                graph, w["quantizer"].removeprefix(prefix), DecodedWeight(*decoded[w["tensor"]])
+            )
+    for _, graph in graphs:
+        finish(graph)
+    return student.eval()
 
 
 def integer_arithmetic(module: nn.Module, layer: dict) -> bool:

@@ -141,6 +141,11 @@ def load_student(
     load_state(student, source.state, origin=source.origin)
     if not inference:
         return student
+    if not isinstance(student, fx.GraphModule):
+        raise UserError(
+            f"inference=True: not for {source.spec.resolved_task} students in this version (rewritten part "
+            "by part, they run as trained)"
+        )
     from cmtkd_graph.deploy.inference import (
         inference_form,
         pool_in_channels_last,

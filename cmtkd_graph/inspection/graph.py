@@ -22,7 +22,13 @@ outside them, so that structural facts can be checked by eye or by code:
   CTKD's expert) and the student tap (through its FitNet adapter, if any) meet at ``loss/<tap>``; the
   method's logits target (``Method.logits_loss``) and the student logits meet at ``loss/logits``.
   Loss nodes have no successors, so the picture keeps the data flow's direction: nothing flows from
-  the student into a teacher.
+  the student into a teacher;
+* a network rewritten part by part (``models.parts``: detectors, RAFT) is its parts' graphs, each with
+  its own inputs and output (``student/rpn.head:x_1``, ``teacher0/rpn.head:output``; the part the
+  teachers compose reads ``input``): the eager code between parts is no node. The fusions of the
+  teachers' outputs (``fusion/output``, ``fusion/objectness``) take each teacher's part output
+  (``system.output_parts``) and meet the student's at ``loss/output``. Shapes come from one run of the
+  system on its device (:func:`meta_forward`), each part propagated on what it was called with.
 
 Writers, rendering and the summary table are in :mod:`cmtkd_graph.inspection.output`, the command in
 :mod:`cmtkd_graph.cli`.
@@ -31,9 +37,13 @@ Writers, rendering and the summary table are in :mod:`cmtkd_graph.inspection.out
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
 import json
+import re
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,10 +64,10 @@ from cmtkd_graph.passes.common import (
     output_value,
 )
 from cmtkd_graph.passes.compose import OUTPUT_FUSION
-from cmtkd_graph.passes.shapes import propagate_shapes
-from cmtkd_graph.passes.tracer import qualname
+from cmtkd_graph.passes.shapes import propagate_call_shapes, propagate_shapes
+from cmtkd_graph.passes.tracer import QUALNAME_PREFIX, qualname
 from cmtkd_graph.quantizers import FULL_PRECISION, Quantizer
-from cmtkd_graph.system import DistillationSystem
+from cmtkd_graph.system import DistillationSystem, SystemBase
 
 Which = Literal["system", "teachers", "student"]
 View = Literal["full", "blocks"]
@@ -68,6 +78,7 @@ BLOCK_LIMIT = 40
 encoder, DenseNet's dense blocks); ResNet blocks have about a dozen."""
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_CALLED_QUANTIZER = re.compile(r"input_quantizer(_\d+)?")  # one per call of a layer, each a graph node
 _DECISIONS = (
     "kind",
     "bits",
@@ -108,12 +119,32 @@ def system_graph(
     graph = nx.DiGraph(name=system.spec.name, which=which, view=view, input_shape=list(input_shape))
     taps = {info.label: {t.node: t.name for t in info.taps} for info in system.networks}
     family = system.spec.quantizer.name
+    by_parts = not isinstance(system.student, fx.GraphModule)  # rewritten part by part (models.parts)
+    if by_parts:  # shapes from one run of every layer, of a copy on the meta device (no state changes)
+        on_meta = all(t.is_meta for t in itertools.chain(system.parameters(), system.buffers()))
+        system = system if on_meta else copy.deepcopy(system).to("meta")
+        modes = {module: module.training for module in system.modules()}
+        try:
+            propagate_call_shapes(system, functools.partial(meta_forward, system))
+        finally:
+            for module, training in modes.items():
+                module.training = training
+    scope = system.task.tap_part if by_parts else None  # the composed teachers' part
     if which in ("system", "student"):
-        propagate_shapes(system.student, input_shape)
-        _add_fx_graph(graph, system.student, "student", taps, family)
+        if by_parts:
+            _add_parts(graph, system, system.student, "student", taps, family)
+        else:
+            propagate_shapes(system.student, input_shape)
+            _add_fx_graph(graph, system.student, "student", taps, family)
     if which in ("system", "teachers") and system.teachers is not None:
-        propagate_shapes(system.teachers, input_shape)
-        _add_fx_graph(graph, system.teachers, "teachers", taps, family)
+        if not by_parts:
+            propagate_shapes(system.teachers, input_shape)
+        _add_fx_graph(graph, system.teachers, "teachers", taps, family, scope=scope)
+        if by_parts:
+            for k in range(system.num_teachers):
+                holder = system.teachers.get_submodule(f"teacher{k}")
+                _add_parts(graph, system, holder, f"teacher{k}", taps, family)
+            _add_output_fusions(graph, system)
         _add_importance(graph, importance or {})
     if which == "system" and system.teachers is not None:
         _add_distillation(graph, system)
@@ -126,15 +157,21 @@ def _add_fx_graph(
     label: str,
     taps: Mapping[str, Mapping[str, str]],
     family: str,
+    part: Part | None = None,
+    scope: str | None = None,
 ) -> None:
-    """Add one GraphModule's nodes and data edges (``label``: ``student`` or ``teachers``)."""
+    """Add one GraphModule's nodes and data edges (``label``: ``student`` or ``teachers``; for one part of
+    a network rewritten part by part, that network's label, ``teacher{k}`` for a teacher's). ``scope``:
+    the path in the network of what ``gm``'s modules hold (a part's, ``rpn.head``; the composed teachers'
+    part, ``backbone``), which module paths and blocks start with."""
     ids: dict[fx.Node, str] = {}
     counted: set[str] = set()  # module targets whose parameters are already on a node
     scope_sizes = _scope_sizes(gm)
+    scope = scope or gm.meta.get(QUALNAME_PREFIX)
     for node in gm.graph.nodes:
         info = node.meta.get(META, {})
-        network = _network(node, info, label)
-        node_id = _node_id(node, label)
+        network = _network(node, info, label) if part is None else _part_network(node, label, part)
+        node_id = _node_id(node, label) if part is None else _part_node_id(node, label, part)
         ids[node] = node_id
         local = qualname(node).removeprefix(f"{network}.") if network else qualname(node)
         attrs = {"label": local, "role": _role(node, info, network), **_node_attrs(gm, node, counted)}
@@ -142,15 +179,85 @@ def _add_fx_graph(
             attrs["network"] = network
         if "teacher" in info:
             attrs["teacher"] = info["teacher"]
+        elif network is not None and network.startswith("teacher") and network[7:].isdigit():
+            attrs["teacher"] = int(network[7:])
+        if part is not None and node.op in ("placeholder", "output") and node_id != INPUT:
+            end = node.name if node.op == "placeholder" else "output"
+            attrs["label"], attrs["part"] = f"{part.path}:{end}", part.path
         tap = taps.get(network or "", {}).get(local)
         if tap is not None and attrs["role"] in ("student", "teacher"):
             attrs["role"], attrs["tap"] = "tap", tap
-        attrs["block"] = _block_id(node, node_id, network, scope_sizes)
+        attrs["block"] = _block_id(node, node_id, network, scope_sizes, scope)
         graph.add_node(node_id, **attrs)
         for source in dict.fromkeys(node.all_input_nodes):
             graph.add_edge(ids[source], node_id, kind="data")
         if node.op == "call_module":
-            _add_weight_quantizer(graph, gm, node, node_id, attrs, family)
+            _add_weight_quantizer(graph, gm, node, node_id, attrs, family, scope)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One graph of a network rewritten part by part: its path in the network (``backbone``,
+    ``rpn.head``) and whether its input is the system's shared input (the part the teachers compose)."""
+
+    path: str
+    shared_input: bool
+
+
+def _add_parts(
+    graph: nx.DiGraph,
+    system: SystemBase,
+    network: nn.Module,
+    label: str,
+    taps: Mapping[str, Mapping[str, str]],
+    family: str,
+) -> None:
+    """Every graph of ``network`` (a detector's backbone and heads, RAFT's encoders and update block), each
+    as its own subgraph: torchvision's eager code between them (anchors, box coding, NMS, RoIAlign; RAFT's
+    correlation lookup and update loop) is no node."""
+    for path, gm in network.named_modules():
+        if path and isinstance(gm, fx.GraphModule):
+            _add_fx_graph(graph, gm, label, taps, family, Part(path, path == system.task.tap_part))
+
+
+def _part_network(node: fx.Node, label: str, part: Part) -> str | None:
+    return None if node.op == "placeholder" and part.shared_input else label
+
+
+def _part_node_id(node: fx.Node, label: str, part: Part) -> str:
+    """``student/rpn.head.conv.0.0``; a part's own inputs and output ``student/rpn.head:x_1``,
+    ``teacher0/rpn.head:output``; the shared input ``input``."""
+    if node.op == "placeholder":
+        return INPUT if part.shared_input else f"{label}/{part.path}:{node.name}"
+    if node.op == "output":
+        return f"{label}/{part.path}:output"
+    return f"{label}/{qualname(node)}"
+
+
+def _add_output_fusions(graph: nx.DiGraph, system: SystemBase) -> None:
+    """The fusions of the teachers' outputs in a system rewritten part by part (``teachers.fusion.<name>``,
+    run by eager code on each teacher's part output ``system.output_parts[name]``), as fusion nodes."""
+    holder = system.teachers.get_submodule("fusion")
+    for name, path in system.output_parts.items():
+        if not hasattr(holder, name):
+            continue  # without mutual learning no output is fused
+        module = holder.get_submodule(name)
+        fusion_id = f"fusion/{name}"
+        graph.add_node(
+            fusion_id,
+            label=f"fusion.{name}",
+            op="call_module",
+            target=f"fusion.{name}",
+            module_type=type(module).__name__,
+            role="fusion",
+            network="teachers",
+            tap=name,
+            combine="importance" if isinstance(module, ImportanceFusion) else "mean",
+            params=sum(p.numel() for p in module.parameters()),
+            block=fusion_id,
+        )
+        for k in range(system.num_teachers):
+            graph.add_edge(f"teacher{k}/{path}:output", fusion_id, kind="data")
 
 
 def _network(node: fx.Node, info: Mapping[str, Any], label: str) -> str | None:
@@ -189,6 +296,8 @@ def _node_attrs(gm: fx.GraphModule, node: fx.Node, counted: set[str]) -> dict[st
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         attrs["module_type"] = type(module).__name__
+        prefix = gm.meta.get(QUALNAME_PREFIX)  # a part's modules: their path in the network
+        attrs["module"] = f"{prefix}.{node.target}" if prefix else node.target
         if node.target not in counted:
             counted.add(node.target)
             params = sum(
@@ -241,17 +350,25 @@ def _get_attr(gm: fx.GraphModule, target: str) -> Any:
 
 
 def _add_weight_quantizer(
-    graph: nx.DiGraph, gm: fx.GraphModule, node: fx.Node, node_id: str, attrs: dict[str, Any], family: str
+    graph: nx.DiGraph,
+    gm: fx.GraphModule,
+    node: fx.Node,
+    node_id: str,
+    attrs: dict[str, Any],
+    family: str,
+    scope: str | None = None,
 ) -> None:
     """The quantizers inside a quantized layer (its weight quantizers; for attention modules also the
     output projection's input quantizer), each as its own node with an edge into the layer."""
     layer = gm.get_submodule(node.target)
     network = attrs.get("network")
     module_path = node.target.removeprefix(f"{network}.") if network else node.target
+    if scope:  # a part's layer (which may run once per feature level), or the composed teachers'
+        module_path = f"{scope}.{module_path}"
     prefix = node_id.partition("/")[0]
     for name, quantizer in layer.named_modules():
-        if not name or name == "input_quantizer" or not isinstance(quantizer, Quantizer):  # those are nodes
-            continue
+        if not name or _CALLED_QUANTIZER.fullmatch(name) or not isinstance(quantizer, Quantizer):
+            continue  # the input quantizers of its calls are nodes
         quant_id = f"{prefix}/{module_path}.{name}"
         if quant_id not in graph:
             extra = {"network": network, "teacher": attrs.get("teacher")}
@@ -283,9 +400,12 @@ def _scope_sizes(gm: fx.GraphModule) -> Counter[str]:
     return sizes
 
 
-def _block_id(node: fx.Node, node_id: str, network: str | None, scope_sizes: Counter[str]) -> str:
+def _block_id(
+    node: fx.Node, node_id: str, network: str | None, scope_sizes: Counter[str], prefix: str | None = None
+) -> str:
     """The outermost module scope of ``node`` that is not a plain container and holds at most
-    ``BLOCK_LIMIT`` nodes (``layer1.0`` in a ResNet); the node itself when it is in no scope."""
+    ``BLOCK_LIMIT`` nodes (``layer1.0`` in a ResNet); the node itself when it is in no scope. ``prefix``:
+    the path of a part (``rpn.head``), whose scopes are its own."""
     stack = list(node.meta.get("nn_module_stack", {}).values())
     if not stack or network is None:
         return node_id
@@ -294,6 +414,8 @@ def _block_id(node: fx.Node, node_id: str, network: str | None, scope_sizes: Cou
         if module_type not in _CONTAINERS and scope_sizes[path] <= BLOCK_LIMIT:
             chosen = path
             break
+    if prefix:
+        chosen = f"{prefix}.{chosen}"
     return f"{node_id.partition('/')[0]}/{chosen}"
 
 
@@ -306,11 +428,14 @@ def _add_importance(graph: nx.DiGraph, importance: Mapping[str, Sequence[float]]
 def _add_distillation(graph: nx.DiGraph, system: DistillationSystem) -> None:
     """Adapters, loss nodes, the method's modules and ``distill`` edges between student and teachers."""
     spec = system.spec
-    student_out = output_value(system.student)
+    by_parts = not isinstance(system.student, fx.GraphModule)
+    tapped = system.student.get_submodule(system.task.tap_part) if by_parts else system.student
+    student_out = output_value(tapped)
     teachers_out = output_value(system.teachers)
     hints = teachers_out.get(SHARED) or teachers_out.get(FEATURES) or {}
     feature_loss = spec.distill.feature_loss
-    for tap, feature in student_out[FEATURES].items():
+    features = student_out.get(FEATURES, {}) if isinstance(student_out, dict) else {}
+    for tap, feature in features.items():
         if tap not in hints:
             continue
         source = f"student/{qualname(feature)}"
@@ -329,6 +454,15 @@ def _add_distillation(graph: nx.DiGraph, system: DistillationSystem) -> None:
             graph.add_edge(source, loss_id, kind="distill")
     logits_loss = system.method.logits_loss()
     if logits_loss is None:
+        return
+    if by_parts:  # the losses on the fused outputs (the parts' outputs, through eager code)
+        for name, path in system.output_parts.items():
+            if f"fusion/{name}" in graph:
+                loss_id = f"loss/{name}"
+                loss = system.mutual_label or logits_loss.label
+                graph.add_node(loss_id, **_loss_attrs(loss_id, f"{loss} on {name}", loss))
+                graph.add_edge(f"student/{path}:output", loss_id, kind="distill")
+                graph.add_edge(f"fusion/{name}", loss_id, kind="distill")
         return
     graph.add_node("loss/logits", **_loss_attrs("loss/logits", logits_loss.label, logits_loss.label))
     graph.add_edge(f"student/{qualname(student_out[LOGITS])}", "loss/logits", kind="distill")
@@ -358,6 +492,22 @@ def _add_distillation(graph: nx.DiGraph, system: DistillationSystem) -> None:
             extra = student_out[EXTRAS][logits_loss.student_extra]
             graph.add_edge(f"student/{qualname(extra)}", via_id, kind="distill")
         graph.add_edge(via_id, "loss/logits", kind="distill")
+
+
+def meta_forward(system: SystemBase) -> torch.Tensor:
+    """Every layer of ``system`` run once on a batch of 2 on its device, summed to one number (for a
+    backward): a detector's layers (``layers_forward``: its box logic needs values, which the meta device
+    has not), else the system in eval mode (the graph is the one traced in training mode; on the meta
+    device BatchNorm's training kernel runs as slow Python decompositions) and its loss on example
+    labels."""
+    device = next(itertools.chain(system.parameters(), system.buffers())).device
+    x = torch.zeros(2, *system.spec.data.input_shape(), device=device)
+    system.eval()
+    if hasattr(system, "layers_forward"):
+        return system.layers_forward(x)
+    out = system(x)
+    labels = system.task.example_labels(2, 10, system.spec.data.input_shape(), device=device)
+    return system.losses(out, labels)["total"]
 
 
 def _loss_attrs(loss_id: str, label: str, loss: str) -> dict[str, Any]:

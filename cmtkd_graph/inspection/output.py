@@ -187,7 +187,8 @@ def summary_table(system: DistillationSystem, importance: Mapping[str, Sequence[
 
 def _network_lines(graph: nx.DiGraph, network: str, title: str) -> list[str]:
     nodes = [a for _, a in graph.nodes(data=True) if a.get("network") == network]
-    layers = [a for a in nodes if "weight_bits" in a]
+    # one entry per layer, however many times it is called (a detector's head runs once per FPN level)
+    layers = _first_calls([a for a in nodes if "weight_bits" in a])
     quantized = Counter(
         (bits_label(a["weight_bits"], a["act_bits"]), a["module_type"])
         for a in layers
@@ -198,7 +199,7 @@ def _network_lines(graph: nx.DiGraph, network: str, title: str) -> list[str]:
         for a in layers
         if a["weight_bits"] == FULL_PRECISION and not a.get("rule_label")
     ]
-    quantizers = [a for a in nodes if a["role"] == "quantizer"]
+    quantizers = _first_calls([a for a in nodes if a["role"] == "quantizer"])
     acts = [a for a in quantizers if a["kind"] == "activation"]
     signed = sum(a["signed"] for a in acts)
     weights = Counter(a["bits"] for a in quantizers if a["kind"] == "weight")
@@ -213,6 +214,14 @@ def _network_lines(graph: nx.DiGraph, network: str, title: str) -> list[str]:
     ]
     params = sum(a["params"] for a in nodes)
     return [f"{network} ({title}): {params:,} parameters, {len(nodes)} nodes", *_aligned(rows)]
+
+
+def _first_calls(nodes: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The node of each module's first call (a module called several times is one layer)."""
+    first: dict[str, Mapping[str, Any]] = {}
+    for attrs in nodes:
+        first.setdefault(attrs.get("module", attrs["label"]), attrs)
+    return list(first.values())
 
 
 def rule_counts(layers: list[Mapping[str, Any]]) -> str:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from cmtkd_graph.errors import first_line
+from cmtkd_graph.inspection.graph import meta_forward
 from cmtkd_graph.models import family_of
 from cmtkd_graph.models.facts import BlocksAtDepth, FixedTaps, StageEnds
 from cmtkd_graph.passes.graph_pass import graph_modules
@@ -154,17 +155,14 @@ def compose_check(spec: Spec) -> DistillationSystem:
     import cmtkd_graph as cg
 
     system = cg.build_system(spec, device="meta", load=False)
-    x = torch.empty(2, *spec.data.input_shape(), device="meta")
-    if hasattr(system, "layers_forward"):  # detectors: their layers (their box logic needs values)
-        system.layers_forward(x).backward()
-        return system
-    # Eval mode: the graph is the same (traced once, in training mode), and on the meta device
-    # BatchNorm's training kernel runs as slow Python decompositions.
-    system.eval()
-    out = system(x)
-    labels = system.task.example_labels(2, 10, spec.data.input_shape(), device="meta")
-    system.losses(out, labels)["total"].backward()
+    meta_forward(system).backward()
     return system
+
+
+PARTS_EXPORT = (
+    "the ONNX and int8 writers take one traced graph, and these networks run torchvision's eager code "
+    "between their rewritten parts"
+)
 
 
 def int8_fact(spec: Spec) -> str:
@@ -176,8 +174,11 @@ def int8_fact(spec: Spec) -> str:
     from cmtkd_graph.errors import UserError
     from cmtkd_graph.registry import TASKS
 
-    if "export" in TASKS.get(spec.resolved_task).missing_verbs:
+    task = TASKS.get(spec.resolved_task)
+    if "export" in task.missing_verbs:
         return f"no: {spec.resolved_task} export not in this version yet"
+    if task.system_builder is not None:
+        return "no: torch and codes formats only (eager code between the parts)"
     torch.manual_seed(0)
     with torch.no_grad():
         try:
@@ -324,6 +325,8 @@ def task_table() -> str:
         record = TASKS.get(task)
         covered += len(record.model_names())
         verbs = ["no" if verb in record.missing_verbs else "yes" for verb in ("inspect", "export", "predict")]
+        if record.system_builder is not None and verbs[1] == "yes":  # rewritten part by part
+            verbs[1] = "torch, codes"
         lines.append(f"| {title} | {len(record.model_names())} | yes | {' | '.join(verbs)} |")
     every = torchvision.models.list_models()
     others = [name for name in every if not any(name in TASKS.get(t).model_names() for t in TASK_TITLES)]
@@ -334,7 +337,8 @@ def task_table() -> str:
         f"{len(others)} are {kind}, which `validate` refuses in one line naming their float builder (a row "
         "above; the tool quantizes it itself, at any bits). Where a verb is not there yet it says so in one "
         "line (exit 2); the exports of each row's student: its int8 column and "
-        "[deployment.md](deployment.md).\n"
+        f"[deployment.md](deployment.md). Optical flow and detection export the torch and codes formats: "
+        f"{PARTS_EXPORT}.\n"
     )
     return "\n".join(lines)
 

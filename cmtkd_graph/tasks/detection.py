@@ -43,11 +43,6 @@ class Detection(Task):
     predictor = "cmtkd_graph.deploy.predict_objects:predict_objects"
     tap_part = "backbone"
     metric_titles: ClassVar[dict[str, str]] = {"map": "mAP %", "ap50": "AP50 %", "ap75": "AP75 %"}
-    missing_verbs: ClassVar[dict[str, str]] = {
-        verb: "the trained student is the run's student.safetensors (torchvision's names, plus the "
-        "quantizers' steps); `cmtkd-graph eval RUN` scores it, `cmtkd-graph predict RUN IMAGE` runs it"
-        for verb in ("inspect", "export")
-    }
     methods = ("cmtkd", "single")
     methods_reason = "the detection objective is written for CMT-KD and the student alone: docs/tasks.md"
 

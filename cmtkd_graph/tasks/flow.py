@@ -76,11 +76,6 @@ class OpticalFlow(Task):
     system_builder = "cmtkd_graph.flow_system:build_flow_system"
     tap_part = "feature_encoder"  # what CMT-KD composes: the encoder of both images
     predictor = "cmtkd_graph.deploy.predict_flow:predict_flow"
-    missing_verbs: ClassVar[dict[str, str]] = {
-        verb: "the trained student is the run's student.safetensors (torchvision's RAFT names, plus the "
-        "quantizers' steps); `cmtkd-graph eval RUN` scores it, `cmtkd-graph predict RUN FIRST SECOND` runs it"
-        for verb in ("inspect", "export")
-    }
     methods = ("cmtkd", "single")
     methods_reason = "the flow objective is written for CMT-KD and the student alone: docs/tasks.md"
 
