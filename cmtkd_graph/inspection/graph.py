@@ -243,18 +243,9 @@ def _add_output_fusions(graph: nx.DiGraph, system: SystemBase) -> None:
             continue  # without mutual learning no output is fused
         module = holder.get_submodule(name)
         fusion_id = f"fusion/{name}"
-        graph.add_node(
-            fusion_id,
-            label=f"fusion.{name}",
-            op="call_module",
-            target=f"fusion.{name}",
-            module_type=type(module).__name__,
-            role="fusion",
-            network="teachers",
-            tap=name,
-            combine="importance" if isinstance(module, ImportanceFusion) else "mean",
-            params=sum(p.numel() for p in module.parameters()),
-            block=fusion_id,
+        combine = "importance" if isinstance(module, ImportanceFusion) else "mean"
+        _add_module_node(
+            graph, fusion_id, f"fusion.{name}", module, "fusion", "teachers", tap=name, combine=combine
         )
         for k in range(system.num_teachers):
             graph.add_edge(f"teacher{k}/{path}:output", fusion_id, kind="data")
@@ -477,17 +468,7 @@ def _add_distillation(graph: nx.DiGraph, system: DistillationSystem) -> None:
     if logits_loss.via is not None:
         module = system.method_modules[logits_loss.via]
         via_id = f"method/{logits_loss.via}"
-        graph.add_node(
-            via_id,
-            label=f"method_modules.{logits_loss.via}",
-            op="call_module",
-            target=f"method_modules.{logits_loss.via}",
-            module_type=type(module).__name__,
-            role="method",
-            network="method",
-            params=sum(p.numel() for p in module.parameters()),
-            block=via_id,
-        )
+        _add_module_node(graph, via_id, f"method_modules.{logits_loss.via}", module, "method", "method")
         if logits_loss.student_extra is not None:
             extra = student_out[EXTRAS][logits_loss.student_extra]
             graph.add_edge(f"student/{qualname(extra)}", via_id, kind="distill")
@@ -508,6 +489,24 @@ def meta_forward(system: SystemBase) -> torch.Tensor:
     out = system(x)
     labels = system.task.example_labels(2, 10, system.spec.data.input_shape(), device=device)
     return system.losses(out, labels)["total"]
+
+
+def _add_module_node(
+    graph: nx.DiGraph, node_id: str, target: str, module: nn.Module, role: str, network: str, **extra: Any
+) -> None:
+    """A module the system runs outside the FX graphs (a method's module, a fusion eager code calls)."""
+    graph.add_node(
+        node_id,
+        label=target,
+        op="call_module",
+        target=target,
+        module_type=type(module).__name__,
+        role=role,
+        network=network,
+        **extra,
+        params=sum(p.numel() for p in module.parameters()),
+        block=node_id,
+    )
 
 
 def _loss_attrs(loss_id: str, label: str, loss: str) -> dict[str, Any]:
