@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, fx, nn
+from torchvision.models.detection.roi_heads import keypoints_to_heatmap, project_masks_on_boxes
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import boxes as box_ops
 
@@ -59,6 +60,9 @@ log = logging.getLogger("cmtkd_graph")
 
 OBJECTNESS = "objectness"
 """The fusion of the RPN's objectness (R-CNN); ``OUTPUT_FUSION`` fuses the class outputs."""
+MASKS = "masks"  # Mask R-CNN's mask logits, per pixel of each positive proposal (a sigmoid)
+KEYPOINTS = "keypoints"  # Keypoint R-CNN's heatmaps: per keypoint of each positive proposal, a softmax
+ROI_BRANCHES = {MASKS: "mask", KEYPOINTS: "keypoint"}  # shared output -> the RoI heads' branch
 SIGMOID_KINDS = ("retinanet", "fcos")  # per-class sigmoid outputs; R-CNN's and SSD's classes are a softmax
 
 
@@ -93,6 +97,9 @@ class Shared:
     logits: dict[str, Tensor] = field(default_factory=dict)
     labels: dict[str, Tensor] = field(default_factory=dict)
     proposals: list[Tensor] | None = None
+    # the positive proposals the mask and keypoint branches ran on, per image, and their classes
+    positives: list[Tensor] | None = None
+    positive_classes: Tensor | None = None
 
 
 class DetectorNetwork(nn.Module):
@@ -226,11 +233,19 @@ class DetectorNetwork(nn.Module):
         def rois(module, args) -> None:
             seen["rois"] = args[1]
 
+        def positives(module, args) -> None:
+            seen["positives"] = args[1]
+
+        heads = self.roi_heads
         hooks = [
             self.rpn.head.register_forward_hook(output("rpn")),
-            self.roi_heads.box_roi_pool.register_forward_pre_hook(rois),
-            self.roi_heads.box_predictor.register_forward_hook(output("box")),
+            heads.box_roi_pool.register_forward_pre_hook(rois),
+            heads.box_predictor.register_forward_hook(output("box")),
         ]
+        for name, branch in ROI_BRANCHES.items():
+            if branch in self.heads:
+                hooks.append(getattr(heads, f"{branch}_roi_pool").register_forward_pre_hook(positives))
+                hooks.append(getattr(heads, f"{branch}_predictor").register_forward_hook(output(name)))
         try:
             proposals, rpn_losses = self.rpn(image_list, maps, targets)
             _, roi_losses = self.roi_heads(maps, proposals, image_list.image_sizes, targets)
@@ -245,6 +260,15 @@ class DetectorNetwork(nn.Module):
         shared.labels[OBJECTNESS] = torch.where(objectness < 0, IGNORE, objectness)
         shared.logits["classes"] = seen["box"][0]
         shared.labels["classes"] = torch.cat(proposal_labels(self.roi_heads, shared.proposals, targets))
+        if "positives" in seen:
+            shared.positives = list(seen["positives"])
+            matched, classes = positive_objects(self.roi_heads, shared.proposals, targets)
+            shared.positive_classes = torch.cat(classes)
+            for name in ROI_BRANCHES:
+                if name in seen:
+                    labels = roi_labels(name, seen[name], shared.positives, matched, targets)
+                    shared.logits[name] = roi_samples(name, seen[name], shared.positive_classes)
+                    shared.labels[name] = labels
         return {**rpn_losses, **roi_losses}, shared
 
     def head_outputs(self, maps: OrderedDict) -> object:
@@ -286,10 +310,19 @@ class DetectorNetwork(nn.Module):
         objectness = (
             own.logits[OBJECTNESS] if own else concat_box_prediction_layers(*self.rpn.head(levels))[0]
         )
-        pooled = self.roi_heads.box_roi_pool(maps, student.proposals, image_list.image_sizes)
-        with _frozen_statistics(self.roi_heads.box_head):  # its own losses' step updated them
-            classes, _ = self.roi_heads.box_predictor(self.roi_heads.box_head(pooled))
-        return {OBJECTNESS: objectness.flatten(), "classes": classes}
+        heads = self.roi_heads
+        pooled = heads.box_roi_pool(maps, student.proposals, image_list.image_sizes)
+        with _frozen_statistics(heads.box_head):  # its own losses' step updated them
+            classes, _ = heads.box_predictor(heads.box_head(pooled))
+        shared = {OBJECTNESS: objectness.flatten(), "classes": classes}
+        for name, branch in ROI_BRANCHES.items():  # its mask / keypoint head on the student's positives
+            if name in student.logits:
+                pooled = getattr(heads, f"{branch}_roi_pool")(maps, student.positives, image_list.image_sizes)
+                head = getattr(heads, f"{branch}_head")
+                with _frozen_statistics(head):
+                    out = getattr(heads, f"{branch}_predictor")(head(pooled))
+                shared[name] = roi_samples(name, out, student.positive_classes)
+        return shared
 
 
 @contextlib.contextmanager
@@ -331,7 +364,7 @@ def decisions(name: str, logits: Tensor, labels: Tensor, kind: str) -> tuple[Ten
     FCOS's per-class outputs) as one binary decision per anchor (and class), two-class logits
     (``losses.binary_as_two_class``) whose label is 1 where the anchor's object is of that class."""
     kept = labels != IGNORE
-    if name == OBJECTNESS:
+    if name in (OBJECTNESS, MASKS):
         return losses.binary_as_two_class(logits[kept]), labels[kept]
     if kind in SIGMOID_KINDS:  # a background anchor (label 0) is 0 for every class, as the focal loss has it
         chosen = logits[kept]
@@ -353,6 +386,46 @@ def proposal_labels(roi_heads: nn.Module, proposals: list[Tensor], targets: list
         proposals, [t["boxes"] for t in targets], [t["labels"] for t in targets]
     )
     return labels
+
+
+def positive_objects(
+    roi_heads: nn.Module, proposals: list[Tensor], targets: list[dict]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Per image, the object and the class of each positive sampled proposal (class > 0): what RoIHeads'
+    mask and keypoint branches train on, in their order."""
+    matched, labels = roi_heads.assign_targets_to_proposals(
+        proposals, [t["boxes"] for t in targets], [t["labels"] for t in targets]
+    )
+    return [m[c > 0] for m, c in zip(matched, labels, strict=True)], [c[c > 0] for c in labels]
+
+
+def roi_samples(name: str, logits: Tensor, classes: Tensor) -> Tensor:
+    """A mask or keypoint branch's outputs on the positive proposals as the samples mutual learning
+    reads: the mask logits of each proposal's class, one per pixel ``[P * M * M]`` (a sigmoid); the
+    keypoint heatmaps, one softmax over the M x M positions per proposal and keypoint ``[P * K, M * M]``."""
+    if name == MASKS:
+        return logits[torch.arange(classes.numel(), device=logits.device), classes].flatten()
+    return logits.flatten(2).flatten(0, 1)
+
+
+def roi_labels(
+    name: str, logits: Tensor, positives: list[Tensor], matched: list[Tensor], targets: list[dict]
+) -> Tensor:
+    """The true label of each of :func:`roi_samples`' samples, as torchvision's losses read the objects:
+    a pixel is 1 inside the object's mask (its ``project_masks_on_boxes`` target, cut at 0.5); a
+    keypoint's label is its heatmap position (``keypoints_to_heatmap``), :data:`IGNORE` where it is not
+    visible or falls outside the proposal."""
+    side = logits.shape[-1]
+    rows = []
+    for boxes, objects, target in zip(positives, matched, targets, strict=True):
+        if name == MASKS:
+            rows.append(
+                (project_masks_on_boxes(target["masks"], boxes, objects, side) >= 0.5).long().flatten()
+            )
+        else:
+            heatmaps, valid = keypoints_to_heatmap(target["keypoints"][objects], boxes, side)
+            rows.append(torch.where(valid > 0, heatmaps, IGNORE).flatten())
+    return torch.cat(rows) if rows else logits.new_zeros(0, dtype=torch.long)
 
 
 def anchor_labels(matched: list[Tensor], targets: list[dict]) -> Tensor:
@@ -411,8 +484,17 @@ class DetectionSystem(SystemBase):
         self.student = student
         self.teachers = teachers
         object.__setattr__(self, "teacher_networks", teacher_networks)  # their modules are in teachers
-        if student.kind == "rcnn":  # the box classifier's class logits, the RPN's objectness
+        if (
+            student.kind == "rcnn"
+        ):  # the box classifier's class logits, the RPN's objectness, masks, keypoints
             self.output_parts = {OUTPUT_FUSION: "roi_heads.box_predictor", OBJECTNESS: "rpn.head"}
+            self.output_parts.update(
+                {
+                    name: f"roi_heads.{branch}_predictor"
+                    for name, branch in ROI_BRANCHES.items()
+                    if branch in student.heads
+                }
+            )
         else:  # the dense head's class outputs
             self.output_parts = {OUTPUT_FUSION: "head"}
         self.adapters = adapters
@@ -546,11 +628,14 @@ class DetectionSystem(SystemBase):
                 combined = fusion.get_submodule(FUSION_OF[name])(*(outputs[name] for outputs in each))
             s, labels = decisions(name, logits, mine.labels[name], kind)
             t, _ = decisions(name, combined, mine.labels[name], kind)
-            if not labels.numel():
-                continue
-            z = losses.kdcl_min_logit(t, s, labels)
-            terms[f"kl_student/{name}"] = losses.soft_kl(z, s, tau)
-            terms[f"kl_teacher/{name}"] = losses.soft_kl(z, t, tau)
+            if labels.numel():
+                z = losses.kdcl_min_logit(t, s, labels)
+                terms[f"kl_student/{name}"] = losses.soft_kl(z, s, tau)
+                terms[f"kl_teacher/{name}"] = losses.soft_kl(z, t, tau)
+            else:  # no sample this step (no positive proposal for the masks): every process logs the same
+                # terms, and the fusion stays in the graph with a zero gradient (DDP waits for every one)
+                terms[f"kl_student/{name}"] = s.sum() * 0
+                terms[f"kl_teacher/{name}"] = t.sum() * 0
             student_sum.append(terms[f"kl_student/{name}"])
             teacher_sum.append(terms[f"kl_teacher/{name}"])
         zero = mine.logits["classes"].new_zeros(())
@@ -559,7 +644,7 @@ class DetectionSystem(SystemBase):
         return terms["kl_student"] + terms["kl_teacher"]
 
 
-FUSION_OF = {"classes": OUTPUT_FUSION, OBJECTNESS: OBJECTNESS}
+FUSION_OF = {"classes": OUTPUT_FUSION, OBJECTNESS: OBJECTNESS, MASKS: MASKS, KEYPOINTS: KEYPOINTS}
 """The fusion module (under the composed teachers' ``fusion``) of each shared class output."""
 
 
@@ -610,6 +695,7 @@ def build_detection_system(
 
     rests = [{name: child for name, child in t.named_children() if name != "backbone"} for t in teachers]
     fusions = (OUTPUT_FUSION, OBJECTNESS) if student.kind == "rcnn" else (OUTPUT_FUSION,)
+    fusions += tuple(name for name, branch in ROI_BRANCHES.items() if branch in student.heads)
     fusions = fusions if spec.distill.mutual_learning else ()  # no unused parameters under DDP
     parts = compose_part_teachers(
         spec,

@@ -229,7 +229,10 @@ def test_a_detector_network_computes_what_torchvision_computes(arch):
     assert ours.keys() == theirs.keys()
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
-    assert set(shared.logits) == ({"objectness", "classes"} if network.kind == "rcnn" else {"classes"})
+    shared_outputs = (
+        {"objectness", "classes", "masks"} if arch.startswith("mask") else {"objectness", "classes"}
+    )
+    assert set(shared.logits) == (shared_outputs if network.kind == "rcnn" else {"classes"})
     network.eval(), reference.eval()
     with torch.no_grad():
         found = network(images)["logits"]
@@ -364,6 +367,74 @@ def test_the_combined_teacher_detects_with_the_teachers_fused_outputs(arch):
         len(a["boxes"]) == len(b["boxes"]) and torch.allclose(a["scores"], b["scores"])
         for a, b in zip(even, found.each_teacher_logits[1], strict=True)
     )
+
+
+@pytest.mark.parametrize("arch", ["maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn"])
+def test_mask_logits_and_keypoint_heatmaps_learn_on_the_students_positive_proposals(arch):
+    """Mutual learning on the mask or keypoint branch: the student's samples are exactly what torchvision's
+    own loss reads (its positive proposals in order, their class's mask channel, the targets: the BCE of the
+    per-pixel logits on torchvision's soft targets, or the cross-entropy of the heatmaps, is its
+    loss_mask / loss_keypoint); the teacher's head runs on the same proposals (KDCL-MinLogit pairs them
+    sample for sample); the KL terms train the student's branch."""
+    from torchvision.models.detection.roi_heads import project_masks_on_boxes
+
+    from cmtkd_graph.detection_system import positive_objects
+
+    torch.manual_seed(0)
+    name = "masks" if arch.startswith("mask") else "keypoints"
+    system = build_detection_system(det_spec(arch, teachers=1), load=False)
+    system.train()
+    images, targets = torch.rand(2, 3, SIZE, SIZE), _targets()
+    student = system.student
+    image_list, prepared = student.prepare(images, [dict(t) for t in targets])
+    found, mine = student.losses(image_list, student.encode(image_list.tensors)[0], prepared)
+    assert mine.positives is not None and mine.positive_classes.numel() > 0
+    if name == "masks":
+        matched, _ = positive_objects(student.roi_heads, mine.proposals, prepared)
+        side = 28  # torchvision's mask head: 14 x 14 pooled regions, upsampled once
+        soft = torch.cat(
+            [
+                project_masks_on_boxes(t["masks"], boxes, objects, side).flatten()
+                for boxes, objects, t in zip(mine.positives, matched, prepared, strict=True)
+            ]
+        )
+        bce = nn.functional.binary_cross_entropy_with_logits(mine.logits[name], soft)
+        torch.testing.assert_close(bce, found["loss_mask"])
+        assert (
+            torch.equal(mine.labels[name], (soft >= 0.5).long())
+            and 0 < mine.labels[name].sum() < soft.numel()
+        )
+    else:
+        ce = nn.functional.cross_entropy(mine.logits[name], mine.labels[name], ignore_index=IGNORE)
+        torch.testing.assert_close(ce, found["loss_keypoint"])
+        assert (mine.labels[name] != IGNORE).any()
+    _, terms = system(images, targets)
+    assert terms[f"kl_student/{name}"] > 0 and terms[f"kl_teacher/{name}"] > 0
+    branch = "mask_predictor" if name == "masks" else "keypoint_predictor"
+    predictor = list(getattr(student.roi_heads, branch).parameters())
+    grads = torch.autograd.grad(terms[f"kl_student/{name}"], predictor, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert name in {n for n, _ in system.teachers.get_submodule("fusion").named_children()}
+
+
+def test_the_example_labels_fit_a_keypoint_rcnn_and_it_trains_a_step_on_them():
+    """What the precision probe trains on: a Keypoint R-CNN's example objects carry as many keypoints as
+    it predicts (its kwargs' num_keypoints, else torchvision's 17), inside their box."""
+    task = TASKS.get("detection")
+    assert task.example_labels(1, 3, (3, SIZE, SIZE))[0].keys() == {"boxes", "labels", "masks"}
+    default = det_spec("keypointrcnn_resnet50_fpn").model_copy(deep=True)
+    default.student.kwargs.pop("num_keypoints")
+    assert task.example_labels(1, 3, (3, SIZE, SIZE), spec=default)[0]["keypoints"].shape == (1, 17, 3)
+    spec = det_spec("keypointrcnn_resnet50_fpn", teachers=0, method="single")
+    labels = task.example_labels(2, 3, (3, SIZE, SIZE), "cpu", spec)
+    points, box = labels[0]["keypoints"][0], labels[0]["boxes"][0]
+    assert points.shape == (4, 3) and (points[:, 2] == 2).all()
+    assert ((points[:, :2] >= box[:2]) & (points[:, :2] <= box[2:])).all()
+    system = build_detection_system(spec, load=False)
+    system.train()
+    _, terms = system(torch.rand(2, 3, SIZE, SIZE), labels)
+    assert terms["det_student/loss_keypoint"] > 0
+    terms["total"].backward()
 
 
 def test_the_student_alone_trains_with_its_own_losses():

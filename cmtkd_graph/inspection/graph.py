@@ -487,7 +487,7 @@ def meta_forward(system: SystemBase) -> torch.Tensor:
     if hasattr(system, "layers_forward"):
         return system.layers_forward(x)
     out = system(x)
-    labels = system.task.example_labels(2, 10, system.spec.data.input_shape(), device=device)
+    labels = system.task.example_labels(2, 10, system.spec.data.input_shape(), device, system.spec)
     return system.losses(out, labels)["total"]
 
 

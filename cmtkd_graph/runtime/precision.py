@@ -321,7 +321,7 @@ def probe(
         classes = base.num_classes() or 2
         images = torch.randn(batch_per_process, *spec.data.input_shape(), device=device)
         task = task_record(spec.student.arch)
-        labels = task.example_labels(batch_per_process, classes, spec.data.input_shape(), device)
+        labels = task.example_labels(batch_per_process, classes, spec.data.input_shape(), device, spec)
         steps = {}
         for mixed, channels_last in options:
             system = copy.deepcopy(base)

@@ -39,7 +39,7 @@ def train_flops_per_image(spec: Spec) -> float | None:
         return None
     batch = 2
     images = torch.zeros(batch, *spec.data.input_shape(), device="meta")
-    labels = task_record(spec.student.arch).example_labels(batch, 2, spec.data.input_shape(), "meta")
+    labels = task_record(spec.student.arch).example_labels(batch, 2, spec.data.input_shape(), "meta", spec)
     with FlopCounterMode(display=False) as counter:
         _, terms = system(images, labels)
         terms["total"].backward()

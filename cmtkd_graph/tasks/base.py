@@ -138,9 +138,15 @@ class Task:
 
     @classmethod
     def example_labels(
-        cls, batch: int, classes: int, input_shape: tuple[int, ...], device: str | torch.device = "cpu"
+        cls,
+        batch: int,
+        classes: int,
+        input_shape: tuple[int, ...],
+        device: str | torch.device = "cpu",
+        spec: Any = None,
     ) -> Tensor:
-        """Random labels of a batch (probes and FLOP counts run the objective on them)."""
+        """Random labels of a batch (probes and FLOP counts run the objective on them); ``spec``: the run's,
+        where the labels depend on its networks (detection: Keypoint R-CNN's keypoints)."""
         shape = (batch, *cls.label_shape(input_shape))
         if torch.device(device).type == "meta":
             return torch.zeros(shape, dtype=torch.long, device=device)

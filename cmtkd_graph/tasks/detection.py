@@ -24,6 +24,7 @@ from torch import Tensor
 
 from cmtkd_graph.tasks.base import Task, register_task
 
+KEYPOINTS_DEFAULT = 17  # keypointrcnn_resnet50_fpn's num_keypoints unless its kwargs set it (COCO's)
 IOU_TYPES = (("", "bbox", "bbox"), ("mask_", "segm", "segmentation"), ("kp_", "keypoints", "keypoints"))
 """What COCOeval scores: metric prefix, COCOeval's iouType, the result's key."""
 
@@ -55,7 +56,7 @@ class Detection(Task):
         if d.mutual_learning:
             text += (
                 f" + {d.beta:g} (KL_T + KL_S) [KDCL-MinLogit, tau {d.tau:g}, on the class outputs the "
-                "networks share: per anchor, per proposal of the student]"
+                f"networks share: per anchor, per proposal of the student{_roi_outputs(spec.student.arch)}]"
             )
         if d.feature_loss != "none":
             text += f" + {d.gamma:g} {d.feature_loss} loss at the backbones' taps"
@@ -79,15 +80,25 @@ class Detection(Task):
 
     @classmethod
     def example_labels(
-        cls, batch: int, classes: int, input_shape: tuple[int, ...], device: str | torch.device = "cpu"
+        cls,
+        batch: int,
+        classes: int,
+        input_shape: tuple[int, ...],
+        device: str | torch.device = "cpu",
+        spec: Any = None,
     ) -> list[dict[str, Tensor]]:
-        """One object of class 1 per image over the middle of the image: its box and its mask (what Mask
-        R-CNN trains on; the other detectors leave the mask)."""
+        """One object of class 1 per image over the middle of the image: its box, its mask (what Mask
+        R-CNN trains on; the other detectors leave the mask) and, for a Keypoint R-CNN of ``spec``, as
+        many visible keypoints as it predicts, spread over the box."""
         side = input_shape[-1]
         box = torch.tensor([[side / 4, side / 4, 3 * side / 4, 3 * side / 4]], device=device)
         mask = torch.zeros(1, side, side, dtype=torch.uint8, device=device)
         mask[:, side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = 1
         one = {"boxes": box, "labels": torch.ones(1, dtype=torch.long, device=device), "masks": mask}
+        if spec is not None and spec.student.arch.startswith("keypointrcnn"):
+            count = spec.student.kwargs.get("num_keypoints", KEYPOINTS_DEFAULT)
+            along = torch.linspace(side / 4, 3 * side / 4, count, device=device)
+            one["keypoints"] = torch.stack([along, along.flip(0), torch.full_like(along, 2.0)], dim=1)[None]
         return [dict(one) for _ in range(batch)]
 
     @classmethod
@@ -135,6 +146,15 @@ class Detection(Task):
             scores = coco_scores(truth, only, iou_type)
             values.update({prefix + k: scores[k] for k in COCO_METRICS})
         return values, results
+
+
+def _roi_outputs(arch: str) -> str:
+    """The outputs of an R-CNN's mask or keypoint branch that mutual learning reads, for the objective."""
+    if arch.startswith("maskrcnn"):
+        return "; the mask logits per pixel of its positive proposals"
+    if arch.startswith("keypointrcnn"):
+        return "; the keypoint heatmaps per keypoint of its positive proposals"
+    return ""
 
 
 def detection_results(found: dict[str, Tensor], target: dict[str, Tensor]) -> list[dict]:

@@ -133,10 +133,15 @@ class OpticalFlow(Task):
 
     @classmethod
     def example_labels(
-        cls, batch: int, classes: int, input_shape: tuple[int, ...], device: str | torch.device = "cpu"
+        cls,
+        batch: int,
+        classes: int,
+        input_shape: tuple[int, ...],
+        device: str | torch.device = "cpu",
+        spec: Any = None,
     ) -> Tensor:
         """Random flows of a few pixels."""
-        labels = super().example_labels(batch, classes, input_shape, device)
+        labels = super().example_labels(batch, classes, input_shape, device, spec)
         return labels.float() if labels.is_meta else torch.randn(labels.shape, device=device) * 4
 
     @classmethod
