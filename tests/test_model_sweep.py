@@ -1,4 +1,5 @@
-"""Every torchvision classification model: traced, quantized (W2A2 hwgq and lsq), composed (K=2, auto taps).
+"""Every torchvision classification model: traced, quantized (W2A2 hwgq; lsq for one builder per
+torchvision module), composed (K=2, auto taps).
 
 Structure and shapes are checked on the meta device for all ~80 builders (nothing is allocated, so
 vit_h_14 and regnet_y_128gf cost the same as resnet18); a set of small models also runs for real.
@@ -19,6 +20,11 @@ from cmtkd_graph.inspection import support
 from cmtkd_graph.models import model_names
 
 ALL = torchvision.models.list_models(module=torchvision.models)
+LSQ_CHECKED = set(
+    {torchvision.models.get_model_builder(arch).__module__: arch for arch in reversed(ALL)}.values()
+)
+"""The first builder of every torchvision module (resnet, densenet, vision_transformer...): where LSQ is
+built too (its quantize pass is HWGQ's with another quantizer; one structure per module checks it)."""
 PAGE = Path(__file__).resolve().parents[1] / support.PAGE
 ROWS = support.read_page(PAGE.read_text()) if PAGE.exists() else {}
 REAL = [
@@ -63,10 +69,10 @@ def test_every_model_quantizes_and_composes_with_auto_taps(arch):
     losses["total"].backward()
     fusion = system.teachers.get_submodule(f"fusion.{cg.passes.common.fusion_key(taps[0].name)}")
     assert fusion.logits.grad is not None and fusion.logits.grad.shape == (2,)
-    # LSQ on the same model (meta: structure and shapes; its data initialisation is skipped there)
-    lsq = cg.system.build_network(spec_for(arch, "lsq").student, spec_for(arch, "lsq"), device="meta")
-    assert _quantizer_count(lsq) == _quantizer_count(system.student)
-    assert lsq(x).shape == (2, 10)
+    if arch in LSQ_CHECKED:  # LSQ on the same model (meta: structure and shapes; no data initialisation)
+        lsq = cg.system.build_network(spec_for(arch, "lsq").student, spec_for(arch, "lsq"), device="meta")
+        assert _quantizer_count(lsq) == _quantizer_count(system.student)
+        assert lsq(x).shape == (2, 10)
     # docs/models.md says what this build shows
     row = ROWS[arch]
     assert (row.composes, row.task) == ("yes", "classification")
