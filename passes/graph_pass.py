@@ -39,6 +39,14 @@ def finish(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def network_graphs(network: nn.Module) -> list[tuple[str, fx.GraphModule]]:
+    """``[("", network)]`` for a network that traces whole; else each rewritten part with its path and a
+    dot (``("rpn.head.", graph)``)."""
+    if isinstance(network, fx.GraphModule):
+        return [("", network)]
+    return [(f"{path}.", m) for path, m in network.named_modules() if path and isinstance(m, fx.GraphModule)]
+
+
 def graph_modules(module: nn.Module | None) -> list[fx.GraphModule]:
     """The graphs of a network: the network itself where it traces whole, its rewritten parts where it
     does not (RAFT: ``cmtkd_graph.models.parts``), every copied teacher's in a composed graph (none: [])."""

@@ -20,6 +20,7 @@ from torch import Tensor, fx, nn
 
 from cmtkd_graph.deploy.packing import pack_codes, packed_bytes, unpack_codes
 from cmtkd_graph.passes.common import META
+from cmtkd_graph.passes.graph_pass import network_graphs
 from cmtkd_graph.quantizers import Quantizer
 from cmtkd_graph.quantizers.base import IntegerGrid
 
@@ -109,14 +110,6 @@ def quantized_layers(student: nn.Module) -> list[QuantizedLayer]:
                     layer.inputs.append(_encode_activation(full, quantizer))
             layers[name] = layer
     return list(layers.values())
-
-
-def network_graphs(network: nn.Module) -> list[tuple[str, fx.GraphModule]]:
-    """``[("", network)]`` for a network that traces whole; else each rewritten part with its path and a
-    dot (``("rpn.head.", graph)``)."""
-    if isinstance(network, fx.GraphModule):
-        return [("", network)]
-    return [(f"{path}.", m) for path, m in network.named_modules() if path and isinstance(m, fx.GraphModule)]
 
 
 def _weight_name(quantizer_path: str) -> str:

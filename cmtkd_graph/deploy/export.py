@@ -34,7 +34,6 @@ from cmtkd_graph.deploy.codes import (
     CODES_FILE,
     QuantizedLayer,
     codes_tensors,
-    network_graphs,
     quantized_layers,
 )
 from cmtkd_graph.deploy.integer import accumulator_bits, integer_arithmetic
@@ -48,6 +47,7 @@ from cmtkd_graph.deploy.student import (
 )
 from cmtkd_graph.errors import UserError, first_line
 from cmtkd_graph.identity import file_sha256
+from cmtkd_graph.passes.graph_pass import network_graphs
 from cmtkd_graph.passes.shapes import propagate_call_shapes, propagate_shapes
 from cmtkd_graph.spec import Spec
 from cmtkd_graph.spec.io import dump_spec

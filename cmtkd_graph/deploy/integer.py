@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from cmtkd_graph.deploy.codes import CODES_FILE, decode_weight, float_state, network_graphs
+from cmtkd_graph.deploy.codes import CODES_FILE, decode_weight, float_state
 from cmtkd_graph.deploy.inference import DecodedWeight
 from cmtkd_graph.deploy.student import (
     MANIFEST_FILE,
@@ -32,7 +32,7 @@ from cmtkd_graph.deploy.student import (
     read_manifest,
 )
 from cmtkd_graph.errors import UserError
-from cmtkd_graph.passes.graph_pass import finish
+from cmtkd_graph.passes.graph_pass import finish, network_graphs
 from cmtkd_graph.passes.tracer import replace_submodule
 from cmtkd_graph.quantizers import Quantizer
 from cmtkd_graph.safe_files import read_tensors

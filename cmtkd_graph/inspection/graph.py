@@ -64,6 +64,7 @@ from cmtkd_graph.passes.common import (
     output_value,
 )
 from cmtkd_graph.passes.compose import OUTPUT_FUSION
+from cmtkd_graph.passes.graph_pass import network_graphs
 from cmtkd_graph.passes.shapes import propagate_call_shapes, propagate_shapes
 from cmtkd_graph.passes.tracer import QUALNAME_PREFIX, qualname
 from cmtkd_graph.quantizers import FULL_PRECISION, Quantizer
@@ -215,9 +216,9 @@ def _add_parts(
     """Every graph of ``network`` (a detector's backbone and heads, RAFT's encoders and update block), each
     as its own subgraph: torchvision's eager code between them (anchors, box coding, NMS, RoIAlign; RAFT's
     correlation lookup and update loop) is no node."""
-    for path, gm in network.named_modules():
-        if path and isinstance(gm, fx.GraphModule):
-            _add_fx_graph(graph, gm, label, taps, family, Part(path, path == system.task.tap_part))
+    for prefix, gm in network_graphs(network):
+        path = prefix.removesuffix(".")
+        _add_fx_graph(graph, gm, label, taps, family, Part(path, path == system.task.tap_part))
 
 
 def _part_network(node: fx.Node, label: str, part: Part) -> str | None:
