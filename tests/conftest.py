@@ -263,11 +263,57 @@ def launch_two_machines(
     return results
 
 
+IN_PROCESS_VERBS = frozenset({"validate", "schema", "taps", "models", "inspect", "eval", "export", "predict"})
+"""The verbs :func:`run_cli` runs in the test's own process (and ``study`` with ``--dry-run`` or
+``--report``): they train nothing, load no plugin and start no other process, and a fresh interpreter
+would only add the ~5 s of importing torch and torchvision (tests that are about processes, entry points
+or plugins start their own)."""
+
+
+def _runs_in_this_process(args: tuple[str, ...]) -> bool:
+    if not args:
+        return False
+    only_reads = not {"--dry-run", "--report"}.isdisjoint(args)
+    return args[0] in IN_PROCESS_VERBS or (args[0] == "study" and only_reads)
+
+
+def run_cli(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``cmtkd-graph ARGS`` run from ``cwd``: its exit status, stdout and stderr.
+
+    The verbs of :data:`IN_PROCESS_VERBS` run through ``cmtkd_graph.cli.main`` here, with stdout and
+    stderr captured and accelerate's state fresh before and after (as in a new process); ``train``,
+    ``study`` runs, ``data`` and anything after ``--plugin`` run in a fresh process (``timeout``)."""
+    if not _runs_in_this_process(args):
+        return run_module(list(args), cwd=cwd, module="cmtkd_graph", timeout=timeout)
+    status, out, err = _cli_in_this_process(cwd, list(args))
+    return subprocess.CompletedProcess(["cmtkd-graph", *args], status, out, err)
+
+
 def cli(cwd: Path, *args: str) -> str:
-    """``cmtkd-graph ARGS`` in a fresh process; its stdout (the test fails with its stderr otherwise)."""
-    result = run_module(list(args), cwd=cwd, module="cmtkd_graph")
+    """:func:`run_cli`'s stdout; the test fails with its stderr where the command fails."""
+    result = run_cli(cwd, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+def _cli_in_this_process(cwd: Path, argv: list[str]) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from cmtkd_graph.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = main(argv)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    return status, out.getvalue(), err.getvalue()
 
 
 TINY_TRAINING = [

@@ -39,7 +39,7 @@ from cmtkd_graph.deploy.predict import format_predictions, predict
 from cmtkd_graph.deploy.student import build_student
 from cmtkd_graph.evaluation.run import evaluate_run
 
-from .conftest import launch_two_processes, run_module
+from .conftest import launch_two_processes, run_cli, run_module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ INT8_KERNELS = pytest.mark.skipif(
 
 
 def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return run_module(list(args), cwd=cwd, module="cmtkd_graph")
+    return run_cli(cwd, *args)
 
 
 def spec_text(

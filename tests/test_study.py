@@ -30,7 +30,7 @@ from cmtkd_graph.study import (
 )
 from cmtkd_graph.study.executors import core_shares
 
-from .conftest import run_module
+from .conftest import run_cli, run_module
 
 # the quickstart (resnet18 W2A2, 4- and 8-bit teachers, 28x28 Fashion-MNIST) at toy length
 COMMON = [
@@ -88,7 +88,7 @@ def write_summary_by_hand(run: PlannedRun, top1: float, **fields) -> dict:
 
 
 def study_cli(tmp_path: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return run_module(["study", "study.yaml", *args], cwd=tmp_path, module="cmtkd_graph", timeout=timeout)
+    return run_cli(tmp_path, "study", "study.yaml", *args, timeout=timeout)
 
 
 def test_study_files_are_validated_with_one_line_per_problem(tmp_path):

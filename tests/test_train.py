@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import cmtkd_graph as cg
 from cmtkd_graph.metrics import read_metrics
 
-from .conftest import cli, launch_two_machines, launch_two_processes, run_module
+from .conftest import cli, launch_two_machines, launch_two_processes, run_cli, run_module
 
 # the quickstart pinned down: resnet18 (ImageNet stem, so 28x28 inputs stay cheap), W2A2 student,
 # 4- and 8-bit teachers, taps layer1..3 (layer4 is 1x1 here), constant lr
@@ -519,10 +519,8 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_run_directory(tmp_path
 
 
 def test_validate_runs_the_dataset_checks_that_training_runs(tmp_path):
-    result = run_module(
-        ["validate", "quickstart", "--set", "data.dataset=cifar10", "--set", "data.grey_to_rgb=none"],
-        cwd=tmp_path,
-        module="cmtkd_graph",
+    result = run_cli(
+        tmp_path, "validate", "quickstart", "--set", "data.dataset=cifar10", "--set", "data.grey_to_rgb=none"
     )
     assert result.returncode == 2
     assert result.stderr.strip() == (
