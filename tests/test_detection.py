@@ -517,6 +517,7 @@ def test_the_detection_quickstart_trains_evaluates_and_scores_like_pycocotools(
     assert (
         set(manifest["files"]) == {"torch", "codes"}
         and "not for detection" in manifest["openvino"]["skipped"]
+        and "torch.export does not trace torchvision's box logic" in manifest["onnx"]["skipped"]
     )
     macs = {layer["name"]: layer["macs"] for layer in manifest["layers"]}
     assert macs["backbone.body.0.0"] == (64 * 64 * 16) * (3 * 3 * 3)  # the stem, stride 2 at 128 px

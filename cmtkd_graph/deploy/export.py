@@ -113,7 +113,7 @@ def _write(found, out: Path, formats: tuple[str, ...], images: str | Path | None
         save_file(codes_tensors(student, layers), str(out / CODES_FILE))
         manifest["files"]["codes"] = CODES_FILE
     if "onnx" in formats:
-        if calls is None:
+        if calls is None or found.spec.resolved_task in EXPORTS_WHOLE:
             manifest["onnx"] = _onnx(student, layers, manifest, out / ONNX_FILE, found.spec)
         else:
             manifest["onnx"] = _not_from_parts("onnx", found.spec, required=required)
@@ -150,14 +150,25 @@ def example_shapes(
     return propagate_call_shapes(student, lambda: student(example))
 
 
+EXPORTS_WHOLE = frozenset({"flow"})
+"""Tasks rewritten part by part whose whole network ``torch.export`` traces, eager code between the parts
+included (RAFT's update loop, unrolled), so the ONNX writer takes them; it does not trace torchvision's
+detectors (their box logic depends on the data: proposals, NMS)."""
+
+
 def _not_from_parts(name: str, spec: Spec, *, required: bool) -> dict:
     """The manifest section of a format this version does not write for networks rewritten part by part
     (asked for alone: an error)."""
     task = spec.resolved_task
-    problem = (
-        f"not for {task} students in this version: they run torchvision's eager code between their rewritten "
-        f"parts, and the {name} writer takes one traced graph; the torch and codes formats hold the student"
-    )
+    if name == "onnx":
+        why = "torch.export does not trace torchvision's box logic, which depends on the data"
+    else:
+        why = (
+            f"they run torchvision's eager code between their rewritten parts, and the {name} writer takes "
+            "one traced graph"
+        )
+    held = "torch, codes and onnx" if task in EXPORTS_WHOLE else "torch and codes"
+    problem = f"not for {task} students in this version: {why}; the {held} formats hold the student"
     if required:
         raise UserError(f"{name} export: {problem}")
     return {"file": None, "skipped": problem}
@@ -539,9 +550,15 @@ def summary(manifest: dict, out: Path) -> str:
         lines.append(
             f"  onnx: opset {onnx['opset']}, onnxruntime {onnx['runtime']}: "
             f"{onnx['images_within_tolerance']}/{onnx['check_images']} check images within "
-            f"{onnx['tolerance']:.2g} of PyTorch's logits, "
-            f"top-1 agreement {100 * onnx['top1_agreement']:.0f}%, "
-            f"largest difference {onnx['max_abs_diff']:.2g}"
+            f"{onnx['tolerance']:.2g} of PyTorch's {'flows' if 'top1_agreement' not in onnx else 'logits'}, "
+            + (
+                f"top-1 agreement {100 * onnx['top1_agreement']:.0f}%, "
+                if "top1_agreement" in onnx
+                else f"mean end-point difference {onnx['mean_end_point_difference']:.2g} px, "
+            )
+            + f"largest difference {onnx['max_abs_diff']:.2g}"
+            + ("; one sample per run" if onnx.get("batch") == 1 else "")
         )
+        lines += [f"  onnx: {why}" for why in onnx.get("newer_opsets", [])]
     lines.append(f"  manifest: {out / MANIFEST_FILE}")
     return "\n".join(lines)

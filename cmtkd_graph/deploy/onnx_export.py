@@ -25,8 +25,10 @@ largest logit), the top-1 agreement and the largest difference, and warns when a
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,11 +39,14 @@ import onnxruntime as ort
 import onnxscript  # noqa: F401  (torch's exporter needs it: a missing one is reported here, by name)
 import torch
 import torch.nn.functional as F
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OnnxruntimeFail
 from onnxscript import opset23 as op
 from torch import Tensor, fx, nn
 
 from cmtkd_graph.deploy.codes import QuantizedLayer
 from cmtkd_graph.errors import UserError
+from cmtkd_graph.passes.common import LOGITS
+from cmtkd_graph.passes.graph_pass import network_graphs
 from cmtkd_graph.passes.tracer import copy_graph_module, replace_submodule
 from cmtkd_graph.quantizers import Quantizer
 from cmtkd_graph.quantizers.base import IntegerGrid
@@ -145,55 +150,39 @@ def _const(value: float):
 
 
 def export_onnx(
-    student: fx.GraphModule,
+    student: nn.Module,
     layers: list[QuantizedLayer],
     records: list[dict],
     path: Path,
     *,
     input_shape: tuple[int, ...],
 ) -> dict:
-    """Write ``path``; add each layer's ONNX choices to its manifest record; return the ONNX summary."""
-    opset = _opset()
-    form = copy_graph_module(student).eval()
-    plans, eager = {}, {}
-    for layer, record in zip(layers, records, strict=True):
-        choices = {"weights": [], "inputs": []}
-        for w in layer.weights:
-            plan = _weight_plan(w.grid, w.integers().numpy(), w.scale.reshape(-1).numpy(), opset)
-            plans[w.tensor] = plan
-            eager[w.tensor] = w.decode()
-            replace_submodule(form, w.quantizer, _WeightStandIn(w.tensor))
-            choices["weights"].append({"tensor": w.tensor, "type": plan["type"], "why": plan["why"]})
-        for a in layer.inputs:
-            quantizer = form.get_submodule(a.quantizer)
-            after_clip = clipping_producer(student, a.quantizer)
-            plan = _activation_plan(quantizer, a.grid, float(a.scale), opset, after_clip=after_clip)
-            plans[a.quantizer] = plan
-            eager[a.quantizer] = quantizer
-            replace_submodule(form, a.quantizer, _ActivationStandIn(a.quantizer))
-            choices["inputs"].append({"quantizer": a.quantizer, "type": plan["type"], "why": plan["why"]})
-        record["onnx"] = choices
+    """Write ``path``; add each layer's ONNX choices to its manifest record; return the ONNX summary.
+
+    ``student`` is one traced graph, or a network rewritten part by part whose eager code between the
+    parts ``torch.export`` traces (RAFT: its update loop unrolled for the network's number of updates);
+    such a network's ONNX answers its ``logits`` entry (the last flow) for one sample at a time, since
+    its code fixes the batch size when traced. The newest opset whose file onnxruntime loads is kept (its
+    graph optimizer refuses some files at opset 25 that it loads at 23: the summary says so)."""
+    whole = isinstance(student, fx.GraphModule)
     sample = torch.randn(CHECK_IMAGES, *input_shape, generator=torch.Generator().manual_seed(0))
-    with _active(plans, eager):
-        program = torch.onnx.export(
-            form,
-            (sample,),
-            dynamo=True,
-            opset_version=opset,
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-            custom_translation_table={
-                torch.ops.cmtkd_export.fake_quantize.default: _activation_onnx,
-                torch.ops.cmtkd_export.quantized_weight.default: _weight_onnx,
-            },
-            input_names=["images"],
-            output_names=["logits"],
-            verbose=False,
-        )
-    model = program.model_proto
-    _drop_unused_initializers(model)
-    onnx.checker.check_model(model, full_check=True)
+    refused = []
+    for opset in [o for o in OPSETS if o <= _opset()]:
+        model, choices = _onnx_model(student, layers, sample if whole else sample[:1], opset, dynamic=whole)
+        silent = _quiet()
+        silent.log_severity_level = 4  # a refusal is reported in the summary, not on the console
+        try:
+            ort.InferenceSession(model.SerializeToString(), silent, providers=["CPUExecutionProvider"])
+        except OnnxruntimeFail as err:
+            refused.append(f"onnxruntime refused opset {opset}: {str(err).strip().splitlines()[0][-160:]}")
+            continue
+        break
+    else:
+        raise UserError(f"onnx export: {'; '.join(refused)}")
+    for record, choice in zip(records, choices, strict=True):
+        record["onnx"] = choice
     onnx.save(model, str(path))
-    check = check_onnx(path, student, sample)
+    check = check_onnx(path, student if whole else _LogitsOnly(student).eval(), sample, flows=not whole)
     if check["images_within_tolerance"] < CHECK_IMAGES:
         log.warning(
             f"{path}: {CHECK_IMAGES - check['images_within_tolerance']} of {CHECK_IMAGES} check images "
@@ -205,28 +194,107 @@ def export_onnx(
         "file": path.name,
         "opset": opset,
         "runtime": ort.__version__,
+        **({"newer_opsets": refused} if refused else {}),
+        **({"batch": 1} if not whole else {}),
         **check,
         "bytes": path.stat().st_size,
     }
 
 
-def check_onnx(path: Path, student: nn.Module, images: Tensor) -> dict:
+def _onnx_model(
+    student: nn.Module, layers: list[QuantizedLayer], sample: Tensor, opset: int, *, dynamic: bool
+) -> tuple[onnx.ModelProto, list[dict]]:
+    """The Q/DQ model of ``student`` at ``opset`` and each layer's choices (types and why)."""
+    whole = isinstance(student, fx.GraphModule)
+    form = (copy_graph_module(student) if whole else copy.deepcopy(student)).eval()
+    plans, eager, choices = {}, {}, []
+    for layer in layers:
+        choice = {"weights": [], "inputs": []}
+        for w in layer.weights:
+            plan = _weight_plan(w.grid, w.integers().numpy(), w.scale.reshape(-1).numpy(), opset)
+            plans[w.tensor] = plan
+            eager[w.tensor] = w.decode()
+            replace_submodule(form, w.quantizer, _WeightStandIn(w.tensor))
+            choice["weights"].append({"tensor": w.tensor, "type": plan["type"], "why": plan["why"]})
+        for a in layer.inputs:
+            quantizer = form.get_submodule(a.quantizer)
+            after_clip = _after_clip(student, a.quantizer)
+            plan = _activation_plan(quantizer, a.grid, float(a.scale), opset, after_clip=after_clip)
+            plans[a.quantizer] = plan
+            eager[a.quantizer] = quantizer
+            replace_submodule(form, a.quantizer, _ActivationStandIn(a.quantizer))
+            choice["inputs"].append({"quantizer": a.quantizer, "type": plan["type"], "why": plan["why"]})
+        choices.append(choice)
+    with _active(plans, eager), warnings.catch_warnings():
+        # RAFT keeps its correlation pyramid as attributes of the block, set on every call: nothing to keep
+        warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
+        program = torch.onnx.export(
+            form if whole else _LogitsOnly(form).eval(),
+            (sample,),
+            dynamo=True,
+            opset_version=opset,
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},) if dynamic else None,
+            custom_translation_table={
+                torch.ops.cmtkd_export.fake_quantize.default: _activation_onnx,
+                torch.ops.cmtkd_export.quantized_weight.default: _weight_onnx,
+            },
+            input_names=["images"],
+            output_names=["logits"],
+            verbose=False,
+        )
+    model = program.model_proto
+    _drop_unused_initializers(model)
+    onnx.checker.check_model(model, full_check=True)
+    return model, choices
+
+
+def check_onnx(path: Path, student: nn.Module, images: Tensor, *, flows: bool = False) -> dict:
     """onnxruntime against PyTorch on ``images``: per-image agreement within ``TOLERANCE`` x max(1, max
-    |logit|), top-1 agreement (of every pixel, for a segmentation network) and the largest absolute
-    difference."""
+    |logit|), top-1 agreement (of every pixel, for a segmentation network) or, for ``flows``, the mean
+    end-point distance between the two flows (px), and the largest absolute difference. A model with a
+    fixed batch of one runs image by image."""
     session = ort.InferenceSession(str(path), _quiet(), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"images": images.numpy()})
+    fixed = session.get_inputs()[0].shape[0] == 1
+    batches = images.split(1) if fixed else (images,)
+    got = np.concatenate([session.run(None, {"images": b.numpy()})[0] for b in batches])
     with torch.no_grad():
         expected = student(images).numpy()
     tolerance = TOLERANCE * max(1.0, float(np.abs(expected).max()))
     per_image = np.abs(got - expected).reshape(len(images), -1).max(axis=1)  # a map's pixels too
+    if flows:
+        agreement = {"mean_end_point_difference": float(np.linalg.norm(got - expected, axis=1).mean())}
+    else:
+        agreement = {"top1_agreement": float((got.argmax(1) == expected.argmax(1)).mean())}
     return {
         "check_images": len(images),
         "tolerance": tolerance,
         "images_within_tolerance": int((per_image <= tolerance).sum()),
-        "top1_agreement": float((got.argmax(1) == expected.argmax(1)).mean()),
+        **agreement,
         "max_abs_diff": float(per_image.max()),
     }
+
+
+class _LogitsOnly(nn.Module):
+    """The network's ``logits`` where it answers a dict (a network rewritten part by part)."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.network(x)
+        return out[LOGITS] if isinstance(out, dict) else out
+
+
+def _after_clip(student: nn.Module, quantizer: str) -> bool:
+    """:func:`clipping_producer` in the graph that holds ``quantizer`` (one of the parts' of a network
+    rewritten part by part)."""
+    if isinstance(student, fx.GraphModule):
+        return clipping_producer(student, quantizer)
+    for prefix, part in network_graphs(student):
+        if quantizer.startswith(prefix):
+            return clipping_producer(part, quantizer.removeprefix(prefix))
+    return False
 
 
 _CLIPPING_MODULES = (nn.ReLU6, nn.Hardtanh)

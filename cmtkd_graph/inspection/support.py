@@ -160,9 +160,18 @@ def compose_check(spec: Spec) -> DistillationSystem:
 
 
 PARTS_EXPORT = (
-    "the ONNX and int8 writers take one traced graph, and these networks run torchvision's eager code "
-    "between their rewritten parts"
+    "Detection exports the torch and codes formats (`torch.export`, which the Q/DQ ONNX writer builds on, "
+    "does not trace torchvision's box logic); optical flow adds the Q/DQ ONNX, one pair per run; neither "
+    "writes the int8 formats, whose writers take one traced graph, while these networks run torchvision's "
+    "eager code between their rewritten parts"
 )
+
+
+def _exports_whole(task: str) -> bool:
+    """Whether a task's networks, rewritten part by part, are traced whole for the Q/DQ ONNX."""
+    from cmtkd_graph.deploy.export import EXPORTS_WHOLE
+
+    return task in EXPORTS_WHOLE
 
 
 def int8_fact(spec: Spec) -> str:
@@ -178,7 +187,8 @@ def int8_fact(spec: Spec) -> str:
     if "export" in task.missing_verbs:
         return f"no: {spec.resolved_task} export not in this version yet"
     if task.system_builder is not None:
-        return "no: torch and codes formats only (eager code between the parts)"
+        formats = "torch, codes and Q/DQ ONNX" if _exports_whole(spec.resolved_task) else "torch and codes"
+        return f"no: {formats} formats only (eager code between the parts)"
     torch.manual_seed(0)
     with torch.no_grad():
         try:
@@ -326,7 +336,7 @@ def task_table() -> str:
         covered += len(record.model_names())
         verbs = ["no" if verb in record.missing_verbs else "yes" for verb in ("inspect", "export", "predict")]
         if record.system_builder is not None and verbs[1] == "yes":  # rewritten part by part
-            verbs[1] = "torch, codes"
+            verbs[1] = "torch, codes, onnx" if _exports_whole(task) else "torch, codes"
         lines.append(f"| {title} | {len(record.model_names())} | yes | {' | '.join(verbs)} |")
     every = torchvision.models.list_models()
     others = [name for name in every if not any(name in TASKS.get(t).model_names() for t in TASK_TITLES)]
@@ -337,8 +347,7 @@ def task_table() -> str:
         f"{len(others)} are {kind}, which `validate` refuses in one line naming their float builder (a row "
         "above; the tool quantizes it itself, at any bits). Where a verb is not there yet it says so in one "
         "line (exit 2); the exports of each row's student: its int8 column and "
-        f"[deployment.md](deployment.md). Optical flow and detection export the torch and codes formats: "
-        f"{PARTS_EXPORT}.\n"
+        f"[deployment.md](deployment.md). {PARTS_EXPORT}.\n"
     )
     return "\n".join(lines)
 
