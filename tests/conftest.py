@@ -265,9 +265,9 @@ def launch_two_machines(
 
 IN_PROCESS_VERBS = frozenset({"validate", "schema", "taps", "models", "inspect", "eval", "export", "predict"})
 """The verbs :func:`run_cli` runs in the test's own process (and ``study`` with ``--dry-run`` or
-``--report``): they train nothing, load no plugin and start no other process, and a fresh interpreter
-would only add the ~5 s of importing torch and torchvision (tests that are about processes, entry points
-or plugins start their own)."""
+``--report``): they train nothing and load no plugin, and a fresh interpreter would only add the ~5 s
+of importing torch and torchvision (tests that are about processes, entry points or plugins start
+their own)."""
 
 
 def _runs_in_this_process(args: tuple[str, ...]) -> bool:
@@ -297,22 +297,47 @@ def cli(cwd: Path, *args: str) -> str:
 
 
 def _cli_in_this_process(cwd: Path, argv: list[str]) -> tuple[int, str, str]:
+    """``main(argv)`` as a fresh process would run it: accelerate's state, the tool's logger (no handler
+    of an earlier in-process run; warnings to this run's stderr, as Python's last resort prints them)
+    and torch's thread count as they were before, afterwards; an exit (argparse) is its status."""
     import contextlib
     import io
+    import logging
 
+    import torch
     from accelerate.state import AcceleratorState, GradientState
 
     from cmtkd_graph.cli import main
 
     out, err = io.StringIO(), io.StringIO()
+    log = logging.getLogger("cmtkd_graph")
+    saved = (log.level, log.propagate, list(log.handlers), torch.get_num_threads())
+    for handler in saved[2]:
+        log.removeHandler(handler)
+    last_resort = logging.StreamHandler(err)
+    last_resort.setLevel(logging.WARNING)
+    log.addHandler(last_resort)
+    log.setLevel(logging.NOTSET)
+    log.propagate = False
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     try:
         with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            status = main(argv)
+            try:
+                status = main(argv)
+            except SystemExit as exit_:
+                status = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+        for handler in list(log.handlers):  # this run's
+            log.removeHandler(handler)
+            handler.close()
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
+        for handler in saved[2]:
+            log.addHandler(handler)
+        torch.set_num_threads(saved[3])
     return status, out.getvalue(), err.getvalue()
 
 

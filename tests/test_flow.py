@@ -349,6 +349,8 @@ def _the_onnx_computes_the_students_flow(exported: Path, manifest: dict, student
     quantized = [layer for layer in manifest["layers"] if layer.get("onnx")]
     assert ops["DequantizeLinear"] >= sum(len(layer["onnx"]["weights"]) for layer in quantized) > 40
     assert ops["GridSample"] > 0 and ops["QuantizeLinear"] > 0
+    stored = [(i.data_type, tuple(i.dims), i.raw_data) for i in model.graph.initializer if i.raw_data]
+    assert len(stored) == len(set(stored))  # the update block's integers once, not once per update
     session = ort.InferenceSession(str(exported / "student.onnx"), providers=["CPUExecutionProvider"])
     assert [i.shape for i in session.get_inputs()] == [[1, 3, 2, SIZE, SIZE]]
 

@@ -39,7 +39,7 @@ import onnxruntime as ort
 import onnxscript  # noqa: F401  (torch's exporter needs it: a missing one is reported here, by name)
 import torch
 import torch.nn.functional as F
-from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OnnxruntimeFail
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 from onnxscript import opset23 as op
 from torch import Tensor, fx, nn
 
@@ -169,11 +169,9 @@ def export_onnx(
     refused = []
     for opset in [o for o in OPSETS if o <= _opset()]:
         model, choices = _onnx_model(student, layers, sample if whole else sample[:1], opset, dynamic=whole)
-        silent = _quiet()
-        silent.log_severity_level = 4  # a refusal is reported in the summary, not on the console
-        try:
-            ort.InferenceSession(model.SerializeToString(), silent, providers=["CPUExecutionProvider"])
-        except OnnxruntimeFail as err:
+        try:  # a refusal is reported in the summary, not on the console
+            ort.InferenceSession(model.SerializeToString(), _quiet(), providers=["CPUExecutionProvider"])
+        except _REFUSALS as err:
             refused.append(f"onnxruntime refused opset {opset}: {str(err).strip().splitlines()[0][-160:]}")
             continue
         break
@@ -199,6 +197,16 @@ def export_onnx(
         **check,
         "bytes": path.stat().st_size,
     }
+
+
+_REFUSALS = (
+    ort_errors.Fail,
+    ort_errors.InvalidGraph,
+    ort_errors.NotImplemented,
+    ort_errors.InvalidArgument,
+    ort_errors.RuntimeException,
+)
+"""What onnxruntime raises when it will not load a file (its graph optimizer, a type or kernel it lacks)."""
 
 
 def _onnx_model(
@@ -244,6 +252,8 @@ def _onnx_model(
         )
     model = program.model_proto
     _drop_unused_initializers(model)
+    if not whole:
+        _share_equal_initializers(model)
     onnx.checker.check_model(model, full_check=True)
     return model, choices
 
@@ -474,9 +484,11 @@ def runs_qdq(type_name: str, opset: int, *, after_clip: bool = False) -> bool:
 
 
 def _quiet() -> ort.SessionOptions:
-    """Session options that keep onnxruntime's warnings (a probe's dropped constant) off the console."""
+    """Session options that keep onnxruntime's messages off the console: warnings (a probe's dropped
+    constant) and the errors its graph optimizer recovers from (a transformer that skips an INT4 zero
+    point); what fails raises, and what the session computes is checked."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     return options
 
 
@@ -497,6 +509,33 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     keep = [init for init in model.graph.initializer if init.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
+
+
+def _share_equal_initializers(model: onnx.ModelProto) -> None:
+    """One initializer per distinct tensor: an unrolled loop (RAFT's updates) dequantizes the same weight
+    once per update, and the exporter writes its integers each time (six copies of the update block's in a
+    6-update RAFT-small). Left as it is where a node holds a subgraph, whose names it would not see."""
+    graph = model.graph
+    subgraphs = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    if any(a.type in subgraphs for node in graph.node for a in node.attribute):
+        return
+    first: dict[tuple, str] = {}
+    same: dict[str, str] = {}
+    keep = []
+    for init in graph.initializer:
+        key = (init.data_type, tuple(init.dims), init.raw_data)
+        if init.raw_data and key in first:
+            same[init.name] = first[key]
+            continue
+        first.setdefault(key, init.name)
+        keep.append(init)
+    if not same:
+        return
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = same.get(name, name)
 
 
 __all__ = ["TOLERANCE", "check_onnx", "export_onnx", "runs_qdq"]
