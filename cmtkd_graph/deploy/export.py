@@ -168,11 +168,7 @@ def _not_from_parts(name: str, spec: Spec, *, required: bool) -> dict:
             f"they run torchvision's eager code between their rewritten parts, and the {name} writer takes "
             "one traced graph"
         )
-    held = (
-        "the torch and codes formats (and the ONNX where written)"
-        if task in EXPORTS_WHOLE
-        else ("the torch and codes formats")
-    )
+    held = "the torch and codes formats" + (" (and the ONNX where written)" if task in EXPORTS_WHOLE else "")
     problem = f"not for {task} students in this version: {why}; {held} hold the student"
     if required:
         raise UserError(f"{name} export: {problem}")
@@ -562,16 +558,17 @@ def summary(manifest: dict, out: Path) -> str:
     if onnx and onnx.get("skipped"):
         lines.append(f"  onnx skipped: {onnx['skipped']}")
     elif onnx:
+        flows = "mean_end_point_difference" in onnx  # check_onnx's measure for flows, top-1 otherwise
+        agreement = (
+            f"mean end-point difference {onnx['mean_end_point_difference']:.2g} px"
+            if flows
+            else f"top-1 agreement {100 * onnx['top1_agreement']:.0f}%"
+        )
         lines.append(
             f"  onnx: opset {onnx['opset']}, onnxruntime {onnx['runtime']}: "
             f"{onnx['images_within_tolerance']}/{onnx['check_images']} check images within "
-            f"{onnx['tolerance']:.2g} of PyTorch's {'flows' if 'top1_agreement' not in onnx else 'logits'}, "
-            + (
-                f"top-1 agreement {100 * onnx['top1_agreement']:.0f}%, "
-                if "top1_agreement" in onnx
-                else f"mean end-point difference {onnx['mean_end_point_difference']:.2g} px, "
-            )
-            + f"largest difference {onnx['max_abs_diff']:.2g}"
+            f"{onnx['tolerance']:.2g} of PyTorch's {'flows' if flows else 'logits'}, {agreement}, "
+            f"largest difference {onnx['max_abs_diff']:.2g}"
             + ("; one sample per run" if onnx.get("batch") == 1 else "")
         )
         lines += [f"  onnx: {why}" for why in onnx.get("newer_opsets", [])]

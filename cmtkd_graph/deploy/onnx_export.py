@@ -168,7 +168,7 @@ def export_onnx(
     sample = torch.randn(CHECK_IMAGES, *input_shape, generator=torch.Generator().manual_seed(0))
     refused = []
     for opset in [o for o in OPSETS if o <= _opset()]:
-        model, choices = _onnx_model(student, layers, sample if whole else sample[:1], opset, dynamic=whole)
+        model, choices = _onnx_model(student, layers, sample if whole else sample[:1], opset)
         try:  # a refusal is reported in the summary, not on the console
             ort.InferenceSession(model.SerializeToString(), _quiet(), providers=["CPUExecutionProvider"])
         except _REFUSALS as err:
@@ -210,9 +210,10 @@ _REFUSALS = (
 
 
 def _onnx_model(
-    student: nn.Module, layers: list[QuantizedLayer], sample: Tensor, opset: int, *, dynamic: bool
+    student: nn.Module, layers: list[QuantizedLayer], sample: Tensor, opset: int
 ) -> tuple[onnx.ModelProto, list[dict]]:
-    """The Q/DQ model of ``student`` at ``opset`` and each layer's choices (types and why)."""
+    """The Q/DQ model of ``student`` at ``opset`` and each layer's choices (types and why); the batch is
+    dynamic where the student is one traced graph."""
     whole = isinstance(student, fx.GraphModule)
     form = (copy_graph_module(student) if whole else copy.deepcopy(student)).eval()
     plans, eager, choices = {}, {}, []
@@ -241,7 +242,7 @@ def _onnx_model(
             (sample,),
             dynamo=True,
             opset_version=opset,
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},) if dynamic else None,
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},) if whole else None,
             custom_translation_table={
                 torch.ops.cmtkd_export.fake_quantize.default: _activation_onnx,
                 torch.ops.cmtkd_export.quantized_weight.default: _weight_onnx,
@@ -299,9 +300,7 @@ class _LogitsOnly(nn.Module):
 def _after_clip(student: nn.Module, quantizer: str) -> bool:
     """:func:`clipping_producer` in the graph that holds ``quantizer`` (one of the parts' of a network
     rewritten part by part)."""
-    if isinstance(student, fx.GraphModule):
-        return clipping_producer(student, quantizer)
-    for prefix, part in network_graphs(student):
+    for prefix, part in network_graphs(student):  # a whole graph: [("", student)]
         if quantizer.startswith(prefix):
             return clipping_producer(part, quantizer.removeprefix(prefix))
     return False
