@@ -323,6 +323,39 @@ def test_integer_reference_and_onnx_for_the_other_families(quantizer, trained_ru
     assert manifest["onnx"]["images_within_tolerance"] >= 6
 
 
+def test_the_torchscript_tracer_writes_the_quantizers_as_torch_export_does(tmp_path):
+    """The TorchScript path (detectors: ``torch.export`` does not trace their box logic) writes every
+    quantizer with the symbolic functions' Q/DQ nodes at opset 20, 8-bit types behind a Clip where the
+    other path uses 2-bit ones: on a W2A2 MobileNetV3 (signed mid-rise activations after Hardswish,
+    unsigned after ReLU, signed mid-rise weights) its logits are the ``torch.export`` file's, bit for bit."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+    import onnxruntime as ort
+
+    from cmtkd_graph.deploy.onnx_export import export_onnx
+
+    overrides = ["student.arch=mobilenet_v3_small", "student.weight_bits=2", "student.act_bits=2"]
+    spec = cg.load_spec("quickstart", [*overrides, "data.image_size=32", "taps.teachers=auto"])
+    torch.manual_seed(0)
+    student = build_student(spec)
+    layers = quantized_layers(student)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)).numpy()
+    logits, ops = {}, {}
+    for tracer in ("torch.export", "torchscript"):
+        path = tmp_path / f"{tracer}.onnx"
+        section = export_onnx(
+            student, layers, [{} for _ in layers], path, input_shape=spec.data.input_shape(), tracer=tracer
+        )
+        assert section["tracer"] == tracer and (section["opset"] == 20) == (tracer == "torchscript")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (logits[tracer],) = session.run(None, {"images": x})
+        ops[tracer] = [n.op_type for n in onnx.load(str(path)).graph.node]
+    np.testing.assert_array_equal(logits["torchscript"], logits["torch.export"])
+    for op in ("QuantizeLinear", "DequantizeLinear"):
+        assert ops["torchscript"].count(op) == ops["torch.export"].count(op) > 40
+    assert ops["torchscript"].count("Clip") >= ops["torchscript"].count("QuantizeLinear")  # INT8 for 2 bits
+
+
 def test_onnx_export_of_mobilenet_v2(tmp_path, cifar10_jpeg):
     """Another family: depthwise convolutions, ReLU6, a 4-bit LSQ student (signed and unsigned grids)."""
     pytest.importorskip("onnxruntime")

@@ -331,6 +331,17 @@ def test_the_flow_quickstart_trains_resumes_and_evaluates(tmp_path, capsys, fash
     with torch.no_grad():  # the integer reference of the codes: every part's layers on integers
         integer = integer_student(tmp_path / "exported")(sample[None])["logits"][0]
     torch.testing.assert_close(integer, expected, rtol=1e-3, atol=1e-3)
+    # predict from the ONNX: onnxruntime's flow of the pair as the .flo (its images are the input's size)
+    argv = ["predict", str(tmp_path / "exported"), str(pair.first), str(pair.second), "--backend", "onnx"]
+    assert main([*argv, "--json", "--draw", str(tmp_path / "o")]) == 0
+    (from_onnx,) = json.loads(capsys.readouterr().out)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(
+        str(tmp_path / "exported" / "student.onnx"), providers=["CPUExecutionProvider"]
+    )
+    (flow,) = session.run(None, {"images": sample[None].numpy()})
+    torch.testing.assert_close(read_flo(from_onnx["flo"]), torch.from_numpy(flow[0]), rtol=1e-5, atol=1e-5)
     assert main(["predict", str(run), str(pair.first)]) == 2
     assert "1 image(s) is not a number of pairs" in capsys.readouterr().err
 
@@ -371,7 +382,7 @@ def test_the_onnx_of_a_flow_student_is_pytorchs_flow_where_activations_do_not_ro
     layers = quantized_layers(student)
     records = [{} for _ in layers]
     path = tmp_path / "flow.onnx"
-    section = export_onnx(student, layers, records, path, input_shape=spec.data.input_shape())
+    section = export_onnx(student, layers, records, path, input_shape=spec.data.input_shape(), answers="flow")
     assert section["batch"] == 1 and section["images_within_tolerance"] == section["check_images"] == 8
     assert section["mean_end_point_difference"] < 1e-4 and section["max_abs_diff"] < 1e-3, section
     assert not any(r["onnx"]["inputs"] for r in records)  # first/last layers float: no weights either

@@ -113,11 +113,7 @@ def _write(found, out: Path, formats: tuple[str, ...], images: str | Path | None
         save_file(codes_tensors(student, layers), str(out / CODES_FILE))
         manifest["files"]["codes"] = CODES_FILE
     if "onnx" in formats:
-        if calls is None or found.spec.resolved_task in EXPORTS_WHOLE:
-            path = out / ONNX_FILE
-            manifest["onnx"] = _onnx(student, layers, manifest, path, found.spec, required=required)
-        else:
-            manifest["onnx"] = _not_from_parts("onnx", found.spec, required=required)
+        manifest["onnx"] = _onnx(student, layers, manifest, out / ONNX_FILE, found.spec, required=required)
         if manifest["onnx"].get("file"):
             manifest["files"]["onnx"] = ONNX_FILE
     real = functools.cache(lambda: calibration_images(found.spec, images))
@@ -151,28 +147,13 @@ def example_shapes(
     return propagate_call_shapes(student, lambda: student(example))
 
 
-EXPORTS_WHOLE = frozenset({"flow"})
-"""Tasks rewritten part by part whose whole network ``torch.export`` traces, eager code between the parts
-included (RAFT's update loop, unrolled), so the ONNX writer takes them; it does not trace torchvision's
-detectors (their box logic depends on the data: proposals, NMS)."""
-
-
-def _not_from_parts(name: str, spec: Spec, *, required: bool) -> dict:
-    """The manifest section of a format this version does not write for networks rewritten part by part
-    (asked for alone: an error)."""
-    task = spec.resolved_task
-    if name == "onnx":
-        why = "torch.export does not trace torchvision's box logic, which depends on the data"
-    else:
-        why = (
-            f"they run torchvision's eager code between their rewritten parts, and the {name} writer takes "
-            "one traced graph"
-        )
-    held = "the torch and codes formats" + (" (and the ONNX where written)" if task in EXPORTS_WHOLE else "")
-    problem = f"not for {task} students in this version: {why}; {held} hold the student"
-    if required:
-        raise UserError(f"{name} export: {problem}")
-    return {"file": None, "skipped": problem}
+def _not_from_parts(name: str, spec: Spec) -> str:
+    """Why this version does not write the ``name`` format for networks rewritten part by part."""
+    return (
+        f"not for {spec.resolved_task} students in this version: they run torchvision's eager code between "
+        f"their rewritten parts, and the {name} writer takes one traced graph; the torch, codes and Q/DQ "
+        "ONNX formats hold the student"
+    )
 
 
 def _check_destination(out: Path, source: Path, *, force: bool) -> None:
@@ -247,8 +228,19 @@ def _onnx(
             "(onnx, onnxscript, onnxruntime) adds the ONNX export",
         }
     try:
-        return export_onnx(student, layers, manifest["layers"], path, input_shape=spec.data.input_shape())
-    except torch.onnx.OnnxExporterError as err:
+        from cmtkd_graph.registry import TASKS
+
+        task = TASKS.get(spec.resolved_task)
+        return export_onnx(
+            student,
+            layers,
+            manifest["layers"],
+            path,
+            input_shape=spec.data.input_shape(),
+            tracer=task.onnx_tracer,
+            answers=task.onnx_answers,
+        )
+    except RuntimeError as err:  # torch.onnx.OnnxExporterError, and the TorchScript tracer's own errors
         # e.g. torch 2.5's exporter cannot translate BatchNorm with today's onnxscript: the other
         # formats are still written; the tested pair is in constraints.txt
         problem = first_line(err)
@@ -280,7 +272,7 @@ class _Int8Graphs:
     def uncalibrated(self) -> tuple[fx.GraphModule, object, object]:
         """(inference form, ONNX model, plan); raises the writer's UserError (or an ImportError)."""
         if not isinstance(self.student, fx.GraphModule):  # rewritten part by part
-            raise UserError(_not_from_parts("int8", self.spec, required=False)["skipped"])
+            raise UserError(_not_from_parts("int8", self.spec))
         if self._error is not None:
             raise self._error
         if self._built is None:
@@ -558,17 +550,22 @@ def summary(manifest: dict, out: Path) -> str:
     if onnx and onnx.get("skipped"):
         lines.append(f"  onnx skipped: {onnx['skipped']}")
     elif onnx:
-        flows = "mean_end_point_difference" in onnx  # check_onnx's measure for flows, top-1 otherwise
-        agreement = (
-            f"mean end-point difference {onnx['mean_end_point_difference']:.2g} px"
-            if flows
-            else f"top-1 agreement {100 * onnx['top1_agreement']:.0f}%"
-        )
+        answers = onnx["answers"]
+        agreement = {
+            "logits": lambda: f"top-1 agreement {100 * onnx['top1_agreement']:.0f}%, largest difference",
+            "flow": lambda: f"mean end-point difference {onnx['mean_end_point_difference']:.2g} px, largest",
+            "detections": lambda: (
+                f"{100 * onnx['detection_agreement']:.0f}% of the detections (PyTorch "
+                f"{onnx['detections'][0]}, onnxruntime {onnx['detections'][1]}) found by both (same class, "
+                "box IoU >= 0.5), largest difference of those"
+            ),
+        }[answers]()
+        within = f"{onnx['tolerance']:.2g}" + (" x each output's largest" if answers == "detections" else "")
+        noun = {"logits": "logits", "flow": "flows", "detections": "detections"}[answers]
         lines.append(
             f"  onnx: opset {onnx['opset']}, onnxruntime {onnx['runtime']}: "
             f"{onnx['images_within_tolerance']}/{onnx['check_images']} check images within "
-            f"{onnx['tolerance']:.2g} of PyTorch's {'flows' if flows else 'logits'}, {agreement}, "
-            f"largest difference {onnx['max_abs_diff']:.2g}"
+            f"{within} of PyTorch's {noun}, {agreement} {onnx['max_abs_diff']:.2g}"
             + ("; one sample per run" if onnx.get("batch") == 1 else "")
         )
         lines += [f"  onnx: {why}" for why in onnx.get("newer_opsets", [])]

@@ -19,7 +19,12 @@ half to even; mid-rise: (x - s) / 2s), so equal inputs give equal levels. But on
 convolution in another order than PyTorch, so a value within float rounding of a decision boundary can
 land on the neighbouring level; the difference then grows through the layers behind it. The check
 therefore reports, on a fixed batch, how many images agree within ``TOLERANCE`` (relative to the
-largest logit), the top-1 agreement and the largest difference, and warns when an image differs more.
+largest value of an output), the top-1 agreement (flows: the mean end-point difference; detections: the
+share found by both) and the largest difference, and warns when an image differs more.
+
+Networks rewritten part by part are traced whole with their eager code: RAFT by ``torch.export``,
+torchvision's detectors by the TorchScript tracer (``torch.export`` does not trace their box logic),
+whose symbolic functions write the same Q/DQ patterns at opset :data:`TORCHSCRIPT_OPSET`.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import io
 import logging
 import warnings
 from collections.abc import Iterator
@@ -42,6 +48,7 @@ import torch.nn.functional as F
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 from onnxscript import opset23 as op
 from torch import Tensor, fx, nn
+from torch.onnx import symbolic_helper
 
 from cmtkd_graph.deploy.codes import QuantizedLayer
 from cmtkd_graph.errors import UserError
@@ -54,8 +61,10 @@ from cmtkd_graph.quantizers.base import IntegerGrid
 log = logging.getLogger("cmtkd_graph")
 
 OPSETS = (25, 23, 21)  # newest first: 25 adds INT2/UINT2
+TORCHSCRIPT_OPSET = 20
+"""The newest opset torch's TorchScript tracer writes (detectors: ``torch.export`` does not trace them)."""
 TOLERANCE = 1e-3
-"""Largest |onnxruntime - PyTorch| logit difference accepted, relative to max(1, max |logit|)."""
+"""Largest |onnxruntime - PyTorch| difference accepted, relative to max(1, the output's largest |value|)."""
 CHECK_IMAGES = 8
 
 # (name, signed, bits, first opset that has it)
@@ -113,40 +122,95 @@ class _WeightStandIn(nn.Module):
         return torch.ops.cmtkd_export.quantized_weight(w, self.key)
 
 
-def _activation_onnx(x, key: str):
-    plan = _PLANS[key]
-    scale = op.Constant(value=ir.tensor(np.array(plan["scale"], np.float32)))
-    zero = op.Constant(value=ir.tensor(np.zeros((), np.int32).astype(plan["numpy"]), dtype=plan["ir_type"]))
+class _OnnxScriptNodes:
+    """Writes ONNX nodes for ``torch.export``'s translator (onnxscript ops); any integer type."""
+
+    def __call__(self, name: str, *inputs, **attributes):
+        return getattr(op, name)(*inputs, **attributes)
+
+    def constant(self, value: np.ndarray, plan: dict | None = None):
+        if plan is None:
+            return op.Constant(value=ir.tensor(value))
+        return op.Constant(value=ir.tensor(value.astype(plan["numpy"]), dtype=plan["ir_type"]))
+
+
+class _TorchScriptNodes:
+    """Writes ONNX nodes for the TorchScript tracer's symbolic functions; 8-bit integer types only (its
+    newest opset, :data:`TORCHSCRIPT_OPSET`, has no narrower Q/DQ types)."""
+
+    def __init__(self, graph):
+        self.graph = graph
+
+    def __call__(self, name: str, *inputs, **attributes: int):
+        assert all(isinstance(v, int) for v in attributes.values()), attributes  # named key_i below
+        return self.graph.op(name, *inputs, **{f"{key}_i": value for key, value in attributes.items()})
+
+    def constant(self, value: np.ndarray, plan: dict | None = None):
+        value = np.array(value if plan is None else value.astype(plan["numpy"]), copy=True)  # 0-d stays 0-d
+        return self.graph.op("Constant", value_t=torch.from_numpy(value))
+
+
+def _activation_nodes(nodes, x, plan: dict):
+    """An activation quantizer as Q/DQ nodes on its grid (module docstring)."""
+
+    def f32(value: float):
+        return nodes.constant(np.array(value, np.float32))
+
+    scale, zero = f32(plan["scale"]), nodes.constant(np.zeros((), np.int32), plan)
     if plan["mid_rise"]:
-        step = op.Constant(value=ir.tensor(np.array(2 * plan["scale"], np.float32)))
-        shifted = op.Sub(x, scale)
+        step = f32(2 * plan["scale"])
+        shifted = nodes("Sub", x, scale)
         if plan["clip"]:
-            shifted = op.Clip(
-                shifted, _const(plan["kmin"] * 2 * plan["scale"]), _const(plan["kmax"] * 2 * plan["scale"])
+            shifted = nodes(
+                "Clip", shifted, f32(plan["kmin"] * 2 * plan["scale"]), f32(plan["kmax"] * 2 * plan["scale"])
             )
-        y = op.Add(op.DequantizeLinear(op.QuantizeLinear(shifted, step, zero), step, zero), scale)
+        y = nodes(
+            "Add", nodes("DequantizeLinear", nodes("QuantizeLinear", shifted, step, zero), step, zero), scale
+        )
     else:
+        x_in = x
         if plan["clip"]:
-            x_in = op.Clip(x, _const(plan["kmin"] * plan["scale"]), _const(plan["kmax"] * plan["scale"]))
-        else:
-            x_in = x
-        y = op.DequantizeLinear(op.QuantizeLinear(x_in, scale, zero), scale, zero)
+            x_in = nodes("Clip", x, f32(plan["kmin"] * plan["scale"]), f32(plan["kmax"] * plan["scale"]))
+        y = nodes("DequantizeLinear", nodes("QuantizeLinear", x_in, scale, zero), scale, zero)
     if plan["caffe_rounding"]:
-        y = op.Where(op.Greater(x, _const(0.0)), op.Max(y, scale), y)
+        y = nodes("Where", nodes("Greater", x, f32(0.0)), nodes("Max", y, scale), y)
     return y
 
 
-def _weight_onnx(w, key: str):
-    plan = _PLANS[key]
-    q = op.Constant(value=ir.tensor(plan["integers"].astype(plan["numpy"]), dtype=plan["ir_type"]))
-    scale = op.Constant(value=ir.tensor(plan["scale"]))
+def _weight_nodes(nodes, plan: dict):
+    """A weight as its integers and a DequantizeLinear (per output channel where its scale is)."""
+    q, scale = nodes.constant(plan["integers"], plan), nodes.constant(plan["scale"])
     if plan["scale"].ndim == 1:
-        return op.DequantizeLinear(q, scale, axis=0)
-    return op.DequantizeLinear(q, scale)
+        return nodes("DequantizeLinear", q, scale, axis=0)
+    return nodes("DequantizeLinear", q, scale)
 
 
-def _const(value: float):
-    return op.Constant(value=ir.tensor(np.array(value, np.float32)))
+def _activation_onnx(x, key: str):
+    return _activation_nodes(_OnnxScriptNodes(), x, _PLANS[key])
+
+
+def _weight_onnx(w, key: str):
+    return _weight_nodes(_OnnxScriptNodes(), _PLANS[key])
+
+
+@symbolic_helper.parse_args("v", "s")
+def _activation_torchscript(graph, x, key: str):
+    return _activation_nodes(_TorchScriptNodes(graph), x, _PLANS[key])
+
+
+@symbolic_helper.parse_args("v", "s")
+def _weight_torchscript(graph, w, key: str):
+    return _weight_nodes(_TorchScriptNodes(graph), _PLANS[key])
+
+
+@functools.cache
+def _register_torchscript_symbolics() -> None:
+    torch.onnx.register_custom_op_symbolic(
+        "cmtkd_export::fake_quantize", _activation_torchscript, TORCHSCRIPT_OPSET
+    )
+    torch.onnx.register_custom_op_symbolic(
+        "cmtkd_export::quantized_weight", _weight_torchscript, TORCHSCRIPT_OPSET
+    )
 
 
 def export_onnx(
@@ -156,19 +220,32 @@ def export_onnx(
     path: Path,
     *,
     input_shape: tuple[int, ...],
+    tracer: str = "torch.export",
+    answers: str = "logits",
 ) -> dict:
     """Write ``path``; add each layer's ONNX choices to its manifest record; return the ONNX summary.
 
     ``student`` is one traced graph, or a network rewritten part by part whose eager code between the
-    parts ``torch.export`` traces (RAFT: its update loop unrolled for the network's number of updates);
-    such a network's ONNX answers its ``logits`` entry (the last flow) for one sample at a time, since
-    its code fixes the batch size when traced. The newest opset whose file onnxruntime loads is kept (its
-    graph optimizer refuses some files at opset 25 that it loads at 23: the summary says so)."""
+    parts the ``tracer`` records (the task's, ``Task.onnx_tracer``): ``torch.export`` (RAFT: its update loop
+    unrolled for the network's number of updates) or ``torchscript``, torch's older tracer, which records
+    torchvision's box logic as the example image runs it (proposals, NMS and RoI pooling become ONNX
+    operators, as in torchvision's own ONNX export of its detectors) and writes opsets up to
+    :data:`TORCHSCRIPT_OPSET` (8-bit Q/DQ types). Such a network's ONNX takes one sample at a time, since
+    its code fixes the batch size when traced, and ``answers`` (``Task.onnx_answers``) what it returns:
+    the ``logits`` of a traced graph, the last ``flow`` of RAFT, or the first image's ``detections``
+    (one output per key: boxes, labels, scores, masks, keypoints...). The newest opset whose file
+    onnxruntime loads is kept (its graph optimizer refuses some files at opset 25 that it loads at 23: the
+    summary says so)."""
     whole = isinstance(student, fx.GraphModule)
-    sample = torch.randn(CHECK_IMAGES, *input_shape, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    if answers == "detections":  # images in [0, 1], as detectors read them (they normalise inside)
+        sample = torch.rand(CHECK_IMAGES, *input_shape, generator=generator)
+    else:
+        sample = torch.randn(CHECK_IMAGES, *input_shape, generator=generator)
+    opsets = [TORCHSCRIPT_OPSET] if tracer == "torchscript" else [o for o in OPSETS if o <= _opset()]
     refused = []
-    for opset in [o for o in OPSETS if o <= _opset()]:
-        model, choices = _onnx_model(student, layers, sample if whole else sample[:1], opset)
+    for opset in opsets:
+        model, choices = _onnx_model(student, layers, sample if whole else sample[:1], opset, tracer, answers)
         try:  # a refusal is reported in the summary, not on the console
             ort.InferenceSession(model.SerializeToString(), _quiet(), providers=["CPUExecutionProvider"])
         except _REFUSALS as err:
@@ -180,18 +257,21 @@ def export_onnx(
     for record, choice in zip(records, choices, strict=True):
         record["onnx"] = choice
     onnx.save(model, str(path))
-    check = check_onnx(path, student if whole else _LogitsOnly(student).eval(), sample, flows=not whole)
+    check = check_onnx(path, _answering(student, answers, sample[:1]), sample, answers=answers)
     if check["images_within_tolerance"] < CHECK_IMAGES:
         log.warning(
             f"{path}: {CHECK_IMAGES - check['images_within_tolerance']} of {CHECK_IMAGES} check images "
-            f"differ from PyTorch by more than {TOLERANCE:g} x max |logit| "
-            f"(largest {check['max_abs_diff']:.3g}): "
+            f"differ from PyTorch by more than {TOLERANCE:g} x the largest value of an output "
+            f"(largest difference{' of detections found by both' if answers == 'detections' else ''} "
+            f"{check['max_abs_diff']:.3g}): "
             "activations at rounding boundaries took neighbouring levels (see deploy/onnx_export.py)"
         )
     return {
         "file": path.name,
         "opset": opset,
         "runtime": ort.__version__,
+        "tracer": tracer,
+        "answers": answers,
         **({"newer_opsets": refused} if refused else {}),
         **({"batch": 1} if not whole else {}),
         **check,
@@ -210,7 +290,7 @@ _REFUSALS = (
 
 
 def _onnx_model(
-    student: nn.Module, layers: list[QuantizedLayer], sample: Tensor, opset: int
+    student: nn.Module, layers: list[QuantizedLayer], sample: Tensor, opset: int, tracer: str, answers: str
 ) -> tuple[onnx.ModelProto, list[dict]]:
     """The Q/DQ model of ``student`` at ``opset`` and each layer's choices (types and why); the batch is
     dynamic where the student is one traced graph."""
@@ -235,23 +315,11 @@ def _onnx_model(
             choice["inputs"].append({"quantizer": a.quantizer, "type": plan["type"], "why": plan["why"]})
         choices.append(choice)
     with _active(plans, eager), warnings.catch_warnings():
-        # RAFT keeps its correlation pyramid as attributes of the block, set on every call: nothing to keep
-        warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
-        program = torch.onnx.export(
-            form if whole else _LogitsOnly(form).eval(),
-            (sample,),
-            dynamo=True,
-            opset_version=opset,
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},) if whole else None,
-            custom_translation_table={
-                torch.ops.cmtkd_export.fake_quantize.default: _activation_onnx,
-                torch.ops.cmtkd_export.quantized_weight.default: _weight_onnx,
-            },
-            input_names=["images"],
-            output_names=["logits"],
-            verbose=False,
-        )
-    model = program.model_proto
+        network = _answering(form, answers, sample[:1])
+        if tracer == "torchscript":
+            model = _traced_by_torchscript(network, sample, opset)
+        else:
+            model = _traced_by_torch_export(network, sample, opset, dynamic_batch=whole)
     _drop_unused_initializers(model)
     if not whole:
         _share_equal_initializers(model)
@@ -259,20 +327,79 @@ def _onnx_model(
     return model, choices
 
 
-def check_onnx(path: Path, student: nn.Module, images: Tensor, *, flows: bool = False) -> dict:
-    """onnxruntime against PyTorch on ``images``: per-image agreement within ``TOLERANCE`` x max(1, max
-    |logit|), top-1 agreement (of every pixel, for a segmentation network) or, for ``flows``, the mean
-    end-point distance between the two flows (px), and the largest absolute difference. A model with a
-    fixed batch of one runs image by image."""
+def _traced_by_torch_export(network: nn.Module, sample: Tensor, opset: int, *, dynamic_batch: bool):
+    # RAFT keeps its correlation pyramid as attributes of the block, set on every call: nothing to keep
+    warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
+    program = torch.onnx.export(
+        network,
+        (sample,),
+        dynamo=True,
+        opset_version=opset,
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None,
+        custom_translation_table={
+            torch.ops.cmtkd_export.fake_quantize.default: _activation_onnx,
+            torch.ops.cmtkd_export.quantized_weight.default: _weight_onnx,
+        },
+        input_names=["images"],
+        output_names=_output_names(network),
+        verbose=False,
+    )
+    return program.model_proto
+
+
+def _traced_by_torchscript(network: nn.Module, sample: Tensor, opset: int) -> onnx.ModelProto:
+    # the tracer's warnings are about Python values it records as constants (torchvision's detectors
+    # raise dozens): the sizes of the one image it runs, what a batch-1 file of a fixed input size has;
+    # what the recorded logic computes on other images is what the check below measures
+    warnings.simplefilter("ignore")
+    _register_torchscript_symbolics()
+    written = io.BytesIO()
+    torch.onnx.export(
+        network,
+        (sample,),
+        written,
+        dynamo=False,
+        opset_version=opset,
+        input_names=["images"],
+        output_names=_output_names(network),
+    )
+    return onnx.load_from_string(written.getvalue())
+
+
+def _output_names(network: nn.Module) -> list[str]:
+    return list(network.keys) if isinstance(network, _FirstImageDetections) else ["logits"]
+
+
+def _answering(network: nn.Module, answers: str, example: Tensor) -> nn.Module:
+    """``network`` as the ONNX file answers (see :func:`export_onnx`), in eval mode; ``example``: one
+    input, on which a detector's output keys are read."""
+    network = network.eval()
+    if answers == "detections":
+        with torch.no_grad():
+            keys = list(network(example)[LOGITS][0])
+        return _FirstImageDetections(network, keys).eval()
+    if not isinstance(network, fx.GraphModule):  # rewritten part by part: it answers a dict
+        return _LogitsOnly(network).eval()
+    return network
+
+
+def check_onnx(path: Path, network: nn.Module, images: Tensor, *, answers: str = "logits") -> dict:
+    """onnxruntime against PyTorch's ``network`` (as the file answers) on ``images``: how many images agree
+    within ``TOLERANCE`` x max(1, max |value|) of each output, the largest absolute difference, and
+    top-1 agreement (of every pixel, for a segmentation network), or for a ``flow`` the mean end-point
+    distance between the two flows (px), or for ``detections`` :func:`_check_detections`. A model with
+    a fixed batch of one runs image by image."""
     session = ort.InferenceSession(str(path), _quiet(), providers=["CPUExecutionProvider"])
+    if answers == "detections":
+        return _check_detections(session, network, images)
     fixed = session.get_inputs()[0].shape[0] == 1
     batches = images.split(1) if fixed else (images,)
     got = np.concatenate([session.run(None, {"images": b.numpy()})[0] for b in batches])
     with torch.no_grad():
-        expected = student(images).numpy()
+        expected = network(images).numpy()
     tolerance = TOLERANCE * max(1.0, float(np.abs(expected).max()))
     per_image = np.abs(got - expected).reshape(len(images), -1).max(axis=1)  # a map's pixels too
-    if flows:
+    if answers == "flow":
         agreement = {"mean_end_point_difference": float(np.linalg.norm(got - expected, axis=1).mean())}
     else:
         agreement = {"top1_agreement": float((got.argmax(1) == expected.argmax(1)).mean())}
@@ -285,6 +412,73 @@ def check_onnx(path: Path, student: nn.Module, images: Tensor, *, flows: bool = 
     }
 
 
+MATCH_IOU = 0.5
+"""Two detections are the same where their classes are and their boxes overlap by this IoU (COCO's AP50)."""
+
+
+def _check_detections(session: ort.InferenceSession, network: nn.Module, images: Tensor) -> dict:
+    """Image by image: whether onnxruntime's detections are PyTorch's (:func:`_same_output`); the
+    detections both find (:func:`_matched`) over all they find, 2 x matched / (PyTorch's + onnxruntime's)
+    (1 where neither finds any); and the largest difference of a matched pair's box corners and score."""
+    names = [o.name for o in session.get_outputs()]
+    within = matched = 0
+    counts = [0, 0]  # PyTorch's detections, onnxruntime's
+    largest = 0.0
+    for image in images.split(1):
+        got = dict(zip(names, session.run(None, {"images": image.numpy()}), strict=True))
+        with torch.no_grad():
+            expected = dict(zip(names, (t.numpy() for t in network(image)), strict=True))
+        within += all(_same_output(k, got[k], expected[k]) for k in names)
+        pairs = _matched(expected, got)
+        matched += len(pairs)
+        counts[0] += len(expected["scores"])
+        counts[1] += len(got["scores"])
+        for i, j in pairs:
+            box = np.abs(expected["boxes"][i] - got["boxes"][j]).max()
+            largest = max(largest, float(box), float(abs(expected["scores"][i] - got["scores"][j])))
+    return {
+        "check_images": len(images),
+        "tolerance": TOLERANCE,
+        "images_within_tolerance": within,
+        "detections": counts,
+        "detection_agreement": 2 * matched / sum(counts) if sum(counts) else 1.0,
+        "max_abs_diff": largest,
+    }
+
+
+def _same_output(key: str, got: np.ndarray, expected: np.ndarray) -> bool:
+    """Whether one output of a detector's ONNX is PyTorch's: as many values, each within ``TOLERANCE`` x
+    max(1, the largest); of ``masks``, all but a ``TOLERANCE`` share of the pixels (pasting a mask rounds
+    its box to whole pixels, so a box edge within float rounding of a pixel's may move that pixel)."""
+    if got.shape != expected.shape:
+        return False
+    off = np.abs(got.astype(np.float64) - expected) > TOLERANCE * max(
+        1.0, float(np.abs(expected).max(initial=0))
+    )
+    return bool(off.mean() <= TOLERANCE) if key == "masks" and off.size else not off.any()
+
+
+def _matched(expected: dict, got: dict) -> list[tuple[int, int]]:
+    """Greedy pairs (PyTorch's index, onnxruntime's) in PyTorch's score order: the best-overlapping
+    unpaired detection of the same class whose box IoU is at least :data:`MATCH_IOU`."""
+    from torchvision.ops import box_iou
+
+    if not len(expected["boxes"]) or not len(got["boxes"]):
+        return []
+    iou = box_iou(torch.from_numpy(expected["boxes"]).float(), torch.from_numpy(got["boxes"]).float())
+    iou = iou.nan_to_num(0.0)  # two boxes of no area: 0 / 0
+    iou[torch.from_numpy(expected["labels"])[:, None] != torch.from_numpy(got["labels"])[None, :]] = 0
+    pairs, taken = [], set()
+    for i in np.argsort(-expected["scores"], kind="stable"):
+        row = iou[i].clone()
+        row[list(taken)] = 0
+        j = int(row.argmax())
+        if row[j] >= MATCH_IOU:
+            pairs.append((int(i), j))
+            taken.add(j)
+    return pairs
+
+
 class _LogitsOnly(nn.Module):
     """The network's ``logits`` where it answers a dict (a network rewritten part by part)."""
 
@@ -295,6 +489,18 @@ class _LogitsOnly(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.network(x)
         return out[LOGITS] if isinstance(out, dict) else out
+
+
+class _FirstImageDetections(nn.Module):
+    """A detector's detections of its first image as a tuple, one tensor per key (``keys``)."""
+
+    def __init__(self, network: nn.Module, keys: list[str]):
+        super().__init__()
+        self.network, self.keys = network, keys
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        detections = self.network(x)[LOGITS][0]
+        return tuple(detections[k] for k in self.keys)
 
 
 def _after_clip(student: nn.Module, quantizer: str) -> bool:
@@ -406,7 +612,8 @@ def _choose(
             continue
         note = f"; {', '.join(passed)}" if passed else ""
         return name, f"{what}: {name}, the narrowest type that holds them{note}"
-    raise UserError(f"ONNX export: no integer type holds {low}..{high} ({what})")
+    note = f"; {', '.join(passed)}" if passed else ""
+    raise UserError(f"ONNX export: no integer type holds {low}..{high} ({what}){note}")
 
 
 def _bits_of(name: str) -> int:

@@ -28,6 +28,7 @@ from cmtkd_graph.deploy.student import (
     read_manifest,
 )
 from cmtkd_graph.errors import UserError, first_line
+from cmtkd_graph.passes.common import LOGITS
 from cmtkd_graph.registry import DATASETS
 from cmtkd_graph.spec import Spec
 from cmtkd_graph.tasks import task_record
@@ -174,43 +175,62 @@ def predict(
 
 def _task_predict(task, directory, spec, images, backend, masks, draw, min_score) -> list[dict]:
     """The predict of a task whose answers are not classes (``Task.predictor``: detection's boxes, flow's
-    motion): the student as trained, from a run or checkpoint directory."""
+    motion): the student as trained, from a run, checkpoint or export directory, or (``--backend onnx``)
+    its Q/DQ ONNX from an export directory."""
     import importlib
 
-    if backend not in ("auto", "torch"):
-        raise UserError(f"--backend {backend}: {task.name} students run as trained (torch) in this version")
+    if backend not in ("auto", "torch", "onnx"):
+        raise UserError(
+            f"--backend {backend}: {task.name} students run as trained (torch) or from their Q/DQ ONNX "
+            "(onnx) in this version"
+        )
     if masks is not None:
         raise UserError(f"--masks: for segmentation; {task.name} writes its pictures with --draw DIR")
     module, function = task.predictor.split(":")
     answer = getattr(importlib.import_module(module), function)
-    student = load_student(directory)
+    student = (
+        _OnnxParts(_onnx_session(directory, backend), task) if backend == "onnx" else load_student(directory)
+    )
     return answer(student, spec, images, classes=_classes(directory), min_score=min_score, draw=draw)
+
+
+class _OnnxParts:
+    """The Q/DQ ONNX of a network rewritten part by part (one image or pair per run) answering as the
+    network does, ``{"logits": ...}``: each image's detections as a dict, or the flows as one batch."""
+
+    def __init__(self, session, task) -> None:
+        self.session, self.answers = session, task.onnx_answers
+        self.names = [o.name for o in session.get_outputs()]
+
+    def __call__(self, batch: Tensor) -> dict:
+        answers = [
+            dict(
+                zip(
+                    self.names,
+                    map(torch.from_numpy, self.session.run(None, {"images": x.numpy()})),
+                    strict=True,
+                )
+            )
+            for x in batch.split(1)
+        ]
+        if self.answers == "detections":
+            return {LOGITS: answers}
+        return {LOGITS: torch.cat([a[self.names[0]] for a in answers])}
 
 
 def runner(directory: Path, backend: str) -> Callable[[Tensor], Tensor]:
     """``images -> logits`` of one backend (see module docstring)."""
-    if backend in FILES:
-        if not (directory / FILES[backend]).is_file():
-            raise UserError(f"{directory}: no {FILES[backend]}; export with --format {backend} first")
-        file = export_file(directory, FILES[backend])
-        if not _installed(RUNTIMES[backend]):
-            package = RUNTIMES[backend]
-            extra = EXTRAS[package]
-            raise UserError(f"--backend {backend} needs {package}: pip install 'cmtkd-graph[{extra}]'")
-        if backend == "openvino":
-            from cmtkd_graph.deploy import openvino_export
+    if backend == "openvino":
+        file = _backend_file(directory, backend)  # before the import: a missing runtime is one line
+        from cmtkd_graph.deploy import openvino_export
 
-            export_file(directory, file.with_suffix(".bin").name)  # the weights the .xml names
-            load = lambda: openvino_export.runner(openvino_export.compile_model(file))
-        else:
-            from cmtkd_graph.deploy.onnx_int8 import session as onnx_session
-
-            load = lambda: onnx_runner(onnx_session(file))
+        export_file(directory, file.with_suffix(".bin").name)  # the weights the .xml names
         try:
-            return load()
+            return openvino_export.runner(openvino_export.compile_model(file))
         except Exception as err:  # the runtimes report a damaged model file in many ways
-            problem = first_line(err)
-            raise UserError(f"{file}: {RUNTIMES[backend]} cannot load it ({problem}); export again") from None
+            raise _cannot_load(file, backend, err) from None
+    if backend in FILES:
+        return onnx_runner(_onnx_session(directory, backend))
     if backend == "integer":
         from cmtkd_graph.deploy.integer import integer_student
 
@@ -223,6 +243,32 @@ def runner(directory: Path, backend: str) -> Callable[[Tensor], Tensor]:
             return model(batch)
 
     return run
+
+
+def _backend_file(directory: Path, backend: str) -> Path:
+    """The checked file of an export's ``backend``, its runtime installed (else one line naming the fix)."""
+    if not (directory / FILES[backend]).is_file():
+        raise UserError(f"{directory}: no {FILES[backend]}; export with --format {backend} first")
+    file = export_file(directory, FILES[backend])
+    if not _installed(RUNTIMES[backend]):
+        package = RUNTIMES[backend]
+        raise UserError(f"--backend {backend} needs {package}: pip install 'cmtkd-graph[{EXTRAS[package]}]'")
+    return file
+
+
+def _onnx_session(directory: Path, backend: str):
+    """An onnxruntime session of the export's ``backend`` file (onnx or onnx-int8)."""
+    file = _backend_file(directory, backend)  # before the import: a missing runtime is one line
+    from cmtkd_graph.deploy.onnx_int8 import session
+
+    try:
+        return session(file)
+    except Exception as err:  # the runtimes report a damaged model file in many ways
+        raise _cannot_load(file, backend, err) from None
+
+
+def _cannot_load(file: Path, backend: str, err: Exception) -> UserError:
+    return UserError(f"{file}: {RUNTIMES[backend]} cannot load it ({first_line(err)}); export again")
 
 
 def onnx_runner(session) -> Callable[[Tensor], Tensor]:

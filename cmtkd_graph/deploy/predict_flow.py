@@ -2,7 +2,8 @@
 
 The images are taken two by two, each pair one sample (the first image's pixels moving to the second's,
 of one size); both are resized to the run's ``S x S`` input and scaled as its data was, the trained
-student (a run's or checkpoint's, as trained: the ``torch`` backend) estimates the flow, which is resized
+student (a run's, checkpoint's or export's, as trained: the ``torch`` backend, or the export's
+``student.onnx`` in onnxruntime: ``onnx``) estimates the flow, which is resized
 back to the images' own size with its components scaled by the same factors (``u`` by width / S, ``v`` by
 height / S). With ``draw``, each pair's flow is written there as a ``.flo`` file (Middlebury's format,
 what FlyingChairs and Sintel hold) and as a colour PNG (``torchvision.utils.flow_to_image``: hue the

@@ -1,11 +1,11 @@
 """``cmtkd-graph predict RUN IMAGE...`` for detection: boxes, classes and scores (masks, keypoints) per image.
 
 Each image is read whole and resized to the run's ``S x S`` input, as its training and evaluation data
-were; the trained student (``student.safetensors`` of a run or checkpoint directory, as trained: the
-``torch`` backend) detects, and its detections are scaled back to the image's own pixels (the same
-conversion ``eval`` scores, ``tasks.detection.detection_results``). With ``draw``, each image is written
-there as a PNG with its detections drawn (boxes with class and score, masks, keypoints) by
-``torchvision.utils``.
+were; the trained student (``student.safetensors`` of a run, checkpoint or export directory, as
+trained: the ``torch`` backend, or the export's ``student.onnx`` in onnxruntime: ``onnx``) detects,
+and its detections are scaled back to the image's own pixels (the same conversion ``eval`` scores,
+``tasks.detection.detection_results``). With ``draw``, each image is written there as a PNG with its
+detections drawn (boxes with class and score, masks, keypoints) by ``torchvision.utils``.
 """
 
 from __future__ import annotations

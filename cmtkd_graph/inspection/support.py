@@ -160,18 +160,12 @@ def compose_check(spec: Spec) -> DistillationSystem:
 
 
 PARTS_EXPORT = (
-    "Detection exports the torch and codes formats (`torch.export`, which the Q/DQ ONNX writer builds on, "
-    "does not trace torchvision's box logic); optical flow adds the Q/DQ ONNX, one pair per run; neither "
-    "writes the int8 formats, whose writers take one traced graph, while these networks run torchvision's "
-    "eager code between their rewritten parts"
+    "Detection and optical flow export the torch, codes and Q/DQ ONNX formats, the ONNX for one image (one "
+    "pair) per run (detectors traced by torch's TorchScript tracer, box logic included, at opset 20 with "
+    "8-bit types; RAFT by `torch.export`, its updates unrolled); neither writes the int8 formats, whose "
+    "writers take one traced graph, while these networks run torchvision's eager code between their "
+    "rewritten parts"
 )
-
-
-def _exports_whole(task: str) -> bool:
-    """Whether a task's networks, rewritten part by part, are traced whole for the Q/DQ ONNX."""
-    from cmtkd_graph.deploy.export import EXPORTS_WHOLE
-
-    return task in EXPORTS_WHOLE
 
 
 def int8_fact(spec: Spec) -> str:
@@ -187,8 +181,7 @@ def int8_fact(spec: Spec) -> str:
     if "export" in task.missing_verbs:
         return f"no: {spec.resolved_task} export not in this version yet"
     if task.system_builder is not None:
-        formats = "torch, codes and Q/DQ ONNX" if _exports_whole(spec.resolved_task) else "torch and codes"
-        return f"no: {formats} formats only (eager code between the parts)"
+        return "no: torch, codes and Q/DQ ONNX formats only (eager code between the parts)"
     torch.manual_seed(0)
     with torch.no_grad():
         try:
@@ -336,7 +329,7 @@ def task_table() -> str:
         covered += len(record.model_names())
         verbs = ["no" if verb in record.missing_verbs else "yes" for verb in ("inspect", "export", "predict")]
         if record.system_builder is not None and verbs[1] == "yes":  # rewritten part by part
-            verbs[1] = "torch, codes, onnx" if _exports_whole(task) else "torch, codes"
+            verbs[1] = "torch, codes, onnx"
         lines.append(f"| {title} | {len(record.model_names())} | yes | {' | '.join(verbs)} |")
     every = torchvision.models.list_models()
     others = [name for name in every if not any(name in TASKS.get(t).model_names() for t in TASK_TITLES)]

@@ -54,6 +54,12 @@ class Task:
     predictor: ClassVar[str | None] = None
     # the part whose nodes are the taps, for networks rewritten part by part (``models.parts``)
     tap_part: ClassVar[str | None] = None
+    # how ``export`` traces the student for the Q/DQ ONNX: "torch.export" (one program), or "torchscript",
+    # torch's older tracer, which records torchvision's box logic as one image runs it (detectors, which
+    # torch.export does not trace); and what the file answers: "logits", RAFT's last "flow", or the
+    # "detections" of its one image (deploy/onnx_export.py)
+    onnx_tracer: ClassVar[str] = "torch.export"
+    onnx_answers: ClassVar[str] = "logits"
     # verbs this version does not have for the task yet: verb -> what the user can do instead
     missing_verbs: ClassVar[dict[str, str]] = {}
     # the methods whose objective the task has (None: every method; their terms read samples)

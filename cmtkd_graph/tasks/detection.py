@@ -42,6 +42,8 @@ class Detection(Task):
     collects_objects = True
     system_builder = "cmtkd_graph.detection_system:build_detection_system"
     predictor = "cmtkd_graph.deploy.predict_objects:predict_objects"
+    onnx_tracer = "torchscript"
+    onnx_answers = "detections"
     tap_part = "backbone"
     metric_titles: ClassVar[dict[str, str]] = {"map": "mAP %", "ap50": "AP50 %", "ap75": "AP75 %"}
     methods = ("cmtkd", "single")

@@ -76,6 +76,7 @@ class OpticalFlow(Task):
     system_builder = "cmtkd_graph.flow_system:build_flow_system"
     tap_part = "feature_encoder"  # what CMT-KD composes: the encoder of both images
     predictor = "cmtkd_graph.deploy.predict_flow:predict_flow"
+    onnx_answers = "flow"
     methods = ("cmtkd", "single")
     methods_reason = "the flow objective is written for CMT-KD and the student alone: docs/tasks.md"
 
