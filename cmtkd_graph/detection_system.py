@@ -36,7 +36,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, fx, nn
-from torchvision.models.detection.roi_heads import keypoints_to_heatmap, project_masks_on_boxes
+from torchvision.models.detection.roi_heads import (
+    keypointrcnn_inference,
+    keypoints_to_heatmap,
+    maskrcnn_inference,
+    project_masks_on_boxes,
+)
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import boxes as box_ops
 
@@ -557,8 +562,9 @@ class DetectionSystem(SystemBase):
         every teacher's head outputs on its own maps fused by the fusion of their class outputs (its
         learned importance, or the mean), box deltas with the same weights (networks of one architecture
         share their anchors and box coding), decoded by teacher 0's box logic. An R-CNN's RPN outputs fuse
-        by the objectness fusion into one set of proposals, on which every teacher's box head runs; its
-        mask and keypoint heads are not fused (boxes only). None: no fusion, no combined teacher."""
+        by the objectness fusion into one set of proposals, on which every teacher's box head runs; on the
+        detections, every teacher's mask or keypoint branch runs and their logits fuse by that branch's
+        fusion (:func:`_combined_branch`). None: no fusion, no combined teacher."""
         fusion = self.teachers.get_submodule("fusion") if self.teachers is not None else None
         if fusion is None or not hasattr(fusion, OUTPUT_FUSION):
             return None
@@ -588,6 +594,9 @@ class DetectionSystem(SystemBase):
             fuse(*classes), fuse(*boxes), proposals, image_list.image_sizes
         )
         results = [{"boxes": b, "scores": s, "labels": c} for b, s, c in zip(*found, strict=True)]
+        for name, branch in ROI_BRANCHES.items():
+            if branch in first.heads and hasattr(fusion, name):
+                _combined_branch(results, branch, fusion.get_submodule(name), teachers, each_maps, image_list)
         return first.transform.postprocess(results, image_list.image_sizes, sizes)
 
     def _teacher_maps(self, tensors: Tensor) -> tuple[list[OrderedDict], dict[str, Tensor]]:
@@ -642,6 +651,30 @@ class DetectionSystem(SystemBase):
         terms["kl_student"] = torch.stack(student_sum).sum() if student_sum else zero
         terms["kl_teacher"] = torch.stack(teacher_sum).sum() if teacher_sum else zero
         return terms["kl_student"] + terms["kl_teacher"]
+
+
+def _combined_branch(
+    results: list[dict], branch: str, fuse: nn.Module, teachers: list, each_maps: list, image_list
+) -> None:
+    """The combined teacher's masks or keypoints, added to its ``results``: every teacher's ``branch``
+    (mask or keypoint RoI pooling, head and predictor) on the combined detections' boxes, the logits fused
+    by ``fuse`` (the fusion mutual learning trains on these logits), read as torchvision's R-CNNs read
+    their own (``maskrcnn_inference``: each box's class channel; ``keypointrcnn_inference``)."""
+    boxes = [r["boxes"] for r in results]
+    logits = []
+    for teacher, maps in zip(teachers, each_maps, strict=True):
+        heads = teacher.roi_heads
+        pooled = getattr(heads, f"{branch}_roi_pool")(maps, boxes, image_list.image_sizes)
+        logits.append(getattr(heads, f"{branch}_predictor")(getattr(heads, f"{branch}_head")(pooled)))
+    fused = fuse(*logits)
+    if branch == "mask":
+        probabilities = maskrcnn_inference(fused, [r["labels"] for r in results])
+        for result, p in zip(results, probabilities, strict=True):
+            result["masks"] = p
+        return
+    points, scores = keypointrcnn_inference(fused, boxes)
+    for result, p, s in zip(results, points, scores, strict=True):
+        result["keypoints"], result["keypoints_scores"] = p, s
 
 
 FUSION_OF = {"classes": OUTPUT_FUSION, OBJECTNESS: OBJECTNESS, MASKS: MASKS, KEYPOINTS: KEYPOINTS}

@@ -337,18 +337,31 @@ def test_a_w2a2_faster_rcnn_with_two_teachers_trains_every_part():
     assert {"boxes", "labels", "scores"} <= set(found.student_logits[0])
 
 
-@pytest.mark.parametrize("arch", [QUICK, "ssdlite320_mobilenet_v3_large"])
+FUSED = {
+    QUICK: ["output", "objectness"],
+    "ssdlite320_mobilenet_v3_large": ["output"],
+    "maskrcnn_resnet50_fpn": ["output", "objectness", "masks"],
+    "keypointrcnn_resnet50_fpn": ["output", "objectness", "keypoints"],
+}
+
+
+@pytest.mark.parametrize("arch", list(FUSED))
 def test_the_combined_teacher_detects_with_the_teachers_fused_outputs(arch):
     """eval's combined teacher: every teacher's head outputs fused by the output fusions' weights, decoded
     by the teachers' box logic. With all of a fusion's weight on one teacher it detects what that teacher
-    detects (R-CNN: the RPN's outputs and the box head's; SSD: the dense head's), with even weights
-    something else."""
+    detects (R-CNN: the RPN's outputs and the box head's, and the mask or keypoint branch's on the
+    detections; SSD: the dense head's), with even weights something else."""
     torch.manual_seed(0)
     system = build_detection_system(det_spec(arch, bits=8), device="cpu", load=False).eval()
+    if arch in ("maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn"):  # the heads on 100 boxes: minutes
+        for network in [system.student, *system.teacher_networks]:
+            network.roi_heads.detections_per_img = 2
+            network.rpn._pre_nms_top_n["testing"] = network.rpn._post_nms_top_n["testing"] = 50
     images = torch.rand(2, 3, SIZE, SIZE)
     fusion = system.teachers.get_submodule("fusion")
-    names = [n for n in ("output", "objectness") if hasattr(fusion, n)]
-    assert names == (["output", "objectness"] if arch == QUICK else ["output"])
+    names = [n for n in ("output", "objectness", "masks", "keypoints") if hasattr(fusion, n)]
+    assert names == FUSED[arch]
+    branch = {"masks": ["masks"], "keypoints": ["keypoints", "keypoints_scores"]}.get(names[-1], [])
     for k in (0, 1):
         with torch.no_grad():
             for name in names:
@@ -359,6 +372,8 @@ def test_the_combined_teacher_detects_with_the_teachers_fused_outputs(arch):
             assert torch.equal(combined["labels"], own["labels"])
             torch.testing.assert_close(combined["boxes"], own["boxes"], rtol=1e-5, atol=1e-4)
             torch.testing.assert_close(combined["scores"], own["scores"], rtol=1e-5, atol=1e-5)
+            for key in branch:  # the branch's logits fused on the same boxes: the teacher's own reading
+                torch.testing.assert_close(combined[key], own[key], rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         for name in names:
             fusion.get_submodule(name).logits.zero_()
