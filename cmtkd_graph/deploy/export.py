@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -243,16 +244,17 @@ def _onnx(
     except RuntimeError as err:  # torch.onnx.OnnxExporterError, and the TorchScript tracer's own errors
         # e.g. torch 2.5's exporter cannot translate BatchNorm with today's onnxscript: the other
         # formats are still written; the tested pair is in constraints.txt
-        problem = first_line(err)
-        return {
-            "file": None,
-            "skipped": f"torch {torch.__version__}'s ONNX exporter failed ({problem}); the ONNX export is "
-            "tested with the versions in constraints.txt",
-        }
+        problem = (
+            f"torch {torch.__version__}'s ONNX exporter failed ({first_line(err)}); the ONNX export is "
+            "tested with the versions in constraints.txt"
+        )
+        if required:
+            raise UserError(f"onnx export: {problem}") from None
+        return {"file": None, "skipped": problem}
     except UserError as err:  # e.g. onnxruntime loads the file at none of the opsets
         if required:
             raise
-        return {"file": None, "skipped": str(err).removeprefix("onnx export: ")}
+        return {"file": None, "skipped": re.sub(r"(?i)^onnx export: ", "", str(err))}
 
 
 EXTRAS = {"onnx-int8": "export", "openvino": "openvino"}  # format -> the extra that installs it

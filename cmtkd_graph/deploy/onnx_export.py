@@ -394,7 +394,7 @@ def check_onnx(path: Path, network: nn.Module, images: Tensor, *, answers: str =
         return _check_detections(session, network, images)
     fixed = session.get_inputs()[0].shape[0] == 1
     batches = images.split(1) if fixed else (images,)
-    got = np.concatenate([session.run(None, {"images": b.numpy()})[0] for b in batches])
+    got = np.concatenate([_run(session, b)[0] for b in batches])
     with torch.no_grad():
         expected = network(images).numpy()
     tolerance = TOLERANCE * max(1.0, float(np.abs(expected).max()))
@@ -412,6 +412,18 @@ def check_onnx(path: Path, network: nn.Module, images: Tensor, *, answers: str =
     }
 
 
+def _run(session: ort.InferenceSession, images: Tensor) -> list[np.ndarray]:
+    """The file's outputs on ``images``; onnxruntime failing to run it (a traced graph that does not hold
+    for another input) is one line."""
+    try:
+        return session.run(None, {"images": images.numpy()})
+    except _REFUSALS as err:
+        problem = str(err).strip().splitlines()[0][-200:]
+        raise UserError(
+            f"onnx export: onnxruntime cannot run the written file on a check image ({problem})"
+        ) from None
+
+
 MATCH_IOU = 0.5
 """Two detections are the same where their classes are and their boxes overlap by this IoU (COCO's AP50)."""
 
@@ -425,7 +437,7 @@ def _check_detections(session: ort.InferenceSession, network: nn.Module, images:
     counts = [0, 0]  # PyTorch's detections, onnxruntime's
     largest = 0.0
     for image in images.split(1):
-        got = dict(zip(names, session.run(None, {"images": image.numpy()}), strict=True))
+        got = dict(zip(names, _run(session, image), strict=True))
         with torch.no_grad():
             expected = dict(zip(names, (t.numpy() for t in network(image)), strict=True))
         within += all(_same_output(k, got[k], expected[k]) for k in names)
