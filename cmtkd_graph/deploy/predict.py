@@ -203,19 +203,14 @@ class _OnnxParts:
         self.names = [o.name for o in session.get_outputs()]
 
     def __call__(self, batch: Tensor) -> dict:
-        answers = [
-            dict(
-                zip(
-                    self.names,
-                    map(torch.from_numpy, self.session.run(None, {"images": x.numpy()})),
-                    strict=True,
-                )
-            )
-            for x in batch.split(1)
-        ]
+        answers = [self._outputs(x) for x in batch.split(1)]
         if self.answers == "detections":
             return {LOGITS: answers}
         return {LOGITS: torch.cat([a[self.names[0]] for a in answers])}
+
+    def _outputs(self, one: Tensor) -> dict[str, Tensor]:
+        outputs = self.session.run(None, {"images": one.numpy()})
+        return {name: torch.from_numpy(value) for name, value in zip(self.names, outputs, strict=True)}
 
 
 def runner(directory: Path, backend: str) -> Callable[[Tensor], Tensor]:
