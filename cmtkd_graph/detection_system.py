@@ -322,12 +322,19 @@ class DetectorNetwork(nn.Module):
         shared = {OBJECTNESS: objectness.flatten(), "classes": classes}
         for name, branch in ROI_BRANCHES.items():  # its mask / keypoint head on the student's positives
             if name in student.logits:
-                pooled = getattr(heads, f"{branch}_roi_pool")(maps, student.positives, image_list.image_sizes)
-                head = getattr(heads, f"{branch}_head")
-                with _frozen_statistics(head):
-                    out = getattr(heads, f"{branch}_predictor")(head(pooled))
+                out = self.branch_logits(branch, maps, student.positives, image_list.image_sizes)
                 shared[name] = roi_samples(name, out, student.positive_classes)
         return shared
+
+    def branch_logits(self, branch: str, maps: OrderedDict, boxes: list[Tensor], image_sizes) -> Tensor:
+        """The ``branch`` ("mask" or "keypoint") RoI head's logits on ``boxes``: its RoI pooling, head and
+        predictor, the head's normalisation on its running statistics (in training, its own losses' step
+        updated them)."""
+        heads = self.roi_heads
+        pooled = getattr(heads, f"{branch}_roi_pool")(maps, boxes, image_sizes)
+        head = getattr(heads, f"{branch}_head")
+        with _frozen_statistics(head):
+            return getattr(heads, f"{branch}_predictor")(head(pooled))
 
 
 @contextlib.contextmanager
@@ -661,12 +668,12 @@ def _combined_branch(
     by ``fuse`` (the fusion mutual learning trains on these logits), read as torchvision's R-CNNs read
     their own (``maskrcnn_inference``: each box's class channel; ``keypointrcnn_inference``)."""
     boxes = [r["boxes"] for r in results]
-    logits = []
-    for teacher, maps in zip(teachers, each_maps, strict=True):
-        heads = teacher.roi_heads
-        pooled = getattr(heads, f"{branch}_roi_pool")(maps, boxes, image_list.image_sizes)
-        logits.append(getattr(heads, f"{branch}_predictor")(getattr(heads, f"{branch}_head")(pooled)))
-    fused = fuse(*logits)
+    fused = fuse(
+        *(
+            teacher.branch_logits(branch, maps, boxes, image_list.image_sizes)
+            for teacher, maps in zip(teachers, each_maps, strict=True)
+        )
+    )
     if branch == "mask":
         probabilities = maskrcnn_inference(fused, [r["labels"] for r in results])
         for result, p in zip(results, probabilities, strict=True):

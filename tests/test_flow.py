@@ -314,7 +314,7 @@ def test_the_flow_quickstart_trains_resumes_and_evaluates(tmp_path, capsys, fash
     assert macs["feature_encoder.convnormrelu.0"] == 2 * (64 * 64 * 32) * (3 * 7 * 7)  # both images
     assert macs["update_block.flow_head.conv2"] == 2 * (16 * 16 * 2) * (128 * 3 * 3)  # two updates
     assert "update_block x2" in manifest["cost"]["note"]
-    _the_onnx_computes_the_students_flow(tmp_path / "exported", manifest, load_student(run))
+    _the_onnx_computes_the_students_flow(tmp_path / "exported", manifest)
     assert main(["export", str(run), "--out", str(tmp_path / "x"), "--format", "onnx-int8", "--force"]) == 2
     assert "error: onnx-int8 export: not for flow students" in capsys.readouterr().err
 
@@ -346,7 +346,7 @@ def test_the_flow_quickstart_trains_resumes_and_evaluates(tmp_path, capsys, fash
     assert "1 image(s) is not a number of pairs" in capsys.readouterr().err
 
 
-def _the_onnx_computes_the_students_flow(exported: Path, manifest: dict, student: torch.nn.Module) -> None:
+def _the_onnx_computes_the_students_flow(exported: Path, manifest: dict) -> None:
     """The Q/DQ ONNX takes one pair and answers the last flow: every layer's weights are DequantizeLinear
     of their integers; on pairs, onnxruntime's flow is the student's up to activations that round to a
     neighbouring level (sums in another order), which W2A2 RAFT's updates carry on."""

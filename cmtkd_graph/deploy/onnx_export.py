@@ -249,7 +249,7 @@ def export_onnx(
         try:  # a refusal is reported in the summary, not on the console
             ort.InferenceSession(model.SerializeToString(), _quiet(), providers=["CPUExecutionProvider"])
         except _REFUSALS as err:
-            refused.append(f"onnxruntime refused opset {opset}: {str(err).strip().splitlines()[0][-160:]}")
+            refused.append(f"onnxruntime refused opset {opset}: {_ort_problem(err, 160)}")
             continue
         break
     else:
@@ -257,7 +257,8 @@ def export_onnx(
     for record, choice in zip(records, choices, strict=True):
         record["onnx"] = choice
     onnx.save(model, str(path))
-    check = check_onnx(path, _answering(student, answers, sample[:1]), sample, answers=answers)
+    written_keys = [o.name for o in model.graph.output]
+    check = check_onnx(path, _answering(student, answers, written_keys), sample, answers=answers)
     if check["images_within_tolerance"] < CHECK_IMAGES:
         log.warning(
             f"{path}: {CHECK_IMAGES - check['images_within_tolerance']} of {CHECK_IMAGES} check images "
@@ -315,7 +316,8 @@ def _onnx_model(
             choice["inputs"].append({"quantizer": a.quantizer, "type": plan["type"], "why": plan["why"]})
         choices.append(choice)
     with _active(plans, eager), warnings.catch_warnings():
-        network = _answering(form, answers, sample[:1])
+        keys = _detection_keys(form, sample[:1]) if answers == "detections" else []
+        network = _answering(form, answers, keys)
         if tracer == "torchscript":
             model = _traced_by_torchscript(network, sample, opset)
         else:
@@ -370,13 +372,17 @@ def _output_names(network: nn.Module) -> list[str]:
     return list(network.keys) if isinstance(network, _FirstImageDetections) else ["logits"]
 
 
-def _answering(network: nn.Module, answers: str, example: Tensor) -> nn.Module:
-    """``network`` as the ONNX file answers (see :func:`export_onnx`), in eval mode; ``example``: one
-    input, on which a detector's output keys are read."""
+def _detection_keys(network: nn.Module, example: Tensor) -> list[str]:
+    """What a detector answers for each image (boxes, labels, scores, masks...), read on one ``example``."""
+    with torch.no_grad():
+        return list(network.eval()(example)[LOGITS][0])
+
+
+def _answering(network: nn.Module, answers: str, keys: list[str]) -> nn.Module:
+    """``network`` as the ONNX file answers (see :func:`export_onnx`), in eval mode; ``keys``: a
+    detector's outputs, in the file's order."""
     network = network.eval()
     if answers == "detections":
-        with torch.no_grad():
-            keys = list(network(example)[LOGITS][0])
         return _FirstImageDetections(network, keys).eval()
     if not isinstance(network, fx.GraphModule):  # rewritten part by part: it answers a dict
         return _LogitsOnly(network).eval()
@@ -418,10 +424,15 @@ def _run(session: ort.InferenceSession, images: Tensor) -> list[np.ndarray]:
     try:
         return session.run(None, {"images": images.numpy()})
     except _REFUSALS as err:
-        problem = str(err).strip().splitlines()[0][-200:]
+        problem = _ort_problem(err, 200)
         raise UserError(
             f"onnx export: onnxruntime cannot run the written file on a check image ({problem})"
         ) from None
+
+
+def _ort_problem(err: Exception, limit: int) -> str:
+    """The end of onnxruntime's first line of an error (its start is the status code, its end the cause)."""
+    return str(err).strip().splitlines()[0][-limit:]
 
 
 MATCH_IOU = 0.5
