@@ -175,7 +175,7 @@ def interleaved_best(kernels: dict, repeat: int, calls: int = 5) -> dict[str, fl
     return best
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bits", default="W2A2,W1A2,W1A1", help="weight and activation bits, e.g. W2A2,W1A1")
     parser.add_argument("--sizes", default="32,224", help="image sizes: 32 (CIFAR stem), 224 (ImageNet stem)")
@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--march", default="native", help="the compiler's -march (x86-64-v3: AVX2 only)")
     parser.add_argument("--smoke", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     configs = []
     for item in args.bits.split(","):
         w, _, a = item.upper().removeprefix("W").partition("A")

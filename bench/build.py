@@ -36,12 +36,12 @@ def spec_for(arch: str) -> cg.Spec:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", help="comma-separated builders (default: all classifiers)")
     parser.add_argument("--top", type=int, default=8, help="how many of the slowest to list")
     parser.add_argument("--repeat", type=int, default=2, help="builds per model; the best counts")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     names = (
         args.models.split(",") if args.models else torchvision.models.list_models(module=torchvision.models)
     )

@@ -269,7 +269,7 @@ def bench_model(name: str, run: Path, spec: Spec, args, work: Path) -> None:
                 print(f"  {backend:11s} {k} on {len(images)} real images: {line}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument(
@@ -283,7 +283,7 @@ def main() -> None:
     parser.add_argument("--images", help="an image folder (e.g. data/cifar10/test) for the agreement")
     parser.add_argument("--limit", type=int, default=1000, help="at most this many real images")
     parser.add_argument("--smoke", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     unknown = set(args.backends) - set(BACKENDS)
     if unknown:
         parser.error(f"--backends: {', '.join(sorted(unknown))} not among {', '.join(BACKENDS)}")

@@ -320,7 +320,7 @@ def variants_table(batch: int, repeat: int, smoke: bool, compile_too: bool) -> N
         )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
@@ -330,7 +330,7 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true", help="(a) in the channels_last layout")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="which shapes (c) times")
     parser.add_argument("--models", default=",".join(MODELS_A), help="which models (a) compares")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     unknown = set(args.models.split(",")) - set(MODELS_A)
     if unknown:
         parser.error(f"--models: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODELS_A)}")

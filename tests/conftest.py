@@ -263,26 +263,25 @@ def launch_two_machines(
     return results
 
 
-IN_PROCESS_VERBS = frozenset({"validate", "schema", "taps", "models", "inspect", "eval", "export", "predict"})
-"""The verbs :func:`run_cli` runs in the test's own process (and ``study`` with ``--dry-run`` or
-``--report``): they train nothing and load no plugin, and a fresh interpreter would only add the ~5 s
-of importing torch and torchvision (tests that are about processes, entry points or plugins start
-their own)."""
+IN_PROCESS_VERBS = frozenset(
+    {"validate", "schema", "taps", "models", "inspect", "eval", "export", "predict", "train", "study"}
+)
+"""The verbs :func:`run_cli` runs in the test's own process: a fresh interpreter would only add the ~6 s
+of importing torch and torchvision (``train`` and a study's driver included: a study's runs are
+processes of their own all the same). Tests that are about processes, signals, entry points or plugins
+start their own (:func:`run_module`), and so does anything after ``--plugin`` or ``data``."""
 
 
 def _runs_in_this_process(args: tuple[str, ...]) -> bool:
-    if not args:
-        return False
-    only_reads = not {"--dry-run", "--report"}.isdisjoint(args)
-    return args[0] in IN_PROCESS_VERBS or (args[0] == "study" and only_reads)
+    return bool(args) and args[0] in IN_PROCESS_VERBS
 
 
 def run_cli(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """``cmtkd-graph ARGS`` run from ``cwd``: its exit status, stdout and stderr.
 
     The verbs of :data:`IN_PROCESS_VERBS` run through ``cmtkd_graph.cli.main`` here, with stdout and
-    stderr captured and accelerate's state fresh before and after (as in a new process); ``train``,
-    ``study`` runs, ``data`` and anything after ``--plugin`` run in a fresh process (``timeout``)."""
+    stderr captured and accelerate's state fresh before and after (as in a new process); ``data`` and
+    anything after ``--plugin`` run in a fresh process (``timeout``)."""
     if not _runs_in_this_process(args):
         return run_module(list(args), cwd=cwd, module="cmtkd_graph", timeout=timeout)
     status, out, err = _cli_in_this_process(cwd, list(args))
@@ -297,17 +296,23 @@ def cli(cwd: Path, *args: str) -> str:
 
 
 def _cli_in_this_process(cwd: Path, argv: list[str]) -> tuple[int, str, str]:
-    """``main(argv)`` as a fresh process would run it: accelerate's state, the tool's logger (no handler
-    of an earlier in-process run; warnings to this run's stderr, as Python's last resort prints them)
-    and torch's thread count as they were before, afterwards; an exit (argparse) is its status."""
+    """``cmtkd_graph.cli.main(argv)`` as a fresh process would run it (see :func:`in_this_process`)."""
+    from cmtkd_graph.cli import main
+
+    return in_this_process(cwd, lambda: main(argv))
+
+
+def in_this_process(cwd: Path, command) -> tuple[int, str, str]:
+    """``command()`` (a command line's ``main``) as a fresh process would run it, from ``cwd``: its exit
+    status, stdout and stderr. Accelerate's state, the tool's logger (no handler of an earlier in-process
+    run; warnings to this run's stderr, as Python's last resort prints them) and torch's thread count are
+    as they were before, afterwards; an exit (argparse, ``sys.exit``) is its status."""
     import contextlib
     import io
     import logging
 
     import torch
     from accelerate.state import AcceleratorState, GradientState
-
-    from cmtkd_graph.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     log = logging.getLogger("cmtkd_graph")
@@ -324,8 +329,10 @@ def _cli_in_this_process(cwd: Path, argv: list[str]) -> tuple[int, str, str]:
     try:
         with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                status = main(argv)
+                status = command() or 0
             except SystemExit as exit_:
+                if isinstance(exit_.code, str):  # sys.exit("error: ...") prints it
+                    err.write(exit_.code + "\n")
                 status = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
     finally:
         AcceleratorState._reset_state(True)

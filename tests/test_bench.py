@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import importlib
 import re
+import subprocess
 
-from .conftest import REPO, run_module
+from .conftest import REPO, in_this_process, run_module
 
 
-def test_step_bench_smoke(tmp_path):
-    result = run_module(
-        ["--smoke"], cwd=REPO, module="bench.step", env={"CMTKD_GRAPH_CACHE_DIR": str(tmp_path)}
-    )
+def bench(name: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m bench.NAME ARGS``, run in this process (the memory bench, which reads its own
+    process's peak, starts one of its own)."""
+    main = importlib.import_module(f"bench.{name}").main
+    status, out, err = in_this_process(REPO, lambda: main(list(args)))
+    return subprocess.CompletedProcess(["python", "-m", f"bench.{name}", *args], status, out, err)
+
+
+def test_step_bench_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("CMTKD_GRAPH_CACHE_DIR", str(tmp_path))
+    result = bench("step", "--smoke")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert out.startswith("CPU: ")
@@ -22,7 +31,7 @@ def test_step_bench_smoke(tmp_path):
 
 
 def test_build_bench_on_one_model():
-    result = run_module(["--models", "alexnet", "--repeat", "1"], cwd=REPO, module="bench.build")
+    result = bench("build", "--models", "alexnet", "--repeat", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"built 1 systems \(student \+ 3 composed teachers, meta device\) in \d", result.stdout)
 
@@ -36,9 +45,7 @@ def test_memory_bench_smoke():
 
 
 def test_deploy_bench_smoke(cifar10_jpeg):
-    result = run_module(
-        ["--smoke", "--images", str(cifar10_jpeg / "test"), "--limit", "20"], cwd=REPO, module="bench.deploy"
-    )
+    result = bench("deploy", "--smoke", "--images", str(cifar10_jpeg / "test"), "--limit", "20")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert out.startswith("CPU: ")
@@ -57,11 +64,11 @@ def test_deploy_bench_smoke(cifar10_jpeg):
 
 
 def test_deploy_bench_times_only_the_backends_asked_for():
-    result = run_module(["--smoke", "--backends", "PyTorch"], cwd=REPO, module="bench.deploy")
+    result = bench("deploy", "--smoke", "--backends", "PyTorch")
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"PyTorch +batch +1: float \d+\.\d ms; ", result.stdout), result.stdout
     assert "onnxruntime" not in result.stdout and "OpenVINO" not in result.stdout, result.stdout
-    wrong = run_module(["--smoke", "--backends", "PyTorch,tensorrt"], cwd=REPO, module="bench.deploy")
+    wrong = bench("deploy", "--smoke", "--backends", "PyTorch,tensorrt")
     assert wrong.returncode == 2 and "--backends: tensorrt not among" in wrong.stderr, wrong.stderr[-2000:]
 
 
@@ -69,7 +76,7 @@ def test_bitserial_bench_is_exact_on_every_kernel_variant():
     """W2A2, W1A2 and W1A1 on a 64-channel layer, a channel tail (96 = 64 + 32) with 40 output channels
     at stride 2, and a 1x1 stride-2 layer: the bench exits with an error unless the bit-serial kernel
     equals the float64 convolution of the same integers and oneDNN's int8 layer with the same epilogue."""
-    result = run_module(["--smoke"], cwd=REPO, module="bench.bitserial")
+    result = bench("bitserial", "--smoke")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert out.startswith("CPU: ") and "bit-serial kernel compiled with -march=native: " in out
@@ -77,14 +84,14 @@ def test_bitserial_bench_is_exact_on_every_kernel_variant():
         assert f"resnet18 32x32, {bits}, batch 1" in out, out
     assert len(re.findall(r" exact +\d+ +\d+ +\d+ +bit-serial x\d+\.\d\d of int8", out)) == 9, out
     assert len(re.findall(r"all 3 convolutions: bit-serial \d+\.\d\d ms, oneDNN int8 \d+\.\d\d ms", out)) == 3
-    wrong = run_module(["--smoke", "--bits", "W4A4"], cwd=REPO, module="bench.bitserial")
+    wrong = bench("bitserial", "--smoke", "--bits", "W4A4")
     assert wrong.returncode == 2 and "1 or 2 bit planes each" in wrong.stderr, wrong.stderr[-2000:]
 
 
 def test_rounding_bench_compares_the_two_layouts_of_each_network():
     """Float, W8A8 and W2A2 resnet18 in NCHW and channels_last: a loss, a gradient difference and four
     stages each; the float network's stages agree to rounding, and only the quantized ones have codes."""
-    result = run_module(["--smoke"], cwd=REPO, module="bench.rounding")
+    result = bench("rounding", "--smoke")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert out.startswith("CPU: ")

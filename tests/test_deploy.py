@@ -39,7 +39,7 @@ from cmtkd_graph.deploy.predict import format_predictions, predict
 from cmtkd_graph.deploy.student import build_student
 from cmtkd_graph.evaluation.run import evaluate_run
 
-from .conftest import launch_two_processes, run_cli, run_module
+from .conftest import launch_two_processes, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def trained_run(tmp_path_factory, cifar10_jpeg) -> Path:
     tmp = tmp_path_factory.mktemp("deploy")
     spec = tmp / "spec.yaml"
     spec.write_text(spec_text(cifar10_jpeg, tmp / "run"))
-    result = run_module([str(spec)], cwd=tmp)
+    result = run_cli(tmp, "train", str(spec))
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp / "run"
 

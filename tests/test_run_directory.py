@@ -22,7 +22,7 @@ from cmtkd_graph import cli
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.run_directory import LOCK_FILE, RunDirectoryBusy, RunLock, take, take_auto, take_new
 
-from .conftest import run_module
+from .conftest import run_cli, run_module
 
 
 def main_lines(argv: list[str], capsys) -> tuple[int, list[str]]:
@@ -220,7 +220,7 @@ def test_two_processes_on_one_run_directory_one_trains_the_other_is_told_who(tmp
 def checkpointed_run(tmp_path_factory, fashion_mnist) -> Path:
     """A finished tiny run with its checkpoint (one step), to damage copies of."""
     tmp = tmp_path_factory.mktemp("checkpointed")
-    result = run_module([*tiny(tmp / "run", "train.max_steps=1")], cwd=tmp)
+    result = run_cli(tmp, "train", *tiny(tmp / "run", "train.max_steps=1"))
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp / "run"
 

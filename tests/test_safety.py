@@ -17,7 +17,7 @@ import torch
 import cmtkd_graph as cg
 from cmtkd_graph.errors import UserError
 
-from .conftest import run_module
+from .conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,16 +63,10 @@ def test_a_malicious_checkpoint_is_refused_by_eval_export_and_load_student(tmp_p
     run.mkdir()
     (run / "spec.yaml").write_text(cg.dump_spec(cg.load_spec("quickstart")))
     evil = evil_torch_file(tmp_path / "evil.pt", marker)
-    line = one_error_line(
-        run_module(["eval", str(run), "--checkpoint", str(evil)], cwd=tmp_path, module="cmtkd_graph")
-    )
+    line = one_error_line(run_cli(tmp_path, "eval", str(run), "--checkpoint", str(evil)))
     assert "refused" in line and "evil.pt" in line
     line = one_error_line(
-        run_module(
-            ["export", str(run), "--out", str(tmp_path / "x"), "--checkpoint", str(evil)],
-            cwd=tmp_path,
-            module="cmtkd_graph",
-        )
+        run_cli(tmp_path, "export", str(run), "--out", str(tmp_path / "x"), "--checkpoint", str(evil))
     )
     assert "refused" in line
     # a pickle posing as the final student (safetensors) is not a safetensors file
@@ -84,10 +78,7 @@ def test_a_malicious_checkpoint_is_refused_by_eval_export_and_load_student(tmp_p
 
 def test_malicious_initial_weights_are_refused(tmp_path, marker, fashion_mnist):
     evil = evil_torch_file(tmp_path / "evil.pt", marker)
-    result = run_module(
-        small_quickstart(tmp_path, f"student.weights={evil}"),
-        cwd=tmp_path,
-    )
+    result = run_cli(tmp_path, "train", *small_quickstart(tmp_path, f"student.weights={evil}"))
     line = one_error_line(result)
     assert "weights" in line and "refused" in line and ".open" in line
     assert not marker.exists() and not (tmp_path / "run").exists()
@@ -108,20 +99,9 @@ def test_a_malicious_cifar_batch_is_refused(tmp_path, marker):
         pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}, protocol=2)
     )
     (folder / "data_batch_1").write_bytes(pickle.dumps({**good, "data": Payload(marker)}, protocol=2))
-    result = run_module(
-        [
-            "quickstart",
-            "--set",
-            "data.dataset=cifar10",
-            "--set",
-            f"data.root={tmp_path}",
-            "--set",
-            "data.image_size=32",
-            "--set",
-            f"train.output_dir={tmp_path / 'run'}",
-        ],
-        cwd=tmp_path,
-    )
+    overrides = ["data.dataset=cifar10", f"data.root={tmp_path}", "data.image_size=32"]
+    overrides.append(f"train.output_dir={tmp_path / 'run'}")
+    result = run_cli(tmp_path, "train", "quickstart", *[a for o in overrides for a in ("--set", o)])
     line = one_error_line(result)
     assert "precision auto" not in result.stderr  # the data is checked before any probing
     assert "data_batch_1" in line and "refused" in line and ".open" in line
@@ -138,13 +118,13 @@ def test_resume_refuses_a_malicious_optimizer_state_and_checkpoints_hold_no_cust
     tmp_path, marker, fashion_mnist
 ):
     args = small_quickstart(tmp_path, "train.epochs=1", "train.progress_bar=false")
-    assert run_module(args, cwd=tmp_path).returncode == 0
+    assert run_cli(tmp_path, "train", *args).returncode == 0
     (checkpoint,) = (tmp_path / "run" / "checkpoints").glob("step-*")
     assert not list(checkpoint.glob("custom_checkpoint_*"))  # the scheduler state is JSON now
     assert "scheduler" in (checkpoint / "trainer_state.json").read_text()
     evil_torch_file(checkpoint / "optimizer.bin", marker)
     line = one_error_line(
-        run_module(["--resume", str(tmp_path / "run"), "--set", "train.epochs=2"], cwd=tmp_path)
+        run_cli(tmp_path, "train", "--resume", str(tmp_path / "run"), "--set", "train.epochs=2")
     )
     assert "--resume" in line and "refused" in line and ".open" in line
     assert not marker.exists()

@@ -41,32 +41,35 @@ def sets(*items: str) -> list[str]:
     return [arg for item in items for arg in ("--set", item)]
 
 
-def train(tmp_path: Path, *extra: str, run: str = "run", resume: Path | None = None, env=None):
+def train(tmp_path: Path, *extra: str, run: str = "run", resume: Path | None = None):
+    """``cmtkd-graph train quickstart`` with :data:`SMALL` and ``extra``: in this process (pytest's
+    imports already paid), or a resumption in a new process, as a restarted job is."""
     args = ["quickstart", *sets(*SMALL, f"train.output_dir={tmp_path / run}", *extra)]
     if resume is not None:
-        args += ["--resume", str(resume)]
-    result = run_module(args, cwd=tmp_path, env=env)
+        result = run_module([*args, "--resume", str(resume)], cwd=tmp_path)
+    else:
+        result = run_cli(tmp_path, "train", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp_path / run, result
 
 
 def train_here(tmp_path: Path, *extra: str, run: str = "run") -> Path:
-    """``train`` in this process (pytest's imports already paid); resumptions still get a new process."""
+    """``train`` in this process through the Python API (``cmtkd_graph.train.run``)."""
     from cmtkd_graph.train import run as run_training
 
     return run_training("quickstart", [*SMALL, f"train.output_dir={tmp_path / run}", *extra])
 
 
-def test_short_run_learns_and_writes_every_artefact(tmp_path, fashion_mnist):
+def test_short_run_learns_and_writes_every_artefact(tmp_path, fashion_mnist, monkeypatch):
     # 48 steps: after 24 the eval accuracy still depends on the seed and on float rounding (8-31 %)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # a real local MLflow store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     run_dir, result = train(
         tmp_path,
         "train.epochs=3",
         "data.train_subset=512",
         "train.tensorboard=true",
         "train.log_with=[mlflow]",
-        env={"MLFLOW_TRACKING_URI": store},
     )
     records = read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in records if r["kind"] == "train"]
@@ -420,12 +423,11 @@ def test_two_machines_train_one_model_with_the_precision_auto_chose(
 
 
 def test_a_non_finite_loss_stops_with_a_clear_message(tmp_path, fashion_mnist):
-    result = run_module(
-        [
-            "quickstart",
-            *sets(*SMALL, "optim.lr=1e30", "train.epochs=2", f"train.output_dir={tmp_path / 'nan'}"),
-        ],
-        cwd=tmp_path,
+    result = run_cli(
+        tmp_path,
+        "train",
+        "quickstart",
+        *sets(*SMALL, "optim.lr=1e30", "train.epochs=2", f"train.output_dir={tmp_path / 'nan'}"),
     )
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
@@ -510,10 +512,8 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_run_directory(tmp_path
     """Missing data, twice: no runs/NAME, runs/NAME-1... left behind, one clear line each time."""
     out = tmp_path / "runs" / "quickstart"
     for _ in range(2):
-        result = run_module(
-            ["quickstart", *sets(f"data.root={tmp_path / 'no-data'}", f"train.output_dir={out}")],
-            cwd=tmp_path,
-        )
+        missing = sets(f"data.root={tmp_path / 'no-data'}", f"train.output_dir={out}")
+        result = run_cli(tmp_path, "train", "quickstart", *missing)
         assert result.returncode == 2 and "data.root" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
 
