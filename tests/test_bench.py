@@ -10,16 +10,18 @@ from .conftest import REPO, in_this_process, run_module
 
 
 def bench(name: str, *args: str) -> subprocess.CompletedProcess:
-    """``python -m bench.NAME ARGS``, run in this process (the memory bench, which reads its own
-    process's peak, starts one of its own)."""
+    """``python -m bench.NAME ARGS``, run in this process. The step, memory and deploy benches' smoke
+    runs start processes of their own: they profile, probe and measure their own process (the step
+    bench once took down a pytest worker that had run other tests in-process)."""
     main = importlib.import_module(f"bench.{name}").main
     status, out, err = in_this_process(REPO, lambda: main(list(args)))
     return subprocess.CompletedProcess(["python", "-m", f"bench.{name}", *args], status, out, err)
 
 
-def test_step_bench_smoke(tmp_path, monkeypatch):
-    monkeypatch.setenv("CMTKD_GRAPH_CACHE_DIR", str(tmp_path))
-    result = bench("step", "--smoke")
+def test_step_bench_smoke(tmp_path):
+    result = run_module(
+        ["--smoke"], cwd=REPO, module="bench.step", env={"CMTKD_GRAPH_CACHE_DIR": str(tmp_path)}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert out.startswith("CPU: ")
@@ -45,7 +47,9 @@ def test_memory_bench_smoke():
 
 
 def test_deploy_bench_smoke(cifar10_jpeg):
-    result = bench("deploy", "--smoke", "--images", str(cifar10_jpeg / "test"), "--limit", "20")
+    result = run_module(
+        ["--smoke", "--images", str(cifar10_jpeg / "test"), "--limit", "20"], cwd=REPO, module="bench.deploy"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert out.startswith("CPU: ")

@@ -259,6 +259,7 @@ def test_onnx_matches_pytorch_on_real_images_with_low_bit_qdq(exported):
         inner["weights"][0]["type"] in {"INT4", "INT8"} and "odd integers -3..3" in inner["weights"][0]["why"]
     )
     assert manifest["onnx"]["top1_agreement"] >= 0.75 and manifest["onnx"]["images_within_tolerance"] >= 6
+    assert manifest["onnx"]["check_source"] == "the run's evaluation data (imagefolder)"  # 8 real images
 
 
 def assert_agrees_but_at_boundaries(got: np.ndarray, expected: np.ndarray) -> None:
@@ -1303,6 +1304,11 @@ def test_integer_exports_without_real_images_are_one_line_naming_the_fix(trained
     result = cli("export", str(moved), "--out", str(tmp_path / "all"))
     assert result.returncode == 0 and "onnx-int8 skipped: it is checked on real images" in result.stdout
     assert "openvino skipped: it is checked on real images" in result.stdout
+    # the Q/DQ ONNX compares two runtimes: without real images, on random ones, saying why
+    onnx = json.loads((tmp_path / "all" / "manifest.json").read_text())["onnx"]
+    assert (onnx["check_images"], onnx["check_source"]) == (8, "random images")
+    assert onnx["why_random"].startswith("no real images: ") and "/nonexistent/cifar10" in onnx["why_random"]
+    assert "8 check images (random images) within" in result.stdout
     # an image folder instead of the run's data
     result = cli(
         "export", str(moved), "--out", str(tmp_path / "given"), "--format", "onnx-int8",

@@ -354,7 +354,8 @@ def _the_onnx_computes_the_students_flow(exported: Path, manifest: dict) -> None
     import onnxruntime as ort
 
     section = manifest["onnx"]
-    assert section["batch"] == 1 and section["check_images"] == 8, section
+    assert section["batch"] == 1 and section["check_images"] == 4, section  # the run's evaluation pairs
+    assert section["check_source"].startswith("the run's evaluation data"), section
     model = onnx.load(str(exported / "student.onnx"))
     ops = Counter(node.op_type for node in model.graph.node)
     quantized = [layer for layer in manifest["layers"] if layer.get("onnx")]
@@ -364,6 +365,21 @@ def _the_onnx_computes_the_students_flow(exported: Path, manifest: dict) -> None
     assert len(stored) == len(set(stored))  # the update block's integers once, not once per update
     session = ort.InferenceSession(str(exported / "student.onnx"), providers=["CPUExecutionProvider"])
     assert [i.shape for i in session.get_inputs()] == [[1, 3, 2, SIZE, SIZE]]
+
+
+def test_single_images_do_not_check_the_onnx_of_a_flow_student(tmp_path):
+    """``export --images`` naming a folder of single images: RAFT reads pairs, so the ONNX check runs on
+    random pairs, and the manifest says why."""
+    from PIL import Image
+
+    from cmtkd_graph.deploy.export import _onnx_check_images
+
+    for i in range(2):
+        Image.new("RGB", (40, 40), (100 * i, 50, 50)).save(tmp_path / f"{i}.png")
+    spec = load_spec(REPO / "specs" / "flow_quickstart.yaml")
+    images, why = _onnx_check_images(spec, tmp_path, 8)
+    shape = spec.data.input_shape()
+    assert images is None and why == f"{tmp_path} are not samples of the student's input shape {shape}"
 
 
 def test_the_onnx_of_a_flow_student_is_pytorchs_flow_where_activations_do_not_round(tmp_path):

@@ -360,6 +360,7 @@ def test_a_w2a2_segmentation_student_trains_evaluates_exports_and_predicts_masks
     manifest = json.loads((tmp_path / "exported" / "manifest.json").read_text())
     onnx = manifest["onnx"]  # exact Q/DQ ONNX, checked per image over all of its pixels
     assert onnx["check_images"] == 8 and onnx["images_within_tolerance"] <= 8  # images, not pixels
+    assert onnx["check_source"].startswith("the run's evaluation data")  # 8 of its 16 scenes
     assert onnx["top1_agreement"] > 0.99
     for integer in (manifest["onnx_int8"], manifest["openvino"]):  # the heads' operations written, per pixel
         assert integer["file"] and integer["integer_layers"] > integer["quantized_layers"] / 2

@@ -114,7 +114,9 @@ def _write(found, out: Path, formats: tuple[str, ...], images: str | Path | None
         save_file(codes_tensors(student, layers), str(out / CODES_FILE))
         manifest["files"]["codes"] = CODES_FILE
     if "onnx" in formats:
-        manifest["onnx"] = _onnx(student, layers, manifest, out / ONNX_FILE, found.spec, required=required)
+        manifest["onnx"] = _onnx(
+            student, layers, manifest, out / ONNX_FILE, found.spec, images, required=required
+        )
         if manifest["onnx"].get("file"):
             manifest["files"]["onnx"] = ONNX_FILE
     real = functools.cache(lambda: calibration_images(found.spec, images))
@@ -216,11 +218,12 @@ def _onnx(
     manifest: dict,
     path: Path,
     spec: Spec,
+    images: str | Path | None,
     *,
     required: bool,
 ) -> dict:
     try:
-        from cmtkd_graph.deploy.onnx_export import export_onnx
+        from cmtkd_graph.deploy.onnx_export import CHECK_IMAGES, export_onnx
     except ImportError as err:
         missing = getattr(err, "name", None) or "onnx"
         return {
@@ -228,6 +231,7 @@ def _onnx(
             "skipped": f"{missing} is not installed; `pip install 'cmtkd-graph[export]'` "
             "(onnx, onnxscript, onnxruntime) adds the ONNX export",
         }
+    check = _onnx_check_images(spec, images, CHECK_IMAGES)
     try:
         from cmtkd_graph.registry import TASKS
 
@@ -240,6 +244,8 @@ def _onnx(
             input_shape=spec.data.input_shape(),
             tracer=task.onnx_tracer,
             answers=task.onnx_answers,
+            check_images=check[0],
+            check_source=check[1],  # where the images come from, or why there are none
         )
     except RuntimeError as err:  # torch.onnx.OnnxExporterError, and the TorchScript tracer's own errors
         # e.g. torch 2.5's exporter cannot translate BatchNorm with today's onnxscript: the other
@@ -333,10 +339,25 @@ def _openvino(int8: _Int8Graphs, manifest: dict, path: Path, real) -> dict:
     )
 
 
-def calibration_images(spec: Spec, folder: str | Path | None) -> tuple[torch.Tensor, str]:
+def _onnx_check_images(spec: Spec, folder: str | Path | None, count: int) -> tuple[torch.Tensor | None, str]:
+    """Real images for the ONNX file's check (``count``, spread over ``folder`` or the run's evaluation
+    data) and where they come from; else None and why there are none of the student's input shape (the
+    check then runs on random images: it compares two runtimes, it needs no labels)."""
+    try:
+        images, source = calibration_images(spec, folder, count=count)
+    except UserError as err:
+        return None, f"no real images: {err}"
+    if tuple(images.shape[1:]) != spec.data.input_shape():
+        return None, f"{source} are not samples of the student's input shape {spec.data.input_shape()}"
+    return images, source
+
+
+def calibration_images(
+    spec: Spec, folder: str | Path | None, *, count: int = 2 * CALIBRATION_IMAGES
+) -> tuple[torch.Tensor, str]:
     """Real images for the integer exports: ``folder`` (an image folder), else the run's evaluation
-    data; up to ``2 x CALIBRATION_IMAGES``, spread over the set (folders are sorted by class)."""
-    wanted = 2 * CALIBRATION_IMAGES
+    data; up to ``count``, spread over the set (folders are sorted by class)."""
+    wanted = count
     if folder is not None:
         from cmtkd_graph.deploy.predict import image_files, read_images
 
@@ -566,7 +587,8 @@ def summary(manifest: dict, out: Path) -> str:
         noun = {"logits": "logits", "flow": "flows", "detections": "detections"}[answers]
         lines.append(
             f"  onnx: opset {onnx['opset']}, onnxruntime {onnx['runtime']}: "
-            f"{onnx['images_within_tolerance']}/{onnx['check_images']} check images within "
+            f"{onnx['images_within_tolerance']}/{onnx['check_images']} check images "
+            f"({onnx.get('check_source', 'random images')}) within "
             f"{within} of PyTorch's {noun}, {agreement} {onnx['max_abs_diff']:.2g}"
             + ("; one sample per run" if onnx.get("batch") == 1 else "")
         )

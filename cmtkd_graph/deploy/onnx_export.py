@@ -222,8 +222,14 @@ def export_onnx(
     input_shape: tuple[int, ...],
     tracer: str = "torch.export",
     answers: str = "logits",
+    check_images: Tensor | None = None,
+    check_source: str | None = None,
 ) -> dict:
     """Write ``path``; add each layer's ONNX choices to its manifest record; return the ONNX summary.
+
+    The file is traced on and checked against PyTorch on ``check_images`` (real ones, from where
+    ``check_source`` says), else on :data:`CHECK_IMAGES` random images of ``input_shape`` (and
+    ``check_source`` says why, where given).
 
     ``student`` is one traced graph, or a network rewritten part by part whose eager code between the
     parts the ``tracer`` records (the task's, ``Task.onnx_tracer``): ``torch.export`` (RAFT: its update loop
@@ -237,11 +243,7 @@ def export_onnx(
     onnxruntime loads is kept (its graph optimizer refuses some files at opset 25 that it loads at 23: the
     summary says so)."""
     whole = isinstance(student, fx.GraphModule)
-    generator = torch.Generator().manual_seed(0)
-    if answers == "detections":  # images in [0, 1], as detectors read them (they normalise inside)
-        sample = torch.rand(CHECK_IMAGES, *input_shape, generator=generator)
-    else:
-        sample = torch.randn(CHECK_IMAGES, *input_shape, generator=generator)
+    sample = check_images if check_images is not None else random_images(input_shape, answers)
     opsets = [TORCHSCRIPT_OPSET] if tracer == "torchscript" else [o for o in OPSETS if o <= _opset()]
     refused = []
     for opset in opsets:
@@ -259,9 +261,9 @@ def export_onnx(
     onnx.save(model, str(path))
     written_keys = [o.name for o in model.graph.output]
     check = check_onnx(path, _answering(student, answers, written_keys), sample, answers=answers)
-    if check["images_within_tolerance"] < CHECK_IMAGES:
+    if check["images_within_tolerance"] < len(sample):
         log.warning(
-            f"{path}: {CHECK_IMAGES - check['images_within_tolerance']} of {CHECK_IMAGES} check images "
+            f"{path}: {len(sample) - check['images_within_tolerance']} of {len(sample)} check images "
             f"differ from PyTorch by more than {TOLERANCE:g} x the largest value of an output "
             f"(largest difference{' of detections found by both' if answers == 'detections' else ''} "
             f"{check['max_abs_diff']:.3g}): "
@@ -275,9 +277,19 @@ def export_onnx(
         "answers": answers,
         **({"newer_opsets": refused} if refused else {}),
         **({"batch": 1} if not whole else {}),
+        "check_source": check_source if check_images is not None else "random images",
+        **({"why_random": check_source} if check_images is None and check_source else {}),
         **check,
         "bytes": path.stat().st_size,
     }
+
+
+def random_images(input_shape: tuple[int, ...], answers: str = "logits") -> Tensor:
+    """:data:`CHECK_IMAGES` fixed random images of ``input_shape``: where no real ones are at hand."""
+    generator = torch.Generator().manual_seed(0)
+    if answers == "detections":  # images in [0, 1], as detectors read them (they normalise inside)
+        return torch.rand(CHECK_IMAGES, *input_shape, generator=generator)
+    return torch.randn(CHECK_IMAGES, *input_shape, generator=generator)
 
 
 _REFUSALS = (
