@@ -231,12 +231,12 @@ def _onnx(
             "skipped": f"{missing} is not installed; `pip install 'cmtkd-graph[export]'` "
             "(onnx, onnxscript, onnxruntime) adds the ONNX export",
         }
-    check = _onnx_check_images(spec, images, CHECK_IMAGES)
+    check_images, source = _onnx_check_images(spec, images, CHECK_IMAGES)
     try:
         from cmtkd_graph.registry import TASKS
 
         task = TASKS.get(spec.resolved_task)
-        return export_onnx(
+        section = export_onnx(
             student,
             layers,
             manifest["layers"],
@@ -244,9 +244,10 @@ def _onnx(
             input_shape=spec.data.input_shape(),
             tracer=task.onnx_tracer,
             answers=task.onnx_answers,
-            check_images=check[0],
-            check_source=check[1],  # where the images come from, or why there are none
+            check_images=check_images,
+            check_source=source,
         )
+        return section if check_images is not None else {**section, "why_random": source}
     except RuntimeError as err:  # torch.onnx.OnnxExporterError, and the TorchScript tracer's own errors
         # e.g. torch 2.5's exporter cannot translate BatchNorm with today's onnxscript: the other
         # formats are still written; the tested pair is in constraints.txt
@@ -342,7 +343,8 @@ def _openvino(int8: _Int8Graphs, manifest: dict, path: Path, real) -> dict:
 def _onnx_check_images(spec: Spec, folder: str | Path | None, count: int) -> tuple[torch.Tensor | None, str]:
     """Real images for the ONNX file's check (``count``, spread over ``folder`` or the run's evaluation
     data) and where they come from; else None and why there are none of the student's input shape (the
-    check then runs on random images: it compares two runtimes, it needs no labels)."""
+    check then runs on random images, the manifest's ``why_random``: it compares two runtimes, it needs
+    no labels)."""
     try:
         images, source = calibration_images(spec, folder, count=count)
     except UserError as err:

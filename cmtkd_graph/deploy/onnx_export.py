@@ -223,13 +223,12 @@ def export_onnx(
     tracer: str = "torch.export",
     answers: str = "logits",
     check_images: Tensor | None = None,
-    check_source: str | None = None,
+    check_source: str = "real images",
 ) -> dict:
     """Write ``path``; add each layer's ONNX choices to its manifest record; return the ONNX summary.
 
     The file is traced on and checked against PyTorch on ``check_images`` (real ones, from where
-    ``check_source`` says), else on :data:`CHECK_IMAGES` random images of ``input_shape`` (and
-    ``check_source`` says why, where given).
+    ``check_source`` says), else on :data:`CHECK_IMAGES` random images of ``input_shape``.
 
     ``student`` is one traced graph, or a network rewritten part by part whose eager code between the
     parts the ``tracer`` records (the task's, ``Task.onnx_tracer``): ``torch.export`` (RAFT: its update loop
@@ -278,7 +277,6 @@ def export_onnx(
         **({"newer_opsets": refused} if refused else {}),
         **({"batch": 1} if not whole else {}),
         "check_source": check_source if check_images is not None else "random images",
-        **({"why_random": check_source} if check_images is None and check_source else {}),
         **check,
         "bytes": path.stat().st_size,
     }
