@@ -14,11 +14,12 @@ and which precision, memory format and compilation pay.
     measured in the same run: the peak a step of convolutions could reach here.
 (c) One step of the composed system in fp32, bf16 autocast, channels_last, both, and ``torch.compile``
     (with the trainer's Inductor options and with Inductor's default layout optimization; compile time
-    and graph breaks from ``torch._dynamo.explain``), and what ``train.mixed_precision: auto`` picks, at
-    the quickstart's shape (resnet18, ImageNet stem, 28x28 Fashion-MNIST) and the paper's (resnet18,
-    CIFAR stem, 32x32, three teachers). Then the share of the fp32 step spent in convolutions and
-    matmuls (the ceiling of what compiling the rest can give) and the trainer's fused ``optimizer.step()``
-    against torch's per-tensor loop.
+    and graph breaks from ``torch._dynamo.explain``), fp32 with convolutions on 1x1 maps convolved
+    instead of computed as the product of their one tap (what training does), and what
+    ``train.mixed_precision: auto`` picks, at the quickstart's shape (resnet18, ImageNet stem, 28x28
+    Fashion-MNIST) and the paper's (resnet18, CIFAR stem, 32x32, three teachers). Then the share of the
+    fp32 step spent in convolutions and matmuls (the ceiling of what compiling the rest can give) and
+    the trainer's fused ``optimizer.step()`` against torch's per-tensor loop.
 
     python -m bench.step [--batch 64] [--repeat 3] [--no-compile] [--only a,b,c] [--shapes quickstart,paper]
                          [--models resnet18,alexnet,vit] [--channels-last] [--smoke]
@@ -41,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import cmtkd_graph as cg
 from bench.eager_cmtkd import VIT_KWARGS, EagerCMTKD
 from cmtkd_graph.optim import build_optimizer, parameter_groups
-from cmtkd_graph.quantizers import build_quantizer_family
+from cmtkd_graph.quantizers import QuantConv2d, build_quantizer_family
 from cmtkd_graph.runtime import precision as prec
 from cmtkd_graph.runtime.precision import machine_line
 
@@ -259,6 +260,18 @@ def fresh_choice(spec: cg.Spec, batch: int) -> prec.Precision:
                 os.environ["CMTKD_GRAPH_CACHE_DIR"] = saved
 
 
+CONV_ON_ONE_PIXEL = "fp32, 1x1 maps convolved"
+
+
+def without_single_pixel_taps(system: torch.nn.Module) -> torch.nn.Module:
+    """``system`` with every quantized convolution that meets a single pixel convolving it, as it did
+    before training computed those as the product of their one tap (the quickstart's layer4 at 28x28)."""
+    for layer in system.modules():
+        if isinstance(layer, QuantConv2d):
+            layer._single_pixel_tap = lambda x: None  # an instance attribute: this copy only
+    return system
+
+
 def variants_table(batch: int, repeat: int, smoke: bool, compile_too: bool) -> None:
     print("\n(c) one training step of the composed system: precision, memory format, compile")
     for shape, (spec_name, overrides) in list(SHAPES.items())[: 1 if smoke else None]:
@@ -283,6 +296,7 @@ def variants_table(batch: int, repeat: int, smoke: bool, compile_too: bool) -> N
                 system = system.to(memory_format=torch.channels_last)
                 xs = x.contiguous(memory_format=torch.channels_last)
             fns[name] = system_step(system, xs, y, bf16=mixed)
+        fns[CONV_ON_ONE_PIXEL] = system_step(without_single_pixel_taps(copy.deepcopy(base)), x, y)
         extra = ""
         if compile_too:
             explained = torch._dynamo.explain(copy.deepcopy(base))(x, y)

@@ -162,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", help="latest or a checkpoint path (default: the run's final student)")
     p.add_argument(
+        "--int8-layers",
+        choices=["fastest", "every"],
+        default="fastest",
+        help="student-int8.onnx: integer kernels where they time faster on this machine (fastest), or for "
+        "every layer that can have one (every)",
+    )
+    p.add_argument(
         "--force",
         action="store_true",
         help="replace --out even if it holds files other than an earlier export (which is always replaced)",
@@ -392,6 +399,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         images=args.images,
         force=args.force,
+        int8_layers=args.int8_layers,
     )
     print(summary(manifest, Path(os.path.abspath(Path(args.out).expanduser()))))
     return 0

@@ -144,7 +144,7 @@ def test_composed_system_equals_eager_cmtkd(student_bits, teacher_bits):
     logits = {name: nn.Parameter(torch.zeros(3)) for name in [*STAGES, "output"]}
     load_into_eager(system, student, teachers, logits)
 
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(4, 3, 64, 64)  # layer4 at 2x2: no single-pixel layer (test_quantizers.py has one)
     out = system(x)
     s_logits, s_feats, combined, zs, shared = eager_cmtkd(student, teachers, logits, x)
 

@@ -84,7 +84,7 @@ def trained_run(tmp_path_factory, cifar10_jpeg) -> Path:
 @pytest.fixture(scope="module")
 def exported(trained_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "student"
-    result = cli("export", str(trained_run), "--out", str(out))
+    result = cli("export", str(trained_run), "--out", str(out), "--int8-layers", "every")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "MiB packed vs" in result.stdout and "BOPs" in result.stdout
     return out
@@ -314,7 +314,7 @@ def test_integer_reference_and_onnx_for_the_other_families(quantizer, trained_ru
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(run / "student.safetensors"))
-    manifest = export(run, tmp_path / "out")
+    manifest = export(run, tmp_path / "out", formats=("torch", "codes", "onnx"))  # what is checked here
     images, _ = real_images(spec)
     fake, integer = cg.load_student(tmp_path / "out"), integer_student(tmp_path / "out")
     with torch.no_grad():
@@ -382,7 +382,7 @@ def test_onnx_export_of_mobilenet_v2(tmp_path, cifar10_jpeg):
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(run / "student.safetensors"))
-    manifest = export(run, tmp_path / "out")
+    manifest = export(run, tmp_path / "out", int8_layers="every")
     assert manifest["onnx"]["images_within_tolerance"] >= 6
     import onnxruntime as ort
 
@@ -1031,6 +1031,67 @@ def _int8_onnx_run(form, x: torch.Tensor, tmp_path: Path, *, calibrated: bool):
     return model, plan, logits, onnx.load(str(optimized))
 
 
+def test_int8_onnx_keeps_float_the_kinds_of_layer_that_time_faster_float(tmp_path):
+    """``student-int8.onnx`` of a W2A2 MobileNetV3: its layers by kind (squeeze-excitation gates on 1x1
+    maps, depthwise, pointwise, the classifier); a kind kept float runs on onnxruntime's float kernels
+    with the reason in the plan; the export times each variant and writes one no variant beat by more
+    than the margin, whose integer layers are the rest."""
+    import onnx
+
+    from cmtkd_graph.deploy.int8_choice import EVERY, MARGIN, layer_kinds
+    from cmtkd_graph.deploy.onnx_int8 import (
+        INT8_KERNELS,
+        KEPT_FLOAT,
+        build_int8_onnx,
+        export_int8_onnx,
+        kernels,
+        session,
+        tensor_shapes,
+    )
+
+    spec = _cifar_student_spec("mobilenet_v3_small", 2, overrides=("data.image_size=64",))
+    torch.manual_seed(0)
+    student = build_student(spec)
+    form = inference_form(student)
+    x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    _, plan, _, optimized = _int8_onnx_run(form, x, tmp_path, calibrated=True)
+    kinds = layer_kinds(form, plan.integer, tensor_shapes(form, (3, 64, 64)))
+    counts = {kind: len(names) for kind, names in kinds.items()}
+    assert counts == {"on 1x1 maps": 18, "depthwise": 2, "pointwise": 22, "linear": 1}
+    assert {"features.1.block.1.fc1", "features.1.block.1.fc2"} <= set(kinds["on 1x1 maps"])  # an SE gate
+    assert kinds["depthwise"] == ["features.2.block.1.0", "features.3.block.1.0"]  # others: mid-rise inputs
+    assert kinds["linear"] == ["classifier.0"]
+    integer = [name for names in kinds.values() for name in names]
+    assert all(kernel in INT8_KERNELS for kernel in kernels(optimized, integer).values())
+
+    keep = frozenset(kinds["depthwise"] + kinds["on 1x1 maps"])
+    model, kept_plan = build_int8_onnx(form, (3, 64, 64), x, keep_float=keep)
+    assert {name for name, why in kept_plan.integer.items() if why == KEPT_FLOAT} == keep
+    (tmp_path / "kept.onnx").write_bytes(model.SerializeToString())
+    session(tmp_path / "kept.onnx", optimized=tmp_path / "kept.optimized.onnx")
+    used = kernels(onnx.load(str(tmp_path / "kept.optimized.onnx")), integer)
+    # (and so are the layers that write their inputs: no QuantizeLinear after them to fuse with)
+    assert not any(used.get(name) in INT8_KERNELS for name in keep), used
+
+    section = export_int8_onnx(
+        student, [], tmp_path / "student-int8.onnx", calibration=x, check=x, source="x"
+    )
+    choice = section["layer_choice"]
+    assert choice["chosen_by"] == "timing on this machine" and choice["batch_sizes"] == [1, 8]
+    variants = choice["variants"]
+    assert variants[0]["float"] == [] and variants[-1]["float"] in ([EVERY], list(kinds))
+    assert [v["float"][-1] for v in variants[1 : len(kinds) + 1]] == list(kinds)  # one kind more at a time
+    score = {str(v["float"]): np.mean(np.divide(v["ms"], variants[0]["ms"])) for v in variants}
+    best = score[str(choice["float"])]
+    assert best == pytest.approx(choice["relative_time"], abs=1e-3)
+    assert all(best <= other / (1 - MARGIN) + 1e-3 for other in score.values()), score
+    kept = sum(
+        len(names) for kind, names in kinds.items() if EVERY in choice["float"] or kind in choice["float"]
+    )
+    assert section["integer_layers"] <= len(integer) - kept
+    assert kept or section["integer_layers"] == len(integer)
+
+
 def test_int8_onnx_refuses_what_it_does_not_write_in_one_line():
     """A number operand (``x * 0.5``) and an average pooling whose ceil_mode window runs over its padding
     (OpenVINO divides it otherwise than torch) are refused with the operation named, so that
@@ -1186,7 +1247,7 @@ def test_int8_onnx_puts_the_mid_rise_shift_into_the_bias_of_the_layer_that_write
 @pytest.mark.parametrize(
     "arch, integer",  # the onnxruntime kernels of the W2A2 student's quantized layers that are integer
     [
-        ("mobilenet_v3_small", {"QLinearConv": 42}),
+        ("mobilenet_v3_small", {"QLinearConv": 42, "QGemm": 1}),
         ("efficientnet_b0", {"QLinearConv": 64}),
         ("regnet_y_400mf", {"QLinearConv": 84}),
         ("mnasnet0_5", {"QLinearConv": 51}),

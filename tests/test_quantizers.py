@@ -16,6 +16,7 @@ from cmtkd_graph.errors import SpecError
 from cmtkd_graph.quantizers import (
     QUANTIZERS,
     QuantConv2d,
+    QuantConv3d,
     Quantizer,
     QuantLinear,
     build_quantizer_family,
@@ -512,6 +513,40 @@ def test_quant_conv_keeps_padding_mode_and_no_bias():
     x = torch.randn(1, 3, 6, 6)
     wq = q.weight_quantizer(conv.weight)
     torch.testing.assert_close(q(x), F.conv2d(F.pad(x, (1, 1, 1, 1), mode="circular"), wq))
+
+
+@pytest.mark.parametrize(
+    "conv, tap",
+    [
+        (nn.Conv2d(8, 6, 3, padding=1), (1, 1)),  # ResNet's layer4 at 28-32 px
+        (nn.Conv2d(8, 6, 3, stride=2, padding=1), (1, 1)),
+        (nn.Conv2d(8, 6, 1, bias=False), (0, 0)),
+        (nn.Conv2d(8, 6, 5, padding=2), (2, 2)),
+        (nn.Conv2d(8, 6, 3, padding=2, dilation=2), (1, 1)),
+        (nn.Conv2d(8, 6, (3, 1), padding=(1, 0)), (1, 0)),
+        (nn.Conv3d(8, 6, 3, padding=1), (1, 1, 1)),
+        (nn.Conv2d(8, 6, 3, padding=1, groups=2), None),  # grouped: the convolution
+        (nn.Conv2d(8, 6, 3, padding=2), None),  # a 3x3 output
+        (nn.Conv2d(8, 6, 3, padding=1, padding_mode="circular"), None),
+    ],
+)
+def test_a_convolution_that_meets_one_pixel_trains_as_its_tap_with_the_same_value_and_gradient(conv, tap):
+    twin = QuantConv2d if isinstance(conv, nn.Conv2d) else QuantConv3d
+    q = twin.from_float(conv, build_quantizer_family("hwgq").weight(2))
+    x = torch.randn(4, 8, *[1] * (conv.weight.dim() - 2), requires_grad=True)
+    assert q._single_pixel_tap(x) == tap
+    grad_out = torch.randn_like(q._conv_forward(x, conv.weight, conv.bias))
+    results = []
+    for training in (True, False):  # the tap's product in training, the convolution itself in eval
+        q.train(training)
+        y = q(x)
+        computed_by = type(y.grad_fn).__name__
+        assert ("Convolution" in computed_by) == (tap is None or not training), computed_by
+        (y * grad_out).sum().backward()
+        results.append((y.detach(), x.grad, conv.weight.grad))
+        x.grad = conv.weight.grad = None
+    for fast, reference in zip(*results, strict=True):
+        torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
 
 
 def test_quant_linear_from_float():

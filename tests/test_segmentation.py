@@ -356,7 +356,7 @@ def test_a_w2a2_segmentation_student_trains_evaluates_exports_and_predicts_masks
     assert record["task"] == "segmentation" and record["samples"] == 16
     assert record["miou/student"] == pytest.approx(final["accuracy"]["miou/student"])
 
-    cli(tmp_path, "export", str(run), "--out", "exported", "--format", "all")
+    cli(tmp_path, "export", str(run), "--out", "exported", "--format", "all", "--int8-layers", "every")
     manifest = json.loads((tmp_path / "exported" / "manifest.json").read_text())
     onnx = manifest["onnx"]  # exact Q/DQ ONNX, checked per image over all of its pixels
     assert onnx["check_images"] == 8 and onnx["images_within_tolerance"] <= 8  # images, not pixels

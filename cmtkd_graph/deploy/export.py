@@ -72,6 +72,7 @@ def export(
     checkpoint: str | None = None,
     images: str | Path | None = None,
     force: bool = False,
+    int8_layers: str = "fastest",
 ) -> dict:
     """Write the student of ``source`` (a run, checkpoint or export directory) into ``out``; return the
     manifest. Formats whose optional packages are missing are skipped with a note in it; so are the
@@ -81,14 +82,16 @@ def export(
     The export is complete or absent: it is written into a temporary directory beside ``out`` that
     then replaces ``out``, so no file of an earlier export survives into it. ``out`` may be new, empty
     or an earlier export; anything else is replaced only with ``force``. The manifest records the
-    SHA-256 of every file, which ``predict`` and ``load_student`` check before they read one."""
+    SHA-256 of every file, which ``predict`` and ``load_student`` check before they read one.
+    ``int8_layers``: which layers of ``student-int8.onnx`` run on integer kernels: ``fastest`` (timed on
+    this machine, ``deploy.int8_choice``) or ``every`` layer that can."""
     found = find_student(source, checkpoint=checkpoint)
     out = Path(os.path.abspath(Path(out).expanduser()))
     _check_destination(out, Path(os.path.abspath(Path(source).expanduser())), force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = _unique_sibling(out, "export")
     try:
-        manifest = _write(found, staging, formats, images)
+        manifest = _write(found, staging, formats, images, int8_layers)
         _replace(out, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -96,7 +99,9 @@ def export(
     return manifest
 
 
-def _write(found, out: Path, formats: tuple[str, ...], images: str | Path | None) -> dict:
+def _write(
+    found, out: Path, formats: tuple[str, ...], images: str | Path | None, int8_layers: str = "fastest"
+) -> dict:
     """Every file of the export, written into the (new, empty) directory ``out``."""
     student = build_student(found.spec)
     load_state(student, found.state, origin=found.origin)
@@ -120,7 +125,7 @@ def _write(found, out: Path, formats: tuple[str, ...], images: str | Path | None
         if manifest["onnx"].get("file"):
             manifest["files"]["onnx"] = ONNX_FILE
     real = functools.cache(lambda: calibration_images(found.spec, images))
-    int8 = _Int8Graphs(student, found.spec)
+    int8 = _Int8Graphs(student, found.spec, int8_layers)
     for name, file, write in (
         ("onnx-int8", ONNX_INT8_FILE, _onnx_int8),
         ("openvino", OPENVINO_FILE, _openvino),
@@ -273,8 +278,9 @@ class _Int8Graphs:
     check that every operation can be written, before any image (or clip) is read; a failure is kept,
     so an unwritable student is tried once, not once per format."""
 
-    def __init__(self, student: torch.nn.Module, spec: Spec) -> None:
+    def __init__(self, student: torch.nn.Module, spec: Spec, layers: str = "fastest") -> None:
         self.student, self.spec, self.input_shape = student, spec, spec.data.input_shape()
+        self.layers = layers  # onnxruntime's integer layers: "fastest" (timed) or "every"
         self._built: tuple | None = None
         self._error: Exception | None = None
 
@@ -327,6 +333,7 @@ def _onnx_int8(int8: _Int8Graphs, manifest: dict, path: Path, real) -> dict:
         check=images[1::2],
         source=source,
         form=form,
+        layers=int8.layers,
     )
 
 
@@ -571,6 +578,12 @@ def summary(manifest: dict, out: Path) -> str:
                 f"  {name}: {section['integer_layers']} of {section['quantized_layers']} quantized layers on "
                 f"{runtime}'s integer kernels; {section['why']}"
             )
+            choice = section.get("layer_choice", {})
+            if choice.get("float"):
+                lines.append(
+                    f"    kept float where that timed faster here: {', '.join(choice['float'])} (x"
+                    f"{1 / choice['relative_time']:.2f} the speed with every layer integer that can be)"
+                )
     onnx = manifest.get("onnx")
     if onnx and onnx.get("skipped"):
         lines.append(f"  onnx skipped: {onnx['skipped']}")

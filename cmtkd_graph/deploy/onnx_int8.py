@@ -45,12 +45,21 @@ from torch import Tensor, fx, nn
 from torchvision.ops import StochasticDepth
 
 from cmtkd_graph.deploy.inference import INTEGER_WEIGHT_TYPES, ActivationRequantizer, IntegerWeightLinear
+from cmtkd_graph.deploy.int8_choice import fastest_float_layers, layer_kinds
 from cmtkd_graph.errors import UserError
 from cmtkd_graph.quantizers import Quantizer
 
 OPSET = 21
-INT8_KERNELS = {"QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger"}
+INT8_KERNELS = {
+    "QLinearConv",
+    "QLinearMatMul",
+    "QGemm",
+    "MatMulIntegerToFloat",
+    "ConvInteger",
+    "MatMulInteger",
+}
 INT8_MAX = 127
+KEPT_FLOAT = "float: the student timed faster with this kind of layer float (deploy.int8_choice)"
 
 
 @dataclass
@@ -66,6 +75,7 @@ class _Builder:
     shapes: dict = field(default_factory=dict)  # fx.Node -> its tensor's shape for one input image
     sizes: set = field(default_factory=set)  # names standing for x.size() and its parts (no ONNX value)
     shape_values: set = field(default_factory=set)  # 1-D int64 values read from x.shape (real values)
+    keep_float: frozenset = frozenset()  # layers the export keeps float where they could be integer
 
     def constant(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(numpy_helper.from_array(array, name))
@@ -125,6 +135,11 @@ def _shifted_mid_rise(gm: fx.GraphModule, node: fx.Node) -> bool:
     if not isinstance(layer, INTEGER_WEIGHT_TYPES) or layer.integers.abs().max() > INT8_MAX:
         return False
     return isinstance(layer, IntegerWeightLinear) or not any(layer.padding)
+
+
+def _shifted(b: _Builder, gm: fx.GraphModule, node: fx.Node) -> bool:
+    """:func:`_shifted_mid_rise`, unless its reader is a layer the export keeps float."""
+    return _shifted_mid_rise(gm, node) and next(iter(node.users)).target not in b.keep_float
 
 
 def _shifted_levels(b: _Builder, x: str, requantizer: ActivationRequantizer, name: str) -> str:
@@ -328,18 +343,28 @@ def calibrate(form: fx.GraphModule, images: Tensor) -> dict[str, Tensor]:
 
 
 def build_int8_onnx(
-    form: fx.GraphModule, image_shape: tuple[int, ...], calibration: Tensor | None
+    form: fx.GraphModule,
+    image_shape: tuple[int, ...],
+    calibration: Tensor | None,
+    *,
+    keep_float: frozenset[str] = frozenset(),
+    largest: dict[str, Tensor] | None = None,
 ) -> tuple[onnx.ModelProto, Int8Plan]:
     """The QDQ model of the inference form ``form`` for images of ``image_shape`` (C, H, W) and the
-    per-layer plan.
+    per-layer plan; the layers named in ``keep_float`` compute in float even where they could run on an
+    integer kernel (``deploy.int8_choice``: where that is measured faster). ``largest``: the
+    calibration's result where the caller has it already.
 
     With ``calibration`` images (onnxruntime): outputs the trained student keeps in float get 8 bits
     per channel, and biases are int32 on the scale ``s_input * s_weight``, as its fused kernels need.
     Without (a runtime whose integer convolution ends in a float epilogue, as OpenVINO's does): those
     outputs and every bias stay float, so the only rounding is the trained student's own.
     """
-    largest = None if calibration is None else calibrate(form, calibration)
-    b, plan = _Builder(float_epilogue=calibration is None, shapes=_shapes(form, image_shape)), Int8Plan()
+    if largest is None and calibration is not None:
+        largest = calibrate(form, calibration)
+    shapes = tensor_shapes(form, image_shape)
+    b = _Builder(float_epilogue=largest is None, shapes=shapes, keep_float=keep_float)
+    plan = Int8Plan()
     checks = _assertions(form)
     for node in form.graph.nodes:
         if node not in checks:
@@ -395,7 +420,9 @@ def _emit(b: _Builder, gm: fx.GraphModule, node: fx.Node, plan: Int8Plan, larges
         module = gm.get_submodule(node.target)
         name = node.target
         if isinstance(module, ActivationRequantizer):
-            if _shifted_mid_rise(gm, node):
+            if node.users and all(reader.target in b.keep_float for reader in node.users):
+                return _float_levels(b, args[0], module, name)  # no QDQ pair for onnxruntime to fuse
+            if _shifted(b, gm, node):
                 return _shifted_levels(b, args[0], module, name)
             return _levels(b, args[0], module, name)
         if isinstance(module, nn.MultiheadAttention):
@@ -667,7 +694,7 @@ def _range_constants(b: _Builder, name: str, start: int, stop: int) -> tuple[str
     )
 
 
-def _shapes(form: fx.GraphModule, image_shape: tuple[int, ...]) -> dict[fx.Node, tuple[int, ...]]:
+def tensor_shapes(form: fx.GraphModule, image_shape: tuple[int, ...]) -> dict[fx.Node, tuple[int, ...]]:
     """The shape of every tensor of ``form`` on one input of ``image_shape``."""
     shapes: dict[fx.Node, tuple[int, ...]] = {}
 
@@ -907,9 +934,17 @@ def _matmul(b: _Builder, x: str, weight: Tensor, bias: Tensor | None, name: str)
 
 
 def _float_levels(b: _Builder, x: str, requantizer: ActivationRequantizer, name: str) -> str:
-    """A grid without an 8-bit form (mid-rise): the levels computed in float, as Round and Clip."""
+    """The levels computed in float, as Round and Clip: for a grid without an 8-bit form (mid-rise), or
+    read only by layers the export keeps float (round half to even, as QuantizeLinear rounds)."""
     grid, scale = requantizer.grid, float(requantizer.step)
     half = b.constant(f"{name}.scale", np.array(scale, np.float32))
+    if grid.step == 1 and not getattr(
+        requantizer.quantizer, "caffe_rounding", False
+    ):  # integers: round(x / s)
+        k = b.node("Round", [b.node("Div", [x, half], name)], name)
+        lo = b.constant(f"{name}.qmin", np.array(grid.qmin, np.float32))
+        hi = b.constant(f"{name}.qmax", np.array(grid.qmax, np.float32))
+        return b.node("Mul", [b.node("Clip", [k, lo, hi], name), half], name)
     if grid.step == 2:  # odd integers: 2 round((x - s) / 2s) + 1, clipped
         double = b.constant(f"{name}.double_scale", np.array(2 * scale, np.float32))
         k = b.node("Round", [b.node("Div", [b.node("Sub", [x, half], name), double], name)], name)
@@ -926,9 +961,11 @@ def _emit_layer(
     rank = len(b.shapes.get(node.args[0], ()))
     requantizer = _quantized_input(gm, node)
     input_scale = None
-    shifted = requantizer is not None and _shifted_mid_rise(gm, node.args[0])
+    shifted = requantizer is not None and _shifted(b, gm, node.args[0])
     if requantizer is not None and isinstance(module, INTEGER_WEIGHT_TYPES):
-        if shifted:  # the input is its levels minus s on a grid of step 2s (see _shifted_mid_rise)
+        if name in b.keep_float:
+            plan.integer[name] = KEPT_FLOAT
+        elif shifted:  # the input is its levels minus s on a grid of step 2s (see _shifted_mid_rise)
             input_scale = 2 * float(requantizer.step)
             plan.integer[name] = ""
         elif _grid_type(requantizer.grid) is None:
@@ -948,7 +985,7 @@ def _emit_layer(
         shift = float(requantizer.step) * weight.sum(dim=tuple(range(1, weight.dim())))
     if largest is None or _requantized_by_next_layer(gm, node):
         readers = list(node.users)
-        if len(readers) == 1 and _shifted_mid_rise(gm, reader := readers[0]):
+        if len(readers) == 1 and _shifted(b, gm, reader := readers[0]):
             # its only reader subtracts s before quantizing (_shifted_levels): the bias does it instead,
             # so that the Conv -> QuantizeLinear pair stays one QLinearConv in onnxruntime
             step = float(gm.get_submodule(reader.target).step)
@@ -980,8 +1017,9 @@ def output_steps(largest: Tensor) -> Tensor:
     return (largest.double() / INT8_MAX).clamp(min=floor).float()
 
 
-def session(path: Path | str, *, optimized: Path | None = None, threads: int = 0):
-    """An onnxruntime CPU session (``optimized``: also write the graph onnxruntime will run)."""
+def session(path: Path | str | bytes, *, optimized: Path | None = None, threads: int = 0):
+    """An onnxruntime CPU session of a file (or a serialized model: ``bytes``); ``optimized``: also write
+    the graph onnxruntime will run."""
     import onnxruntime as ort  # here: the OpenVINO export uses this module without it
 
     options = ort.SessionOptions()
@@ -990,7 +1028,8 @@ def session(path: Path | str, *, optimized: Path | None = None, threads: int = 0
         options.intra_op_num_threads = threads
     if optimized is not None:
         options.optimized_model_filepath = str(optimized)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def kernels(optimized: onnx.ModelProto, layers: list[str]) -> dict[str, str]:
@@ -1038,16 +1077,32 @@ def export_int8_onnx(
     check: Tensor,
     source: str,
     form: fx.GraphModule | None = None,
+    layers: str = "fastest",
 ) -> dict:
     """Write ``path`` from the trained ``student``; add each layer's kernel to its manifest record; return
     the manifest's ``onnx_int8`` section (kernels from onnxruntime's optimized graph, agreement).
-    ``form``: the student's inference form where the caller has it already."""
+    ``form``: the student's inference form where the caller has it already. ``layers``: ``fastest``
+    (which layers run integer is timed here, ``deploy.int8_choice``) or ``every`` (each layer that can)."""
     import onnxruntime as ort
 
     from cmtkd_graph.deploy.inference import inference_form
 
     form = inference_form(student) if form is None else form
-    model, plan = build_int8_onnx(form, tuple(check.shape[1:]), calibration)
+    shape, largest = tuple(check.shape[1:]), calibrate(form, calibration)
+    model, plan = build_int8_onnx(form, shape, calibration, largest=largest)
+    timing = {"chosen_by": "every layer that can be integer is (--int8-layers every)"}
+    if layers == "fastest":
+        every_integer = model
+
+        def build(keep: frozenset[str]) -> onnx.ModelProto:
+            if not keep:
+                return every_integer
+            return build_int8_onnx(form, shape, calibration, keep_float=keep, largest=largest)[0]
+
+        kinds = layer_kinds(form, plan.integer, tensor_shapes(form, shape))
+        keep, timing = fastest_float_layers(build, kinds, check.numpy())
+        if keep:
+            model, plan = build_int8_onnx(form, shape, calibration, keep_float=keep, largest=largest)
     onnx.save(model, str(path))
     optimized_file = path.with_suffix(".optimized.onnx")
     try:
@@ -1081,6 +1136,7 @@ def export_int8_onnx(
         **agreement(student, check, got),
         "integer_layers": integer_layers,
         "quantized_layers": len(plan.integer),
+        "layer_choice": timing,
         "calibrated_outputs": len(plan.output_scales),
         "bytes": path.stat().st_size,
     }

@@ -65,7 +65,33 @@ class _QuantConv(_WeightQuantized):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
+        weight = self.weight_quantizer(self.weight)
+        tap = self._single_pixel_tap(x) if self.training else None
+        if tap is None:
+            return self._conv_forward(x, weight, self.bias)
+        out = F.linear(x.flatten(1), weight[(slice(None), slice(None), *tap)], self.bias)
+        return out.view(*out.shape, *([1] * len(tap)))
+
+    def _single_pixel_tap(self, x: torch.Tensor) -> tuple[int, ...] | None:
+        """The one kernel position that meets the input when the input and the output are a single
+        pixel (ResNet's layer4 at 28-32 px), else None.
+
+        There the convolution is the matrix product of that tap: the same value and the same gradient
+        (the other taps only meet the zero padding), and several times faster to train on CPUs, whose
+        convolution kernels are slow on 1x1 maps (a 512-channel 3x3 convolution's forward and backward:
+        49 ms against 5 ms on one core of an AMD EPYC Zen 3). Training only: evaluation and export
+        keep the convolution the graph has, which the integer forms replace.
+        """
+        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return None
+        if any(size != 1 for size in x.shape[2:]):
+            return None
+        tap = []
+        for k, s, p, d in zip(self.kernel_size, self.stride, self.padding, self.dilation, strict=True):
+            if not 0 <= 2 * p - d * (k - 1) < s or p % d or p // d >= k:  # output not 1, or no tap meets it
+                return None
+            tap.append(p // d)
+        return tuple(tap)
 
 
 class QuantConv2d(_QuantConv, nn.Conv2d):
