@@ -184,6 +184,12 @@ def onnx_candidates(export_dir: Path, manifest: dict, float_file: Path | None) -
             f"  student-int8.onnx: {int8['integer_layers']} of {int8['quantized_layers']} quantized layers "
             f"on integer kernels in onnxruntime's optimized graph; {int8['why']}"
         )
+        choice = int8.get("layer_choice", {})
+        for variant in choice.get("variants", []):  # the export's own timing (deploy/int8_choice.py)
+            kept = ", ".join(variant["float"]) or "none"
+            mark = "  <- written" if variant["float"] == choice["float"] else ""
+            times = " / ".join(f"{ms:.2f}" for ms in variant["ms"])
+            print(f"    export timed, float: {kept}: {times} ms at batch {choice['batch_sizes']}{mark}")
         candidates["student-int8.onnx"] = session(export_dir / "student-int8.onnx")
     return candidates
 
