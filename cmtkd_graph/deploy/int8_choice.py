@@ -19,12 +19,11 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import onnx
 from torch import fx, nn
 
 MARGIN = 0.05
-"""A variant replaces the best so far only when its time (summed over the batch sizes, each relative to
-the all-integer model's) is at least this much smaller."""
+"""A variant replaces the best so far only when its time (the mean over the batch sizes of its time
+relative to the all-integer model's) is more than this much smaller."""
 KINDS = ("on 1x1 maps", "depthwise", "pointwise", "convolution", "linear")
 EVERY = "every layer"  # the last variant: the student in float arithmetic
 
@@ -53,13 +52,9 @@ def layer_kinds(form: fx.GraphModule, integer: dict[str, str], shapes: dict) -> 
     return {kind: kinds[kind] for kind in KINDS if kind in kinds}
 
 
-def best_seconds(model: onnx.ModelProto, batches: list[np.ndarray], budget: float = 0.25) -> list[float]:
-    """Best time of one run per batch (after a warm-up run): at least 3 runs, more within ``budget`` s."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    runner = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+def best_seconds(runner, batches: list[np.ndarray], budget: float = 0.25) -> list[float]:
+    """Best time of one run per batch of an onnxruntime session (after a warm-up run): at least 3 runs,
+    more within ``budget`` s."""
     times = []
     for batch in batches:
         feed = {"images": batch}
@@ -75,14 +70,17 @@ def best_seconds(model: onnx.ModelProto, batches: list[np.ndarray], budget: floa
 
 
 def fastest_float_layers(
-    build: Callable[[frozenset[str]], onnx.ModelProto],
+    build: Callable[[frozenset[str]], object],
     kinds: dict[str, list[str]],
     images: np.ndarray,
 ) -> tuple[frozenset[str], dict]:
     """The layers to keep float (see the module docstring) and the manifest's record of the timing.
 
-    ``build(keep_float)`` writes the model; ``kinds``: :func:`layer_kinds` of the all-integer model;
-    ``images``: a batch of the student's input shape (the times do not depend on their values)."""
+    ``build(keep_float)``: an onnxruntime session of the model that keeps those layers float; ``kinds``:
+    :func:`layer_kinds` of the all-integer model; ``images``: a batch of the student's input shape (the
+    times do not depend on their values)."""
+    if not kinds:  # nothing could be kept float: no choice to time
+        return frozenset(), {"chosen_by": "no layer runs integer that could be kept float", "float": []}
     batches = [images[:1]] if len(images) == 1 else [images[:1], images]
     variants: list[dict] = []
 
@@ -107,7 +105,7 @@ def fastest_float_layers(
 
     for kind in kinds:
         try_variant([*chosen, kind])
-    if kinds and set(chosen) != set(kinds):
+    if set(chosen) != set(kinds):
         try_variant([EVERY])
     return best_keep, {
         "chosen_by": "timing on this machine",

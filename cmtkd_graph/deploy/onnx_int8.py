@@ -938,9 +938,8 @@ def _float_levels(b: _Builder, x: str, requantizer: ActivationRequantizer, name:
     read only by layers the export keeps float (round half to even, as QuantizeLinear rounds)."""
     grid, scale = requantizer.grid, float(requantizer.step)
     half = b.constant(f"{name}.scale", np.array(scale, np.float32))
-    if grid.step == 1 and not getattr(
-        requantizer.quantizer, "caffe_rounding", False
-    ):  # integers: round(x / s)
+    caffe = getattr(requantizer.quantizer, "caffe_rounding", False)
+    if grid.step == 1 and not caffe:  # integers: round(x / s)
         k = b.node("Round", [b.node("Div", [x, half], name)], name)
         lo = b.constant(f"{name}.qmin", np.array(grid.qmin, np.float32))
         hi = b.constant(f"{name}.qmax", np.array(grid.qmax, np.float32))
@@ -1094,10 +1093,11 @@ def export_int8_onnx(
     if layers == "fastest":
         every_integer = model
 
-        def build(keep: frozenset[str]) -> onnx.ModelProto:
-            if not keep:
-                return every_integer
-            return build_int8_onnx(form, shape, calibration, keep_float=keep, largest=largest)[0]
+        def build(keep: frozenset[str]):  # a session of the variant (rebuilt, not kept: memory)
+            variant = every_integer
+            if keep:
+                variant = build_int8_onnx(form, shape, calibration, keep_float=keep, largest=largest)[0]
+            return session(variant.SerializeToString())
 
         kinds = layer_kinds(form, plan.integer, tensor_shapes(form, shape))
         keep, timing = fastest_float_layers(build, kinds, check.numpy())
